@@ -1,0 +1,53 @@
+"""Object-store backends and the one function that builds a store from a source URL."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from ..config import Settings
+from ..errors import UserError
+from .base import ListPage, ObjectInfo, ObjectStore, PrefixedStore
+
+__all__ = ["ListPage", "ObjectInfo", "ObjectStore", "PrefixedStore", "open_store", "parse_source"]
+
+
+def parse_source(source: str) -> tuple[str, str, str]:
+    """``s3://bucket/prefix`` -> (scheme, bucket-or-path, prefix). Raises UserError."""
+    parts = urlsplit(source)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise UserError(f"{source}: use file:///absolute/path")
+        if not parts.path.startswith("/"):
+            raise UserError(f"{source}: use file:///absolute/path")
+        return "file", parts.path, ""
+    if scheme in ("s3", "gs", "gcs"):
+        if not parts.netloc:
+            raise UserError(f"{source}: missing bucket name ({scheme}://BUCKET[/PREFIX])")
+        return ("gs" if scheme == "gcs" else scheme), parts.netloc, parts.path.strip("/")
+    raise UserError(f"{source}: unsupported source (use s3://BUCKET, gs://BUCKET or file:///DIR)")
+
+
+def open_store(source: str, settings: Settings) -> ObjectStore:
+    """Build the store for ``source`` with the settings' endpoint, region and credentials."""
+    scheme, where, prefix = parse_source(source)
+    store: ObjectStore
+    if scheme == "file":
+        from .local import LocalStore
+
+        store = LocalStore(where)
+    elif scheme == "s3":
+        from .s3 import S3Store
+
+        store = S3Store(
+            where,
+            endpoint_url=settings.endpoint_url,
+            region=settings.region,
+            profile=settings.profile,
+            max_connections=settings.workers + 8,
+        )
+    else:
+        from .gcs import GCSStore
+
+        store = GCSStore(where, project=settings.project, max_connections=settings.workers + 8)
+    return PrefixedStore(store, prefix) if prefix else store

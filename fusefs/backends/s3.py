@@ -1,0 +1,163 @@
+"""Amazon S3 and S3-compatible stores through boto3."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from ..errors import (
+    AccessDenied,
+    BackendError,
+    FusefsError,
+    NotFound,
+    StaleVersion,
+    TransientError,
+)
+from .base import ListPage, ObjectInfo
+
+log = logging.getLogger(__name__)
+
+_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
+_DENIED = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "AllAccessDisabled",
+    "403",
+}
+_STALE = {"PreconditionFailed", "412"}
+_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
+              "InternalError", "503", "500", "RequestTimeTooSkewed"}
+
+
+def map_s3_error(exc: BaseException, what: str) -> FusefsError:
+    """Translate a botocore failure into the fusefs error family (messages carry no secrets)."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        msg = f"{what}: {code or status} {err.get('Message', '')}".strip()
+        if code in _NOT_FOUND or status == 404:
+            return NotFound(msg, cause=exc)
+        if code in _DENIED or status == 403:
+            return AccessDenied(msg, cause=exc)
+        if code in _STALE or status == 412:
+            return StaleVersion(msg, cause=exc)
+        if code in _TRANSIENT or status >= 500 or status == 429:
+            return TransientError(msg, cause=exc)
+        return BackendError(msg, cause=exc)
+    if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
+        return AccessDenied(f"{what}: no AWS credentials found (set AWS_PROFILE or AWS_ACCESS_KEY_ID)",
+                            cause=exc)
+    if isinstance(exc, botocore.exceptions.ProfileNotFound):
+        return AccessDenied(f"{what}: {exc}", cause=exc)
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectionError
+                  | botocore.exceptions.ReadTimeoutError):
+        return TransientError(f"{what}: cannot reach the endpoint ({type(exc).__name__})", cause=exc)
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return BackendError(f"{what}: {exc}", cause=exc)
+    return BackendError(f"{what}: {exc!r}", cause=exc)
+
+
+class S3Store:
+    """One S3 bucket. Path-style addressing is used whenever an endpoint URL is given."""
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        max_connections: int = 32,
+    ) -> None:
+        self.bucket = bucket
+        self.source_id = f"s3://{bucket}" if not endpoint_url else f"s3+{endpoint_url}/{bucket}"
+        config = Config(
+            max_pool_connections=max_connections,
+            retries={"mode": "standard", "max_attempts": 5},
+            connect_timeout=10,
+            read_timeout=60,
+            # Many S3-compatible servers do not handle the new default checksums as AWS does.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": "path"} if endpoint_url else {},
+        )
+        try:
+            session = boto3.session.Session(profile_name=profile, region_name=region)
+            self.client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
+        except Exception as exc:  # ProfileNotFound and friends
+            raise map_s3_error(exc, f"s3://{bucket}") from exc
+
+    def _name(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def check(self) -> None:
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+        except Exception as exc:
+            err = map_s3_error(exc, f"s3://{self.bucket}")
+            if isinstance(err, NotFound):
+                raise NotFound(f"bucket s3://{self.bucket} does not exist", cause=exc) from exc
+            raise err from exc
+
+    def head(self, key: str) -> ObjectInfo:
+        try:
+            r = self.client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            raise map_s3_error(exc, self._name(key)) from exc
+        return ObjectInfo(key, int(r["ContentLength"]), r["LastModified"].timestamp(), r["ETag"])
+
+    def list(self, prefix: str, *, max_keys: int | None = None) -> Iterator[ListPage]:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
+        if max_keys:
+            kwargs["MaxKeys"] = max_keys
+        seen = 0
+        try:
+            while True:
+                r = self.client.list_objects_v2(**kwargs)
+                page = ListPage(
+                    [
+                        ObjectInfo(o["Key"], int(o["Size"]), o["LastModified"].timestamp(), o["ETag"])
+                        for o in r.get("Contents", ())
+                    ],
+                    [p["Prefix"] for p in r.get("CommonPrefixes", ())],
+                )
+                seen += len(page.objects) + len(page.prefixes)
+                yield page
+                token = r.get("NextContinuationToken")
+                if not r.get("IsTruncated") or not token or (max_keys and seen >= max_keys):
+                    return
+                kwargs["ContinuationToken"] = token
+        except FusefsError:
+            raise
+        except Exception as exc:
+            raise map_s3_error(exc, self._name(prefix)) from exc
+
+    def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
+        if length <= 0:
+            return b""
+        try:
+            r = self.client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}", IfMatch=version
+            )
+            etag = r.get("ETag")
+            if etag and etag != version:  # a server that ignores If-Match
+                raise StaleVersion(f"{self._name(key)}: changed (ETag {etag} != {version})")
+            data: bytes = r["Body"].read()
+            return data
+        except FusefsError:
+            raise
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return b""  # reading at or past the end of the object
+            raise map_s3_error(exc, self._name(key)) from exc
+        except Exception as exc:
+            raise map_s3_error(exc, self._name(key)) from exc

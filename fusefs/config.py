@@ -1,0 +1,232 @@
+"""Settings, declared once: type, default, environment variable, help.
+
+Values are layered, highest first: command-line flag, environment variable, config file
+(``$FUSEFS_CONFIG_PATH`` or ``~/.config/fusefs/config.toml``), default. Each value is validated
+once, and a bad one is rejected with one line naming the setting and where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import UserError
+
+KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
+_UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
+
+
+def parse_size(text: str | int) -> int:
+    """``32G`` -> bytes. Accepts K/M/G/T with optional ``i``/``B`` (binary units), and -1."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use bytes or a suffix, e.g. 512M, 32G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def human_size(n: float) -> str:
+    """Bytes -> ``32.0GB`` (binary multiples, the units users see in ``df -h``)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
+        n /= 1024
+    return f"{n:.1f}TB"
+
+
+def _parse_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {v!r}")
+
+
+def _positive_int(v: Any) -> int:
+    n = int(v)
+    if n <= 0:
+        raise ValueError(f"must be a positive integer, got {v!r}")
+    return n
+
+
+def _block_size(v: Any) -> int:
+    n = parse_size(v)
+    if n < 64 * KiB or n > 256 * MiB:
+        raise ValueError(f"must be between 64K and 256M, got {v!r}")
+    return n
+
+
+def _cache_size(v: Any) -> int:
+    n = parse_size(v)
+    if n < -1:
+        raise ValueError(f"must be a size, or 0 / -1 to disable the cache, got {v!r}")
+    return n
+
+
+def _seconds(v: Any) -> float:
+    n = float(v)
+    if n < 0:
+        raise ValueError(f"must be >= 0 seconds, got {v!r}")
+    return n
+
+
+def _log_level(v: Any) -> str:
+    s = str(v).upper()
+    if s not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"must be one of debug, info, warning, error, got {v!r}")
+    return s
+
+
+def _octal_mode(v: Any) -> int:
+    n = v if isinstance(v, int) else int(str(v), 8)
+    if not 0 <= n <= 0o7777:
+        raise ValueError(f"not a file mode: {v!r}")
+    return n
+
+
+def _opt_str(v: Any) -> str | None:
+    return str(v) if v not in (None, "") else None
+
+
+def _opt_int(v: Any) -> int | None:
+    return int(v) if v not in (None, "") else None
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fusefs")
+
+
+def default_config_path() -> str:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "fusefs", "config.toml")
+
+
+def _meta(parse: Callable[[Any], Any], env: str | None, help: str) -> dict[str, Any]:
+    return {"parse": parse, "env": env, "help": help}
+
+
+@dataclass
+class Settings:
+    """Every tunable of a mount. Field metadata: parser, environment variable, help text."""
+
+    cache_dir: str = field(default_factory=default_cache_dir, metadata=_meta(
+        os.path.expanduser, "FUSEFS_CACHE_DIR", "block cache directory"))
+    cache_size: int = field(default=32 * GiB, metadata=_meta(
+        _cache_size, "FUSEFS_CACHE_SIZE_BYTES", "cache size bound (32G, 512M...); 0 or -1 disables"))
+    block_size: int = field(default=8 * MiB, metadata=_meta(
+        _block_size, "FUSEFS_BLOCK_SIZE_BYTES", "cache block size"))
+    workers: int = field(default=16, metadata=_meta(
+        _positive_int, "FUSEFS_NUM_WORKERS", "parallel requests to the store"))
+    metadata_ttl: float = field(default=60.0, metadata=_meta(
+        _seconds, "FUSEFS_METADATA_TTL", "seconds metadata and listings are trusted"))
+    negative_ttl: float = field(default=5.0, metadata=_meta(
+        _seconds, "FUSEFS_NEGATIVE_TTL", "seconds a missing name is remembered"))
+    readahead_max: int = field(default=64 * MiB, metadata=_meta(
+        parse_size, "FUSEFS_READAHEAD_MAX_BYTES", "largest readahead window of a sequential reader"))
+    endpoint_url: str | None = field(default=None, metadata=_meta(
+        _opt_str, "FUSEFS_ENDPOINT_URL", "S3-compatible endpoint URL (path-style addressing)"))
+    region: str | None = field(default=None, metadata=_meta(
+        _opt_str, "FUSEFS_REGION", "S3 region"))
+    profile: str | None = field(default=None, metadata=_meta(
+        _opt_str, "FUSEFS_PROFILE", "AWS profile"))
+    project: str | None = field(default=None, metadata=_meta(
+        _opt_str, "FUSEFS_GCS_PROJECT", "GCS project (for the emulator or anonymous access)"))
+    log_level: str = field(default="INFO", metadata=_meta(
+        _log_level, "FUSEFS_LOG_LEVEL", "debug, info, warning or error"))
+    log_file: str | None = field(default=None, metadata=_meta(
+        _opt_str, "FUSEFS_LOG_FILE", "log file (default: stderr, or syslog when daemonized)"))
+    allow_other: bool = field(default=False, metadata=_meta(
+        _parse_bool, "FUSEFS_ALLOW_OTHER", "let other users (and containers) read the mount"))
+    read_only: bool = field(default=True, metadata=_meta(
+        _parse_bool, "FUSEFS_READ_ONLY", "mount read-only (the only mode so far)"))
+    uid: int | None = field(default=None, metadata=_meta(
+        _opt_int, "FUSEFS_UID", "owner of files (default: the mounting user)"))
+    gid: int | None = field(default=None, metadata=_meta(
+        _opt_int, "FUSEFS_GID", "group of files (default: the mounting user's group)"))
+    file_mode: int = field(default=0o444, metadata=_meta(
+        _octal_mode, "FUSEFS_FILE_MODE", "permission bits of files"))
+    dir_mode: int = field(default=0o555, metadata=_meta(
+        _octal_mode, "FUSEFS_DIR_MODE", "permission bits of directories"))
+
+    #: Where each value came from ("--cache-size", "FUSEFS_CACHE_SIZE_BYTES", "config file ...").
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def cache_enabled(self) -> bool:
+        return self.cache_size > 0
+
+    def describe(self) -> str:
+        """One line of the effective values (logged at start); never secrets."""
+        shown = []
+        for f in fields(self):
+            if f.name == "sources":
+                continue
+            v = getattr(self, f.name)
+            if f.name in ("cache_size", "block_size", "readahead_max") and isinstance(v, int) and v > 0:
+                v = human_size(v)
+            elif f.name in ("file_mode", "dir_mode"):
+                v = oct(v)
+            shown.append(f"{f.name}={v}")
+        return " ".join(shown)
+
+
+SETTING_NAMES = tuple(f.name for f in fields(Settings) if f.name != "sources")
+
+
+def _field(name: str) -> Any:
+    return next(f for f in fields(Settings) if f.name == name)
+
+
+def load_settings(
+    cli: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_path: str | None = None,
+) -> Settings:
+    """Build validated settings from the layers. ``cli`` holds only flags the user gave."""
+    env = os.environ if env is None else env
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    path = config_path or env.get("FUSEFS_CONFIG_PATH") or default_config_path()
+    file_values: dict[str, Any] = {}
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                file_values = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise UserError(f"config file {path}: {exc}") from None
+        file_values = file_values.get("fusefs", file_values)  # allow a [fusefs] table
+        unknown = sorted(set(file_values) - set(SETTING_NAMES) - {"source", "mountpoint", "options"})
+        if unknown:
+            raise UserError(f"config file {path}: unknown setting {unknown[0]!r}")
+    elif env.get("FUSEFS_CONFIG_PATH"):
+        raise UserError(f"FUSEFS_CONFIG_PATH: {path} does not exist")
+
+    settings = Settings()
+    for name in SETTING_NAMES:
+        meta = _field(name).metadata
+        if name in cli:
+            raw, source = cli[name], "--" + name.replace("_", "-")
+        elif meta["env"] and meta["env"] in env:
+            raw, source = env[meta["env"]], meta["env"]
+        elif name in file_values:
+            raw, source = file_values[name], f"{name} in {path}"
+        else:
+            continue
+        try:
+            setattr(settings, name, meta["parse"](raw))
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"invalid {source}={raw!r}: {exc}") from None
+        settings.sources[name] = source
+    if settings.cache_size > 0 and settings.cache_size < settings.block_size * 2:
+        src = settings.sources.get("cache_size", "cache size")
+        raise UserError(f"invalid {src}: {human_size(settings.cache_size)} is smaller than two "
+                        f"blocks of {human_size(settings.block_size)}")
+    return settings

@@ -1,0 +1,97 @@
+"""One exception family for fusefs, and the one place that maps failures to errno."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+log = logging.getLogger(__name__)
+
+
+class FusefsError(Exception):
+    """Base of every error fusefs raises on purpose; carries the errno it maps to."""
+
+    errno: int = errno.EIO
+
+    def __init__(self, message: str = "", *, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if cause is not None:
+            self.__cause__ = cause
+
+
+class NotFound(FusefsError):
+    """The object, prefix or bucket does not exist."""
+
+    errno = errno.ENOENT
+
+
+class AccessDenied(FusefsError):
+    """The store refused the credentials or the operation."""
+
+    errno = errno.EACCES
+
+
+class ReadOnly(FusefsError):
+    """A write was attempted on a read-only mount."""
+
+    errno = errno.EROFS
+
+
+class NotADirectory(FusefsError):
+    errno = errno.ENOTDIR
+
+
+class IsADirectory(FusefsError):
+    errno = errno.EISDIR
+
+
+class InvalidArgument(FusefsError):
+    errno = errno.EINVAL
+
+
+class StaleVersion(FusefsError):
+    """The object changed on the store since it was opened (ETag/generation mismatch)."""
+
+    errno = errno.ESTALE
+
+
+class TransientError(FusefsError):
+    """A failure worth retrying: throttling, 5xx, connection reset, timeout."""
+
+    errno = errno.EIO
+
+
+class BackendError(FusefsError):
+    """A non-retryable backend failure with no more specific meaning."""
+
+    errno = errno.EIO
+
+
+class UserError(FusefsError):
+    """Bad input from the user: printed as one line, exit status non-zero, no traceback."""
+
+    errno = errno.EINVAL
+
+
+def to_errno(exc: BaseException) -> int:
+    """Map any exception to the errno reported to the kernel; log the cause.
+
+    This is the only place where failures become errno values.
+    """
+    if isinstance(exc, FusefsError):
+        if exc.errno in (errno.ENOENT, errno.EROFS, errno.EISDIR, errno.ENOTDIR):
+            log.debug("%s: %s", type(exc).__name__, exc)
+        else:
+            log.warning("%s: %s", type(exc).__name__, exc, exc_info=exc.__cause__ is not None)
+        return exc.errno
+    if isinstance(exc, FileNotFoundError):
+        return errno.ENOENT
+    if isinstance(exc, PermissionError):
+        log.warning("permission denied: %s", exc)
+        return errno.EACCES
+    if isinstance(exc, OSError) and exc.errno:
+        log.warning("OS error: %s", exc)
+        return exc.errno
+    log.error("unexpected error: %r", exc, exc_info=exc)
+    return errno.EIO
