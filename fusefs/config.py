@@ -146,15 +146,15 @@ class Settings:
         _opt_str, "FUSEFS_LOG_FILE", "log file (default: stderr, or syslog when daemonized)"))
     allow_other: bool = field(default=False, metadata=_meta(
         _parse_bool, "FUSEFS_ALLOW_OTHER", "let other users (and containers) read the mount"))
-    read_only: bool = field(default=True, metadata=_meta(
-        _parse_bool, "FUSEFS_READ_ONLY", "mount read-only (the only mode so far)"))
+    read_only: bool = field(default=False, metadata=_meta(
+        _parse_bool, "FUSEFS_READ_ONLY", "show no write bits (writes always fail with EROFS so far)"))
     uid: int | None = field(default=None, metadata=_meta(
         _opt_int, "FUSEFS_UID", "owner of files (default: the mounting user)"))
     gid: int | None = field(default=None, metadata=_meta(
         _opt_int, "FUSEFS_GID", "group of files (default: the mounting user's group)"))
-    file_mode: int = field(default=0o444, metadata=_meta(
+    file_mode: int = field(default=0o644, metadata=_meta(
         _octal_mode, "FUSEFS_FILE_MODE", "permission bits of files"))
-    dir_mode: int = field(default=0o555, metadata=_meta(
+    dir_mode: int = field(default=0o755, metadata=_meta(
         _octal_mode, "FUSEFS_DIR_MODE", "permission bits of directories"))
 
     #: Where each value came from ("--cache-size", "FUSEFS_CACHE_SIZE_BYTES", "config file ...").

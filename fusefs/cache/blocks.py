@@ -1,0 +1,315 @@
+"""The persistent, size-bounded block store on diskcache.
+
+Each block is one diskcache item keyed by (source, object key, object version, block size,
+block index): a changed object has a new version and so new keys, which is why no invalidation
+protocol exists. Items are tagged with (source, object key) so one object's blocks can be dropped.
+
+Eviction is diskcache's least-recently-used policy. Its ``get`` writes SQLite (the access time)
+on every call, so repeat reads of a block go through a small table of open files instead
+(``os.pread``, no SQLite), and the access times of blocks read that way are refreshed in a batch
+every ``touch_interval`` seconds. A block evicted while its file is open is noticed
+(``st_nlink == 0``) and treated as a miss, so eviction is never hidden.
+
+Size bound: diskcache culls the least recently used items whenever a ``set`` leaves the volume
+(item bytes + SQLite pages) at or over ``size_limit``; the overshoot is at most the blocks being
+written at that moment (one per worker) plus the SQLite file.
+
+Thread safety: every method may be called from any thread; ``_lock`` guards ``_open`` and
+``_touched``. diskcache itself is thread- and process-safe (two mounts may share a directory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import diskcache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockKey:
+    """Identity of one cached block; ``cache_key`` is what diskcache stores."""
+
+    source: str
+    key: str
+    version: str
+    block_size: int
+    index: int
+
+    @property
+    def cache_key(self) -> str:
+        return json.dumps([self.source, self.key, self.version, self.block_size, self.index])
+
+    @property
+    def tag(self) -> str:
+        return object_tag(self.source, self.key)
+
+
+def object_tag(source: str, key: str) -> str:
+    return json.dumps([source, key])
+
+
+def parse_cache_key(cache_key: str) -> tuple[str, str, str, int, int] | None:
+    try:
+        s, k, v, bs, i = json.loads(cache_key)
+        return str(s), str(k), str(v), int(bs), int(i)
+    except (ValueError, TypeError):
+        return None
+
+
+class _Open:
+    """A block held open for repeat reads: a file (pread) or, for tiny blocks, its bytes."""
+
+    __slots__ = ("f", "data", "size")
+
+    def __init__(self, f: IO[bytes] | None, data: bytes | None, size: int) -> None:
+        self.f, self.data, self.size = f, data, size
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+class DiskBlockStore:
+    """Blocks on disk under ``directory``, bounded by ``size_limit`` bytes, LRU eviction."""
+
+    def __init__(
+        self,
+        directory: str,
+        size_limit: int,
+        *,
+        max_open: int = 256,
+        touch_interval: float = 10.0,
+    ) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.directory = directory
+        self.size_limit = size_limit
+        self._cache = diskcache.Cache(
+            directory,
+            size_limit=size_limit,
+            eviction_policy="least-recently-used",
+            cull_limit=16,
+            tag_index=True,
+            statistics=False,
+            disk_min_file_size=32 * 1024,
+        )
+        self._lock = threading.Lock()
+        self._open: OrderedDict[str, _Open] = OrderedDict()
+        self._touched: set[str] = set()
+        self._max_open = max_open
+        self._touch_interval = touch_interval
+        self._last_touch = time.monotonic()
+        self.puts = 0
+        self._count_at_start = self.count()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def read(self, bkey: BlockKey, offset: int, size: int) -> bytes | None:
+        """Bytes ``[offset, offset+size)`` of a cached block (clipped to the block), or None."""
+        ck = bkey.cache_key
+        with self._lock:
+            entry = self._open.get(ck)
+            if entry is not None:
+                self._open.move_to_end(ck)
+                self._touched.add(ck)
+        if entry is not None:
+            data = self._read_entry(ck, entry, offset, size)
+            if data is not None:
+                return data
+        entry = self._load(ck)
+        if entry is None:
+            return None
+        return self._read_entry(ck, entry, offset, size)
+
+    def _read_entry(self, ck: str, entry: _Open, offset: int, size: int) -> bytes | None:
+        if entry.data is not None:
+            return entry.data[offset : offset + size]
+        assert entry.f is not None
+        try:
+            fd = entry.f.fileno()
+            if os.fstat(fd).st_nlink == 0:  # evicted (here or by another mount) since opened
+                self._drop(ck)
+                return None
+            return os.pread(fd, max(0, min(size, entry.size - offset)), offset)
+        except (OSError, ValueError):
+            self._drop(ck)
+            return None
+
+    def _load(self, ck: str) -> _Open | None:
+        """Open a block through diskcache (this records the access for LRU)."""
+        try:
+            handle: Any = self._cache.get(ck, default=None, read=True)
+        except Exception as exc:  # a damaged entry is a miss, not an error
+            log.warning("block cache read failed, treating as miss: %s", exc)
+            return None
+        if handle is None:
+            return None
+        if hasattr(handle, "fileno") and not isinstance(handle, bytes):
+            try:
+                size = os.fstat(handle.fileno()).st_size
+                entry = _Open(handle, None, size)
+            except (OSError, ValueError):  # io.BytesIO for values kept inside SQLite
+                data = handle.read()
+                entry = _Open(None, data, len(data))
+        else:
+            entry = _Open(None, bytes(handle), len(handle))
+        with self._lock:
+            old = self._open.pop(ck, None)
+            self._open[ck] = entry
+            evicted = []
+            while len(self._open) > self._max_open:
+                evicted.append(self._open.popitem(last=False)[1])
+        for e in [old, *evicted]:
+            if e is not None and e is not entry:
+                e.close()
+        return entry
+
+    def _drop(self, ck: str) -> None:
+        with self._lock:
+            entry = self._open.pop(ck, None)
+            self._touched.discard(ck)
+        if entry is not None:
+            entry.close()
+
+    def contains(self, bkey: BlockKey) -> bool:
+        ck = bkey.cache_key
+        with self._lock:
+            if ck in self._open:
+                return True
+        return ck in self._cache
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def put(self, bkey: BlockKey, data: bytes) -> None:
+        """Store a block; failures (disk full...) are logged and the block simply not cached."""
+        try:
+            self._cache.set(bkey.cache_key, data, tag=bkey.tag, retry=True)
+            self.puts += 1
+        except Exception as exc:
+            log.warning("could not store block in cache %s: %s", self.directory, exc)
+
+    def maybe_touch(self) -> None:
+        """Refresh access times of blocks read from open files (call from a worker thread)."""
+        now = time.monotonic()
+        if now - self._last_touch < self._touch_interval:
+            return
+        self._last_touch = now
+        with self._lock:
+            touched, self._touched = self._touched, set()
+        for ck in touched:
+            try:
+                handle = self._cache.get(ck, default=None, read=True)
+                if handle is not None and hasattr(handle, "close"):
+                    handle.close()
+            except Exception:  # noqa: BLE001 - best effort bookkeeping
+                pass
+
+    # --- management ------------------------------------------------------------------------
+
+    def evict_object(self, source: str, key: str) -> int:
+        """Drop every cached block of one object (all versions); returns blocks removed."""
+        tag = object_tag(source, key)
+        self._close_matching(lambda p: p[0] == source and p[1] == key)
+        return int(self._cache.evict(tag, retry=True))
+
+    def evict_matching(self, source: str, prefix: str) -> int:
+        """Drop the blocks of all objects of ``source`` whose key starts with ``prefix``."""
+        removed = 0
+        for ck in list(self.iter_keys()):
+            p = parse_cache_key(ck)
+            if p and p[0] == source and p[1].startswith(prefix):
+                self._drop(ck)
+                if self._cache.delete(ck, retry=True):
+                    removed += 1
+        return removed
+
+    def clear(self) -> int:
+        self._close_matching(lambda p: True)
+        return int(self._cache.clear(retry=True))
+
+    def _close_matching(self, pred: Any) -> None:
+        with self._lock:
+            victims = [ck for ck in self._open if (p := parse_cache_key(ck)) and pred(p)]
+            entries = [self._open.pop(ck) for ck in victims]
+        for e in entries:
+            e.close()
+
+    def iter_keys(self) -> Iterator[str]:
+        for k in self._cache.iterkeys():
+            if isinstance(k, str):
+                yield k
+
+    def volume(self) -> int:
+        return int(self._cache.volume())
+
+    def count(self) -> int:
+        return int(self._cache.__len__())
+
+    def evictions(self) -> int:
+        """Blocks this process stored that are no longer counted (estimate when shared)."""
+        return max(0, self._count_at_start + self.puts - self.count())
+
+    def close(self) -> None:
+        self._close_matching(lambda p: True)
+        with self._lock:
+            rest = list(self._open.values())
+            self._open.clear()
+        for e in rest:
+            e.close()
+        self._cache.close()
+
+
+class NullBlockStore:
+    """The disk cache disabled (cache size 0 or -1): every read goes to the store."""
+
+    directory = ""
+    size_limit = 0
+    puts = 0
+
+    def read(self, bkey: BlockKey, offset: int, size: int) -> bytes | None:
+        return None
+
+    def contains(self, bkey: BlockKey) -> bool:
+        return False
+
+    def put(self, bkey: BlockKey, data: bytes) -> None:
+        return None
+
+    def maybe_touch(self) -> None:
+        return None
+
+    def evict_object(self, source: str, key: str) -> int:
+        return 0
+
+    def evict_matching(self, source: str, prefix: str) -> int:
+        return 0
+
+    def clear(self) -> int:
+        return 0
+
+    def iter_keys(self) -> Iterator[str]:
+        return iter(())
+
+    def volume(self) -> int:
+        return 0
+
+    def count(self) -> int:
+        return 0
+
+    def evictions(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        return None
+
+
+BlockStore = DiskBlockStore | NullBlockStore

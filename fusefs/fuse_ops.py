@@ -1,0 +1,175 @@
+"""The thin pyfuse3 adapter: converts types and errors, and nothing else."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from .control import Control
+from .errors import ReadOnly, to_errno
+from .fs import CONTROL_INO, CONTROL_NAME, ROOT_INO, Attr, FileSystem
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Turn every exception into a FUSEError through :func:`fusefs.errors.to_errno`."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:  # the one place errors become errno
+            raise pyfuse3.FUSEError(to_errno(exc)) from None
+
+    return wrapper
+
+
+def _read_only(*_: Any, **__: Any) -> Any:
+    async def op(*args: Any, **kwargs: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    return op
+
+
+class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
+    """Maps kernel requests onto :class:`FileSystem` and :class:`Control`."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: FileSystem, control: Control) -> None:
+        super().__init__()
+        self.fs = fs
+        self.control = control
+        self.timeout = fs.ttl
+
+    def _entry(self, a: Attr, timeout: float | None = None) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = 0
+        e.entry_timeout = e.attr_timeout = self.timeout if timeout is None else timeout
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid, e.st_gid = a.uid, a.gid
+        e.st_rdev = 0
+        e.st_size = a.size
+        e.st_blksize = a.blksize
+        e.st_blocks = a.blocks
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = a.mtime_ns
+        return e
+
+    @_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if parent_inode == ROOT_INO and name == CONTROL_NAME.encode():
+            return self._entry(self.control.attr(), 0)
+        try:
+            node = await self.fs.lookup(parent_inode, os.fsdecode(name))
+        except Exception as exc:
+            if to_errno(exc) == errno.ENOENT and self.fs.negative_ttl > 0:
+                e = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the absence
+                e.st_ino = 0
+                e.entry_timeout = self.fs.negative_ttl
+                return e
+            raise
+        return self._entry(self.fs.attr(node))
+
+    async def forget(self, inode_list: Any) -> None:
+        for ino, n in inode_list:
+            self.fs.forget(ino, n)
+
+    @_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if inode == CONTROL_INO:
+            return self._entry(self.control.attr(), 0)
+        return self._entry(self.fs.attr(await self.fs.getattr(inode)))
+
+    @_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        self.fs.node(inode)
+        return inode
+
+    @_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        entries = await self.fs.listdir(fh)
+        for i in range(start_id, len(entries)):
+            name, node = entries[i]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(self.fs.attr(node)),
+                                         i + 1):
+                return
+            node.lookups += 1
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if inode == CONTROL_INO:
+            return pyfuse3.FileInfo(fh=self.control.open(ctx.uid), direct_io=True, keep_cache=False)
+        fh, keep_cache = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+
+    @_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        if self.control.owns(fh):
+            return self.control.read(fh, off, size)
+        return await self.fs.read(fh, off, size)
+
+    @_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if self.control.owns(fh):
+            return await self.control.write(fh, buf, 0)
+        raise ReadOnly("read-only file system")
+
+    async def release(self, fh: int) -> None:
+        if self.control.owns(fh):
+            self.control.release(fh)
+        else:
+            self.fs.release(fh)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @_errors
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+        if inode == CONTROL_INO and fields.update_size and not (
+            fields.update_mode or fields.update_uid or fields.update_gid
+        ):
+            return self._entry(self.control.attr(), 0)  # `echo cmd > .fusefs` truncates first
+        raise ReadOnly("read-only file system")
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        bsize = 4096
+        total = max(self.fs.settings.cache_size, 0) // bsize
+        used = min(total, self.control.blocks.volume() // bsize)
+        s.f_bsize = s.f_frsize = bsize
+        s.f_blocks = total
+        s.f_bfree = s.f_bavail = total - used
+        s.f_files = len(self.fs._nodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        return True
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return []
+
+    mknod = mkdir = unlink = rmdir = symlink = rename = link = create = _read_only()
+    setxattr = removexattr = _read_only()

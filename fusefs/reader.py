@@ -1,0 +1,254 @@
+"""Turns (object, offset, size) into cached blocks: single-flight fetches, readahead, prefetch.
+
+Concurrency rules (all on the trio thread unless stated):
+- ``_inflight`` maps a block's cache key to its one running or queued fetch; a second reader of
+  the same block waits on that fetch (boosting its priority) instead of starting another.
+- Store calls and cache writes run in worker threads (``_fetch_sync``), at most ``workers`` at
+  once, admitted by the :class:`~fusefs.scheduler.Scheduler` in priority order.
+- Cache reads of blocks already on disk run inline (a ``pread`` on an open file).
+Memory: at most ``workers`` blocks are held by running fetches; queued fetches hold none.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from . import stats as S
+from .backends.base import ObjectInfo, ObjectStore
+from .cache.blocks import BlockKey, BlockStore
+from .errors import BackendError, StaleVersion
+from .scheduler import FOREGROUND, PREFETCH, READAHEAD, Scheduler, Ticket
+
+log = logging.getLogger(__name__)
+
+#: The kernel sends readahead requests concurrently, so a sequential reader's requests may
+#: arrive slightly out of order; reads this close to the expected offset count as sequential.
+_SEQ_SLACK = 4 * 1024 * 1024
+
+
+@dataclass
+class SeqState:
+    """Per open file: where the next sequential read would start, and the readahead window."""
+
+    next_offset: int = 0
+    window: int = 0  # blocks ahead to keep requested
+    requested_upto: int = -1  # highest block index readahead has asked for
+
+
+@dataclass
+class _Flight:
+    ticket: Ticket
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+    error: BaseException | None = None
+
+
+class RecentBlocks:
+    """A small in-memory LRU of blocks, bounded in bytes (used when the disk cache is off)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._d: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, ck: str) -> bytes | None:
+        data = self._d.get(ck)
+        if data is not None:
+            self._d.move_to_end(ck)
+        return data
+
+    def put(self, ck: str, data: bytes) -> None:
+        if ck in self._d:
+            return
+        self._d[ck] = data
+        self._bytes += len(data)
+        while self._bytes > self.max_bytes and len(self._d) > 1:
+            _, old = self._d.popitem(last=False)
+            self._bytes -= len(old)
+
+    def clear(self) -> None:
+        self._d.clear()
+        self._bytes = 0
+
+
+class Reader:
+    """Serves byte ranges of objects from the block cache, fetching missing blocks."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        blocks: BlockStore,
+        stats: S.Stats,
+        *,
+        block_size: int,
+        workers: int,
+        readahead_max: int,
+        recent_bytes: int = 0,
+        on_stale: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.blocks = blocks
+        self.stats = stats
+        self.block_size = block_size
+        self.scheduler = Scheduler(workers)
+        self._limiter = trio.CapacityLimiter(workers)
+        self._max_window = max(1, readahead_max // block_size)
+        self._inflight: dict[str, _Flight] = {}
+        self._recent = RecentBlocks(recent_bytes) if recent_bytes > 0 else None
+        self._nursery: trio.Nursery | None = None
+        self._on_stale = on_stale
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Give the reader a nursery for background readahead and prefetch tasks."""
+        self._nursery = nursery
+
+    def block_key(self, obj: ObjectInfo, index: int) -> BlockKey:
+        return BlockKey(self.store.source_id, obj.key, obj.version, self.block_size, index)
+
+    def block_count(self, size: int) -> int:
+        return (size + self.block_size - 1) // self.block_size
+
+    # --- the read path ---------------------------------------------------------------------
+
+    async def read(self, obj: ObjectInfo, offset: int, size: int, seq: SeqState | None = None) -> bytes:
+        end = min(offset + size, obj.size)
+        if offset >= end or size <= 0:
+            return b""
+        bs = self.block_size
+        first, last = offset // bs, (end - 1) // bs
+        if seq is not None:
+            self._readahead(obj, seq, offset, end, last)
+        parts = []
+        for idx in range(first, last + 1):
+            base = idx * bs
+            parts.append(await self._slice(obj, idx, max(offset, base) - base, min(end, base + bs) - base))
+        self.stats.add(S.BYTES_SERVED, end - offset)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _slice(self, obj: ObjectInfo, idx: int, lo: int, hi: int) -> bytes:
+        bkey = self.block_key(obj, idx)
+        data = self.blocks.read(bkey, lo, hi - lo)
+        if data is None and self._recent is not None:
+            block = self._recent.get(bkey.cache_key)
+            data = block[lo:hi] if block is not None else None
+        if data is not None and len(data) == hi - lo:
+            self.stats.add(S.HITS)
+            return data
+        self.stats.add(S.MISSES)
+        block = await self.fetch_block(obj, idx, FOREGROUND)
+        return block[lo:hi]
+
+    def _readahead(self, obj: ObjectInfo, seq: SeqState, offset: int, end: int, last: int) -> None:
+        """Grow the window on sequential reads (1, 2, 4... blocks); random reads reset it."""
+        if abs(offset - seq.next_offset) > _SEQ_SLACK:
+            seq.window = 0
+            seq.requested_upto = last
+            seq.next_offset = end
+            return
+        if last > seq.requested_upto - seq.window // 2 or seq.window == 0:
+            seq.window = min(max(1, seq.window * 2), self._max_window)
+            want_upto = min(last + seq.window, self.block_count(obj.size) - 1)
+            for idx in range(max(last + 1, seq.requested_upto + 1), want_upto + 1):
+                self.spawn(obj, idx, READAHEAD)
+            seq.requested_upto = max(seq.requested_upto, want_upto)
+        seq.next_offset = max(seq.next_offset, end)
+
+    def spawn(self, obj: ObjectInfo, idx: int, priority: int,
+              done: Callable[[bool], None] | None = None) -> bool:
+        """Fetch a block in the background unless cached or in flight; False if skipped."""
+        if self._nursery is None:
+            return False
+        bkey = self.block_key(obj, idx)
+        if bkey.cache_key in self._inflight or self.blocks.contains(bkey):
+            return False
+        self._nursery.start_soon(self._background_fetch, obj, idx, priority, done)
+        return True
+
+    async def _background_fetch(self, obj: ObjectInfo, idx: int, priority: int,
+                                done: Callable[[bool], None] | None) -> None:
+        ok = False
+        try:
+            await self.fetch_block(obj, idx, priority)
+            ok = True
+            if priority == READAHEAD:
+                self.stats.add(S.READAHEAD_BLOCKS)
+        except Exception as exc:  # background: log, never crash the mount
+            log.info("background fetch of %s block %d failed: %s", obj.key, idx, exc)
+        finally:
+            if done is not None:
+                done(ok)
+
+    # --- fetching --------------------------------------------------------------------------
+
+    async def fetch_block(self, obj: ObjectInfo, idx: int, priority: int) -> bytes:
+        """The whole block ``idx`` of ``obj``, fetching it once however many ask at once."""
+        bkey = self.block_key(obj, idx)
+        ck = bkey.cache_key
+        while (flight := self._inflight.get(ck)) is not None:
+            self.scheduler.boost(flight.ticket, priority)
+            await flight.done.wait()
+            if flight.data is not None:
+                return flight.data
+            if flight.error is not None and not isinstance(flight.error, trio.Cancelled):
+                raise flight.error
+        flight = _Flight(Ticket(priority))
+        self._inflight[ck] = flight
+        try:
+            async with self.scheduler.slot(flight.ticket):
+                self.stats.in_flight(+1)
+                try:
+                    data = await trio.to_thread.run_sync(
+                        self._fetch_sync, obj, idx, bkey, priority, limiter=self._limiter
+                    )
+                finally:
+                    self.stats.in_flight(-1)
+            flight.data = data
+            if self._recent is not None:
+                self._recent.put(ck, data)
+            return data
+        except BaseException as exc:
+            flight.error = exc
+            if isinstance(exc, StaleVersion) and self._on_stale is not None:
+                self._on_stale(obj.key)
+            raise
+        finally:
+            del self._inflight[ck]
+            flight.done.set()
+
+    def _fetch_sync(self, obj: ObjectInfo, idx: int, bkey: BlockKey, priority: int) -> bytes:
+        """Worker thread: a block from the cache if another reader stored it, else the store."""
+        start = idx * self.block_size
+        length = min(self.block_size, obj.size - start)
+        if priority != FOREGROUND:
+            cached = self.blocks.read(bkey, 0, length)
+            if cached is not None and len(cached) == length:
+                return cached
+        try:
+            data = self.store.get_range(obj.key, start, length, obj.version)
+        except Exception:
+            self.stats.add(S.ERRORS)
+            raise
+        self.stats.add(S.FETCHES)
+        self.stats.add(S.BYTES_FETCHED, len(data))
+        if len(data) != length:
+            self.stats.add(S.ERRORS)
+            raise BackendError(
+                f"{obj.key}: short read at {start} ({len(data)} of {length} bytes); "
+                "the object may have changed"
+            )
+        self.blocks.put(bkey, data)
+        self.blocks.maybe_touch()
+        return data
+
+    async def prefetch_object(self, obj: ObjectInfo, done: Callable[[bool], None]) -> int:
+        """Queue every uncached block of ``obj`` at prefetch priority; returns blocks queued."""
+        queued = 0
+        for idx in range(self.block_count(obj.size)):
+            if self.spawn(obj, idx, PREFETCH, done):
+                queued += 1
+        return queued
