@@ -47,24 +47,44 @@ def _help(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fusefs", description="Mount object-store buckets as "
-                                "local directories, with a persistent block cache.")
+    p = argparse.ArgumentParser(
+        prog="fusefs",
+        description="Mount object-store buckets as "
+        "local directories, with a persistent block cache.",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser("mount", help="mount SOURCE (s3://, gs://, file://) on MOUNTPOINT")
     m.add_argument("source", help="s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or file:///DIR")
     m.add_argument("mountpoint")
     for name, kw in _SETTING_FLAGS.items():
-        m.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=_help(name), **kw)
+        m.add_argument(
+            "--" + name.replace("_", "-"), dest=name, default=None, help=_help(name), **kw
+        )
     for name in _BOOL_FLAGS:
-        m.add_argument("--" + name.replace("_", "-"), dest=name, action="store_const", const=True,
-                       default=None, help=_help(name))
+        m.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            action="store_const",
+            const=True,
+            default=None,
+            help=_help(name),
+        )
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
-    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
-                   help="mount options: fusefs settings as key=value (cache_size=20G), "
-                        "allow_other, ro; others are passed to FUSE")
-    m.add_argument("--config", metavar="FILE", help="config file (default $FUSEFS_CONFIG_PATH "
-                   "or ~/.config/fusefs/config.toml)")
+    m.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPT[,OPT...]",
+        help="mount options: fusefs settings as key=value (cache_size=20G), "
+        "allow_other, ro; others are passed to FUSE",
+    )
+    m.add_argument(
+        "--config",
+        metavar="FILE",
+        help="config file (default $FUSEFS_CONFIG_PATH or ~/.config/fusefs/config.toml)",
+    )
 
     u = sub.add_parser("unmount", aliases=["umount"], help="unmount MOUNTPOINT")
     u.add_argument("mountpoint")
@@ -90,8 +110,22 @@ def split_options(options: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
                 settings[key_] = value or "true"
             elif key == "ro":
                 settings["read_only"] = "true"
-            elif key in ("rw", "defaults", "auto", "noauto", "user", "nouser", "_netdev", "nofail",
-                         "exec", "noexec", "suid", "nosuid", "dev", "nodev") or key.startswith("x-"):
+            elif key in (
+                "rw",
+                "defaults",
+                "auto",
+                "noauto",
+                "user",
+                "nouser",
+                "_netdev",
+                "nofail",
+                "exec",
+                "noexec",
+                "suid",
+                "nosuid",
+                "dev",
+                "nodev",
+            ) or key.startswith("x-"):
                 continue  # only mount(8) / systemd understand these
             else:
                 passthrough.append(opt)
@@ -102,8 +136,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from . import mount as mnt
 
     opt_settings, passthrough = split_options(args.options)
-    cli = {**opt_settings, **{k: getattr(args, k) for k in (*_SETTING_FLAGS, *_BOOL_FLAGS)
-                             if getattr(args, k) is not None}}
+    cli = {
+        **opt_settings,
+        **{
+            k: getattr(args, k)
+            for k in (*_SETTING_FLAGS, *_BOOL_FLAGS)
+            if getattr(args, k) is not None
+        },
+    }
     settings = load_settings(cli, config_path=args.config)
     mountpoint = os.path.abspath(args.mountpoint)
     mnt.setup_logging(settings, daemon=False)
@@ -137,13 +177,18 @@ def cmd_unmount(args: argparse.Namespace) -> int:
         else:
             raise UserError(f"{mp} is not a mount point")
     tool = "fusermount3" if shutil.which("fusermount3") else "umount"
-    cmd = [tool, "-uz" if args.lazy else "-u", mp] if tool == "fusermount3" else \
-        ["umount", *(["-l"] if args.lazy else []), mp]
+    cmd = (
+        [tool, "-uz" if args.lazy else "-u", mp]
+        if tool == "fusermount3"
+        else ["umount", *(["-l"] if args.lazy else []), mp]
+    )
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         msg = (r.stderr or r.stdout).strip().splitlines()
-        raise UserError(f"cannot unmount {mp}: {msg[-1] if msg else 'failed'}"
-                        + (" (files open? try --lazy)" if "busy" in " ".join(msg) else ""))
+        raise UserError(
+            f"cannot unmount {mp}: {msg[-1] if msg else 'failed'}"
+            + (" (files open? try --lazy)" if "busy" in " ".join(msg) else "")
+        )
     return 0
 
 
@@ -172,8 +217,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"mount": cmd_mount, "unmount": cmd_unmount, "umount": cmd_unmount,
-                "stats": cmd_stats}
+    handlers = {
+        "mount": cmd_mount,
+        "unmount": cmd_unmount,
+        "umount": cmd_unmount,
+        "stats": cmd_stats,
+    }
     try:
         return handlers[args.command](args)
     except UserError as exc:

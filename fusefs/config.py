@@ -118,44 +118,100 @@ def _meta(parse: Callable[[Any], Any], env: str | None, help: str) -> dict[str, 
 class Settings:
     """Every tunable of a mount. Field metadata: parser, environment variable, help text."""
 
-    cache_dir: str = field(default_factory=default_cache_dir, metadata=_meta(
-        os.path.expanduser, "FUSEFS_CACHE_DIR", "block cache directory"))
-    cache_size: int = field(default=32 * GiB, metadata=_meta(
-        _cache_size, "FUSEFS_CACHE_SIZE_BYTES", "cache size bound (32G, 512M...); 0 or -1 disables"))
-    block_size: int = field(default=8 * MiB, metadata=_meta(
-        _block_size, "FUSEFS_BLOCK_SIZE_BYTES", "cache block size"))
-    workers: int = field(default=16, metadata=_meta(
-        _positive_int, "FUSEFS_NUM_WORKERS", "parallel requests to the store"))
-    metadata_ttl: float = field(default=60.0, metadata=_meta(
-        _seconds, "FUSEFS_METADATA_TTL", "seconds metadata and listings are trusted"))
-    negative_ttl: float = field(default=5.0, metadata=_meta(
-        _seconds, "FUSEFS_NEGATIVE_TTL", "seconds a missing name is remembered"))
-    readahead_max: int = field(default=64 * MiB, metadata=_meta(
-        parse_size, "FUSEFS_READAHEAD_MAX_BYTES", "largest readahead window of a sequential reader"))
-    endpoint_url: str | None = field(default=None, metadata=_meta(
-        _opt_str, "FUSEFS_ENDPOINT_URL", "S3-compatible endpoint URL (path-style addressing)"))
-    region: str | None = field(default=None, metadata=_meta(
-        _opt_str, "FUSEFS_REGION", "S3 region"))
-    profile: str | None = field(default=None, metadata=_meta(
-        _opt_str, "FUSEFS_PROFILE", "AWS profile"))
-    project: str | None = field(default=None, metadata=_meta(
-        _opt_str, "FUSEFS_GCS_PROJECT", "GCS project (for the emulator or anonymous access)"))
-    log_level: str = field(default="INFO", metadata=_meta(
-        _log_level, "FUSEFS_LOG_LEVEL", "debug, info, warning or error"))
-    log_file: str | None = field(default=None, metadata=_meta(
-        _opt_str, "FUSEFS_LOG_FILE", "log file (default: stderr, or syslog when daemonized)"))
-    allow_other: bool = field(default=False, metadata=_meta(
-        _parse_bool, "FUSEFS_ALLOW_OTHER", "let other users (and containers) read the mount"))
-    read_only: bool = field(default=False, metadata=_meta(
-        _parse_bool, "FUSEFS_READ_ONLY", "show no write bits (writes always fail with EROFS so far)"))
-    uid: int | None = field(default=None, metadata=_meta(
-        _opt_int, "FUSEFS_UID", "owner of files (default: the mounting user)"))
-    gid: int | None = field(default=None, metadata=_meta(
-        _opt_int, "FUSEFS_GID", "group of files (default: the mounting user's group)"))
-    file_mode: int = field(default=0o644, metadata=_meta(
-        _octal_mode, "FUSEFS_FILE_MODE", "permission bits of files"))
-    dir_mode: int = field(default=0o755, metadata=_meta(
-        _octal_mode, "FUSEFS_DIR_MODE", "permission bits of directories"))
+    cache_dir: str = field(
+        default_factory=default_cache_dir,
+        metadata=_meta(os.path.expanduser, "FUSEFS_CACHE_DIR", "block cache directory"),
+    )
+    cache_size: int = field(
+        default=32 * GiB,
+        metadata=_meta(
+            _cache_size,
+            "FUSEFS_CACHE_SIZE_BYTES",
+            "cache size bound (32G, 512M...); 0 or -1 disables",
+        ),
+    )
+    block_size: int = field(
+        default=8 * MiB, metadata=_meta(_block_size, "FUSEFS_BLOCK_SIZE_BYTES", "cache block size")
+    )
+    workers: int = field(
+        default=16,
+        metadata=_meta(_positive_int, "FUSEFS_NUM_WORKERS", "parallel requests to the store"),
+    )
+    metadata_ttl: float = field(
+        default=60.0,
+        metadata=_meta(
+            _seconds, "FUSEFS_METADATA_TTL", "seconds metadata and listings are trusted"
+        ),
+    )
+    negative_ttl: float = field(
+        default=5.0,
+        metadata=_meta(_seconds, "FUSEFS_NEGATIVE_TTL", "seconds a missing name is remembered"),
+    )
+    readahead_max: int = field(
+        default=64 * MiB,
+        metadata=_meta(
+            parse_size,
+            "FUSEFS_READAHEAD_MAX_BYTES",
+            "largest readahead window of a sequential reader",
+        ),
+    )
+    endpoint_url: str | None = field(
+        default=None,
+        metadata=_meta(
+            _opt_str, "FUSEFS_ENDPOINT_URL", "S3-compatible endpoint URL (path-style addressing)"
+        ),
+    )
+    region: str | None = field(default=None, metadata=_meta(_opt_str, "FUSEFS_REGION", "S3 region"))
+    profile: str | None = field(
+        default=None, metadata=_meta(_opt_str, "FUSEFS_PROFILE", "AWS profile")
+    )
+    project: str | None = field(
+        default=None,
+        metadata=_meta(
+            _opt_str, "FUSEFS_GCS_PROJECT", "GCS project (for the emulator or anonymous access)"
+        ),
+    )
+    log_level: str = field(
+        default="INFO",
+        metadata=_meta(_log_level, "FUSEFS_LOG_LEVEL", "debug, info, warning or error"),
+    )
+    log_file: str | None = field(
+        default=None,
+        metadata=_meta(
+            _opt_str, "FUSEFS_LOG_FILE", "log file (default: stderr, or syslog when daemonized)"
+        ),
+    )
+    allow_other: bool = field(
+        default=False,
+        metadata=_meta(
+            _parse_bool, "FUSEFS_ALLOW_OTHER", "let other users (and containers) read the mount"
+        ),
+    )
+    read_only: bool = field(
+        default=False,
+        metadata=_meta(
+            _parse_bool,
+            "FUSEFS_READ_ONLY",
+            "show no write bits (writes always fail with EROFS so far)",
+        ),
+    )
+    uid: int | None = field(
+        default=None,
+        metadata=_meta(_opt_int, "FUSEFS_UID", "owner of files (default: the mounting user)"),
+    )
+    gid: int | None = field(
+        default=None,
+        metadata=_meta(
+            _opt_int, "FUSEFS_GID", "group of files (default: the mounting user's group)"
+        ),
+    )
+    file_mode: int = field(
+        default=0o644, metadata=_meta(_octal_mode, "FUSEFS_FILE_MODE", "permission bits of files")
+    )
+    dir_mode: int = field(
+        default=0o755,
+        metadata=_meta(_octal_mode, "FUSEFS_DIR_MODE", "permission bits of directories"),
+    )
 
     #: Where each value came from ("--cache-size", "FUSEFS_CACHE_SIZE_BYTES", "config file ...").
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -171,7 +227,11 @@ class Settings:
             if f.name == "sources":
                 continue
             v = getattr(self, f.name)
-            if f.name in ("cache_size", "block_size", "readahead_max") and isinstance(v, int) and v > 0:
+            if (
+                f.name in ("cache_size", "block_size", "readahead_max")
+                and isinstance(v, int)
+                and v > 0
+            ):
                 v = human_size(v)
             elif f.name in ("file_mode", "dir_mode"):
                 v = oct(v)
@@ -203,7 +263,9 @@ def load_settings(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise UserError(f"config file {path}: {exc}") from None
         file_values = file_values.get("fusefs", file_values)  # allow a [fusefs] table
-        unknown = sorted(set(file_values) - set(SETTING_NAMES) - {"source", "mountpoint", "options"})
+        unknown = sorted(
+            set(file_values) - set(SETTING_NAMES) - {"source", "mountpoint", "options"}
+        )
         if unknown:
             raise UserError(f"config file {path}: unknown setting {unknown[0]!r}")
     elif env.get("FUSEFS_CONFIG_PATH"):
@@ -227,6 +289,8 @@ def load_settings(
         settings.sources[name] = source
     if settings.cache_size > 0 and settings.cache_size < settings.block_size * 2:
         src = settings.sources.get("cache_size", "cache size")
-        raise UserError(f"invalid {src}: {human_size(settings.cache_size)} is smaller than two "
-                        f"blocks of {human_size(settings.block_size)}")
+        raise UserError(
+            f"invalid {src}: {human_size(settings.cache_size)} is smaller than two "
+            f"blocks of {human_size(settings.block_size)}"
+        )
     return settings

@@ -25,16 +25,32 @@ class _CtlHandle:
 class Control:
     """State behind the control file; one handle per ``open``."""
 
-    def __init__(self, fs: FileSystem, reader: Reader, blocks: BlockStore, stats: S.Stats,
-                 settings: Settings, source: str) -> None:
+    def __init__(
+        self,
+        fs: FileSystem,
+        reader: Reader,
+        blocks: BlockStore,
+        stats: S.Stats,
+        settings: Settings,
+        source: str,
+    ) -> None:
         self.fs, self.reader, self.blocks, self.stats = fs, reader, blocks, stats
         self.settings, self.source = settings, source
         self._handles: dict[int, _CtlHandle] = {}
         self._next = 1 << 40  # distinct from file handles
 
     def attr(self) -> Attr:
-        return Attr(CONTROL_INO, stat.S_IFREG | 0o644, 0, time.time_ns(), 0, 4096, 1,
-                    self.fs.uid, self.fs.gid)
+        return Attr(
+            CONTROL_INO,
+            stat.S_IFREG | 0o644,
+            0,
+            time.time_ns(),
+            0,
+            4096,
+            1,
+            self.fs.uid,
+            self.fs.gid,
+        )
 
     def owns(self, fh: int) -> bool:
         return fh in self._handles

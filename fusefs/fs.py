@@ -159,8 +159,17 @@ class FileSystem:
             assert node.info is not None
             mode = stat.S_IFREG | (self.settings.file_mode & ro)
             mtime_ns, size, nlink = int(node.info.mtime * 1e9), node.info.size, 1
-        return Attr(node.ino, mode, size, mtime_ns, (size + 511) // 512, 128 * 1024, nlink,
-                    self.uid, self.gid)
+        return Attr(
+            node.ino,
+            mode,
+            size,
+            mtime_ns,
+            (size + 511) // 512,
+            128 * 1024,
+            nlink,
+            self.uid,
+            self.gid,
+        )
 
     def mark_stale(self, key: str) -> None:
         """The store said ``key`` changed: distrust what we know of it and its directory."""
@@ -203,10 +212,10 @@ class FileSystem:
         neg = self._negative.get(path)
         if neg is not None and now - neg < self.negative_ttl:
             raise NotFound(f"{path}: no such file or directory (cached)")
-        node = self.node_by_path(path)
-        if node is not None and self._fresh(node.confirmed, now):
-            node.lookups += 1
-            return node
+        known = self.node_by_path(path)
+        if known is not None and self._fresh(known.confirmed, now):
+            known.lookups += 1
+            return known
         node = await self._probe(path)
         node.lookups += 1
         return node
@@ -222,7 +231,9 @@ class FileSystem:
                 pass
 
         async def is_dir() -> None:
-            pages = await self._thread(lambda: next(iter(self.store.list(path + "/", max_keys=1)), None))
+            pages = await self._thread(
+                lambda: next(iter(self.store.list(path + "/", max_keys=1)), None)
+            )
             if pages is not None and (pages.objects or pages.prefixes):  # type: ignore[attr-defined]
                 result["dir"] = True
 
@@ -297,8 +308,9 @@ class FileSystem:
                     skipped.append(p)
                     continue
                 if name in entries and not entries[name][0]:
-                    log.warning("%s%s is both an object and a prefix; showing the directory",
-                                prefix, name)
+                    log.warning(
+                        "%s%s is both an object and a prefix; showing the directory", prefix, name
+                    )
                 entries[name] = (True, None)
             for o in page.objects:
                 name = o.key[len(prefix) :]
@@ -312,8 +324,12 @@ class FileSystem:
                     continue
                 entries[name] = (False, o)
         if skipped:
-            log.warning("skipped %d key(s) under %r that are not valid file names, e.g. %r",
-                        len(skipped), prefix, skipped[0])
+            log.warning(
+                "skipped %d key(s) under %r that are not valid file names, e.g. %r",
+                len(skipped),
+                prefix,
+                skipped[0],
+            )
         return entries
 
     # --- files -----------------------------------------------------------------------------
@@ -352,5 +368,3 @@ class FileSystem:
     @property
     def open_handles(self) -> int:
         return len(self._handles)
-
-

@@ -6,8 +6,8 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
@@ -18,13 +18,14 @@ from .fs import CONTROL_INO, CONTROL_NAME, ROOT_INO, Attr, FileSystem
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
-def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Turn every exception into a FUSEError through :func:`fusefs.errors.to_errno`."""
 
     @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -71,7 +72,9 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         return e
 
     @_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
         if parent_inode == ROOT_INO and name == CONTROL_NAME.encode():
             return self._entry(self.control.attr(), 0)
         try:
@@ -105,8 +108,9 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         entries = await self.fs.listdir(fh)
         for i in range(start_id, len(entries)):
             name, node = entries[i]
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(self.fs.attr(node)),
-                                         i + 1):
+            if not pyfuse3.readdir_reply(
+                token, os.fsencode(name), self._entry(self.fs.attr(node)), i + 1
+            ):
                 return
             node.lookups += 1
 
@@ -143,8 +147,10 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_errors
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
-        if inode == CONTROL_INO and fields.update_size and not (
-            fields.update_mode or fields.update_uid or fields.update_gid
+        if (
+            inode == CONTROL_INO
+            and fields.update_size
+            and not (fields.update_mode or fields.update_uid or fields.update_gid)
         ):
             return self._entry(self.control.attr(), 0)  # `echo cmd > .fusefs` truncates first
         raise ReadOnly("read-only file system")

@@ -51,7 +51,9 @@ class Mount:
     extra_fuse_options: list[str] = field(default_factory=list)
 
 
-def build(source: str, mountpoint: str, settings: Settings, store: ObjectStore | None = None) -> Mount:
+def build(
+    source: str, mountpoint: str, settings: Settings, store: ObjectStore | None = None
+) -> Mount:
     """Construct the store, caches, reader, filesystem and FUSE adapter for one mount."""
     store = store or open_store(source, settings)
     blocks: BlockStore
@@ -62,12 +64,29 @@ def build(source: str, mountpoint: str, settings: Settings, store: ObjectStore |
         blocks = NullBlockStore()
         recent = settings.readahead_max + 2 * settings.block_size
     stats = Stats()
-    reader = Reader(store, blocks, stats, block_size=settings.block_size, workers=settings.workers,
-                    readahead_max=settings.readahead_max, recent_bytes=recent)
+    reader = Reader(
+        store,
+        blocks,
+        stats,
+        block_size=settings.block_size,
+        workers=settings.workers,
+        readahead_max=settings.readahead_max,
+        recent_bytes=recent,
+    )
     fs = FileSystem(store, reader, settings)
     control = Control(fs, reader, blocks, stats, settings, source)
-    return Mount(source, mountpoint, settings, store, blocks, stats, reader, fs, control,
-                 FuseOperations(fs, control))
+    return Mount(
+        source,
+        mountpoint,
+        settings,
+        store,
+        blocks,
+        stats,
+        reader,
+        fs,
+        control,
+        FuseOperations(fs, control),
+    )
 
 
 # --- checks before mounting ------------------------------------------------------------------
@@ -111,11 +130,15 @@ def check_mountpoint(mountpoint: str) -> None:
 
 def check_fuse() -> None:
     if not os.path.exists("/dev/fuse"):
-        raise UserError("FUSE is unavailable: /dev/fuse is missing (load the fuse module, or give "
-                        "the container --device /dev/fuse)")
+        raise UserError(
+            "FUSE is unavailable: /dev/fuse is missing (load the fuse module, or give "
+            "the container --device /dev/fuse)"
+        )
     if not os.access("/dev/fuse", os.R_OK | os.W_OK) and not shutil.which("fusermount3"):
-        raise UserError("FUSE is unavailable: /dev/fuse is not accessible and fusermount3 is "
-                        "missing (install the fuse3 package)")
+        raise UserError(
+            "FUSE is unavailable: /dev/fuse is not accessible and fusermount3 is "
+            "missing (install the fuse3 package)"
+        )
 
 
 def check_store(store: ObjectStore) -> None:
@@ -148,8 +171,9 @@ def setup_logging(settings: Settings, *, daemon: bool) -> None:
         handler = logging.handlers.WatchedFileHandler(settings.log_file)
     elif daemon and os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter("fusefs[%(process)d]: %(levelname)s %(name)s: "
-                                               "%(message)s"))
+        handler.setFormatter(
+            logging.Formatter("fusefs[%(process)d]: %(levelname)s %(name)s: %(message)s")
+        )
     else:
         handler = logging.StreamHandler(sys.stderr)
     if handler.formatter is None:
@@ -204,8 +228,10 @@ def run(m: Mount, ready: Any) -> None:
     try:
         pyfuse3.init(m.ops, m.mountpoint, fuse_options(m))
     except RuntimeError as exc:
-        raise UserError(f"cannot mount on {m.mountpoint}: {exc} (is FUSE available, and "
-                        "user_allow_other set in /etc/fuse.conf for --allow-other?)") from None
+        raise UserError(
+            f"cannot mount on {m.mountpoint}: {exc} (is FUSE available, and "
+            "user_allow_other set in /etc/fuse.conf for --allow-other?)"
+        ) from None
     unmounted_cleanly = False
     try:
         trio.run(_serve, m, ready)
@@ -213,19 +239,22 @@ def run(m: Mount, ready: Any) -> None:
     finally:
         pyfuse3.close(unmount=True)
         m.blocks.close()
-        log.info("unmounted %s (%s cached)", m.mountpoint, human_size(m.blocks.volume())
-                 if unmounted_cleanly else "?")
+        log.info(
+            "unmounted %s (%s cached)",
+            m.mountpoint,
+            human_size(m.blocks.volume()) if unmounted_cleanly else "?",
+        )
 
 
 def daemonize_and_run(m_factory: Any, foreground: bool) -> int:
     """Fork into the background (unless foreground); return once the mount answers."""
     if foreground:
 
-        def ready(err: str | None) -> None:
+        def ready_fg(err: str | None) -> None:
             if err is None:
                 notify.send("READY=1")
 
-        run(m_factory(daemon=False), ready)
+        run(m_factory(daemon=False), ready_fg)
         return 0
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -235,8 +264,10 @@ def daemonize_and_run(m_factory: Any, foreground: bool) -> int:
             msg = r.read().decode(errors="replace")
         if msg == "ok":
             return 0
-        print(f"fusefs: {msg or 'the mount daemon exited before the mount was ready'}",
-              file=sys.stderr)
+        print(
+            f"fusefs: {msg or 'the mount daemon exited before the mount was ready'}",
+            file=sys.stderr,
+        )
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
         return 1

@@ -115,7 +115,9 @@ class Reader:
 
     # --- the read path ---------------------------------------------------------------------
 
-    async def read(self, obj: ObjectInfo, offset: int, size: int, seq: SeqState | None = None) -> bytes:
+    async def read(
+        self, obj: ObjectInfo, offset: int, size: int, seq: SeqState | None = None
+    ) -> bytes:
         end = min(offset + size, obj.size)
         if offset >= end or size <= 0:
             return b""
@@ -126,7 +128,9 @@ class Reader:
         parts = []
         for idx in range(first, last + 1):
             base = idx * bs
-            parts.append(await self._slice(obj, idx, max(offset, base) - base, min(end, base + bs) - base))
+            parts.append(
+                await self._slice(obj, idx, max(offset, base) - base, min(end, base + bs) - base)
+            )
         self.stats.add(S.BYTES_SERVED, end - offset)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -158,8 +162,9 @@ class Reader:
             seq.requested_upto = max(seq.requested_upto, want_upto)
         seq.next_offset = max(seq.next_offset, end)
 
-    def spawn(self, obj: ObjectInfo, idx: int, priority: int,
-              done: Callable[[bool], None] | None = None) -> bool:
+    def spawn(
+        self, obj: ObjectInfo, idx: int, priority: int, done: Callable[[bool], None] | None = None
+    ) -> bool:
         """Fetch a block in the background unless cached or in flight; False if skipped."""
         if self._nursery is None:
             return False
@@ -169,8 +174,9 @@ class Reader:
         self._nursery.start_soon(self._background_fetch, obj, idx, priority, done)
         return True
 
-    async def _background_fetch(self, obj: ObjectInfo, idx: int, priority: int,
-                                done: Callable[[bool], None] | None) -> None:
+    async def _background_fetch(
+        self, obj: ObjectInfo, idx: int, priority: int, done: Callable[[bool], None] | None
+    ) -> None:
         ok = False
         try:
             await self.fetch_block(obj, idx, priority)

@@ -47,7 +47,9 @@ class Scheduler:
         return self.slots - self._free
 
     def waiting(self, priority: int | None = None) -> int:
-        return sum(1 for t in self._heap if t.active and (priority is None or t.priority == priority))
+        return sum(
+            1 for t in self._heap if t.active and (priority is None or t.priority == priority)
+        )
 
     @asynccontextmanager
     async def slot(self, ticket: Ticket) -> AsyncIterator[None]:

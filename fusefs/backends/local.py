@@ -61,7 +61,9 @@ class LocalStore:
                         elif entry.is_file():
                             st = entry.stat()
                             page.objects.append(
-                                ObjectInfo(prefix + entry.name, st.st_size, st.st_mtime, _version(st))
+                                ObjectInfo(
+                                    prefix + entry.name, st.st_size, st.st_mtime, _version(st)
+                                )
                             )
                     except OSError:
                         continue  # vanished or unreadable entry: skip it

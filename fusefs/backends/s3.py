@@ -33,8 +33,17 @@ _DENIED = {
     "403",
 }
 _STALE = {"PreconditionFailed", "412"}
-_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
-              "InternalError", "503", "500", "RequestTimeTooSkewed"}
+_TRANSIENT = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "ServiceUnavailable",
+    "InternalError",
+    "503",
+    "500",
+    "RequestTimeTooSkewed",
+}
 
 
 def map_s3_error(exc: BaseException, what: str) -> FusefsError:
@@ -53,14 +62,23 @@ def map_s3_error(exc: BaseException, what: str) -> FusefsError:
         if code in _TRANSIENT or status >= 500 or status == 429:
             return TransientError(msg, cause=exc)
         return BackendError(msg, cause=exc)
-    if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
-        return AccessDenied(f"{what}: no AWS credentials found (set AWS_PROFILE or AWS_ACCESS_KEY_ID)",
-                            cause=exc)
+    if isinstance(
+        exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError
+    ):
+        return AccessDenied(
+            f"{what}: no AWS credentials found (set AWS_PROFILE or AWS_ACCESS_KEY_ID)", cause=exc
+        )
     if isinstance(exc, botocore.exceptions.ProfileNotFound):
         return AccessDenied(f"{what}: {exc}", cause=exc)
-    if isinstance(exc, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectionError
-                  | botocore.exceptions.ReadTimeoutError):
-        return TransientError(f"{what}: cannot reach the endpoint ({type(exc).__name__})", cause=exc)
+    if isinstance(
+        exc,
+        botocore.exceptions.EndpointConnectionError
+        | botocore.exceptions.ConnectionError
+        | botocore.exceptions.ReadTimeoutError,
+    ):
+        return TransientError(
+            f"{what}: cannot reach the endpoint ({type(exc).__name__})", cause=exc
+        )
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return BackendError(f"{what}: {exc}", cause=exc)
     return BackendError(f"{what}: {exc!r}", cause=exc)
@@ -125,7 +143,9 @@ class S3Store:
                 r = self.client.list_objects_v2(**kwargs)
                 page = ListPage(
                     [
-                        ObjectInfo(o["Key"], int(o["Size"]), o["LastModified"].timestamp(), o["ETag"])
+                        ObjectInfo(
+                            o["Key"], int(o["Size"]), o["LastModified"].timestamp(), o["ETag"]
+                        )
                         for o in r.get("Contents", ())
                     ],
                     [p["Prefix"] for p in r.get("CommonPrefixes", ())],
@@ -146,7 +166,10 @@ class S3Store:
             return b""
         try:
             r = self.client.get_object(
-                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}", IfMatch=version
+                Bucket=self.bucket,
+                Key=key,
+                Range=f"bytes={start}-{start + length - 1}",
+                IfMatch=version,
             )
             etag = r.get("ETag")
             if etag and etag != version:  # a server that ignores If-Match
