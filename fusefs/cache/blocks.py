@@ -97,7 +97,7 @@ class DiskBlockStore:
             directory,
             size_limit=size_limit,
             eviction_policy="least-recently-used",
-            cull_limit=16,
+            cull_limit=2,  # per set; blocks arrive one at a time, so 2 keeps up
             tag_index=True,
             statistics=False,
             disk_min_file_size=32 * 1024,

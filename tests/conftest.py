@@ -1,0 +1,240 @@
+"""Real parts for the tests: object-store servers on 127.0.0.1, and real FUSE mounts.
+
+Every mount is a ``fusefs mount --foreground`` subprocess; teardown always unmounts
+(``fusermount3 -u``, then ``-uz``) and stops the process, even when the test failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from fusefs.testing.proxy import CountingProxy, is_object_get
+from fusefs.testing.servers import fake_gcs, gcs_client, moto_s3, s3_client
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def unmount(mp: str) -> None:
+    """Unmount, lazily if a plain unmount fails; never raises."""
+    if not _is_mounted(mp):
+        return
+    for args in (["-u"], ["-uz"]):
+        r = subprocess.run(["fusermount3", *args, mp], capture_output=True)
+        if r.returncode == 0 or not _is_mounted(mp):
+            return
+        time.sleep(0.2)
+
+
+def _is_mounted(mp: str) -> bool:
+    mp = os.path.realpath(mp)
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == mp for line in f)
+
+
+class MountProc:
+    """One ``fusefs mount --foreground`` subprocess."""
+
+    def __init__(self, source: str, mountpoint: Path, cache_dir: Path, args: list[str],
+                 env: dict[str, str], log: Path) -> None:
+        self.source, self.mountpoint, self.cache_dir = source, mountpoint, cache_dir
+        self.args, self.env, self.log = args, env, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.mountpoint
+
+    def start(self, timeout: float = 30) -> MountProc:
+        cmd = [sys.executable, "-m", "fusefs", "mount", self.source, str(self.mountpoint),
+               "--foreground", "--cache-dir", str(self.cache_dir), "--log-file", str(self.log),
+               "--log-level", "debug", *self.args]
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _is_mounted(str(self.mountpoint)):
+                return self
+            if self.proc.poll() is not None:
+                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+                raise RuntimeError(f"fusefs mount exited {self.proc.returncode}: {out}\n"
+                                   f"{self.log_text()[-3000:]}")
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"mount not ready after {timeout}s\n{self.log_text()[-3000:]}")
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text()
+        except OSError:
+            return ""
+
+    def stop(self) -> int | None:
+        unmount(str(self.mountpoint))
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=10)
+        finally:
+            if self.proc.stdout:
+                self.proc.stdout.close()
+
+    def stats(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.mountpoint / ".fusefs").read_bytes())
+        return data
+
+
+@dataclass
+class Bucket:
+    """A fresh bucket (or directory) on one backend, seeded through its SDK."""
+
+    kind: str
+    source: str
+    args: list[str]
+    env: dict[str, str]
+    put: Callable[[str, bytes], None]
+    delete: Callable[[str], None]
+    proxy: CountingProxy | None = None
+    raw_keys: bool = True  # can hold keys that are not valid file names
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def object_gets(self) -> int | None:
+        """Object GETs the server has seen (None for the local backend)."""
+        return None if self.proxy is None else self.proxy.count(predicate=is_object_get)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[Any]:
+    with moto_s3() as server, CountingProxy(server.endpoint_url) as proxy:
+        yield SimpleNamespace(endpoint_url=server.endpoint_url, proxy=proxy)
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with fake_gcs(tmp_path_factory.mktemp("gcs"), backend="memory") as server, \
+            CountingProxy(server.url) as proxy:
+        yield SimpleNamespace(url=server.url, proxy=proxy)
+
+
+def _base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FUSEFS_"))}
+    env.pop("STORAGE_EMULATOR_HOST", None)
+    env["FUSEFS_CONFIG_PATH"] = os.devnull  # never read the developer's own config
+    return env
+
+
+def make_s3_bucket(server: Any) -> Bucket:
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    client = s3_client(server.endpoint_url)
+    client.create_bucket(Bucket=name)
+    proxy: CountingProxy = server.proxy
+    return Bucket(
+        "s3", f"s3://{name}", ["--endpoint-url", proxy.url], {**_base_env(), **S3_ENV},
+        put=lambda k, d: client.put_object(Bucket=name, Key=k, Body=d),
+        delete=lambda k: client.delete_object(Bucket=name, Key=k),
+        proxy=proxy, extra={"client": client, "name": name},
+    )
+
+
+def make_gcs_bucket(server: Any) -> Bucket:
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    client = gcs_client(server.url)
+    bucket = client.create_bucket(name)
+    proxy: CountingProxy = server.proxy
+    return Bucket(
+        "gcs", f"gs://{name}", ["--project", "fusefs"],
+        {**_base_env(), "STORAGE_EMULATOR_HOST": proxy.url},
+        put=lambda k, d: bucket.blob(k).upload_from_string(d),
+        delete=lambda k: bucket.blob(k).delete(),
+        proxy=proxy, extra={"client": client, "name": name},
+    )
+
+
+def make_local_bucket(root: Path) -> Bucket:
+    root.mkdir(parents=True, exist_ok=True)
+
+    def put(key: str, data: bytes) -> None:
+        path = root / key
+        if key.endswith("/"):
+            path.mkdir(parents=True, exist_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp-fusefs-test")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def delete(key: str) -> None:
+        (root / key).unlink()
+
+    return Bucket("local", f"file://{root}", [], _base_env(), put=put, delete=delete,
+                  raw_keys=False)
+
+
+@pytest.fixture(params=["s3", "gcs", "local"])
+def bucket(request: pytest.FixtureRequest, tmp_path: Path) -> Bucket:
+    """A fresh, empty bucket on each backend in turn."""
+    if request.param == "s3":
+        return make_s3_bucket(request.getfixturevalue("s3_server"))
+    if request.param == "gcs":
+        return make_gcs_bucket(request.getfixturevalue("gcs_server"))
+    return make_local_bucket(tmp_path / "objects")
+
+
+@pytest.fixture
+def s3_bucket(s3_server: Any) -> Bucket:
+    return make_s3_bucket(s3_server)
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Callable[..., MountProc]]:
+    """``mount(bucket, *args, cache_dir=None)`` -> a started MountProc; all stopped at teardown."""
+    mounts: list[MountProc] = []
+
+    def start(b: Bucket, *args: str, cache_dir: Path | None = None,
+              source: str | None = None) -> MountProc:
+        n = next(_counter)
+        mp = tmp_path / f"mnt{n}"
+        mp.mkdir()
+        m = MountProc(source or b.source, mp, cache_dir or tmp_path / "cache", [*b.args, *args],
+                      b.env, tmp_path / f"fusefs{n}.log")
+        mounts.append(m)
+        return m.start()
+
+    yield start
+    for m in mounts:
+        with contextlib.suppress(Exception):
+            m.stop()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Last line of defence: no mount made by this run outlives it."""
+    with open("/proc/mounts") as f:
+        for line in f:
+            src, mp, fstype = line.split()[:3]
+            if fstype.startswith("fuse.fusefs") and "/pytest-" in mp:
+                unmount(mp.replace("\\040", " "))
+    shutil.rmtree("/nonexistent", ignore_errors=True)
