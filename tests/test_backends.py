@@ -1,0 +1,380 @@
+"""One contract suite for every ObjectStore: a local directory, S3 (moto) and GCS (fake-gcs).
+
+The servers are real (moto's S3 server in a thread, the fake-gcs-server binary); the SDKs are
+never mocked. Each test gets a fresh bucket, seeded through the SDK (or file writes for local).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fusefs.backends.base import ObjectInfo, ObjectStore, PrefixedStore
+from fusefs.errors import (
+    AccessDenied,
+    BackendError,
+    NotFound,
+    StaleVersion,
+    TransientError,
+)
+from fusefs.testing.servers import FakeGCS, MotoS3, fake_gcs, gcs_client, moto_s3, s3_client
+
+pytestmark = pytest.mark.timeout(120)
+
+KINDS = ["local", "s3", "gcs"]
+ODD_KEYS = [
+    "with space.txt",
+    "caf\u00e9.txt",
+    "100%.txt",
+    "a+b.txt",
+    "hash#tag.txt",
+    "what?.txt",
+    "d\u00e9j\u00e0 vu/%2F+#?&=.bin",
+]
+
+
+# ------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoS3]:
+    with moto_s3() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[FakeGCS]:
+    # The memory backend: fake-gcs's filesystem backend silently drops "dir/" folder markers.
+    with fake_gcs(backend="memory") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_seed(moto_server: MotoS3) -> Any:
+    return s3_client(moto_server.endpoint_url)
+
+
+@pytest.fixture(scope="session")
+def gcs_seed(gcs_server: FakeGCS) -> Iterator[Any]:
+    client = gcs_client(gcs_server.url)
+    yield client
+    client.close()
+
+
+@dataclass
+class Harness:
+    """A fresh bucket on one backend, its store, and SDK-level ways to change it."""
+
+    kind: str
+    bucket: str
+    store: ObjectStore
+    put: Callable[[str, bytes], None]
+    delete: Callable[[str], None]
+    missing: Callable[[], ObjectStore]  # a store for a bucket that does not exist
+
+    def put_many(self, items: dict[str, bytes]) -> None:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda kv: self.put(*kv), items.items()))
+
+
+def _local(tmp_path: Path) -> Harness:
+    from fusefs.backends.local import LocalStore
+
+    root = tmp_path / "bucket"
+    root.mkdir()
+
+    def put(key: str, data: bytes) -> None:
+        path = root / key
+        if key.endswith("/"):
+            path.mkdir(parents=True, exist_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    return Harness(
+        "local", str(root), LocalStore(str(root)), put,
+        lambda key: (root / key).unlink(), lambda: LocalStore(str(tmp_path / "nope")),
+    )
+
+
+def _s3(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, bucket: str) -> Harness:
+    from fusefs.backends.s3 import S3Store
+
+    server: MotoS3 = request.getfixturevalue("moto_server")
+    client = request.getfixturevalue("s3_seed")
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    client.create_bucket(Bucket=bucket)
+    url = server.endpoint_url
+    return Harness(
+        "s3", bucket, S3Store(bucket, endpoint_url=url),
+        lambda key, data: client.put_object(Bucket=bucket, Key=key, Body=data),
+        lambda key: client.delete_object(Bucket=bucket, Key=key),
+        lambda: S3Store("nope-" + bucket, endpoint_url=url),
+    )
+
+
+def _gcs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, bucket: str) -> Harness:
+    from fusefs.backends.gcs import GCSStore
+
+    server: FakeGCS = request.getfixturevalue("gcs_server")
+    client = request.getfixturevalue("gcs_seed")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
+    b = client.create_bucket(bucket)
+    return Harness(
+        "gcs", bucket, GCSStore(bucket), lambda key, data: b.blob(key).upload_from_string(data),
+        lambda key: b.blob(key).delete(), lambda: GCSStore("nope-" + bucket),
+    )
+
+
+@pytest.fixture(params=KINDS)
+def h(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Harness:
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    if request.param == "local":
+        return _local(tmp_path)
+    if request.param == "s3":
+        return _s3(request, monkeypatch, bucket)
+    return _gcs(request, monkeypatch, bucket)
+
+
+def collect(store: ObjectStore, prefix: str, **kw: Any) -> tuple[dict[str, ObjectInfo], list[str]]:
+    """Merge all pages of a listing, checking that no entry appears twice."""
+    objects: dict[str, ObjectInfo] = {}
+    prefixes: list[str] = []
+    for page in store.list(prefix, **kw):
+        for o in page.objects:
+            assert o.key not in objects, f"{o.key} listed twice"
+            objects[o.key] = o
+        prefixes += page.prefixes
+    assert len(prefixes) == len(set(prefixes)), "a prefix listed twice"
+    return objects, sorted(prefixes)
+
+
+# ---------------------------------------------------------------------------------- tests
+
+
+def test_check(h: Harness) -> None:
+    h.store.check()
+    with pytest.raises(NotFound):
+        h.missing().check()
+
+
+def test_source_id(h: Harness) -> None:
+    sid = h.store.source_id
+    expected = {"local": "file://", "s3": "s3+http://127.0.0.1:", "gcs": "gs+http://127.0.0.1:"}
+    assert sid.startswith(expected[h.kind]) and sid.endswith(h.bucket)
+    if h.kind != "local":
+        assert "testing" not in sid  # never credentials
+
+
+def test_head(h: Harness) -> None:
+    h.put("a/b.txt", b"hello")
+    info = h.store.head("a/b.txt")
+    assert (info.key, info.size) == ("a/b.txt", 5)
+    assert isinstance(info.version, str) and info.version
+    assert abs(info.mtime - time.time()) < 120
+    for missing in ("nope.txt", "a/nope", "a/b.txt.x"):
+        with pytest.raises(NotFound):
+            h.store.head(missing)
+
+
+def test_list_nested_and_folder_marker(h: Harness) -> None:
+    h.put_many({"top.txt": b"1", "dir/": b"", "dir/x": b"xx", "dir/sub/y": b"yyy",
+                "dir/sub/deeper/z": b"z", "other/w": b"w"})
+    objects, prefixes = collect(h.store, "")
+    assert sorted(objects) == ["top.txt"]  # the marker "dir/" rolls up into the prefix
+    assert prefixes == ["dir/", "other/"]
+    assert objects["top.txt"].size == 1
+
+    objects, prefixes = collect(h.store, "dir/")
+    marker = objects.pop("dir/", None)  # S3 and GCS list the folder marker itself
+    if marker is not None:
+        assert h.kind != "local" and marker.size == 0
+    assert sorted(objects) == ["dir/x"] and objects["dir/x"].size == 2
+    assert prefixes == ["dir/sub/"]
+
+    objects, prefixes = collect(h.store, "dir/sub/")
+    assert sorted(objects) == ["dir/sub/y"] and prefixes == ["dir/sub/deeper/"]
+    assert collect(h.store, "absent/") == ({}, [])
+    if h.kind != "local":
+        assert h.store.head("dir/").size == 0  # the marker is an ordinary empty object
+
+
+def test_list_many_keys_across_pages(h: Harness) -> None:
+    n = 1500
+    keys = {f"big/{i:05d}.bin": b"" for i in range(n)}
+    keys.update({"big/sub/a": b"", "big/zzz/b": b""})
+    h.put_many(keys)
+    pages = list(h.store.list("big/"))
+    if h.kind != "local":
+        assert len(pages) >= 2  # S3 and GCS return at most 1000 entries per page
+    objects, prefixes = collect(h.store, "big/")
+    assert sorted(objects) == sorted(k for k in keys if k.count("/") == 1)
+    assert len(objects) == n
+    assert prefixes == ["big/sub/", "big/zzz/"]
+
+
+def test_list_max_keys_stops_early(h: Harness) -> None:
+    h.put_many({f"m/{i:03d}": b"x" for i in range(40)})
+    pages = list(h.store.list("m/", max_keys=5))
+    n = sum(len(p.objects) + len(p.prefixes) for p in pages)
+    assert 1 <= n <= 5
+    assert len(pages) == 1
+
+
+def test_odd_key_names(h: Harness) -> None:
+    h.put_many({k: k.encode() for k in ODD_KEYS})
+    objects, prefixes = collect(h.store, "")
+    assert sorted(objects) == sorted(k for k in ODD_KEYS if "/" not in k)
+    assert prefixes == ["d\u00e9j\u00e0 vu/"]
+    nested, _ = collect(h.store, "d\u00e9j\u00e0 vu/")
+    assert list(nested) == ["d\u00e9j\u00e0 vu/%2F+#?&=.bin"]
+    for key in ODD_KEYS:
+        info = h.store.head(key)
+        assert info.key == key and info.size == len(key.encode())
+        assert h.store.get_range(key, 0, info.size, info.version) == key.encode()
+
+
+def test_get_range(h: Harness) -> None:
+    data = random.Random(7).randbytes(10_000)
+    h.put("blob.bin", data)
+    h.put("empty", b"")
+    info = h.store.head("blob.bin")
+    assert info.size == len(data)
+    get = h.store.get_range
+    assert get("blob.bin", 0, len(data), info.version) == data
+    assert get("blob.bin", 1234, 100, info.version) == data[1234:1334]
+    assert get("blob.bin", len(data) - 10, 4096, info.version) == data[-10:]  # overlaps the end
+    assert get("blob.bin", len(data), 10, info.version) == b""  # at EOF
+    assert get("blob.bin", len(data) + 500, 10, info.version) == b""  # past EOF
+    assert get("blob.bin", 10, 0, info.version) == b""
+    empty = h.store.head("empty")
+    assert empty.size == 0
+    assert get("empty", 0, 4096, empty.version) == b""
+
+
+def test_parallel_ranged_reads(h: Harness) -> None:
+    data = random.Random(3).randbytes(64 * 1024)
+    h.put("par.bin", data)
+    version = h.store.head("par.bin").version
+    offsets = list(range(0, len(data), 4096))
+    with ThreadPoolExecutor(16) as pool:
+        parts = list(pool.map(lambda o: h.store.get_range("par.bin", o, 4096, version), offsets))
+    assert b"".join(parts) == data
+
+
+def test_changed_object_is_stale(h: Harness) -> None:
+    h.put("f.txt", b"version one")
+    old = h.store.head("f.txt")
+    assert h.store.get_range("f.txt", 0, 3, old.version) == b"ver"
+    time.sleep(0.01)  # a distinct mtime for the local store
+    h.put("f.txt", b"second version, longer")
+    new = h.store.head("f.txt")
+    assert new.version != old.version
+    with pytest.raises(StaleVersion):
+        h.store.get_range("f.txt", 0, 3, old.version)
+    assert h.store.get_range("f.txt", 0, 6, new.version) == b"second"
+    h.delete("f.txt")
+    with pytest.raises(NotFound):
+        h.store.get_range("f.txt", 0, 3, new.version)
+
+
+def test_prefixed_store(h: Harness) -> None:
+    h.put_many({"data/a.txt": b"abc", "data/sub/b.txt": b"b", "outside.txt": b"o"})
+    store = PrefixedStore(h.store, "/data/")
+    assert store.source_id == h.store.source_id + "/data"
+    store.check()
+    info = store.head("a.txt")
+    assert (info.key, info.size) == ("a.txt", 3)
+    objects, prefixes = collect(store, "")
+    assert sorted(objects) == ["a.txt"] and prefixes == ["sub/"]
+    sub, _ = collect(store, "sub/")
+    assert list(sub) == ["sub/b.txt"]
+    assert store.get_range("a.txt", 1, 5, info.version) == b"bc"
+    with pytest.raises(NotFound):
+        store.head("outside.txt")
+    assert PrefixedStore(h.store, "").source_id == h.store.source_id
+
+
+# ------------------------------------------------------------------------ GCS specifics
+
+
+def test_gcs_connection_pool_is_sized(gcs_server: FakeGCS, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fusefs.backends.gcs import GCSStore
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.url)
+    store = GCSStore("any", max_connections=48)
+    adapters = store.client._http.adapters
+    assert {a._pool_maxsize for a in adapters.values()} == {48}
+    assert store.source_id == f"gs+{gcs_server.url}/any"
+    assert store.client.project == "fusefs"
+
+
+def test_map_gcs_error() -> None:
+    import requests
+    from google.api_core import exceptions as gexc
+
+    from fusefs.backends.gcs import map_gcs_error
+
+    cases: list[tuple[BaseException, type]] = [
+        (gexc.NotFound("GET http://h/x?alt=media: No such object"), NotFound),
+        (gexc.Forbidden("denied"), AccessDenied),
+        (gexc.Unauthorized("no"), AccessDenied),
+        (gexc.PreconditionFailed("changed"), StaleVersion),
+        (gexc.TooManyRequests("slow down"), TransientError),
+        (gexc.ServiceUnavailable("busy"), TransientError),
+        (gexc.InternalServerError("oops"), TransientError),
+        (gexc.RetryError("gave up", gexc.ServiceUnavailable("busy")), TransientError),
+        (requests.exceptions.ConnectionError("refused"), TransientError),
+        (gexc.BadRequest("bad"), BackendError),
+        (ValueError("odd"), BackendError),
+    ]
+    for exc, expected in cases:
+        err = map_gcs_error(exc, "gs://b/k")
+        assert type(err) is expected, (exc, err)
+        assert err.message.startswith("gs://b/k") and err.__cause__ is exc
+    assert "http://h/x" not in map_gcs_error(cases[0][0], "gs://b/k").message
+
+
+# --------------------------------------------------------------------- server helpers
+
+
+def _port_closed(url: str) -> bool:
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex((host, int(port))) != 0
+
+
+def test_server_helpers_clean_up_on_error() -> None:
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), fake_gcs() as gcs:  # filesystem backend in a temporary dir
+        client = gcs_client(gcs.url)
+        client.create_bucket("bkt").blob("k/v.txt").upload_from_string(b"data")
+        assert client.bucket("bkt").blob("k/v.txt").download_as_bytes() == b"data"
+        assert os.environ.get("STORAGE_EMULATOR_HOST") != gcs.url  # nothing set globally
+        raise Boom
+    assert not os.path.exists(gcs.root_dir)
+    assert _port_closed(gcs.url)
+
+    with pytest.raises(Boom), moto_s3() as s3:
+        s3_client(s3.endpoint_url).list_buckets()
+        raise Boom
+    assert _port_closed(s3.endpoint_url)
