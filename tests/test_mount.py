@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Bucket
 
 MiB = 1024 * 1024
@@ -105,7 +104,8 @@ def test_stat_sizes_mtime_blocks_and_stable_inodes(bucket: Bucket, mount) -> Non
     os.listdir(m.path / "d")
     assert os.stat(m.path / "d/file.bin").st_ino == ino
     assert os.stat(m.path / "d").st_ino != ino
-    du = subprocess.run(["du", "-sk", str(m.path / "d")], capture_output=True, text=True, check=True)
+    du = subprocess.run(["du", "-sk", str(m.path / "d")], capture_output=True, text=True,
+                        check=True)
     assert int(du.stdout.split()[0]) >= len(data) // 1024
 
 

@@ -1,0 +1,301 @@
+"""The core without a kernel mount: scheduler, block store, reader, filesystem, settings."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from fusefs.backends.base import ListPage, ObjectInfo
+from fusefs.backends.local import LocalStore
+from fusefs.cache.blocks import BlockKey, DiskBlockStore
+from fusefs.config import Settings, human_size, parse_size
+from fusefs.errors import NotFound, StaleVersion, UserError
+from fusefs.fs import FileSystem
+from fusefs.reader import Reader
+from fusefs.scheduler import FOREGROUND, PREFETCH, READAHEAD, Scheduler, Ticket
+from fusefs.stats import Stats
+
+KiB = 1024
+
+
+class CountingStore:
+    """Wraps a real store; counts calls and can hold ranged reads until released."""
+
+    def __init__(self, inner: LocalStore) -> None:
+        self.inner = inner
+        self.source_id = inner.source_id
+        self.calls: Counter[str] = Counter()
+        self.gate = threading.Event()
+        self.gate.set()
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        self.inner.check()
+
+    def head(self, key: str) -> ObjectInfo:
+        with self._lock:
+            self.calls["head"] += 1
+        return self.inner.head(key)
+
+    def list(self, prefix: str, *, max_keys: int | None = None) -> Iterator[ListPage]:
+        with self._lock:
+            self.calls["list"] += 1
+        return self.inner.list(prefix, max_keys=max_keys)
+
+    def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
+        self.gate.wait(10)
+        with self._lock:
+            self.calls["get"] += 1
+        return self.inner.get_range(key, start, length, version)
+
+
+@pytest.fixture
+def objects(tmp_path: Path) -> Path:
+    root = tmp_path / "objects"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "a.bin").write_bytes(os.urandom(300 * KiB))
+    (root / "small.txt").write_bytes(b"hello")
+    return root
+
+
+def make_reader(store: CountingStore, cache: Path, block: int = 64 * KiB) -> Reader:
+    blocks = DiskBlockStore(str(cache), 10 * 1024 * KiB)
+    return Reader(store, blocks, Stats(), block_size=block, workers=4, readahead_max=4 * block)
+
+
+# --- scheduler ---------------------------------------------------------------------------
+
+
+def test_scheduler_admits_foreground_before_background() -> None:
+    order: list[str] = []
+
+    async def main() -> None:
+        sched = Scheduler(1)
+        release = trio.Event()
+
+        async def job(name: str, prio: int) -> None:
+            async with sched.slot(Ticket(prio)):
+                order.append(name)
+                if name == "first":
+                    await release.wait()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(job, "first", PREFETCH)
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(3):  # trio randomises start order: let each queue up in turn
+                n.start_soon(job, f"prefetch{i}", PREFETCH)
+                await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(job, "readahead", READAHEAD)
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(job, "foreground", FOREGROUND)
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+
+    import trio.testing  # noqa: F401
+
+    trio.run(main)
+    assert order == ["first", "foreground", "readahead", "prefetch0", "prefetch1", "prefetch2"]
+
+
+def test_scheduler_boost_and_cancel_pass_the_slot_on() -> None:
+    order: list[str] = []
+
+    async def main() -> None:
+        import trio.testing
+
+        sched = Scheduler(1)
+        release = trio.Event()
+        boosted = Ticket(PREFETCH)
+
+        async def hold() -> None:
+            async with sched.slot(Ticket(FOREGROUND)):
+                order.append("hold")
+                await release.wait()
+
+        async def job(name: str, ticket: Ticket) -> None:
+            async with sched.slot(ticket):
+                order.append(name)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(hold)
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(job, "readahead", Ticket(READAHEAD))
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(job, "boosted", boosted)
+            with trio.CancelScope() as doomed:
+                doomed.cancel()
+                await job("cancelled", Ticket(FOREGROUND))  # cancelled while waiting
+            await trio.testing.wait_all_tasks_blocked()
+            sched.boost(boosted, FOREGROUND)
+            release.set()
+        assert sched.running == 0
+
+    trio.run(main)
+    assert order == ["hold", "boosted", "readahead"]
+
+
+# --- block store -------------------------------------------------------------------------
+
+
+def test_block_store_keys_carry_version_and_reads_are_exact(tmp_path: Path) -> None:
+    store = DiskBlockStore(str(tmp_path / "c"), 64 * 1024 * KiB)
+    k1 = BlockKey("s3://b", "k", '"etag1"', 1024, 0)
+    k2 = BlockKey("s3://b", "k", '"etag2"', 1024, 0)
+    store.put(k1, b"a" * 1024)
+    assert store.read(k1, 10, 5) == b"aaaaa"
+    assert store.read(k2, 0, 5) is None  # a new version never sees old bytes
+    store.put(k2, b"b" * 1024)
+    assert store.read(k2, 1020, 100) == b"bbbb"  # clipped to the block
+    assert store.evict_object("s3://b", "k") == 2
+    assert store.read(k1, 0, 1) is None and store.read(k2, 0, 1) is None
+
+
+def test_block_store_bound_lru_and_eviction_seen_by_open_files(tmp_path: Path) -> None:
+    block = 64 * KiB
+    store = DiskBlockStore(str(tmp_path / "c"), 8 * block, touch_interval=0)
+    keys = [BlockKey("src", f"k{i}", "v", block, 0) for i in range(30)]
+    store.put(keys[0], b"0" * block)
+    assert store.read(keys[0], 0, 4) == b"0000"  # now held open for pread
+    for i, k in enumerate(keys[1:], 1):
+        store.put(k, bytes([i]) * block)
+        store.read(keys[1], 0, 1)  # k1 is read through its open file (no SQLite write)...
+        store.maybe_touch()  # ...and its access time refreshed in the batch
+        assert store.volume() <= 8 * block + block + 256 * KiB
+    assert store.read(keys[0], 0, 4) is None  # evicted although its file was open
+    assert store.read(keys[1], 0, 1) == b"\x01"  # recently used: kept
+    assert store.read(keys[-1], 0, 1) == bytes([29])
+    assert store.evictions() > 0
+
+
+# --- reader ------------------------------------------------------------------------------
+
+
+def test_concurrent_misses_make_one_fetch(objects: Path, tmp_path: Path) -> None:
+    store = CountingStore(LocalStore(str(objects)))
+    reader = make_reader(store, tmp_path / "cache")
+    info = store.inner.head("d/a.bin")
+    data = (objects / "d/a.bin").read_bytes()
+    results: list[bytes] = []
+
+    async def main() -> None:
+        import trio.testing
+
+        store.gate.clear()  # hold the first GET until every reader is waiting
+        async with trio.open_nursery() as n:
+            for _ in range(10):
+                n.start_soon(lambda: _read(reader, info, 1000, 5000, results))
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            await trio.to_thread.run_sync(store.gate.set)
+
+    trio.run(main)
+    assert results == [data[1000:6000]] * 10
+    assert store.calls["get"] == 1
+
+
+async def _read(reader: Reader, info: ObjectInfo, off: int, size: int, out: list[bytes]) -> None:
+    out.append(await reader.read(info, off, size))
+
+
+def test_sequential_reader_gets_readahead_random_does_not(objects: Path, tmp_path: Path) -> None:
+    store = CountingStore(LocalStore(str(objects)))
+    reader = make_reader(store, tmp_path / "cache", block=256 * KiB)
+    (objects / "big.bin").write_bytes(os.urandom(24 * 1024 * KiB))
+    info = store.inner.head("big.bin")
+    data = (objects / "big.bin").read_bytes()
+
+    async def main() -> None:
+        from fusefs.reader import SeqState
+
+        async with trio.open_nursery() as n:
+            reader.start(n)
+            seq = SeqState()
+            got = await reader.read(info, 0, 4096, seq)
+            assert got == data[:4096]
+            await trio.sleep(0.3)
+            assert reader.stats["readahead_blocks"] >= 1  # the next block was fetched ahead
+            rnd = SeqState(next_offset=-1)
+            before = reader.stats["readahead_blocks"]
+            for off in (20 * 1024 * KiB, 6 * 1024 * KiB, 13 * 1024 * KiB):
+                assert await reader.read(info, off, 100, rnd) == data[off : off + 100]
+            await trio.sleep(0.2)
+            assert reader.stats["readahead_blocks"] == before
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_changed_object_raises_stale_not_mixed_bytes(objects: Path, tmp_path: Path) -> None:
+    store = CountingStore(LocalStore(str(objects)))
+    reader = make_reader(store, tmp_path / "cache")
+    info = store.inner.head("d/a.bin")
+    (objects / "d/a.bin").write_bytes(b"new content")
+
+    async def main() -> None:
+        with pytest.raises(StaleVersion):
+            await reader.read(info, 0, 10)
+
+    trio.run(main)
+
+
+def test_filesystem_lookup_uses_listing_and_negative_cache(objects: Path, tmp_path: Path) -> None:
+    store = CountingStore(LocalStore(str(objects)))
+    reader = make_reader(store, tmp_path / "cache")
+    fs = FileSystem(store, reader, Settings(metadata_ttl=60, negative_ttl=60))
+
+    async def main() -> None:
+        names = [name for name, _ in await fs.listdir(1)]
+        assert names == ["d", "small.txt"]
+        calls = store.calls.copy()
+        node = await fs.lookup(1, "small.txt")
+        assert node.info is not None and node.info.size == 5
+        with pytest.raises(NotFound):
+            await fs.lookup(1, "missing")
+        assert store.calls == calls  # answered from the listing
+        d = await fs.lookup(1, "d")
+        with pytest.raises(NotFound):
+            await fs.lookup(d.ino, "nope")
+        with pytest.raises(NotFound):
+            await fs.lookup(d.ino, "nope")
+        assert store.calls["head"] - calls["head"] == 1  # second miss from the negative cache
+        fh, keep = await fs.open(node.ino, os.O_RDONLY)
+        assert keep is False  # first open: the kernel holds nothing yet
+        assert await fs.read(fh, 0, 100) == b"hello"
+        fh2, keep2 = await fs.open(node.ino, os.O_RDONLY)
+        assert keep2 is True  # same version: the kernel may keep its pages
+        assert (await fs.lookup(1, "small.txt")).ino == node.ino  # stable inode
+
+    trio.run(main)
+
+
+# --- settings ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("32G", 32 * 2**30), ("512M", 512 * 2**20), ("4MiB", 4 * 2**20), ("100", 100),
+     ("1.5K", 1536), ("0", 0), ("-1", -1), ("2gb", 2 * 2**30)],
+)
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+def test_parse_size_rejects_garbage_and_human_size() -> None:
+    with pytest.raises(ValueError):
+        parse_size("lots")
+    assert human_size(32 * 2**30) == "32.0GB"
+    assert human_size(512) == "512B"
+
+
+def test_bad_setting_names_its_source(tmp_path: Path) -> None:
+    from fusefs.config import load_settings
+
+    with pytest.raises(UserError, match="FUSEFS_CACHE_SIZE_BYTES"):
+        load_settings({}, env={"FUSEFS_CACHE_SIZE_BYTES": "huge"}, config_path=os.devnull)
+    with pytest.raises(UserError, match="--block-size"):
+        load_settings({"block_size": "1"}, env={}, config_path=os.devnull)
