@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import threads
 from .backends.base import ObjectInfo, ObjectStore
 from .config import Settings
 from .errors import (
@@ -188,7 +189,7 @@ class FileSystem:
     # --- metadata --------------------------------------------------------------------------
 
     async def _thread(self, fn: Callable[..., object], *args: object) -> object:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._meta_limiter)
+        return await threads.run_sync(fn, *args, limiter=self._meta_limiter)
 
     def _fresh(self, t: float, now: float) -> bool:
         return t > 0 and now - t < self.ttl

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import trio
 
 from . import stats as S
+from . import threads
 from .backends.base import ObjectInfo, ObjectStore
 from .cache.blocks import BlockKey, BlockStore
 from .errors import BackendError, StaleVersion
@@ -208,7 +209,7 @@ class Reader:
             async with self.scheduler.slot(flight.ticket):
                 self.stats.in_flight(+1)
                 try:
-                    data = await trio.to_thread.run_sync(
+                    data = await threads.run_sync(  # abandoned on shutdown, never waited
                         self._fetch_sync, obj, idx, bkey, priority, limiter=self._limiter
                     )
                 finally:
