@@ -199,10 +199,13 @@ class DiskBlockStore:
 
     def maybe_touch(self) -> None:
         """Refresh access times of blocks read from open files (call from a worker thread)."""
-        now = time.monotonic()
-        if now - self._last_touch < self._touch_interval:
+        if time.monotonic() - self._last_touch < self._touch_interval:
             return
-        self._last_touch = now
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the access times of blocks read from open files now (the LRU order)."""
+        self._last_touch = time.monotonic()
         with self._lock:
             touched, self._touched = self._touched, set()
         for ck in touched:
@@ -259,6 +262,8 @@ class DiskBlockStore:
         return max(0, self._count_at_start + self.puts - self.count())
 
     def close(self) -> None:
+        """Flush the bookkeeping, close the open blocks and the cache (at unmount)."""
+        self.flush()
         self._close_matching(lambda p: True)
         with self._lock:
             rest = list(self._open.values())
@@ -285,6 +290,9 @@ class NullBlockStore:
         return None
 
     def maybe_touch(self) -> None:
+        return None
+
+    def flush(self) -> None:
         return None
 
     def evict_object(self, source: str, key: str) -> int:
