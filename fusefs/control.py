@@ -1,25 +1,62 @@
-"""The control file ``MOUNT/.fusefs``: statistics as JSON, and commands written to it."""
+"""The control file ``MOUNT/.fusefs``: statistics as JSON, and commands written to it.
+
+Protocol (one handle = one conversation):
+- a read returns the JSON result of the last command written on this handle, or, when none was,
+  the mount's statistics. The first read after open or after a command starts the document at
+  its own offset (``pread`` from 0, or the position a ``write`` left), and later reads continue
+  in the same snapshot;
+- a write appends to the handle's command buffer; each complete line (a newline outside quotes)
+  is run at once; a line left without a newline runs at ``flush`` (close). Words are split like
+  a shell does (:func:`shlex.split`), so paths with spaces can be quoted;
+- a failed command fails the ``write`` (or ``close``) with its errno, and the next read returns
+  ``{"error": ..., "errno": ..., "code": ...}``. The mount keeps serving.
+Only the user who mounted (or root) may open the file for writing.
+
+Paths are relative to the mount root, or absolute paths inside the mount point; ``..`` may not
+leave the mount. Concurrency: everything runs on the trio thread; commands await listings
+(worker threads) and cache scans (worker threads), so commands on several handles interleave.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import posixpath
+import shlex
 import stat
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import trio
 
 from . import stats as S
-from .cache.blocks import BlockStore
+from .backends.base import ObjectInfo
+from .cache.blocks import BlockStore, parse_cache_key
 from .config import Settings, human_size
-from .errors import InvalidArgument
-from .fs import CONTROL_INO, Attr, FileSystem
+from .errors import AccessDenied, FusefsError, InvalidArgument, NotADirectory, NotFound
+from .fs import CONTROL_INO, ROOT_INO, Attr, FileSystem, Node
+from .prefetch import Prefetcher
 from .reader import Reader
+
+#: Longest command line accepted (a prefetch of many quoted paths fits easily).
+MAX_COMMAND = 1 << 20
+#: Listings run in parallel while walking a folder.
+_WALK_PARALLEL = 8
+
+COMMANDS = ("stats", "clear", "prefetch", "cancel-prefetch")
 
 
 @dataclass
 class _CtlHandle:
     uid: int
+    writable: bool
+    buf: bytearray = field(default_factory=bytearray)
     result: bytes | None = None  # the last command's JSON; None -> fresh stats on read
+    doc: bytes = b""  # the document being read
+    origin: int | None = None  # file offset where ``doc`` starts; None: the next read starts one
 
 
 class Control:
@@ -33,9 +70,21 @@ class Control:
         stats: S.Stats,
         settings: Settings,
         source: str,
+        *,
+        mountpoint: str = "",
+        owner_uid: int | None = None,
+        owner_gid: int | None = None,
     ) -> None:
         self.fs, self.reader, self.blocks, self.stats = fs, reader, blocks, stats
         self.settings, self.source = settings, source
+        #: The mounting user: owns the control file and may write commands (as may root).
+        self.owner_uid = os.getuid() if owner_uid is None else owner_uid
+        self.owner_gid = os.getgid() if owner_gid is None else owner_gid
+        mp = posixpath.normpath(mountpoint) if mountpoint else ""
+        self._mountpoints = sorted({mp, os.path.realpath(mp)} if mp else set(), key=len)[::-1]
+        self.prefetcher = Prefetcher(
+            reader, blocks, stats, concurrency=max(1, settings.workers // 2)
+        )
         self._handles: dict[int, _CtlHandle] = {}
         self._next = 1 << 40  # distinct from file handles
 
@@ -48,38 +97,327 @@ class Control:
             0,
             4096,
             1,
-            self.fs.uid,
-            self.fs.gid,
+            self.owner_uid,
+            self.owner_gid,
         )
+
+    # --- handles ---------------------------------------------------------------------------
 
     def owns(self, fh: int) -> bool:
         return fh in self._handles
 
-    def open(self, uid: int) -> int:
+    def may_write(self, uid: int) -> bool:
+        return uid in (0, self.owner_uid)
+
+    def open(self, uid: int, flags: int = os.O_RDONLY) -> int:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable and not self.may_write(uid):
+            raise AccessDenied(f"uid {uid} may not write commands (only the mounting user)")
         fh = self._next
         self._next += 1
-        self._handles[fh] = _CtlHandle(uid)
+        self._handles[fh] = _CtlHandle(uid, writable)
         return fh
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
-        h = self._handles[fh]
-        if h.result is None or offset == 0:
-            body = h.result if h.result is not None else self.render(self.stats_dict())
-            if offset == 0:
-                h.result = body  # a read that continues at offset > 0 sees the same snapshot
-        else:
-            body = h.result
-        return body[offset : offset + size]
+        """The first read (after open, or after a command) starts a document at its offset.
 
-    async def write(self, fh: int, data: bytes, uid: int) -> int:
-        raise InvalidArgument("control commands are not supported yet")
+        So a result can be read from 0 (``pread``) or from where the write left the file
+        position (``exec 3<>.fusefs; echo stats >&3; cat <&3``). Reading the start again gives
+        a fresh statistics snapshot, or the same command result.
+        """
+        h = self._handles[fh]
+        rel = -1 if h.origin is None else offset - h.origin
+        if rel < 0 or (rel == 0 and h.result is None):
+            h.doc = h.result if h.result is not None else self.render(self.stats_dict())
+            h.origin, rel = offset, 0
+        return h.doc[rel : rel + size]
+
+    async def write(self, fh: int, data: bytes) -> int:
+        """Buffer ``data``; run every complete command line in it. Returns ``len(data)``."""
+        h = self._handles[fh]
+        if not self.may_write(h.uid):  # the kernel checks too (mode 0644, default_permissions)
+            raise AccessDenied(f"uid {h.uid} may not write commands (only the mounting user)")
+        h.buf += data
+        if len(h.buf) > MAX_COMMAND:
+            h.buf.clear()
+            self._fail(h, InvalidArgument(f"command longer than {MAX_COMMAND} bytes"), "")
+        while (line := self._take_line(h)) is not None:
+            await self._run(h, line)
+        return len(data)
+
+    async def flush(self, fh: int) -> None:
+        """Run a last command written without a newline (``printf clear > .fusefs``)."""
+        h = self._handles.get(fh)
+        if h is None or not h.buf:
+            return
+        text = bytes(h.buf)
+        h.buf.clear()
+        await self._run(h, text)
 
     def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
 
     @staticmethod
+    def _take_line(h: _CtlHandle) -> bytes | None:
+        """The first complete line of the buffer (a newline inside quotes does not end it)."""
+        start = 0
+        while (nl := h.buf.find(b"\n", start)) >= 0:
+            line = bytes(h.buf[:nl])
+            try:
+                shlex.split(line.decode("utf-8", "replace"))
+            except ValueError:  # an open quote: the newline is part of a name
+                start = nl + 1
+                continue
+            del h.buf[: nl + 1]
+            return line
+        return None
+
+    async def _run(self, h: _CtlHandle, raw: bytes) -> None:
+        try:
+            words = shlex.split(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            self._fail(h, InvalidArgument("command is not UTF-8"), "")
+        except ValueError as exc:
+            self._fail(h, InvalidArgument(f"cannot parse command: {exc}"), "")
+        if not words:
+            return
+        try:
+            result = await self.execute(words)
+        except Exception as exc:
+            self._fail(h, exc, words[0])
+        h.result, h.origin = self.render(result), None
+
+    def _fail(self, h: _CtlHandle, exc: Exception, command: str) -> NoReturn:
+        """Record the error for the next read on this handle, then fail the write with it."""
+        if isinstance(exc, FusefsError):
+            code, message = exc.errno, str(exc)
+        elif isinstance(exc, OSError) and exc.errno:
+            code, message = exc.errno, str(exc)
+        else:
+            code, message = errno.EIO, f"internal error: {exc!r}"
+        h.result = self.render(
+            {
+                "command": command,
+                "error": message,
+                "errno": code,
+                "code": errno.errorcode.get(code, str(code)),
+            }
+        )
+        h.origin = None
+        raise exc
+
+    @staticmethod
     def render(obj: dict[str, Any]) -> bytes:
         return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+    # --- commands --------------------------------------------------------------------------
+
+    async def execute(self, words: list[str]) -> dict[str, Any]:
+        """Run one command (``["prefetch", "a/b"]``); its JSON-able result."""
+        cmd, args = words[0], words[1:]
+        handlers: dict[str, Callable[[list[str]], Awaitable[dict[str, Any]]]] = {
+            "stats": self._cmd_stats,
+            "clear": self._cmd_clear,
+            "prefetch": self._cmd_prefetch,
+            "cancel-prefetch": self._cmd_cancel,
+        }
+        handler = handlers.get(cmd)
+        if handler is None:
+            raise InvalidArgument(f"unknown command {cmd!r} (commands: {', '.join(COMMANDS)})")
+        return await handler(args)
+
+    async def _cmd_stats(self, args: list[str]) -> dict[str, Any]:
+        path = self._one_path(args, "stats")
+        if path is None:
+            return self.stats_dict()
+        node = await self.resolve(path)
+        files = await self.walk(node)
+        cached = await self.cached_blocks([n.info for n in files if n.info is not None])
+        total = cached_bytes = blocks = cached_count = 0
+        for n in files:
+            assert n.info is not None
+            total += n.info.size
+            blocks += self.reader.block_count(n.info.size)
+            have = cached.get((n.info.key, n.info.version), set())
+            cached_count += len(have)
+            cached_bytes += sum(self._block_bytes(n.info, i) for i in have)
+        return {
+            "path": node.path or ".",
+            "type": "directory" if node.is_dir else "file",
+            "files": len(files),
+            "size": total,
+            "size_str": human_size(total),
+            "cached_bytes": cached_bytes,
+            "cached_bytes_str": human_size(cached_bytes),
+            "blocks": blocks,
+            "cached_blocks": cached_count,
+            "fraction_cached": round(cached_bytes / total, 4) if total else 1.0,
+        }
+
+    async def _cmd_clear(self, args: list[str]) -> dict[str, Any]:
+        path = self._one_path(args, "clear")
+        before = self.blocks.volume()
+        if path is None:
+            removed = await trio.to_thread.run_sync(self.blocks.clear)
+            what, kind = "", "cache"
+        else:
+            node = await self.resolve(path)
+            source = self.reader.store.source_id
+            if node.is_dir:
+                prefix = node.path + "/" if node.path else ""
+                removed = await trio.to_thread.run_sync(self.blocks.evict_matching, source, prefix)
+            else:
+                removed = await trio.to_thread.run_sync(self.blocks.evict_object, source, node.path)
+            what, kind = node.path or ".", "directory" if node.is_dir else "file"
+        freed = max(0, before - self.blocks.volume())
+        return {
+            "cleared": kind,
+            "path": what or None,
+            "blocks_removed": removed,
+            "bytes_freed": freed,
+            "bytes_freed_str": human_size(freed),
+            "current_size": self.blocks.volume(),
+        }
+
+    async def _cmd_prefetch(self, args: list[str]) -> dict[str, Any]:
+        if not args:
+            raise InvalidArgument("usage: prefetch PATH [PATH...]")
+        if not self.settings.cache_enabled:
+            raise InvalidArgument("prefetch needs the disk cache, which is disabled (cache size 0)")
+        rels = [self.relative(a) for a in args]
+        nodes = [await self.resolve(r) for r in rels]  # all paths valid, or nothing is queued
+        seen: set[int] = set()
+        files: list[Node] = []
+        for node in nodes:
+            for f in await self.walk(node):
+                if f.ino not in seen and f.info is not None:
+                    seen.add(f.ino)
+                    files.append(f)
+        files.sort(key=lambda n: n.path)
+        infos = [f.info for f in files if f.info is not None]
+        cached = await self.cached_blocks(infos)
+        todo = [
+            (
+                obj,
+                [
+                    i
+                    for i in range(self.reader.block_count(obj.size))
+                    if i not in cached.get((obj.key, obj.version), ())
+                ],
+            )
+            for obj in infos
+        ]
+        req = self.prefetcher.submit([r or "." for r in rels], todo)
+        out = {
+            "id": req.id,
+            "files": len(infos),
+            "files_queued": req.files_queued,
+            "bytes_queued": req.bytes_queued,
+            "bytes_queued_str": human_size(req.bytes_queued),
+            "files_cached": req.files_cached,
+            "bytes_cached": req.bytes_cached,
+        }
+        if req.bytes_queued + self.blocks.volume() > self.settings.cache_size:
+            out["warning"] = (
+                f"{human_size(req.bytes_queued)} queued but the cache holds "
+                f"{human_size(self.settings.cache_size)}: the least recently used blocks "
+                "(perhaps prefetched ones) will be evicted"
+            )
+        return out
+
+    async def _cmd_cancel(self, args: list[str]) -> dict[str, Any]:
+        path = self._one_path(args, "cancel-prefetch")
+        return self.prefetcher.cancel("" if path is None else path)
+
+    # --- paths -----------------------------------------------------------------------------
+
+    def _one_path(self, args: list[str], cmd: str) -> str | None:
+        if len(args) > 1:
+            raise InvalidArgument(f"usage: {cmd} [PATH] (one path; quote names with spaces)")
+        return self.relative(args[0]) if args else None
+
+    def relative(self, arg: str) -> str:
+        """A command's path argument -> key relative to the mount root ("" for the root)."""
+        if not arg or "\x00" in arg:
+            raise InvalidArgument(f"invalid path {arg!r}")
+        if arg.startswith("/"):
+            p = posixpath.normpath(arg)
+            for mp in self._mountpoints:
+                if p == mp or p.startswith(mp.rstrip("/") + "/"):
+                    return p[len(mp) :].strip("/")
+            where = self._mountpoints[-1] if self._mountpoints else "the mount"
+            raise InvalidArgument(f"{arg}: not inside {where} (give a path relative to the mount)")
+        p = posixpath.normpath(arg)
+        if p == ".." or p.startswith("../"):
+            raise InvalidArgument(f"{arg}: '..' leads outside the mount")
+        return "" if p == "." else p
+
+    async def resolve(self, rel: str) -> Node:
+        """The file or directory at ``rel`` (from :meth:`relative`); NotFound if missing."""
+        node = self.fs.node(ROOT_INO)
+        for part in rel.split("/") if rel else ():
+            try:
+                node = await self.fs.lookup(node.ino, part)
+            except NotADirectory:
+                raise NotFound(f"{rel}: no such file or directory") from None
+            self.fs.forget(node.ino, 1)  # not a kernel lookup: keep the kernel's count exact
+        return node
+
+    async def walk(self, node: Node) -> list[Node]:
+        """Every file at or under ``node`` (listing folders fills the metadata cache)."""
+        if not node.is_dir:
+            if node.info is None:
+                await self.fs.refresh_file(node)
+            return [node]
+        files: list[Node] = []
+        limit = trio.Semaphore(_WALK_PARALLEL)
+
+        async def visit(d: Node, nursery: trio.Nursery) -> None:
+            async with limit:
+                entries = await self.fs.listdir(d.ino)
+            for _, child in entries:
+                if child.is_dir:
+                    nursery.start_soon(visit, child, nursery)
+                else:
+                    files.append(child)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(visit, node, nursery)
+        return files
+
+    async def cached_blocks(self, objs: list[ObjectInfo]) -> dict[tuple[str, str], set[int]]:
+        """(key, version) -> indices of its blocks in the cache, for the current block size."""
+        return await trio.to_thread.run_sync(self._cached_blocks_sync, objs)
+
+    def _cached_blocks_sync(self, objs: list[ObjectInfo]) -> dict[tuple[str, str], set[int]]:
+        """Worker thread: ask per block, or scan the cache's keys once if that is fewer."""
+        out: dict[tuple[str, str], set[int]] = {}
+        wanted = sum(self.reader.block_count(o.size) for o in objs)
+        if not objs or self.blocks.count() == 0:
+            return out
+        if wanted <= self.blocks.count():
+            for o in objs:
+                have = {
+                    i
+                    for i in range(self.reader.block_count(o.size))
+                    if self.blocks.contains(self.reader.block_key(o, i))
+                }
+                if have:
+                    out[(o.key, o.version)] = have
+            return out
+        keys = {(o.key, o.version) for o in objs}
+        source, bs = self.reader.store.source_id, self.reader.block_size
+        for ck in self.blocks.iter_keys():
+            p = parse_cache_key(ck)
+            if p and p[0] == source and p[3] == bs and (p[1], p[2]) in keys:
+                out.setdefault((p[1], p[2]), set()).add(p[4])
+        return out
+
+    def _block_bytes(self, obj: ObjectInfo, idx: int) -> int:
+        bs = self.reader.block_size
+        return max(0, min(bs, obj.size - idx * bs))
+
+    # --- statistics ------------------------------------------------------------------------
 
     def stats_dict(self) -> dict[str, Any]:
         c = self.stats.snapshot()
@@ -105,10 +443,9 @@ class Control:
             "fetches_in_flight": self.stats.fetches_in_flight,
             "evictions": self.blocks.evictions(),
             "readahead_blocks": c[S.READAHEAD_BLOCKS],
-            "prefetch_queued": c[S.PREFETCH_QUEUED],
-            "prefetch_done": c[S.PREFETCH_DONE],
-            "prefetch_failed": c[S.PREFETCH_FAILED],
+            **self.prefetcher.totals(),
             "errors": c[S.ERRORS],
             "open_files": self.fs.open_handles,
             "uptime_s": round(time.monotonic() - self.stats.started, 1),
+            "prefetch_requests": self.prefetcher.requests(),
         }

@@ -120,7 +120,8 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     @_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if inode == CONTROL_INO:
-            return pyfuse3.FileInfo(fh=self.control.open(ctx.uid), direct_io=True, keep_cache=False)
+            fh = self.control.open(ctx.uid, flags)  # the uid is kept: write() gets no ctx
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         fh, keep_cache = await self.fs.open(inode, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
@@ -133,7 +134,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     @_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if self.control.owns(fh):
-            return await self.control.write(fh, buf, 0)
+            return await self.control.write(fh, buf)
         raise ReadOnly("read-only file system")
 
     async def release(self, fh: int) -> None:
@@ -142,8 +143,10 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         else:
             self.fs.release(fh)
 
+    @_errors
     async def flush(self, fh: int) -> None:
-        return None
+        if self.control.owns(fh):
+            await self.control.flush(fh)  # a command written without a final newline
 
     @_errors
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:

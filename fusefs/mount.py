@@ -74,7 +74,7 @@ def build(
         recent_bytes=recent,
     )
     fs = FileSystem(store, reader, settings)
-    control = Control(fs, reader, blocks, stats, settings, source)
+    control = Control(fs, reader, blocks, stats, settings, source, mountpoint=mountpoint)
     return Mount(
         source,
         mountpoint,

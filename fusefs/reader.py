@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -22,7 +22,7 @@ from . import stats as S
 from . import threads
 from .backends.base import ObjectInfo, ObjectStore
 from .cache.blocks import BlockKey, BlockStore
-from .errors import BackendError, StaleVersion
+from .errors import BackendError, FusefsError, StaleVersion
 from .scheduler import FOREGROUND, PREFETCH, READAHEAD, Scheduler, Ticket
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,12 @@ class Reader:
     def start(self, nursery: trio.Nursery) -> None:
         """Give the reader a nursery for background readahead and prefetch tasks."""
         self._nursery = nursery
+
+    def start_soon(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run a background task (a prefetch worker) in the reader's nursery."""
+        if self._nursery is None:
+            raise FusefsError("background tasks are not running (the mount is not serving)")
+        self._nursery.start_soon(fn)
 
     def block_key(self, obj: ObjectInfo, index: int) -> BlockKey:
         return BlockKey(self.store.source_id, obj.key, obj.version, self.block_size, index)
