@@ -57,6 +57,13 @@ def _positive_int(v: Any) -> int:
     return n
 
 
+def _non_negative_int(v: Any) -> int:
+    n = int(v)
+    if n < 0:
+        raise ValueError(f"must be >= 0, got {v!r}")
+    return n
+
+
 def _block_size(v: Any) -> int:
     n = parse_size(v)
     if n < 64 * KiB or n > 256 * MiB:
@@ -155,6 +162,12 @@ class Settings:
             "largest readahead window of a sequential reader",
         ),
     )
+    read_ahead_kb: int = field(default=1024, metadata=_meta(
+        _non_negative_int, "FUSEFS_READ_AHEAD_KB",
+        "kernel read size for the mount (root only; 0 keeps the kernel default)"))
+    max_background: int = field(default=64, metadata=_meta(
+        _non_negative_int, "FUSEFS_MAX_BACKGROUND",
+        "kernel async requests in flight (root only; 0 keeps the kernel default)"))
     endpoint_url: str | None = field(
         default=None,
         metadata=_meta(

@@ -353,7 +353,7 @@ class FileSystem:
         self._handles[fh] = Handle(node, info)
         return fh, keep_cache
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self._handles.get(fh)
         if handle is None:
             raise FusefsError(f"unknown file handle {fh}")

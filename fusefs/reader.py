@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 #: arrive slightly out of order; reads this close to the expected offset count as sequential.
 _SEQ_SLACK = 4 * 1024 * 1024
 
+#: Fetch unit of a handle in random-access mode: small reads at random offsets fetch this much
+#: (aligned) instead of a whole block. Cached under its own keys, which carry the version too.
+RANDOM_UNIT = 128 * 1024
+
 
 @dataclass
 class SeqState:
@@ -39,6 +43,8 @@ class SeqState:
     next_offset: int = 0
     window: int = 0  # blocks ahead to keep requested
     requested_upto: int = -1  # highest block index readahead has asked for
+    random: bool = False  # reads jump around: fetch small units, no readahead
+    streak: int = 0  # consecutive sequential reads (two end random mode)
 
 
 @dataclass
@@ -114,8 +120,9 @@ class Reader:
             raise FusefsError("background tasks are not running (the mount is not serving)")
         self._nursery.start_soon(fn)
 
-    def block_key(self, obj: ObjectInfo, index: int) -> BlockKey:
-        return BlockKey(self.store.source_id, obj.key, obj.version, self.block_size, index)
+    def block_key(self, obj: ObjectInfo, index: int, unit: int | None = None) -> BlockKey:
+        """Cache key of block ``index`` of ``obj`` for blocks of ``unit`` bytes."""
+        return BlockKey(self.store.source_id, obj.key, obj.version, unit or self.block_size, index)
 
     def block_count(self, size: int) -> int:
         return (size + self.block_size - 1) // self.block_size
@@ -124,7 +131,8 @@ class Reader:
 
     async def read(
         self, obj: ObjectInfo, offset: int, size: int, seq: SeqState | None = None
-    ) -> bytes:
+    ) -> bytes | memoryview:
+        """Bytes ``[offset, offset+size)`` of ``obj`` (short at the end of the object)."""
         end = min(offset + size, obj.size)
         if offset >= end or size <= 0:
             return b""
@@ -132,27 +140,55 @@ class Reader:
         first, last = offset // bs, (end - 1) // bs
         if seq is not None:
             self._readahead(obj, seq, offset, end, last)
-        parts = []
+        parts: list[bytes | memoryview] = []
         for idx in range(first, last + 1):
             base = idx * bs
-            parts.append(
-                await self._slice(obj, idx, max(offset, base) - base, min(end, base + bs) - base)
-            )
+            lo, hi = max(offset, base) - base, min(end, base + bs) - base
+            part = self._cached(self.block_key(obj, idx), lo, hi)
+            if part is None:
+                if seq is not None and seq.random:
+                    part = await self._random_slice(obj, base + lo, base + hi)
+                else:
+                    self.stats.add(S.MISSES)
+                    part = memoryview(await self.fetch_block(obj, idx, FOREGROUND))[lo:hi]
+            parts.append(part)
         self.stats.add(S.BYTES_SERVED, end - offset)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _slice(self, obj: ObjectInfo, idx: int, lo: int, hi: int) -> bytes:
-        bkey = self.block_key(obj, idx)
-        data = self.blocks.read(bkey, lo, hi - lo)
+    def _cached(self, bkey: BlockKey, lo: int, hi: int) -> bytes | memoryview | None:
+        """``[lo, hi)`` of a block from the disk cache or the in-memory window (a hit)."""
+        data: bytes | memoryview | None = self.blocks.read(bkey, lo, hi - lo)
         if data is None and self._recent is not None:
             block = self._recent.get(bkey.cache_key)
-            data = block[lo:hi] if block is not None else None
+            data = memoryview(block)[lo:hi] if block is not None else None
         if data is not None and len(data) == hi - lo:
             self.stats.add(S.HITS)
             return data
-        self.stats.add(S.MISSES)
-        block = await self.fetch_block(obj, idx, FOREGROUND)
-        return block[lo:hi]
+        return None
+
+    async def _random_slice(self, obj: ObjectInfo, start: int, end: int) -> bytes | memoryview:
+        """Serve ``[start, end)`` from RANDOM_UNIT-sized units, fetching missing ones at once."""
+        u = RANDOM_UNIT
+        units: dict[int, bytes | memoryview] = {}
+        missing = []
+        for idx in range(start // u, (end - 1) // u + 1):
+            lo, hi = max(start, idx * u) - idx * u, min(end, (idx + 1) * u) - idx * u
+            part = self._cached(self.block_key(obj, idx, u), lo, hi)
+            if part is None:
+                missing.append((idx, lo, hi))
+            else:
+                units[idx] = part
+        if missing:
+            self.stats.add(S.MISSES, len(missing))
+
+            async def one(idx: int, lo: int, hi: int) -> None:
+                units[idx] = memoryview(await self.fetch_block(obj, idx, FOREGROUND, u))[lo:hi]
+
+            async with trio.open_nursery() as nursery:
+                for args in missing:
+                    nursery.start_soon(one, *args)
+        parts = [units[i] for i in sorted(units)]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _readahead(self, obj: ObjectInfo, seq: SeqState, offset: int, end: int, last: int) -> None:
         """Grow the window on sequential reads (1, 2, 4... blocks); random reads reset it."""
@@ -160,7 +196,14 @@ class Reader:
             seq.window = 0
             seq.requested_upto = last
             seq.next_offset = end
+            seq.random, seq.streak = True, 0
             return
+        if seq.random:
+            seq.streak += 1
+            seq.next_offset = max(seq.next_offset, end)
+            if seq.streak < 2:
+                return
+            seq.random = False  # reading on sequentially again: back to blocks and readahead
         if last > seq.requested_upto - seq.window // 2 or seq.window == 0:
             seq.window = min(max(1, seq.window * 2), self._max_window)
             want_upto = min(last + seq.window, self.block_count(obj.size) - 1)
@@ -198,9 +241,11 @@ class Reader:
 
     # --- fetching --------------------------------------------------------------------------
 
-    async def fetch_block(self, obj: ObjectInfo, idx: int, priority: int) -> bytes:
+    async def fetch_block(
+        self, obj: ObjectInfo, idx: int, priority: int, unit: int | None = None
+    ) -> bytes:
         """The whole block ``idx`` of ``obj``, fetching it once however many ask at once."""
-        bkey = self.block_key(obj, idx)
+        bkey = self.block_key(obj, idx, unit)
         ck = bkey.cache_key
         while (flight := self._inflight.get(ck)) is not None:
             self.scheduler.boost(flight.ticket, priority)
@@ -235,8 +280,8 @@ class Reader:
 
     def _fetch_sync(self, obj: ObjectInfo, idx: int, bkey: BlockKey, priority: int) -> bytes:
         """Worker thread: a block from the cache if another reader stored it, else the store."""
-        start = idx * self.block_size
-        length = min(self.block_size, obj.size - start)
+        start = idx * bkey.block_size
+        length = min(bkey.block_size, obj.size - start)
         if priority != FOREGROUND:
             cached = self.blocks.read(bkey, 0, length)
             if cached is not None and len(cached) == length:

@@ -17,7 +17,7 @@ from fusefs.cache.blocks import BlockKey, DiskBlockStore
 from fusefs.config import Settings, human_size, parse_size
 from fusefs.errors import NotFound, StaleVersion, UserError
 from fusefs.fs import FileSystem
-from fusefs.reader import Reader
+from fusefs.reader import RANDOM_UNIT, Reader
 from fusefs.scheduler import FOREGROUND, PREFETCH, READAHEAD, Scheduler, Ticket
 from fusefs.stats import Stats
 
@@ -52,6 +52,7 @@ class CountingStore:
         self.gate.wait(10)
         with self._lock:
             self.calls["get"] += 1
+            self.calls["get_bytes"] += length
         return self.inner.get_range(key, start, length, version)
 
 
@@ -221,10 +222,19 @@ def test_sequential_reader_gets_readahead_random_does_not(objects: Path, tmp_pat
             assert reader.stats["readahead_blocks"] >= 1  # the next block was fetched ahead
             rnd = SeqState(next_offset=-1)
             before = reader.stats["readahead_blocks"]
-            for off in (20 * 1024 * KiB, 6 * 1024 * KiB, 13 * 1024 * KiB):
-                assert await reader.read(info, off, 100, rnd) == data[off : off + 100]
+            fetched = store.calls["get_bytes"]
+            for off in (20 * 1024 * KiB, 6 * 1024 * KiB, 13 * 1024 * KiB + 127 * KiB):
+                assert bytes(await reader.read(info, off, 4096, rnd)) == data[off : off + 4096]
             await trio.sleep(0.2)
             assert reader.stats["readahead_blocks"] == before
+            # random reads fetch small units (the last one straddles two), not 256 KiB blocks
+            assert store.calls["get_bytes"] - fetched == 4 * RANDOM_UNIT
+            assert rnd.random
+            # the same ranges again are cache hits
+            calls = store.calls["get"]
+            assert bytes(await reader.read(info, 6 * 1024 * KiB, 4096, rnd)) == (
+                data[6 * 1024 * KiB : 6 * 1024 * KiB + 4096])
+            assert store.calls["get"] == calls
             n.cancel_scope.cancel()
 
     trio.run(main)
