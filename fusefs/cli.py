@@ -30,6 +30,8 @@ _SETTING_FLAGS: dict[str, dict[str, Any]] = {
     "metadata_ttl": {"metavar": "SECONDS"},
     "negative_ttl": {"metavar": "SECONDS"},
     "readahead_max": {"metavar": "BYTES"},
+    "read_ahead_kb": {"metavar": "KB"},
+    "max_background": {"metavar": "N"},
     "log_level": {"metavar": "LEVEL"},
     "log_file": {"metavar": "FILE"},
     "uid": {},
