@@ -11,6 +11,7 @@ never half-updated, so an interleaved reader sees either the old or the new vers
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import stat
@@ -40,6 +41,10 @@ ROOT_INO = 1
 #: The control file's inode; never handed out to an object.
 CONTROL_INO = 2
 CONTROL_NAME = ".fusefs"
+#: Sub-directories listed ahead of a tree walker (per directory read), and how many at once.
+LIST_AHEAD_MAX = 1024
+LIST_AHEAD_PARALLEL = 8
+LIST_AHEAD_KEYS = 1000
 _FIRST_INO = 3
 
 
@@ -121,6 +126,8 @@ class FileSystem:
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._meta_limiter = trio.CapacityLimiter(max(4, settings.workers))
+        self._ahead_limiter = trio.CapacityLimiter(LIST_AHEAD_PARALLEL)
+        self._listing_flights: dict[int, trio.Event] = {}
         reader._on_stale = self.mark_stale
 
     # --- nodes -----------------------------------------------------------------------------
@@ -285,24 +292,81 @@ class FileSystem:
         if not node.is_dir:
             raise NotADirectory(f"{node.path} is not a directory")
         now = self.clock()
-        if node.listing is None or not self._fresh(node.listed, now):
-            prefix = node.path + "/" if node.path else ""
-            listing = await self._thread(self._list_all, prefix)
-            assert isinstance(listing, dict)
-            node.listing, node.listed = listing, self.clock()
+        await self._ensure_listing(node, now)
+        assert node.listing is not None
         listed = node.listed
         out = []
         for name in sorted(node.listing):
             is_dir, info = node.listing[name]
             path = f"{node.path}/{name}" if node.path else name
             out.append((name, self._node_for(path, is_dir, info, listed)))
+        self._list_ahead([n for _, n in out if n.is_dir])
         return out
 
-    def _list_all(self, prefix: str) -> dict[str, tuple[bool, ObjectInfo | None]]:
-        """Worker thread: every page of a delimited listing, as name -> (is_dir, info)."""
+    async def _ensure_listing(self, node: Node, now: float, *, ahead: bool = False) -> None:
+        """Make ``node.listing`` fresh; one listing per directory at a time (single flight).
+
+        ``ahead``: a speculative listing in the background of at most one page
+        (LIST_AHEAD_KEYS entries), kept only if that was the whole directory.
+        """
+        while not (node.listing is not None and self._fresh(node.listed, now)):
+            flight = self._listing_flights.get(node.ino)
+            if flight is None:
+                break
+            await flight.wait()  # then re-check: if that listing failed, try ourselves
+            now = self.clock()
+        else:
+            return
+        flight = self._listing_flights[node.ino] = trio.Event()
+        try:
+            prefix = node.path + "/" if node.path else ""
+            if ahead:
+                result = await threads.run_sync(
+                    self._list_all, prefix, LIST_AHEAD_KEYS, limiter=self._ahead_limiter
+                )
+            else:
+                result = await threads.run_sync(
+                    self._list_all, prefix, None, limiter=self._meta_limiter
+                )
+            listing, complete = result
+            if complete:
+                node.listing, node.listed = listing, self.clock()
+        finally:
+            del self._listing_flights[node.ino]
+            flight.set()
+
+    def _list_ahead(self, dirs: list[Node]) -> None:
+        """List sub-directories in the background, one level ahead of a tree walker."""
+        now = self.clock()
+        todo = [
+            d
+            for d in dirs
+            if not (d.listing is not None and self._fresh(d.listed, now))
+            and d.ino not in self._listing_flights
+        ][:LIST_AHEAD_MAX]
+
+        async def one(d: Node) -> None:
+            try:
+                await self._ensure_listing(d, self.clock(), ahead=True)
+            except Exception as exc:  # speculative: the walker will list it and see the error
+                log.debug("list-ahead of %s failed: %s", d.path, exc)
+
+        for d in todo:
+            try:
+                self.reader.start_soon(functools.partial(one, d))
+            except FusefsError:
+                return  # not serving (no background nursery)
+
+    def _list_all(
+        self, prefix: str, max_keys: int | None = None
+    ) -> tuple[dict[str, tuple[bool, ObjectInfo | None]], bool]:
+        """Worker thread: a delimited listing as name -> (is_dir, info), all pages or about
+        ``max_keys`` entries; and whether it is known to be complete."""
         entries: dict[str, tuple[bool, ObjectInfo | None]] = {}
         skipped: list[str] = []
-        for page in self.store.list(prefix):
+        seen = 0
+        for page in self.store.list(prefix, max_keys=max_keys):
+            seen += len(page.objects) + len(page.prefixes)
             for p in page.prefixes:
                 name = p[len(prefix) :].rstrip("/") if p.endswith("/") else p[len(prefix) :]
                 if p[len(prefix) :].count("/") != 1 or not valid_name(name):
@@ -324,14 +388,15 @@ class FileSystem:
                     log.warning("%s is both an object and a prefix; showing the directory", o.key)
                     continue
                 entries[name] = (False, o)
-        if skipped:
+        complete = max_keys is None or seen < max_keys
+        if skipped and complete:
             log.warning(
                 "skipped %d key(s) under %r that are not valid file names, e.g. %r",
                 len(skipped),
                 prefix,
                 skipped[0],
             )
-        return entries
+        return entries, complete
 
     # --- files -----------------------------------------------------------------------------
 

@@ -308,3 +308,50 @@ def test_prefix_mount(bucket: Bucket, mount) -> None:
     m = mount(bucket, source=bucket.source + "/datasets")
     assert sorted(os.listdir(m.path)) == ["train", "val.txt"]
     assert (m.path / "train/1.txt").read_bytes() == b"one"
+
+
+def test_tree_walk_lists_each_folder_once(bucket: Bucket, mount) -> None:
+    if bucket.proxy is None:
+        pytest.skip("counts the server's requests")
+    from fusefs.testing.proxy import is_head, is_list
+
+    for i in range(30):
+        for j in range(2):
+            bucket.put(f"walk/d{i:02d}/f{j}.txt", f"{i}-{j}".encode())
+        bucket.put(f"walk/d{i:02d}/sub/leaf.txt", b"leaf")
+    m = mount(bucket)
+    bucket.proxy.reset()
+    out = subprocess.run(["find", str(m.path / "walk")], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert len(out) == 1 + 30 * 4 + 30  # walk, dirs, files, sub-dirs and their leaves
+    out2 = subprocess.run(["ls", "-lR", str(m.path / "walk")], capture_output=True, text=True,
+                          check=True).stdout
+    assert out2.count("leaf.txt") == 30
+    lists = bucket.proxy.count(predicate=is_list)
+    # root, walk, 30 folders, 30 sub-folders: each listed once (listed ahead of the walker or
+    # on demand, never both), plus at most the lookups' probes of "walk" itself
+    assert 62 <= lists <= 63, lists
+    assert bucket.proxy.count(predicate=is_head) <= 1
+
+
+def test_reading_a_folder_lists_its_subfolders_ahead(bucket: Bucket, mount) -> None:
+    if bucket.proxy is None:
+        pytest.skip("counts the server's requests")
+    from fusefs.testing.proxy import is_list
+
+    for i in range(12):
+        bucket.put(f"ahead/d{i:02d}/f.txt", b"x")
+    m = mount(bucket)
+    os.listdir(m.path / "ahead")
+    prefixes = {f"ahead/d{i:02d}/" for i in range(12)}
+
+    def listed() -> set[str]:
+        return {r.query.get("prefix", "") for r in bucket.proxy.requests() if is_list(r)}
+
+    deadline = time.monotonic() + 30
+    while not prefixes <= listed() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert prefixes <= listed()  # nobody opened those folders: they were listed ahead
+    before = bucket.proxy.count(predicate=is_list)
+    assert os.listdir(m.path / "ahead/d05") == ["f.txt"]
+    assert bucket.proxy.count(predicate=is_list) == before  # served from the listing
