@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .config import SETTING_NAMES, Settings, human_size, load_settings
+from .config import SETTING_NAMES, Settings, default_config_path, human_size, load_settings
 from .errors import FusefsError, UserError
 from .fs import CONTROL_NAME
 
@@ -59,8 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser("mount", help="mount SOURCE (s3://, gs://, file://) on MOUNTPOINT")
-    m.add_argument("source", help="s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or file:///DIR")
-    m.add_argument("mountpoint")
+    m.add_argument(
+        "source",
+        nargs="?",
+        help="s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or file:///DIR "
+        "(default: source in the config file)",
+    )
+    m.add_argument("mountpoint", nargs="?", help="(default: mountpoint in the config file)")
     for name, kw in _SETTING_FLAGS.items():
         m.add_argument(
             "--" + name.replace("_", "-"), dest=name, default=None, help=_help(name), **kw
@@ -82,56 +87,107 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="OPT[,OPT...]",
         help="mount options: fusefs settings as key=value (cache_size=20G), "
-        "allow_other, ro; others are passed to FUSE",
+        "allow_other, ro; mount(8)-only ones (_netdev, nofail, x-*...) are ignored; "
+        "others are passed to FUSE",
     )
     m.add_argument(
         "--config",
         metavar="FILE",
-        help="config file (default $FUSEFS_CONFIG_PATH or ~/.config/fusefs/config.toml)",
+        help="config file; may also name source and mountpoint "
+        "(default $FUSEFS_CONFIG_PATH or ~/.config/fusefs/config.toml)",
     )
 
     u = sub.add_parser("unmount", aliases=["umount"], help="unmount MOUNTPOINT")
-    u.add_argument("mountpoint")
+    u.add_argument("mountpoint", nargs="?", help="(default: mountpoint in the config file)")
     u.add_argument("-z", "--lazy", action="store_true", help="detach even if busy")
+    u.add_argument("--config", metavar="FILE", help="take the mount point from this config file")
 
     _add_control_parsers(sub)
     return p
 
 
+#: Options only mount(8), fstab or systemd understand (``x-*`` too); fusefs ignores them.
+#: The atime family is dropped as well: a read-only view never updates access times.
+MOUNT_ONLY_OPTIONS = frozenset(
+    {
+        "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group",
+        "_netdev", "nofail", "comment", "relatime", "norelatime", "strictatime",
+        "nostrictatime", "lazytime", "nolazytime", "diratime", "nodiratime",
+    }
+)  # fmt: skip
+
+
+def _user_or_group_id(key: str, value: str) -> str:
+    """``uid=alice`` / ``gid=data`` (fstab style) -> the number; numbers pass unchanged."""
+    if not value or value.isdigit():
+        return value
+    import grp
+    import pwd
+
+    try:
+        if key == "uid":
+            return str(pwd.getpwnam(value).pw_uid)
+        return str(grp.getgrnam(value).gr_gid)
+    except KeyError:
+        what = "user" if key == "uid" else "group"
+        raise UserError(f"-o {key}={value}: no such {what}") from None
+
+
 def split_options(options: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    """``-o`` values -> (settings given as options, FUSE options to pass through)."""
+    """``-o`` values -> (settings given as options, FUSE options to pass through).
+
+    Kernel mount flags that FUSE applies (noexec, nosuid, nodev, sync, dirsync, noatime...)
+    pass through; ``ro`` sets read_only (which also mounts read-only).
+    """
     settings: dict[str, Any] = {}
     passthrough: list[str] = []
     for group in options:
         for opt in filter(None, (o.strip() for o in group.split(","))):
             key, _, value = opt.partition("=")
             key_ = key.replace("-", "_")
-            if key_ in SETTING_NAMES and key_ not in _BOOL_FLAGS:
+            if key_ in ("uid", "gid"):
+                settings[key_] = _user_or_group_id(key_, value)
+            elif key_ in SETTING_NAMES and key_ not in _BOOL_FLAGS:
                 settings[key_] = value
             elif key_ in _BOOL_FLAGS:
                 settings[key_] = value or "true"
             elif key == "ro":
                 settings["read_only"] = "true"
-            elif key in (
-                "rw",
-                "defaults",
-                "auto",
-                "noauto",
-                "user",
-                "nouser",
-                "_netdev",
-                "nofail",
-                "exec",
-                "noexec",
-                "suid",
-                "nosuid",
-                "dev",
-                "nodev",
-            ) or key.startswith("x-"):
-                continue  # only mount(8) / systemd understand these
+            elif key in MOUNT_ONLY_OPTIONS or key.startswith("x-"):
+                continue
             else:
                 passthrough.append(opt)
     return settings, passthrough
+
+
+def config_mount_keys(config_path: str | None) -> dict[str, Any]:
+    """``source``, ``mountpoint`` and ``options`` from the config file (if it names them)."""
+    path = config_path or os.environ.get("FUSEFS_CONFIG_PATH") or default_config_path()
+    if not os.path.isfile(path):
+        return {}  # a missing file is reported by load_settings
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"config file {path}: {exc}") from None
+    values = values.get("fusefs", values)
+    keys = {k: values[k] for k in ("source", "mountpoint", "options") if k in values}
+    for k in ("source", "mountpoint"):
+        if k in keys and not isinstance(keys[k], str):
+            raise UserError(f"config file {path}: {k} must be a string")
+    opts = keys.get("options", [])
+    opts = [opts] if isinstance(opts, str) else opts
+    if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
+        raise UserError(f"config file {path}: options must be a string or a list of strings")
+    named, keys["options"] = split_options(opts)
+    if named:
+        raise UserError(
+            f"config file {path}: options: write {sorted(named)[0]} as a key of its own"
+        )
+    keys["path"] = path
+    return keys
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -146,30 +202,53 @@ def cmd_mount(args: argparse.Namespace) -> int:
             if getattr(args, k) is not None
         },
     }
+    file_keys = config_mount_keys(args.config)
+    source = args.source or file_keys.get("source")
+    mountpoint = args.mountpoint or file_keys.get("mountpoint")
+    if not source or not mountpoint:
+        raise UserError(
+            "give SOURCE and MOUNTPOINT, or a config file (--config FILE) with "
+            "source = ... and mountpoint = ..."
+        )
+    passthrough = [*file_keys.get("options", []), *passthrough]
     settings = load_settings(cli, config_path=args.config)
-    mountpoint = os.path.abspath(args.mountpoint)
+    # the daemon works from /: relative paths must not change meaning
+    mountpoint = os.path.abspath(mountpoint)
+    settings.cache_dir = os.path.abspath(settings.cache_dir)
+    if settings.log_file:
+        settings.log_file = os.path.abspath(settings.log_file)
     mnt.setup_logging(settings, daemon=False)
     mnt.check_fuse()
     mnt.check_mountpoint(mountpoint)
     from .backends import open_store
 
     try:
-        mnt.check_store(open_store(args.source, settings))
+        mnt.check_store(open_store(source, settings))
     except FusefsError as exc:
         raise UserError(str(exc)) from None
+
+    def reload_settings() -> Settings:
+        new = load_settings(cli, config_path=args.config)
+        if new.log_file:
+            new.log_file = os.path.abspath(new.log_file)
+        return new
 
     def factory(daemon: bool) -> mnt.Mount:
         if daemon:
             mnt.setup_logging(settings, daemon=True)
-        m = mnt.build(args.source, mountpoint, settings)
+        m = mnt.build(source, mountpoint, settings)
         m.extra_fuse_options = passthrough
+        m.reload_settings = reload_settings
         return m
 
     return mnt.daemonize_and_run(factory, args.foreground)
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    mp = os.path.abspath(args.mountpoint)
+    where = args.mountpoint or config_mount_keys(args.config).get("mountpoint")
+    if not where:
+        raise UserError("give MOUNTPOINT, or a config file (--config FILE) with mountpoint = ...")
+    mp = os.path.abspath(where)
     if not os.path.ismount(mp):
         try:
             os.stat(mp)

@@ -7,21 +7,25 @@ import errno
 import logging
 import logging.handlers
 import os
+import re
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyfuse3
 import trio
 
-from . import notify
+from . import kernel, notify, threads
+from . import stats as S
 from .backends import ObjectStore, open_store
 from .cache.blocks import BlockStore, DiskBlockStore, NullBlockStore
-from .config import Settings, human_size
+from .config import SETTING_NAMES, Settings, human_size
 from .control import Control
 from .errors import FusefsError, UserError
 from .fs import FileSystem
@@ -49,6 +53,8 @@ class Mount:
     control: Control
     ops: FuseOperations
     extra_fuse_options: list[str] = field(default_factory=list)
+    #: Loads the settings again from the same layers (SIGHUP); None: nothing to re-read.
+    reload_settings: Callable[[], Settings] | None = None
 
 
 def build(
@@ -102,10 +108,35 @@ def lazy_unmount(mountpoint: str) -> None:
     raise UserError(f"mount point {mountpoint}: cannot detach the dead mount")
 
 
-def check_mountpoint(mountpoint: str) -> None:
-    """One clear error if the mount point cannot be used; detaches a dead fusefs mount."""
+def _unescape(field: str) -> str:
+    """Undo mountinfo's octal escapes (``\\040`` is a space)."""
+    return re.sub(r"\\([0-7]{3})", lambda mo: chr(int(mo.group(1), 8)), field)
+
+
+def mounted_fstype(path: str) -> str | None:
+    """The type of the filesystem mounted exactly at ``path`` (the top one), or None."""
+    real = os.path.realpath(path)
+    fstype = None
     try:
-        st = os.stat(mountpoint)
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) > 4 and _unescape(fields[4]) == real and right:
+                    fstype = right.split()[0]
+    except OSError:
+        return None
+    return fstype
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    """One clear error if the mount point cannot be used; detaches a dead FUSE mount.
+
+    An autofs mount point (``x-systemd.automount`` in fstab) is accepted as it is: systemd
+    asks for the real mount to go on top of it, and listing it would trigger it again.
+    """
+    try:
+        st = os.stat(mountpoint)  # stat(2) never triggers an automount
     except FileNotFoundError:
         raise UserError(f"mount point {mountpoint} does not exist") from None
     except OSError as exc:
@@ -115,10 +146,11 @@ def check_mountpoint(mountpoint: str) -> None:
             st = os.stat(mountpoint)
         else:
             raise UserError(f"mount point {mountpoint}: {exc.strerror}") from None
-    import stat as _stat
-
-    if not _stat.S_ISDIR(st.st_mode):
+    if not stat.S_ISDIR(st.st_mode):
         raise UserError(f"mount point {mountpoint} is not a directory")
+    if mounted_fstype(mountpoint) == "autofs":
+        log.info("%s is an automount point; mounting over it", mountpoint)
+        return
     if os.path.ismount(mountpoint):
         raise UserError(f"mount point {mountpoint} is already a mount point")
     try:
@@ -155,33 +187,88 @@ def fuse_options(m: Mount) -> set[str]:
     opts = {f"fsname={fsname}", "subtype=fusefs", "default_permissions", "noatime"}
     if s.allow_other:
         opts.add("allow_other")
+    if s.read_only:
+        opts.add("ro")  # the kernel refuses writes itself, and mount(8) lists the mount as ro
     opts.update(m.extra_fuse_options)
     return opts
 
 
 # --- logging ---------------------------------------------------------------------------------
 
+#: syslog priorities, for journald's ``<N>`` line prefix
+_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
 
-def setup_logging(settings: Settings, *, daemon: bool) -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
+
+class _JournalFormatter(logging.Formatter):
+    """``<6>INFO fusefs.mount: ...``: journald reads the priority and adds the time itself."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def _stderr_is_journal() -> bool:
+    """True when systemd connected stderr to the journal (``$JOURNAL_STREAM`` is dev:inode)."""
+    js = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in js.split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+#: How the log was last set up, so that SIGHUP reopens it the same way.
+_log_daemon = False
+
+
+def _log_handler(settings: Settings, daemon: bool) -> logging.Handler:
     handler: logging.Handler
     if settings.log_file:
-        handler = logging.handlers.WatchedFileHandler(settings.log_file)
+        try:
+            handler = logging.handlers.WatchedFileHandler(settings.log_file)
+        except OSError as exc:
+            raise UserError(f"cannot open log file {settings.log_file}: {exc.strerror}") from None
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
     elif daemon and os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler(address="/dev/log")
         handler.setFormatter(
             logging.Formatter("fusefs[%(process)d]: %(levelname)s %(name)s: %(message)s")
         )
+    elif not daemon and _stderr_is_journal():
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_JournalFormatter("%(levelname)s %(name)s: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-    if handler.formatter is None:
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    return handler
+
+
+def setup_logging(settings: Settings, *, daemon: bool) -> None:
+    """One line per event with level and time: to ``--log-file``, the journal (a systemd
+    service's stderr), syslog (daemonized), or stderr. Raises UserError if the file can't open.
+    """
+    global _log_daemon
+    handler = _log_handler(settings, daemon)  # first, so a failure keeps the old handlers
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
     root.addHandler(handler)
     root.setLevel(settings.log_level)
     for noisy in ("botocore", "boto3", "urllib3", "google", "s3transfer", "pyfuse3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    _log_daemon = daemon
+
+
+def reopen_logging(settings: Settings) -> None:
+    """Reopen the log (SIGHUP, after logrotate) the way it was set up, with ``settings``."""
+    setup_logging(settings, daemon=_log_daemon)
 
 
 def raise_fd_limit() -> None:
@@ -192,69 +279,212 @@ def raise_fd_limit() -> None:
 
 # --- running ---------------------------------------------------------------------------------
 
+#: Seconds the requests in flight at SIGTERM/SIGINT get to finish before they are cancelled.
+SHUTDOWN_GRACE = 2.0
+#: Seconds between ``STATUS=`` lines to systemd; ``$FUSEFS_STATUS_INTERVAL`` overrides (tests).
+STATUS_INTERVAL = 30.0
+#: What SIGHUP applies to a running mount; every other setting needs a remount.
+RELOADABLE = ("log_level", "log_file", "metadata_ttl", "negative_ttl")
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-async def _serve(m: Mount, ready: Any) -> None:
-    """Run the FUSE loop until unmounted or signalled."""
 
-    async def readiness() -> None:
-        await trio.to_thread.run_sync(os.stat, m.mountpoint)  # the mount answers
-        log.info("mounted %s on %s", m.source, m.mountpoint)
-        ready(None)
+def _status_interval() -> float:
+    try:
+        return max(0.05, float(os.environ.get("FUSEFS_STATUS_INTERVAL", STATUS_INTERVAL)))
+    except ValueError:
+        return STATUS_INTERVAL
 
-    async def signals(cancel: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as it:
-            async for sig in it:
-                if sig == signal.SIGHUP:
-                    log.info("SIGHUP: reopening the log file")
-                    setup_logging(m.settings, daemon=True)
-                    continue
-                log.info("%s: unmounting", signal.Signals(sig).name)
-                notify.send("STOPPING=1")
-                cancel.cancel()
-                return
+
+def status_text(m: Mount) -> str:
+    """One line of cache figures for systemd's ``STATUS=`` (blocking: asks diskcache)."""
+    c = m.stats.snapshot()
+    lookups = c[S.HITS] + c[S.MISSES]
+    if m.settings.cache_enabled:
+        cache = (
+            f"cache {human_size(m.blocks.volume())} of {human_size(m.settings.cache_size)} "
+            f"({m.blocks.count()} blocks)"
+        )
+    else:
+        cache = "cache off"
+    ratio = f"{c[S.HITS] / lookups:.0%}" if lookups else "-"
+    return (
+        f"{m.source} on {m.mountpoint}: {cache}, hit ratio {ratio}, "
+        f"{human_size(c[S.BYTES_SERVED])} served, {c[S.FETCHES]} fetches, {c[S.ERRORS]} errors"
+    )
+
+
+def reload(m: Mount) -> None:
+    """SIGHUP: reopen the log file and apply what changed in the config file, if it can be.
+
+    Applied at once: ``RELOADABLE``. Anything else that changed is logged and kept as it was
+    until the next mount. A config file that no longer loads leaves everything as it was.
+    Credentials are not re-read here: see docs/service.md.
+    """
+    old = m.settings
+    new = old
+    if m.reload_settings is not None:
+        try:
+            new = m.reload_settings()
+        except UserError as exc:
+            log.error("SIGHUP: config not reloaded, keeping the running settings: %s", exc)
+    applied, ignored = [], []
+    for name in SETTING_NAMES:
+        before, after = getattr(old, name), getattr(new, name)
+        if before == after:
+            continue
+        if name in RELOADABLE:
+            applied.append(f"{name}={after}")
+        else:
+            ignored.append(name)
+    log_file = old.log_file
+    for name in RELOADABLE:  # old is the Settings object every part of the mount holds
+        setattr(old, name, getattr(new, name))
+    try:
+        reopen_logging(old)
+    except UserError as exc:
+        old.log_file = log_file
+        reopen_logging(old)
+        log.error("SIGHUP: %s; still logging to %s", exc, log_file or "the previous log")
+    m.fs.ttl = old.metadata_ttl
+    m.fs.negative_ttl = min(old.negative_ttl, old.metadata_ttl)
+    m.ops.timeout = m.fs.ttl
+    log.info(
+        "SIGHUP: log reopened; %s",
+        "applied " + " ".join(applied) if applied else "no run-time setting changed",
+    )
+    if ignored:
+        log.warning(
+            "SIGHUP: %s changed in the config file but take effect only after a remount",
+            ", ".join(ignored),
+        )
+
+
+async def _serve(m: Mount, ready: Any, pending: list[int], daemon: bool) -> None:
+    """Serve until unmounted or signalled.
+
+    SIGTERM/SIGINT: no new request is read from the kernel; requests in flight get
+    ``SHUTDOWN_GRACE`` seconds, then are cancelled (their worker threads are abandoned, never
+    waited for); :func:`run` then closes the FUSE connection and unmounts. A second signal
+    cancels at once. SIGHUP: :func:`reload`. ``pending`` holds signals that arrived before
+    this loop could take them.
+    """
+    stopping = False
 
     async with trio.open_nursery() as nursery:
+
+        async def grace() -> None:
+            await trio.sleep(SHUTDOWN_GRACE)
+            if m.stats.fetches_in_flight:
+                log.info("cancelling %d fetch(es) still in flight", m.stats.fetches_in_flight)
+            nursery.cancel_scope.cancel()
+
+        def on_signal(sig: int) -> None:
+            nonlocal stopping
+            name = signal.Signals(sig).name
+            if sig == signal.SIGHUP:
+                reload(m)
+            elif stopping:
+                log.info("%s again: cancelling requests in flight now", name)
+                nursery.cancel_scope.cancel()
+            else:
+                stopping = True
+                log.info("%s: stopping, then unmounting %s", name, m.mountpoint)
+                notify.send("STOPPING=1", f"STATUS=Stopping: unmounting {m.mountpoint}")
+                pyfuse3.terminate()  # read no more requests; main() returns once idle
+                nursery.start_soon(grace)
+
+        async def signals(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            with trio.open_signal_receiver(*_SIGNALS) as it:
+                task_status.started()
+                while pending:
+                    on_signal(pending.pop(0))
+                async for sig in it:
+                    on_signal(sig)
+
+        async def readiness() -> None:
+            try:  # the mount answers
+                st = await threads.run_sync(os.stat, m.mountpoint)
+            except OSError as exc:
+                ready(f"the mount does not answer: {exc.strerror}")
+                nursery.cancel_scope.cancel()
+                return
+            kernel.tune(st.st_dev, m.settings.read_ahead_kb, m.settings.max_background)
+            log.info("mounted %s on %s", m.source, m.mountpoint)
+            status = await threads.run_sync(status_text, m)
+            ready(None)
+            notify.send("READY=1", f"STATUS={status}", *([f"MAINPID={os.getpid()}"] * daemon))
+            interval = _status_interval()
+            while notify.enabled():
+                await trio.sleep(interval)
+                notify.send(f"STATUS={await threads.run_sync(status_text, m)}")
+
+        async def watchdog(interval: float) -> None:
+            while True:
+                notify.send("WATCHDOG=1")
+                await trio.sleep(interval)
+
         m.reader.start(nursery)
-        nursery.start_soon(signals, nursery.cancel_scope)
+        await nursery.start(signals)
         nursery.start_soon(readiness)
+        if (wd := notify.watchdog_interval()) is not None:
+            nursery.start_soon(watchdog, wd)
         await pyfuse3.main(min_tasks=4, max_tasks=max(32, 4 * m.settings.workers))
+        if not stopping:
+            log.info("%s was unmounted", m.mountpoint)
+            notify.send("STOPPING=1")
         nursery.cancel_scope.cancel()
 
 
-def run(m: Mount, ready: Any) -> None:
-    """Mount, serve until unmounted or signalled, clean up. ``ready(err)`` reports readiness."""
+def run(m: Mount, ready: Any, *, daemon: bool = False) -> None:
+    """Mount, serve until unmounted or signalled, clean up. ``ready(err)`` reports readiness.
+
+    However serving ends, the FUSE connection is closed (a request still waiting fails with
+    ECONNABORTED instead of hanging), the mount is detached, and the block cache's bookkeeping
+    is written and the cache closed.
+    """
     raise_fd_limit()
-    log.info("fusefs %s -> %s: %s", m.source, m.mountpoint, m.settings.describe())
+    pending: list[int] = []
+    # until trio takes them (and after it lets go): remember, never die with the mount up
+    previous = {sig: signal.signal(sig, lambda s, _f: pending.append(s)) for sig in _SIGNALS}
     try:
-        pyfuse3.init(m.ops, m.mountpoint, fuse_options(m))
-    except RuntimeError as exc:
-        raise UserError(
-            f"cannot mount on {m.mountpoint}: {exc} (is FUSE available, and "
-            "user_allow_other set in /etc/fuse.conf for --allow-other?)"
-        ) from None
-    unmounted_cleanly = False
-    try:
-        trio.run(_serve, m, ready)
-        unmounted_cleanly = True
+        log.info("fusefs %s -> %s: %s", m.source, m.mountpoint, m.settings.describe())
+        try:
+            pyfuse3.init(m.ops, m.mountpoint, fuse_options(m))
+        except RuntimeError as exc:
+            raise UserError(
+                f"cannot mount on {m.mountpoint}: {exc} (is FUSE available, and "
+                "user_allow_other set in /etc/fuse.conf for --allow-other?)"
+            ) from None
+        unmounted_cleanly = False
+        try:
+            trio.run(_serve, m, ready, pending, daemon)
+            unmounted_cleanly = True
+        finally:
+            pyfuse3.close(unmount=True)
+            m.blocks.close()
+            log.info(
+                "unmounted %s (%s cached)",
+                m.mountpoint,
+                human_size(m.blocks.volume()) if unmounted_cleanly else "?",
+            )
     finally:
-        pyfuse3.close(unmount=True)
-        m.blocks.close()
-        log.info(
-            "unmounted %s (%s cached)",
-            m.mountpoint,
-            human_size(m.blocks.volume()) if unmounted_cleanly else "?",
-        )
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def daemonize_and_run(m_factory: Any, foreground: bool) -> int:
     """Fork into the background (unless foreground); return once the mount answers."""
     if foreground:
+        failed: list[str] = []
 
         def ready_fg(err: str | None) -> None:
-            if err is None:
-                notify.send("READY=1")
+            if err is not None:
+                failed.append(err)
 
         run(m_factory(daemon=False), ready_fg)
+        if failed:
+            print(f"fusefs: {failed[0]}", file=sys.stderr)
+            return 1
         return 0
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -283,14 +513,14 @@ def daemonize_and_run(m_factory: Any, foreground: bool) -> int:
             reported = True
             os.write(wfd, b"ok" if err is None else err.encode())
             os.close(wfd)
-            notify.send("READY=1")
 
     try:
         m = m_factory(daemon=True)
+        os.chdir("/")  # never keep the caller's directory busy
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        run(m, ready)
+        run(m, ready, daemon=True)
     except UserError as exc:
         ready(str(exc))
         code = 1
@@ -301,4 +531,5 @@ def daemonize_and_run(m_factory: Any, foreground: bool) -> int:
     finally:
         if not reported:
             ready("the mount daemon stopped before the mount was ready")
+    logging.shutdown()
     os._exit(code)
