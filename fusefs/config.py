@@ -71,6 +71,13 @@ def _block_size(v: Any) -> int:
     return n
 
 
+def _size(v: Any) -> int:
+    n = parse_size(v)
+    if n < 0:
+        raise ValueError(f"must be a size >= 0, got {v!r}")
+    return n
+
+
 def _cache_size(v: Any) -> int:
     n = parse_size(v)
     if n < -1:
@@ -112,8 +119,10 @@ def default_cache_dir() -> str:
     return os.path.join(base, "fusefs")
 
 
-def default_config_path() -> str:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+def default_config_path(env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    home = env.get("HOME") or os.path.expanduser("~")
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
     return os.path.join(base, "fusefs", "config.toml")
 
 
@@ -157,7 +166,7 @@ class Settings:
     readahead_max: int = field(
         default=64 * MiB,
         metadata=_meta(
-            parse_size,
+            _size,
             "FUSEFS_READAHEAD_MAX_BYTES",
             "largest readahead window of a sequential reader",
         ),
@@ -267,22 +276,31 @@ def load_settings(
     """Build validated settings from the layers. ``cli`` holds only flags the user gave."""
     env = os.environ if env is None else env
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
-    path = config_path or env.get("FUSEFS_CONFIG_PATH") or default_config_path()
+    env = {k: v for k, v in env.items() if v != ""}  # an empty variable counts as unset
+    if config_path:
+        path, named_by = config_path, "--config"
+    elif env.get("FUSEFS_CONFIG_PATH"):
+        path, named_by = env["FUSEFS_CONFIG_PATH"], "FUSEFS_CONFIG_PATH"
+    else:
+        path, named_by = default_config_path(env), ""  # optional
     file_values: dict[str, Any] = {}
     if os.path.exists(path):
         try:
             with open(path, "rb") as f:
                 file_values = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"config file {path}: {exc}") from None
         file_values = file_values.get("fusefs", file_values)  # allow a [fusefs] table
+        if not isinstance(file_values, dict):
+            raise UserError(f"config file {path}: [fusefs] must be a table")
+        file_values = {k.replace("-", "_"): v for k, v in file_values.items()}
         unknown = sorted(
             set(file_values) - set(SETTING_NAMES) - {"source", "mountpoint", "options"}
         )
         if unknown:
             raise UserError(f"config file {path}: unknown setting {unknown[0]!r}")
-    elif env.get("FUSEFS_CONFIG_PATH"):
-        raise UserError(f"FUSEFS_CONFIG_PATH: {path} does not exist")
+    elif named_by:
+        raise UserError(f"{named_by}: config file {path} does not exist")
 
     settings = Settings()
     for name in SETTING_NAMES:
@@ -295,10 +313,14 @@ def load_settings(
             raw, source = file_values[name], f"{name} in {path}"
         else:
             continue
+        in_file = source.endswith(f" in {path}")
+        where = f"{name}={raw!r} in {path}" if in_file else f"{source}={raw!r}"
+        if isinstance(raw, bool) and _field(name).type != "bool":
+            raise UserError(f"invalid {where}: not a true/false setting")
         try:
             setattr(settings, name, meta["parse"](raw))
         except (ValueError, TypeError) as exc:
-            raise UserError(f"invalid {source}={raw!r}: {exc}") from None
+            raise UserError(f"invalid {where}: {exc}") from None
         settings.sources[name] = source
     if settings.cache_size > 0 and settings.cache_size < settings.block_size * 2:
         src = settings.sources.get("cache_size", "cache size")

