@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,30 +130,69 @@ def mounted_fstype(path: str) -> str | None:
     return fstype
 
 
-def check_mountpoint(mountpoint: str) -> None:
+#: Seconds a FUSE mount already at the mount point gets to answer ``statfs``.
+PROBE_TIMEOUT = 5.0
+
+
+def _probe(mountpoint: str) -> int | None:
+    """``statfs`` the FUSE mount at ``mountpoint`` (always a request to its daemon, never
+    answered from the kernel's attribute cache): 0 if it answers, its errno (ENOTCONN: the
+    daemon is gone), or None if it hangs."""
+    result: dict[str, int] = {}
+
+    def probe() -> None:
+        try:
+            os.statvfs(mountpoint)
+            result["errno"] = 0
+        except OSError as exc:
+            result["errno"] = exc.errno or errno.EIO
+
+    t = threading.Thread(target=probe, name="fusefs-probe", daemon=True)
+    t.start()
+    t.join(PROBE_TIMEOUT)
+    return result.get("errno")
+
+
+def check_mountpoint(mountpoint: str, _depth: int = 0) -> None:
     """One clear error if the mount point cannot be used; detaches a dead FUSE mount.
 
-    An autofs mount point (``x-systemd.automount`` in fstab) is accepted as it is: systemd
-    asks for the real mount to go on top of it, and listing it would trigger it again.
+    A dead FUSE mount (its daemon was killed: "Transport endpoint is not connected") is
+    detached lazily. A live FUSE mount there is refused (no accidental double mount). Other
+    mounts are fine if empty: in a container the mount point is often a volume (a bind
+    mount). An autofs mount point (``x-systemd.automount`` in fstab) is accepted as it is:
+    systemd asks for the real mount to go on top of it, and listing it would trigger it again.
     """
+    st: os.stat_result | None
     try:
         st = os.stat(mountpoint)  # stat(2) never triggers an automount
     except FileNotFoundError:
         raise UserError(f"mount point {mountpoint} does not exist") from None
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:  # a daemon died: "Transport endpoint is not connected"
+        if exc.errno != errno.ENOTCONN:
+            raise UserError(f"mount point {mountpoint}: {exc.strerror}") from None
+        st = None
+    fstype = mounted_fstype(mountpoint)
+    is_fuse = fstype is not None and (fstype == "fuse" or fstype.startswith("fuse."))
+    if st is None or is_fuse:
+        # a dead mount may still stat fine from the kernel's cache: ask its daemon
+        state = errno.ENOTCONN if st is None else _probe(mountpoint)
+        if state == errno.ENOTCONN and _depth < 4:
             log.warning("%s is a dead FUSE mount (daemon gone); detaching it", mountpoint)
             lazy_unmount(mountpoint)
-            st = os.stat(mountpoint)
-        else:
-            raise UserError(f"mount point {mountpoint}: {exc.strerror}") from None
+            return check_mountpoint(mountpoint, _depth + 1)
+        if state == 0:
+            raise UserError(f"mount point {mountpoint} is already mounted ({fstype})")
+        if state is None:
+            raise UserError(
+                f"mount point {mountpoint} is a FUSE mount that does not answer "
+                f"(detach it: fusermount3 -uz {mountpoint})"
+            )
+        raise UserError(f"mount point {mountpoint}: {os.strerror(state)}")
     if not stat.S_ISDIR(st.st_mode):
         raise UserError(f"mount point {mountpoint} is not a directory")
-    if mounted_fstype(mountpoint) == "autofs":
+    if fstype == "autofs":
         log.info("%s is an automount point; mounting over it", mountpoint)
         return
-    if os.path.ismount(mountpoint):
-        raise UserError(f"mount point {mountpoint} is already a mount point")
     try:
         if os.listdir(mountpoint):
             raise UserError(f"mount point {mountpoint} is not empty")
