@@ -530,8 +530,10 @@ class ProgressBar:
         self.out.flush()
 
 
-def _duration(s: float) -> str:
-    s = int(s + 0.5)
+def _duration(seconds: float) -> str:
+    s = int(seconds + 0.5)
+    if s < 60:
+        return f"{s}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 

@@ -87,6 +87,7 @@ class Control:
         )
         self._handles: dict[int, _CtlHandle] = {}
         self._next = 1 << 40  # distinct from file handles
+        self._cleared = 0  # blocks removed by ``clear``: not evictions
 
     def attr(self) -> Attr:
         return Attr(
@@ -269,6 +270,7 @@ class Control:
             else:
                 removed = await trio.to_thread.run_sync(self.blocks.evict_object, source, node.path)
             what, kind = node.path or ".", "directory" if node.is_dir else "file"
+        self._cleared += removed
         freed = max(0, before - self.blocks.volume())
         return {
             "cleared": kind,
@@ -441,7 +443,7 @@ class Control:
             "bytes_fetched": c[S.BYTES_FETCHED],
             "fetches": c[S.FETCHES],
             "fetches_in_flight": self.stats.fetches_in_flight,
-            "evictions": self.blocks.evictions(),
+            "evictions": max(0, self.blocks.evictions() - self._cleared),
             "readahead_blocks": c[S.READAHEAD_BLOCKS],
             **self.prefetcher.totals(),
             "errors": c[S.ERRORS],

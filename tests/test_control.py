@@ -175,6 +175,7 @@ def test_clear_removes_only_that_subtree(kind: str, request: pytest.FixtureReque
     assert ok(m.path, "stats ab.bin")["fraction_cached"] == 1.0  # "a" is not a key prefix
     assert ok(m.path, "stats b")["fraction_cached"] == 1.0
     assert m.stats()["current_count"] == 4
+    assert m.stats()["evictions"] == 0  # cleared blocks are not evictions
 
     fetches = m.stats()["fetches"]
     n_gets = len(gets(bucket)) if kind == "s3" else 0
