@@ -394,7 +394,7 @@ def reload(m: Mount) -> None:
     )
     if ignored:
         log.warning(
-            "SIGHUP: %s changed in the config file but take effect only after a remount",
+            "SIGHUP: changed in the config file, takes effect at the next mount: %s",
             ", ".join(ignored),
         )
 
