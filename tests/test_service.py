@@ -418,3 +418,32 @@ def test_fstab_mount_a(helper: Path, world: WorldDir) -> None:
         daemons = pids_mentioning(str(mp))
         assert subprocess.run(["umount", str(mp)], timeout=30).returncode == 0
         assert wait_gone(daemons, STOP_BOUND)
+
+
+def test_mounts_over_an_automount_point(world: WorldDir) -> None:
+    """``x-systemd.automount``: systemd puts an autofs trigger on the mount point and, on first
+    access, runs the mount on top of it. Here this process plays systemd (its process group
+    is the autofs daemon's, so its own accesses do not trigger); a trigger left unanswered
+    would hang the mount, so a mount that finishes proves fusefs never walked into it."""
+    src = world.mkdir("src", 0o700)
+    (src / "f.txt").write_bytes(b"automounted\n")
+    mp = world.mkdir("auto")
+    r, w = os.pipe()
+    try:
+        subprocess.run(["mount", "-t", "autofs", "-o",
+                        f"fd={w},pgrp={os.getpgrp()},minproto=5,maxproto=5,direct",
+                        "fusefs-test-automount", str(mp)], pass_fds=[w], check=True, timeout=30)
+        assert [t for _, t, _ in mounts_under(mp)] == ["autofs"]
+        res = subprocess.run(fusefs_cmd("mount", f"file://{src}", str(mp), "--cache-dir",
+                                        str(world.path / "cache")),
+                             env=_env(), capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert "is an automount point; mounting over it" in res.stderr
+        assert [t for _, t, _ in mounts_under(mp)] == ["autofs", "fuse.fusefs"]
+        # another user is refused by the FUSE mount (no allow_other): fusefs is on top
+        other = run_as(STRANGER, STRANGER, "ls", str(mp))
+        assert other.returncode != 0 and "Permission denied" in other.stderr
+        assert (mp / "f.txt").read_bytes() == b"automounted\n"
+    finally:
+        os.close(r)
+        os.close(w)
