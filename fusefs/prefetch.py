@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 #: Finished requests kept for ``stats`` (so ``fusefs prefetch --wait`` can read the outcome).
 KEEP_FINISHED = 16
-#: Error messages kept per request.
+#: Error messages kept per request, and paths shown per request.
 KEEP_ERRORS = 5
+SHOW_PATHS = 10
 
 
 @dataclass
@@ -68,7 +69,8 @@ class PrefetchRequest:
         end = self.finished if self.finished is not None else time.time()
         return {
             "id": self.id,
-            "paths": self.paths,
+            "paths": self.paths[:SHOW_PATHS]
+            + ([f"... {len(self.paths)} paths"] if len(self.paths) > SHOW_PATHS else []),
             "state": "running" if self.finished is None else "finished",
             "files_queued": self.files_queued,
             "bytes_queued": self.bytes_queued,

@@ -426,3 +426,89 @@ def test_disabled_cache_has_no_disk_and_refuses_prefetch(tmp_path: Path, mount) 
     assert ok(m.path, "stats f.bin")["cached_blocks"] == 0
     r = cli("stats", str(m.path))
     assert r.returncode == 0 and "disabled" in r.stdout
+
+
+# --- the core, without a kernel mount --------------------------------------------------------
+
+
+def _core(tmp_path: Path, **settings: Any) -> Any:
+    """A real Mount's parts (local store, disk cache) over ``tmp_path/objects``, not mounted."""
+    from fusefs.config import load_settings
+    from fusefs.mount import build
+
+    cli = {"cache_dir": str(tmp_path / "cache"), "block_size": str(BLOCK), **settings}
+    return build(f"file://{tmp_path}/objects", "/mnt/data",
+                 load_settings(cli, env={}, config_path=os.devnull))
+
+
+def test_paths_and_line_splitting_without_a_mount(tmp_path: Path) -> None:
+    import trio
+
+    from fusefs.errors import AccessDenied, InvalidArgument
+
+    (tmp_path / "objects/a dir").mkdir(parents=True)
+    (tmp_path / "objects/a dir/f\nnewline").write_bytes(b"x" * 10)
+    ctl = _core(tmp_path).control
+    rel = ctl.relative
+    assert [rel("."), rel("a/./b//c"), rel("a/../b"), rel("/mnt/data"), rel("/mnt/data/x/")] == [
+        "", "a/b/c", "b", "", "x"]
+    for bad in ("..", "../x", "a/../../x", "/mnt/database", "/mnt/data/../etc", "/etc", "", "a\0"):
+        with pytest.raises(InvalidArgument):
+            rel(bad)
+    with pytest.raises(AccessDenied):
+        ctl.open(ctl.owner_uid + 12345, os.O_WRONLY)
+    ctl.open(ctl.owner_uid + 12345, os.O_RDONLY)  # anyone may read
+
+    async def main() -> None:
+        fh = ctl.open(ctl.owner_uid, os.O_RDWR)
+        # a newline inside quotes is part of the name; the command ends at the next one
+        assert await ctl.write(fh, b"stats 'a dir/f\n") == 15
+        await ctl.write(fh, b"newline'\n")
+        assert json.loads(ctl.read(fh, 0, 4096))["size"] == 10
+        with pytest.raises(InvalidArgument):
+            await ctl.write(fh, b"stats 'a dir' extra\n")
+        assert json.loads(ctl.read(fh, 0, 4096))["code"] == "EINVAL"
+        ctl.release(fh)
+
+    trio.run(main)
+
+
+def test_prefetch_queue_without_a_mount(tmp_path: Path) -> None:
+    """Queue, run and cancel through the real reader and disk cache, without FUSE."""
+    import trio
+
+    (tmp_path / "objects/d/e").mkdir(parents=True)
+    files = {"d/a": blob(3 * BLOCK, 1), "d/e/b": blob(BLOCK + 5, 2), "d/z": b""}
+    for k, v in files.items():
+        (tmp_path / "objects" / k).write_bytes(v)
+    m = _core(tmp_path, workers="4")
+    ctl = m.control
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            m.reader.start(nursery)
+            first = await ctl.execute(["prefetch", "d/e", "d"])
+            assert (first["files"], first["files_queued"], first["bytes_queued"]) == (
+                3, 2, 4 * BLOCK + 5)
+            # no await since the command returned: the workers have not taken a block yet
+            dropped = ctl.prefetcher.cancel("d/a")
+            assert dropped == {"files_cancelled": 1, "blocks_cancelled": 3,
+                               "bytes_cancelled": 3 * BLOCK}
+            await wait_idle()
+            partial = await ctl.execute(["stats", "d"])
+            assert (partial["files"], partial["cached_blocks"], partial["blocks"]) == (3, 2, 5)
+            again = await ctl.execute(["prefetch", "/mnt/data/d"])
+            assert (again["files_queued"], again["files_cached"]) == (1, 2)
+            await wait_idle()
+            nursery.cancel_scope.cancel()
+        reqs = ctl.prefetcher.requests()
+        assert [(r["files_done"], r["files_cancelled"], r["bytes_done"]) for r in reqs] == [
+            (1, 1, BLOCK + 5), (1, 0, 3 * BLOCK)]
+        assert (await ctl.execute(["stats", "d"]))["fraction_cached"] == 1.0
+
+    async def wait_idle() -> None:
+        while any(r["state"] == "running" for r in ctl.prefetcher.requests()):
+            await trio.sleep(0.01)
+
+    trio.run(main)
+    m.blocks.close()
