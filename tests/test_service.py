@@ -216,6 +216,9 @@ def test_no_ready_when_the_mount_fails(world: WorldDir, notify_socket: NotifySoc
     assert r.stderr.strip().splitlines() == [
         "fusefs: directory /nonexistent-fusefs-dir does not exist"]
     assert not any("READY=1" in m for m in notify_socket.pending())
+    r = subprocess.run(fusefs_cmd("mount", "--foreground"), env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("fusefs: give SOURCE and MOUNTPOINT")
 
 
 def test_notify_abstract_socket() -> None:
@@ -447,3 +450,19 @@ def test_mounts_over_an_automount_point(world: WorldDir) -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_split_options_translates_fstab_options(tmp_path: Path) -> None:
+    from fusefs.cli import config_mount_keys, split_options
+    from fusefs.errors import UserError
+
+    settings, fuse = split_options(["ro,allow_other,cache_size=20G,uid=root,gid=0,_netdev",
+                                    "nofail,defaults,noauto,relatime,noexec,nosuid,x-foo=1"])
+    assert settings == {"read_only": "true", "allow_other": "true", "cache_size": "20G",
+                        "uid": "0", "gid": "0"}
+    assert fuse == ["noexec", "nosuid"]
+    with pytest.raises(UserError, match="no such user"):
+        split_options(["uid=no-such-user-fusefs"])
+    cfg = _config(tmp_path / "c.toml", source="file:///x", options="noexec,cache_size=1G")
+    with pytest.raises(UserError, match="write cache_size as a key of its own"):
+        config_mount_keys(str(cfg))
