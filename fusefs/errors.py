@@ -86,6 +86,7 @@ def to_errno(exc: BaseException) -> int:
             log.warning("%s: %s", type(exc).__name__, exc, exc_info=exc.__cause__ is not None)
         return exc.errno
     if isinstance(exc, FileNotFoundError):
+        log.debug("not found: %s", exc, exc_info=exc)
         return errno.ENOENT
     if isinstance(exc, PermissionError):
         log.warning("permission denied: %s", exc)

@@ -61,6 +61,7 @@ class Node:
     listing: dict[str, tuple[bool, ObjectInfo | None]] | None = None  # dirs: name -> entry
     listed: float = 0.0
     lookups: int = 0
+    big: bool = False  # dirs: more entries than one listing page (lookups probe names)
 
     @property
     def size(self) -> int:
@@ -210,6 +211,19 @@ class FileSystem:
             raise NotFound(f"{name!r}: not a valid name")
         path = f"{parent.path}/{name}" if parent.path else name
         now = self.clock()
+        known = self.node_by_path(path)
+        if known is not None and self._fresh(known.confirmed, now):
+            known.lookups += 1
+            return known
+        # a folder of more than one page (``big``) is not listed for a lookup: names are probed
+        if not parent.big and not (parent.listing is not None and self._fresh(parent.listed, now)):
+            # One listing page answers this and every sibling's lookup in one round trip;
+            # concurrent lookups in the same folder share it (single flight).
+            try:
+                await self._ensure_listing(parent, now, max_keys=LIST_AHEAD_KEYS)
+            except FusefsError as exc:  # e.g. listing not allowed: ask about the name itself
+                log.debug("listing %r for a lookup failed: %s", parent.path, exc)
+            now = self.clock()
         if parent.listing is not None and self._fresh(parent.listed, now):
             entry = parent.listing.get(name)
             if entry is None:
@@ -220,10 +234,6 @@ class FileSystem:
         neg = self._negative.get(path)
         if neg is not None and now - neg < self.negative_ttl:
             raise NotFound(f"{path}: no such file or directory (cached)")
-        known = self.node_by_path(path)
-        if known is not None and self._fresh(known.confirmed, now):
-            known.lookups += 1
-            return known
         node = await self._probe(path)
         node.lookups += 1
         return node
@@ -303,11 +313,14 @@ class FileSystem:
         self._list_ahead([n for _, n in out if n.is_dir])
         return out
 
-    async def _ensure_listing(self, node: Node, now: float, *, ahead: bool = False) -> None:
+    async def _ensure_listing(
+        self, node: Node, now: float, *, max_keys: int | None = None, ahead: bool = False
+    ) -> None:
         """Make ``node.listing`` fresh; one listing per directory at a time (single flight).
 
-        ``ahead``: a speculative listing in the background of at most one page
-        (LIST_AHEAD_KEYS entries), kept only if that was the whole directory.
+        ``max_keys``: list at most about that many entries (one page), and keep the listing
+        only if that was the whole directory. ``ahead``: a speculative background listing
+        (its own, smaller thread limit).
         """
         while not (node.listing is not None and self._fresh(node.listed, now)):
             flight = self._listing_flights.get(node.ino)
@@ -320,17 +333,13 @@ class FileSystem:
         flight = self._listing_flights[node.ino] = trio.Event()
         try:
             prefix = node.path + "/" if node.path else ""
-            if ahead:
-                result = await threads.run_sync(
-                    self._list_all, prefix, LIST_AHEAD_KEYS, limiter=self._ahead_limiter
-                )
-            else:
-                result = await threads.run_sync(
-                    self._list_all, prefix, None, limiter=self._meta_limiter
-                )
+            limiter = self._ahead_limiter if ahead else self._meta_limiter
+            result = await threads.run_sync(self._list_all, prefix, max_keys, limiter=limiter)
             listing, complete = result
             if complete:
                 node.listing, node.listed = listing, self.clock()
+            else:
+                node.big = True
         finally:
             del self._listing_flights[node.ino]
             flight.set()
@@ -347,7 +356,7 @@ class FileSystem:
 
         async def one(d: Node) -> None:
             try:
-                await self._ensure_listing(d, self.clock(), ahead=True)
+                await self._ensure_listing(d, self.clock(), max_keys=LIST_AHEAD_KEYS, ahead=True)
             except Exception as exc:  # speculative: the walker will list it and see the error
                 log.debug("list-ahead of %s failed: %s", d.path, exc)
 

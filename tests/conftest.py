@@ -10,7 +10,6 @@ import contextlib
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -231,10 +230,15 @@ def mount(tmp_path: Path) -> Iterator[Callable[..., MountProc]]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Last line of defence: no mount made by this run outlives it."""
+    """Last line of defence: no mount made by this run outlives it (only this run's: other
+    test sessions may be running on the same machine)."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    base = str(factory.getbasetemp()) + "/"
     with open("/proc/mounts") as f:
         for line in f:
-            src, mp, fstype = line.split()[:3]
-            if fstype.startswith("fuse.fusefs") and "/pytest-" in mp:
-                unmount(mp.replace("\\040", " "))
-    shutil.rmtree("/nonexistent", ignore_errors=True)
+            _src, mp, fstype = line.split()[:3]
+            mp = mp.replace("\\040", " ")
+            if fstype.startswith("fuse") and mp.startswith(base):
+                unmount(mp)

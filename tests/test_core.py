@@ -253,10 +253,14 @@ def test_changed_object_raises_stale_not_mixed_bytes(objects: Path, tmp_path: Pa
     trio.run(main)
 
 
-def test_filesystem_lookup_uses_listing_and_negative_cache(objects: Path, tmp_path: Path) -> None:
+def test_filesystem_lookup_uses_listing_and_negative_cache(
+    objects: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = CountingStore(LocalStore(str(objects)))
     reader = make_reader(store, tmp_path / "cache")
     fs = FileSystem(store, reader, Settings(metadata_ttl=60, negative_ttl=60))
+    for i in range(5):
+        (objects / "d" / f"n{i}").write_bytes(b"n")
 
     async def main() -> None:
         names = [name for name, _ in await fs.listdir(1)]
@@ -268,17 +272,46 @@ def test_filesystem_lookup_uses_listing_and_negative_cache(objects: Path, tmp_pa
             await fs.lookup(1, "missing")
         assert store.calls == calls  # answered from the listing
         d = await fs.lookup(1, "d")
+        # lookups in a folder not listed yet: one listing page answers them all, no HEAD
+        for i in range(5):
+            assert (await fs.lookup(d.ino, f"n{i}")).info is not None
         with pytest.raises(NotFound):
             await fs.lookup(d.ino, "nope")
-        with pytest.raises(NotFound):
-            await fs.lookup(d.ino, "nope")
-        assert store.calls["head"] - calls["head"] == 1  # second miss from the negative cache
+        assert store.calls["list"] - calls["list"] == 1 and store.calls["head"] == calls["head"]
         fh, keep = await fs.open(node.ino, os.O_RDONLY)
         assert keep is False  # first open: the kernel holds nothing yet
-        assert await fs.read(fh, 0, 100) == b"hello"
+        assert bytes(await fs.read(fh, 0, 100)) == b"hello"
         fh2, keep2 = await fs.open(node.ino, os.O_RDONLY)
         assert keep2 is True  # same version: the kernel may keep its pages
         assert (await fs.lookup(1, "small.txt")).ino == node.ino  # stable inode
+
+    trio.run(main)
+
+
+def test_lookup_in_a_big_folder_probes_names_and_caches_misses(
+    objects: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fusefs.fs
+
+    monkeypatch.setattr(fusefs.fs, "LIST_AHEAD_KEYS", 3)  # "one page" = 3 entries here
+    for i in range(10):
+        (objects / "d" / f"n{i}").write_bytes(b"n")
+    store = CountingStore(LocalStore(str(objects)))
+    fs = FileSystem(store, make_reader(store, tmp_path / "cache"),
+                    Settings(metadata_ttl=60, negative_ttl=60))
+
+    async def main() -> None:
+        d = await fs.lookup(1, "d")
+        assert (await fs.lookup(d.ino, "n7")).info is not None
+        assert d.big  # the one-page listing was incomplete: names are probed from now on
+        lists, heads = store.calls["list"], store.calls["head"]
+        assert (await fs.lookup(d.ino, "n8")).info is not None
+        with pytest.raises(NotFound):
+            await fs.lookup(d.ino, "nope")
+        with pytest.raises(NotFound):
+            await fs.lookup(d.ino, "nope")  # the second miss comes from the negative cache
+        assert store.calls["head"] - heads == 2  # n8 and the first "nope"
+        assert store.calls["list"] - lists == 2  # their directory probes, no more listings
 
     trio.run(main)
 

@@ -46,6 +46,15 @@ _TRANSIENT = {
 }
 
 
+def etag_version(etag: str) -> str:
+    """An ETag as a version string: without quotes or weak prefix. Servers differ in whether
+    listings quote ETags (rclone does not, AWS does); HEAD and GET quote them."""
+    etag = etag.strip()
+    if etag.startswith("W/"):
+        etag = etag[2:]
+    return etag.strip('"')
+
+
 def map_s3_error(exc: BaseException, what: str) -> FusefsError:
     """Translate a botocore failure into the fusefs error family (messages carry no secrets)."""
     if isinstance(exc, botocore.exceptions.ClientError):
@@ -131,7 +140,9 @@ class S3Store:
             r = self.client.head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
             raise map_s3_error(exc, self._name(key)) from exc
-        return ObjectInfo(key, int(r["ContentLength"]), r["LastModified"].timestamp(), r["ETag"])
+        return ObjectInfo(
+            key, int(r["ContentLength"]), r["LastModified"].timestamp(), etag_version(r["ETag"])
+        )
 
     def list(self, prefix: str, *, max_keys: int | None = None) -> Iterator[ListPage]:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
@@ -144,7 +155,10 @@ class S3Store:
                 page = ListPage(
                     [
                         ObjectInfo(
-                            o["Key"], int(o["Size"]), o["LastModified"].timestamp(), o["ETag"]
+                            o["Key"],
+                            int(o["Size"]),
+                            o["LastModified"].timestamp(),
+                            etag_version(o.get("ETag", "")),
                         )
                         for o in r.get("Contents", ())
                     ],
@@ -169,10 +183,10 @@ class S3Store:
                 Bucket=self.bucket,
                 Key=key,
                 Range=f"bytes={start}-{start + length - 1}",
-                IfMatch=version,
+                **({"IfMatch": f'"{version}"'} if version else {}),
             )
-            etag = r.get("ETag")
-            if etag and etag != version:  # a server that ignores If-Match
+            etag = etag_version(r.get("ETag", ""))
+            if etag and version and etag != version:  # a server that ignores If-Match
                 raise StaleVersion(f"{self._name(key)}: changed (ETag {etag} != {version})")
             data: bytes = r["Body"].read()
             return data
