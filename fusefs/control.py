@@ -52,7 +52,6 @@ COMMANDS = ("stats", "clear", "prefetch", "cancel-prefetch")
 @dataclass
 class _CtlHandle:
     uid: int
-    writable: bool
     buf: bytearray = field(default_factory=bytearray)
     result: bytes | None = None  # the last command's JSON; None -> fresh stats on read
     doc: bytes = b""  # the document being read
@@ -111,12 +110,11 @@ class Control:
         return uid in (0, self.owner_uid)
 
     def open(self, uid: int, flags: int = os.O_RDONLY) -> int:
-        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if writable and not self.may_write(uid):
+        if (flags & os.O_ACCMODE) != os.O_RDONLY and not self.may_write(uid):
             raise AccessDenied(f"uid {uid} may not write commands (only the mounting user)")
         fh = self._next
         self._next += 1
-        self._handles[fh] = _CtlHandle(uid, writable)
+        self._handles[fh] = _CtlHandle(uid)
         return fh
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -189,7 +187,12 @@ class Control:
         h.result, h.origin = self.render(result), None
 
     def _fail(self, h: _CtlHandle, exc: Exception, command: str) -> NoReturn:
-        """Record the error for the next read on this handle, then fail the write with it."""
+        """Record the error for the next read on this handle, then fail the write with it.
+
+        Lines after the failed one are dropped: a script's later commands never run on a
+        broken premise.
+        """
+        h.buf.clear()
         if isinstance(exc, FusefsError):
             code, message = exc.errno, str(exc)
         elif isinstance(exc, OSError) and exc.errno:

@@ -312,6 +312,9 @@ def test_bad_commands_get_errors_and_the_mount_keeps_serving(tmp_path: Path, mou
     assert err == 0 and result["files"] == 1
     err, result = command(m.path, b"stats f.txt\nstats dir\n")
     assert err == 0 and result["path"] == "dir"
+    err, result = command(m.path, b"stats nope\nprefetch dir\n")  # stops at the first error
+    assert err == errno.ENOENT and result["command"] == "stats"
+    assert m.stats()["prefetch_queued"] == 0
     # a last line without a newline runs at close; `echo cmd > .fusefs` works from a shell
     for last in (b"frobnicate", b"stats 'unclosed quote\n"):
         fd = os.open(m.path / ".fusefs", os.O_WRONLY)
