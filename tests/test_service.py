@@ -4,6 +4,7 @@ notify protocol against a datagram socket bound here, SIGHUP, logs, ``mount -t f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -204,6 +205,35 @@ def test_sigterm_sends_stopping(world: WorldDir, notify_socket: NotifySocket) ->
     assert f"STATUS=Stopping: unmounting {mp}" in stopping
     assert proc.wait(STOP_BOUND) == 0
     assert fuse_mount_at(mp) is None
+
+
+def test_unit_stop_sequence_with_a_busy_mount(world: WorldDir, notify_socket: NotifySocket,
+                                              tmp_path: Path) -> None:
+    """systemctl stop: ExecStop's clean unmount fails while a file is open (ignored by the
+    unit), then SIGTERM detaches the mount anyway and the daemon exits 0."""
+    src = world.mkdir("src", 0o700)
+    (src / "open.txt").write_bytes(b"held open\n")
+    mp = world.mkdir("mnt")
+    cfg = _config(tmp_path / "busy.toml", source=f"file://{src}", mountpoint=str(mp),
+                  cache_dir=str(world.path / "cache"))
+    env = _env(NOTIFY_SOCKET=str(notify_socket.path))
+    proc = world.popen(fusefs_cmd("mount", "--foreground", "--config", str(cfg)), env=env)
+    notify_socket.wait_for("READY=1", proc)
+    fd = os.open(mp / "open.txt", os.O_RDONLY)
+    try:
+        r = subprocess.run(fusefs_cmd("unmount", "--config", str(cfg)), env=env,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1
+        assert r.stderr.strip().endswith("(files open? try --lazy)"), r.stderr
+        assert proc.poll() is None and fuse_mount_at(mp) is not None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(STOP_BOUND) == 0
+        assert fuse_mount_at(mp) is None
+        with pytest.raises(OSError):
+            os.pread(fd, 10, 0)  # the open file fails instead of hanging
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def test_no_ready_when_the_mount_fails(world: WorldDir, notify_socket: NotifySocket) -> None:
