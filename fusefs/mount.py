@@ -413,9 +413,8 @@ async def _serve(m: Mount, ready: Any, pending: list[int], daemon: bool) -> None
     async with trio.open_nursery() as nursery:
 
         async def grace() -> None:
-            await trio.sleep(SHUTDOWN_GRACE)
-            if m.stats.fetches_in_flight:
-                log.info("cancelling %d fetch(es) still in flight", m.stats.fetches_in_flight)
+            await trio.sleep(SHUTDOWN_GRACE)  # cancelled if main() returns first
+            log.info("requests still in flight after %.0f s: cancelling them", SHUTDOWN_GRACE)
             nursery.cancel_scope.cancel()
 
         def on_signal(sig: int) -> None:
