@@ -82,6 +82,8 @@ def to_errno(exc: BaseException) -> int:
     if isinstance(exc, FusefsError):
         if exc.errno in (errno.ENOENT, errno.EROFS, errno.EISDIR, errno.ENOTDIR):
             log.debug("%s: %s", type(exc).__name__, exc)
+        elif exc.errno == errno.EINVAL:  # a user's bad input (e.g. a control command)
+            log.info("%s: %s", type(exc).__name__, exc)
         else:
             log.warning("%s: %s", type(exc).__name__, exc, exc_info=exc.__cause__ is not None)
         return exc.errno

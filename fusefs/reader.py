@@ -23,7 +23,7 @@ from . import threads
 from .backends.base import ObjectInfo, ObjectStore
 from .cache.blocks import BlockKey, BlockStore
 from .errors import BackendError, FusefsError, StaleVersion
-from .scheduler import FOREGROUND, PREFETCH, READAHEAD, Scheduler, Ticket
+from .scheduler import FOREGROUND, READAHEAD, Scheduler, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -208,36 +208,25 @@ class Reader:
             seq.window = min(max(1, seq.window * 2), self._max_window)
             want_upto = min(last + seq.window, self.block_count(obj.size) - 1)
             for idx in range(max(last + 1, seq.requested_upto + 1), want_upto + 1):
-                self.spawn(obj, idx, READAHEAD)
+                self._spawn_readahead(obj, idx)
             seq.requested_upto = max(seq.requested_upto, want_upto)
         seq.next_offset = max(seq.next_offset, end)
 
-    def spawn(
-        self, obj: ObjectInfo, idx: int, priority: int, done: Callable[[bool], None] | None = None
-    ) -> bool:
-        """Fetch a block in the background unless cached or in flight; False if skipped."""
+    def _spawn_readahead(self, obj: ObjectInfo, idx: int) -> None:
+        """Fetch a block in the background unless cached or in flight."""
         if self._nursery is None:
-            return False
+            return
         bkey = self.block_key(obj, idx)
         if bkey.cache_key in self._inflight or self.blocks.contains(bkey):
-            return False
-        self._nursery.start_soon(self._background_fetch, obj, idx, priority, done)
-        return True
+            return
+        self._nursery.start_soon(self._readahead_fetch, obj, idx)
 
-    async def _background_fetch(
-        self, obj: ObjectInfo, idx: int, priority: int, done: Callable[[bool], None] | None
-    ) -> None:
-        ok = False
+    async def _readahead_fetch(self, obj: ObjectInfo, idx: int) -> None:
         try:
-            await self.fetch_block(obj, idx, priority)
-            ok = True
-            if priority == READAHEAD:
-                self.stats.add(S.READAHEAD_BLOCKS)
+            await self.fetch_block(obj, idx, READAHEAD)
+            self.stats.add(S.READAHEAD_BLOCKS)
         except Exception as exc:  # background: log, never crash the mount
-            log.info("background fetch of %s block %d failed: %s", obj.key, idx, exc)
-        finally:
-            if done is not None:
-                done(ok)
+            log.info("readahead of %s block %d failed: %s", obj.key, idx, exc)
 
     # --- fetching --------------------------------------------------------------------------
 
@@ -302,11 +291,3 @@ class Reader:
         self.blocks.put(bkey, data)
         self.blocks.maybe_touch()
         return data
-
-    async def prefetch_object(self, obj: ObjectInfo, done: Callable[[bool], None]) -> int:
-        """Queue every uncached block of ``obj`` at prefetch priority; returns blocks queued."""
-        queued = 0
-        for idx in range(self.block_count(obj.size)):
-            if self.spawn(obj, idx, PREFETCH, done):
-                queued += 1
-        return queued

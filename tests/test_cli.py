@@ -100,7 +100,7 @@ def test_bad_mount_points(tmp_path: Path, mount, bucket: Bucket) -> None:
     one_line_error(r, "not a directory")
     m = mount(bucket)
     r = fusefs("mount", bucket.source, str(m.path))
-    one_line_error(r, "already a mount point")
+    one_line_error(r, "already mounted")
     assert (m.path / "f.txt").read_bytes() == b"x"  # the existing mount is untouched
 
 
