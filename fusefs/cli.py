@@ -170,7 +170,7 @@ def config_mount_keys(config_path: str | None) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             values = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"config file {path}: {exc}") from None
     values = values.get("fusefs", values)
     keys = {k: values[k] for k in ("source", "mountpoint", "options") if k in values}
