@@ -554,6 +554,10 @@ def _wait_prefetch(mountpoint: str, req_id: int, out: Any) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and "://" in argv[0]:
+        # `fusefs SOURCE MOUNTPOINT -o ...`: how mount.fuse3 runs a `fuse.fusefs` type
+        argv.insert(0, "mount")
     args = build_parser().parse_args(argv)
     handlers = {
         "mount": cmd_mount,

@@ -205,6 +205,11 @@ def s3_bucket(s3_server: Any) -> Bucket:
     return make_s3_bucket(s3_server)
 
 
+@pytest.fixture
+def local_bucket(tmp_path: Path) -> Bucket:
+    return make_local_bucket(tmp_path / "objects")
+
+
 _counter = itertools.count()
 
 

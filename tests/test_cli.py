@@ -85,9 +85,8 @@ def test_refused_credentials(tmp_path: Path) -> None:
             unmount(str(mp))
 
 
-def test_bad_mount_points(tmp_path: Path, mount, bucket: Bucket) -> None:
-    if bucket.kind != "local":
-        pytest.skip("mount point checks do not depend on the backend")
+def test_bad_mount_points(tmp_path: Path, mount, local_bucket: Bucket) -> None:
+    bucket = local_bucket
     bucket.put("f.txt", b"x")
     r = fusefs("mount", bucket.source, str(tmp_path / "absent"))
     one_line_error(r, "does not exist")
@@ -141,3 +140,17 @@ def test_fuse_unavailable(tmp_path: Path) -> None:
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd],
                        capture_output=True, text=True, env=_base_env(), timeout=60)
     one_line_error(r, "FUSE is unavailable")
+
+
+def test_mount_fuse3_calling_convention(local_bucket: Bucket, tmp_path: Path) -> None:
+    """mount.fuse3 runs `fusefs SOURCE MOUNTPOINT -o OPTS` for `mount -t fuse.fusefs`."""
+    bucket = local_bucket
+    bucket.put("x.txt", b"x")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    try:
+        r = fusefs(bucket.source, str(mp), "-o", f"cache_dir={tmp_path / 'c'},ro,noatime")
+        assert r.returncode == 0, r.stderr
+        assert (mp / "x.txt").read_bytes() == b"x"
+    finally:
+        unmount(str(mp))
