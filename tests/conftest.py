@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -170,8 +171,23 @@ def make_gcs_bucket(server: Any) -> Bucket:
     )
 
 
-def make_local_bucket(root: Path) -> Bucket:
-    root.mkdir(parents=True, exist_ok=True)
+def blob(n: int, seed: int = 0) -> bytes:
+    """``n`` reproducible pseudo-random bytes."""
+    return random.Random(seed).randbytes(n)
+
+
+def drop_page_cache(path: Path) -> None:
+    """Drop the kernel's cached pages of one file (fusefs's block cache is not touched)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def local_put(root: Path) -> Callable[[str, bytes], None]:
+    """``put(key, data)`` for a local "bucket": a key ending in ``/`` is a folder; files are
+    replaced atomically (as an object store does)."""
 
     def put(key: str, data: bytes) -> None:
         path = root / key
@@ -182,6 +198,13 @@ def make_local_bucket(root: Path) -> Bucket:
         tmp = path.with_name(path.name + ".tmp-fusefs-test")
         tmp.write_bytes(data)
         os.replace(tmp, path)
+
+    return put
+
+
+def make_local_bucket(root: Path) -> Bucket:
+    root.mkdir(parents=True, exist_ok=True)
+    put = local_put(root)
 
     def delete(key: str) -> None:
         (root / key).unlink()

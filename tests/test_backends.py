@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import local_put
 
 from fusefs.backends.base import ObjectInfo, ObjectStore, PrefixedStore
 from fusefs.errors import (
@@ -93,16 +94,8 @@ def _local(tmp_path: Path) -> Harness:
     root = tmp_path / "bucket"
     root.mkdir()
 
-    def put(key: str, data: bytes) -> None:
-        path = root / key
-        if key.endswith("/"):
-            path.mkdir(parents=True, exist_ok=True)
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-
     return Harness(
-        "local", str(root), LocalStore(str(root)), put,
+        "local", str(root), LocalStore(str(root)), local_put(root),
         lambda key: (root / key).unlink(), lambda: LocalStore(str(tmp_path / "nope")),
     )
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Bucket, MountProc
+from conftest import Bucket, MountProc, blob, drop_page_cache
 
 from fusefs.testing.proxy import Request, is_object_get
 
@@ -27,20 +26,8 @@ KiB = 1024
 BLOCK = 256 * KiB
 
 
-def blob(n: int, seed: int = 0) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
 def blocks_of(n: int) -> int:
     return (n + BLOCK - 1) // BLOCK
-
-
-def drop_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def command(mp: Path, *chunks: bytes) -> tuple[int, dict[str, Any]]:

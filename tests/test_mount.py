@@ -12,22 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Bucket
+from conftest import Bucket, blob, drop_page_cache
 
 MiB = 1024 * 1024
 BLOCK = 256 * 1024  # small blocks so multi-block paths are exercised on small objects
-
-
-def drop_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def blob(n: int, seed: int = 0) -> bytes:
-    return random.Random(seed).randbytes(n)
 
 
 def test_listing_nested_markers_and_odd_names(bucket: Bucket, mount) -> None:
