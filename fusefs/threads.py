@@ -29,5 +29,11 @@ async def run_sync(
     fn: Callable[..., T], *args: Any, limiter: trio.CapacityLimiter | None = None
 ) -> T:
     """Run ``fn(*args)`` in a worker thread; a cancellation abandons the thread at once."""
-    result: T = await trio.to_thread.run_sync(fn, *args, limiter=limiter, **{_ABANDON: True})
+    result: T
+    if _ABANDON == "abandon_on_cancel":
+        result = await trio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=True)
+    else:  # trio 0.22
+        result = await trio.to_thread.run_sync(  # type: ignore[call-arg]
+            fn, *args, limiter=limiter, cancellable=True
+        )
     return result
