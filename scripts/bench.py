@@ -499,10 +499,15 @@ class System:
         raise NotImplementedError
 
 
-def _run_checked(cmd: list[str], env: dict[str, str], what: str, timeout: float = 120) -> None:
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise RuntimeError(f"{what} failed ({r.returncode}): {(r.stderr or r.stdout)[-800:]}")
+def _run_checked(cmd: list[str], env: dict[str, str], what: str, logfile: Path) -> None:
+    """Run a mount command that daemonizes. Its output goes to a file, not a pipe: a daemon
+    that keeps the pipe open would make us wait for it forever."""
+    with open(logfile.with_suffix(".out"), "w+") as out:
+        r = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                           stderr=subprocess.STDOUT, timeout=90)  # fmt: skip
+        if r.returncode != 0:
+            out.seek(0)
+            raise RuntimeError(f"{what} failed ({r.returncode}): {out.read()[-800:]}")
 
 
 def _wait_mounted(mp: Path, timeout: float = 60) -> None:
@@ -540,7 +545,7 @@ class Fusefs(System):
         cmd = [sys.executable, "-m", "fusefs", "mount", f"s3://{bucket}", str(mp),
                "--endpoint-url", url, "--cache-dir", str(cache), "--log-file", str(logfile),
                *self.extra]  # fmt: skip
-        _run_checked(cmd, fusefs_env(), "fusefs mount")
+        _run_checked(cmd, fusefs_env(), "fusefs mount", logfile)
 
 
 class S3fs(System):
@@ -557,7 +562,7 @@ class S3fs(System):
     def start(self, bucket: str, url: str, mp: Path, cache: Path, logfile: Path) -> None:
         opts = (f"url={url},use_path_request_style,passwd_file={self.passwd_file},"
                 f"use_cache={cache},ro,endpoint=us-east-1")  # fmt: skip
-        _run_checked(["s3fs", bucket, str(mp), "-o", opts], dict(os.environ), "s3fs")
+        _run_checked(["s3fs", bucket, str(mp), "-o", opts], dict(os.environ), "s3fs", logfile)
         _wait_mounted(mp)
 
 
@@ -590,7 +595,7 @@ class RcloneMount(System):
                "--config", os.devnull, "--read-only", "--vfs-cache-mode", "full",
                "--cache-dir", str(cache), "--use-server-modtime", "--daemon",
                "--log-file", str(logfile)]  # fmt: skip
-        _run_checked(cmd, env, "rclone mount")
+        _run_checked(cmd, env, "rclone mount", logfile)
         _wait_mounted(mp)
 
 
@@ -746,20 +751,58 @@ class Bench:
             shutil.rmtree(cache, ignore_errors=True)
 
 
-def fusefs_stats(m: Mounted) -> dict[str, Any]:
-    """The fusefs control file's counters that explain a figure (empty for peers)."""
+_COUNTERS = ("hits", "misses", "fetches", "bytes_fetched", "bytes_served", "readahead_blocks",
+             "errors")  # fmt: skip
+
+
+def fusefs_counters(m: Mounted) -> dict[str, int]:
+    """The counters of a fusefs mount's control file (empty for peers, or if unreadable)."""
     if m.system != "fusefs":
         return {}
     try:
         data = json.loads((m.path / ".fusefs").read_bytes())
     except (OSError, ValueError):
         return {}
-    keep = ("hits", "misses", "fetches", "bytes_fetched", "bytes_served", "readahead_blocks",
-            "prefetch_queued", "prefetch_done", "prefetch_failed", "errors")  # fmt: skip
-    out = {k: data[k] for k in keep if k in data}
-    if out.get("fetches"):
-        out["mean_fetch_kib"] = round(out.get("bytes_fetched", 0) / out["fetches"] / KiB, 1)
-    return out
+    return {k: int(data[k]) for k in _COUNTERS if isinstance(data.get(k), int)}
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used so far."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def observe(
+    b: Bench, m: Mounted, fn: Callable[[], T], *, proxied: bool = False
+) -> tuple[T, float, dict[str, Any]]:
+    """Run ``fn`` against a mount: its result, wall seconds, and the evidence behind the figure:
+    the daemon's CPU seconds, the fusefs counters it moved (with the mean size of a kernel read
+    request and of a fetch), and the requests that reached the server through the proxy."""
+    before, cpu0 = fusefs_counters(m), cpu_seconds(m.pid)
+    if proxied:
+        b.reset_counts()
+    out, secs = timed(fn)
+    cpu1 = cpu_seconds(m.pid)
+    notes: dict[str, Any] = {"wall_s": round(secs, 3)}
+    if cpu0 is not None and cpu1 is not None:
+        notes["daemon_cpu_s"] = round(cpu1 - cpu0, 2)
+    if proxied:
+        notes["requests"] = b.counts()
+    after = fusefs_counters(m)
+    if after:
+        d: dict[str, float] = {k: after[k] - before.get(k, 0) for k in after}
+        calls = d.get("hits", 0) + d.get("misses", 0)
+        if calls:
+            d["mean_read_kib"] = round(d.get("bytes_served", 0) / calls / KiB, 1)
+        if d.get("fetches"):
+            d["mean_fetch_kib"] = round(d.get("bytes_fetched", 0) / d["fetches"] / KiB, 1)
+        notes["fusefs"] = d
+    return out, secs, notes
 
 
 def prime_local(path: Path) -> None:
@@ -785,13 +828,19 @@ def check_size(got: int, want: int, what: str) -> None:
 # --------------------------------------------------------------------------------- groups
 
 
+def prime_big(b: Bench) -> None:
+    """The big and medium objects in the page cache, and their ETags computed by the server."""
+    prime_local(b.data / BIG_BUCKET)
+    prime_server(b, BIG_BUCKET, [BIG_KEY, MEDIUM_KEY])
+
+
 def group_medium(b: Bench, system: System) -> dict[str, Measure]:
     """A fresh mount that reads the medium object once: its daemon's RSS is the flat reference."""
-    prime_local(b.data / BIG_BUCKET / MEDIUM_KEY)
+    prime_big(b)
     with b.mount(system, BIG_BUCKET, b.direct_url, "medium") as m:
-        got, secs = timed(lambda: read_file(m.path / MEDIUM_KEY))
+        got, secs, notes = observe(b, m, lambda: read_file(m.path / MEDIUM_KEY))
         check_size(got, b.sizes.medium, "medium read")
-    return {"_medium": Measure(got / secs / 1e6, {"rss": m.rss})}  # not a row: feeds "rss"
+    return {"_medium": Measure(got / secs / 1e6, notes)}  # not a row: its RSS feeds "rss"
 
 
 def baselines_big(b: Bench) -> dict[str, Measure]:
@@ -800,7 +849,7 @@ def baselines_big(b: Bench) -> dict[str, Measure]:
 
     local = b.data / BIG_BUCKET / BIG_KEY
     size = b.sizes.big
-    prime_local(local)
+    prime_big(b)
     hot = [size / timed(lambda: read_file(local))[1] / 1e6 for _ in range(3)]
     client = b.client(via_proxy=False)
     dest = b.work / "download.bin"
@@ -813,7 +862,7 @@ def baselines_big(b: Bench) -> dict[str, Measure]:
     how = drop_caches(local)
     got, cold_secs = timed(lambda: read_file(local))
     check_size(got, size, "local cold read")
-    prime_local(local)
+    prime_big(b)
     return {
         "seq_hot": Measure(max(hot), {"runs_mb_s": [round(x) for x in hot]}),
         "seq_warm": Measure(size / cold_secs / 1e6, {"dropped_with": how}),
@@ -824,25 +873,24 @@ def baselines_big(b: Bench) -> dict[str, Measure]:
 def group_big(b: Bench, system: System) -> dict[str, Measure]:
     """Cold read on a fresh mount, hot re-reads (page cache), then a warm read (block cache)."""
     size = b.sizes.big
-    prime_local(b.data / BIG_BUCKET / BIG_KEY)
+    prime_big(b)
     with b.mount(system, BIG_BUCKET, b.direct_url, "big") as m:
         path = m.path / BIG_KEY
-        got, cold = timed(lambda: read_file(path))
+        got, cold, cold_notes = observe(b, m, lambda: read_file(path))
         check_size(got, size, "cold read")
-        cold_stats = fusefs_stats(m)
-        hot = [size / timed(lambda: read_file(path))[1] / 1e6 for _ in range(3)]
+        hot_runs = [observe(b, m, lambda: read_file(path)) for _ in range(3)]
+        _, hot, hot_notes = min(hot_runs, key=lambda run: run[1])
         how = drop_caches(path, m.cache_dir)
-        got, warm = timed(lambda: read_file(path))
+        got, warm, warm_notes = observe(b, m, lambda: read_file(path))
         check_size(got, size, "warm read")
-        warm_stats = fusefs_stats(m)
         if system.name == "fusefs":
             b.observed["kernel_tunables"] = m.tunables
-    prime_local(b.data / BIG_BUCKET / BIG_KEY)
-    common = {"tunables": m.tunables}
+    prime_big(b)
+    hot_notes["runs_mb_s"] = [round(size / run[1] / 1e6) for run in hot_runs]
     return {
-        "seq_cold": Measure(size / cold / 1e6, {**common, "fusefs_stats": cold_stats}),
-        "seq_hot": Measure(max(hot), {"runs_mb_s": [round(x) for x in hot]}),
-        "seq_warm": Measure(size / warm / 1e6, {"dropped_with": how, "fusefs_stats": warm_stats}),
+        "seq_cold": Measure(size / cold / 1e6, {**cold_notes, "tunables": m.tunables}),
+        "seq_hot": Measure(size / hot / 1e6, hot_notes),
+        "seq_warm": Measure(size / warm / 1e6, {**warm_notes, "dropped_with": how}),
     }
 
 
@@ -853,6 +901,7 @@ def random_offsets(b: Bench) -> list[int]:
 
 
 def baselines_random(b: Bench) -> dict[str, Measure]:
+    prime_big(b)
     client = b.client(via_proxy=False)
     offsets = random_offsets(b)
 
@@ -868,11 +917,13 @@ def group_random(b: Bench, system: System) -> dict[str, Measure]:
     """``pread`` of 4 KiB at random offsets by 16 threads on one descriptor, fresh mount."""
     offsets = random_offsets(b)
     local = b.data / BIG_BUCKET / BIG_KEY
-    prime_local(local)
+    prime_big(b)
     with b.mount(system, BIG_BUCKET, b.direct_url, "random") as m:
         fd = os.open(m.path / BIG_KEY, os.O_RDONLY)
         try:
-            got, secs = timed(lambda: run_threads(lambda o: len(os.pread(fd, BLOCK, o)), offsets))
+            got, secs, notes = observe(
+                b, m, lambda: run_threads(lambda o: len(os.pread(fd, BLOCK, o)), offsets)
+            )
             with open(local, "rb") as f:  # spot-check the bytes
                 for off in offsets[:16]:
                     f.seek(off)
@@ -881,8 +932,7 @@ def group_random(b: Bench, system: System) -> dict[str, Measure]:
         finally:
             os.close(fd)
         check_size(got, len(offsets) * BLOCK, "random reads")
-        stats = fusefs_stats(m)
-    return {"random_4k": Measure(len(offsets) / secs, {"fusefs_stats": stats})}
+    return {"random_4k": Measure(len(offsets) / secs, {**notes, "reads": len(offsets)})}
 
 
 def small_keys(b: Bench) -> list[str]:
@@ -904,11 +954,15 @@ def baseline_small_get(b: Bench) -> Measure:
     return Measure(n / secs, {"requests": b.counts()})
 
 
+def prime_small(b: Bench) -> None:
+    prime_local(b.data / SMALL_BUCKET / SMALL_DIR)
+    prime_server(b, SMALL_BUCKET)
+
+
 def baselines_small(b: Bench) -> dict[str, Measure]:
     local = b.data / SMALL_BUCKET / SMALL_DIR
     paths = [str(local / k.split("/")[1]) for k in small_keys(b)]
-    prime_local(local)
-    prime_server(b, SMALL_BUCKET)
+    prime_small(b)
     run_threads(read_file, paths)
     _, secs = timed(lambda: run_threads(read_file, paths))
     return {
@@ -923,28 +977,31 @@ def read_folder(folder: Path, limit: int) -> tuple[int, int]:
     return len(names), run_threads(read_file, [str(folder / n) for n in names])
 
 
+def per_file(notes: dict[str, Any], files: int) -> dict[str, float]:
+    reqs = notes.get("requests", {})
+    return {k: round(reqs.get(k, 0) / files, 2) for k in ("get", "head", "list")}
+
+
 def group_small(b: Bench, system: System) -> dict[str, Measure]:
     """Cold read of the small files by 16 readers (fresh mount, latency), then a warm re-read."""
-    limit = b.sizes.small_files if system.name == "fusefs" else b.sizes.peer_files
-    expect = min(limit, b.sizes.small_files) * b.sizes.small_size
-    prime_local(b.data / SMALL_BUCKET / SMALL_DIR)
+    limit = min(b.sizes.small_files, b.sizes.peer_files if system.name != "fusefs" else 1 << 30)
+    expect = limit * b.sizes.small_size
+    prime_small(b)
     with b.mount(system, SMALL_BUCKET, b.lat_url, "small") as m:
         folder = m.path / SMALL_DIR
-        b.reset_counts()
-        (files, got), cold = timed(lambda: read_folder(folder, limit))
+        (files, got), cold, cold_notes = observe(
+            b, m, lambda: read_folder(folder, limit), proxied=True
+        )
         check_size(got, expect, "small cold read")
-        cold_reqs, stats = b.counts(), fusefs_stats(m)
-        b.reset_counts()
-        (files, got), warm = timed(lambda: read_folder(folder, limit))
+        (files, got), warm, warm_notes = observe(
+            b, m, lambda: read_folder(folder, limit), proxied=True
+        )
         check_size(got, expect, "small warm read")
-        warm_reqs = b.counts()
-    per_file = {k: round(cold_reqs[k] / files, 2) for k in ("get", "head", "list")}
+    cold_notes.update(files=files, requests_per_file=per_file(cold_notes, files))
     return {
-        "small_cold": Measure(files / cold, {"files": files, "requests": cold_reqs,
-                                             "requests_per_file": per_file,
-                                             "fusefs_stats": stats}),
-        "small_warm": Measure(files / warm, {"files": files, "requests": warm_reqs}),
-    }  # fmt: skip
+        "small_cold": Measure(files / cold, cold_notes),
+        "small_warm": Measure(files / warm, {**warm_notes, "files": files}),
+    }
 
 
 def prefetch_unavailable() -> str | None:
@@ -963,29 +1020,30 @@ def group_prefetch(b: Bench, system: System) -> dict[str, Measure]:
     if reason:
         return {"prefetch": Measure(None, error=reason)}
     n = b.sizes.small_files
-    prime_local(b.data / SMALL_BUCKET / SMALL_DIR)
+    prime_small(b)
     with b.mount(system, SMALL_BUCKET, b.lat_url, "prefetch") as m:
         cmd = [sys.executable, "-m", "fusefs", "prefetch", str(m.path), SMALL_DIR, "--wait"]
-        b.reset_counts()
-        r, secs = timed(lambda: subprocess.run(cmd, capture_output=True, text=True,
-                                               env=fusefs_env(), timeout=900))  # fmt: skip
+        r, secs, notes = observe(
+            b,
+            m,
+            lambda: subprocess.run(cmd, capture_output=True, text=True, env=fusefs_env()),
+            proxied=True,
+        )
         if r.returncode != 0:
             msg = (r.stderr or r.stdout).strip().splitlines()
             return {"prefetch": Measure(None, error=f"prefetch failed: {msg[-1:]}")}
-        prefetch_reqs, stats = b.counts(), fusefs_stats(m)
-        b.reset_counts()
-        (files, got), read_secs = timed(lambda: read_folder(m.path / SMALL_DIR, n))
+        (files, got), read_secs, read_notes = observe(
+            b, m, lambda: read_folder(m.path / SMALL_DIR, n), proxied=True
+        )
         check_size(got, n * b.sizes.small_size, "read after prefetch")
-        read_reqs = b.counts()
-    notes = {"gets_during_read": read_reqs["get"], "read_files_per_s": round(files / read_secs),
-             "prefetch_requests": prefetch_reqs, "read_requests": read_reqs,
-             "fusefs_stats": stats}  # fmt: skip
-    return {"prefetch": Measure(n / secs, notes, extra_ok=read_reqs["get"] == 0)}
+    gets = read_notes["requests"]["get"]
+    notes.update(gets_during_read=gets, read_files_per_s=round(files / read_secs),
+                 read=read_notes)  # fmt: skip
+    return {"prefetch": Measure(n / secs, notes, extra_ok=gets == 0)}
 
 
 def baselines_prefetch(b: Bench) -> dict[str, Measure]:
-    prime_local(b.data / SMALL_BUCKET / SMALL_DIR)
-    prime_server(b, SMALL_BUCKET)
+    prime_small(b)
     return {"prefetch": b.baseline("small_get", lambda: baseline_small_get(b))}
 
 
@@ -1003,16 +1061,14 @@ def baselines_list(b: Bench) -> dict[str, Measure]:
 
 def run_listing(b: Bench, system: System, cmd: list[str], label: str) -> Measure:
     """Run a tree walk (``find``/``ls -lR``) over a fresh mount; seconds and requests."""
-    with b.mount(system, LIST_BUCKET, b.lat_url, label) as m:
-        out = b.work / f"{label}.out"
-        b.reset_counts()
-        with open(out, "wb") as f:
-            r, secs = timed(
-                lambda: subprocess.run(
-                    [*cmd, str(m.path)], stdout=f, stderr=subprocess.PIPE, timeout=1800
-                )
-            )
-        reqs = b.counts()
+    out = b.work / f"{label}.out"
+    with b.mount(system, LIST_BUCKET, b.lat_url, label) as m, open(out, "wb") as f:
+        r, secs, notes = observe(
+            b,
+            m,
+            lambda: subprocess.run([*cmd, str(m.path)], stdout=f, stderr=subprocess.PIPE),
+            proxied=True,
+        )
     text = out.read_text(errors="replace")
     out.unlink()
     if r.returncode != 0:
@@ -1022,16 +1078,17 @@ def run_listing(b: Bench, system: System, cmd: list[str], label: str) -> Measure
     else:
         entries = sum(1 for line in text.splitlines() if line.startswith("-"))
     check_size(entries, b.sizes.list_objects, f"{label} (files seen)")
-    return Measure(secs, {"requests": reqs})
+    return Measure(secs, notes)
 
 
 def group_list(b: Bench, system: System) -> dict[str, Measure]:
-    prime_local(b.data / LIST_BUCKET)
-    prime_server(b, LIST_BUCKET)
-    return {
-        "find": run_listing(b, system, ["find"], "find"),
-        "ls_lR": run_listing(b, system, ["ls", "-lR"], "ls"),
-    }
+    """``find`` and ``ls -lR``, each on a fresh mount."""
+    out = {}
+    for rid, cmd, label in (("find", ["find"], "find"), ("ls_lR", ["ls", "-lR"], "ls")):
+        prime_local(b.data / LIST_BUCKET)
+        prime_server(b, LIST_BUCKET)
+        out[rid] = run_listing(b, system, cmd, label)
+    return out
 
 
 GROUPS: dict[str, tuple[Callable[[Bench, System], dict[str, Measure]],
@@ -1189,32 +1246,41 @@ def render_table(rows: dict[str, Row], systems: list[str]) -> str:
     return "\n".join(lines)
 
 
-def render_notes(rows: dict[str, Row]) -> str:
-    """A line of evidence per row: GETs during the read, requests per file, RSS flatness."""
+def evidence(n: dict[str, Any], group: str) -> list[str]:
+    """Short phrases explaining one figure, from the notes ``observe`` collected."""
+    bits = []
+    if "gets_during_read" in n:
+        bits.append(f"GETs during the read after prefetch: {n['gets_during_read']}")
+    if "requests_per_file" in n:
+        bits.append(f"requests per file {n['requests_per_file']}")
+    if group == "list" and "requests" in n:
+        r = n["requests"]
+        bits.append(f"LIST {r['list']}, HEAD {r['head']}, GET {r['get']}")
+    f = n.get("fusefs") or {}
+    if "mean_read_kib" in f:
+        bits.append(f"{f['hits'] + f['misses']:,} kernel reads of ~{f['mean_read_kib']:,.0f} KiB")
+    elif "bytes_served" in f:
+        bits.append(f"daemon served {f['bytes_served']:,} bytes")
+    if f.get("fetches"):
+        bits.append(f"{f['fetches']:,} GETs of ~{f['mean_fetch_kib']:,.0f} KiB")
+    if "daemon_cpu_s" in n:
+        bits.append(f"daemon CPU {n['daemon_cpu_s']:.2f}s in {n['wall_s']:.2f}s")
+    if "flat" in n:
+        bits.append(f"VmHWM per mount {n['per_mount_vm_hwm_mib']}, flat: {n['flat']}")
+    return bits
+
+
+def render_notes(rows: dict[str, Row], systems: list[str]) -> str:
+    """A line of evidence per row and system: requests, read sizes, daemon CPU, RSS."""
     out = []
     for row in rows.values():
-        m = row.results.get("fusefs")
-        if m is None:
-            continue
-        if m.error:
-            out.append(f"- {row.spec.id}: {m.error}")
-            continue
-        n = m.notes
-        bits = []
-        if "gets_during_read" in n:
-            bits.append(f"GETs during the read after prefetch: {n['gets_during_read']}")
-        if "requests_per_file" in n:
-            bits.append(f"requests per file {n['requests_per_file']}")
-        if row.spec.group == "list" and "requests" in n:
-            r = n["requests"]
-            bits.append(f"LIST {r['list']}, HEAD {r['head']}, GET {r['get']}")
-        st = n.get("fusefs_stats") or {}
-        if "fetches" in st:
-            bits.append(f"fetches {st['fetches']} ({st.get('mean_fetch_kib', 0):,.0f} KiB each)")
-        if "flat" in n:
-            bits.append(f"VmHWM per mount {n['per_mount_vm_hwm_mib']}, flat: {n['flat']}")
-        if bits:
-            out.append(f"- {row.spec.id}: " + "; ".join(bits))
+        for system in systems:
+            m = row.results.get(system)
+            if m is None:
+                continue
+            text = m.error or "; ".join(evidence(m.notes, row.spec.group))
+            if text:
+                out.append(f"- {row.spec.id} [{system}]: {text}")
     return "\n".join(out)
 
 
@@ -1324,7 +1390,6 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             info["server_version"] = version
             b.proxy = ProxyProcess(b.direct_url, args.latency_ms)
             try:
-                prime_server(b, BIG_BUCKET, [BIG_KEY, MEDIUM_KEY])
                 run_groups(b, systems, rows)
             finally:
                 b.proxy.close()
@@ -1339,7 +1404,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     print()
     print(render_table(rows, names))
     print()
-    print(render_notes(rows))
+    print(render_notes(rows, names))
     print(f"\nelapsed: {info['elapsed_s']:.0f}s")
     return info
 
