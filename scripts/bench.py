@@ -17,6 +17,7 @@ the numbers are reported, with PASS/MISS against the issue's target ratios.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import functools
@@ -693,7 +694,7 @@ class Bench:
         self.args, self.sizes, self.work = args, sizes, work
         self.data = work / "data"
         self.direct_url = ""
-        self.proxy: ProxyProcess | None = None
+        self._proxies: dict[str, ProxyProcess] = {}
         self.monitor = RssMonitor()
         self.fusefs = Fusefs(args.fusefs_opt)
         self.observed: dict[str, Any] = {}
@@ -701,21 +702,29 @@ class Bench:
         self._serial = itertools.count(1)
         self._baselines: dict[str, Measure] = {}
 
+    def start_proxies(self) -> None:
+        """A proxy with the latency of ``--latency-ms`` and one with none: both count requests."""
+        self._proxies["latency"] = ProxyProcess(self.direct_url, self.args.latency_ms)
+        self._proxies["counting"] = ProxyProcess(self.direct_url, 0)
+
+    def close_proxies(self) -> None:
+        for p in self._proxies.values():
+            p.close()
+        self._proxies.clear()
+
     @property
-    def lat_url(self) -> str:
-        assert self.proxy is not None
-        return self.proxy.url
+    def latency(self) -> ProxyProcess:
+        """The proxy that adds ``--latency-ms`` (small files, prefetch, listings)."""
+        return self._proxies["latency"]
 
-    def client(self, via_proxy: bool) -> Any:
-        return s3_client(self.lat_url if via_proxy else self.direct_url)
+    @property
+    def counting(self) -> ProxyProcess:
+        """A proxy that adds no latency, to count the requests of random reads."""
+        return self._proxies["counting"]
 
-    def counts(self) -> dict[str, int]:
-        assert self.proxy is not None
-        return self.proxy.counts()
-
-    def reset_counts(self) -> None:
-        assert self.proxy is not None
-        self.proxy.reset()
+    def client(self, proxy: ProxyProcess | None = None) -> Any:
+        """A boto3 client straight to the server, or through ``proxy``."""
+        return s3_client(proxy.url if proxy else self.direct_url)
 
     def baseline(self, name: str, fn: Callable[[], Measure]) -> Measure:
         """A baseline measured once per run and shared by the rows that compare with it."""
@@ -777,22 +786,78 @@ def cpu_seconds(pid: int | None) -> float | None:
         return None
 
 
+@contextlib.contextmanager
+def profiled(b: Bench, m: Mounted, label: str | None) -> Iterator[None]:
+    """With ``--profile DIR``: sample the fusefs daemon with py-spy while the body runs, and
+    write the raw stacks and a summary of the hottest functions to DIR/LABEL.*."""
+    if not (b.args.profile and label and m.system == "fusefs" and m.pid):
+        yield
+        return
+    out = Path(b.args.profile) / f"{label}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = ["py-spy", "record", "--pid", str(m.pid), "--rate", "200", "--format", "raw",
+           "--nonblocking", "--output", str(out)]  # fmt: skip
+    spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # attached
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+    if out.exists():
+        out.with_suffix(".top.txt").write_text(summarize_profile(out))
+
+
+def summarize_profile(raw: Path, n: int = 30) -> str:
+    """The functions with the most samples in a py-spy raw (collapsed stacks) file: where the
+    daemon itself spends its time (self) and what it spends it under (inclusive)."""
+    own: collections.Counter[str] = collections.Counter()
+    under: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [f for f in stack.split(";") if f and not f.startswith("process ")]
+        total += int(count)
+        if frames:
+            own[frames[-1]] += int(count)
+        for f in set(frames):
+            under[f] += int(count)
+    lines = [f"{total} samples"]
+    for title, counter in (("self", own), ("inclusive", under)):
+        lines.append(f"\n-- {title}")
+        lines += [f"{100 * c / max(total, 1):5.1f}%  {f}" for f, c in counter.most_common(n)]
+    return "\n".join(lines) + "\n"
+
+
 def observe(
-    b: Bench, m: Mounted, fn: Callable[[], T], *, proxied: bool = False
+    b: Bench,
+    m: Mounted,
+    fn: Callable[[], T],
+    *,
+    proxy: ProxyProcess | None = None,
+    label: str | None = None,
 ) -> tuple[T, float, dict[str, Any]]:
     """Run ``fn`` against a mount: its result, wall seconds, and the evidence behind the figure:
     the daemon's CPU seconds, the fusefs counters it moved (with the mean size of a kernel read
-    request and of a fetch), and the requests that reached the server through the proxy."""
+    request and of a fetch), and the requests that reached the server through the proxy.
+    ``label`` names the py-spy profile taken with ``--profile``."""
     before, cpu0 = fusefs_counters(m), cpu_seconds(m.pid)
-    if proxied:
-        b.reset_counts()
-    out, secs = timed(fn)
+    if proxy is not None:
+        proxy.reset()
+    with profiled(b, m, label):
+        out, secs = timed(fn)
     cpu1 = cpu_seconds(m.pid)
     notes: dict[str, Any] = {"wall_s": round(secs, 3)}
     if cpu0 is not None and cpu1 is not None:
         notes["daemon_cpu_s"] = round(cpu1 - cpu0, 2)
-    if proxied:
-        notes["requests"] = b.counts()
+    if proxy is not None:
+        notes["requests"] = proxy.counts()
     after = fusefs_counters(m)
     if after:
         d: dict[str, float] = {k: after[k] - before.get(k, 0) for k in after}
@@ -814,7 +879,7 @@ def prime_local(path: Path) -> None:
 def prime_server(b: Bench, bucket: str, heads: Sequence[str] = ()) -> None:
     """List the bucket and HEAD the named keys directly, so the server's hashes (ETags) and
     directory cache are computed before any timed request."""
-    client = b.client(via_proxy=False)
+    client = b.client()
     list_keys(client, bucket)
     for key in heads:
         client.head_object(Bucket=bucket, Key=key)
@@ -851,7 +916,7 @@ def baselines_big(b: Bench) -> dict[str, Measure]:
     size = b.sizes.big
     prime_big(b)
     hot = [size / timed(lambda: read_file(local))[1] / 1e6 for _ in range(3)]
-    client = b.client(via_proxy=False)
+    client = b.client()
     dest = b.work / "download.bin"
     cfg = TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB,
                          max_concurrency=READERS)  # fmt: skip
@@ -876,12 +941,12 @@ def group_big(b: Bench, system: System) -> dict[str, Measure]:
     prime_big(b)
     with b.mount(system, BIG_BUCKET, b.direct_url, "big") as m:
         path = m.path / BIG_KEY
-        got, cold, cold_notes = observe(b, m, lambda: read_file(path))
+        got, cold, cold_notes = observe(b, m, lambda: read_file(path), label="seq_cold")
         check_size(got, size, "cold read")
         hot_runs = [observe(b, m, lambda: read_file(path)) for _ in range(3)]
         _, hot, hot_notes = min(hot_runs, key=lambda run: run[1])
         how = drop_caches(path, m.cache_dir)
-        got, warm, warm_notes = observe(b, m, lambda: read_file(path))
+        got, warm, warm_notes = observe(b, m, lambda: read_file(path), label="seq_warm")
         check_size(got, size, "warm read")
         if system.name == "fusefs":
             b.observed["kernel_tunables"] = m.tunables
@@ -901,28 +966,36 @@ def random_offsets(b: Bench) -> list[int]:
 
 
 def baselines_random(b: Bench) -> dict[str, Measure]:
+    """boto3 ranged GETs of 4 KiB, 16 threads, through the counting proxy (as the mounts)."""
     prime_big(b)
-    client = b.client(via_proxy=False)
+    client = b.client(b.counting)
     offsets = random_offsets(b)
 
     def one(off: int) -> int:
         return get_object(client, BIG_BUCKET, BIG_KEY, f"bytes={off}-{off + BLOCK - 1}")
 
+    b.counting.reset()
     got, secs = timed(lambda: run_threads(one, offsets))
     check_size(got, len(offsets) * BLOCK, "boto3 random reads")
-    return {"random_4k": Measure(len(offsets) / secs, {"reads": len(offsets)})}
+    notes = {"reads": len(offsets), "requests": b.counting.counts()}
+    return {"random_4k": Measure(len(offsets) / secs, notes)}
 
 
 def group_random(b: Bench, system: System) -> dict[str, Measure]:
-    """``pread`` of 4 KiB at random offsets by 16 threads on one descriptor, fresh mount."""
+    """``pread`` of 4 KiB at random offsets by 16 threads on one descriptor, on a fresh mount
+    through the counting proxy (no latency), so the GETs and bytes fetched are known."""
     offsets = random_offsets(b)
     local = b.data / BIG_BUCKET / BIG_KEY
     prime_big(b)
-    with b.mount(system, BIG_BUCKET, b.direct_url, "random") as m:
+    with b.mount(system, BIG_BUCKET, b.counting.url, "random") as m:
         fd = os.open(m.path / BIG_KEY, os.O_RDONLY)
         try:
             got, secs, notes = observe(
-                b, m, lambda: run_threads(lambda o: len(os.pread(fd, BLOCK, o)), offsets)
+                b,
+                m,
+                lambda: run_threads(lambda o: len(os.pread(fd, BLOCK, o)), offsets),
+                proxy=b.counting,
+                label="random_4k",
             )
             with open(local, "rb") as f:  # spot-check the bytes
                 for off in offsets[:16]:
@@ -941,17 +1014,17 @@ def small_keys(b: Bench) -> list[str]:
 
 def baseline_small_get(b: Bench) -> Measure:
     """boto3: list the folder, then GET every key with 16 threads, through the latency proxy."""
-    client = b.client(via_proxy=True)
+    client = b.client(b.latency)
     n = b.sizes.small_files
 
     def work() -> int:
         keys = list_keys(client, SMALL_BUCKET, SMALL_DIR + "/")
         return run_threads(lambda k: get_object(client, SMALL_BUCKET, k), keys)
 
-    b.reset_counts()
+    b.latency.reset()
     got, secs = timed(work)
     check_size(got, n * b.sizes.small_size, "boto3 small GETs")
-    return Measure(n / secs, {"requests": b.counts()})
+    return Measure(n / secs, {"requests": b.latency.counts()})
 
 
 def prime_small(b: Bench) -> None:
@@ -987,14 +1060,14 @@ def group_small(b: Bench, system: System) -> dict[str, Measure]:
     limit = min(b.sizes.small_files, b.sizes.peer_files if system.name != "fusefs" else 1 << 30)
     expect = limit * b.sizes.small_size
     prime_small(b)
-    with b.mount(system, SMALL_BUCKET, b.lat_url, "small") as m:
+    with b.mount(system, SMALL_BUCKET, b.latency.url, "small") as m:
         folder = m.path / SMALL_DIR
         (files, got), cold, cold_notes = observe(
-            b, m, lambda: read_folder(folder, limit), proxied=True
+            b, m, lambda: read_folder(folder, limit), proxy=b.latency, label="small_cold"
         )
         check_size(got, expect, "small cold read")
         (files, got), warm, warm_notes = observe(
-            b, m, lambda: read_folder(folder, limit), proxied=True
+            b, m, lambda: read_folder(folder, limit), proxy=b.latency, label="small_warm"
         )
         check_size(got, expect, "small warm read")
     cold_notes.update(files=files, requests_per_file=per_file(cold_notes, files))
@@ -1021,19 +1094,20 @@ def group_prefetch(b: Bench, system: System) -> dict[str, Measure]:
         return {"prefetch": Measure(None, error=reason)}
     n = b.sizes.small_files
     prime_small(b)
-    with b.mount(system, SMALL_BUCKET, b.lat_url, "prefetch") as m:
+    with b.mount(system, SMALL_BUCKET, b.latency.url, "prefetch") as m:
         cmd = [sys.executable, "-m", "fusefs", "prefetch", str(m.path), SMALL_DIR, "--wait"]
         r, secs, notes = observe(
             b,
             m,
             lambda: subprocess.run(cmd, capture_output=True, text=True, env=fusefs_env()),
-            proxied=True,
+            proxy=b.latency,
+            label="prefetch",
         )
         if r.returncode != 0:
             msg = (r.stderr or r.stdout).strip().splitlines()
             return {"prefetch": Measure(None, error=f"prefetch failed: {msg[-1:]}")}
         (files, got), read_secs, read_notes = observe(
-            b, m, lambda: read_folder(m.path / SMALL_DIR, n), proxied=True
+            b, m, lambda: read_folder(m.path / SMALL_DIR, n), proxy=b.latency
         )
         check_size(got, n * b.sizes.small_size, "read after prefetch")
     gets = read_notes["requests"]["get"]
@@ -1051,23 +1125,24 @@ def baselines_list(b: Bench) -> dict[str, Measure]:
     """boto3 paginated list_objects_v2 of the whole listing bucket, through the proxy."""
     prime_local(b.data / LIST_BUCKET)
     prime_server(b, LIST_BUCKET)
-    client = b.client(via_proxy=True)
-    b.reset_counts()
+    client = b.client(b.latency)
+    b.latency.reset()
     keys, secs = timed(lambda: list_keys(client, LIST_BUCKET))
     check_size(len(keys), b.sizes.list_objects, "boto3 listing (keys)")
-    m = Measure(secs, {"requests": b.counts()})
+    m = Measure(secs, {"requests": b.latency.counts()})
     return {"find": m, "ls_lR": m}
 
 
 def run_listing(b: Bench, system: System, cmd: list[str], label: str) -> Measure:
     """Run a tree walk (``find``/``ls -lR``) over a fresh mount; seconds and requests."""
     out = b.work / f"{label}.out"
-    with b.mount(system, LIST_BUCKET, b.lat_url, label) as m, open(out, "wb") as f:
+    with b.mount(system, LIST_BUCKET, b.latency.url, label) as m, open(out, "wb") as f:
         r, secs, notes = observe(
             b,
             m,
             lambda: subprocess.run([*cmd, str(m.path)], stdout=f, stderr=subprocess.PIPE),
-            proxied=True,
+            proxy=b.latency,
+            label=label,
         )
     text = out.read_text(errors="replace")
     out.unlink()
@@ -1253,9 +1328,10 @@ def evidence(n: dict[str, Any], group: str) -> list[str]:
         bits.append(f"GETs during the read after prefetch: {n['gets_during_read']}")
     if "requests_per_file" in n:
         bits.append(f"requests per file {n['requests_per_file']}")
-    if group == "list" and "requests" in n:
+    if group in ("list", "random") and "requests" in n:
         r = n["requests"]
-        bits.append(f"LIST {r['list']}, HEAD {r['head']}, GET {r['get']}")
+        bits.append(f"LIST {r['list']}, HEAD {r['head']}, GET {r['get']}, "
+                    f"{r['bytes_out'] / 1e6:,.1f} MB from the server")  # fmt: skip
     f = n.get("fusefs") or {}
     if "mean_read_kib" in f:
         bits.append(f"{f['hits'] + f['misses']:,} kernel reads of ~{f['mean_read_kib']:,.0f} KiB")
@@ -1274,8 +1350,8 @@ def render_notes(rows: dict[str, Row], systems: list[str]) -> str:
     """A line of evidence per row and system: requests, read sizes, daemon CPU, RSS."""
     out = []
     for row in rows.values():
-        for system in systems:
-            m = row.results.get(system)
+        for system in ["baseline", *systems]:
+            m = row.baseline if system == "baseline" else row.results.get(system)
             if m is None:
                 continue
             text = m.error or "; ".join(evidence(m.notes, row.spec.group))
@@ -1327,6 +1403,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="ARG",
         help="extra argument for `fusefs mount` (repeatable), e.g. --block-size=1M",
     )
+    p.add_argument("--profile", metavar="DIR",
+                   help="sample the fusefs daemon with py-spy during each workload; write the "
+                   "stacks and a summary to DIR (the figures are then perturbed)")  # fmt: skip
     p.add_argument("--workdir", help=argparse.SUPPRESS)  # parent of the run's directory
     p.add_argument("--keep", action="store_true", help="keep the data and logs")
     args = p.parse_args(argv)
@@ -1388,11 +1467,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     try:
         with s3_server(b) as version:
             info["server_version"] = version
-            b.proxy = ProxyProcess(b.direct_url, args.latency_ms)
             try:
+                b.start_proxies()
                 run_groups(b, systems, rows)
             finally:
-                b.proxy.close()
+                b.close_proxies()
     finally:
         b.monitor.close()
     info["observed"] = b.observed
