@@ -38,7 +38,7 @@ from .cache.blocks import BlockStore, parse_cache_key
 from .config import Settings, human_size
 from .errors import AccessDenied, FusefsError, InvalidArgument, NotADirectory, NotFound
 from .fs import CONTROL_INO, ROOT_INO, Attr, FileSystem, Node
-from .prefetch import Prefetcher
+from .prefetch import Prefetcher, prefetch_concurrency
 from .reader import Reader
 
 #: Longest command line accepted (a prefetch of many quoted paths fits easily).
@@ -82,7 +82,7 @@ class Control:
         mp = posixpath.normpath(mountpoint) if mountpoint else ""
         self._mountpoints = sorted({mp, os.path.realpath(mp)} if mp else set(), key=len)[::-1]
         self.prefetcher = Prefetcher(
-            reader, blocks, stats, concurrency=max(1, settings.workers // 2)
+            reader, blocks, stats, concurrency=prefetch_concurrency(settings.workers)
         )
         self._handles: dict[int, _CtlHandle] = {}
         self._next = 1 << 40  # distinct from file handles

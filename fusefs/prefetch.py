@@ -1,10 +1,10 @@
 """Background prefetch: a cancellable queue of files, drained block by block at low priority.
 
 A ``prefetch`` command hands :meth:`Prefetcher.submit` the files it resolved and, per file, the
-blocks not yet cached; it returns at once. At most ``concurrency`` tasks (half the store workers,
-at least one) take blocks from the head of the queue and fetch them through
-:meth:`~fusefs.reader.Reader.fetch_block` at ``PREFETCH`` priority. So prefetch never holds more
-than half of the store connections, and the scheduler admits every waiting foreground read and
+blocks not yet cached; it returns at once. At most ``concurrency`` tasks (see
+:func:`prefetch_concurrency`) take blocks from the head of the queue and fetch them through
+:meth:`~fusefs.reader.Reader.fetch_block` at ``PREFETCH`` priority. So some store connections are
+always free for programs' reads, and the scheduler admits every waiting foreground read and
 readahead before a prefetch block. Queued blocks are not tasks: ``cancel`` simply drops them.
 
 Concurrency: every method runs on the trio thread. Queue and counter updates happen between
@@ -35,6 +35,12 @@ KEEP_FINISHED = 16
 #: Error messages kept per request, and paths shown per request.
 KEEP_ERRORS = 5
 SHOW_PATHS = 10
+
+
+def prefetch_concurrency(workers: int) -> int:
+    """Prefetch tasks for ``workers`` store connections: all but a reserve kept free for
+    programs' reads (2, or an eighth of the workers if more), and at least one."""
+    return max(1, workers - max(2, workers // 8))
 
 
 @dataclass

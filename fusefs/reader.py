@@ -217,8 +217,8 @@ class Reader:
         if self._nursery is None:
             return
         bkey = self.block_key(obj, idx)
-        if bkey.cache_key in self._inflight or self.blocks.contains(bkey):
-            return
+        if bkey.cache_key in self._inflight or self.blocks.warm(bkey):
+            return  # being fetched, or cached (and now being loaded from disk ahead)
         self._nursery.start_soon(self._readahead_fetch, obj, idx)
 
     async def _readahead_fetch(self, obj: ObjectInfo, idx: int) -> None:

@@ -251,7 +251,7 @@ def test_prefetch_never_starves_a_foreground_read(s3_bucket: Bucket, mount) -> N
         warm_gets = gets(s3_bucket, "warm")
         assert len(hot_get) == 1 and hot_get[0].finished is not None
         # ordering: the program's read finished while every prefetch GET was still held, and
-        # prefetch took no more than its share (half of --workers 2) of the connections
+        # prefetch took no more than its share of the connections (with --workers 2: one)
         assert len(warm_gets) == 1 and warm_gets[0].finished is None
 
         cancelled = ok(m.path, "cancel-prefetch warm")

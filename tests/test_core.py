@@ -342,3 +342,21 @@ def test_bad_setting_names_its_source(tmp_path: Path) -> None:
         load_settings({}, env={"FUSEFS_CACHE_SIZE_BYTES": "huge"}, config_path=os.devnull)
     with pytest.raises(UserError, match="--block-size"):
         load_settings({"block_size": "1"}, env={}, config_path=os.devnull)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["2026-11-21T21:00:00.000Z", "2026-11-21T21:00:00Z", "2026-11-21T21:00:00+00:00",
+     "Sat, 21 Nov 2026 21:00:00 GMT"],
+)
+def test_s3_timestamps_parse_as_listed_and_as_headers(text: str) -> None:
+    from fusefs.backends.s3 import epoch
+
+    assert epoch(text) == 1795294800.0
+
+
+@pytest.mark.parametrize(("workers", "tasks"), [(1, 1), (2, 1), (4, 2), (16, 14), (64, 56)])
+def test_prefetch_leaves_connections_to_programs(workers: int, tasks: int) -> None:
+    from fusefs.prefetch import prefetch_concurrency
+
+    assert prefetch_concurrency(workers) == tasks
