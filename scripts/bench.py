@@ -36,6 +36,8 @@ import tempfile
 import threading
 import time
 import traceback
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -722,6 +724,16 @@ class Bench:
         """A proxy that adds no latency, to count the requests of random reads."""
         return self._proxies["counting"]
 
+    def server_answers(self) -> bool:
+        """Does the S3 server still answer HTTP at all?"""
+        try:
+            with urllib.request.urlopen(self.direct_url + "/", timeout=5):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+
     def client(self, proxy: ProxyProcess | None = None) -> Any:
         """A boto3 client straight to the server, or through ``proxy``."""
         return s3_client(proxy.url if proxy else self.direct_url)
@@ -1213,7 +1225,7 @@ def run_groups(b: Bench, systems: list[System], rows: dict[str, Row]) -> None:
         measure, baselines = GROUPS[group]
         if baselines is not None:
             log(f"{group}: baselines")
-            for rid, m in _guarded(functools.partial(baselines, b), group, rows).items():
+            for rid, m in _guarded(b, functools.partial(baselines, b), group, rows).items():
                 if rid in rows:
                     rows[rid].baseline = m
         for system in systems:
@@ -1222,7 +1234,7 @@ def run_groups(b: Bench, systems: list[System], rows: dict[str, Row]) -> None:
             results = (
                 {rid: Measure(None, error=reason) for rid in rows}
                 if reason
-                else _guarded(functools.partial(measure, b, system), group, rows)
+                else _guarded(b, functools.partial(measure, b, system), group, rows)
             )
             for rid, m in results.items():
                 if rid in rows and rows[rid].spec.group == group:
@@ -1233,15 +1245,19 @@ def run_groups(b: Bench, systems: list[System], rows: dict[str, Row]) -> None:
             rows["rss"].results[system.name] = rss_measure(b, system.name)
 
 
-def _guarded(fn: Callable[[], dict[str, Measure]], group: str, rows: dict[str, Row]
-             ) -> dict[str, Measure]:  # fmt: skip
-    """Run one group; a failure becomes an error figure in each of its rows, not a crash."""
+def _guarded(
+    b: Bench, fn: Callable[[], dict[str, Measure]], group: str, rows: dict[str, Row]
+) -> dict[str, Measure]:
+    """Run one group; a failure becomes an error figure in each of its rows, not a crash,
+    unless the S3 server itself is gone (then every later figure would be an error too)."""
     try:
         return fn()
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON
         traceback.print_exc()
+        if not b.server_answers():
+            raise RuntimeError(f"the S3 server at {b.direct_url} stopped answering") from exc
         msg = f"{type(exc).__name__}: {exc}"[:300]
         return {rid: Measure(None, error=msg) for rid, r in rows.items() if r.spec.group == group}
 
@@ -1490,7 +1506,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: unmount, stop servers
+    # Unwind on Ctrl-C and SIGTERM (unmount, stop servers), even if started with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parent = args.workdir or tempfile.gettempdir()
     work = Path(tempfile.mkdtemp(prefix="fusefs-bench-", dir=parent))
     json_path = args.json_path or os.path.join(
