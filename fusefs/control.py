@@ -261,6 +261,7 @@ class Control:
     async def _cmd_clear(self, args: list[str]) -> dict[str, Any]:
         path = self._one_path(args, "clear")
         before = self.blocks.volume()
+        self.reader.forget_recent()  # nothing cleared may be served from memory either
         if path is None:
             removed = await trio.to_thread.run_sync(self.blocks.clear)
             what, kind = "", "cache"

@@ -36,6 +36,9 @@ from .stats import Stats
 
 log = logging.getLogger(__name__)
 
+#: Just-fetched blocks kept in memory (32 MiB with the default 8 MiB blocks).
+RECENT_BLOCKS = 4
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -66,7 +69,9 @@ def build(
     blocks: BlockStore
     if settings.cache_enabled:
         blocks = DiskBlockStore(settings.cache_dir, settings.cache_size)
-        recent = 0
+        # just-fetched blocks stay in memory a little: a sequential reader consumes each in
+        # several requests, served without reading the block back from its cache file
+        recent = RECENT_BLOCKS * settings.block_size
     else:
         blocks = NullBlockStore()
         recent = settings.readahead_max + 2 * settings.block_size

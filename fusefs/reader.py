@@ -110,6 +110,11 @@ class Reader:
         self._nursery: trio.Nursery | None = None
         self._on_stale = on_stale
 
+    def forget_recent(self) -> None:
+        """Drop the in-memory window of just-fetched blocks (after a ``clear``)."""
+        if self._recent is not None:
+            self._recent.clear()
+
     def start(self, nursery: trio.Nursery) -> None:
         """Give the reader a nursery for background readahead and prefetch tasks."""
         self._nursery = nursery
@@ -156,11 +161,14 @@ class Reader:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _cached(self, bkey: BlockKey, lo: int, hi: int) -> bytes | memoryview | None:
-        """``[lo, hi)`` of a block from the disk cache or the in-memory window (a hit)."""
-        data: bytes | memoryview | None = self.blocks.read(bkey, lo, hi - lo)
-        if data is None and self._recent is not None:
+        """``[lo, hi)`` of a block from the in-memory window of just-fetched blocks (no copy)
+        or the disk cache (a hit)."""
+        data: bytes | memoryview | None = None
+        if self._recent is not None:
             block = self._recent.get(bkey.cache_key)
             data = memoryview(block)[lo:hi] if block is not None else None
+        if data is None:
+            data = self.blocks.read(bkey, lo, hi - lo)
         if data is not None and len(data) == hi - lo:
             self.stats.add(S.HITS)
             return data

@@ -20,6 +20,7 @@ Thread safety: every method may be called from any thread; ``_lock`` guards ``_o
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -33,6 +34,9 @@ from typing import IO, Any
 import diskcache
 
 log = logging.getLogger(__name__)
+
+#: Blocks at least this large are files in the cache directory; smaller ones live in SQLite.
+MIN_FILE_SIZE = 32 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +104,7 @@ class DiskBlockStore:
             cull_limit=2,  # per set; blocks arrive one at a time, so 2 keeps up
             tag_index=True,
             statistics=False,
-            disk_min_file_size=32 * 1024,
+            disk_min_file_size=MIN_FILE_SIZE,
         )
         self._lock = threading.Lock()
         self._open: OrderedDict[str, _Open] = OrderedDict()
@@ -205,7 +209,13 @@ class DiskBlockStore:
     def put(self, bkey: BlockKey, data: bytes) -> None:
         """Store a block; failures (disk full...) are logged and the block simply not cached."""
         try:
-            self._cache.set(bkey.cache_key, data, tag=bkey.tag, retry=True)
+            if len(data) >= MIN_FILE_SIZE:
+                # diskcache writes a bytes value by iterating it as lines (tens of thousands of
+                # Python-level writes for binary data); a file object is copied in 4 MiB chunks
+                self._cache.set(bkey.cache_key, io.BytesIO(data), read=True, tag=bkey.tag,
+                                retry=True)
+            else:  # small blocks live inside SQLite
+                self._cache.set(bkey.cache_key, data, tag=bkey.tag, retry=True)
             self.puts += 1
         except Exception as exc:
             log.warning("could not store block in cache %s: %s", self.directory, exc)
