@@ -703,6 +703,7 @@ class Bench:
         self.rss: dict[str, dict[str, dict[str, float]]] = {}  # system -> group -> rss
         self._serial = itertools.count(1)
         self._baselines: dict[str, Measure] = {}
+        self.wanted = {s.id for s in wanted_specs(args.only)}
 
     def start_proxies(self) -> None:
         """A proxy with the latency of ``--latency-ms`` and one with none: both count requests."""
@@ -1172,6 +1173,8 @@ def group_list(b: Bench, system: System) -> dict[str, Measure]:
     """``find`` and ``ls -lR``, each on a fresh mount."""
     out = {}
     for rid, cmd, label in (("find", ["find"], "find"), ("ls_lR", ["ls", "-lR"], "ls")):
+        if rid not in b.wanted:
+            continue
         prime_local(b.data / LIST_BUCKET)
         prime_server(b, LIST_BUCKET)
         out[rid] = run_listing(b, system, cmd, label)
