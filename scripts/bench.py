@@ -524,15 +524,19 @@ def _wait_mounted(mp: Path, timeout: float = 60) -> None:
     raise RuntimeError(f"{mp} did not become a mount within {timeout:.0f}s")
 
 
-def fusefs_env() -> dict[str, str]:
-    """The environment of a fusefs mount: test credentials, no config file, no FUSEFS_*."""
+def fusefs_env(src: str | None = None) -> dict[str, str]:
+    """The environment of a fusefs command: test credentials, no config file, no FUSEFS_*;
+    with ``src``, the fusefs package is imported from that source tree instead."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FUSEFS_", "AWS_"))}
     env.update(
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
         AWS_DEFAULT_REGION="us-east-1",
         FUSEFS_CONFIG_PATH=os.devnull,
+        PYTHONSAFEPATH="1",  # `python -m fusefs` must not import ./fusefs from the cwd
     )
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     return env
 
 
@@ -541,14 +545,18 @@ class Fusefs(System):
 
     name = "fusefs"
 
-    def __init__(self, extra: Sequence[str] = ()) -> None:
+    def __init__(self, extra: Sequence[str] = (), src: str | None = None) -> None:
         self.extra = list(extra)
+        self.src = src
+
+    def env(self) -> dict[str, str]:
+        return fusefs_env(self.src)
 
     def start(self, bucket: str, url: str, mp: Path, cache: Path, logfile: Path) -> None:
         cmd = [sys.executable, "-m", "fusefs", "mount", f"s3://{bucket}", str(mp),
                "--endpoint-url", url, "--cache-dir", str(cache), "--log-file", str(logfile),
                *self.extra]  # fmt: skip
-        _run_checked(cmd, fusefs_env(), "fusefs mount", logfile)
+        _run_checked(cmd, self.env(), "fusefs mount", logfile)
 
 
 class S3fs(System):
@@ -698,7 +706,7 @@ class Bench:
         self.direct_url = ""
         self._proxies: dict[str, ProxyProcess] = {}
         self.monitor = RssMonitor()
-        self.fusefs = Fusefs(args.fusefs_opt)
+        self.fusefs = Fusefs(args.fusefs_opt, args.fusefs_src)
         self.observed: dict[str, Any] = {}
         self.rss: dict[str, dict[str, dict[str, float]]] = {}  # system -> group -> rss
         self._serial = itertools.count(1)
@@ -1090,10 +1098,10 @@ def group_small(b: Bench, system: System) -> dict[str, Measure]:
     }
 
 
-def prefetch_unavailable() -> str | None:
+def prefetch_unavailable(b: Bench) -> str | None:
     """Why ``fusefs prefetch`` cannot be used (no such command yet), or None."""
     r = subprocess.run([sys.executable, "-m", "fusefs", "prefetch", "--help"],
-                       capture_output=True, text=True, env=fusefs_env())  # fmt: skip
+                       capture_output=True, text=True, env=b.fusefs.env())  # fmt: skip
     if r.returncode != 0:
         return "not available: `fusefs prefetch` does not exist in this version"
     return None
@@ -1102,7 +1110,7 @@ def prefetch_unavailable() -> str | None:
 def group_prefetch(b: Bench, system: System) -> dict[str, Measure]:
     """``fusefs prefetch MOUNT files --wait`` on a fresh mount, then a read of every file with
     the GETs that reach the server counted (the target is 0)."""
-    reason = prefetch_unavailable() if system.name == "fusefs" else "not available: fusefs only"
+    reason = prefetch_unavailable(b) if system.name == "fusefs" else "not available: fusefs only"
     if reason:
         return {"prefetch": Measure(None, error=reason)}
     n = b.sizes.small_files
@@ -1112,7 +1120,7 @@ def group_prefetch(b: Bench, system: System) -> dict[str, Measure]:
         r, secs, notes = observe(
             b,
             m,
-            lambda: subprocess.run(cmd, capture_output=True, text=True, env=fusefs_env()),
+            lambda: subprocess.run(cmd, capture_output=True, text=True, env=b.fusefs.env()),
             proxy=b.latency,
             label="prefetch",
         )
@@ -1296,19 +1304,23 @@ def _version(cmd: list[str]) -> str | None:
     return (r.stdout or r.stderr).strip().splitlines()[0] if (r.stdout or r.stderr) else None
 
 
-def fusefs_info(extra: Sequence[str]) -> dict[str, Any]:
+def fusefs_info(fusefs: Fusefs) -> dict[str, Any]:
     """Commit, dirty state and the effective default settings of the fusefs being measured."""
-    from fusefs.config import load_settings
+    tree = fusefs.src or str(REPO)
 
     def git(*a: str) -> str:
-        r = subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True)
-        return r.stdout.strip()
+        r = subprocess.run(["git", "-C", tree, *a], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
 
-    settings = load_settings({}, env={}, config_path=os.devnull)
-    dirty = git("status", "--porcelain", "--", "fusefs")
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "uncommitted_changes_in_fusefs": bool(dirty),
-            "settings": settings.describe(), "extra_mount_args": list(extra)}  # fmt: skip
+    code = ("import os; from fusefs.config import load_settings; "
+            "print(load_settings({}, env={}, config_path=os.devnull).describe())")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=fusefs.env())  # fmt: skip
+    commit = git("rev-parse", "--short", "HEAD") or f"source tree {tree}"
+    return {"commit": commit, "source": tree,
+            "uncommitted_changes_in_fusefs": bool(git("status", "--porcelain", "--", "fusefs")),
+            "settings": r.stdout.strip() or r.stderr.strip()[-200:],
+            "extra_mount_args": fusefs.extra}  # fmt: skip
 
 
 def fmt_value(v: float | None) -> str:
@@ -1425,6 +1437,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="DIR",
                    help="sample the fusefs daemon with py-spy during each workload; write the "
                    "stacks and a summary to DIR (the figures are then perturbed)")  # fmt: skip
+    p.add_argument("--fusefs-src", metavar="DIR",
+                   help="measure the fusefs package in this source tree (e.g. a `git archive` "
+                   "of another commit) instead of the installed one")  # fmt: skip
     p.add_argument("--workdir", help=argparse.SUPPRESS)  # parent of the run's directory
     p.add_argument("--keep", action="store_true", help="keep the data and logs")
     args = p.parse_args(argv)
@@ -1472,7 +1487,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": shlex.join(["python", "scripts/bench.py", *sys.argv[1:]]),
         "machine": machine_info(),
-        "fusefs": fusefs_info(args.fusefs_opt),
+        "fusefs": fusefs_info(b.fusefs),
         "server": args.server,
         "latency_ms": args.latency_ms,
         "sizes": asdict(sizes),
