@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from svc_support import WorldDir
 
 from fusefs.testing.proxy import CountingProxy, is_object_get
 from fusefs.testing.servers import fake_gcs, gcs_client, moto_s3, s3_client
@@ -226,6 +227,16 @@ def bucket(request: pytest.FixtureRequest, tmp_path: Path) -> Bucket:
 @pytest.fixture
 def s3_bucket(s3_server: Any) -> Bucket:
     return make_s3_bucket(s3_server)
+
+
+@pytest.fixture
+def world() -> Iterator[WorldDir]:
+    """Scratch space outside /root that other uids can reach (see svc_support)."""
+    w = WorldDir()
+    try:
+        yield w
+    finally:
+        w.close()
 
 
 @pytest.fixture

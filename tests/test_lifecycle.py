@@ -10,7 +10,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,6 @@ KiB, MiB = 1024, 1024 * 1024
 BLOCK = 256 * KiB
 #: generous bound for "within a few seconds" on a noisy 2-core machine
 STOP_BOUND = 15.0
-
-
-@pytest.fixture
-def world() -> Iterator[WorldDir]:
-    w = WorldDir()
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 def _gets(bucket: Bucket) -> int:

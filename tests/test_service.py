@@ -41,15 +41,6 @@ HELPER_MARK = "# installed by the fusefs test suite"
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 
 
-@pytest.fixture
-def world() -> Iterator[WorldDir]:
-    w = WorldDir()
-    try:
-        yield w
-    finally:
-        w.close()
-
-
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("FUSEFS_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM"))}
