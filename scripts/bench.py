@@ -1316,7 +1316,8 @@ def fusefs_info(fusefs: Fusefs) -> dict[str, Any]:
             "print(load_settings({}, env={}, config_path=os.devnull).describe())")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=fusefs.env())  # fmt: skip
-    commit = git("rev-parse", "--short", "HEAD") or f"source tree {tree}"
+    # the last commit that changed fusefs/ (HEAD may be a commit of other files)
+    commit = git("log", "-1", "--format=%h", "--", "fusefs") or f"source tree {tree}"
     return {"commit": commit, "source": tree,
             "uncommitted_changes_in_fusefs": bool(git("status", "--porcelain", "--", "fusefs")),
             "settings": r.stdout.strip() or r.stderr.strip()[-200:],
