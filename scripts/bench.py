@@ -796,13 +796,14 @@ def fusefs_counters(m: Mounted) -> dict[str, int]:
     return {k: int(data[k]) for k in _COUNTERS if isinstance(data.get(k), int)}
 
 
-def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU seconds a process has used so far."""
+def cpu_and_faults(pid: int | None) -> tuple[float, int] | None:
+    """User + system CPU seconds and minor page faults of a process so far."""
     if pid is None:
         return None
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu, int(fields[7])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -868,15 +869,16 @@ def observe(
     the daemon's CPU seconds, the fusefs counters it moved (with the mean size of a kernel read
     request and of a fetch), and the requests that reached the server through the proxy.
     ``label`` names the py-spy profile taken with ``--profile``."""
-    before, cpu0 = fusefs_counters(m), cpu_seconds(m.pid)
+    before, cpu0 = fusefs_counters(m), cpu_and_faults(m.pid)
     if proxy is not None:
         proxy.reset()
     with profiled(b, m, label):
         out, secs = timed(fn)
-    cpu1 = cpu_seconds(m.pid)
+    cpu1 = cpu_and_faults(m.pid)
     notes: dict[str, Any] = {"wall_s": round(secs, 3)}
     if cpu0 is not None and cpu1 is not None:
-        notes["daemon_cpu_s"] = round(cpu1 - cpu0, 2)
+        notes["daemon_cpu_s"] = round(cpu1[0] - cpu0[0], 2)
+        notes["daemon_minor_faults"] = cpu1[1] - cpu0[1]
     if proxy is not None:
         notes["requests"] = proxy.counts()
     after = fusefs_counters(m)
@@ -1372,7 +1374,8 @@ def evidence(n: dict[str, Any], group: str) -> list[str]:
     if f.get("fetches"):
         bits.append(f"{f['fetches']:,} GETs of ~{f['mean_fetch_kib']:,.0f} KiB")
     if "daemon_cpu_s" in n:
-        bits.append(f"daemon CPU {n['daemon_cpu_s']:.2f}s in {n['wall_s']:.2f}s")
+        bits.append(f"daemon CPU {n['daemon_cpu_s']:.2f}s in {n['wall_s']:.2f}s, "
+                    f"{n.get('daemon_minor_faults', 0):,} page faults")  # fmt: skip
     if "flat" in n:
         bits.append(f"VmHWM per mount {n['per_mount_vm_hwm_mib']}, flat: {n['flat']}")
     return bits
