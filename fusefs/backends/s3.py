@@ -118,8 +118,9 @@ class _FastGet:
     client's own HTTP session (its pool, TLS and proxy settings), to the bucket URL that boto3
     itself used for the first listing. Only a 200/206 of the right length is taken; anything
     else returns None and the caller repeats the request through boto3, which maps errors,
-    retries and follows redirects. An answer that says this path does not fit the server
-    (not an object state like 404, 412 or 416) turns it off for the rest of the mount.
+    retries and follows redirects. If boto3 then succeeds where this path got an HTTP error
+    (a signature or redirect this path does not handle), the path is turned off for the rest of
+    the mount, so no server ever sees every GET twice.
     """
 
     def __init__(self, client: Any, credentials: Any) -> None:
@@ -128,6 +129,7 @@ class _FastGet:
         self._region = client.meta.region_name or "us-east-1"
         self._http = getattr(getattr(client, "_endpoint", None), "http_session", None)
         self._base: str | None = None
+        self.refused = False  # the last attempt got an HTTP error answer
         self.enabled = credentials is not None and self._http is not None
         if self.enabled:
             client.meta.events.register("before-send.s3.ListObjectsV2", self._learn_base)
@@ -138,6 +140,7 @@ class _FastGet:
             self._base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/"
 
     def get(self, key: str, start: int, length: int, version: str) -> bytes | None:
+        self.refused = False
         if self._base is None:
             return None  # no listing seen yet: boto3 does this one
         headers = {"Range": f"bytes={start}-{start + length - 1}"}
@@ -164,10 +167,14 @@ class _FastGet:
             raw.release_conn()
         if status in (200, 206):
             return data if len(data) == length else None
-        if status not in (403, 404, 412, 416, 429) and status < 500:
-            log.info("fast GET path off for this mount (HTTP %d); using boto3", status)
-            self.enabled = False
+        self.refused = status not in (412, 416, 429) and status < 500
         return None
+
+    def boto3_succeeded(self) -> None:
+        """The request this path gave up on worked through boto3: stop using this path."""
+        if self.refused:
+            log.info("fast GET path off for this mount: the server refused it, boto3 not")
+            self.enabled = False
 
 
 class S3Store:
@@ -279,6 +286,7 @@ class S3Store:
             if etag and version and etag != version:  # a server that ignores If-Match
                 raise StaleVersion(f"{self._name(key)}: changed (ETag {etag} != {version})")
             data: bytes = r["Body"].read()
+            self._fast.boto3_succeeded()
             return data
         except FusefsError:
             raise
