@@ -324,20 +324,23 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
 
 
-def bound_malloc(block_size: int) -> None:
-    """Keep the daemon's memory flat: glibc raises its mmap threshold after big buffers are
-    freed, so later block buffers (MiBs each) land in per-thread arenas and are never given
-    back. A fixed threshold of half a block (at least 2 MiB) makes block buffers their own
-    mappings, returned on free, while the 1 MiB reply buffers stay on the heap and are reused
-    (a threshold of 1 MiB cost a page fault per 4 KiB replied). With two arenas, peak RSS on a
-    cold 768 MiB read went from 260 to about 160 MiB. glibc only; elsewhere nothing happens."""
+def bound_malloc() -> None:
+    """Keep the daemon's memory bounded without paying a page fault per 4 KiB.
+
+    By default glibc gives each thread its own arena (up to 8 per core) and raises its mmap
+    threshold as big buffers come and go, so block buffers (MiBs each) spread over many arenas
+    that are never given back: peak RSS on a cold 768 MiB read was 260 MiB. Two arenas bound
+    that. Keeping the mmap threshold fixed at glibc's maximum (32 MiB) lets block and reply
+    buffers be reused from the heap instead of being fresh mappings (a 1 MiB threshold cost
+    ~400k page faults per cold GiB and a quarter of the warm throughput). Measured: peak
+    ~180 MiB, 125k faults, cold 1.0-1.3 GB/s on that read. glibc only; elsewhere a no-op."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return
     m_mmap_threshold, m_arena_max = -3, -8
-    mallopt(m_mmap_threshold, max(2 << 20, block_size // 2))
+    mallopt(m_mmap_threshold, 32 << 20)
     mallopt(m_arena_max, 2)
 
 
@@ -506,7 +509,7 @@ def run(m: Mount, ready: Any, *, daemon: bool = False) -> None:
     is written and the cache closed.
     """
     raise_fd_limit()
-    bound_malloc(m.settings.block_size)
+    bound_malloc()
     pending: list[int] = []
     # until trio takes them (and after it lets go): remember, never die with the mount up
     previous = {sig: signal.signal(sig, lambda s, _f: pending.append(s)) for sig in _SIGNALS}
