@@ -615,23 +615,9 @@ class RcloneMount(System):
 
 def s3_client(url: str) -> Any:
     """A boto3 client for the local server with a connection pool big enough for 16 threads."""
-    import boto3
-    from botocore.config import Config
+    from fusefs.testing import servers
 
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-        config=Config(
-            s3={"addressing_style": "path"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            max_pool_connections=64,
-            retries={"mode": "standard", "max_attempts": 3},
-        ),
-    )
+    return servers.s3_client(url, max_pool_connections=64)
 
 
 def list_keys(client: Any, bucket: str, prefix: str = "") -> list[str]:
