@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
-import boto3
 import pytest
-from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
+from fusefs.testing import servers
 from fusefs.testing.proxy import CountingProxy, Request, is_head, is_list, is_object_get
 
 MiB = 1024 * 1024
@@ -54,19 +53,8 @@ def proxy(moto_url: str) -> Iterator[CountingProxy]:
 
 
 def s3_client(endpoint: str) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        config=Config(
-            s3={"addressing_style": "path"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            retries={"total_max_attempts": 1},
-        ),
-    )
+    """No retries: every request the test makes reaches the proxy exactly once."""
+    return servers.s3_client(endpoint, max_attempts=1)
 
 
 @pytest.fixture

@@ -146,7 +146,7 @@ def moto_s3() -> Iterator[MotoS3]:
         server.stop()
 
 
-def s3_client(endpoint_url: str, *, max_pool_connections: int = 10) -> Any:
+def s3_client(endpoint_url: str, *, max_pool_connections: int = 10, max_attempts: int = 3) -> Any:
     """A boto3 S3 client for a local test server: path-style, dummy credentials, us-east-1."""
     import boto3
     from botocore.config import Config
@@ -162,7 +162,7 @@ def s3_client(endpoint_url: str, *, max_pool_connections: int = 10) -> Any:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             max_pool_connections=max_pool_connections,
-            retries={"mode": "standard", "max_attempts": 3},
+            retries={"mode": "standard", "max_attempts": max_attempts},
         ),
     )
 
