@@ -267,15 +267,11 @@ class FileSystem:
         info = result.get("file")
         if isinstance(info, ObjectInfo):
             self._negative.pop(path, None)
-            return self._update_file(path, info, now)
+            return self._node_for(path, False, info, now)
         self._negative[path] = now
         if len(self._negative) > 100_000:
             self._negative.clear()
         raise NotFound(f"{path}: no such file or directory")
-
-    def _update_file(self, path: str, info: ObjectInfo, now: float) -> Node:
-        node = self._node_for(path, False, info, now)
-        return node
 
     async def getattr(self, ino: int) -> Node:
         if ino == CONTROL_INO:
