@@ -28,7 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import diskcache
@@ -48,10 +48,12 @@ class BlockKey:
     version: str
     block_size: int
     index: int
+    #: Computed once: every read looks a block up by it, often more than once.
+    cache_key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def cache_key(self) -> str:
-        return json.dumps([self.source, self.key, self.version, self.block_size, self.index])
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cache_key", json.dumps(
+            [self.source, self.key, self.version, self.block_size, self.index]))
 
     @property
     def tag(self) -> str:
