@@ -244,7 +244,7 @@ class Control:
             blocks += self.reader.block_count(n.info.size)
             have = cached.get((n.info.key, n.info.version), set())
             cached_count += len(have)
-            cached_bytes += sum(self._block_bytes(n.info, i) for i in have)
+            cached_bytes += sum(self.reader.block_bytes(n.info, i) for i in have)
         return {
             "path": node.path or ".",
             "type": "directory" if node.is_dir else "file",
@@ -418,10 +418,6 @@ class Control:
             if p and p[0] == source and p[3] == bs and (p[1], p[2]) in keys:
                 out.setdefault((p[1], p[2]), set()).add(p[4])
         return out
-
-    def _block_bytes(self, obj: ObjectInfo, idx: int) -> int:
-        bs = self.reader.block_size
-        return max(0, min(bs, obj.size - idx * bs))
 
     # --- statistics ------------------------------------------------------------------------
 

@@ -136,7 +136,7 @@ class Prefetcher:
         """Queue ``files`` as (object, its uncached block indices); returns at once."""
         req = PrefetchRequest(next(self._ids), paths)
         for obj, todo in files:
-            nbytes = sum(self._block_bytes(obj, i) for i in todo)
+            nbytes = sum(self.reader.block_bytes(obj, i) for i in todo)
             req.bytes_cached += obj.size - nbytes
             if not todo:
                 req.files_cached += 1
@@ -172,7 +172,7 @@ class Prefetcher:
             dropped = f.todo[f.next :]
             f.next = len(f.todo)
             f.cancelled = True
-            b = sum(self._block_bytes(f.obj, i) for i in dropped)
+            b = sum(self.reader.block_bytes(f.obj, i) for i in dropped)
             files += 1
             blocks += len(dropped)
             nbytes += b
@@ -232,7 +232,7 @@ class Prefetcher:
                     ok, err = await self._fetch(f.obj, idx)
                 finally:
                     f.running -= 1
-                nb = self._block_bytes(f.obj, idx)
+                nb = self.reader.block_bytes(f.obj, idx)
                 if ok:
                     f.req.bytes_done += nb
                     self.bytes["done"] += nb
@@ -287,7 +287,3 @@ class Prefetcher:
         finished = [i for i, r in self._requests.items() if r.finished is not None]
         for i in finished[: max(0, len(finished) - KEEP_FINISHED)]:
             del self._requests[i]
-
-    def _block_bytes(self, obj: ObjectInfo, idx: int) -> int:
-        bs = self.reader.block_size
-        return max(0, min(bs, obj.size - idx * bs))

@@ -132,6 +132,10 @@ class Reader:
     def block_count(self, size: int) -> int:
         return (size + self.block_size - 1) // self.block_size
 
+    def block_bytes(self, obj: ObjectInfo, idx: int) -> int:
+        """Length of block ``idx`` of ``obj`` (the last one may be short)."""
+        return max(0, min(self.block_size, obj.size - idx * self.block_size))
+
     # --- the read path ---------------------------------------------------------------------
 
     async def read(
