@@ -13,7 +13,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .config import SETTING_NAMES, Settings, default_config_path, human_size, load_settings
+from .config import (
+    SETTING_NAMES,
+    Settings,
+    default_config_path,
+    human_size,
+    load_settings,
+    setting_field,
+)
 from .errors import FusefsError, UserError
 from .fs import CONTROL_NAME
 
@@ -43,9 +50,7 @@ _BOOL_FLAGS = ("allow_other", "read_only")
 
 
 def _help(name: str) -> str:
-    from dataclasses import fields
-
-    f = next(f for f in fields(Settings) if f.name == name)
+    f = setting_field(name)
     env = f.metadata.get("env")
     return f"{f.metadata['help']}" + (f" [env {env}]" if env else "")
 

@@ -264,7 +264,8 @@ class Settings:
 SETTING_NAMES = tuple(f.name for f in fields(Settings) if f.name != "sources")
 
 
-def _field(name: str) -> Any:
+def setting_field(name: str) -> Any:
+    """The dataclass field of one setting (its metadata: parser, env, help)."""
     return next(f for f in fields(Settings) if f.name == name)
 
 
@@ -304,7 +305,8 @@ def load_settings(
 
     settings = Settings()
     for name in SETTING_NAMES:
-        meta = _field(name).metadata
+        f = setting_field(name)
+        meta = f.metadata
         if name in cli:
             raw, source = cli[name], "--" + name.replace("_", "-")
         elif meta["env"] and meta["env"] in env:
@@ -315,7 +317,7 @@ def load_settings(
             continue
         in_file = source.endswith(f" in {path}")
         where = f"{name}={raw!r} in {path}" if in_file else f"{source}={raw!r}"
-        if isinstance(raw, bool) and _field(name).type != "bool":
+        if isinstance(raw, bool) and f.type != "bool":
             raise UserError(f"invalid {where}: not a true/false setting")
         try:
             setattr(settings, name, meta["parse"](raw))
