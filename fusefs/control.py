@@ -36,7 +36,15 @@ from . import stats as S
 from .backends.base import ObjectInfo
 from .cache.blocks import BlockStore, parse_cache_key
 from .config import Settings, human_size
-from .errors import AccessDenied, FusefsError, InvalidArgument, NotADirectory, NotFound
+from .errors import (
+    AccessDenied,
+    FusefsError,
+    InvalidArgument,
+    NotADirectory,
+    NotFound,
+    first_error,
+    single_error,
+)
 from .fs import CONTROL_INO, ROOT_INO, Attr, FileSystem, Node
 from .prefetch import Prefetcher, prefetch_concurrency
 from .reader import Reader
@@ -186,19 +194,20 @@ class Control:
             self._fail(h, exc, words[0])
         h.result, h.origin = self.render(result), None
 
-    def _fail(self, h: _CtlHandle, exc: Exception, command: str) -> NoReturn:
+    def _fail(self, h: _CtlHandle, exc: BaseException, command: str) -> NoReturn:
         """Record the error for the next read on this handle, then fail the write with it.
 
         Lines after the failed one are dropped: a script's later commands never run on a
-        broken premise.
+        broken premise. An exception group (from a nursery) is reported as its real error.
         """
         h.buf.clear()
-        if isinstance(exc, FusefsError):
-            code, message = exc.errno, str(exc)
-        elif isinstance(exc, OSError) and exc.errno:
-            code, message = exc.errno, str(exc)
+        err = first_error(exc)
+        if isinstance(err, FusefsError):
+            code, message = err.errno, str(err)
+        elif isinstance(err, OSError) and err.errno:
+            code, message = err.errno, str(err)
         else:
-            code, message = errno.EIO, f"internal error: {exc!r}"
+            code, message = errno.EIO, f"internal error: {err!r}"
         h.result = self.render(
             {
                 "command": command,
@@ -208,7 +217,7 @@ class Control:
             }
         )
         h.origin = None
-        raise exc
+        raise err
 
     @staticmethod
     def render(obj: dict[str, Any]) -> bytes:
@@ -387,8 +396,9 @@ class Control:
                 else:
                     files.append(child)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(visit, node, nursery)
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(visit, node, nursery)
         return files
 
     async def cached_blocks(self, objs: list[ObjectInfo]) -> dict[tuple[str, str], set[int]]:

@@ -32,6 +32,7 @@ from .errors import (
     NotFound,
     ReadOnly,
     StaleVersion,
+    single_error,
 )
 from .reader import Reader, SeqState
 
@@ -255,9 +256,10 @@ class FileSystem:
             if pages is not None and (pages.objects or pages.prefixes):  # type: ignore[attr-defined]
                 result["dir"] = True
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(head)
-            nursery.start_soon(is_dir)
+        with single_error():  # a refusal stays EACCES, not an exception group
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(head)
+                nursery.start_soon(is_dir)
         now = self.clock()
         if "dir" in result:
             if "file" in result:

@@ -234,9 +234,9 @@ def fuse_options(m: Mount) -> set[str]:
     opts = {f"fsname={fsname}", "subtype=fusefs", "default_permissions", "noatime"}
     if s.allow_other:
         opts.add("allow_other")
-    if s.read_only:
-        opts.add("ro")  # the kernel refuses writes itself, and mount(8) lists the mount as ro
-    opts.update(m.extra_fuse_options)
+    # --read-only is enforced by fusefs (EROFS for every change, no write bits shown), not by
+    # the kernel's ``ro``: a kernel-side ro mount would refuse the control file's commands too.
+    opts.update(o for o in m.extra_fuse_options if o != "ro")
     return opts
 
 

@@ -22,7 +22,7 @@ from . import stats as S
 from . import threads
 from .backends.base import ObjectInfo, ObjectStore
 from .cache.blocks import BlockKey, BlockStore
-from .errors import BackendError, FusefsError, StaleVersion
+from .errors import BackendError, FusefsError, StaleVersion, single_error
 from .scheduler import FOREGROUND, READAHEAD, Scheduler, Ticket
 
 log = logging.getLogger(__name__)
@@ -196,9 +196,10 @@ class Reader:
             async def one(idx: int, lo: int, hi: int) -> None:
                 units[idx] = memoryview(await self.fetch_block(obj, idx, FOREGROUND, u))[lo:hi]
 
-            async with trio.open_nursery() as nursery:
-                for args in missing:
-                    nursery.start_soon(one, *args)
+            with single_error():  # trio wraps errors in groups: keep StaleVersion visible
+                async with trio.open_nursery() as nursery:
+                    for args in missing:
+                        nursery.start_soon(one, *args)
         parts = [units[i] for i in sorted(units)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
