@@ -44,7 +44,12 @@ def _read_only(*_: Any, **__: Any) -> Any:
 
 
 class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
-    """Maps kernel requests onto :class:`FileSystem` and :class:`Control`."""
+    """Maps kernel requests onto :class:`FileSystem` and :class:`Control`.
+
+    Invariant: no handler lets an exception other than ``FUSEError`` escape (pyfuse3 would end
+    its main loop and the mount with it): every one is wrapped by :func:`_errors`, or, where the
+    kernel expects no reply (``forget``), logs the error.
+    """
 
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -89,8 +94,11 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         return self._entry(self.fs.attr(node))
 
     async def forget(self, inode_list: Any) -> None:
-        for ino, n in inode_list:
-            self.fs.forget(ino, n)
+        try:
+            for ino, n in inode_list:
+                self.fs.forget(ino, n)
+        except Exception as exc:  # FORGET has no reply: log, never end the main loop
+            to_errno(exc)
 
     @_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -114,6 +122,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
                 return
             node.lookups += 1
 
+    @_errors
     async def releasedir(self, fh: int) -> None:
         return None
 
@@ -138,6 +147,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
             return await self.control.write(fh, buf)
         raise ReadOnly("read-only file system")
 
+    @_errors
     async def release(self, fh: int) -> None:
         if self.control.owns(fh):
             try:  # once FLUSH is off (below), a last line without a newline runs here
@@ -167,6 +177,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
             return self._entry(self.control.attr(), 0)  # `echo cmd > .fusefs` truncates first
         raise ReadOnly("read-only file system")
 
+    @_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
         bsize = 4096
@@ -180,12 +191,15 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         s.f_namemax = 255
         return s
 
+    @_errors
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
         return True
 
+    @_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
+    @_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         return []
 

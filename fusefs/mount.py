@@ -380,6 +380,16 @@ def status_text(m: Mount) -> str:
     )
 
 
+def safe_status_text(m: Mount) -> str:
+    """:func:`status_text`, or a short line if the cache cannot be asked (never raises: the
+    status loop runs beside the serving loop, and an error there would end the mount)."""
+    try:
+        return status_text(m)
+    except Exception as exc:  # noqa: BLE001 - e.g. a locked or damaged cache index
+        log.warning("status: cannot read cache figures: %s", exc)
+        return f"{m.source} on {m.mountpoint}: serving (cache figures unavailable)"
+
+
 def reload(m: Mount) -> None:
     """SIGHUP: reopen the log file and apply what changed in the config file, if it can be.
 
@@ -474,15 +484,18 @@ async def _serve(m: Mount, ready: Any, pending: list[int], daemon: bool) -> None
                 ready(f"the mount does not answer: {exc.strerror}")
                 nursery.cancel_scope.cancel()
                 return
-            kernel.tune(st.st_dev, m.settings.read_ahead_kb, m.settings.max_background)
+            try:
+                kernel.tune(st.st_dev, m.settings.read_ahead_kb, m.settings.max_background)
+            except Exception as exc:  # noqa: BLE001 - tuning is optional, serving is not
+                log.warning("kernel tuning failed: %s", exc)
             log.info("mounted %s on %s", m.source, m.mountpoint)
-            status = await threads.run_sync(status_text, m)
+            status = await threads.run_sync(safe_status_text, m)
             ready(None)
             notify.send("READY=1", f"STATUS={status}", *([f"MAINPID={os.getpid()}"] * daemon))
             interval = _status_interval()
             while notify.enabled():
                 await trio.sleep(interval)
-                notify.send(f"STATUS={await threads.run_sync(status_text, m)}")
+                notify.send(f"STATUS={await threads.run_sync(safe_status_text, m)}")
 
         async def watchdog(interval: float) -> None:
             while True:

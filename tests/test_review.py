@@ -138,3 +138,41 @@ def test_changed_object_under_random_reads_is_estale_on_a_mount(s3_bucket: Bucke
         with pytest.raises(OSError) as ei:
             f.read(200 * KiB)  # two random units: fetched in a nursery
         assert ei.value.errno == errno.ESTALE
+
+
+# --- no handler error ends the mount (item 8) ----------------------------------------------
+
+
+class _BrokenIndex(NullBlockStore):
+    """A block store whose index fails, as a locked or damaged SQLite file does."""
+
+    def volume(self) -> int:
+        import sqlite3
+
+        raise sqlite3.OperationalError("database is locked")
+
+    count = volume  # type: ignore[assignment]
+
+
+def test_handlers_turn_any_error_into_an_errno(tmp_path: Path) -> None:
+    import pyfuse3
+
+    from fusefs.control import Control
+    from fusefs.fuse_ops import FuseOperations
+    from fusefs.mount import Mount, safe_status_text
+
+    store = LocalStore(str(tmp_path))
+    blocks = _BrokenIndex()
+    settings = Settings(cache_size=0)
+    stats = Stats()
+    reader = Reader(store, blocks, stats, block_size=64 * KiB, workers=2, readahead_max=64 * KiB)
+    fs = FileSystem(store, reader, settings)
+    control = Control(fs, reader, blocks, stats, settings, "file://x")
+    ops = FuseOperations(fs, control)
+    with pytest.raises(pyfuse3.FUSEError) as ei:  # sqlite3.OperationalError before
+        trio.run(ops.statfs, None)
+    assert ei.value.errno == errno.EIO
+    trio.run(ops.forget, [(12345, 1)])  # unknown inode: logged, never raised
+    m = Mount("file://x", "/mnt", Settings(cache_size=1 << 30), store, blocks, stats, reader,
+              fs, control, ops)
+    assert "unavailable" in safe_status_text(m)  # the systemd STATUS loop keeps going
