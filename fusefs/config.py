@@ -100,7 +100,15 @@ def _log_level(v: Any) -> str:
 
 
 def _octal_mode(v: Any) -> int:
-    n = v if isinstance(v, int) else int(str(v), 8)
+    """Permission bits written in octal, as ``chmod`` takes them: ``"0644"``, ``"644"``,
+    ``"0o644"``. A bare TOML integer is refused: ``644`` would be read as decimal (0o1204),
+    and ``0o644`` cannot be told apart from a decimal 420 once parsed."""
+    if isinstance(v, int):
+        raise ValueError('write the mode as an octal string in quotes, e.g. "0644"')
+    try:
+        n = int(str(v).strip(), 8)
+    except ValueError:
+        raise ValueError(f"not an octal file mode: {v!r} (e.g. 0644)") from None
     if not 0 <= n <= 0o7777:
         raise ValueError(f"not a file mode: {v!r}")
     return n

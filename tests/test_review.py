@@ -176,3 +176,23 @@ def test_handlers_turn_any_error_into_an_errno(tmp_path: Path) -> None:
     m = Mount("file://x", "/mnt", Settings(cache_size=1 << 30), store, blocks, stats, reader,
               fs, control, ops)
     assert "unavailable" in safe_status_text(m)  # the systemd STATUS loop keeps going
+
+
+# --- modes in the config file are octal (item 10) ------------------------------------------
+
+
+def test_file_mode_in_config_is_octal_and_bare_integers_are_refused(tmp_path: Path) -> None:
+    from fusefs.config import load_settings
+    from fusefs.errors import UserError
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('file_mode = "0640"\ndir_mode = "750"\n')
+    s = load_settings(env={}, config_path=str(cfg))
+    assert (s.file_mode, s.dir_mode) == (0o640, 0o750)
+    cfg.write_text("file_mode = 644\n")  # read as decimal 644 = 0o1204 before
+    with pytest.raises(UserError, match='file_mode=644 in .*octal string in quotes, e.g. "0644"'):
+        load_settings(env={}, config_path=str(cfg))
+    cfg.write_text('file_mode = "0986"\n')
+    with pytest.raises(UserError, match="not an octal file mode"):
+        load_settings(env={}, config_path=str(cfg))
+    assert load_settings(cli={"file_mode": "0o600"}, env={}).file_mode == 0o600
