@@ -40,12 +40,10 @@ from .errors import (
     AccessDenied,
     FusefsError,
     InvalidArgument,
-    NotADirectory,
-    NotFound,
     first_error,
     single_error,
 )
-from .fs import CONTROL_INO, ROOT_INO, Attr, FileSystem, Node
+from .fs import CONTROL_INO, Attr, Entry, FileSystem
 from .prefetch import Prefetcher, prefetch_concurrency
 from .reader import Reader
 
@@ -301,12 +299,12 @@ class Control:
             raise InvalidArgument("prefetch needs the disk cache, which is disabled (cache size 0)")
         rels = [self.relative(a) for a in args]
         nodes = [await self.resolve(r) for r in rels]  # all paths valid, or nothing is queued
-        seen: set[int] = set()
-        files: list[Node] = []
+        seen: set[str] = set()
+        files: list[Entry] = []
         for node in nodes:
             for f in await self.walk(node):
-                if f.ino not in seen and f.info is not None:
-                    seen.add(f.ino)
+                if f.path not in seen and f.info is not None:
+                    seen.add(f.path)
                     files.append(f)
         files.sort(key=lambda n: n.path)
         infos = [f.info for f in files if f.info is not None]
@@ -367,30 +365,21 @@ class Control:
             raise InvalidArgument(f"{arg}: '..' leads outside the mount")
         return "" if p == "." else p
 
-    async def resolve(self, rel: str) -> Node:
+    async def resolve(self, rel: str) -> Entry:
         """The file or directory at ``rel`` (from :meth:`relative`); NotFound if missing."""
-        node = self.fs.node(ROOT_INO)
-        for part in rel.split("/") if rel else ():
-            try:
-                node = await self.fs.lookup(node.ino, part)
-            except NotADirectory:
-                raise NotFound(f"{rel}: no such file or directory") from None
-            self.fs.forget(node.ino, 1)  # not a kernel lookup: keep the kernel's count exact
-        return node
+        return await self.fs.resolve_path(rel)
 
-    async def walk(self, node: Node) -> list[Node]:
+    async def walk(self, node: Entry) -> list[Entry]:
         """Every file at or under ``node`` (listing folders fills the metadata cache)."""
         if not node.is_dir:
-            if node.info is None:
-                await self.fs.refresh_file(node)
             return [node]
-        files: list[Node] = []
+        files: list[Entry] = []
         limit = trio.Semaphore(_WALK_PARALLEL)
 
-        async def visit(d: Node, nursery: trio.Nursery) -> None:
+        async def visit(d: Entry, nursery: trio.Nursery) -> None:
             async with limit:
-                entries = await self.fs.listdir(d.ino)
-            for _, child in entries:
+                entries = await self.fs.entries(d.path)
+            for child in entries:
                 if child.is_dir:
                     nursery.start_soon(visit, child, nursery)
                 else:

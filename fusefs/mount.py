@@ -422,9 +422,7 @@ def reload(m: Mount) -> None:
         old.log_file = log_file
         reopen_logging(old)
         log.error("SIGHUP: %s; still logging to %s", exc, log_file or "the previous log")
-    m.fs.ttl = old.metadata_ttl
-    m.fs.negative_ttl = min(old.negative_ttl, old.metadata_ttl)
-    m.ops.timeout = m.fs.ttl
+    m.fs.set_ttls(old.metadata_ttl, old.negative_ttl)
     log.info(
         "SIGHUP: log reopened; %s",
         "applied " + " ".join(applied) if applied else "no run-time setting changed",

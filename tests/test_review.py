@@ -78,7 +78,8 @@ class _Refusing:
     def head(self, key: str) -> ObjectInfo:
         raise AccessDenied(f"{key}: denied")
 
-    def list(self, prefix: str, *, max_keys: int | None = None):  # type: ignore[no-untyped-def]
+    def list(self, prefix: str, *, max_keys: int | None = None,  # type: ignore[no-untyped-def]
+             start_after: str = ""):
         raise AccessDenied(f"{prefix}: denied")
         yield ListPage()
 

@@ -218,7 +218,9 @@ class GCSStore:
             key, int(blob.size or 0), _mtime(blob.updated, blob.time_created), str(blob.generation)
         )
 
-    def list(self, prefix: str, *, max_keys: int | None = None) -> Iterator[ListPage]:
+    def list(
+        self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
+    ) -> Iterator[ListPage]:
         page_size = min(max_keys, _PAGE_SIZE) if max_keys else _PAGE_SIZE
         seen = 0
         seen_prefixes: set[str] = set()  # fake-gcs-server repeats all prefixes on every page
@@ -231,6 +233,8 @@ class GCSStore:
                 fields=_LIST_FIELDS,
                 timeout=_TIMEOUT,
                 retry=_RETRY,
+                # GCS's startOffset is inclusive: the key itself is dropped below
+                **({"start_offset": start_after} if start_after else {}),
             )
             # Each API page carries its own items and prefixes (``page.prefixes``); the
             # iterator-wide ``prefixes`` set only fills in as pages are consumed.
@@ -244,13 +248,15 @@ class GCSStore:
                             str(b.generation),
                         )
                         for b in api_page
+                        if b.name > start_after
                     ],
                     [],
                 )
-                for p in api_page.prefixes:
-                    if p not in seen_prefixes:
+                for p in sorted(api_page.prefixes):
+                    if p not in seen_prefixes and p > start_after:
                         seen_prefixes.add(p)
                         page.prefixes.append(str(p))
+                page.more = iterator.next_page_token is not None
                 seen += len(page.objects) + len(page.prefixes)
                 yield page
                 if max_keys and seen >= max_keys:

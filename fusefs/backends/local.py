@@ -50,31 +50,38 @@ class LocalStore:
             raise NotFound(f"{key}: not a file")
         return ObjectInfo(key, st.st_size, st.st_mtime, _version(st))
 
-    def list(self, prefix: str, *, max_keys: int | None = None) -> Iterator[ListPage]:
-        page = ListPage()
+    def list(
+        self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
+    ) -> Iterator[ListPage]:
+        """One page in key order (a file ``a`` is key ``a``, a directory ``a`` is ``a/``)."""
+        items: list[tuple[str, os.DirEntry[str]]] = []
         try:
             with os.scandir(self._path(prefix)) as it:
                 for entry in it:
                     try:
-                        if entry.is_dir():
-                            page.prefixes.append(prefix + entry.name + "/")
-                        elif entry.is_file():
-                            st = entry.stat()
-                            page.objects.append(
-                                ObjectInfo(
-                                    prefix + entry.name, st.st_size, st.st_mtime, _version(st)
-                                )
-                            )
+                        key = prefix + entry.name + ("/" if entry.is_dir() else "")
                     except OSError:
                         continue  # vanished or unreadable entry: skip it
-                    if max_keys and len(page.objects) + len(page.prefixes) >= max_keys:
-                        break
+                    if key > start_after:
+                        items.append((key, entry))
         except (FileNotFoundError, NotADirectoryError):
             return  # an absent prefix lists as empty, as on S3
         except OSError as exc:
             raise _map_os_error(exc, prefix or "/") from exc
-        page.objects.sort(key=lambda o: o.key)
-        page.prefixes.sort()
+        items.sort(key=lambda kv: kv[0])
+        page = ListPage()
+        for i, (key, entry) in enumerate(items):
+            if max_keys and len(page.objects) + len(page.prefixes) >= max_keys:
+                page.more = i < len(items)
+                break
+            try:
+                if key.endswith("/"):
+                    page.prefixes.append(key)
+                elif entry.is_file():
+                    st = entry.stat()
+                    page.objects.append(ObjectInfo(key, st.st_size, st.st_mtime, _version(st)))
+            except OSError:
+                continue
         yield page
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:

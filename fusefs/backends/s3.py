@@ -237,10 +237,14 @@ class S3Store:
             key, int(r["ContentLength"]), epoch(r["LastModified"]), etag_version(r["ETag"])
         )
 
-    def list(self, prefix: str, *, max_keys: int | None = None) -> Iterator[ListPage]:
+    def list(
+        self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
+    ) -> Iterator[ListPage]:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
         if max_keys:
             kwargs["MaxKeys"] = max_keys
+        if start_after:
+            kwargs["StartAfter"] = start_after
         seen = 0
         try:
             while True:
@@ -256,6 +260,7 @@ class S3Store:
                         for o in r.get("Contents", ())
                     ],
                     [p["Prefix"] for p in r.get("CommonPrefixes", ())],
+                    bool(r.get("IsTruncated")),
                 )
                 seen += len(page.objects) + len(page.prefixes)
                 yield page
