@@ -7,6 +7,7 @@ once, and a bad one is rejected with one line naming the setting and where it ca
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -85,9 +86,19 @@ def _cache_size(v: Any) -> int:
     return n
 
 
+_FOREVER = ("forever", "indefinite", "inf", "infinite", "never")
+
+
+def _ttl(v: Any) -> float:
+    """Seconds, or ``forever`` (also ``indefinite``, as mountpoint-s3 spells it)."""
+    if isinstance(v, str) and v.strip().lower() in _FOREVER:
+        return math.inf
+    return _seconds(v)
+
+
 def _seconds(v: Any) -> float:
     n = float(v)
-    if n < 0:
+    if n != n or n < 0:
         raise ValueError(f"must be >= 0 seconds, got {v!r}")
     return n
 
@@ -164,7 +175,9 @@ class Settings:
     metadata_ttl: float = field(
         default=60.0,
         metadata=_meta(
-            _seconds, "FUSEFS_METADATA_TTL", "seconds metadata and listings are trusted"
+            _ttl,
+            "FUSEFS_METADATA_TTL",
+            "seconds metadata and listings are trusted, or 'forever' (data that never changes)",
         ),
     )
     negative_ttl: float = field(

@@ -57,7 +57,6 @@ ROOT_INO = 1
 #: The control file's inode; never handed out to an object.
 CONTROL_INO = 2
 CONTROL_NAME = ".fusefs"
-_FIRST_INO = 3
 #: Fill pages a lookup waits for before it lists on its own (a folder of up to this many
 #: thousand entries is listed once, in order, however its names are looked up).
 FILL_WAIT_PAGES = 5
@@ -74,19 +73,34 @@ MAX_KERNEL_TIMEOUT = 365 * 86400.0
 
 
 class Node:
-    """A file or directory the kernel holds (or an open handle refers to)."""
+    """A file or directory the kernel holds (or an open handle refers to).
 
-    __slots__ = ("ino", "path", "is_dir", "info", "confirmed", "kernel_version", "lookups")
+    Small on purpose (a walk of a million objects keeps a million nodes while the kernel
+    holds them): a file's path is its info's key (the same string), a directory is a node
+    without info."""
+
+    __slots__ = ("ino", "_path", "info", "confirmed", "lookups")
 
     def __init__(self, ino: int, path: str, is_dir: bool, info: ObjectInfo | None,
                  confirmed: float) -> None:
         self.ino = ino
-        self.path = path  # key relative to the mount root, no trailing slash; "" for the root
-        self.is_dir = is_dir
-        self.info = info  # files only
+        # key relative to the mount root, no trailing slash ("" for the root): a file's is
+        # ``info.key``, only folders keep their own
+        self._path = path if is_dir or info is None or info.key != path else None
+        self.info = None if is_dir else info
         self.confirmed = confirmed  # monotonic time of the observation ``info`` comes from
-        self.kernel_version: str | None = None  # version whose pages the kernel may cache
         self.lookups = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return self.info is None
+
+    @property
+    def path(self) -> str:
+        if self._path is not None:
+            return self._path
+        assert self.info is not None
+        return self.info.key
 
     @property
     def size(self) -> int:
@@ -170,10 +184,14 @@ class FileSystem:
         self.uid = settings.uid if settings.uid is not None else os.getuid()
         self.gid = settings.gid if settings.gid is not None else os.getgid()
         self.mount_time_ns = time.time_ns()
-        self._nodes: dict[int, Node] = {ROOT_INO: Node(ROOT_INO, "", True, None, math.inf)}
-        self._by_path: dict[str, Node] = {"": self._nodes[ROOT_INO]}
+        root = Node(ROOT_INO, "", True, None, math.inf)
+        #: Indexed by inode number (a list: 8 bytes a node, numbers of freed nodes reused).
+        self._nodes: list[Node | None] = [None, root, None]
+        self._by_path: dict[str, Node] = {"": root}
         self._free_inos: list[int] = []
-        self._next_ino = _FIRST_INO
+        self._count = 1
+        #: Version whose pages the kernel may cache, per inode opened at least once.
+        self._kernel_version: dict[int, str] = {}
         self._dirs: OrderedDict[str, DirListing] = OrderedDict()  # by path, LRU order
         self._listed_entries = 0
         self._negative: dict[str, float] = {}
@@ -200,17 +218,17 @@ class FileSystem:
     # --- nodes -----------------------------------------------------------------------------
 
     def node(self, ino: int) -> Node:
-        try:
-            return self._nodes[ino]
-        except KeyError:
-            raise NotFound(f"inode {ino} unknown") from None
+        node = self._nodes[ino] if 0 <= ino < len(self._nodes) else None
+        if node is None:
+            raise NotFound(f"inode {ino} unknown")
+        return node
 
     def node_by_path(self, path: str) -> Node | None:
         return self._by_path.get(path)
 
     @property
     def node_count(self) -> int:
-        return len(self._nodes)
+        return self._count
 
     def _node(self, path: str, is_dir: bool, info: ObjectInfo | None, seen: float) -> Node:
         """The node of ``path``, made or updated with an observation made at ``seen``."""
@@ -223,11 +241,13 @@ class FileSystem:
         if node is None:
             if self._free_inos:
                 ino = self._free_inos.pop()
+                node = self._nodes[ino] = Node(ino, path, is_dir, info, seen)
             else:
-                ino, self._next_ino = self._next_ino, self._next_ino + 1
-            node = Node(ino, path, is_dir, info, seen)
-            self._nodes[ino] = node
-            self._by_path[path] = node
+                ino = len(self._nodes)
+                node = Node(ino, path, is_dir, info, seen)
+                self._nodes.append(node)
+            self._count += 1
+            self._by_path[node.path] = node  # a file's key string: shared, not copied
             return node
         self._observe(node, info, seen)
         return node
@@ -246,7 +266,7 @@ class FileSystem:
     def _changed(self, node: Node) -> None:
         """The object behind ``node`` has a new version: the kernel must drop the old size
         and pages (invalidated in the background, never inside a request on that inode)."""
-        if node.kernel_version is None or self.on_changed is None:
+        if node.ino not in self._kernel_version or self.on_changed is None:
             return
         on_changed = self.on_changed
         ino = node.ino
@@ -280,7 +300,7 @@ class FileSystem:
 
     def forget(self, ino: int, n: int) -> None:
         """The kernel dropped ``n`` references: at zero the node is freed (unless open)."""
-        node = self._nodes.get(ino)
+        node = self._nodes[ino] if 0 <= ino < len(self._nodes) else None
         if node is None or ino == ROOT_INO:
             return
         node.lookups = max(0, node.lookups - n)
@@ -291,9 +311,11 @@ class FileSystem:
         return [h for h in self._handles.values() if h.node is node] if self._handles else []
 
     def _free(self, node: Node) -> None:
-        del self._nodes[node.ino]
+        self._nodes[node.ino] = None
+        self._count -= 1
         if self._by_path.get(node.path) is node:
             del self._by_path[node.path]
+        self._kernel_version.pop(node.ino, None)
         self._free_inos.append(node.ino)
 
     # --- folders ---------------------------------------------------------------------------
@@ -584,9 +606,11 @@ class FileSystem:
             raise
         self._observe(node, info, sent)
 
-    async def _listing(self, path: str) -> list[tuple[str, bool, ObjectInfo | None]]:
+    async def _listing(
+        self, path: str
+    ) -> tuple[list[tuple[str, bool, ObjectInfo | None]], float]:
         """All entries of folder ``path`` as (name, is_dir, info), from a fresh complete range
-        or one complete listing (shared by concurrent callers)."""
+        or one complete listing (shared by concurrent callers); and when it was listed."""
         while True:
             d = self._dir(path)
             r = d.complete(self.clock() - self.ttl)
@@ -617,7 +641,7 @@ class FileSystem:
                 log.warning("%s is both an object and a prefix; showing the directory", key)
             else:
                 out.append((key[n:], False, info))
-        return out
+        return out, r.listed
 
     async def opendir(self, ino: int) -> int:
         node = self.node(ino)
@@ -635,8 +659,7 @@ class FileSystem:
         if h is None:
             raise FusefsError(f"unknown directory handle {fh}")
         if h.entries is None or start == 0:
-            h.listed = self.clock()
-            h.entries = await self._listing(h.node.path)
+            h.entries, h.listed = await self._listing(h.node.path)
             self._list_ahead(h.node.path, [name for name, is_dir, _ in h.entries if is_dir])
         return len(h.entries)
 
@@ -646,12 +669,13 @@ class FileSystem:
         h = self._dir_handles[fh]
         assert h.entries is not None
         name, is_dir, info = h.entries[i]
-        return name, self._node(_join(h.node.path, name), is_dir, info, h.listed)
+        path = info.key if info is not None else _join(h.node.path, name)
+        return name, self._node(path, is_dir, info, h.listed)
 
     def unused(self, node: Node) -> None:
         """Free a node made for the kernel that the kernel did not take."""
         if node.lookups == 0 and node.ino != ROOT_INO and not self._open_on(node):
-            if self._nodes.get(node.ino) is node:
+            if self._nodes[node.ino] is node:
                 self._free(node)
 
     def releasedir(self, fh: int) -> None:
@@ -660,7 +684,7 @@ class FileSystem:
     async def entries(self, path: str) -> list[Entry]:
         """The entries of folder ``path`` for internal users (no nodes are made)."""
         return [Entry(_join(path, name), is_dir, info)
-                for name, is_dir, info in await self._listing(path)]
+                for name, is_dir, info in (await self._listing(path))[0]]
 
     async def resolve_path(self, path: str) -> Entry:
         """The file or folder at ``path`` (relative to the root) for internal users."""
@@ -723,11 +747,12 @@ class FileSystem:
             await self._revalidate(node)
         info = node.info
         assert info is not None
-        keep_cache = node.kernel_version == info.version
-        if node.kernel_version is not None and not keep_cache and self.on_changed is not None:
+        had = self._kernel_version.get(node.ino)
+        keep_cache = had == info.version
+        if had is not None and not keep_cache and self.on_changed is not None:
             # the kernel may hold the old size: drop it before the program reads
             await self.on_changed(node.ino)
-        node.kernel_version = info.version
+        self._kernel_version[node.ino] = info.version
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = Handle(node, info)
@@ -745,13 +770,13 @@ class FileSystem:
         try:
             return await self.reader.read(handle.info, offset, size, handle.seq)
         except StaleVersion:
-            node.kernel_version = None  # the next open drops the kernel's pages
+            self._kernel_version.pop(node.ino, None)  # the next open drops the kernel's pages
             raise
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if handle is not None and handle.node.lookups == 0 and not self._open_on(handle.node):
-            if self._nodes.get(handle.node.ino) is handle.node:
+            if self._nodes[handle.node.ino] is handle.node:
                 self._free(handle.node)
 
     @property
