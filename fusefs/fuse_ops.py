@@ -216,13 +216,13 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
         return True
 
-    @_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        # Objects carry no extended attributes. ENOSYS makes the kernel stop asking (it
+        # answers EOPNOTSUPP itself): `ls -l` asks for two per file otherwise.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
-    @_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return []
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     mknod = mkdir = unlink = rmdir = symlink = rename = link = create = _read_only()
     setxattr = removexattr = _read_only()
