@@ -10,9 +10,11 @@ on every call, so repeat reads of a block go through a small table of open files
 every ``touch_interval`` seconds. A block evicted while its file is open is noticed
 (``st_nlink == 0``) and treated as a miss, so eviction is never hidden.
 
-Size bound: diskcache culls the least recently used items whenever a ``set`` leaves the volume
-(item bytes + SQLite pages) at or over ``size_limit``; the overshoot is at most the blocks being
-written at that moment (one per worker) plus the SQLite file.
+Size bound: after every ``put`` the least recently used items are culled until the volume (item
+bytes + SQLite pages, as diskcache counts it, shared by every store on the directory) is at or
+under ``size_limit``, however many small items that takes. The slack: blocks being written at
+that moment (at most one per worker of each mount) and SQLite's write-ahead log; disk usage also
+rounds each file up to the filesystem's block size.
 
 Thread safety: every method may be called from any thread; ``_lock`` guards ``_open`` and
 ``_touched``. diskcache itself is thread- and process-safe (two mounts may share a directory).
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 
 #: Blocks at least this large are files in the cache directory; smaller ones live in SQLite.
 MIN_FILE_SIZE = 32 * 1024
+
+#: Least recently used items first (diskcache's schema; its LRU policy indexes access_time).
+_SELECT_LRU = "SELECT rowid, filename, size FROM Cache ORDER BY access_time LIMIT ?"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +108,7 @@ class DiskBlockStore:
             directory,
             size_limit=size_limit,
             eviction_policy="least-recently-used",
-            cull_limit=2,  # per set; blocks arrive one at a time, so 2 keeps up
+            cull_limit=0,  # diskcache's cull in ``set`` stops after N items: ``put`` culls
             tag_index=True,
             statistics=False,
             disk_min_file_size=MIN_FILE_SIZE,
@@ -219,8 +224,39 @@ class DiskBlockStore:
             else:  # small blocks live inside SQLite
                 self._cache.set(bkey.cache_key, data, tag=bkey.tag, retry=True)
             self.puts += 1
+            self._cull()
         except Exception as exc:
             log.warning("could not store block in cache %s: %s", self.directory, exc)
+
+    def _cull(self) -> int:
+        """Evict least recently used items until the volume is within the bound; returns how
+        many were evicted.
+
+        diskcache's own culling cannot do this: ``set`` removes a fixed number of items however
+        small they are, and ``cull()`` removes batches of ten, which can take the block just
+        stored with them. Here items are taken in LRU order until their bytes cover the excess
+        (through diskcache's transaction, so its triggers keep the size and count and the files
+        are removed after the commit).
+        """
+        excess = self._cache.volume() - self.size_limit
+        removed = 0
+        while excess > 0:
+            with self._cache._transact(retry=True) as (sql, cleanup):
+                rows = sql(_SELECT_LRU, (64,)).fetchall()
+                chosen = []
+                for rowid, filename, size in rows:
+                    chosen.append(rowid)
+                    cleanup(filename)
+                    excess -= size or 0
+                    if excess <= 0:
+                        break
+                if chosen:
+                    marks = ",".join("?" * len(chosen))
+                    sql(f"DELETE FROM Cache WHERE rowid IN ({marks})", chosen)
+            if not rows:
+                break
+            removed += len(chosen)
+        return removed
 
     def maybe_touch(self) -> None:
         """Refresh access times of blocks read from open files (call from a worker thread)."""

@@ -1,0 +1,109 @@
+"""The block store without a kernel mount: size bound, permissions, concurrency, checksums,
+damaged caches. Mount-level tests of the same properties are at the end."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from conftest import Bucket, blob, make_local_bucket
+
+from fusefs.cache.blocks import BlockKey, DiskBlockStore
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def block_files_bytes(directory: Path) -> int:
+    """Bytes of the block files under ``directory`` (everything but the SQLite index)."""
+    total = 0
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            if not name.startswith("cache.db"):
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
+
+
+def pattern(key: BlockKey, n: int) -> bytes:
+    """Content of a test block, derived from its key so any mix-up is visible."""
+    seed = (key.cache_key * (n // len(key.cache_key) + 1)).encode()
+    return seed[:n]
+
+
+# --- size bound ------------------------------------------------------------------------------
+
+
+def test_bound_holds_for_small_items_then_big_blocks(tmp_path: Path) -> None:
+    """Many small blocks, then big ones: each put frees as much as it needs (issue 8 item 1:
+    two small items culled per 8 MiB block let the cache grow to 490% of its bound)."""
+    limit = 4 * MiB
+    store = DiskBlockStore(str(tmp_path / "c"), limit)
+    small = [BlockKey("src", f"small/{i}", "v", 40 * KiB, 0) for i in range(100)]
+    units = [BlockKey("src", "rand", "v", 128 * KiB, i) for i in range(30)]
+    big = [BlockKey("src", "big", "v", MiB, i) for i in range(24)]
+    for k in [*small, *units, *big]:
+        store.put(k, pattern(k, k.block_size))
+        assert block_files_bytes(tmp_path / "c") <= limit
+        assert store.volume() <= limit + 256 * KiB
+    assert store.read(big[-1], 0, 100) == pattern(big[-1], 100)  # the newest stays
+    store.close()
+
+
+def test_bound_holds_with_two_stores_on_one_directory(tmp_path: Path) -> None:
+    """Two stores (as two mounts) sharing a directory keep it within the bound together."""
+    limit = 4 * MiB
+    a = DiskBlockStore(str(tmp_path / "c"), limit)
+    b = DiskBlockStore(str(tmp_path / "c"), limit)
+    for i in range(60):
+        ka = BlockKey("a", f"small/{i}", "v", 48 * KiB, 0)
+        a.put(ka, pattern(ka, ka.block_size))
+        if i % 4 == 0:
+            kb = BlockKey("b", "big", "v", MiB, i)
+            b.put(kb, pattern(kb, kb.block_size))
+        assert block_files_bytes(tmp_path / "c") <= limit
+    a.close()
+    b.close()
+
+
+# --- on real mounts ----------------------------------------------------------------------------
+
+
+def test_mount_bound_holds_for_small_files_then_a_big_one(local_bucket: Bucket, mount,
+                                                        tmp_path: Path) -> None:
+    """Issue 8 item 1 on a mount: one-block small files fill the cache, then a big file is
+    read; the cache directory stays within --cache-size plus one block per worker."""
+    limit, block, workers = 4 * MiB, MiB, 2
+    small = {f"s/{i}": blob(60 * KiB, seed=i) for i in range(70)}
+    big = blob(12 * MiB, seed=99)
+    for k, d in small.items():
+        local_bucket.put(k, d)
+    local_bucket.put("big", big)
+    m = mount(local_bucket, "--cache-size", str(limit), "--block-size", str(block),
+              "--workers", str(workers))
+    for k, d in small.items():
+        assert (m.path / k).read_bytes() == d
+    assert block_files_bytes(tmp_path / "cache") <= limit
+    assert (m.path / "big").read_bytes() == big
+    assert block_files_bytes(tmp_path / "cache") <= limit + workers * block
+    assert m.stats()["current_size"] <= limit + workers * block
+
+
+def test_mount_bound_holds_for_two_mounts_sharing_a_directory(mount, tmp_path: Path) -> None:
+    """Mount A fills the shared directory with small files, then mount B reads big ones."""
+    limit, block, workers = 4 * MiB, MiB, 2
+    a, b = make_local_bucket(tmp_path / "a"), make_local_bucket(tmp_path / "b")
+    small = {f"s/{i}": blob(50 * KiB, seed=i) for i in range(80)}
+    bigs = {f"big{i}": blob(3 * MiB, seed=100 + i) for i in range(4)}
+    for k, d in small.items():
+        a.put(k, d)
+    for k, d in bigs.items():
+        b.put(k, d)
+    args = ["--cache-size", str(limit), "--block-size", str(block), "--workers", str(workers)]
+    ma, mb = mount(a, *args), mount(b, *args)
+    for k, d in small.items():
+        assert (ma.path / k).read_bytes() == d
+    for k, d in bigs.items():
+        assert (mb.path / k).read_bytes() == d
+        assert block_files_bytes(tmp_path / "cache") <= limit + workers * block
+    assert (ma.path / "s/0").read_bytes() == small["s/0"]
+    assert block_files_bytes(tmp_path / "cache") <= limit + workers * block
