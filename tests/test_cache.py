@@ -3,7 +3,10 @@ damaged caches. Mount-level tests of the same properties are at the end."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import Bucket, blob, make_local_bucket
@@ -65,6 +68,60 @@ def test_bound_holds_with_two_stores_on_one_directory(tmp_path: Path) -> None:
     b.close()
 
 
+# --- permissions -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def modes(directory: Path) -> dict[str, int]:
+    """Permission bits of ``directory`` and everything below it, by relative path."""
+    out = {".": directory.stat().st_mode & 0o777}
+    for p in directory.rglob("*"):
+        out[str(p.relative_to(directory))] = p.stat().st_mode & 0o777
+    return out
+
+
+def assert_private(directory: Path) -> None:
+    found = modes(directory)
+    assert any(name.endswith(".val") for name in found), found  # block files were checked
+    for name, mode in found.items():
+        want = 0o700 if (directory / name).is_dir() else 0o600
+        assert mode == want, (name, oct(mode))
+
+
+def test_directory_and_files_private_whatever_the_umask(tmp_path: Path) -> None:
+    with umask(0):
+        store = DiskBlockStore(str(tmp_path / "parent" / "c"), 8 * MiB)
+        for i, n in enumerate([100, 40 * KiB, MiB]):  # in SQLite, and files
+            k = BlockKey("src", f"k{i}", "v", n, 0)
+            store.put(k, pattern(k, n))
+            assert store.read(k, 0, n) == pattern(k, n)
+    store.close()
+    assert_private(tmp_path / "parent" / "c")
+
+
+def test_warns_once_about_a_directory_others_can_enter(tmp_path: Path, caplog) -> None:
+    d = tmp_path / "open"
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    caplog.set_level(logging.WARNING, logger="fusefs.cache.blocks")
+    for _ in range(2):
+        DiskBlockStore(str(d), 8 * MiB).close()
+    lines = [r for r in caplog.records if "other local users" in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+    assert d.stat().st_mode & 0o777 == 0o755  # the operator's choice is left alone
+    private = tmp_path / "private"
+    DiskBlockStore(str(private), 8 * MiB).close()
+    assert len([r for r in caplog.records if "other local users" in r.getMessage()]) == 1
+
+
 # --- on real mounts ----------------------------------------------------------------------------
 
 
@@ -107,3 +164,29 @@ def test_mount_bound_holds_for_two_mounts_sharing_a_directory(mount, tmp_path: P
         assert block_files_bytes(tmp_path / "cache") <= limit + workers * block
     assert (ma.path / "s/0").read_bytes() == small["s/0"]
     assert block_files_bytes(tmp_path / "cache") <= limit + workers * block
+
+
+def test_mount_cache_private_under_a_permissive_umask(local_bucket: Bucket, mount,
+                                                     tmp_path: Path) -> None:
+    """Issue 8 item 4: a mount started with umask 000 still keeps its cache 0700/0600."""
+    data = {f"f{i}": blob(n, seed=i) for i, n in enumerate([10, 100 * KiB, 3 * MiB])}
+    for k, d in data.items():
+        local_bucket.put(k, d)
+    with umask(0):
+        m = mount(local_bucket, "--block-size", str(MiB))
+    for k, d in data.items():
+        assert (m.path / k).read_bytes() == d
+    m.stop()
+    assert_private(tmp_path / "cache")
+    assert "other local users" not in m.log_text()
+
+
+def test_mount_warns_once_about_an_open_cache_directory(local_bucket: Bucket, mount,
+                                                       tmp_path: Path) -> None:
+    (tmp_path / "cache").mkdir(mode=0o755)
+    (tmp_path / "cache").chmod(0o755)
+    local_bucket.put("f", b"x" * 100_000)
+    m = mount(local_bucket)
+    assert (m.path / "f").read_bytes() == b"x" * 100_000
+    m.stop()
+    assert m.log_text().count("other local users may read cached data") == 1
