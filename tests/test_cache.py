@@ -6,6 +6,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +72,28 @@ def test_bound_holds_with_two_stores_on_one_directory(tmp_path: Path) -> None:
     b.close()
 
 
+def deleted_files_held_open(directory: Path) -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(directory)) and target.endswith("(deleted)"):
+                out.append(target)
+    return out
+
+
+def test_evicted_blocks_held_open_are_closed(tmp_path: Path) -> None:
+    """Blocks open for pread that the bound evicts are closed at once: their disk space is
+    part of the bound, not held until they would next be read."""
+    store = DiskBlockStore(str(tmp_path / "c"), 4 * MiB)
+    keys = [BlockKey("src", "k", "v", MiB, i) for i in range(12)]
+    for k in keys:
+        store.put(k, pattern(k, MiB))
+        assert store.read(k, 0, 10) == pattern(k, 10)  # now held open
+    assert deleted_files_held_open(tmp_path / "c") == []
+    store.close()
+
+
 # --- permissions -----------------------------------------------------------------------------
 
 
@@ -120,6 +146,64 @@ def test_warns_once_about_a_directory_others_can_enter(tmp_path: Path, caplog) -
     private = tmp_path / "private"
     DiskBlockStore(str(private), 8 * MiB).close()
     assert len([r for r in caplog.records if "other local users" in r.getMessage()]) == 1
+
+
+# --- concurrency ---------------------------------------------------------------------------
+
+
+def test_no_wrong_bytes_while_entries_are_closed_under_readers(tmp_path: Path) -> None:
+    """Issue 8 item 7: readers pread open block files while other threads close them (open-file
+    limit, drop, evict, clear) and open others, which reuse the freed descriptor numbers. Every
+    byte returned must be its own block's; a miss (None) is allowed."""
+    block = 64 * KiB
+    store = DiskBlockStore(str(tmp_path / "c"), 256 * MiB, max_open=3)
+    keys = [BlockKey("src", f"k{i % 6}", "v", block, i) for i in range(24)]
+    for k in keys:
+        store.put(k, pattern(k, block))
+    stop = threading.Event()
+    wrong: list[str] = []
+    reads = [0]
+
+    def reader(seed: int) -> None:
+        rnd = random.Random(seed)
+        while not stop.is_set():
+            k = rnd.choice(keys)
+            off = rnd.randrange(0, block - 4096)
+            got = store.read(k, off, 4096)
+            reads[0] += 1
+            if got is not None and got != pattern(k, block)[off:off + 4096]:
+                wrong.append(f"{k.key}/{k.index}@{off}")
+
+    def churn(seed: int) -> None:
+        rnd = random.Random(seed)
+        while not stop.is_set():
+            k = rnd.choice(keys)
+            what = rnd.random()
+            if what < 0.1:
+                store.evict_object("src", k.key)
+            elif what < 0.12:
+                store.clear()
+            else:
+                store.put(k, pattern(k, block))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: widen every window
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(6)]
+    threads += [threading.Thread(target=churn, args=(100 + i,)) for i in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not wrong and reads[0] < 40_000:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(old)
+        store.close()
+    assert not wrong, f"{len(wrong)} reads returned another block's bytes, e.g. {wrong[:3]}"
+    assert reads[0] > 1000
 
 
 # --- on real mounts ----------------------------------------------------------------------------

@@ -21,8 +21,11 @@ creates in it is 0600/0700 whatever the umask (``_PrivateDisk``; the SQLite file
 before diskcache opens them, and SQLite gives its -wal/-shm files the database's mode). An existing
 directory that group or others may enter is used as it is, with one warning.
 
-Thread safety: every method may be called from any thread; ``_lock`` guards ``_open`` and
-``_touched``. diskcache itself is thread- and process-safe (two mounts may share a directory).
+Thread safety: every method may be called from any thread; ``_lock`` guards ``_open``,
+``_touched`` and each open entry's reference count. An open block file is closed only once it
+has left ``_open`` and no reader holds it (a closed descriptor number is soon reused for another
+file: a ``pread`` on it would serve another block's bytes).
+diskcache itself is thread- and process-safe (two mounts may share a directory).
 """
 
 from __future__ import annotations
@@ -86,12 +89,19 @@ def parse_cache_key(cache_key: str) -> tuple[str, str, str, int, int] | None:
 
 
 class _Open:
-    """A block held open for repeat reads: a file (pread) or, for tiny blocks, its bytes."""
+    """A block held open for repeat reads: a file (pread) or, for tiny blocks, its bytes.
 
-    __slots__ = ("f", "data", "size")
+    ``refs`` counts the readers using it; ``retired`` is set when it leaves the open table.
+    Its file is closed only when both hold (no reader may ``pread`` a descriptor number that
+    was closed and reused for another block). Both fields are guarded by the store's lock.
+    """
+
+    __slots__ = ("f", "data", "size", "refs", "retired")
 
     def __init__(self, f: IO[bytes] | None, data: bytes | None, size: int) -> None:
         self.f, self.data, self.size = f, data, size
+        self.refs = 0
+        self.retired = False
 
     def close(self) -> None:
         if self.f is not None:
@@ -202,36 +212,68 @@ class DiskBlockStore:
     def read(self, bkey: BlockKey, offset: int, size: int) -> bytes | None:
         """Bytes ``[offset, offset+size)`` of a cached block (clipped to the block), or None."""
         ck = bkey.cache_key
-        with self._lock:
-            entry = self._open.get(ck)
-            if entry is not None:
-                self._open.move_to_end(ck)
-                self._touched.add(ck)
+        entry = self._acquire(ck)
         if entry is not None:
-            data = self._read_entry(ck, entry, offset, size)
+            try:
+                data = self._read_entry(ck, entry, offset, size)
+            finally:
+                self._release(entry)
             if data is not None:
                 return data
         entry = self._load(ck)
         if entry is None:
             return None
-        return self._read_entry(ck, entry, offset, size)
+        try:
+            return self._read_entry(ck, entry, offset, size)
+        finally:
+            self._release(entry)
+
+    def _acquire(self, ck: str) -> _Open | None:
+        """The open entry of ``ck`` with a reference taken for the caller, or None."""
+        with self._lock:
+            entry = self._open.get(ck)
+            if entry is not None:
+                self._open.move_to_end(ck)
+                self._touched.add(ck)
+                entry.refs += 1
+            return entry
+
+    def _release(self, entry: _Open) -> None:
+        with self._lock:
+            entry.refs -= 1
+            close = entry.refs == 0 and entry.retired
+        if close:
+            entry.close()
+
+    def _retire_locked(self, ck: str, entry: _Open | None = None) -> _Open | None:
+        """Take ``ck`` (only if it is ``entry``, when given) out of the open table; returns the
+        entry if the caller must close it now (no reader holds it). Call with the lock held."""
+        cur = self._open.get(ck)
+        if cur is None or (entry is not None and cur is not entry):
+            return None
+        del self._open[ck]
+        self._touched.discard(ck)
+        cur.retired = True
+        return cur if cur.refs == 0 else None
 
     def _read_entry(self, ck: str, entry: _Open, offset: int, size: int) -> bytes | None:
+        """Read from an entry the caller holds a reference on (so its file stays open)."""
         if entry.data is not None:
             return entry.data[offset : offset + size]
         assert entry.f is not None
         try:
             fd = entry.f.fileno()
             if os.fstat(fd).st_nlink == 0:  # evicted (here or by another mount) since opened
-                self._drop(ck)
+                self._drop(ck, entry)
                 return None
             return os.pread(fd, max(0, min(size, entry.size - offset)), offset)
         except (OSError, ValueError):
-            self._drop(ck)
+            self._drop(ck, entry)
             return None
 
     def _load(self, ck: str) -> _Open | None:
-        """Open a block through diskcache (this records the access for LRU)."""
+        """Open a block through diskcache (this records the access for LRU); the entry is
+        returned with a reference taken for the caller."""
         try:
             handle: Any = self._cache.get(ck, default=None, read=True)
         except Exception as exc:  # a damaged entry is a miss, not an error
@@ -252,23 +294,22 @@ class DiskBlockStore:
                 entry = _Open(None, data, len(data))
         else:
             entry = _Open(None, bytes(handle), len(handle))
+        entry.refs = 1
         with self._lock:
-            old = self._open.pop(ck, None)
+            to_close = [self._retire_locked(ck)]
             self._open[ck] = entry
-            evicted = []
             while len(self._open) > self._max_open:
-                evicted.append(self._open.popitem(last=False)[1])
-        for e in [old, *evicted]:
-            if e is not None and e is not entry:
+                to_close.append(self._retire_locked(next(iter(self._open))))
+        for e in to_close:
+            if e is not None:
                 e.close()
         return entry
 
-    def _drop(self, ck: str) -> None:
+    def _drop(self, ck: str, entry: _Open | None = None) -> None:
         with self._lock:
-            entry = self._open.pop(ck, None)
-            self._touched.discard(ck)
-        if entry is not None:
-            entry.close()
+            victim = self._retire_locked(ck, entry)
+        if victim is not None:
+            victim.close()
 
     def warm(self, bkey: BlockKey) -> bool:
         """Open a cached block ahead of its reads so the kernel starts loading it from disk;
@@ -331,6 +372,8 @@ class DiskBlockStore:
             if not rows:
                 break
             removed += len(chosen)
+        if removed:
+            self._close_unlinked()
         return removed
 
     def maybe_touch(self) -> None:
@@ -340,7 +383,8 @@ class DiskBlockStore:
         self.flush()
 
     def flush(self) -> None:
-        """Write the access times of blocks read from open files now (the LRU order)."""
+        """Write the access times of blocks read from open files now (the LRU order), and close
+        open files that were evicted meanwhile."""
         self._last_touch = time.monotonic()
         with self._lock:
             touched, self._touched = self._touched, set()
@@ -351,6 +395,7 @@ class DiskBlockStore:
                     handle.close()
             except Exception:  # noqa: BLE001 - best effort bookkeeping
                 pass
+        self._close_unlinked()
 
     # --- management ------------------------------------------------------------------------
 
@@ -378,9 +423,21 @@ class DiskBlockStore:
     def _close_matching(self, pred: Any) -> None:
         with self._lock:
             victims = [ck for ck in self._open if (p := parse_cache_key(ck)) and pred(p)]
-            entries = [self._open.pop(ck) for ck in victims]
-        for e in entries:
-            e.close()
+            to_close = [self._retire_locked(ck) for ck in victims]
+        for e in to_close:
+            if e is not None:
+                e.close()
+
+    def _close_unlinked(self) -> None:
+        """Close open blocks whose files were evicted (by any mount), so their disk space is
+        freed now rather than when they next would be read."""
+        with self._lock:
+            gone = [ck for ck, e in self._open.items()
+                    if e.f is not None and _unlinked(e.f)]
+            to_close = [self._retire_locked(ck) for ck in gone]
+        for e in to_close:
+            if e is not None:
+                e.close()
 
     def iter_keys(self) -> Iterator[str]:
         for k in self._cache.iterkeys():
@@ -402,11 +459,18 @@ class DiskBlockStore:
         self.flush()
         self._close_matching(lambda p: True)
         with self._lock:
-            rest = list(self._open.values())
-            self._open.clear()
-        for e in rest:
-            e.close()
+            to_close = [self._retire_locked(ck) for ck in list(self._open)]
+        for e in to_close:
+            if e is not None:
+                e.close()
         self._cache.close()
+
+
+def _unlinked(f: IO[bytes]) -> bool:
+    try:
+        return os.fstat(f.fileno()).st_nlink == 0
+    except (OSError, ValueError):
+        return True
 
 
 class NullBlockStore:
