@@ -94,6 +94,109 @@ def test_evicted_blocks_held_open_are_closed(tmp_path: Path) -> None:
     store.close()
 
 
+# --- checksums -------------------------------------------------------------------------------
+
+
+def block_files(directory: Path) -> list[Path]:
+    return sorted(directory.rglob("*.val"))
+
+
+def flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def test_damaged_truncated_and_missing_blocks_are_misses(tmp_path: Path) -> None:
+    """Issue 10 item 1: a flipped bit in the data or the trailer, a truncated file and a
+    deleted one are each a miss (never wrong bytes), counted, and gone from the index."""
+    corrupt: list[int] = []
+    store = DiskBlockStore(str(tmp_path / "c"), 64 * MiB)
+    keys = [BlockKey("src", "k", "v", MiB, i) for i in range(6)]
+    for k in keys:
+        store.put(k, pattern(k, MiB))
+    store.close()
+    files = {f.stat().st_ino: f for f in block_files(tmp_path / "c")}
+    assert len(files) == 6
+    victims = list(files.values())
+    flip(victims[0], 5)  # first unit
+    flip(victims[1], MiB - 1)  # last unit
+    flip(victims[2], MiB + 3)  # a digest
+    os.truncate(victims[3], MiB // 2)
+    victims[4].unlink()
+    store = DiskBlockStore(str(tmp_path / "c"), 64 * MiB, on_corrupt=lambda: corrupt.append(1))
+    got = {k.index: store.read(k, 0, MiB) for k in keys}
+    good = [i for i, d in got.items() if d is not None]
+    assert len(good) == 1 and got[good[0]] == pattern(keys[good[0]], MiB)
+    assert len(corrupt) == 5
+    assert sum(store.contains(k) for k in keys) == 1  # deleted from the index
+    assert len(block_files(tmp_path / "c")) == 1
+    for k in keys:  # refetched and stored again: served right
+        store.put(k, pattern(k, MiB))
+        assert store.read(k, 12345, 4096) == pattern(k, MiB)[12345:12345 + 4096]
+    store.close()
+
+
+def test_damage_under_an_open_block_is_seen_on_the_next_read(tmp_path: Path) -> None:
+    corrupt: list[int] = []
+    store = DiskBlockStore(str(tmp_path / "c"), 64 * MiB, on_corrupt=lambda: corrupt.append(1))
+    k = BlockKey("src", "k", "v", MiB, 0)
+    store.put(k, pattern(k, MiB))
+    assert store.read(k, 0, 4096) == pattern(k, 4096)  # held open now
+    (victim,) = block_files(tmp_path / "c")
+    flip(victim, 200 * KiB)
+    assert store.read(k, 0, 4096) == pattern(k, 4096)  # another unit: still fine
+    assert store.read(k, 190 * KiB, 4096) is None  # the damaged unit: a miss
+    assert corrupt == [1]
+    assert store.read(k, 0, 4096) is None  # the whole block is dropped
+    store.flush()
+    assert not store.contains(k)
+    store.close()
+
+
+def test_small_blocks_inside_sqlite_are_checked(tmp_path: Path) -> None:
+    corrupt: list[int] = []
+    store = DiskBlockStore(str(tmp_path / "c"), 64 * MiB, on_corrupt=lambda: corrupt.append(1))
+    k = BlockKey("src", "small", "v", 1000, 0)
+    store.put(k, pattern(k, 1000))
+    assert store.read(k, 10, 20) == pattern(k, 1000)[10:30]
+    store.close()
+    import sqlite3
+
+    con = sqlite3.connect(tmp_path / "c" / "cache.db")
+    (value,) = con.execute("SELECT value FROM Cache").fetchone()
+    bad = bytearray(value)
+    bad[7] ^= 1
+    con.execute("UPDATE Cache SET value = ?", (bytes(bad),))
+    con.commit()
+    con.close()
+    store = DiskBlockStore(str(tmp_path / "c"), 64 * MiB, on_corrupt=lambda: corrupt.append(1))
+    assert store.read(k, 10, 20) is None
+    assert corrupt == [1]
+    store.close()
+
+
+def test_blocks_of_the_old_layout_are_plain_misses(tmp_path: Path) -> None:
+    """A cache written before checksums (bare blocks, 5-element keys) is read as empty."""
+    import diskcache
+
+    old = diskcache.Cache(str(tmp_path / "c"), eviction_policy="least-recently-used",
+                          tag_index=True, disk_min_file_size=32 * KiB)
+    legacy_key = '["src", "k", "v", 1048576, 0]'
+    old.set(legacy_key, b"x" * MiB)
+    old.close()
+    corrupt: list[int] = []
+    store = DiskBlockStore(str(tmp_path / "c"), 64 * MiB, on_corrupt=lambda: corrupt.append(1))
+    k = BlockKey("src", "k", "v", MiB, 0)
+    assert store.read(k, 0, 10) is None
+    assert corrupt == []
+    store.put(k, pattern(k, MiB))
+    assert store.read(k, 0, 10) == pattern(k, 10)
+    store.close()
+
+
 # --- permissions -----------------------------------------------------------------------------
 
 
@@ -137,7 +240,7 @@ def test_warns_once_about_a_directory_others_can_enter(tmp_path: Path, caplog) -
     d = tmp_path / "open"
     d.mkdir(mode=0o755)
     d.chmod(0o755)
-    caplog.set_level(logging.WARNING, logger="fusefs.cache.blocks")
+    caplog.set_level(logging.WARNING, logger="fusefs.cache")
     for _ in range(2):
         DiskBlockStore(str(d), 8 * MiB).close()
     lines = [r for r in caplog.records if "other local users" in r.getMessage()]
@@ -274,3 +377,41 @@ def test_mount_warns_once_about_an_open_cache_directory(local_bucket: Bucket, mo
     assert (m.path / "f").read_bytes() == b"x" * 100_000
     m.stop()
     assert m.log_text().count("other local users may read cached data") == 1
+
+
+def test_mount_refetches_damaged_truncated_and_missing_blocks(s3_bucket: Bucket, mount,
+                                                             tmp_path: Path) -> None:
+    """Issue 10 item 1 on a mount: blocks damaged on disk between two mounts are served right
+    (fetched again: one GET each), and counted in corrupt_blocks."""
+    files = {f"d/f{i}": blob(2 * MiB + 40 * KiB + 1000 * i, seed=i) for i in range(4)}
+    for k, d in files.items():
+        s3_bucket.put(k, d)
+    args = ["--block-size", str(MiB)]
+    m = mount(s3_bucket, *args)
+    for k, d in files.items():
+        assert (m.path / k).read_bytes() == d
+    m.stop()
+    victims = block_files(tmp_path / "cache")
+    assert len(victims) == 12
+    rnd = random.Random(7)
+    rnd.shuffle(victims)
+    for v in victims[:3]:
+        flip(v, rnd.randrange(v.stat().st_size))  # anywhere: data or trailer
+    os.truncate(victims[3], victims[3].stat().st_size - 1)
+    victims[4].unlink()
+    gets = s3_bucket.object_gets()
+    m = mount(s3_bucket, *args)
+    for k, d in files.items():
+        assert (m.path / k).read_bytes() == d
+    s = m.stats()
+    assert s["corrupt_blocks"] == 5, s
+    assert s3_bucket.object_gets() == gets + 5
+    assert m.log_text().count("is damaged") == 5
+    m.stop()
+    # and the refetched blocks were stored again: a third mount reads without a GET
+    gets = s3_bucket.object_gets()
+    m = mount(s3_bucket, *args)
+    for k, d in files.items():
+        assert (m.path / k).read_bytes() == d
+    assert s3_bucket.object_gets() == gets
+    assert m.stats()["corrupt_blocks"] == 0

@@ -10,6 +10,12 @@ on every call, so repeat reads of a block go through a small table of open files
 every ``touch_interval`` seconds. A block evicted while its file is open is noticed
 (``st_nlink == 0``) and treated as a miss, so eviction is never hidden.
 
+Integrity: a block is stored with a trailer of per-64 KiB digests (``integrity``), checked
+when it is opened (the trailer) and on every read from its file (the units read). A block that
+fails, or whose file is missing, is a miss: it is dropped from the open table and deleted from
+the index, logged, counted (``on_corrupt``), and the reader fetches it again. Cache keys carry
+a format tag, so blocks of an older layout are never looked up (they age out by LRU).
+
 Size bound: after every ``put`` the least recently used items are culled until the volume (item
 bytes + SQLite pages, as diskcache counts it, shared by every store on the directory) is at or
 under ``size_limit``, however many small items that takes. The slack: blocks being written at
@@ -17,9 +23,8 @@ that moment (at most one per worker of each mount) and SQLite's write-ahead log;
 rounds each file up to the filesystem's block size.
 
 Privacy: the directory is created 0700, and every file and sub-directory fusefs or diskcache
-creates in it is 0600/0700 whatever the umask (``_PrivateDisk``; the SQLite files are created
-before diskcache opens them, and SQLite gives its -wal/-shm files the database's mode). An existing
-directory that group or others may enter is used as it is, with one warning.
+creates in it is 0600/0700 whatever the umask (``directory``). An existing directory that group
+or others may enter is used as it is, with one warning.
 
 Thread safety: every method may be called from any thread; ``_lock`` guards ``_open``,
 ``_touched`` and each open entry's reference count. An open block file is closed only once it
@@ -30,26 +35,29 @@ diskcache itself is thread- and process-safe (two mounts may share a directory).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import diskcache
 
+from . import integrity
+from .directory import PrivateDisk, prepare_directory
+
 log = logging.getLogger(__name__)
 
-#: Directories already warned about (one warning per directory and process).
-_warned_open_dirs: set[str] = set()
 
 #: Blocks at least this large are files in the cache directory; smaller ones live in SQLite.
 MIN_FILE_SIZE = 32 * 1024
+
+#: First element of every cache key: the layout of the stored value (``integrity``).
+KEY_FORMAT = "b1"
 
 #: Least recently used items first (diskcache's schema; its LRU policy indexes access_time).
 _SELECT_LRU = "SELECT rowid, filename, size FROM Cache ORDER BY access_time LIMIT ?"
@@ -69,7 +77,7 @@ class BlockKey:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_key", json.dumps(
-            [self.source, self.key, self.version, self.block_size, self.index]))
+            [KEY_FORMAT, self.source, self.key, self.version, self.block_size, self.index]))
 
     @property
     def tag(self) -> str:
@@ -81,8 +89,11 @@ def object_tag(source: str, key: str) -> str:
 
 
 def parse_cache_key(cache_key: str) -> tuple[str, str, str, int, int] | None:
+    """(source, key, version, block size, index) of a current-format cache key, else None."""
     try:
-        s, k, v, bs, i = json.loads(cache_key)
+        fmt, s, k, v, bs, i = json.loads(cache_key)
+        if fmt != KEY_FORMAT:
+            return None
         return str(s), str(k), str(v), int(bs), int(i)
     except (ValueError, TypeError):
         return None
@@ -96,82 +107,17 @@ class _Open:
     was closed and reused for another block). Both fields are guarded by the store's lock.
     """
 
-    __slots__ = ("f", "data", "size", "refs", "retired")
+    __slots__ = ("f", "data", "size", "digests", "refs", "retired")
 
-    def __init__(self, f: IO[bytes] | None, data: bytes | None, size: int) -> None:
-        self.f, self.data, self.size = f, data, size
+    def __init__(self, f: IO[bytes] | None, data: bytes | None, size: int,
+                 digests: tuple[int, ...] = ()) -> None:
+        self.f, self.data, self.size, self.digests = f, data, size, digests
         self.refs = 0
         self.retired = False
 
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
-
-
-class _PrivateDisk(diskcache.Disk):
-    """diskcache's Disk, writing its value files 0600 in sub-directories 0700 (diskcache's own
-    uses ``open``/``makedirs`` and so the process umask, which a thread cannot change safely)."""
-
-    def _write(self, full_path: str, iterator: Any, mode: str, encoding: str | None = None) -> int:
-        if "b" not in mode:  # fusefs stores bytes only; keep diskcache's path for anything else
-            return int(super()._write(full_path, iterator, mode, encoding))
-        full_dir = os.path.dirname(full_path)
-        for attempt in range(10):
-            _make_private_dirs(self._directory, full_dir)
-            try:  # O_EXCL: another cache may have removed the directory meanwhile; retry
-                fd = os.open(full_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except OSError:
-                if attempt == 9:
-                    raise
-                continue
-            size = 0
-            with open(fd, "wb") as writer:
-                for chunk in iterator:
-                    size += len(chunk)
-                    writer.write(chunk)
-            return size
-        raise AssertionError("unreachable")
-
-
-def _make_private_dirs(top: str, path: str) -> None:
-    """Create ``path`` (below ``top``) and its missing parents, each 0700."""
-    rel = os.path.relpath(path, top)
-    cur = top
-    for part in rel.split(os.sep):
-        if part in ("", "."):
-            continue
-        cur = os.path.join(cur, part)
-        try:
-            os.mkdir(cur, 0o700)
-        except FileExistsError:
-            pass
-        else:
-            os.chmod(cur, 0o700)  # mkdir's mode is filtered by the umask
-
-
-def prepare_directory(directory: str) -> None:
-    """Create the cache directory 0700 (parents as the umask says), or warn once if an existing
-    one is open to group or others; pre-create SQLite's database file 0600."""
-    try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        mode = os.stat(directory).st_mode & 0o777
-        if mode & 0o077 and directory not in _warned_open_dirs:
-            _warned_open_dirs.add(directory)
-            log.warning(
-                "cache directory %s has mode %04o: other local users may read cached data "
-                "(chmod 700 it)", directory, mode,
-            )
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
-        return prepare_directory(directory)
-    else:
-        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
-    db = os.path.join(directory, "cache.db")
-    try:
-        os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-    except FileExistsError:
-        pass
 
 
 class DiskBlockStore:
@@ -184,6 +130,7 @@ class DiskBlockStore:
         *,
         max_open: int = 256,
         touch_interval: float = 10.0,
+        on_corrupt: Callable[[], None] | None = None,
     ) -> None:
         prepare_directory(directory)
         self.directory = directory
@@ -196,7 +143,7 @@ class DiskBlockStore:
             tag_index=True,
             statistics=False,
             disk_min_file_size=MIN_FILE_SIZE,
-            disk=_PrivateDisk,
+            disk=PrivateDisk,
         )
         self._lock = threading.Lock()
         self._open: OrderedDict[str, _Open] = OrderedDict()
@@ -204,6 +151,9 @@ class DiskBlockStore:
         self._max_open = max_open
         self._touch_interval = touch_interval
         self._last_touch = time.monotonic()
+        self._on_corrupt = on_corrupt
+        #: Keys found damaged by a read, to delete from the index (guarded by ``_lock``).
+        self._damaged: set[str] = set()
         self.puts = 0
         self._count_at_start = self.count()
 
@@ -257,43 +207,80 @@ class DiskBlockStore:
         return cur if cur.refs == 0 else None
 
     def _read_entry(self, ck: str, entry: _Open, offset: int, size: int) -> bytes | None:
-        """Read from an entry the caller holds a reference on (so its file stays open)."""
-        if entry.data is not None:
+        """Read from an entry the caller holds a reference on (so its file stays open); the
+        units read are verified against their digests."""
+        if entry.data is not None:  # verified whole when loaded
             return entry.data[offset : offset + size]
         assert entry.f is not None
+        end = min(offset + size, entry.size)
+        if offset >= end:
+            return b""
+        unit = integrity.UNIT
+        first = offset // unit
+        start, stop = first * unit, min(entry.size, ((end - 1) // unit + 1) * unit)
         try:
             fd = entry.f.fileno()
             if os.fstat(fd).st_nlink == 0:  # evicted (here or by another mount) since opened
                 self._drop(ck, entry)
                 return None
-            return os.pread(fd, max(0, min(size, entry.size - offset)), offset)
+            buf = os.pread(fd, stop - start, start)
         except (OSError, ValueError):
             self._drop(ck, entry)
             return None
+        try:
+            if len(buf) != stop - start:
+                raise integrity.Damaged("shorter than its trailer says")
+            integrity.verify(buf, first, entry.digests)
+        except integrity.Damaged as exc:
+            self._damage(ck, str(exc), entry)
+            return None
+        return buf if (start, stop) == (offset, end) else buf[offset - start : end - start]
+
+    def _damage(self, ck: str, why: str, entry: _Open | None = None) -> None:
+        """A block failed its checks: forget it (it is deleted from the index by the next call
+        that may use SQLite), log and count it."""
+        with self._lock:
+            self._damaged.add(ck)
+        self._drop(ck, entry)
+        p = parse_cache_key(ck)
+        what = f"{p[1]} block {p[4]} ({p[3]} bytes)" if p else ck
+        log.warning("cached block of %s in %s is damaged (%s): dropped, it will be fetched "
+                    "again", what, self.directory, why)
+        if self._on_corrupt is not None:
+            self._on_corrupt()
+
+    def _delete_damaged(self) -> None:
+        """Delete the index entries of blocks found damaged (SQLite: worker threads only)."""
+        with self._lock:
+            damaged, self._damaged = self._damaged, set()
+        for ck in damaged:
+            try:
+                self._cache.delete(ck, retry=True)
+            except Exception as exc:  # noqa: BLE001 - the next load finds it damaged again
+                log.debug("could not delete damaged block %s: %s", ck, exc)
 
     def _load(self, ck: str) -> _Open | None:
-        """Open a block through diskcache (this records the access for LRU); the entry is
-        returned with a reference taken for the caller."""
+        """Open a block through diskcache (this records the access for LRU) and check its
+        trailer; the entry is returned with a reference taken for the caller."""
+        self._delete_damaged()
         try:
             handle: Any = self._cache.get(ck, default=None, read=True)
         except Exception as exc:  # a damaged entry is a miss, not an error
             log.warning("block cache read failed, treating as miss: %s", exc)
             return None
         if handle is None:
+            if self._indexed_without_file(ck):
+                self._damage(ck, "its file is missing")
+                self._delete_damaged()
             return None
-        if hasattr(handle, "fileno") and not isinstance(handle, bytes):
-            try:
-                fd = handle.fileno()
-                size = os.fstat(fd).st_size
-                # start reading the whole block from disk now, asynchronously: the requests
-                # that follow (1 MiB each) then find it in the page cache, not one at a time
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                entry = _Open(handle, None, size)
-            except (OSError, ValueError):  # io.BytesIO for values kept inside SQLite
-                data = handle.read()
-                entry = _Open(None, data, len(data))
-        else:
-            entry = _Open(None, bytes(handle), len(handle))
+        try:
+            entry = self._open_entry(handle)
+        except integrity.Damaged as exc:
+            if hasattr(handle, "close"):
+                handle.close()
+            self._damage(ck, str(exc))
+            self._delete_damaged()
+            return None
         entry.refs = 1
         with self._lock:
             to_close = [self._retire_locked(ck)]
@@ -304,6 +291,30 @@ class DiskBlockStore:
             if e is not None:
                 e.close()
         return entry
+
+    def _indexed_without_file(self, ck: str) -> bool:
+        """True if diskcache has ``ck`` but could not open its file (``get`` says None)."""
+        try:
+            return ck in self._cache
+        except Exception:  # noqa: BLE001 - a broken index: nothing more to learn here
+            return False
+
+    @staticmethod
+    def _open_entry(handle: Any) -> _Open:
+        """An open entry for what diskcache returned; raises Damaged if it fails its checks."""
+        if isinstance(handle, bytes):  # kept inside SQLite
+            data = integrity.decode(handle)
+            return _Open(None, data, len(data))
+        fd = handle.fileno()
+        stored = os.fstat(fd).st_size
+        tail = os.pread(fd, integrity.FOOTER_SIZE, max(0, stored - integrity.FOOTER_SIZE))
+        length = integrity.parse_footer(tail, stored)
+        raw = os.pread(fd, stored - integrity.FOOTER_SIZE - length, length)
+        digests = integrity.parse_digests(raw, tail, length)
+        # start reading the whole block from disk now, asynchronously: the requests that
+        # follow (1 MiB each) then find it in the page cache, not one at a time
+        os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
+        return _Open(handle, None, length, digests)
 
     def _drop(self, ck: str, entry: _Open | None = None) -> None:
         with self._lock:
@@ -332,13 +343,17 @@ class DiskBlockStore:
     def put(self, bkey: BlockKey, data: bytes) -> None:
         """Store a block; failures (disk full...) are logged and the block simply not cached."""
         try:
+            trailer = integrity.trailer(data)
             if len(data) >= MIN_FILE_SIZE:
                 # diskcache writes a bytes value by iterating it as lines (tens of thousands of
-                # Python-level writes for binary data); a file object is copied in 4 MiB chunks
-                self._cache.set(bkey.cache_key, io.BytesIO(data), read=True, tag=bkey.tag,
-                                retry=True)
+                # Python-level writes for binary data); a file object is copied in chunks
+                self._cache.set(bkey.cache_key, _Chunks(data, trailer), read=True,
+                                tag=bkey.tag, retry=True)
             else:  # small blocks live inside SQLite
-                self._cache.set(bkey.cache_key, data, tag=bkey.tag, retry=True)
+                self._cache.set(bkey.cache_key, bytes(data) + trailer, tag=bkey.tag,
+                                retry=True)
+            with self._lock:
+                self._damaged.discard(bkey.cache_key)  # replaced by the set
             self.puts += 1
             self._cull()
         except Exception as exc:
@@ -395,6 +410,7 @@ class DiskBlockStore:
                     handle.close()
             except Exception:  # noqa: BLE001 - best effort bookkeeping
                 pass
+        self._delete_damaged()
         self._close_unlinked()
 
     # --- management ------------------------------------------------------------------------
@@ -464,6 +480,22 @@ class DiskBlockStore:
             if e is not None:
                 e.close()
         self._cache.close()
+
+
+class _Chunks:
+    """A file-like ``read`` over the data and then its trailer, without joining them."""
+
+    def __init__(self, data: bytes, trailer: bytes) -> None:
+        self._parts = [memoryview(data), memoryview(trailer)]
+
+    def read(self, n: int) -> bytes | memoryview:
+        while self._parts and not self._parts[0]:
+            self._parts.pop(0)
+        if not self._parts:
+            return b""
+        head = self._parts[0]
+        self._parts[0] = head[n:]
+        return head[:n]
 
 
 def _unlinked(f: IO[bytes]) -> bool:
