@@ -7,13 +7,14 @@ import contextlib
 import logging
 import os
 import random
+import sqlite3
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import Bucket, blob, make_local_bucket
+from conftest import Bucket, blob, drop_page_cache, make_local_bucket
 
 from fusefs.cache.blocks import BlockKey, DiskBlockStore
 
@@ -163,8 +164,6 @@ def test_small_blocks_inside_sqlite_are_checked(tmp_path: Path) -> None:
     store.put(k, pattern(k, 1000))
     assert store.read(k, 10, 20) == pattern(k, 1000)[10:30]
     store.close()
-    import sqlite3
-
     con = sqlite3.connect(tmp_path / "c" / "cache.db")
     (value,) = con.execute("SELECT value FROM Cache").fetchone()
     bad = bytearray(value)
@@ -415,3 +414,44 @@ def test_mount_refetches_damaged_truncated_and_missing_blocks(s3_bucket: Bucket,
         assert (m.path / k).read_bytes() == d
     assert s3_bucket.object_gets() == gets
     assert m.stats()["corrupt_blocks"] == 0
+
+
+def test_mount_keeps_serving_while_the_cache_index_is_locked(local_bucket: Bucket, mount,
+                                                            tmp_path: Path) -> None:
+    """Issue 10 item 5: while another process holds SQLite's write lock on the cache index (a
+    busy shared directory, a long checkpoint), a read that must open a cached block waits in a
+    worker thread; lookups, other reads and the control file keep answering meanwhile."""
+    data = {k: blob(3 * MiB, seed=i) for i, k in enumerate(["a", "b"])}
+    for k, d in data.items():
+        local_bucket.put(k, d)
+    m = mount(local_bucket, "--block-size", str(MiB))
+    assert (m.path / "a").read_bytes() == data["a"]
+    m.stop()
+    m = mount(local_bucket, "--block-size", str(MiB))  # cached on disk, nothing open yet
+    assert (m.path / "b").read_bytes() == data["b"]  # fetched: b's blocks are open now
+    con = sqlite3.connect(tmp_path / "cache" / "cache.db", timeout=0, isolation_level=None)
+    con.execute("BEGIN IMMEDIATE")  # the write lock every diskcache get/set needs
+    got: dict[str, object] = {}
+    try:
+        slow = threading.Thread(target=lambda: got.update(a=(m.path / "a").read_bytes()))
+        slow.start()
+        time.sleep(1)  # let that read reach SQLite and wait there
+
+        def meanwhile() -> None:
+            got["stat"] = os.stat(m.path / "b").st_size
+            got["list"] = sorted(os.listdir(m.path))
+            drop_page_cache(m.path / "b")
+            got["b"] = (m.path / "b").read_bytes()  # open block files: no SQLite
+            got["stats"] = m.stats()["current_count"]
+
+        t = threading.Thread(target=meanwhile)
+        t.start()
+        t.join(timeout=20)  # SQLite's busy timeout is 60 s: a stalled loop would still wait
+        assert not t.is_alive(), "the mount stopped answering while the cache index was locked"
+        assert "a" not in got  # the lock really was in the way
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+    slow.join(timeout=60)
+    assert got["stat"] == 3 * MiB and got["list"] == ["a", "b"] and got["b"] == data["b"]
+    assert got["a"] == data["a"]

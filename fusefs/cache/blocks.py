@@ -5,10 +5,16 @@ block index): a changed object has a new version and so new keys, which is why n
 protocol exists. Items are tagged with (source, object key) so one object's blocks can be dropped.
 
 Eviction is diskcache's least-recently-used policy. Its ``get`` writes SQLite (the access time)
-on every call, so repeat reads of a block go through a small table of open files instead
-(``os.pread``, no SQLite), and the access times of blocks read that way are refreshed in a batch
-every ``touch_interval`` seconds. A block evicted while its file is open is noticed
-(``st_nlink == 0``) and treated as a miss, so eviction is never hidden.
+on every call, so reads of a block go through a table of open files instead (``os.pread``), and
+the access times of blocks read that way are written in a batch every ``touch_interval``
+seconds. A block evicted while its file is open is noticed (``st_nlink == 0``) and treated as a
+miss, so eviction is never hidden.
+
+SQLite stays off the hit path and off the event loop: ``read_open``, ``is_open``, ``volume``
+and ``count`` never touch SQLite (the latter two return a snapshot of the index's figures), so
+the event loop may call them; every other method may wait on SQLite (its busy timeout is 60 s)
+and belongs in a worker thread. A maintenance thread refreshes the snapshot every second and
+writes the batched access times.
 
 Integrity: a block is stored with a trailer of per-64 KiB digests (``integrity``), checked
 when it is opened (the trailer) and on every read from its file (the units read). A block that
@@ -123,6 +129,8 @@ class _Open:
 class DiskBlockStore:
     """Blocks on disk under ``directory``, bounded by ``size_limit`` bytes, LRU eviction."""
 
+    persistent = True
+
     def __init__(
         self,
         directory: str,
@@ -155,21 +163,40 @@ class DiskBlockStore:
         #: Keys found damaged by a read, to delete from the index (guarded by ``_lock``).
         self._damaged: set[str] = set()
         self.puts = 0
+        self._usage = (0, 0)  # (volume, count) as last read from the index
+        self.refresh_usage()
         self._count_at_start = self.count()
+        self._stop = threading.Event()
+        self._maintenance = threading.Thread(
+            target=self._maintain, name="fusefs-cache", daemon=True)
+        self._maintenance.start()
 
     # --- reading ---------------------------------------------------------------------------
 
-    def read(self, bkey: BlockKey, offset: int, size: int) -> bytes | None:
-        """Bytes ``[offset, offset+size)`` of a cached block (clipped to the block), or None."""
+    def read_open(self, bkey: BlockKey, offset: int, size: int) -> bytes | None:
+        """``read`` of a block already open, else None; never touches SQLite (the hit path,
+        fit for the event loop)."""
         ck = bkey.cache_key
         entry = self._acquire(ck)
-        if entry is not None:
-            try:
-                data = self._read_entry(ck, entry, offset, size)
-            finally:
-                self._release(entry)
-            if data is not None:
-                return data
+        if entry is None:
+            return None
+        try:
+            return self._read_entry(ck, entry, offset, size)
+        finally:
+            self._release(entry)
+
+    def is_open(self, bkey: BlockKey) -> bool:
+        """True if the block is open for reads (cheap: no SQLite)."""
+        with self._lock:
+            return bkey.cache_key in self._open
+
+    def read(self, bkey: BlockKey, offset: int, size: int) -> bytes | None:
+        """Bytes ``[offset, offset+size)`` of a cached block (clipped to the block), or None.
+        Opens the block if needed, which asks SQLite: call from a worker thread."""
+        data = self.read_open(bkey, offset, size)
+        if data is not None:
+            return data
+        ck = bkey.cache_key
         entry = self._load(ck)
         if entry is None:
             return None
@@ -359,6 +386,22 @@ class DiskBlockStore:
         except Exception as exc:
             log.warning("could not store block in cache %s: %s", self.directory, exc)
 
+    def refresh_usage(self) -> int:
+        """Read the volume and item count from the index into the snapshot; returns the
+        volume."""
+        volume = int(self._cache.volume())
+        self._usage = (volume, int(self._cache.__len__()))
+        return volume
+
+    def _maintain(self) -> None:
+        """Maintenance thread: refresh the usage snapshot, write batched access times."""
+        while not self._stop.wait(1.0):
+            try:
+                self.refresh_usage()
+                self.maybe_touch()
+            except Exception as exc:  # noqa: BLE001 - bookkeeping: the next round retries
+                log.debug("cache maintenance failed: %s", exc)
+
     def _cull(self) -> int:
         """Evict least recently used items until the volume is within the bound; returns how
         many were evicted.
@@ -369,7 +412,7 @@ class DiskBlockStore:
         (through diskcache's transaction, so its triggers keep the size and count and the files
         are removed after the commit).
         """
-        excess = self._cache.volume() - self.size_limit
+        excess = self.refresh_usage() - self.size_limit
         removed = 0
         while excess > 0:
             with self._cache._transact(retry=True) as (sql, cleanup):
@@ -389,6 +432,7 @@ class DiskBlockStore:
             removed += len(chosen)
         if removed:
             self._close_unlinked()
+            self.refresh_usage()
         return removed
 
     def maybe_touch(self) -> None:
@@ -419,7 +463,9 @@ class DiskBlockStore:
         """Drop every cached block of one object (all versions); returns blocks removed."""
         tag = object_tag(source, key)
         self._close_matching(lambda p: p[0] == source and p[1] == key)
-        return int(self._cache.evict(tag, retry=True))
+        removed = int(self._cache.evict(tag, retry=True))
+        self.refresh_usage()
+        return removed
 
     def evict_matching(self, source: str, prefix: str) -> int:
         """Drop the blocks of all objects of ``source`` whose key starts with ``prefix``."""
@@ -430,11 +476,19 @@ class DiskBlockStore:
                 self._drop(ck)
                 if self._cache.delete(ck, retry=True):
                     removed += 1
+        self.refresh_usage()
         return removed
 
     def clear(self) -> int:
-        self._close_matching(lambda p: True)
-        return int(self._cache.clear(retry=True))
+        """Drop every item of the directory (of all mounts sharing it)."""
+        with self._lock:
+            to_close = [self._retire_locked(ck) for ck in list(self._open)]
+        for e in to_close:
+            if e is not None:
+                e.close()
+        removed = int(self._cache.clear(retry=True))
+        self.refresh_usage()
+        return removed
 
     def _close_matching(self, pred: Any) -> None:
         with self._lock:
@@ -461,19 +515,23 @@ class DiskBlockStore:
                 yield k
 
     def volume(self) -> int:
-        return int(self._cache.volume())
+        """Bytes the directory holds (all mounts sharing it), as last read from the index."""
+        return self._usage[0]
 
     def count(self) -> int:
-        return int(self._cache.__len__())
+        """Items the directory holds, as last read from the index."""
+        return self._usage[1]
 
     def evictions(self) -> int:
         """Blocks this process stored that are no longer counted (estimate when shared)."""
         return max(0, self._count_at_start + self.puts - self.count())
 
     def close(self) -> None:
-        """Flush the bookkeeping, close the open blocks and the cache (at unmount)."""
+        """Stop the maintenance thread, flush the bookkeeping, close the open blocks and the
+        cache (at unmount)."""
+        self._stop.set()
+        self._maintenance.join(timeout=5)
         self.flush()
-        self._close_matching(lambda p: True)
         with self._lock:
             to_close = [self._retire_locked(ck) for ck in list(self._open)]
         for e in to_close:
@@ -508,12 +566,23 @@ def _unlinked(f: IO[bytes]) -> bool:
 class NullBlockStore:
     """The disk cache disabled (cache size 0 or -1): every read goes to the store."""
 
+    persistent = False
+
     directory = ""
     size_limit = 0
     puts = 0
 
     def read(self, bkey: BlockKey, offset: int, size: int) -> bytes | None:
         return None
+
+    def read_open(self, bkey: BlockKey, offset: int, size: int) -> bytes | None:
+        return None
+
+    def is_open(self, bkey: BlockKey) -> bool:
+        return False
+
+    def refresh_usage(self) -> int:
+        return 0
 
     def contains(self, bkey: BlockKey) -> bool:
         return False
