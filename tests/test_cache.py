@@ -4,6 +4,7 @@ damaged caches. Mount-level tests of the same properties are at the end."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -11,9 +12,10 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from conftest import Bucket, blob, drop_page_cache, make_local_bucket
 
 from fusefs.cache.blocks import BlockKey, DiskBlockStore
@@ -455,3 +457,57 @@ def test_mount_keeps_serving_while_the_cache_index_is_locked(local_bucket: Bucke
     slow.join(timeout=60)
     assert got["stat"] == 3 * MiB and got["list"] == ["a", "b"] and got["b"] == data["b"]
     assert got["a"] == data["a"]
+
+
+def _garbage_index(cache: Path) -> None:
+    (cache / "cache.db").write_bytes(random.Random(1).randbytes(64 * KiB))
+
+
+def _truncated_index(cache: Path) -> None:
+    db = cache / "cache.db"
+    os.truncate(db, db.stat().st_size // 2)
+
+
+def _other_version(cache: Path) -> None:
+    (cache / "fusefs-cache.json").write_text('{"format": 99}')
+
+
+def _unreadable_marker(cache: Path) -> None:
+    (cache / "fusefs-cache.json").write_bytes(b"\x00garbage")
+
+
+@pytest.mark.parametrize("damage", [_garbage_index, _truncated_index, _other_version,
+                                    _unreadable_marker])
+def test_mount_starts_over_a_broken_cache(s3_bucket: Bucket, mount, tmp_path: Path,
+                                          damage: Callable[[Path], None]) -> None:
+    """Issue 10 item 6: a damaged index or a cache of another format: the mount starts, logs
+    one line, moves the old contents aside and serves from the store; the new cache works."""
+    files = {f"f{i}": blob(MiB + 100 * KiB, seed=i) for i in range(3)}
+    for k, d in files.items():
+        s3_bucket.put(k, d)
+    args = ["--block-size", str(MiB)]
+    m = mount(s3_bucket, *args)
+    for k, d in files.items():
+        assert (m.path / k).read_bytes() == d
+    m.stop()
+    cache = tmp_path / "cache"
+    for wal in ("cache.db-wal", "cache.db-shm"):
+        assert not (cache / wal).exists()  # a clean unmount checkpointed the index
+    damage(cache)
+    gets = s3_bucket.object_gets()
+    m = mount(s3_bucket, *args)
+    for k, d in files.items():
+        assert (m.path / k).read_bytes() == d
+    assert s3_bucket.object_gets() == gets + 6  # every block fetched again
+    m.stop()
+    assert m.log_text().count("moved its contents to") == 1, m.log_text()[-2000:]
+    (aside,) = cache.glob(".broken-*")
+    assert (aside / "cache.db").exists()
+    assert json.loads((cache / "fusefs-cache.json").read_text())["format"] == 1
+    gets = s3_bucket.object_gets()
+    m = mount(s3_bucket, *args)  # the new cache is a good one
+    for k, d in files.items():
+        assert (m.path / k).read_bytes() == d
+    assert s3_bucket.object_gets() == gets
+    m.stop()
+    assert "moved its contents" not in m.log_text()

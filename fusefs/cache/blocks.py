@@ -54,7 +54,7 @@ from typing import IO, Any
 import diskcache
 
 from . import integrity
-from .directory import PrivateDisk, prepare_directory
+from .directory import PrivateDisk, open_index
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +140,9 @@ class DiskBlockStore:
         touch_interval: float = 10.0,
         on_corrupt: Callable[[], None] | None = None,
     ) -> None:
-        prepare_directory(directory)
         self.directory = directory
         self.size_limit = size_limit
-        self._cache = diskcache.Cache(
+        self._cache = open_index(directory, lambda: diskcache.Cache(
             directory,
             size_limit=size_limit,
             eviction_policy="least-recently-used",
@@ -152,7 +151,7 @@ class DiskBlockStore:
             statistics=False,
             disk_min_file_size=MIN_FILE_SIZE,
             disk=PrivateDisk,
-        )
+        ))
         self._lock = threading.Lock()
         self._open: OrderedDict[str, _Open] = OrderedDict()
         self._touched: set[str] = set()
@@ -401,6 +400,7 @@ class DiskBlockStore:
                 self.maybe_touch()
             except Exception as exc:  # noqa: BLE001 - bookkeeping: the next round retries
                 log.debug("cache maintenance failed: %s", exc)
+        self._cache.close()  # this thread's SQLite connection (diskcache's are per thread)
 
     def _cull(self) -> int:
         """Evict least recently used items until the volume is within the bound; returns how
