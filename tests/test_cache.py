@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -511,3 +512,18 @@ def test_mount_starts_over_a_broken_cache(s3_bucket: Bucket, mount, tmp_path: Pa
     assert s3_bucket.object_gets() == gets
     m.stop()
     assert "moved its contents" not in m.log_text()
+
+
+def test_unusable_cache_directory_is_one_line(tmp_path: Path) -> None:
+    """A cache directory that cannot be used (here: a file) fails the mount with one line."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "file").write_text("x")
+    r = subprocess.run(
+        [sys.executable, "-m", "fusefs", "mount", f"file://{tmp_path / 'src'}",
+         str(tmp_path / "mnt"), "--foreground", "--cache-dir", str(tmp_path / "file")],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "FUSEFS_CONFIG_PATH": os.devnull})
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [
+        f"fusefs: cache directory {tmp_path / 'file'}: not a directory"], r.stderr

@@ -18,14 +18,16 @@ business (a miss each).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import shutil
 import sqlite3
+import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import diskcache
@@ -92,7 +94,10 @@ def prepare_directory(directory: str) -> None:
     try:
         os.mkdir(directory, 0o700)
     except FileExistsError:
-        mode = os.stat(directory).st_mode & 0o777
+        st = os.stat(directory)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory") from None
+        mode = st.st_mode & 0o777
         if mode & 0o077 and directory not in _warned_open_dirs:
             _warned_open_dirs.add(directory)
             log.warning(
@@ -115,9 +120,14 @@ def prepare_directory(directory: str) -> None:
 
 def open_index(directory: str, open_cache: Callable[[], diskcache.Cache]) -> diskcache.Cache:
     """``open_cache()`` on a prepared directory; a broken or foreign cache is moved aside first
-    (one warning). Raises UserError if even an empty cache cannot be opened there."""
-    prepare_directory(directory)
-    with _locked(directory):
+    (one warning). Raises UserError if the directory cannot be used, or if even an empty cache
+    cannot be opened there."""
+    try:
+        prepare_directory(directory)
+        lock = _lock(directory)  # mounts starting together check and move aside one at a time
+    except OSError as exc:
+        raise UserError(f"cache directory {directory}: {exc.strerror or exc}") from None
+    try:
         problem = _marker_problem(directory)
         if problem is None:
             cache = None
@@ -146,16 +156,19 @@ def open_index(directory: str, open_cache: Callable[[], diskcache.Cache]) -> dis
         log.warning("cache directory %s %s: moved its contents to %s (delete it when done) and "
                     "started an empty cache", directory, problem, where)
         return cache
+    finally:
+        os.close(lock)  # releases the flock
 
 
-@contextlib.contextmanager
-def _locked(directory: str) -> Iterator[None]:
+def _lock(directory: str) -> int:
+    """An exclusive ``flock`` on the directory's lock file; closing the fd releases it."""
     fd = os.open(os.path.join(directory, _LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
+    except OSError:
         os.close(fd)
+        raise
+    return fd
 
 
 def _marker_problem(directory: str) -> str | None:
