@@ -113,13 +113,14 @@ class _Open:
     was closed and reused for another block). Both fields are guarded by the store's lock.
     """
 
-    __slots__ = ("f", "data", "size", "digests", "refs", "retired")
+    __slots__ = ("f", "data", "size", "digests", "refs", "retired", "damaged")
 
     def __init__(self, f: IO[bytes] | None, data: bytes | None, size: int,
                  digests: tuple[int, ...] = ()) -> None:
         self.f, self.data, self.size, self.digests = f, data, size, digests
         self.refs = 0
         self.retired = False
+        self.damaged = False
 
     def close(self) -> None:
         if self.f is not None:
@@ -161,6 +162,8 @@ class DiskBlockStore:
         self._on_corrupt = on_corrupt
         #: Keys found damaged by a read, to delete from the index (guarded by ``_lock``).
         self._damaged: set[str] = set()
+        #: Keys reported damaged and not stored again since (guarded by ``_lock``).
+        self._reported: set[str] = set()
         self.puts = 0
         self._usage = (0, 0)  # (volume, count) as last read from the index
         self.refresh_usage()
@@ -200,9 +203,12 @@ class DiskBlockStore:
         if entry is None:
             return None
         try:
-            return self._read_entry(ck, entry, offset, size)
+            data = self._read_entry(ck, entry, offset, size)
         finally:
             self._release(entry)
+        if data is None:
+            self._delete_damaged()  # a worker thread: the index may be asked now
+        return data
 
     def _acquire(self, ck: str) -> _Open | None:
         """The open entry of ``ck`` with a reference taken for the caller, or None."""
@@ -267,7 +273,14 @@ class DiskBlockStore:
         that may use SQLite), log and count it."""
         with self._lock:
             self._damaged.add(ck)
+            # one report per damaged block, however many readers or loaders saw it at once
+            first = ck not in self._reported and not (entry is not None and entry.damaged)
+            self._reported.add(ck)
+            if entry is not None:
+                entry.damaged = True
         self._drop(ck, entry)
+        if not first:
+            return
         p = parse_cache_key(ck)
         what = f"{p[1]} block {p[4]} ({p[3]} bytes)" if p else ck
         log.warning("cached block of %s in %s is damaged (%s): dropped, it will be fetched "
@@ -380,6 +393,7 @@ class DiskBlockStore:
                                 retry=True)
             with self._lock:
                 self._damaged.discard(bkey.cache_key)  # replaced by the set
+                self._reported.discard(bkey.cache_key)
             self.puts += 1
             self._cull()
         except Exception as exc:
