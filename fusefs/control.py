@@ -444,6 +444,7 @@ class Control:
             "fetches_in_flight": self.stats.fetches_in_flight,
             "evictions": max(0, self.blocks.evictions() - self._cleared),
             "readahead_blocks": c[S.READAHEAD_BLOCKS],
+            "corrupt_blocks": c[S.CORRUPT_BLOCKS],
             **self.prefetcher.totals(),
             "errors": c[S.ERRORS],
             "open_files": self.fs.open_handles,

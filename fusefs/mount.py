@@ -69,15 +69,16 @@ def build(
     """Construct the store, caches, reader, filesystem and FUSE adapter for one mount."""
     store = store or open_store(source, settings)
     blocks: BlockStore
+    stats = Stats()
     if settings.cache_enabled:
-        blocks = DiskBlockStore(settings.cache_dir, settings.cache_size)
+        blocks = DiskBlockStore(settings.cache_dir, settings.cache_size,
+                                on_corrupt=lambda: stats.add(S.CORRUPT_BLOCKS))
         # just-fetched blocks stay in memory a little: a sequential reader consumes each in
         # several requests, served without reading the block back from its cache file
         recent = RECENT_BLOCKS * settings.block_size
     else:
         blocks = NullBlockStore()
         recent = settings.readahead_max + 2 * settings.block_size
-    stats = Stats()
     reader = Reader(
         store,
         blocks,
