@@ -440,3 +440,59 @@ def test_s3_fast_get_path_turns_off_when_the_server_refuses_it(
         assert not store._fast.enabled
         assert store.get_range("f.bin", 1000, 1000, v) == payload[1000:2000]
         assert proxy.count(predicate=is_object_get) == 3  # boto3 only from now on
+
+
+# ----------------------------------------------------------------------- local specifics
+
+
+def test_local_never_follows_symlinks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Links out of the source (or inside it) are not listed, not found, never read."""
+    from fusefs.backends.local import LocalStore
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"outside the source")
+    (tmp_path / "secret_dir").mkdir()
+    (tmp_path / "secret_dir" / "s.txt").write_bytes(b"outside too")
+    root = tmp_path / "bucket"
+    (root / "d").mkdir(parents=True)
+    (root / "ok.txt").write_bytes(b"fine")
+    (root / "x").symlink_to(secret)
+    (root / "dirlink").symlink_to(tmp_path / "secret_dir")
+    (root / "d" / "inner").symlink_to(root / "ok.txt")  # inside the source: skipped as well
+    os.mkfifo(root / "fifo")
+    store = LocalStore(str(root))
+    with caplog.at_level("DEBUG", logger="fusefs.backends.local"):
+        objects, prefixes = collect(store, "")
+        assert sorted(objects) == ["ok.txt"] and prefixes == ["d/"]
+        assert collect(store, "d/") == ({}, [])
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "symbolic link" in warnings[0].getMessage()
+    assert collect(store, "dirlink/") == ({}, [])  # a linked folder is not a prefix
+    version = store.head("ok.txt").version
+    for key in ("x", "dirlink/s.txt", "d/inner", "dirlink", "fifo"):
+        with pytest.raises(NotFound):
+            store.head(key)
+        with pytest.raises(NotFound):
+            store.get_range(key, 0, 100, version)
+    # a file swapped for a link after it was listed is refused at open (no check-then-open)
+    (root / "ok.txt").unlink()
+    (root / "ok.txt").symlink_to(secret)
+    with pytest.raises(NotFound):
+        store.get_range("ok.txt", 0, 100, version)
+
+
+def test_local_mount_hides_symlinks(tmp_path: Path, mount: Any) -> None:
+    from conftest import make_local_bucket
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"outside the source")
+    b = make_local_bucket(tmp_path / "objects")
+    b.put("a.txt", b"aaa")
+    (tmp_path / "objects" / "x").symlink_to(secret)
+    (tmp_path / "objects" / "up").symlink_to(tmp_path)
+    m = mount(b)
+    assert sorted(p.name for p in m.path.iterdir() if not p.name.startswith(".")) == ["a.txt"]
+    for name in ("x", "up/secret"):
+        with pytest.raises(FileNotFoundError):
+            (m.path / name).read_bytes()
+    assert (m.path / "a.txt").read_bytes() == b"aaa"
