@@ -496,3 +496,23 @@ def test_local_mount_hides_symlinks(tmp_path: Path, mount: Any) -> None:
         with pytest.raises(FileNotFoundError):
             (m.path / name).read_bytes()
     assert (m.path / "a.txt").read_bytes() == b"aaa"
+
+
+def test_local_version_sees_an_in_place_rewrite_with_kept_mtime(tmp_path: Path) -> None:
+    """``rsync --inplace -t``: same size, same inode, mtime put back; the bytes changed."""
+    from fusefs.backends.local import LocalStore
+
+    (tmp_path / "f.bin").write_bytes(b"A" * 100)
+    store = LocalStore(str(tmp_path))
+    old = store.head("f.bin")
+    st = os.stat(tmp_path / "f.bin")
+    time.sleep(0.05)
+    with open(tmp_path / "f.bin", "r+b") as f:
+        f.write(b"B" * 100)
+    os.utime(tmp_path / "f.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
+    new = store.head("f.bin")
+    assert (new.size, new.mtime) == (old.size, old.mtime)
+    assert new.version != old.version
+    with pytest.raises(StaleVersion):
+        store.get_range("f.bin", 0, 100, old.version)
+    assert store.get_range("f.bin", 0, 100, new.version) == b"B" * 100

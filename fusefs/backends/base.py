@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 class ObjectInfo:
     """One object: its key, size, last-modified time (epoch seconds) and version.
 
-    ``version`` is the ETag (S3), generation (GCS) or mtime/size/inode (local); cache keys
+    ``version`` is the ETag (S3), generation (GCS) or mtime/size/inode/ctime (local); cache keys
     carry it so a changed object never serves old bytes.
     """
 

@@ -32,7 +32,7 @@ _ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 def _version(st: os.stat_result) -> str:
     """Changes whenever the file's bytes may have: a rewrite in place that keeps size and mtime
     (``rsync --inplace -t``) still moves the ctime."""
-    return f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}"
+    return f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}-{st.st_ctime_ns:x}"
 
 
 def _map_os_error(exc: OSError, what: str) -> FusefsError:
