@@ -516,3 +516,31 @@ def test_local_version_sees_an_in_place_rewrite_with_kept_mtime(tmp_path: Path) 
     with pytest.raises(StaleVersion):
         store.get_range("f.bin", 0, 100, old.version)
     assert store.get_range("f.bin", 0, 100, new.version) == b"B" * 100
+
+
+def test_prefixed_check_lists_the_prefix_not_the_root(moto_server: MotoS3, s3_seed: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A policy that allows only ``home/alice/`` must still let ``s3://b/home/alice`` mount: the
+    proxy plays that policy (403 for any listing outside the prefix)."""
+    from fusefs.backends.s3 import S3Store
+    from fusefs.testing.proxy import CountingProxy, is_list
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_CONFIG_FILE": os.devnull}.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    s3_seed.create_bucket(Bucket=bucket)
+    s3_seed.put_object(Bucket=bucket, Key="home/alice/a.txt", Body=b"a")
+    with CountingProxy(moto_server.endpoint_url) as proxy:
+        proxy.faults(1.0, ["403"], predicate=lambda r: is_list(r) and not (
+            r.query.get("prefix", "").startswith("home/alice/")))
+        store = PrefixedStore(S3Store(bucket, endpoint_url=proxy.url), "home/alice")
+        store.check()
+        lists = [r for r in proxy.requests() if is_list(r)]
+        assert [r.query.get("prefix") for r in lists] == ["home/alice/"]
+        assert lists[0].query.get("max-keys") == "1"
+        with pytest.raises(AccessDenied):
+            S3Store(bucket, endpoint_url=proxy.url).check()  # the root is refused indeed
+    missing = PrefixedStore(S3Store("nope-" + bucket, endpoint_url=moto_server.endpoint_url), "p")
+    with pytest.raises(NotFound, match="does not exist"):
+        missing.check()
