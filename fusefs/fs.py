@@ -23,7 +23,7 @@ import trio
 
 from . import threads
 from .backends.base import ObjectInfo, ObjectStore
-from .config import Settings
+from .config import LIST_AHEAD_PARALLEL, Settings
 from .errors import (
     FusefsError,
     InvalidArgument,
@@ -43,7 +43,6 @@ CONTROL_INO = 2
 CONTROL_NAME = ".fusefs"
 #: Sub-directories listed ahead of a tree walker (per directory read), and how many at once.
 LIST_AHEAD_MAX = 1024
-LIST_AHEAD_PARALLEL = 8
 LIST_AHEAD_KEYS = 1000
 _FIRST_INO = 3
 
@@ -126,7 +125,7 @@ class FileSystem:
         self._negative: dict[str, float] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
-        self._meta_limiter = trio.CapacityLimiter(max(4, settings.workers))
+        self._meta_limiter = trio.CapacityLimiter(settings.metadata_workers)
         self._ahead_limiter = trio.CapacityLimiter(LIST_AHEAD_PARALLEL)
         self._listing_flights: dict[int, trio.Event] = {}
         reader._on_stale = self.mark_stale

@@ -62,10 +62,11 @@ SlowPredicate = Callable[[str, str], bool]
 #: ``stall_body``: half the body, ``stall_s`` of silence, then the rest; ``short_length``: a
 #: well-framed answer whose ``Content-Length`` and body lack their last third (what a broken
 #: middlebox does); ``full_200``: the ``Range`` header is dropped, so the whole object comes back
-#: as a 200; ``no_etag``: the ``ETag`` header and listing ``<ETag>`` elements are removed.
+#: as a 200; ``no_etag``: the ``ETag`` header and listing ``<ETag>`` elements are removed;
+#: ``corrupt``: one byte in the middle of the body is flipped (length and headers unchanged).
 FAULTS = ("500", "503", "403", "reset", "truncate", "stall", "stall_body", "short_length",
-          "full_200", "no_etag")
-_BODY_FAULTS = frozenset({"truncate", "stall_body", "short_length", "no_etag"})
+          "full_200", "no_etag", "corrupt")
+_BODY_FAULTS = frozenset({"truncate", "stall_body", "short_length", "no_etag", "corrupt"})
 _ETAG_XML = re.compile(rb"<ETag>[^<]*</ETag>")
 
 
@@ -521,6 +522,9 @@ class _Handler(BaseHTTPRequestHandler):
         proxy._delay(proxy.latency_ms / 1000.0)
         if fault == "no_etag":
             body = _ETAG_XML.sub(b"", body)
+        if fault == "corrupt" and body:
+            mid = len(body) // 2
+            body = body[:mid] + bytes([body[mid] ^ 0xFF]) + body[mid + 1 :]
         announced = len(body)
         if fault == "short_length" and len(body) > 1:
             body = body[: len(body) - max(1, len(body) // 3)]
