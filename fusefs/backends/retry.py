@@ -34,7 +34,7 @@ class RetryPolicy:
     """
 
     attempts: int = 10
-    deadline: float = 30.0
+    deadline: float = 15.0
     base: float = 0.05
     cap: float = 1.0
 
