@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import Bucket, MountProc, drop_page_cache, make_gcs_bucket, make_s3_bucket
 
-from fusefs.testing.proxy import CountingProxy, is_object_get
+from fusefs.testing.proxy import CountingProxy, is_list, is_object_get
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -158,3 +158,19 @@ def test_every_get_stalling_gives_eio_and_the_mount_keeps_serving(
         assert _read(m.path / key) == data[key]
     assert m.proc is not None and m.proc.poll() is None
     assert sorted(os.listdir(m.path / "s")) == sorted(k[2:] for k in data)
+
+
+def test_a_failing_listing_is_eio_never_an_empty_folder(
+    faulty: Bucket, mount: Callable[..., MountProc]
+) -> None:
+    data = _seed(faulty, 3, 10)
+    proxy = faulty.proxy
+    assert proxy is not None
+    m = mount(faulty, *NO_CACHE)
+    proxy.faults(1.0, ["503"], predicate=is_list)
+    with pytest.raises(OSError) as err:
+        os.listdir(m.path / "s")
+    assert err.value.errno == errno.EIO
+    proxy.faults(0.5, ["503", "reset", "truncate"], predicate=is_list, seed=4)
+    assert sorted(os.listdir(m.path / "s")) == sorted(k[2:] for k in data)  # retried
+    assert proxy.fault_counts()["503"] >= 10
