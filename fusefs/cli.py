@@ -34,6 +34,7 @@ _SETTING_FLAGS: dict[str, dict[str, Any]] = {
     "cache_size": {"metavar": "BYTES"},
     "block_size": {"metavar": "BYTES"},
     "workers": {"metavar": "N"},
+    "stall_timeout": {"metavar": "SECONDS"},
     "metadata_ttl": {"metavar": "SECONDS"},
     "negative_ttl": {"metavar": "SECONDS"},
     "readahead_max": {"metavar": "BYTES"},

@@ -18,6 +18,8 @@ from typing import Any
 from .errors import UserError
 
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
+#: Background listings one level ahead of a tree walker that run at once.
+LIST_AHEAD_PARALLEL = 8
 _UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
 
 
@@ -103,6 +105,13 @@ def _seconds(v: Any) -> float:
     return n
 
 
+def _positive_seconds(v: Any) -> float:
+    n = float(v)
+    if not n > 0:
+        raise ValueError(f"must be > 0 seconds, got {v!r}")
+    return n
+
+
 def _log_level(v: Any) -> str:
     s = str(v).upper()
     if s not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -171,6 +180,14 @@ class Settings:
     workers: int = field(
         default=16,
         metadata=_meta(_positive_int, "FUSEFS_NUM_WORKERS", "parallel requests to the store"),
+    )
+    stall_timeout: float = field(
+        default=2.0,
+        metadata=_meta(
+            _positive_seconds,
+            "FUSEFS_STALL_TIMEOUT",
+            "seconds a store response may make no progress before it is abandoned and retried",
+        ),
     )
     metadata_ttl: float = field(
         default=60.0,
@@ -258,6 +275,17 @@ class Settings:
 
     #: Where each value came from ("--cache-size", "FUSEFS_CACHE_SIZE_BYTES", "config file ...").
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def metadata_workers(self) -> int:
+        """Metadata calls (HEAD, LIST) the filesystem runs at once."""
+        return max(4, self.workers)
+
+    @property
+    def store_connections(self) -> int:
+        """HTTP connections the store may hold at once: one per thread that can be in a store
+        call (data fetches, metadata calls, list-ahead), plus a few for the control file."""
+        return self.workers + self.metadata_workers + LIST_AHEAD_PARALLEL + 4
 
     @property
     def cache_enabled(self) -> bool:

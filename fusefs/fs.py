@@ -37,7 +37,7 @@ import trio
 
 from . import threads
 from .backends.base import ObjectInfo, ObjectStore
-from .config import Settings
+from .config import LIST_AHEAD_PARALLEL, Settings
 from .errors import (
     FusefsError,
     InvalidArgument,
@@ -65,9 +65,8 @@ FILL_MAX_ENTRIES = 200_000
 #: Entries kept in listing ranges over all folders; beyond, the least recently used folders'
 #: ranges are dropped (about 100-250 bytes an entry, most of it shared with nodes).
 MAX_LISTED_ENTRIES = 1_000_000
-#: Sub-folders listed ahead of a tree walker, per folder snapshot; and how many at once.
+#: Sub-folders listed ahead of a tree walker, per folder snapshot (LIST_AHEAD_PARALLEL at once).
 LIST_AHEAD_MAX = 256
-LIST_AHEAD_PARALLEL = 4
 #: Longest entry/attribute timeout given to the kernel (a "forever" TTL becomes this).
 MAX_KERNEL_TIMEOUT = 365 * 86400.0
 
@@ -198,7 +197,7 @@ class FileSystem:
         self._handles: dict[int, Handle] = {}
         self._dir_handles: dict[int, DirHandle] = {}
         self._next_fh = 1
-        self._meta_limiter = trio.CapacityLimiter(max(4, settings.workers))
+        self._meta_limiter = trio.CapacityLimiter(settings.metadata_workers)
         self._ahead_limiter = trio.CapacityLimiter(LIST_AHEAD_PARALLEL)
         #: Called (awaited) with an inode whose object changed version while the kernel may
         #: cache its attributes or pages; set by the FUSE adapter.

@@ -440,3 +440,107 @@ def test_s3_fast_get_path_turns_off_when_the_server_refuses_it(
         assert not store._fast.enabled
         assert store.get_range("f.bin", 1000, 1000, v) == payload[1000:2000]
         assert proxy.count(predicate=is_object_get) == 3  # boto3 only from now on
+
+
+# ----------------------------------------------------------------------- local specifics
+
+
+def test_local_never_follows_symlinks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Links out of the source (or inside it) are not listed, not found, never read."""
+    from fusefs.backends.local import LocalStore
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"outside the source")
+    (tmp_path / "secret_dir").mkdir()
+    (tmp_path / "secret_dir" / "s.txt").write_bytes(b"outside too")
+    root = tmp_path / "bucket"
+    (root / "d").mkdir(parents=True)
+    (root / "ok.txt").write_bytes(b"fine")
+    (root / "x").symlink_to(secret)
+    (root / "dirlink").symlink_to(tmp_path / "secret_dir")
+    (root / "d" / "inner").symlink_to(root / "ok.txt")  # inside the source: skipped as well
+    os.mkfifo(root / "fifo")
+    store = LocalStore(str(root))
+    with caplog.at_level("DEBUG", logger="fusefs.backends.local"):
+        objects, prefixes = collect(store, "")
+        assert sorted(objects) == ["ok.txt"] and prefixes == ["d/"]
+        assert collect(store, "d/") == ({}, [])
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "symbolic link" in warnings[0].getMessage()
+    assert collect(store, "dirlink/") == ({}, [])  # a linked folder is not a prefix
+    version = store.head("ok.txt").version
+    for key in ("x", "dirlink/s.txt", "d/inner", "dirlink", "fifo"):
+        with pytest.raises(NotFound):
+            store.head(key)
+        with pytest.raises(NotFound):
+            store.get_range(key, 0, 100, version)
+    # a file swapped for a link after it was listed is refused at open (no check-then-open)
+    (root / "ok.txt").unlink()
+    (root / "ok.txt").symlink_to(secret)
+    with pytest.raises(NotFound):
+        store.get_range("ok.txt", 0, 100, version)
+
+
+def test_local_mount_hides_symlinks(tmp_path: Path, mount: Any) -> None:
+    from conftest import make_local_bucket
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"outside the source")
+    b = make_local_bucket(tmp_path / "objects")
+    b.put("a.txt", b"aaa")
+    (tmp_path / "objects" / "x").symlink_to(secret)
+    (tmp_path / "objects" / "up").symlink_to(tmp_path)
+    m = mount(b)
+    assert sorted(p.name for p in m.path.iterdir() if not p.name.startswith(".")) == ["a.txt"]
+    for name in ("x", "up/secret"):
+        with pytest.raises(FileNotFoundError):
+            (m.path / name).read_bytes()
+    assert (m.path / "a.txt").read_bytes() == b"aaa"
+
+
+def test_local_version_sees_an_in_place_rewrite_with_kept_mtime(tmp_path: Path) -> None:
+    """``rsync --inplace -t``: same size, same inode, mtime put back; the bytes changed."""
+    from fusefs.backends.local import LocalStore
+
+    (tmp_path / "f.bin").write_bytes(b"A" * 100)
+    store = LocalStore(str(tmp_path))
+    old = store.head("f.bin")
+    st = os.stat(tmp_path / "f.bin")
+    time.sleep(0.05)
+    with open(tmp_path / "f.bin", "r+b") as f:
+        f.write(b"B" * 100)
+    os.utime(tmp_path / "f.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
+    new = store.head("f.bin")
+    assert (new.size, new.mtime) == (old.size, old.mtime)
+    assert new.version != old.version
+    with pytest.raises(StaleVersion):
+        store.get_range("f.bin", 0, 100, old.version)
+    assert store.get_range("f.bin", 0, 100, new.version) == b"B" * 100
+
+
+def test_prefixed_check_lists_the_prefix_not_the_root(moto_server: MotoS3, s3_seed: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A policy that allows only ``home/alice/`` must still let ``s3://b/home/alice`` mount: the
+    proxy plays that policy (403 for any listing outside the prefix)."""
+    from fusefs.backends.s3 import S3Store
+    from fusefs.testing.proxy import CountingProxy, is_list
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_CONFIG_FILE": os.devnull}.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    s3_seed.create_bucket(Bucket=bucket)
+    s3_seed.put_object(Bucket=bucket, Key="home/alice/a.txt", Body=b"a")
+    with CountingProxy(moto_server.endpoint_url) as proxy:
+        proxy.faults(1.0, ["403"], predicate=lambda r: is_list(r) and not (
+            r.query.get("prefix", "").startswith("home/alice/")))
+        store = PrefixedStore(S3Store(bucket, endpoint_url=proxy.url), "home/alice")
+        store.check()
+        lists = [r for r in proxy.requests() if is_list(r)]
+        assert [r.query.get("prefix") for r in lists] == ["home/alice/"]
+        assert lists[0].query.get("max-keys") == "1"
+        with pytest.raises(AccessDenied):
+            S3Store(bucket, endpoint_url=proxy.url).check()  # the root is refused indeed
+    missing = PrefixedStore(S3Store("nope-" + bucket, endpoint_url=moto_server.endpoint_url), "p")
+    with pytest.raises(NotFound, match="does not exist"):
+        missing.check()

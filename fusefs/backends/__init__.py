@@ -44,10 +44,16 @@ def open_store(source: str, settings: Settings) -> ObjectStore:
             endpoint_url=settings.endpoint_url,
             region=settings.region,
             profile=settings.profile,
-            max_connections=settings.workers + 8,
+            max_connections=settings.store_connections,
+            stall_timeout=settings.stall_timeout,
         )
     else:
         from .gcs import GCSStore
 
-        store = GCSStore(where, project=settings.project, max_connections=settings.workers + 8)
+        store = GCSStore(
+            where,
+            project=settings.project,
+            max_connections=settings.store_connections,
+            stall_timeout=settings.stall_timeout,
+        )
     return PrefixedStore(store, prefix) if prefix else store

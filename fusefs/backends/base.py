@@ -11,12 +11,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from ..errors import NotFound
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
     """One object: its key, size, last-modified time (epoch seconds) and version.
 
-    ``version`` is the ETag (S3), generation (GCS) or mtime/size/inode (local); cache keys
+    ``version`` is the ETag (S3), generation (GCS) or mtime/size/inode/ctime (local); cache keys
     carry it so a changed object never serves old bytes.
     """
 
@@ -83,7 +85,12 @@ class PrefixedStore:
         return key[len(self.prefix) :]
 
     def check(self) -> None:
-        self.inner.check()
+        """List the prefix, not the bucket root: a policy may allow only ``prefix/``."""
+        try:
+            next(iter(self.inner.list(self.prefix, max_keys=1)), None)
+        except NotFound:
+            self.inner.check()  # a missing bucket: the store's own message says so
+            raise
 
     def head(self, key: str) -> ObjectInfo:
         info = self.inner.head(self.prefix + key)
