@@ -63,11 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser("mount", help="mount SOURCE (s3://, gs://, file://) on MOUNTPOINT")
+    m = sub.add_parser("mount", help="mount SOURCE (s3://, gs://, az://, file://) on MOUNTPOINT")
     m.add_argument(
         "source",
         nargs="?",
-        help="s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or file:///DIR "
+        help="s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX], az://CONTAINER[/PREFIX] or file:///DIR "
         "(default: source in the config file)",
     )
     m.add_argument("mountpoint", nargs="?", help="(default: mountpoint in the config file)")

@@ -180,7 +180,9 @@ class Settings:
     endpoint_url: str | None = field(
         default=None,
         metadata=_meta(
-            _opt_str, "FUSEFS_ENDPOINT_URL", "S3-compatible endpoint URL (path-style addressing)"
+            _opt_str,
+            "FUSEFS_ENDPOINT_URL",
+            "S3-compatible endpoint URL (path-style addressing), or Azure account URL",
         ),
     )
     region: str | None = field(default=None, metadata=_meta(_opt_str, "FUSEFS_REGION", "S3 region"))

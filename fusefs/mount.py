@@ -308,7 +308,7 @@ def setup_logging(settings: Settings, *, daemon: bool) -> None:
         h.close()
     root.addHandler(handler)
     root.setLevel(settings.log_level)
-    for noisy in ("botocore", "boto3", "urllib3", "google", "s3transfer", "pyfuse3"):
+    for noisy in ("botocore", "boto3", "urllib3", "google", "s3transfer", "pyfuse3", "azure"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     _log_daemon = daemon
 

