@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--config", metavar="FILE", help="take the mount point from this config file")
 
     _add_control_parsers(sub)
+    from .check import add_parser as add_check_parser
+
+    add_check_parser(sub)
     return p
 
 
@@ -558,6 +561,12 @@ def _wait_prefetch(mountpoint: str, req_id: int, out: Any) -> dict[str, Any]:
         time.sleep(0.25)
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .check import cmd_check
+
+    return cmd_check(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and "://" in argv[0]:
@@ -572,6 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "clear": cmd_clear,
         "prefetch": cmd_prefetch,
         "cancel-prefetch": cmd_cancel_prefetch,
+        "check": _cmd_check,
     }
     try:
         return handlers[args.command](args)

@@ -339,6 +339,36 @@ def test_prefixed_store(h: Harness) -> None:
     assert PrefixedStore(h.store, "").source_id == h.store.source_id
 
 
+def test_put_and_delete(h: Harness) -> None:
+    info = h.store.put("w/probe.bin", b"first")
+    assert (info.key, info.size) == ("w/probe.bin", 5) and info.version
+    assert h.store.head("w/probe.bin").version == info.version
+    assert h.store.get_range("w/probe.bin", 0, 10, info.version) == b"first"
+    time.sleep(0.01)  # a distinct mtime for the local store
+    again = h.store.put("w/probe.bin", b"second, longer")
+    assert again.version != info.version and again.size == 14
+    with pytest.raises(StaleVersion):
+        h.store.get_range("w/probe.bin", 0, 5, info.version)
+    assert h.store.get_range("w/probe.bin", 0, 14, again.version) == b"second, longer"
+    h.store.delete("w/probe.bin")
+    with pytest.raises(NotFound):
+        h.store.head("w/probe.bin")
+    h.store.delete("w/probe.bin")  # absent: not an error
+    objects, _ = collect(h.store, "w/")
+    assert objects == {}
+    prefixed = PrefixedStore(h.store, "pre")
+    assert prefixed.put("k", b"x").key == "k"
+    assert h.store.head("pre/k").size == 1
+    prefixed.delete("k")
+    with pytest.raises(NotFound):
+        h.store.head("pre/k")
+
+
+def test_put_refused_on_missing_bucket(h: Harness) -> None:
+    with pytest.raises(NotFound):
+        h.missing().put("k", b"x")
+
+
 # ------------------------------------------------------------------------ GCS specifics
 
 

@@ -306,3 +306,23 @@ class GCSStore:
                 cause=err,
             )
         return err
+
+    # --- writes (``fusefs check``'s probe) ------------------------------------------------
+
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        blob = self.bucket.blob(key)
+        try:
+            blob.upload_from_string(data, timeout=_TIMEOUT, retry=_RETRY)
+        except Exception as exc:
+            raise map_gcs_error(exc, self._name(key)) from exc
+        return ObjectInfo(
+            key, len(data), _mtime(blob.updated, blob.time_created), str(blob.generation)
+        )
+
+    def delete(self, key: str) -> None:
+        try:
+            self.bucket.blob(key).delete(timeout=_TIMEOUT, retry=_RETRY)
+        except gexc.NotFound:
+            return  # already absent
+        except Exception as exc:
+            raise map_gcs_error(exc, self._name(key)) from exc

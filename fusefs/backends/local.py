@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Iterator
@@ -88,3 +89,32 @@ class LocalStore:
             return os.pread(fd, length, start) if length > 0 else b""
         finally:
             os.close(fd)
+
+    # --- writes (``fusefs check``'s probe) ------------------------------------------------
+
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        """Write the file atomically (a temporary name, then a rename), parent folders as
+        needed; never creates the root directory itself."""
+        if not os.path.isdir(self.root):
+            raise NotFound(f"directory {self.root} does not exist")
+        path = self._path(key)
+        tmp = f"{path}.fusefs-tmp-{os.getpid()}"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            st = os.stat(path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise _map_os_error(exc, key) from exc
+        return ObjectInfo(key, st.st_size, st.st_mtime, _version(st))
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            return  # already absent
+        except OSError as exc:
+            raise _map_os_error(exc, key) from exc
