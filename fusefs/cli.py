@@ -45,6 +45,7 @@ _SETTING_FLAGS: dict[str, dict[str, Any]] = {
     "gid": {},
     "file_mode": {"metavar": "OCTAL"},
     "dir_mode": {"metavar": "OCTAL"},
+    "metrics": {"metavar": "HOST:PORT"},
 }
 _BOOL_FLAGS = ("allow_other", "read_only")
 

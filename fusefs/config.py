@@ -114,6 +114,25 @@ def _opt_int(v: Any) -> int | None:
     return int(v) if v not in (None, "") else None
 
 
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT``; a bare ``PORT`` means loopback) -> (host, port)."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not HOST:PORT, e.g. 127.0.0.1:9100: {text!r}")
+    return host, int(port)
+
+
+def _host_port(v: Any) -> str | None:
+    if v in (None, ""):
+        return None
+    parse_host_port(str(v))
+    return str(v).strip()
+
+
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "fusefs")
@@ -235,6 +254,15 @@ class Settings:
     dir_mode: int = field(
         default=0o755,
         metadata=_meta(_octal_mode, "FUSEFS_DIR_MODE", "permission bits of directories"),
+    )
+
+    metrics: str | None = field(
+        default=None,
+        metadata=_meta(
+            _host_port,
+            "FUSEFS_METRICS",
+            "serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+        ),
     )
 
     #: Where each value came from ("--cache-size", "FUSEFS_CACHE_SIZE_BYTES", "config file ...").
