@@ -172,3 +172,50 @@ def test_mount_fuse3_calling_convention(local_bucket: Bucket, tmp_path: Path) ->
         assert (mp / "x.txt").read_bytes() == b"x"
     finally:
         unmount(str(mp))
+
+
+def _request(done_files: int, done_bytes: int, state: str = "running") -> dict:
+    return {"id": 1, "state": state, "files_queued": 40, "files_done": done_files,
+            "files_failed": 0, "files_cancelled": 0, "bytes_queued": 80 << 20,
+            "bytes_done": done_bytes, "bytes_failed": 0, "bytes_cancelled": 0,
+            "bytes_pending": (80 << 20) - done_bytes, "elapsed_s": done_files / 8}
+
+
+def test_progress_bar_not_a_terminal_prints_a_line_a_second() -> None:
+    import io
+
+    from fusefs.cli import ProgressBar
+
+    out = io.StringIO()  # isatty() is False
+    bar = ProgressBar(out)
+    bar.draw(_request(0, 0), 100.0)
+    bar.draw(_request(4, 8 << 20), 100.5)  # within the second: not printed
+    bar.draw(_request(8, 17 << 20), 101.0)
+    bar.draw(_request(40, 80 << 20, "finished"), 101.2, final=True)
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and len(lines) == 3, lines
+    assert "0%" in lines[0] and "0/40 files" in lines[0]
+    assert "21%" in lines[1] and "8/40 files" in lines[1] and "17.0M/80.0M" in lines[1]
+    # the rate over the window (17 MiB in a second; tqdm prints rates in decimal units), ETA
+    assert "17.8MB/s" in lines[1] and "<00:03" in lines[1]
+    assert "100%" in lines[2] and "40/40 files" in lines[2] and "80.0M/80.0M" in lines[2]
+
+
+def test_progress_bar_on_a_terminal_redraws_in_place() -> None:
+    import io
+
+    from fusefs.cli import ProgressBar
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    bar = ProgressBar(out)
+    for i, t in enumerate((0.0, 0.3, 0.6)):
+        bar.draw(_request(8 * i, (17 << 20) * i), t)
+    bar.draw(_request(40, 80 << 20, "finished"), 1.0, final=True)
+    text = out.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n")  # one line, redrawn with \r
+    assert "\r" in text and "40/40 files" in text.rsplit("\r", 1)[-1]
+    assert "100%" in text.rsplit("\r", 1)[-1]
