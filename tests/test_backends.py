@@ -457,6 +457,47 @@ def test_azure_wrong_key_is_access_denied(azurite_server: Azurite) -> None:
     assert "\n" not in ei.value.message
 
 
+def test_azure_sas_token_and_one_request_per_get(azurite_server: Azurite) -> None:
+    """AZURE_STORAGE_ACCOUNT + AZURE_STORAGE_SAS_TOKEN against Azurite; each ranged GET is one
+    request (the lean path), a changed blob is still StaleVersion."""
+    from datetime import UTC, datetime, timedelta
+
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    from fusefs.backends.azure import AzureStore
+    from fusefs.testing.proxy import CountingProxy, is_object_get
+
+    container = f"sas-{uuid.uuid4().hex[:12]}"
+    client = azure_container_client(azurite_server, container)
+    client.create_container()
+    data = random.Random(1).randbytes(300_000)
+    client.upload_blob("dir/f.bin", data)
+    sas = generate_container_sas(
+        azurite_server.account, container, account_key=AZURITE_KEY,
+        permission=ContainerSasPermissions(read=True, list=True),
+        expiry=datetime.now(UTC) + timedelta(hours=1))
+    upstream, account = azurite_server.endpoint_url.rsplit("/", 1)
+    with CountingProxy(upstream) as proxy:
+        store = AzureStore(container, endpoint_url=f"{proxy.url}/{account}",
+                           env={"AZURE_STORAGE_ACCOUNT": account, "AZURE_STORAGE_SAS_TOKEN": sas})
+        assert "sig=" not in store.source_id
+        store.check()
+        info = store.head("dir/f.bin")
+        proxy.reset()
+        sdk_client = store.client.get_blob_client
+        store.client.get_blob_client = None  # the SDK's download path must not be needed
+        assert store.get_range("dir/f.bin", 1000, 5000, info.version) == data[1000:6000]
+        assert store.get_range("dir/f.bin", 299_990, 100, info.version) == data[-10:]
+        assert proxy.count(predicate=is_object_get) == 2  # one request each
+        store.client.get_blob_client = sdk_client
+        client.upload_blob("dir/f.bin", b"changed", overwrite=True)
+        with pytest.raises(StaleVersion) as ei:
+            store.get_range("dir/f.bin", 0, 7, info.version)
+        assert "sig=" not in str(ei.value)
+        with pytest.raises(AccessDenied):  # the token may read and list, not write
+            store.put("x", b"x")
+
+
 def test_map_azure_error() -> None:
     from azure.core import exceptions as aexc
 
