@@ -287,6 +287,8 @@ class Settings:
                 v = human_size(v)
             elif f.name in ("file_mode", "dir_mode"):
                 v = oct(v)
+            elif f.name == "endpoint_url" and v and "?" in v:
+                v = v.split("?", 1)[0] + "?..."  # a query string may carry a SAS token
             shown.append(f"{f.name}={v}")
         return " ".join(shown)
 
