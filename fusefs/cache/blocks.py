@@ -160,6 +160,9 @@ class DiskBlockStore:
         self._touch_interval = touch_interval
         self._last_touch = time.monotonic()
         self._on_corrupt = on_corrupt
+        # a broken index or a full disk fails every call: one warning a minute, not thousands
+        self._read_failures = _Throttled()
+        self._write_failures = _Throttled()
         #: Keys found damaged by a read, to delete from the index (guarded by ``_lock``).
         self._damaged: set[str] = set()
         #: Keys reported damaged and not stored again since (guarded by ``_lock``).
@@ -305,7 +308,7 @@ class DiskBlockStore:
         try:
             handle: Any = self._cache.get(ck, default=None, read=True)
         except Exception as exc:  # a damaged entry is a miss, not an error
-            log.warning("block cache read failed, treating as miss: %s", exc)
+            self._read_failures.warning("block cache read failed, treating as miss: %s", exc)
             return None
         if handle is None:
             if self._indexed_without_file(ck):
@@ -397,7 +400,8 @@ class DiskBlockStore:
             self.puts += 1
             self._cull()
         except Exception as exc:
-            log.warning("could not store block in cache %s: %s", self.directory, exc)
+            self._write_failures.warning("could not store block in cache %s: %s",
+                                         self.directory, exc)
 
     def refresh_usage(self) -> int:
         """Read the volume and item count from the index into the snapshot; returns the
@@ -552,6 +556,29 @@ class DiskBlockStore:
             if e is not None:
                 e.close()
         self._cache.close()
+
+
+class _Throttled:
+    """A recurring warning, logged at most once per ``interval`` seconds with a count of the
+    ones left out."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._skipped = 0
+
+    def warning(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._skipped += 1
+                return
+            self._next = now + self._interval
+            skipped, self._skipped = self._skipped, 0
+        if skipped:
+            msg, args = msg + " (and %d more since the last such warning)", (*args, skipped)
+        log.warning(msg, *args)
 
 
 class _Chunks:
