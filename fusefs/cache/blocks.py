@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 #: Blocks at least this large are files in the cache directory; smaller ones live in SQLite.
 MIN_FILE_SIZE = 32 * 1024
 
+#: Block files the index does not list are removed once they are this old (seconds).
+ORPHAN_AGE = 3600.0
+
 #: First element of every cache key: the layout of the stored value (``integrity``).
 KEY_FORMAT = "b1"
 
@@ -411,7 +414,12 @@ class DiskBlockStore:
         return volume
 
     def _maintain(self) -> None:
-        """Maintenance thread: refresh the usage snapshot, write batched access times."""
+        """Maintenance thread: remove orphaned block files once, then refresh the usage
+        snapshot and write batched access times every second."""
+        try:
+            self.sweep_orphans()
+        except Exception as exc:  # noqa: BLE001 - the files simply stay
+            log.debug("cache orphan sweep failed: %s", exc)
         while not self._stop.wait(1.0):
             try:
                 self.refresh_usage()
@@ -419,6 +427,34 @@ class DiskBlockStore:
             except Exception as exc:  # noqa: BLE001 - bookkeeping: the next round retries
                 log.debug("cache maintenance failed: %s", exc)
         self._cache.close()  # this thread's SQLite connection (diskcache's are per thread)
+
+    def sweep_orphans(self, min_age: float = ORPHAN_AGE) -> int:
+        """Delete block files the index does not know (a process killed between writing a file
+        and recording it) that are older than ``min_age`` seconds (so never a file another mount
+        is writing right now); they are outside the size bound. Returns files removed."""
+        known = {row[0] for row in self._cache._sql(
+            "SELECT filename FROM Cache WHERE filename IS NOT NULL").fetchall()}
+        cutoff = time.time() - min_age
+        removed = freed = 0
+        for root, dirs, files in os.walk(self.directory):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # .broken-*: not ours to clean
+            for name in files:
+                if not name.endswith(".val"):
+                    continue
+                path = os.path.join(root, name)
+                if os.path.relpath(path, self.directory) in known:
+                    continue
+                try:
+                    st = os.stat(path)
+                    if st.st_mtime < cutoff:
+                        os.unlink(path)
+                        removed, freed = removed + 1, freed + st.st_size
+                except OSError:
+                    continue
+        if removed:
+            log.info("cache %s: removed %d orphaned block files (%d bytes)", self.directory,
+                     removed, freed)
+        return removed
 
     def _cull(self) -> int:
         """Evict least recently used items until the volume is within the bound; returns how
