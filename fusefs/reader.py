@@ -157,14 +157,17 @@ class Reader:
             lo, hi = max(offset, base) - base, min(end, base + bs) - base
             bkey = self.block_key(obj, idx)
             part = self._cached(bkey, lo, hi)
-            if part is None:
+            if part is None and obj.size > bs:
+                # a block of a big object: open it from the cache for just [lo, hi) (a small
+                # object's one block is looked up by its fetch instead: one thread hop)
                 part = await self._cached_on_disk(bkey, lo, hi)
             if part is None:
                 if seq is not None and seq.random:
                     part = await self._random_slice(obj, base + lo, base + hi)
                 else:
-                    self.stats.add(S.MISSES)
-                    part = memoryview(await self.fetch_block(obj, idx, FOREGROUND))[lo:hi]
+                    data, hit = await self._block(obj, idx, FOREGROUND)
+                    self.stats.add(S.HITS if hit else S.MISSES)
+                    part = memoryview(data)[lo:hi]
             parts.append(part)
         self.stats.add(S.BYTES_SERVED, end - offset)
         return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -268,13 +271,19 @@ class Reader:
         self, obj: ObjectInfo, idx: int, priority: int, unit: int | None = None
     ) -> bytes:
         """The whole block ``idx`` of ``obj``, fetching it once however many ask at once."""
+        return (await self._block(obj, idx, priority, unit))[0]
+
+    async def _block(
+        self, obj: ObjectInfo, idx: int, priority: int, unit: int | None = None
+    ) -> tuple[bytes, bool]:
+        """:meth:`fetch_block`, and whether the block came from the disk cache (a hit)."""
         bkey = self.block_key(obj, idx, unit)
         ck = bkey.cache_key
         while (flight := self._inflight.get(ck)) is not None:
             self.scheduler.boost(flight.ticket, priority)
             await flight.done.wait()
             if flight.data is not None:
-                return flight.data
+                return flight.data, True
             if flight.error is not None and not isinstance(flight.error, trio.Cancelled):
                 raise flight.error
         flight = _Flight(Ticket(priority))
@@ -283,7 +292,7 @@ class Reader:
             async with self.scheduler.slot(flight.ticket):
                 self.stats.in_flight(+1)
                 try:
-                    data = await threads.run_sync(  # abandoned on shutdown, never waited
+                    data, hit = await threads.run_sync(  # abandoned on shutdown, never waited
                         self._fetch_sync, obj, idx, bkey, priority, limiter=self._limiter
                     )
                 finally:
@@ -291,7 +300,7 @@ class Reader:
             flight.data = data
             if self._recent is not None:
                 self._recent.put(ck, data)
-            return data
+            return data, hit
         except BaseException as exc:
             flight.error = exc
             if isinstance(exc, StaleVersion) and self._on_stale is not None:
@@ -301,16 +310,19 @@ class Reader:
             del self._inflight[ck]
             flight.done.set()
 
-    def _fetch_sync(self, obj: ObjectInfo, idx: int, bkey: BlockKey, priority: int) -> bytes:
-        """Worker thread: a block from the cache if another reader stored it, else the store.
+    def _fetch_sync(
+        self, obj: ObjectInfo, idx: int, bkey: BlockKey, priority: int
+    ) -> tuple[bytes, bool]:
+        """Worker thread: (the block, True) from the cache if it holds it, else (the block,
+        False) from the store.
 
-        Foreground reads ask the cache again too: their lookup (``_cached_on_disk``) ran before
-        this flight began, and a fetch of the same block may have stored it in between."""
+        Every fetch asks the cache first: a small object's read looks its block up only here,
+        and a fetch of the same block may have stored it since a reader last looked."""
         start = idx * bkey.block_size
         length = min(bkey.block_size, obj.size - start)
         cached = self.blocks.read(bkey, 0, length)
         if cached is not None and len(cached) == length:
-            return cached
+            return cached, True
         try:
             data = self.store.get_range(obj.key, start, length, obj.version)
         except Exception:
@@ -326,4 +338,4 @@ class Reader:
             )
         self.blocks.put(bkey, data)
         self.blocks.maybe_touch()
-        return data
+        return data, False
