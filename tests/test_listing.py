@@ -398,3 +398,47 @@ def test_an_old_handle_cannot_refill_the_kernel_with_old_pages(local_bucket: Buc
             os.close(fd_new)
     finally:
         os.close(fd_old)
+
+
+def test_readdir_lists_a_big_folder_once_and_keeps_offsets(tmp_path: Path) -> None:
+    """The kernel reads a folder in many small requests; each continues the snapshot taken at
+    opendir (one LIST for the folder, not one per request: that was quadratic)."""
+    names = flat(tmp_path / "o", 3000)
+    fs, store = make_fs(tmp_path / "o", Clock())
+
+    async def run() -> None:
+        d = await fs.lookup(1, "d")
+        fh = await fs.opendir(d.ino)
+        before = store.calls["list"]
+        seen = []
+        start = 0
+        while True:  # as the kernel does: ~25 entries a request, from the offset it got
+            count = await fs.readdir(fh, start)
+            batch = [fs.dir_entry(fh, i)[0] for i in range(start, min(start + 25, count))]
+            if not batch:
+                break
+            seen.extend(batch)
+            start += len(batch)
+        assert seen == names
+        assert store.calls["list"] - before == 1
+        fs.releasedir(fh)
+
+    trio.run(run)
+
+
+def test_speculative_listings_never_delay_a_programs_own(s3_bucket: Bucket, mount) -> None:
+    for i in range(120):
+        s3_bucket.put(f"top/d{i:03d}/f.txt", b"x")
+    m = mount(s3_bucket)
+    os.stat(m.path / "top")
+    proxy = s3_bucket.proxy
+    proxy.slow(lambda method, path: "list-type" in path and "prefix=top%2Fd" in path, 0.3)
+    try:
+        proxy.reset()
+        os.listdir(m.path / "top")  # starts listing all 120 sub-folders ahead, 8 at a time
+        assert os.listdir(m.path / "top/d117") == ["f.txt"]  # its own listing, not queued
+        lists = [r.query.get("prefix", "") for r in proxy.requests() if is_list(r)]
+        # d117's listing went out among the first speculative ones, not after ~100 of them
+        assert "top/d117/" in lists[:20], lists[:20]
+    finally:
+        proxy.slow(None, 0)
