@@ -259,3 +259,15 @@ def test_connection_pool_covers_every_concurrent_caller(moto: MotoS3,
                     assert set(pool.map(one, range(callers))) == {b"x" * 1000}
     full = [r for r in caplog.records if "Connection pool is full" in r.getMessage()]
     assert full == [] and proxy.upstream_connections >= callers
+
+
+def test_a_slow_listing_gets_a_patient_retry(st: Setup) -> None:
+    """Every LIST takes 1 s to answer (a big prefix), longer than the stall timeout: the first
+    attempt is abandoned, the retry waits longer and gets it."""
+    data = _objects(st, 3, 10)
+    st.proxy.slow(lambda method, path: "list-type" in path or "/o?" in path
+                  or path.endswith("/o"), 1.0)
+    st.proxy.reset()
+    listed = [o.key for p in st.store.list("d/") for o in p.objects]
+    assert sorted(listed) == sorted(data)
+    assert st.proxy.count(predicate=is_list) == 2

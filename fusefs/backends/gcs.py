@@ -13,7 +13,7 @@ or stalled is a transient failure, retried on a new request.
 
 from __future__ import annotations
 
-import functools
+import itertools
 import logging
 import os
 import re
@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 _READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
-#: Read timeout of listings: a big prefix may take the server a while before its first byte.
+#: Read timeout of a listing's retries: a big prefix may take a server a while before its first
+#: byte; the first attempt has the stall timeout, as everything.
 LIST_TIMEOUT = 10.0
 _PAGE_SIZE = 1000  # the API maximum
 # Only what ObjectInfo needs; nextPageToken and prefixes are required for paging.
@@ -198,7 +199,7 @@ class GCSStore:
         self._retry = retry
         connect = max(stall_timeout, 10.0)
         self._timeout = (connect, stall_timeout)  # no progress for stall_timeout: abandoned
-        self._list_timeout = (connect, max(stall_timeout, LIST_TIMEOUT))
+        self._patient_timeout = (connect, max(stall_timeout, LIST_TIMEOUT))
         emulator = (os.environ.get(EMULATOR_ENV) or "").strip().rstrip("/") or None
         if emulator and "://" not in emulator:
             emulator = "http://" + emulator
@@ -233,12 +234,14 @@ class GCSStore:
 
     def check(self) -> None:
         # Listing needs only storage.objects.list, which readers have (buckets.get they may not).
+        attempts = itertools.count()
+
         def one() -> None:
             iterator = self.client.list_blobs(
                 self.bucket_name,
                 max_results=1,
                 fields="items(name),nextPageToken",
-                timeout=self._list_timeout,
+                timeout=self._timeout if next(attempts) == 0 else self._patient_timeout,
                 retry=None,
             )
             next(iter(iterator.pages), None)
@@ -261,8 +264,12 @@ class GCSStore:
         seen_prefixes: set[str] = set()  # fake-gcs-server repeats all prefixes on every page
         token: str | None = None
         while True:
+            attempts = itertools.count()
             objects, prefixes, token = self._call(
-                self._name(prefix), functools.partial(self._list_page, prefix, page_size, token)
+                self._name(prefix),
+                lambda t=token, n=attempts: self._list_page(  # type: ignore[misc]
+                    prefix, page_size, t, patient=next(n) > 0
+                ),
             )
             page = ListPage([*objects], [])
             for p in prefixes:
@@ -275,9 +282,10 @@ class GCSStore:
                 return
 
     def _list_page(
-        self, prefix: str, page_size: int, token: str | None
+        self, prefix: str, page_size: int, token: str | None, *, patient: bool
     ) -> tuple[Sequence[ObjectInfo], Sequence[str], str | None]:
-        """One page of a listing, from ``token``: objects, prefixes, the next page's token."""
+        """One page of a listing, from ``token``: objects, prefixes, the next page's token.
+        ``patient``: a retry, which waits LIST_TIMEOUT for the first byte."""
         iterator = self.client.list_blobs(
             self.bucket_name,
             prefix=prefix or None,
@@ -285,7 +293,7 @@ class GCSStore:
             page_size=page_size,
             page_token=token,
             fields=_LIST_FIELDS,
-            timeout=self._list_timeout,
+            timeout=self._patient_timeout if patient else self._timeout,
             retry=None,
         )
         api_page = next(iter(iterator.pages), None)
