@@ -7,6 +7,7 @@ once, and a bad one is rejected with one line naming the setting and where it ca
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -87,9 +88,19 @@ def _cache_size(v: Any) -> int:
     return n
 
 
+_FOREVER = ("forever", "indefinite", "inf", "infinite", "never")
+
+
+def _ttl(v: Any) -> float:
+    """Seconds, or ``forever`` (also ``indefinite``, as mountpoint-s3 spells it)."""
+    if isinstance(v, str) and v.strip().lower() in _FOREVER:
+        return math.inf
+    return _seconds(v)
+
+
 def _seconds(v: Any) -> float:
     n = float(v)
-    if n < 0:
+    if n != n or n < 0:
         raise ValueError(f"must be >= 0 seconds, got {v!r}")
     return n
 
@@ -109,7 +120,15 @@ def _log_level(v: Any) -> str:
 
 
 def _octal_mode(v: Any) -> int:
-    n = v if isinstance(v, int) else int(str(v), 8)
+    """Permission bits written in octal, as ``chmod`` takes them: ``"0644"``, ``"644"``,
+    ``"0o644"``. A bare TOML integer is refused: ``644`` would be read as decimal (0o1204),
+    and ``0o644`` cannot be told apart from a decimal 420 once parsed."""
+    if isinstance(v, int):
+        raise ValueError('write the mode as an octal string in quotes, e.g. "0644"')
+    try:
+        n = int(str(v).strip(), 8)
+    except ValueError:
+        raise ValueError(f"not an octal file mode: {v!r} (e.g. 0644)") from None
     if not 0 <= n <= 0o7777:
         raise ValueError(f"not a file mode: {v!r}")
     return n
@@ -173,7 +192,9 @@ class Settings:
     metadata_ttl: float = field(
         default=60.0,
         metadata=_meta(
-            _seconds, "FUSEFS_METADATA_TTL", "seconds metadata and listings are trusted"
+            _ttl,
+            "FUSEFS_METADATA_TTL",
+            "seconds metadata and listings are trusted, or 'forever' (data that never changes)",
         ),
     )
     negative_ttl: float = field(

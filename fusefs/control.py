@@ -36,8 +36,14 @@ from . import stats as S
 from .backends.base import ObjectInfo
 from .cache.blocks import BlockStore, parse_cache_key
 from .config import Settings, human_size
-from .errors import AccessDenied, FusefsError, InvalidArgument, NotADirectory, NotFound
-from .fs import CONTROL_INO, ROOT_INO, Attr, FileSystem, Node
+from .errors import (
+    AccessDenied,
+    FusefsError,
+    InvalidArgument,
+    first_error,
+    single_error,
+)
+from .fs import CONTROL_INO, Attr, Entry, FileSystem
 from .prefetch import Prefetcher, prefetch_concurrency
 from .reader import Reader
 
@@ -186,19 +192,20 @@ class Control:
             self._fail(h, exc, words[0])
         h.result, h.origin = self.render(result), None
 
-    def _fail(self, h: _CtlHandle, exc: Exception, command: str) -> NoReturn:
+    def _fail(self, h: _CtlHandle, exc: BaseException, command: str) -> NoReturn:
         """Record the error for the next read on this handle, then fail the write with it.
 
         Lines after the failed one are dropped: a script's later commands never run on a
-        broken premise.
+        broken premise. An exception group (from a nursery) is reported as its real error.
         """
         h.buf.clear()
-        if isinstance(exc, FusefsError):
-            code, message = exc.errno, str(exc)
-        elif isinstance(exc, OSError) and exc.errno:
-            code, message = exc.errno, str(exc)
+        err = first_error(exc)
+        if isinstance(err, FusefsError):
+            code, message = err.errno, str(err)
+        elif isinstance(err, OSError) and err.errno:
+            code, message = err.errno, str(err)
         else:
-            code, message = errno.EIO, f"internal error: {exc!r}"
+            code, message = errno.EIO, f"internal error: {err!r}"
         h.result = self.render(
             {
                 "command": command,
@@ -208,7 +215,7 @@ class Control:
             }
         )
         h.origin = None
-        raise exc
+        raise err
 
     @staticmethod
     def render(obj: dict[str, Any]) -> bytes:
@@ -292,12 +299,12 @@ class Control:
             raise InvalidArgument("prefetch needs the disk cache, which is disabled (cache size 0)")
         rels = [self.relative(a) for a in args]
         nodes = [await self.resolve(r) for r in rels]  # all paths valid, or nothing is queued
-        seen: set[int] = set()
-        files: list[Node] = []
+        seen: set[str] = set()
+        files: list[Entry] = []
         for node in nodes:
             for f in await self.walk(node):
-                if f.ino not in seen and f.info is not None:
-                    seen.add(f.ino)
+                if f.path not in seen and f.info is not None:
+                    seen.add(f.path)
                     files.append(f)
         files.sort(key=lambda n: n.path)
         infos = [f.info for f in files if f.info is not None]
@@ -358,37 +365,29 @@ class Control:
             raise InvalidArgument(f"{arg}: '..' leads outside the mount")
         return "" if p == "." else p
 
-    async def resolve(self, rel: str) -> Node:
+    async def resolve(self, rel: str) -> Entry:
         """The file or directory at ``rel`` (from :meth:`relative`); NotFound if missing."""
-        node = self.fs.node(ROOT_INO)
-        for part in rel.split("/") if rel else ():
-            try:
-                node = await self.fs.lookup(node.ino, part)
-            except NotADirectory:
-                raise NotFound(f"{rel}: no such file or directory") from None
-            self.fs.forget(node.ino, 1)  # not a kernel lookup: keep the kernel's count exact
-        return node
+        return await self.fs.resolve_path(rel)
 
-    async def walk(self, node: Node) -> list[Node]:
+    async def walk(self, node: Entry) -> list[Entry]:
         """Every file at or under ``node`` (listing folders fills the metadata cache)."""
         if not node.is_dir:
-            if node.info is None:
-                await self.fs.refresh_file(node)
             return [node]
-        files: list[Node] = []
+        files: list[Entry] = []
         limit = trio.Semaphore(_WALK_PARALLEL)
 
-        async def visit(d: Node, nursery: trio.Nursery) -> None:
+        async def visit(d: Entry, nursery: trio.Nursery) -> None:
             async with limit:
-                entries = await self.fs.listdir(d.ino)
-            for _, child in entries:
+                entries = await self.fs.entries(d.path)
+            for child in entries:
                 if child.is_dir:
                     nursery.start_soon(visit, child, nursery)
                 else:
                     files.append(child)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(visit, node, nursery)
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(visit, node, nursery)
         return files
 
     async def cached_blocks(self, objs: list[ObjectInfo]) -> dict[tuple[str, str], set[int]]:
@@ -445,6 +444,7 @@ class Control:
             "fetches_in_flight": self.stats.fetches_in_flight,
             "evictions": max(0, self.blocks.evictions() - self._cleared),
             "readahead_blocks": c[S.READAHEAD_BLOCKS],
+            "corrupt_blocks": c[S.CORRUPT_BLOCKS],
             **self.prefetcher.totals(),
             "errors": c[S.ERRORS],
             "open_files": self.fs.open_handles,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import stats as S
+from . import threads
 from .backends.base import ObjectInfo
 from .cache.blocks import BlockStore
 from .reader import Reader
@@ -247,9 +248,9 @@ class Prefetcher:
             self._workers -= 1
 
     async def _fetch(self, obj: ObjectInfo, idx: int) -> tuple[bool, str]:
-        if self.blocks.contains(self.reader.block_key(obj, idx)):
-            return True, ""  # a reader (or another prefetch) got it meanwhile
         try:
+            if await threads.run_sync(self.blocks.contains, self.reader.block_key(obj, idx)):
+                return True, ""  # a reader (or another prefetch) got it meanwhile (SQLite: thread)
             await self.reader.fetch_block(obj, idx, PREFETCH)
         except Exception as exc:  # background work: record and log, never crash the mount
             log.warning("prefetch of %s block %d failed: %s", obj.key, idx, exc)

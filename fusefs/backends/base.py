@@ -37,6 +37,8 @@ class ListPage:
 
     objects: list[ObjectInfo] = field(default_factory=list)
     prefixes: list[str] = field(default_factory=list)
+    #: The listing goes on after this page (the store said it was truncated).
+    more: bool = False
 
 
 @runtime_checkable
@@ -52,10 +54,15 @@ class ObjectStore(Protocol):
     def head(self, key: str) -> ObjectInfo:
         """Metadata of one object; NotFound if absent."""
 
-    def list(self, prefix: str, *, max_keys: int | None = None) -> Iterator[ListPage]:
+    def list(
+        self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
+    ) -> Iterator[ListPage]:
         """Delimited listing of ``prefix`` (empty or ending in ``/``), all pages in order.
 
-        With ``max_keys``, stop after about that many entries (used to probe for a directory).
+        Objects and sub-prefixes come in key order (UTF-8 byte order, which is code point
+        order). ``start_after``: only keys greater than this full key (S3 ``StartAfter``).
+        With ``max_keys``, stop after about that many entries; the last page's ``more`` then
+        says whether the listing would have gone on.
         """
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
@@ -89,11 +96,15 @@ class PrefixedStore:
         info = self.inner.head(self.prefix + key)
         return ObjectInfo(key, info.size, info.mtime, info.version)
 
-    def list(self, prefix: str, *, max_keys: int | None = None) -> Iterator[ListPage]:
-        for page in self.inner.list(self.prefix + prefix, max_keys=max_keys):
+    def list(
+        self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
+    ) -> Iterator[ListPage]:
+        after = self.prefix + start_after if start_after else ""
+        for page in self.inner.list(self.prefix + prefix, max_keys=max_keys, start_after=after):
             yield ListPage(
                 [ObjectInfo(self._strip(o.key), o.size, o.mtime, o.version) for o in page.objects],
                 [self._strip(p) for p in page.prefixes],
+                page.more,
             )
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:

@@ -258,7 +258,9 @@ class GCSStore:
         self._call(self._name(key), lambda: blob.reload(timeout=self._timeout, retry=None))
         return _info(key, blob)
 
-    def list(self, prefix: str, *, max_keys: int | None = None) -> Iterator[ListPage]:
+    def list(
+        self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
+    ) -> Iterator[ListPage]:
         page_size = min(max_keys, _PAGE_SIZE) if max_keys else _PAGE_SIZE
         seen = 0
         seen_prefixes: set[str] = set()  # fake-gcs-server repeats all prefixes on every page
@@ -268,12 +270,13 @@ class GCSStore:
             objects, prefixes, token = self._call(
                 self._name(prefix),
                 lambda t=token, n=attempts: self._list_page(  # type: ignore[misc]
-                    prefix, page_size, t, patient=next(n) > 0
+                    prefix, page_size, t, start_after, patient=next(n) > 0
                 ),
             )
-            page = ListPage([*objects], [])
-            for p in prefixes:
-                if p not in seen_prefixes:
+            # GCS's startOffset is inclusive: the key itself is dropped here
+            page = ListPage([o for o in objects if o.key > start_after], [], bool(token))
+            for p in sorted(prefixes):
+                if p not in seen_prefixes and p > start_after:
                     seen_prefixes.add(p)
                     page.prefixes.append(p)
             seen += len(page.objects) + len(page.prefixes)
@@ -282,7 +285,13 @@ class GCSStore:
                 return
 
     def _list_page(
-        self, prefix: str, page_size: int, token: str | None, *, patient: bool
+        self,
+        prefix: str,
+        page_size: int,
+        token: str | None,
+        start_after: str = "",
+        *,
+        patient: bool = False,
     ) -> tuple[Sequence[ObjectInfo], Sequence[str], str | None]:
         """One page of a listing, from ``token``: objects, prefixes, the next page's token.
         ``patient``: a retry, which waits LIST_TIMEOUT for the first byte."""
@@ -295,6 +304,7 @@ class GCSStore:
             fields=_LIST_FIELDS,
             timeout=self._patient_timeout if patient else self._timeout,
             retry=None,
+            **({"start_offset": start_after} if start_after else {}),
         )
         api_page = next(iter(iterator.pages), None)
         if api_page is None:

@@ -115,8 +115,12 @@ class LocalStore:
             os.close(fd)
         return ObjectInfo(key, st.st_size, st.st_mtime, _version(st))
 
-    def list(self, prefix: str, *, max_keys: int | None = None) -> Iterator[ListPage]:
-        page = ListPage()
+    def list(
+        self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
+    ) -> Iterator[ListPage]:
+        """One page in key order (a file ``a`` is key ``a``, a directory ``a`` is ``a/``);
+        symbolic links are skipped (see :meth:`_skipped_links`)."""
+        items: list[tuple[str, os.DirEntry[str]]] = []
         links: list[str] = []
         try:
             fd = self._open_dir(self._parts(prefix))
@@ -130,27 +134,34 @@ class LocalStore:
                     try:
                         if entry.is_symlink():
                             links.append(entry.name)
-                        elif entry.is_dir(follow_symlinks=False):
-                            page.prefixes.append(prefix + entry.name + "/")
-                        elif entry.is_file(follow_symlinks=False):
-                            st = entry.stat(follow_symlinks=False)
-                            page.objects.append(
-                                ObjectInfo(
-                                    prefix + entry.name, st.st_size, st.st_mtime, _version(st)
-                                )
-                            )
+                            continue
+                        key = prefix + entry.name + (
+                            "/" if entry.is_dir(follow_symlinks=False) else "")
                     except OSError:
                         continue  # vanished or unreadable entry: skip it
-                    if max_keys and len(page.objects) + len(page.prefixes) >= max_keys:
-                        break
+                    if key > start_after:
+                        items.append((key, entry))
+            items.sort(key=lambda kv: kv[0])
+            page = ListPage()
+            for i, (key, entry) in enumerate(items):
+                if max_keys and len(page.objects) + len(page.prefixes) >= max_keys:
+                    page.more = i < len(items)
+                    break
+                try:
+                    if key.endswith("/"):
+                        page.prefixes.append(key)
+                    elif entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)  # fstatat on the open folder
+                        page.objects.append(
+                            ObjectInfo(key, st.st_size, st.st_mtime, _version(st)))
+                except OSError:
+                    continue  # vanished or unreadable entry: skip it
         except OSError as exc:
             raise _map_os_error(exc, prefix or "/") from exc
         finally:
             os.close(fd)
         if links:
             self._skipped_links(prefix, links)
-        page.objects.sort(key=lambda o: o.key)
-        page.prefixes.sort()
         yield page
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:

@@ -288,16 +288,10 @@ class S3Store:
         """One ListObjectsV2, retried; retries wait longer for the first byte (LIST_TIMEOUT)."""
         attempts = itertools.count()
 
-        def once() -> Any:
-            client = self.client if next(attempts) == 0 else self._patient
-            try:
-                return client.list_objects_v2(**kwargs)
-            except FusefsError:
-                raise
-            except Exception as exc:
-                raise map_s3_error(exc, what) from exc
+        def list_objects_v2(**kw: Any) -> Any:
+            return (self.client if next(attempts) == 0 else self._patient).list_objects_v2(**kw)
 
-        return self._retry.call(once, what)
+        return self._call(what, list_objects_v2, **kwargs)
 
     def check(self) -> None:
         try:
@@ -312,15 +306,20 @@ class S3Store:
         version = etag or weak_version(size, r.get("LastModified"))
         return ObjectInfo(key, size, epoch(r.get("LastModified", "")), version)
 
-    def list(self, prefix: str, *, max_keys: int | None = None) -> Iterator[ListPage]:
+    def list(
+        self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
+    ) -> Iterator[ListPage]:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
         if max_keys:
             kwargs["MaxKeys"] = max_keys
+        if start_after:
+            kwargs["StartAfter"] = start_after
         seen = 0
         while True:
             r = self._list_call(self._name(prefix), **kwargs)
             page = ListPage([self._listed(o) for o in r.get("Contents", ())],
-                            [p["Prefix"] for p in r.get("CommonPrefixes", ())])
+                            [p["Prefix"] for p in r.get("CommonPrefixes", ())],
+                            bool(r.get("IsTruncated")))
             seen += len(page.objects) + len(page.prefixes)
             yield page
             token = r.get("NextContinuationToken")
