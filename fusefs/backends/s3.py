@@ -203,6 +203,7 @@ class _FastGet:
         etag = etag_version(answer_headers.get("etag", ""))
         if status in (200, 206) and etag and version and not is_weak(version) and etag != version:
             raw.close()  # body unread: the connection cannot be reused
+            raw.release_conn()  # (the pool reconnects its slot)
             raise StaleVersion(f"{what}: changed (ETag {etag} != {version})")
         try:
             body: bytes = raw.read()
