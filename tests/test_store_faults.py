@@ -177,6 +177,24 @@ def _first(n: int, pred: Callable[[Request], bool]) -> Callable[[Request], bool]
     return select
 
 
+def test_a_whole_big_object_for_a_range_is_refused_unread(
+    st: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that ignores Range must not make a block fetch pull a huge object into memory:
+    past WHOLE_OBJECT_MAX (made small here) such a 200 is refused before its body is read."""
+    import fusefs.backends.verify as verify
+
+    data = _objects(st, 1, 50_000)["d/000.bin"]
+    info = st.store.head("d/000.bin")
+    monkeypatch.setattr(verify, "WHOLE_OBJECT_MAX", 10_000)
+    st.proxy.faults(1.0, ["full_200"], predicate=is_object_get)
+    st.store._retry = RetryPolicy(attempts=2, base=0.005, cap=0.05)  # type: ignore[attr-defined]
+    with pytest.raises(TransientError, match="ignored the range"):
+        st.store.get_range("d/000.bin", 100, 1000, info.version)
+    monkeypatch.setattr(verify, "WHOLE_OBJECT_MAX", 50_000)  # small enough: read and sliced
+    assert st.store.get_range("d/000.bin", 100, 1000, info.version) == data[100:1100]
+
+
 # --------------------------------------------------------------------------- S3 specifics
 
 

@@ -46,7 +46,7 @@ from ..errors import (
 )
 from .base import ListPage, ObjectInfo
 from .retry import DEFAULT_RETRY, RetryPolicy
-from .verify import take_range, verify_goog_hash
+from .verify import refuse_whole, take_range, verify_goog_hash
 
 T = TypeVar("T")
 
@@ -341,9 +341,14 @@ class GCSStore:
                 "GET", url, headers=headers, stream=True, timeout=self._timeout
             )
             try:
+                refuse_whole(
+                    what, resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, length
+                )
                 body: bytes = resp.raw.read(decode_content=False)
             finally:
                 resp.close()
+        except FusefsError:
+            raise
         except Exception as exc:  # connection trouble, a stall, a body cut short
             raise map_gcs_error(exc, what) from exc
         status = resp.status_code

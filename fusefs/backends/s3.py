@@ -38,7 +38,7 @@ from ..errors import (
 )
 from .base import ListPage, ObjectInfo
 from .retry import DEFAULT_RETRY, RetryPolicy
-from .verify import Md5Etag, object_total, take_range
+from .verify import Md5Etag, object_total, refuse_whole, take_range
 
 T = TypeVar("T")
 
@@ -206,7 +206,11 @@ class _FastGet:
             raw.release_conn()  # (the pool reconnects its slot)
             raise StaleVersion(f"{what}: changed (ETag {etag} != {version})")
         try:
+            refuse_whole(what, status, answer_headers, length)
             body: bytes = raw.read()
+        except TransientError:
+            raw.close()
+            raise
         except Exception as exc:
             raw.close()  # the connection is in an unknown state: never reuse it
             raise map_s3_error(exc, what) from exc
@@ -367,6 +371,11 @@ class S3Store:
             if etag and version and not is_weak(version) and etag != version:
                 r["Body"].close()
                 raise StaleVersion(f"{what}: changed (ETag {etag} != {version})")
+            try:
+                refuse_whole(what, int(meta.get("HTTPStatusCode", 0)), headers, length)
+            except TransientError:
+                r["Body"].close()
+                raise
             body: bytes = r["Body"].read()
         except FusefsError:
             raise
