@@ -75,6 +75,8 @@ def _setup(kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.Monkey
         client.create_bucket(Bucket=bucket)
         store: ObjectStore = S3Store(bucket, endpoint_url=proxy.url, stall_timeout=STALL,
                                      retry=retry)
+        store.check()  # the first listing teaches the fast GET path the bucket's URL
+        assert store._fast._base is not None  # type: ignore[attr-defined]
         return Setup(kind, store, proxy,
                      lambda k, d: client.put_object(Bucket=bucket, Key=k, Body=d))
     from fusefs.backends.gcs import GCSStore
@@ -86,12 +88,18 @@ def _setup(kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.Monkey
     return Setup(kind, store, proxy, lambda k, d: b.blob(k).upload_from_string(d))
 
 
-@pytest.fixture(params=["s3", "gcs"])
+@pytest.fixture(params=["s3", "s3-boto3", "gcs"])
 def st(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
-    server = request.getfixturevalue("moto" if request.param == "s3" else "gcs")
-    url = server.endpoint_url if request.param == "s3" else server.url
+    """A store behind its own proxy; ``s3-boto3``: S3 with the fast GET path off (every GET
+    through boto3's own machinery)."""
+    kind = "gcs" if request.param == "gcs" else "s3"
+    server = request.getfixturevalue("moto" if kind == "s3" else "gcs")
+    url = server.endpoint_url if kind == "s3" else server.url
     with CountingProxy(url) as proxy:
-        yield _setup(request.param, request, monkeypatch, proxy)
+        setup = _setup(kind, request, monkeypatch, proxy)
+        if request.param == "s3-boto3":
+            setup.store._fast.enabled = False  # type: ignore[attr-defined]
+        yield setup
 
 
 def _objects(st: Setup, n: int, size: int) -> dict[str, bytes]:
