@@ -142,6 +142,25 @@ def _opt_int(v: Any) -> int | None:
     return int(v) if v not in (None, "") else None
 
 
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT``; a bare ``PORT`` means loopback) -> (host, port)."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not HOST:PORT, e.g. 127.0.0.1:9100: {text!r}")
+    return host, int(port)
+
+
+def _host_port(v: Any) -> str | None:
+    if v in (None, ""):
+        return None
+    parse_host_port(str(v))
+    return str(v).strip()
+
+
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "fusefs")
@@ -218,7 +237,9 @@ class Settings:
     endpoint_url: str | None = field(
         default=None,
         metadata=_meta(
-            _opt_str, "FUSEFS_ENDPOINT_URL", "S3-compatible endpoint URL (path-style addressing)"
+            _opt_str,
+            "FUSEFS_ENDPOINT_URL",
+            "S3-compatible endpoint URL (path-style addressing), or Azure account URL",
         ),
     )
     region: str | None = field(default=None, metadata=_meta(_opt_str, "FUSEFS_REGION", "S3 region"))
@@ -273,6 +294,15 @@ class Settings:
         metadata=_meta(_octal_mode, "FUSEFS_DIR_MODE", "permission bits of directories"),
     )
 
+    metrics: str | None = field(
+        default=None,
+        metadata=_meta(
+            _host_port,
+            "FUSEFS_METRICS",
+            "serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+        ),
+    )
+
     #: Where each value came from ("--cache-size", "FUSEFS_CACHE_SIZE_BYTES", "config file ...").
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -306,6 +336,8 @@ class Settings:
                 v = human_size(v)
             elif f.name in ("file_mode", "dir_mode"):
                 v = oct(v)
+            elif f.name == "endpoint_url" and v and "?" in v:
+                v = v.split("?", 1)[0] + "?..."  # a query string may carry a SAS token
             shown.append(f"{f.name}={v}")
         return " ".join(shown)
 

@@ -203,6 +203,7 @@ class FileSystem:
         #: cache its attributes or pages; set by the FUSE adapter.
         self.on_changed: Callable[[int], Awaitable[None]] | None = None
         self.lists = 0  # LISTs sent (for stats and tests)
+        self._lists_after: bool = getattr(store, "lists_after", True)
         self.set_ttls(settings.metadata_ttl, settings.negative_ttl)
         reader._on_stale = self.mark_stale
 
@@ -446,6 +447,14 @@ class FileSystem:
                     else:
                         waited_other += 1
                     await flight.done.wait()
+                    continue
+                if not self._lists_after:
+                    # the store cannot list from a key (Azure): list the whole folder, once,
+                    # shared by every lookup in it
+                    if listed_here >= 2:
+                        return await self._probe(_join(dir_path, name))
+                    listed_here += 1
+                    await self._listing(dir_path)
                     continue
                 if r is not None and covered:
                     start = r.block_start(okey)  # expired: re-list the block that holds it

@@ -6,6 +6,7 @@ import errno
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
@@ -24,16 +25,23 @@ P = ParamSpec("P")
 
 
 def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Turn every exception into a FUSEError through :func:`fusefs.errors.to_errno`."""
+    """Turn every exception into a FUSEError through :func:`fusefs.errors.to_errno`; report
+    the request's duration to the adapter's ``observe`` hook, if one is set (metrics)."""
+    name = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        observe = args[0].observe  # type: ignore[attr-defined]
+        start = time.perf_counter() if observe is not None else 0.0
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except Exception as exc:  # the one place errors become errno
             raise pyfuse3.FUSEError(to_errno(exc)) from None
+        finally:
+            if observe is not None:
+                observe(name, time.perf_counter() - start)
 
     return wrapper
 
@@ -56,6 +64,8 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
+    #: ``observe(operation, seconds)`` after each request (metrics), or None
+    observe: Callable[[str, float], None] | None = None
 
     def __init__(self, fs: FileSystem, control: Control) -> None:
         super().__init__()

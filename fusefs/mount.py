@@ -59,6 +59,8 @@ class Mount:
     control: Control
     ops: FuseOperations
     extra_fuse_options: list[str] = field(default_factory=list)
+    #: The Prometheus endpoint (``--metrics``), serving; None when off.
+    metrics: Any = None
     #: Loads the settings again from the same layers (SIGHUP); None: nothing to re-read.
     reload_settings: Callable[[], Settings] | None = None
 
@@ -66,8 +68,18 @@ class Mount:
 def build(
     source: str, mountpoint: str, settings: Settings, store: ObjectStore | None = None
 ) -> Mount:
-    """Construct the store, caches, reader, filesystem and FUSE adapter for one mount."""
+    """Construct the store, caches, reader, filesystem and FUSE adapter for one mount.
+
+    With ``--metrics``, the store is wrapped to time its requests, the adapter reports each
+    request's duration, and ``/metrics`` is served from here on (UserError if it cannot be).
+    """
     store = store or open_store(source, settings)
+    metrics = None
+    if settings.metrics:
+        from .metrics import InstrumentedStore, Metrics
+
+        metrics = Metrics(source)
+        store = InstrumentedStore(store, metrics)
     blocks: BlockStore
     stats = Stats()
     if settings.cache_enabled:
@@ -90,6 +102,11 @@ def build(
     )
     fs = FileSystem(store, reader, settings)
     control = Control(fs, reader, blocks, stats, settings, source, mountpoint=mountpoint)
+    ops = FuseOperations(fs, control)
+    if metrics is not None and settings.metrics:
+        metrics.add_stats(control.stats_dict)
+        ops.observe = metrics.observe_fuse
+        metrics.serve(settings.metrics)
     return Mount(
         source,
         mountpoint,
@@ -100,7 +117,8 @@ def build(
         reader,
         fs,
         control,
-        FuseOperations(fs, control),
+        ops,
+        metrics=metrics,
     )
 
 
@@ -309,7 +327,7 @@ def setup_logging(settings: Settings, *, daemon: bool) -> None:
         h.close()
     root.addHandler(handler)
     root.setLevel(settings.log_level)
-    for noisy in ("botocore", "boto3", "urllib3", "google", "s3transfer", "pyfuse3"):
+    for noisy in ("botocore", "boto3", "urllib3", "google", "s3transfer", "pyfuse3", "azure"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     _log_daemon = daemon
 
@@ -540,6 +558,8 @@ def run(m: Mount, ready: Any, *, daemon: bool = False) -> None:
             unmounted_cleanly = True
         finally:
             pyfuse3.close(unmount=True)
+            if m.metrics is not None:
+                m.metrics.close()
             m.blocks.close()
             log.info(
                 "unmounted %s (%s cached)",

@@ -302,13 +302,15 @@ class Reader:
             flight.done.set()
 
     def _fetch_sync(self, obj: ObjectInfo, idx: int, bkey: BlockKey, priority: int) -> bytes:
-        """Worker thread: a block from the cache if another reader stored it, else the store."""
+        """Worker thread: a block from the cache if another reader stored it, else the store.
+
+        Foreground reads ask the cache again too: their lookup (``_cached_on_disk``) ran before
+        this flight began, and a fetch of the same block may have stored it in between."""
         start = idx * bkey.block_size
         length = min(bkey.block_size, obj.size - start)
-        if priority != FOREGROUND:
-            cached = self.blocks.read(bkey, 0, length)
-            if cached is not None and len(cached) == length:
-                return cached
+        cached = self.blocks.read(bkey, 0, length)
+        if cached is not None and len(cached) == length:
+            return cached
         try:
             data = self.store.get_range(obj.key, start, length, obj.version)
         except Exception:

@@ -527,3 +527,48 @@ def test_unusable_cache_directory_is_one_line(tmp_path: Path) -> None:
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [
         f"fusefs: cache directory {tmp_path / 'file'}: not a directory"], r.stderr
+
+
+def test_mount_keeps_serving_when_the_index_breaks_under_it(local_bucket: Bucket, mount,
+                                                            tmp_path: Path) -> None:
+    """The cache's index destroyed while mounted: reads go on from the store, right bytes."""
+    data = {f"f{i}": blob(MiB + 7, seed=i) for i in range(6)}
+    for k, d in data.items():
+        local_bucket.put(k, d)
+    m = mount(local_bucket, "--block-size", str(256 * KiB))
+    for k in ["f0", "f1"]:
+        assert (m.path / k).read_bytes() == data[k]
+    for name in ("cache.db", "cache.db-wal"):
+        p = tmp_path / "cache" / name
+        if p.exists():
+            with open(p, "r+b") as f:  # in place: the mount's open connections see it
+                f.write(random.Random(2).randbytes(p.stat().st_size))
+    for k, d in data.items():
+        drop_page_cache(m.path / k)
+        assert (m.path / k).read_bytes() == d
+    assert m.stats()["bytes_served"] >= sum(len(d) for d in data.values())
+    assert m.stop() == 0
+    warnings = [ln for ln in m.log_text().splitlines() if " WARNING " in ln]
+    assert len(warnings) <= 10, warnings
+
+
+def test_orphaned_block_files_are_removed(tmp_path: Path) -> None:
+    """A process killed between writing a block file and recording it leaves a file nothing
+    lists and the bound does not count: the next store removes it (only once it is old enough
+    not to be another mount's write in progress)."""
+    store = DiskBlockStore(str(tmp_path / "c"), 64 * MiB)
+    k = BlockKey("src", "k", "v", MiB, 0)
+    store.put(k, pattern(k, MiB))
+    store.close()
+    orphan_dir = tmp_path / "c" / "ab" / "cd"
+    orphan_dir.mkdir(parents=True, exist_ok=True)
+    old = orphan_dir / "dead.val"
+    fresh = orphan_dir / "writing.val"
+    old.write_bytes(b"x" * 1000)
+    fresh.write_bytes(b"y" * 1000)
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    store = DiskBlockStore(str(tmp_path / "c"), 64 * MiB)
+    store.sweep_orphans()  # (the maintenance thread runs it at start too)
+    assert not old.exists() and fresh.exists()
+    assert store.read(k, 0, 100) == pattern(k, 100)  # indexed blocks are untouched
+    store.close()

@@ -497,6 +497,13 @@ def req(method: str, target: str) -> Request:
         ("GET", "/storage/v1/b/bkt/o?prefix=dir%2F&delimiter=%2F", "list"),
         ("GET", "/storage/v1/b/bkt", None),
         ("POST", "/upload/storage/v1/b/bkt/o?uploadType=media&name=k", None),
+        ("GET", "/devstoreaccount1/cont/dir/key", "get"),
+        ("GET", "/devstoreaccount1/cont?restype=container&comp=list&prefix=a%2F&delimiter=%2F",
+         "list"),
+        ("GET", "/devstoreaccount1?comp=list", None),  # list containers
+        ("GET", "/devstoreaccount1/cont/key?comp=tags", None),
+        ("GET", "/devstoreaccount1/cont?restype=container", None),
+        ("HEAD", "/devstoreaccount1/cont/key", "head"),
     ],
 )
 def test_classifiers(method: str, target: str, kind: str | None) -> None:

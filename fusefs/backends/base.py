@@ -72,6 +72,12 @@ class ObjectStore(Protocol):
         May return fewer bytes only at the end of the object.
         """
 
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        """Store ``data`` as the object ``key`` (replacing it); its new metadata."""
+
+    def delete(self, key: str) -> None:
+        """Remove the object ``key``; an absent object is not an error (as on S3)."""
+
 
 class PrefixedStore:
     """Wraps a store so that keys are relative to ``prefix`` (``datasets/`` in s3://b/datasets)."""
@@ -80,6 +86,7 @@ class PrefixedStore:
         self.inner = inner
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.source_id = inner.source_id + ("/" + self.prefix.rstrip("/") if self.prefix else "")
+        self.lists_after: bool = getattr(inner, "lists_after", True)
 
     def _strip(self, key: str) -> str:
         return key[len(self.prefix) :]
@@ -109,3 +116,10 @@ class PrefixedStore:
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
         return self.inner.get_range(self.prefix + key, start, length, version)
+
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        info = self.inner.put(self.prefix + key, data)
+        return ObjectInfo(key, info.size, info.mtime, info.version)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(self.prefix + key)

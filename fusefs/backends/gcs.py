@@ -381,3 +381,20 @@ class GCSStore:
                 cause=err,
             )
         return err
+
+    # --- writes (``fusefs check``'s probe) ------------------------------------------------
+
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        blob = self.bucket.blob(key)
+        self._call(self._name(key),
+                   lambda: blob.upload_from_string(data, timeout=self._list_timeout, retry=None))
+        return ObjectInfo(
+            key, len(data), _mtime(blob.updated, blob.time_created), str(blob.generation)
+        )
+
+    def delete(self, key: str) -> None:
+        try:
+            self._call(self._name(key),
+                       lambda: self.bucket.blob(key).delete(timeout=self._timeout, retry=None))
+        except NotFound:
+            return  # already absent

@@ -10,12 +10,13 @@ directory itself is resolved once, at start (it is what the user named).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from ..errors import AccessDenied, BackendError, FusefsError, NotFound, StaleVersion
 from .base import ListPage, ObjectInfo
@@ -174,3 +175,69 @@ class LocalStore:
             raise _map_os_error(exc, key) from exc
         finally:
             os.close(fd)
+
+    # --- writes (``fusefs check``'s probe) ------------------------------------------------
+
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        """Write the file atomically (a temporary name, then a rename), parent folders as
+        needed, never through a symbolic link; never creates the root directory itself."""
+        if not os.path.isdir(self.root):
+            raise NotFound(f"directory {self.root} does not exist")
+        parts = self._parts(key)
+        if not parts or key.endswith("/"):
+            raise NotFound(f"{key}: not a file name")
+        name, tmp = parts[-1], f".{parts[-1]}.fusefs-tmp-{os.getpid()}"
+        try:
+            dfd = self._make_dirs(parts[:-1])
+        except OSError as exc:
+            raise _map_os_error(exc, key) from exc
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o666, dir_fd=dfd)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise _map_os_error(exc, key) from exc
+        finally:
+            os.close(dfd)
+        return ObjectInfo(key, st.st_size, st.st_mtime, _version(st))
+
+    def _make_dirs(self, parts: Sequence[str]) -> int:
+        """A descriptor of the folder ``root/parts...``, created as needed, no link followed."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o777, dir_fd=fd)
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def delete(self, key: str) -> None:
+        parts = self._parts(key)
+        if not parts:
+            return
+        try:
+            dfd = self._open_dir(parts[:-1])
+        except OSError as exc:
+            if exc.errno in _ABSENT:
+                return  # already absent
+            raise _map_os_error(exc, key) from exc
+        try:
+            os.unlink(parts[-1], dir_fd=dfd)
+        except FileNotFoundError:
+            return  # already absent
+        except OSError as exc:
+            raise _map_os_error(exc, key) from exc
+        finally:
+            os.close(dfd)

@@ -407,3 +407,20 @@ class S3Store:
         elif whole is not None:
             self._md5.verify(what, etag or version, whole, a.headers)
         return data
+
+    # --- writes (``fusefs check``'s probe) ------------------------------------------------
+
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        import time
+
+        try:
+            r = self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+        except Exception as exc:
+            raise map_s3_error(exc, self._name(key)) from exc
+        return ObjectInfo(key, len(data), time.time(), etag_version(r.get("ETag", "")))
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            raise map_s3_error(exc, self._name(key)) from exc

@@ -24,9 +24,10 @@ a format tag, so blocks of an older layout are never looked up (they age out by 
 
 Size bound: after every ``put`` the least recently used items are culled until the volume (item
 bytes + SQLite pages, as diskcache counts it, shared by every store on the directory) is at or
-under ``size_limit``, however many small items that takes. The slack: blocks being written at
-that moment (at most one per worker of each mount) and SQLite's write-ahead log; disk usage also
-rounds each file up to the filesystem's block size.
+under ``size_limit``, however many small items that takes (``index.cull``). The slack: blocks
+being written at that moment (at most one per worker of each mount) and SQLite's write-ahead
+log; disk usage also rounds each file up to the filesystem's block size. Files a killed process
+wrote but never recorded are removed at the next start (``index.sweep_orphans``).
 
 Privacy: the directory is created 0700, and every file and sub-directory fusefs or diskcache
 creates in it is 0600/0700 whatever the umask (``directory``). An existing directory that group
@@ -41,20 +42,19 @@ diskcache itself is thread- and process-safe (two mounts may share a directory).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import IO, Any
 
 import diskcache
 
-from . import integrity
+from . import index, integrity
 from .directory import PrivateDisk, open_index
+from .keys import BlockKey, object_tag, parse_cache_key
 
 log = logging.getLogger(__name__)
 
@@ -62,47 +62,6 @@ log = logging.getLogger(__name__)
 #: Blocks at least this large are files in the cache directory; smaller ones live in SQLite.
 MIN_FILE_SIZE = 32 * 1024
 
-#: First element of every cache key: the layout of the stored value (``integrity``).
-KEY_FORMAT = "b1"
-
-#: Least recently used items first (diskcache's schema; its LRU policy indexes access_time).
-_SELECT_LRU = "SELECT rowid, filename, size FROM Cache ORDER BY access_time LIMIT ?"
-
-
-@dataclass(frozen=True, slots=True)
-class BlockKey:
-    """Identity of one cached block; ``cache_key`` is what diskcache stores."""
-
-    source: str
-    key: str
-    version: str
-    block_size: int
-    index: int
-    #: Computed once: every read looks a block up by it, often more than once.
-    cache_key: str = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "cache_key", json.dumps(
-            [KEY_FORMAT, self.source, self.key, self.version, self.block_size, self.index]))
-
-    @property
-    def tag(self) -> str:
-        return object_tag(self.source, self.key)
-
-
-def object_tag(source: str, key: str) -> str:
-    return json.dumps([source, key])
-
-
-def parse_cache_key(cache_key: str) -> tuple[str, str, str, int, int] | None:
-    """(source, key, version, block size, index) of a current-format cache key, else None."""
-    try:
-        fmt, s, k, v, bs, i = json.loads(cache_key)
-        if fmt != KEY_FORMAT:
-            return None
-        return str(s), str(k), str(v), int(bs), int(i)
-    except (ValueError, TypeError):
-        return None
 
 
 class _Open:
@@ -160,6 +119,9 @@ class DiskBlockStore:
         self._touch_interval = touch_interval
         self._last_touch = time.monotonic()
         self._on_corrupt = on_corrupt
+        # a broken index or a full disk fails every call: one warning a minute, not thousands
+        self._read_failures = _Throttled()
+        self._write_failures = _Throttled()
         #: Keys found damaged by a read, to delete from the index (guarded by ``_lock``).
         self._damaged: set[str] = set()
         #: Keys reported damaged and not stored again since (guarded by ``_lock``).
@@ -305,7 +267,7 @@ class DiskBlockStore:
         try:
             handle: Any = self._cache.get(ck, default=None, read=True)
         except Exception as exc:  # a damaged entry is a miss, not an error
-            log.warning("block cache read failed, treating as miss: %s", exc)
+            self._read_failures.warning("block cache read failed, treating as miss: %s", exc)
             return None
         if handle is None:
             if self._indexed_without_file(ck):
@@ -397,7 +359,8 @@ class DiskBlockStore:
             self.puts += 1
             self._cull()
         except Exception as exc:
-            log.warning("could not store block in cache %s: %s", self.directory, exc)
+            self._write_failures.warning("could not store block in cache %s: %s",
+                                         self.directory, exc)
 
     def refresh_usage(self) -> int:
         """Read the volume and item count from the index into the snapshot; returns the
@@ -407,7 +370,12 @@ class DiskBlockStore:
         return volume
 
     def _maintain(self) -> None:
-        """Maintenance thread: refresh the usage snapshot, write batched access times."""
+        """Maintenance thread: remove orphaned block files once, then refresh the usage
+        snapshot and write batched access times every second."""
+        try:
+            self.sweep_orphans()
+        except Exception as exc:  # noqa: BLE001 - the files simply stay
+            log.debug("cache orphan sweep failed: %s", exc)
         while not self._stop.wait(1.0):
             try:
                 self.refresh_usage()
@@ -416,34 +384,19 @@ class DiskBlockStore:
                 log.debug("cache maintenance failed: %s", exc)
         self._cache.close()  # this thread's SQLite connection (diskcache's are per thread)
 
-    def _cull(self) -> int:
-        """Evict least recently used items until the volume is within the bound; returns how
-        many were evicted.
+    def sweep_orphans(self, min_age: float = index.ORPHAN_AGE) -> int:
+        """Delete block files the index does not list, older than ``min_age`` seconds (see
+        :func:`index.sweep_orphans`); returns files removed."""
+        removed, freed = index.sweep_orphans(self._cache, self.directory, min_age)
+        if removed:
+            log.info("cache %s: removed %d orphaned block files (%d bytes)", self.directory,
+                     removed, freed)
+        return removed
 
-        diskcache's own culling cannot do this: ``set`` removes a fixed number of items however
-        small they are, and ``cull()`` removes batches of ten, which can take the block just
-        stored with them. Here items are taken in LRU order until their bytes cover the excess
-        (through diskcache's transaction, so its triggers keep the size and count and the files
-        are removed after the commit).
-        """
-        excess = self.refresh_usage() - self.size_limit
-        removed = 0
-        while excess > 0:
-            with self._cache._transact(retry=True) as (sql, cleanup):
-                rows = sql(_SELECT_LRU, (64,)).fetchall()
-                chosen = []
-                for rowid, filename, size in rows:
-                    chosen.append(rowid)
-                    cleanup(filename)
-                    excess -= size or 0
-                    if excess <= 0:
-                        break
-                if chosen:
-                    marks = ",".join("?" * len(chosen))
-                    sql(f"DELETE FROM Cache WHERE rowid IN ({marks})", chosen)
-            if not rows:
-                break
-            removed += len(chosen)
+    def _cull(self) -> int:
+        """Evict least recently used items until the volume is within the bound (see
+        :func:`index.cull`); returns how many were evicted."""
+        removed = index.cull(self._cache, self.refresh_usage() - self.size_limit)
         if removed:
             self._close_unlinked()
             self.refresh_usage()
@@ -552,6 +505,29 @@ class DiskBlockStore:
             if e is not None:
                 e.close()
         self._cache.close()
+
+
+class _Throttled:
+    """A recurring warning, logged at most once per ``interval`` seconds with a count of the
+    ones left out."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._skipped = 0
+
+    def warning(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._skipped += 1
+                return
+            self._next = now + self._interval
+            skipped, self._skipped = self._skipped, 0
+        if skipped:
+            msg, args = msg + " (and %d more since the last such warning)", (*args, skipped)
+        log.warning(msg, *args)
 
 
 class _Chunks:

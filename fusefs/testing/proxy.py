@@ -114,7 +114,7 @@ class Request:
 
 
 # --------------------------------------------------------------------------------------
-# Request classification (S3 path-style and GCS JSON/XML APIs)
+# Request classification (S3 path-style, GCS JSON/XML APIs, Azure Blob path-style)
 
 _GCS_OBJECT = re.compile(r"^(?:/download)?/storage/v1/b/[^/]+/o/.+$")
 _GCS_LIST = re.compile(r"^/storage/v1/b/[^/]+/o/?$")
@@ -152,9 +152,12 @@ def is_object_get(req: Request) -> bool:
 
     Covers an S3 GetObject (path-style ``GET /bucket/key`` without a listing or other
     sub-resource query parameter; ranged GETs included) and a GCS media download
-    (``GET [/download]/storage/v1/b/B/o/KEY?alt=media``, or XML-style ``GET /B/KEY``).
+    (``GET [/download]/storage/v1/b/B/o/KEY?alt=media``, or XML-style ``GET /B/KEY``), and an
+    Azure Get Blob (``GET /account/container/blob`` without ``comp``/``restype``).
     """
     if req.method != "GET":
+        return False
+    if "comp" in req.query or "restype" in req.query:  # an Azure operation other than Get Blob
         return False
     if _GCS_API.match(req.path):
         return req.query.get("alt") == "media" and bool(_GCS_OBJECT.match(req.path))
@@ -167,9 +170,12 @@ def is_object_get(req: Request) -> bool:
 
 
 def is_list(req: Request) -> bool:
-    """True for an object listing: S3 ListObjects/ListObjectsV2 or GCS ``objects.list``."""
+    """True for an object listing: S3 ListObjects/ListObjectsV2, GCS ``objects.list`` or an
+    Azure List Blobs (``?restype=container&comp=list``)."""
     if req.method != "GET":
         return False
+    if req.query.get("comp") == "list":
+        return req.query.get("restype") == "container"
     if _GCS_API.match(req.path):
         return bool(_GCS_LIST.match(req.path))
     if "list-type" in req.query:
