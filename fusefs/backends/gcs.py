@@ -387,7 +387,7 @@ class GCSStore:
     def put(self, key: str, data: bytes) -> ObjectInfo:
         blob = self.bucket.blob(key)
         self._call(self._name(key),
-                   lambda: blob.upload_from_string(data, timeout=self._list_timeout, retry=None))
+                   lambda: blob.upload_from_string(data, timeout=self._patient_timeout, retry=None))
         return ObjectInfo(
             key, len(data), _mtime(blob.updated, blob.time_created), str(blob.generation)
         )
