@@ -75,6 +75,8 @@ def _setup(kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.Monkey
         client.create_bucket(Bucket=bucket)
         store: ObjectStore = S3Store(bucket, endpoint_url=proxy.url, stall_timeout=STALL,
                                      retry=retry)
+        store.check()  # the first listing teaches the fast GET path the bucket's URL
+        assert store._fast._base is not None  # type: ignore[attr-defined]
         return Setup(kind, store, proxy,
                      lambda k, d: client.put_object(Bucket=bucket, Key=k, Body=d))
     from fusefs.backends.gcs import GCSStore
@@ -86,12 +88,18 @@ def _setup(kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.Monkey
     return Setup(kind, store, proxy, lambda k, d: b.blob(k).upload_from_string(d))
 
 
-@pytest.fixture(params=["s3", "gcs"])
+@pytest.fixture(params=["s3", "s3-boto3", "gcs"])
 def st(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
-    server = request.getfixturevalue("moto" if request.param == "s3" else "gcs")
-    url = server.endpoint_url if request.param == "s3" else server.url
+    """A store behind its own proxy; ``s3-boto3``: S3 with the fast GET path off (every GET
+    through boto3's own machinery)."""
+    kind = "gcs" if request.param == "gcs" else "s3"
+    server = request.getfixturevalue("moto" if kind == "s3" else "gcs")
+    url = server.endpoint_url if kind == "s3" else server.url
     with CountingProxy(url) as proxy:
-        yield _setup(request.param, request, monkeypatch, proxy)
+        setup = _setup(kind, request, monkeypatch, proxy)
+        if request.param == "s3-boto3":
+            setup.store._fast.enabled = False  # type: ignore[attr-defined]
+        yield setup
 
 
 def _objects(st: Setup, n: int, size: int) -> dict[str, bytes]:
@@ -177,6 +185,24 @@ def _first(n: int, pred: Callable[[Request], bool]) -> Callable[[Request], bool]
     return select
 
 
+def test_a_whole_big_object_for_a_range_is_refused_unread(
+    st: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that ignores Range must not make a block fetch pull a huge object into memory:
+    past WHOLE_OBJECT_MAX (made small here) such a 200 is refused before its body is read."""
+    import fusefs.backends.verify as verify
+
+    data = _objects(st, 1, 50_000)["d/000.bin"]
+    info = st.store.head("d/000.bin")
+    monkeypatch.setattr(verify, "WHOLE_OBJECT_MAX", 10_000)
+    st.proxy.faults(1.0, ["full_200"], predicate=is_object_get)
+    st.store._retry = RetryPolicy(attempts=2, base=0.005, cap=0.05)  # type: ignore[attr-defined]
+    with pytest.raises(TransientError, match="ignored the range"):
+        st.store.get_range("d/000.bin", 100, 1000, info.version)
+    monkeypatch.setattr(verify, "WHOLE_OBJECT_MAX", 50_000)  # small enough: read and sliced
+    assert st.store.get_range("d/000.bin", 100, 1000, info.version) == data[100:1100]
+
+
 # --------------------------------------------------------------------------- S3 specifics
 
 
@@ -259,3 +285,100 @@ def test_connection_pool_covers_every_concurrent_caller(moto: MotoS3,
                     assert set(pool.map(one, range(callers))) == {b"x" * 1000}
     full = [r for r in caplog.records if "Connection pool is full" in r.getMessage()]
     assert full == [] and proxy.upstream_connections >= callers
+
+
+def test_a_slow_listing_gets_a_patient_retry(st: Setup) -> None:
+    """Every LIST takes 1 s to answer (a big prefix), longer than the stall timeout: the first
+    attempt is abandoned, the retry waits longer and gets it."""
+    data = _objects(st, 3, 10)
+    st.proxy.slow(lambda method, path: "list-type" in path or "/o?" in path
+                  or path.endswith("/o"), 1.0)
+    st.proxy.reset()
+    listed = [o.key for p in st.store.list("d/") for o in p.objects]
+    assert sorted(listed) == sorted(data)
+    assert st.proxy.count(predicate=is_list) == 2
+
+
+# ------------------------------------------------------------------- the pieces, offline
+
+
+def test_take_range_accepts_only_the_asked_bytes() -> None:
+    from fusefs.backends.verify import take_range
+
+    obj = bytes(range(256)) * 4  # 1024 bytes
+    assert take_range("k", 206, "bytes 10-19/1024", obj[10:20], 10, 10) == (obj[10:20], None)
+    assert take_range("k", 206, "bytes 0-1023/1024", obj, 0, 4096) == (obj, obj)  # whole
+    assert take_range("k", 206, "bytes 1000-1023/1024", obj[1000:], 1000, 100)[0] == obj[1000:]
+    assert take_range("k", 200, None, obj, 10, 10) == (obj[10:20], obj)  # whole object: sliced
+    assert take_range("k", 200, "bytes 10-19/1024", obj[10:20], 10, 10)[0] == obj[10:20]
+    assert take_range("k", 206, None, obj[10:20], 10, 10)[0] == obj[10:20]
+    bad = [
+        (206, "bytes 11-20/1024", obj[11:21]),  # shifted
+        (206, "bytes 10-19/1024", obj[10:19]),  # short body
+        (206, "bytes 10-14/1024", obj[10:15]),  # short range, not at the end
+        (206, None, obj[10:15]),  # short, and no way to tell where it ends
+        (206, "bytes 10-19/*", obj[10:25]),  # too long
+        (500, None, b""),
+    ]
+    for status, content_range, body in bad:
+        with pytest.raises(TransientError):
+            take_range("k", status, content_range, body, 10, 10)
+
+
+def test_checksums() -> None:
+    import base64
+    import hashlib
+
+    import google_crc32c
+
+    from fusefs.backends.verify import Md5Etag, verify_goog_hash
+
+    body = os.urandom(5000)
+    crc = base64.b64encode(google_crc32c.value(body).to_bytes(4, "big")).decode()
+    md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
+    verify_goog_hash("k", f"crc32c={crc},md5={md5}", body)
+    verify_goog_hash("k", f"md5={md5}", body)
+    verify_goog_hash("k", None, body)
+    for header in (f"crc32c={crc}", f"md5={md5}"):
+        with pytest.raises(TransientError):
+            verify_goog_hash("k", header, body[:-1] + b"x")
+    check = Md5Etag()
+    etag = hashlib.md5(body).hexdigest()
+    check.verify("k", etag, body, {})
+    check.verify("k", f"{etag}-2", b"other", {})  # multipart: not an MD5
+    check.verify("k", etag, b"other", {"x-amz-server-side-encryption": "aws:kms"})
+    with pytest.raises(TransientError):
+        check.verify("k", etag, b"other", {})
+    with pytest.raises(TransientError):  # confirmed MD5s: the same bad bytes stay an error
+        check.verify("k", etag, b"other", {})
+    assert check.enabled
+    odd = Md5Etag()  # a store whose 32-hex ETags are something else
+    with pytest.raises(TransientError):
+        odd.verify("k", "0" * 32, body, {})
+    odd.verify("k", "0" * 32, body, {})  # same bytes again: not MD5s, check off
+    assert not odd.enabled
+
+
+def test_retry_policy_is_bounded() -> None:
+    now = [0.0]
+    calls = []
+
+    def failing() -> None:
+        calls.append(now[0])
+        now[0] += 2.0  # each attempt stalls 2 s
+        raise TransientError("stalled")
+
+    policy = RetryPolicy(attempts=10, deadline=15.0, base=0.05, cap=1.0)
+    sleep = lambda s: now.__setitem__(0, now[0] + s)  # noqa: E731
+    with pytest.raises(TransientError, match="gave up after"):
+        policy.call(failing, "k", sleep=sleep, clock=lambda: now[0])
+    assert 5 <= len(calls) <= 10 and max(calls) <= 15.0 and now[0] <= 15.0 + 2.0
+    calls.clear()
+
+    def gone() -> None:
+        calls.append(0.0)
+        raise NotFound("gone")
+
+    with pytest.raises(NotFound):  # an answer, not a failure: no retry
+        policy.call(gone, "k")
+    assert calls == [0.0]

@@ -59,7 +59,7 @@ def open_store(source: str, settings: Settings) -> ObjectStore:
         from .azure import AzureStore
 
         store = AzureStore(
-            where, endpoint_url=settings.endpoint_url, max_connections=settings.workers + 8
+            where, endpoint_url=settings.endpoint_url, max_connections=settings.store_connections
         )
     else:
         from .gcs import GCSStore

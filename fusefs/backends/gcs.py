@@ -13,7 +13,7 @@ or stalled is a transient failure, retried on a new request.
 
 from __future__ import annotations
 
-import functools
+import itertools
 import logging
 import os
 import re
@@ -46,7 +46,7 @@ from ..errors import (
 )
 from .base import ListPage, ObjectInfo
 from .retry import DEFAULT_RETRY, RetryPolicy
-from .verify import take_range, verify_goog_hash
+from .verify import refuse_whole, take_range, verify_goog_hash
 
 T = TypeVar("T")
 
@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 _READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
-#: Read timeout of listings: a big prefix may take the server a while before its first byte.
+#: Read timeout of a listing's retries: a big prefix may take a server a while before its first
+#: byte; the first attempt has the stall timeout, as everything.
 LIST_TIMEOUT = 10.0
 _PAGE_SIZE = 1000  # the API maximum
 # Only what ObjectInfo needs; nextPageToken and prefixes are required for paging.
@@ -198,7 +199,7 @@ class GCSStore:
         self._retry = retry
         connect = max(stall_timeout, 10.0)
         self._timeout = (connect, stall_timeout)  # no progress for stall_timeout: abandoned
-        self._list_timeout = (connect, max(stall_timeout, LIST_TIMEOUT))
+        self._patient_timeout = (connect, max(stall_timeout, LIST_TIMEOUT))
         emulator = (os.environ.get(EMULATOR_ENV) or "").strip().rstrip("/") or None
         if emulator and "://" not in emulator:
             emulator = "http://" + emulator
@@ -233,12 +234,14 @@ class GCSStore:
 
     def check(self) -> None:
         # Listing needs only storage.objects.list, which readers have (buckets.get they may not).
+        attempts = itertools.count()
+
         def one() -> None:
             iterator = self.client.list_blobs(
                 self.bucket_name,
                 max_results=1,
                 fields="items(name),nextPageToken",
-                timeout=self._list_timeout,
+                timeout=self._timeout if next(attempts) == 0 else self._patient_timeout,
                 retry=None,
             )
             next(iter(iterator.pages), None)
@@ -263,9 +266,12 @@ class GCSStore:
         seen_prefixes: set[str] = set()  # fake-gcs-server repeats all prefixes on every page
         token: str | None = None
         while True:
+            attempts = itertools.count()
             objects, prefixes, token = self._call(
                 self._name(prefix),
-                functools.partial(self._list_page, prefix, page_size, token, start_after),
+                lambda t=token, n=attempts: self._list_page(  # type: ignore[misc]
+                    prefix, page_size, t, start_after, patient=next(n) > 0
+                ),
             )
             # GCS's startOffset is inclusive: the key itself is dropped here
             page = ListPage([o for o in objects if o.key > start_after], [], bool(token))
@@ -279,9 +285,16 @@ class GCSStore:
                 return
 
     def _list_page(
-        self, prefix: str, page_size: int, token: str | None, start_after: str = ""
+        self,
+        prefix: str,
+        page_size: int,
+        token: str | None,
+        start_after: str = "",
+        *,
+        patient: bool = False,
     ) -> tuple[Sequence[ObjectInfo], Sequence[str], str | None]:
-        """One page of a listing, from ``token``: objects, prefixes, the next page's token."""
+        """One page of a listing, from ``token``: objects, prefixes, the next page's token.
+        ``patient``: a retry, which waits LIST_TIMEOUT for the first byte."""
         iterator = self.client.list_blobs(
             self.bucket_name,
             prefix=prefix or None,
@@ -289,7 +302,7 @@ class GCSStore:
             page_size=page_size,
             page_token=token,
             fields=_LIST_FIELDS,
-            timeout=self._list_timeout,
+            timeout=self._patient_timeout if patient else self._timeout,
             retry=None,
             **({"start_offset": start_after} if start_after else {}),
         )
@@ -328,9 +341,14 @@ class GCSStore:
                 "GET", url, headers=headers, stream=True, timeout=self._timeout
             )
             try:
+                refuse_whole(
+                    what, resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, length
+                )
                 body: bytes = resp.raw.read(decode_content=False)
             finally:
                 resp.close()
+        except FusefsError:
+            raise
         except Exception as exc:  # connection trouble, a stall, a body cut short
             raise map_gcs_error(exc, what) from exc
         status = resp.status_code
@@ -369,7 +387,7 @@ class GCSStore:
     def put(self, key: str, data: bytes) -> ObjectInfo:
         blob = self.bucket.blob(key)
         self._call(self._name(key),
-                   lambda: blob.upload_from_string(data, timeout=self._list_timeout, retry=None))
+                   lambda: blob.upload_from_string(data, timeout=self._patient_timeout, retry=None))
         return ObjectInfo(
             key, len(data), _mtime(blob.updated, blob.time_created), str(blob.generation)
         )

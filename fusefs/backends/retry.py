@@ -56,8 +56,7 @@ class RetryPolicy:
                     raise TransientError(
                         f"{exc.message} (gave up after {attempt} attempts)", cause=exc
                     ) from exc
-                log.debug("%s: %s; attempt %d failed, retrying in %.2fs", what, exc.message,
-                          attempt, delay)
+                log.debug("%s; attempt %d failed, retrying in %.2fs", exc.message, attempt, delay)
                 sleep(delay)
                 attempt += 1
 

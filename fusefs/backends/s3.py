@@ -11,6 +11,7 @@ are checked against it instead.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from ..errors import (
 )
 from .base import ListPage, ObjectInfo
 from .retry import DEFAULT_RETRY, RetryPolicy
-from .verify import Md5Etag, object_total, take_range
+from .verify import Md5Etag, object_total, refuse_whole, take_range
 
 T = TypeVar("T")
 
@@ -139,7 +140,8 @@ def map_s3_error(exc: BaseException, what: str) -> FusefsError:
     return BackendError(f"{what}: {exc!r}", cause=exc)
 
 
-#: Read timeout of listings: a big prefix may take the server a while before its first byte.
+#: Read timeout of a listing's retries: a big prefix (or many delete markers) may take a server
+#: a while before its first byte; the first attempt has the stall timeout, as everything.
 LIST_TIMEOUT = 10.0
 
 
@@ -164,14 +166,15 @@ class _FastGet:
     ``enabled``, which only ever goes from True to False.
     """
 
-    def __init__(self, client: Any, lister: Any, credentials: Any) -> None:
+    def __init__(self, client: Any, listers: list[Any], credentials: Any) -> None:
         self._region = client.meta.region_name or "us-east-1"
         self._credentials = credentials
         self._http = getattr(getattr(client, "_endpoint", None), "http_session", None)
         self._base: str | None = None
         self.enabled = credentials is not None and self._http is not None
         if self.enabled:
-            lister.meta.events.register("before-send.s3.ListObjectsV2", self._learn_base)
+            for lister in listers:
+                lister.meta.events.register("before-send.s3.ListObjectsV2", self._learn_base)
 
     def _learn_base(self, request: Any, **_: Any) -> None:
         if self._base is None:
@@ -200,9 +203,14 @@ class _FastGet:
         etag = etag_version(answer_headers.get("etag", ""))
         if status in (200, 206) and etag and version and not is_weak(version) and etag != version:
             raw.close()  # body unread: the connection cannot be reused
+            raw.release_conn()  # (the pool reconnects its slot)
             raise StaleVersion(f"{what}: changed (ETag {etag} != {version})")
         try:
+            refuse_whole(what, status, answer_headers, length)
             body: bytes = raw.read()
+        except TransientError:
+            raw.close()
+            raise
         except Exception as exc:
             raw.close()  # the connection is in an unknown state: never reuse it
             raise map_s3_error(exc, what) from exc
@@ -256,14 +264,14 @@ class S3Store:
                 botocore_session=core, profile_name=profile, region_name=region
             )
             self.client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
-            self._lister: Any = session.client(
+            self._patient: Any = session.client(  # for retried listings
                 "s3",
                 endpoint_url=endpoint_url,
                 config=config.merge(Config(read_timeout=max(stall_timeout, LIST_TIMEOUT))),
             )
         except Exception as exc:  # ProfileNotFound and friends
             raise map_s3_error(exc, f"s3://{bucket}") from exc
-        self._fast = _FastGet(self.client, self._lister, session.get_credentials())
+        self._fast = _FastGet(self.client, [self.client, self._patient], session.get_credentials())
 
     def _name(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -281,10 +289,18 @@ class S3Store:
 
         return self._retry.call(once, what)
 
+    def _list_call(self, what: str, **kwargs: Any) -> Any:
+        """One ListObjectsV2, retried; retries wait longer for the first byte (LIST_TIMEOUT)."""
+        attempts = itertools.count()
+
+        def list_objects_v2(**kw: Any) -> Any:
+            return (self.client if next(attempts) == 0 else self._patient).list_objects_v2(**kw)
+
+        return self._call(what, list_objects_v2, **kwargs)
+
     def check(self) -> None:
         try:
-            self._call(f"s3://{self.bucket}", self._lister.list_objects_v2,
-                       Bucket=self.bucket, MaxKeys=1)
+            self._list_call(f"s3://{self.bucket}", Bucket=self.bucket, MaxKeys=1)
         except NotFound as exc:
             raise NotFound(f"bucket s3://{self.bucket} does not exist", cause=exc) from exc
 
@@ -305,7 +321,7 @@ class S3Store:
             kwargs["StartAfter"] = start_after
         seen = 0
         while True:
-            r = self._call(self._name(prefix), self._lister.list_objects_v2, **kwargs)
+            r = self._list_call(self._name(prefix), **kwargs)
             page = ListPage([self._listed(o) for o in r.get("Contents", ())],
                             [p["Prefix"] for p in r.get("CommonPrefixes", ())],
                             bool(r.get("IsTruncated")))
@@ -355,6 +371,11 @@ class S3Store:
             if etag and version and not is_weak(version) and etag != version:
                 r["Body"].close()
                 raise StaleVersion(f"{what}: changed (ETag {etag} != {version})")
+            try:
+                refuse_whole(what, int(meta.get("HTTPStatusCode", 0)), headers, length)
+            except TransientError:
+                r["Body"].close()
+                raise
             body: bytes = r["Body"].read()
         except FusefsError:
             raise

@@ -27,6 +27,25 @@ _MD5_ETAG = re.compile(r"[0-9a-f]{32}")
 _SSE_C = "x-amz-server-side-encryption-customer-algorithm"
 
 
+#: A 200 (the whole object) for a ranged GET is read and sliced only up to this size; a bigger
+#: one is refused unread (a server ignoring ``Range`` must not make a block fetch download a
+#: huge object into memory).
+WHOLE_OBJECT_MAX = 64 * 1024 * 1024
+
+
+def refuse_whole(what: str, status: int, headers: Mapping[str, str], length: int) -> None:
+    """Raise TransientError, before the body is read, for a 200 that carries a whole object of
+    more than ``max(length, WHOLE_OBJECT_MAX)`` bytes instead of the range asked for."""
+    if status != 200 or headers.get("content-range"):
+        return
+    try:
+        size = int(headers.get("content-length", "0"))
+    except ValueError:
+        return
+    if size > max(length, WHOLE_OBJECT_MAX):
+        raise TransientError(f"{what}: the server ignored the range and sent all {size} bytes")
+
+
 def take_range(
     what: str, status: int, content_range: str | None, body: bytes, start: int, length: int
 ) -> tuple[bytes, bytes | None]:
@@ -39,6 +58,8 @@ def take_range(
     """
     if status == 200 and not content_range:
         return body[start : start + length], body
+    if status == 206 and not content_range and len(body) == length:
+        return body, None  # a server that omits Content-Range: the length is all we can check
     m = _CONTENT_RANGE.match(content_range or "")
     if status not in (200, 206) or m is None:
         raise TransientError(f"{what}: unexpected answer {status} ({content_range!r})")
