@@ -13,6 +13,7 @@ Memory: at most ``workers`` blocks are held by running fetches; queued fetches h
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 #: The kernel sends readahead requests concurrently, so a sequential reader's requests may
 #: arrive slightly out of order; reads this close to the expected offset count as sequential.
 _SEQ_SLACK = 4 * 1024 * 1024
+
+#: Seconds a block whose fetch failed (EIO, after every retry) fails again at once: the
+#: kernel asks again for a page whose read failed, and the store just gave up on it.
+FAILED_MEMORY = 1.0
 
 #: Fetch unit of a handle in random-access mode: small reads at random offsets fetch this much
 #: (aligned) instead of a whole block. Cached under its own keys, which carry the version too.
@@ -108,6 +113,9 @@ class Reader:
         self._limiter = trio.CapacityLimiter(workers)
         self._max_window = max(1, readahead_max // block_size)
         self._inflight: dict[str, _Flight] = {}
+        #: Blocks whose fetch just failed after all its retries, and when: the kernel retries a
+        #: failed page read once at once, which would make a program wait twice as long
+        self._failed: dict[str, tuple[float, FusefsError]] = {}
         self._recent = RecentBlocks(recent_bytes) if recent_bytes > 0 else None
         self._nursery: trio.Nursery | None = None
         self._on_stale = on_stale
@@ -279,6 +287,11 @@ class Reader:
         """:meth:`fetch_block`, and whether the block came from the disk cache (a hit)."""
         bkey = self.block_key(obj, idx, unit)
         ck = bkey.cache_key
+        failed = self._failed.get(ck)
+        if failed is not None:
+            if trio.current_time() - failed[0] < FAILED_MEMORY:
+                raise failed[1]
+            del self._failed[ck]
         while (flight := self._inflight.get(ck)) is not None:
             self.scheduler.boost(flight.ticket, priority)
             await flight.done.wait()
@@ -305,6 +318,10 @@ class Reader:
             flight.error = exc
             if isinstance(exc, StaleVersion) and self._on_stale is not None:
                 self._on_stale(obj.key)
+            elif isinstance(exc, FusefsError) and exc.errno == errno.EIO:
+                if len(self._failed) > 1024:
+                    self._failed.clear()
+                self._failed[ck] = (trio.current_time(), exc)
             raise
         finally:
             del self._inflight[ck]
