@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import posixpath
+import re
 import shlex
 import stat
 import time
@@ -48,6 +49,14 @@ _WALK_PARALLEL = 8
 
 COMMANDS = ("stats", "clear", "prefetch", "cancel-prefetch")
 
+# Line scanner states (see Control._take_line) and what ends each state's plain run.
+_PLAIN, _SINGLE, _DOUBLE, _ESCAPED = 0, 1, 2, 4
+_SPECIAL = {
+    _PLAIN: re.compile(rb"[\n'\"\\]"),
+    _SINGLE: re.compile(rb"'"),  # no escapes inside single quotes
+    _DOUBLE: re.compile(rb'["\\]'),
+}
+
 
 @dataclass
 class _CtlHandle:
@@ -56,6 +65,13 @@ class _CtlHandle:
     result: bytes | None = None  # the last command's JSON; None -> fresh stats on read
     doc: bytes = b""  # the document being read
     origin: int | None = None  # file offset where ``doc`` starts; None: the next read starts one
+    scanned: int = 0  # buf[:scanned] holds no line end; ``quote`` is the state at that point
+    quote: int = 0  # _PLAIN, _SINGLE, _DOUBLE, or one of them after a backslash (| _ESCAPED)
+    scan_work: int = 0  # bytes examined by the line scanner (bounded: each byte once)
+
+    def drop_buffer(self) -> None:
+        self.buf.clear()
+        self.scanned, self.quote = 0, 0
 
 
 class Control:
@@ -138,7 +154,7 @@ class Control:
             raise AccessDenied(f"uid {h.uid} may not write commands (only the mounting user)")
         h.buf += data
         if len(h.buf) > MAX_COMMAND:
-            h.buf.clear()
+            h.drop_buffer()
             self._fail(h, InvalidArgument(f"command longer than {MAX_COMMAND} bytes"), "")
         while (line := self._take_line(h)) is not None:
             await self._run(h, line)
@@ -150,7 +166,7 @@ class Control:
         if h is None or not h.buf:
             return
         text = bytes(h.buf)
-        h.buf.clear()
+        h.drop_buffer()
         await self._run(h, text)
 
     def release(self, fh: int) -> None:
@@ -158,17 +174,39 @@ class Control:
 
     @staticmethod
     def _take_line(h: _CtlHandle) -> bytes | None:
-        """The first complete line of the buffer (a newline inside quotes does not end it)."""
-        start = 0
-        while (nl := h.buf.find(b"\n", start)) >= 0:
-            line = bytes(h.buf[:nl])
-            try:
-                shlex.split(line.decode("utf-8", "replace"))
-            except ValueError:  # an open quote: the newline is part of a name
-                start = nl + 1
+        """The first complete line of the buffer (a newline inside quotes does not end it).
+
+        Quotes and backslashes are tracked as :func:`shlex.split` (POSIX mode) reads them, from
+        where the previous scan stopped: every byte is examined once however the line arrives
+        (a quoted name with 20,000 newlines written a byte at a time stays linear). All the
+        special characters are ASCII, so scanning bytes equals scanning the decoded text.
+        """
+        buf, pos, state = h.buf, h.scanned, h.quote
+        end = len(buf)
+        while pos < end:
+            if state & _ESCAPED:  # the byte after a backslash is literal (a newline too)
+                state &= ~_ESCAPED
+                pos += 1
                 continue
-            del h.buf[: nl + 1]
-            return line
+            mo = _SPECIAL[state].search(buf, pos)
+            if mo is None:
+                pos = end
+                break
+            c, pos = mo.group(), mo.end()
+            if c == b"\\":
+                state |= _ESCAPED
+            elif c == b"\n":  # only found outside quotes
+                h.scan_work += pos - h.scanned
+                line = bytes(buf[: pos - 1])
+                del buf[:pos]
+                h.scanned, h.quote = 0, _PLAIN
+                return line
+            elif state == _PLAIN:
+                state = _SINGLE if c == b"'" else _DOUBLE
+            else:  # the closing quote
+                state = _PLAIN
+        h.scan_work += pos - h.scanned
+        h.scanned, h.quote = pos, state
         return None
 
     async def _run(self, h: _CtlHandle, raw: bytes) -> None:
@@ -192,7 +230,7 @@ class Control:
         Lines after the failed one are dropped: a script's later commands never run on a
         broken premise.
         """
-        h.buf.clear()
+        h.drop_buffer()
         if isinstance(exc, FusefsError):
             code, message = exc.errno, str(exc)
         elif isinstance(exc, OSError) and exc.errno:

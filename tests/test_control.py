@@ -502,3 +502,59 @@ def test_prefetch_queue_without_a_mount(tmp_path: Path) -> None:
 
     trio.run(main)
     m.blocks.close()
+
+
+def test_quoted_newlines_are_scanned_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quoted name with 20,000 newlines, written 16 bytes at a time, is one command, and
+    parsing it examines each byte a bounded number of times (issue 8 item 16: the buffer was
+    re-split with shlex at every newline, quadratic in the payload)."""
+    import shlex
+
+    import trio
+
+    from fusefs import control as control_mod
+    from fusefs.errors import NotFound
+
+    (tmp_path / "objects").mkdir()
+    (tmp_path / "objects/a\nb").write_bytes(b"abc")
+    ctl = _core(tmp_path).control
+    payload = b"stats 'x" + b"\n" * 20_000 + b"y'\nstats \"a\n\\\"b\" extra\nstats 'a\nb'\n"
+    budget = 2 * len(payload)
+    parsed = {"chars": 0, "lines": 0}
+    real_split = shlex.split
+
+    def counting_split(s: str, *a: Any, **kw: Any) -> list[str]:
+        parsed["chars"] += len(s)
+        parsed["lines"] += 1
+        if parsed["chars"] > budget:
+            raise AssertionError(f"parsed {parsed['chars']} characters for {len(payload)}")
+        return real_split(s, *a, **kw)
+
+    monkeypatch.setattr(control_mod.shlex, "split", counting_split)
+
+    async def main() -> None:
+        fh = ctl.open(ctl.owner_uid, os.O_RDWR)
+        first = payload.index(b"y'\n") + 3
+        for i in range(0, first, 16):
+            chunk = payload[i : min(i + 16, first)]
+            if i + 16 < first:
+                assert await ctl.write(fh, chunk) == len(chunk)
+            else:  # the closing quote and newline: the command runs (and fails: no such name)
+                with pytest.raises(NotFound):
+                    await ctl.write(fh, chunk)
+        err = json.loads(ctl.read(fh, 0, 1 << 20))
+        assert err["code"] == "ENOENT" and err["error"].count("\\n") == 20_000
+        assert parsed["lines"] == 1
+        # an escaped quote inside double quotes does not close them: one line, 3 words
+        with pytest.raises(InvalidArgument):
+            await ctl.write(fh, payload[first:].split(b"stats 'a")[0])
+        assert parsed["lines"] == 2 and "one path" in json.loads(ctl.read(fh, 0, 4096))["error"]
+        await ctl.write(fh, b"stats 'a\nb'\n")
+        assert json.loads(ctl.read(fh, 0, 4096))["size"] == 3
+        assert ctl._handles[fh].scan_work <= len(payload)
+        ctl.release(fh)
+
+    from fusefs.errors import InvalidArgument
+
+    trio.run(main)
+    assert parsed["chars"] <= budget
