@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import posixpath
 import re
@@ -41,6 +42,8 @@ from .errors import AccessDenied, FusefsError, InvalidArgument, NotADirectory, N
 from .fs import CONTROL_INO, ROOT_INO, Attr, FileSystem, Node
 from .prefetch import Prefetcher, prefetch_concurrency
 from .reader import Reader
+
+log = logging.getLogger(__name__)
 
 #: Longest command line accepted (a prefetch of many quoted paths fits easily).
 MAX_COMMAND = 1 << 20
@@ -224,7 +227,7 @@ class Control:
             self._fail(h, exc, words[0])
         h.result, h.origin = self.render(result), None
 
-    def _fail(self, h: _CtlHandle, exc: Exception, command: str) -> NoReturn:
+    def _fail(self, h: _CtlHandle, exc: BaseException, command: str) -> NoReturn:
         """Record the error for the next read on this handle, then fail the write with it.
 
         Lines after the failed one are dropped: a script's later commands never run on a
@@ -235,8 +238,10 @@ class Control:
             code, message = exc.errno, str(exc)
         elif isinstance(exc, OSError) and exc.errno:
             code, message = exc.errno, str(exc)
-        else:
+        else:  # a bug or an unexpected library error (e.g. SQLite): log where it came from
+            log.error("control command %r failed", command, exc_info=exc)
             code, message = errno.EIO, f"internal error: {exc!r}"
+            exc = FusefsError(message)  # EIO; the traceback is logged once, here
         h.result = self.render(
             {
                 "command": command,
@@ -425,8 +430,11 @@ class Control:
                 else:
                     files.append(child)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(visit, node, nursery)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(visit, node, nursery)
+        except BaseExceptionGroup as group:  # trio >= 0.25 wraps a task's error in a group
+            raise _first_leaf(group) from None
         return files
 
     async def cached_blocks(self, objs: list[ObjectInfo]) -> dict[tuple[str, str], set[int]]:
@@ -489,3 +497,21 @@ class Control:
             "uptime_s": round(time.monotonic() - self.stats.started, 1),
             "prefetch_requests": self.prefetcher.requests(),
         }
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error a walk reports: the first failure of its group, so its errno is kept
+    (a cancellation is passed on as the group itself)."""
+    leaves: list[BaseException] = []
+
+    def collect(g: BaseExceptionGroup[BaseException]) -> None:
+        for e in g.exceptions:
+            if isinstance(e, BaseExceptionGroup):
+                collect(e)
+            else:
+                leaves.append(e)
+
+    collect(group)
+    if any(isinstance(e, trio.Cancelled | KeyboardInterrupt) for e in leaves):
+        return group
+    return next((e for e in leaves if isinstance(e, FusefsError)), leaves[0])

@@ -127,6 +127,7 @@ class Prefetcher:
         self._requests: OrderedDict[int, PrefetchRequest] = OrderedDict()
         self.bytes = {"queued": 0, "done": 0, "failed": 0, "cancelled": 0}
         self.files_cancelled = 0
+        self.internal_errors = 0  # failures outside a fetch (logged with a traceback)
 
     # --- commands --------------------------------------------------------------------------
 
@@ -202,6 +203,7 @@ class Prefetcher:
             "prefetch_bytes_failed": b["failed"],
             "prefetch_bytes_cancelled": b["cancelled"],
             "prefetch_bytes_pending": b["queued"] - b["done"] - b["failed"] - b["cancelled"],
+            "prefetch_internal_errors": self.internal_errors,
         }
 
     # --- workers ---------------------------------------------------------------------------
@@ -220,6 +222,8 @@ class Prefetcher:
         return n
 
     async def _worker(self) -> None:
+        """Drain the queue. Every failure is contained here (logged, counted on its file): an
+        exception leaving a background task would end the serving nursery, and the mount."""
         try:
             while self._queue:
                 f = self._queue[0]
@@ -232,27 +236,35 @@ class Prefetcher:
                     ok, err = await self._fetch(f.obj, idx)
                 finally:
                     f.running -= 1
-                nb = self.reader.block_bytes(f.obj, idx)
-                if ok:
-                    f.req.bytes_done += nb
-                    self.bytes["done"] += nb
-                else:
-                    f.failed = True
-                    f.req.bytes_failed += nb
-                    self.bytes["failed"] += nb
-                    if len(f.req.errors) < KEEP_ERRORS:
-                        f.req.errors.append(f"{f.obj.key}: {err}")
-                self._file_progress(f)
+                try:
+                    self._account(f, idx, ok, err)
+                except Exception:  # a bug in the bookkeeping: log it, keep prefetching
+                    self.internal_errors += 1
+                    log.exception("prefetch bookkeeping of %s block %d failed", f.obj.key, idx)
         finally:
             self._workers -= 1
 
+    def _account(self, f: _File, idx: int, ok: bool, err: str) -> None:
+        nb = self.reader.block_bytes(f.obj, idx)
+        if ok:
+            f.req.bytes_done += nb
+            self.bytes["done"] += nb
+        else:
+            f.failed = True
+            f.req.bytes_failed += nb
+            self.bytes["failed"] += nb
+            if len(f.req.errors) < KEEP_ERRORS:
+                f.req.errors.append(f"{f.obj.key}: {err}")
+        self._file_progress(f)
+
     async def _fetch(self, obj: ObjectInfo, idx: int) -> tuple[bool, str]:
-        if self.blocks.contains(self.reader.block_key(obj, idx)):
-            return True, ""  # a reader (or another prefetch) got it meanwhile
+        """Fetch one block unless cached; (ok, error message). Never raises but Cancelled."""
         try:
+            if self.blocks.contains(self.reader.block_key(obj, idx)):
+                return True, ""  # a reader (or another prefetch) got it meanwhile
             await self.reader.fetch_block(obj, idx, PREFETCH)
         except Exception as exc:  # background work: record and log, never crash the mount
-            log.warning("prefetch of %s block %d failed: %s", obj.key, idx, exc)
+            log.warning("prefetch of %s block %d failed: %r", obj.key, idx, exc)
             return False, str(exc) or type(exc).__name__
         return True, ""
 

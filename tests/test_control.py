@@ -558,3 +558,96 @@ def test_quoted_newlines_are_scanned_once(tmp_path: Path, monkeypatch: pytest.Mo
 
     trio.run(main)
     assert parsed["chars"] <= budget
+
+
+def test_prefetch_contains_cache_errors(tmp_path: Path) -> None:
+    """A block cache that fails (SQLite "database is locked") while the prefetcher checks a
+    block fails that file, logged and counted; the prefetcher and the serving nursery go on
+    (issue 8 item 8: the error escaped the background task and ended the mount)."""
+    import sqlite3
+
+    import trio
+
+    (tmp_path / "objects/d").mkdir(parents=True)
+    files = {"d/a": blob(2 * BLOCK, 1), "d/b": blob(BLOCK, 2), "d/c": blob(BLOCK, 3)}
+    for k, v in files.items():
+        (tmp_path / "objects" / k).write_bytes(v)
+    m = _core(tmp_path, workers="3")  # one prefetch task: blocks are taken in order
+    ctl = m.control
+    real_contains = m.blocks.contains
+
+    def broken_contains(bkey: Any) -> bool:
+        if bkey.key == "d/a":
+            raise sqlite3.OperationalError("database is locked")
+        return real_contains(bkey)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            m.reader.start(nursery)
+            first = await ctl.execute(["prefetch", "d"])
+            assert first["files_queued"] == 3
+            m.blocks.contains = broken_contains  # type: ignore[method-assign]
+            while ctl.prefetcher.requests()[0]["state"] == "running":
+                await trio.sleep(0.01)
+            m.blocks.contains = real_contains  # type: ignore[method-assign]
+            again = await ctl.execute(["prefetch", "d/a"])  # still serving: a new prefetch runs
+            assert again["files_queued"] == 1
+            while ctl.prefetcher.requests()[-1]["state"] == "running":
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        first_req, second_req = ctl.prefetcher.requests()
+        assert (first_req["files_failed"], first_req["files_done"]) == (1, 2)
+        assert "database is locked" in first_req["errors"][0]
+        assert second_req["files_done"] == 1
+        s = ctl.stats_dict()
+        assert (s["prefetch_failed"], s["prefetch_done"], s["prefetch_internal_errors"]) == (
+            1, 3, 0)
+
+    trio.run(main)
+    m.blocks.close()
+
+
+def test_command_errors_keep_their_errno_or_are_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A walk's failure keeps its errno (not an ExceptionGroup's "internal error"), and an
+    unexpected error in a command is EIO with its traceback logged once."""
+    import logging
+    import sqlite3
+
+    import trio
+
+    from fusefs.errors import AccessDenied, FusefsError
+
+    (tmp_path / "objects/d/e").mkdir(parents=True)
+    (tmp_path / "objects/d/e/f").write_bytes(b"f")
+    m = _core(tmp_path)
+    ctl = m.control
+    real_listdir = m.fs.listdir
+
+    async def listdir(ino: int) -> Any:
+        if m.fs.node(ino).path == "d/e":
+            raise AccessDenied("d/e: listing refused")
+        return await real_listdir(ino)
+
+    m.fs.listdir = listdir  # type: ignore[method-assign]
+
+    def volume() -> int:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async def main() -> None:
+        fh = ctl.open(ctl.owner_uid, os.O_RDWR)
+        with pytest.raises(AccessDenied):
+            await ctl.write(fh, b"stats d\n")
+        assert json.loads(ctl.read(fh, 0, 4096))["code"] == "EACCES"
+        m.blocks.volume = volume  # type: ignore[method-assign]
+        with caplog.at_level(logging.ERROR, logger="fusefs.control"):
+            with pytest.raises(FusefsError) as ei:
+                await ctl.write(fh, b"clear\n")
+        assert ei.value.errno == errno.EIO
+        res = json.loads(ctl.read(fh, 0, 4096))
+        assert res["code"] == "EIO" and "disk I/O error" in res["error"]
+        assert any(r.exc_info and "disk I/O error" in str(r.exc_info[1]) for r in caplog.records)
+
+    trio.run(main)
+    m.blocks.close()
