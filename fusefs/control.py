@@ -37,9 +37,17 @@ import trio
 from . import stats as S
 from .backends.base import ObjectInfo
 from .cache.blocks import BlockStore, parse_cache_key
-from .config import Settings, human_size
-from .errors import AccessDenied, FusefsError, InvalidArgument, NotADirectory, NotFound
+from .config import Settings, human_size, parse_size
+from .errors import (
+    AccessDenied,
+    FusefsError,
+    InvalidArgument,
+    IsADirectory,
+    NotADirectory,
+    NotFound,
+)
 from .fs import CONTROL_INO, ROOT_INO, Attr, FileSystem, Node
+from .hints import HintStreams
 from .prefetch import Prefetcher, prefetch_concurrency
 from .reader import Reader
 
@@ -50,7 +58,16 @@ MAX_COMMAND = 1 << 20
 #: Listings run in parallel while walking a folder.
 _WALK_PARALLEL = 8
 
-COMMANDS = ("stats", "clear", "prefetch", "cancel-prefetch")
+COMMANDS = (
+    "stats",
+    "clear",
+    "prefetch",
+    "cancel-prefetch",
+    "hint-open",
+    "hint",
+    "hint-at",
+    "hint-cancel",
+)
 
 # Line scanner states (see Control._take_line) and what ends each state's plain run.
 _PLAIN, _SINGLE, _DOUBLE, _ESCAPED = 0, 1, 2, 4
@@ -102,6 +119,9 @@ class Control:
         self._mountpoints = sorted({mp, os.path.realpath(mp)} if mp else set(), key=len)[::-1]
         self.prefetcher = Prefetcher(
             reader, blocks, stats, concurrency=prefetch_concurrency(settings.workers)
+        )
+        self.hints = HintStreams(
+            self.prefetcher, reader, blocks, self._file_info, cache_size=settings.cache_size
         )
         self._handles: dict[int, _CtlHandle] = {}
         self._next = 1 << 40  # distinct from file handles
@@ -267,6 +287,10 @@ class Control:
             "clear": self._cmd_clear,
             "prefetch": self._cmd_prefetch,
             "cancel-prefetch": self._cmd_cancel,
+            "hint-open": self._cmd_hint_open,
+            "hint": self._cmd_hint,
+            "hint-at": self._cmd_hint_at,
+            "hint-cancel": self._cmd_hint_cancel,
         }
         handler = handlers.get(cmd)
         if handler is None:
@@ -378,6 +402,48 @@ class Control:
         path = self._one_path(args, "cancel-prefetch")
         return self.prefetcher.cancel("" if path is None else path)
 
+    async def _cmd_hint_open(self, args: list[str]) -> dict[str, Any]:
+        if not 1 <= len(args) <= 3:
+            raise InvalidArgument("usage: hint-open ID [WINDOW_FILES [WINDOW_BYTES]]")
+        self._need_cache("hints")
+        try:
+            files = int(args[1]) if len(args) > 1 else None
+            nbytes = parse_size(args[2]) if len(args) > 2 else None
+        except ValueError as exc:
+            raise InvalidArgument(f"hint-open: {exc}") from None
+        if nbytes is not None and nbytes < 1:
+            raise InvalidArgument("hint-open: the window must hold at least one byte")
+        return self.hints.open(args[0], files, nbytes)
+
+    async def _cmd_hint(self, args: list[str]) -> dict[str, Any]:
+        if len(args) < 2:
+            raise InvalidArgument("usage: hint ID PATH [PATH...]")
+        return self.hints.append(args[0], [self.relative(a) for a in args[1:]])
+
+    async def _cmd_hint_at(self, args: list[str]) -> dict[str, Any]:
+        if len(args) != 2 or not args[1].isdigit():
+            raise InvalidArgument("usage: hint-at ID POSITION (files consumed so far)")
+        return self.hints.advance(args[0], int(args[1]))
+
+    async def _cmd_hint_cancel(self, args: list[str]) -> dict[str, Any]:
+        if len(args) != 1:
+            raise InvalidArgument("usage: hint-cancel ID")
+        return {"id": args[0], **self.hints.cancel(args[0])}
+
+    async def _file_info(self, rel: str) -> ObjectInfo:
+        """A hinted path's object (a lookup, which the program's ``open`` then finds fresh)."""
+        node = await self.resolve(rel)
+        if node.is_dir:
+            raise IsADirectory(f"{rel} is a directory")
+        if node.info is None:
+            await self.fs.refresh_file(node)
+        assert node.info is not None
+        return node.info
+
+    def _need_cache(self, what: str) -> None:
+        if not self.settings.cache_enabled:
+            raise InvalidArgument(f"{what} need the disk cache, which is disabled (cache size 0)")
+
     # --- paths -----------------------------------------------------------------------------
 
     def _one_path(self, args: list[str], cmd: str) -> str | None:
@@ -472,6 +538,7 @@ class Control:
         volume = self.blocks.volume()
         size_limit = self.settings.cache_size if self.settings.cache_enabled else 0
         lookups = c[S.HITS] + c[S.MISSES]
+        streams = self.hints.as_list()
         return {
             "source": self.source,
             "cache_dir": self.blocks.directory or None,
@@ -496,6 +563,8 @@ class Control:
             "open_files": self.fs.open_handles,
             "uptime_s": round(time.monotonic() - self.stats.started, 1),
             "prefetch_requests": self.prefetcher.requests(),
+            "hint_window_limited": any(st["limited_by_cache"] for st in streams),
+            "hint_streams": streams,
         }
 
 

@@ -19,6 +19,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,7 @@ class PrefetchRequest:
     files_cancelled: int = 0
     bytes_cancelled: int = 0
     errors: list[str] = field(default_factory=list)
+    streaming: bool = False  # more files may be added (a hint stream): not finished yet
 
     @property
     def files_pending(self) -> int:
@@ -135,22 +137,10 @@ class Prefetcher:
         self, paths: list[str], files: list[tuple[ObjectInfo, list[int]]]
     ) -> PrefetchRequest:
         """Queue ``files`` as (object, its uncached block indices); returns at once."""
-        req = PrefetchRequest(next(self._ids), paths)
-        for obj, todo in files:
-            nbytes = sum(self.reader.block_bytes(obj, i) for i in todo)
-            req.bytes_cached += obj.size - nbytes
-            if not todo:
-                req.files_cached += 1
-                continue
-            req.files_queued += 1
-            req.bytes_queued += nbytes
-            self._queue.append(_File(req, obj, todo, nbytes))
-        self.stats.add(S.PREFETCH_QUEUED, req.files_queued)
-        self.bytes["queued"] += req.bytes_queued
-        self._requests[req.id] = req
+        req = self.open_request(paths)
+        self.add(req, files)
+        req.streaming = False
         self._maybe_finish(req)
-        self._prune()
-        self._start_workers()
         log.info(
             "prefetch #%d %s: %d files (%d bytes) queued, %d already cached",
             req.id,
@@ -161,13 +151,52 @@ class Prefetcher:
         )
         return req
 
+    def open_request(self, paths: list[str]) -> PrefetchRequest:
+        """A request that files are added to later (:meth:`add`); it stays ``running`` until
+        :meth:`close_request` (a hint stream)."""
+        req = PrefetchRequest(next(self._ids), paths, streaming=True)
+        self._requests[req.id] = req
+        self._prune()
+        return req
+
+    def add(self, req: PrefetchRequest, files: list[tuple[ObjectInfo, list[int]]]) -> None:
+        """Queue more files of ``req``, after everything queued so far (FIFO)."""
+        files_queued = bytes_queued = 0
+        for obj, todo in files:
+            nbytes = sum(self.reader.block_bytes(obj, i) for i in todo)
+            req.bytes_cached += obj.size - nbytes
+            if not todo:
+                req.files_cached += 1
+                continue
+            files_queued += 1
+            bytes_queued += nbytes
+            self._queue.append(_File(req, obj, todo, nbytes))
+        req.files_queued += files_queued
+        req.bytes_queued += bytes_queued
+        self.stats.add(S.PREFETCH_QUEUED, files_queued)
+        self.bytes["queued"] += bytes_queued
+        self._start_workers()
+
+    def close_request(self, req: PrefetchRequest) -> None:
+        """No more files will be added to ``req``: it finishes when its queue is drained."""
+        req.streaming = False
+        self._maybe_finish(req)
+
     def cancel(self, prefix: str) -> dict[str, int]:
         """Drop queued blocks of files at or under ``prefix`` ("" = all); running ones finish."""
+        return self._cancel(
+            lambda f: not prefix or f.obj.key == prefix or f.obj.key.startswith(prefix + "/")
+        )
+
+    def cancel_request(self, req: PrefetchRequest) -> dict[str, int]:
+        """Drop every queued block of one request at once; blocks already downloading finish."""
+        return self._cancel(lambda f: f.req is req)
+
+    def _cancel(self, match: Callable[[_File], bool]) -> dict[str, int]:
         files = blocks = nbytes = 0
         keep: deque[_File] = deque()
         for f in self._queue:
-            key = f.obj.key
-            if prefix and key != prefix and not key.startswith(prefix + "/"):
+            if not match(f):
                 keep.append(f)
                 continue
             dropped = f.todo[f.next :]
@@ -285,7 +314,7 @@ class Prefetcher:
         self._maybe_finish(req)
 
     def _maybe_finish(self, req: PrefetchRequest) -> None:
-        if req.finished is None and req.files_pending == 0:
+        if req.finished is None and not req.streaming and req.files_pending == 0:
             req.finished = time.time()
             log.info(
                 "prefetch #%d finished: %d files done, %d failed, %d cancelled",
