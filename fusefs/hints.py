@@ -64,7 +64,8 @@ class HintStream:
     window_files: int
     window_bytes: int  # effective: at most what the cache can hold without evicting hints
     asked_bytes: int | None
-    limited_by_cache: bool
+    limited_by_cache: bool  # the cache cannot hold the window asked for (in files or bytes)
+    at_cap: bool  # window_bytes is the cache's cap: reaching it means the cache limits us
     req: PrefetchRequest
     paths: deque[str] = field(default_factory=deque)  # appended, not yet in the window
     next_index: int = 0  # stream index of paths[0]
@@ -153,7 +154,7 @@ class HintStreams:
         window_bytes = cap if nbytes is None else min(nbytes, cap)
         limited = nbytes is not None and nbytes > cap
         req = self.prefetcher.open_request([f"hint:{sid}"])
-        st = HintStream(sid, window_files, window_bytes, nbytes, limited, req)
+        st = HintStream(sid, window_files, window_bytes, nbytes, limited, window_bytes == cap, req)
         try:
             self.reader.start_soon(lambda: self._pump(st))
         except FusefsError:
@@ -251,6 +252,7 @@ class HintStreams:
                 await self._resolve_batch(st)
                 continue
             if not st.fits(st.ready[0][1].size if st.ready[0][1] else 0):
+                self._bytes_bound(st)
                 return  # the next file waits for the reader to move on
             batch: list[tuple[int, ObjectInfo]] = []
             while st.ready:
@@ -260,6 +262,7 @@ class HintStreams:
                     st.missing += 1
                     continue
                 if not st.fits(info.size):
+                    self._bytes_bound(st)
                     break
                 st.ready.popleft()
                 st.window.append((index, info.size))
@@ -271,6 +274,20 @@ class HintStreams:
                 if st.closed:
                     return
                 self.prefetcher.add(st.req, todo)
+
+    def _bytes_bound(self, st: HintStream) -> None:
+        """The window is full by bytes before files: if the cache set that bound, say so."""
+        if st.at_cap and not st.limited_by_cache and len(st.window) < st.window_files:
+            st.limited_by_cache = True
+            log.warning(
+                "hint stream %s: the cache (%s) holds only %d of the %d files asked for ahead "
+                "(%s) without evicting hinted files not read yet; use a bigger --cache-size",
+                st.id,
+                human_size(self.cache_size),
+                len(st.window),
+                st.window_files,
+                human_size(st.window_size),
+            )
 
     async def _resolve_batch(self, st: HintStream) -> None:
         """Look up the next paths (several at once); results are kept in stream order."""

@@ -67,6 +67,7 @@ class MountHints:
         self._sent = 0  # paths of the order sent so far
         self._reported = 0  # the last position sent
         self._active = False
+        self._warned = False  # the window was found limited by the cache (warned once)
         self._fd: int | None = None
         self._pid = 0
 
@@ -80,7 +81,8 @@ class MountHints:
             words.append(str(self.window_bytes))
         self.window = self._command(words)
         self._order, self._sent, self._reported, self._active = paths, 0, 0, True
-        if self.window.get("limited_by_cache"):
+        if self.window.get("limited_by_cache") and not self._warned:
+            self._warned = True
             warnings.warn(
                 f"fusefs hints on {self.mountpoint}: {self.window.get('warning')}",
                 ResourceWarning,
@@ -149,7 +151,18 @@ class MountHints:
             return
         try:
             self._write(lines)
-        except OSError as exc:
+            if position is not None and not self._warned:
+                state = self._result(self._control())  # hint-at answers the stream's state
+                if state.get("limited_by_cache"):
+                    self._warned = True
+                    warnings.warn(
+                        f"fusefs hints on {self.mountpoint}: the cache holds only "
+                        f"{state.get('files_in_window')} of the {self.window_files} files asked "
+                        "for ahead without evicting hinted files not read yet",
+                        ResourceWarning,
+                        stacklevel=3,
+                    )
+        except (OSError, ValueError) as exc:
             self._active = False
             warnings.warn(
                 f"fusefs hints on {self.mountpoint} stopped: {exc}", RuntimeWarning, stacklevel=3

@@ -32,6 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from benchlib.dataset import make_dataset
 from benchlib.harness import Bench, make_data, s3_client, upload_tree
 from benchlib.model import SIZES, SPECS, wanted_specs
 from benchlib.peers import RcloneMount, S3fs, System
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                   "rclone": version_of(["rclone", "version"]) if args.peers else None},
     }  # fmt: skip
     log(f"creating data under {b.data}")
-    _, secs = timed(lambda: make_data(b.data, sizes))
+    _, secs = timed(lambda: (make_data(b.data, sizes), make_dataset(b.data, b)))
     log(f"data ready in {secs:.1f}s")
     rows = build_rows(b, specs)
     try:
@@ -155,6 +156,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.fusefs_src:  # the benchmark's own use of fusefs (proxy, loader hints) too
+        sys.path.insert(0, os.path.abspath(args.fusefs_src))
     # Unwind on Ctrl-C and SIGTERM (unmount, stop servers), even if started with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

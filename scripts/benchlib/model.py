@@ -15,6 +15,9 @@ RSS_FLAT_FACTOR = 1.2  # peak after the big file may exceed the peak after the m
 
 BIG_BUCKET, SMALL_BUCKET, LIST_BUCKET = "bench-big", "bench-small", "bench-list"
 BIG_KEY, MEDIUM_KEY, SMALL_DIR = "big.bin", "medium.bin", "files"
+DATASET_BUCKET, OPEN_DIR, TRAIN_DIR = "bench-dataset", "open", "train2017"
+LOADER_WORKERS, LOADER_BATCH, LOADER_PREFETCH = 16, 32, 2  # a DataLoader's defaults, 16 workers
+LOADER_TTL = 5.0  # --metadata-ttl of the loader's mounts: epoch 2 starts after it has passed
 
 T = TypeVar("T")
 
@@ -34,6 +37,10 @@ class Sizes:
     list_per_folder: int
     random_reads: int
     peer_files: int  # small files read through a peer (s3fs is ~40 files/s at 20 ms)
+    open_files: int = 20_000  # objects in the flat folder opened by path
+    open_reads: int = 2_000  # random names opened from it
+    loader_files: int = 4_000  # files of the loader's dataset folder (100 KiB each)
+    loader_epochs: int = 3  # epochs with a cache of a third of the data
 
     @property
     def list_objects(self) -> int:
@@ -41,9 +48,9 @@ class Sizes:
 
 
 SIZES = {
-    "full": Sizes(GiB, 100 * MiB, 5000, 100 * KiB, 200, 100, 2000, 1000),
-    "quick": Sizes(256 * MiB, 32 * MiB, 1000, 100 * KiB, 40, 100, 500, 500),
-    "tiny": Sizes(8 * MiB, 2 * MiB, 48, 100 * KiB, 4, 25, 64, 48),
+    "full": Sizes(GiB, 100 * MiB, 5000, 100 * KiB, 200, 100, 2000, 1000, 20_000, 2_000, 4_000, 3),
+    "quick": Sizes(256 * MiB, 32 * MiB, 1000, 100 * KiB, 40, 100, 500, 500, 4_000, 800, 1_000, 2),
+    "tiny": Sizes(8 * MiB, 2 * MiB, 48, 100 * KiB, 4, 25, 64, 48, 120, 40, 96, 2),
 }
 
 
@@ -59,6 +66,8 @@ class Spec:
     target: float  # ratio fusefs / baseline
     higher_is_better: bool
     group: str  # the measurement group that produces it
+    #: a second target: fusefs's figure against a peer's, (peer, ratio), checked with --peers
+    peer_target: tuple[str, float] | None = None
 
 
 SPECS = [
@@ -80,10 +89,28 @@ SPECS = [
          "boto3 paginated list_objects_v2", 1.5, False, "list"),
     Spec("random_4k", "random", "random 4 KiB reads of {big}, 16 threads, cold", "reads/s",
          "boto3 ranged GETs, 16 threads", 0.7, True, "random"),
+    Spec("seq_cold_latency", "cold_latency", "cold sequential read of {big}, {lat} ms", "MB/s",
+         "boto3 download_fileobj through the latency proxy", 0.8, True, "big_latency",
+         ("rclone", 1.0)),
+    Spec("open_by_path", "open", "open {open_reads} random names of a flat folder of "
+         "{open_files} x {fsize} by path (no listing), 16 threads, cold, {lat} ms", "files/s",
+         "boto3 GETs of the same keys, 16 threads", 1.0, True, "open", ("rclone", 2.0)),
+    Spec("loader_cold", "loader_cold", "loader epoch 1, no hints: {loader_files} x {fsize} "
+         "shuffled, 16 worker processes, batches of 32, {lat} ms", "files/s",
+         "boto3 GET in __getitem__, 16 processes", 0.9, True, "loader"),
+    Spec("loader_hinted", "loader_hinted", "loader epoch 1 with fusefs.loader hints", "files/s",
+         "boto3 GET in __getitem__, 16 processes", 1.5, True, "loader"),
+    Spec("loader_epoch2", "loader_epoch2", "loader epoch 2, all cached, after the "
+         "metadata TTL ({ttl} s)", "files/s",
+         "same reader on local disk, page cache warm", 0.5, True, "loader"),
+    Spec("loader_small_cache", "loader_small_cache", "loader with hints, cache a third of the "
+         "data: slowest of {epochs} epochs", "files/s",
+         "boto3 GET in __getitem__, 16 processes", 1.2, True, "loader"),
     Spec("rss", "rss", "peak RSS of the daemon (flat: {medium} vs {big} file)", "MiB",
          f"budget {RSS_BUDGET_MIB} MiB", 1.0, False, "rss"),
 ]  # fmt: skip
-GROUP_ORDER = ["medium", "big", "random", "small", "prefetch", "list"]
+GROUP_ORDER = ["medium", "big", "big_latency", "random", "small", "prefetch", "list", "open",
+               "loader"]  # fmt: skip
 GROUPS_NEEDED = {"rss": ["medium", "big"]}
 
 
@@ -122,7 +149,22 @@ class Row:
         if r is None:
             return "n/a"
         ok = r >= self.spec.target if self.spec.higher_is_better else r <= self.spec.target
-        return "PASS" if ok and m.extra_ok else "MISS"
+        return "PASS" if ok and m.extra_ok and self.peer_ok(m) is not False else "MISS"
+
+    def peer_ratio(self, m: Measure) -> float | None:
+        """fusefs's figure over the peer's of ``peer_target`` (None: no such peer figure)."""
+        if self.spec.peer_target is None or m is not self.results.get("fusefs"):
+            return None
+        peer = self.results.get(self.spec.peer_target[0])
+        if peer is None or peer.error or not peer.value or m.value is None:
+            return None
+        r = m.value / peer.value
+        return r if self.spec.higher_is_better else 1 / r
+
+    def peer_ok(self, m: Measure) -> bool | None:
+        r = self.peer_ratio(m)
+        return None if r is None or self.spec.peer_target is None else (
+            r >= self.spec.peer_target[1])
 
     def to_json(self) -> dict[str, Any]:
         s = self.spec
@@ -135,10 +177,14 @@ class Row:
             "baseline_notes": self.baseline.notes if self.baseline else {},
             "target_ratio": s.target,
             "target": f"{'>=' if s.higher_is_better else '<='} {s.target}",
+            "peer_target": (
+                f">= {s.peer_target[1]} x {s.peer_target[0]}" if s.peer_target else None
+            ),
             "results": {
                 name: {
                     "value": m.value,
                     "ratio": _round(self.ratio(m)),
+                    "peer_ratio": _round(self.peer_ratio(m)),
                     "status": self.status(m),
                     "error": m.error,
                     "notes": m.notes,

@@ -93,6 +93,10 @@ class Fusefs(System):
     def env(self) -> dict[str, str]:
         return fusefs_env(self.src)
 
+    def with_args(self, args: Sequence[str]) -> Fusefs:
+        """The same fusefs, mounted with ``args`` added (e.g. ``--metadata-ttl 5``)."""
+        return Fusefs([*self.extra, *args], self.src)
+
     def start(self, bucket: str, url: str, mp: Path, cache: Path, logfile: Path) -> None:
         cmd = [sys.executable, "-m", "fusefs", "mount", f"s3://{bucket}", str(mp),
                "--endpoint-url", url, "--cache-dir", str(cache), "--log-file", str(logfile),

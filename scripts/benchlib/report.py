@@ -117,6 +117,10 @@ def evidence(n: dict[str, Any], group: str) -> list[str]:
                     f"{n.get('daemon_minor_faults', 0):,} page faults")  # fmt: skip
     if "flat" in n:
         bits.append(f"VmHWM per mount {n['per_mount_vm_hwm_mib']}, flat: {n['flat']}")
+    if n.get("hints"):
+        bits.append(f"hints {n['hints']}")
+    if "epochs_files_per_s" in n:
+        bits.append(f"epochs {n['epochs_files_per_s']} files/s, cache {n['cache_size']:,} B")
     return bits
 
 
@@ -128,7 +132,12 @@ def render_notes(rows: dict[str, Row], systems: list[str]) -> str:
             m = row.baseline if system == "baseline" else row.results.get(system)
             if m is None:
                 continue
-            text = m.error or "; ".join(evidence(m.notes, row.spec.group))
+            bits = evidence(m.notes, row.spec.group)
+            pr, target = row.peer_ratio(m), row.spec.peer_target
+            if pr is not None and target is not None:
+                bits.append(f"{pr:.2f}x {target[0]} (target >= {target[1]:g}x: "
+                            f"{'PASS' if pr >= target[1] else 'MISS'})")  # fmt: skip
+            text = m.error or "; ".join(bits)
             if text:
                 out.append(f"- {row.spec.id} [{system}]: {text}")
     return "\n".join(out)

@@ -6,8 +6,25 @@ import functools
 import traceback
 from collections.abc import Callable
 
+from .dataset import (
+    baselines_big_latency,
+    baselines_loader,
+    baselines_open,
+    group_big_latency,
+    group_loader,
+    group_open,
+)
 from .harness import Bench
-from .model import GROUP_ORDER, GROUPS_NEEDED, RSS_BUDGET_MIB, RSS_FLAT_FACTOR, Measure, Row, Spec
+from .model import (
+    GROUP_ORDER,
+    GROUPS_NEEDED,
+    LOADER_TTL,
+    RSS_BUDGET_MIB,
+    RSS_FLAT_FACTOR,
+    Measure,
+    Row,
+    Spec,
+)
 from .peers import System
 from .util import human, log
 from .workloads import (
@@ -28,6 +45,9 @@ GROUPS: dict[str, tuple[Callable[[Bench, System], dict[str, Measure]],
                         Callable[[Bench], dict[str, Measure]] | None]] = {
     "medium": (group_medium, None),
     "big": (group_big, baselines_big),
+    "big_latency": (group_big_latency, baselines_big_latency),
+    "open": (group_open, baselines_open),
+    "loader": (group_loader, baselines_loader),
     "random": (group_random, baselines_random),
     "small": (group_small, baselines_small),
     "prefetch": (group_prefetch, baselines_prefetch),
@@ -58,7 +78,9 @@ def build_rows(b: Bench, wanted: list[Spec]) -> dict[str, Row]:
     s, lat = b.sizes, b.args.latency_ms
     fmt = {"big": human(s.big), "medium": human(s.medium), "files": f"{s.small_files:,}",
            "fsize": human(s.small_size), "lat": f"{lat:g}", "objs": f"{s.list_objects:,}",
-           "dirs": s.list_folders}  # fmt: skip
+           "dirs": s.list_folders, "open_reads": f"{s.open_reads:,}",
+           "open_files": f"{s.open_files:,}", "loader_files": f"{s.loader_files:,}",
+           "ttl": f"{LOADER_TTL:g}", "epochs": s.loader_epochs}  # fmt: skip
     return {sp.id: Row(sp, sp.title.format(**fmt)) for sp in wanted}
 
 
