@@ -234,6 +234,7 @@ def test_hints_need_the_cache(tmp_path: Path, mount) -> None:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch: no numpy; more workers than cores
 def test_torch_dataloader_with_hinting_sampler(s3_bucket: Bucket, mount) -> None:
     """The README's recipe, with torch's own DataLoader and worker processes."""
     import torch
