@@ -144,12 +144,12 @@ class HintStreams:
         """A new stream ``sid`` (replacing one of that name: its queued work is cancelled)."""
         if not _STREAM_ID.fullmatch(sid):
             raise InvalidArgument(f"stream id {sid!r}: 1-64 letters, digits, '_.:-'")
-        cancelled = self.cancel(sid) if sid in self._streams else None
-        if len(self._streams) >= MAX_STREAMS:
-            raise InvalidArgument(f"{MAX_STREAMS} hint streams are open: cancel one first")
         window_files = DEFAULT_WINDOW_FILES if files is None else files
         if window_files < 1:
             raise InvalidArgument("the window must hold at least one file")
+        cancelled = self.cancel(sid) if sid in self._streams else None
+        if len(self._streams) >= MAX_STREAMS:
+            raise InvalidArgument(f"{MAX_STREAMS} hint streams are open: cancel one first")
         cap = self.max_window_bytes()
         window_bytes = cap if nbytes is None else min(nbytes, cap)
         limited = nbytes is not None and nbytes > cap
