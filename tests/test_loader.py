@@ -263,3 +263,46 @@ def test_torch_dataloader_with_hinting_sampler(s3_bucket: Bucket, mount) -> None
     assert seen == 64
     assert len(gets(s3_bucket, "t/")) == 64
     assert data
+
+
+def test_hint_stream_window_without_a_mount(tmp_path: Path) -> None:
+    """The window's bookkeeping on the real core (local store, disk cache), no FUSE: files
+    enter in order within the file and byte bounds, a reader that overtakes the hints skips
+    the files it passed, missing paths and folders are counted, cancel drops the queue."""
+    import trio
+    from test_control import BLOCK as CBLOCK
+    from test_control import _core
+
+    objects = tmp_path / "objects"
+    (objects / "d/sub").mkdir(parents=True)
+    for i in range(12):
+        (objects / f"d/{i:02d}").write_bytes(blob(CBLOCK, i))
+    m = _core(tmp_path, workers="3")
+    hints = m.control.hints
+
+    async def until(cond: Any) -> None:
+        with trio.fail_after(30):
+            while not cond():
+                await trio.sleep(0.01)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            m.reader.start(nursery)
+            opened = await m.control.execute(["hint-open", "s", "4", str(3 * CBLOCK)])
+            assert (opened["window_files"], opened["window_bytes"]) == (4, 3 * CBLOCK)
+            names = ["d/00", "d/sub", "d/nope", *[f"d/{i:02d}" for i in range(1, 12)]]
+            await m.control.execute(["hint", "s", *names])
+            st = hints._streams["s"]
+            await until(lambda: st.hinted == 3 and st.req.files_done == 3)
+            # the byte bound (3 blocks) holds the window at 3 files, though 4 are allowed
+            assert [i for i, _ in st.window] == [0, 3, 4] and st.missing == 2
+            state = await m.control.execute(["hint-at", "s", "9"])  # the reader ran ahead
+            assert state["files_skipped"] >= 3
+            await until(lambda: st.hinted == 6 and st.req.files_done == 6)
+            assert [i for i, _ in st.window] == [9, 10, 11]
+            gone = await m.control.execute(["hint-cancel", "s"])
+            assert gone["files_cancelled"] == 0 and "s" not in hints._streams
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    m.blocks.close()
