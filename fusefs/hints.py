@@ -11,9 +11,10 @@ Cache bound: hinted files that are not read yet must not be evicted by the hints
 The cache evicts least recently used first; everything used after the oldest unread hinted
 block is at most the window plus the files read since it was queued (at most another window),
 so a window of at most ``(cache_size - 4 blocks) / 2`` keeps every unread hinted block cached.
-A larger window asked for is cut to that (``limited_by_cache``, and a warning). Files in the
-window that are cached already are opened ahead (:meth:`BlockStore.warm`), which also marks
-them recently used, so hinting the next files never evicts them.
+A larger window asked for is cut to that (``limited_by_cache``, and a warning). When the cache
+is that close to its bound, files in the window that are cached already are opened ahead
+(:meth:`BlockStore.warm`), which also marks them recently used, so hinting the next files
+never evicts them.
 
 Paths are resolved (a lookup, which also fills the metadata the program's ``open`` will use)
 only when they enter the window, several at once, and queued strictly in stream order.
@@ -270,7 +271,11 @@ class HintStreams:
                 st.hinted += 1
                 batch.append((index, info))
             if batch:
-                todo = await trio.to_thread.run_sync(self._uncached, [i for _, i in batch])
+                # near its bound, the cache may evict: mark cached window files used
+                touch = self.blocks.volume() + 2 * st.window_bytes >= self.cache_size
+                todo = await trio.to_thread.run_sync(
+                    self._uncached, [i for _, i in batch], touch
+                )
                 if st.closed:
                     return
                 self.prefetcher.add(st.req, todo)
@@ -312,15 +317,15 @@ class HintStreams:
             else:
                 st.skipped += 1
 
-    def _uncached(self, objs: list[ObjectInfo]) -> list[tuple[ObjectInfo, list[int]]]:
-        """Worker thread: per object, the blocks to fetch. Cached blocks are opened ahead,
-        which marks them recently used (so newer hints do not evict them)."""
-        out = []
-        for obj in objs:
-            todo = [
-                i
-                for i in range(self.reader.block_count(obj.size))
-                if not self.blocks.warm(self.reader.block_key(obj, i))
-            ]
-            out.append((obj, todo))
-        return out
+    def _uncached(
+        self, objs: list[ObjectInfo], touch: bool
+    ) -> list[tuple[ObjectInfo, list[int]]]:
+        """Worker thread: per object, the blocks to fetch. With ``touch``, cached blocks are
+        opened ahead, which marks them recently used (so newer hints do not evict them); a
+        cache far from its bound is only asked (no SQLite write per block)."""
+        has = self.blocks.warm if touch else self.blocks.contains
+        return [
+            (obj, [i for i in range(self.reader.block_count(obj.size))
+                   if not has(self.reader.block_key(obj, i))])
+            for obj in objs
+        ]  # fmt: skip
