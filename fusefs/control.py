@@ -121,7 +121,13 @@ class Control:
             reader, blocks, stats, concurrency=prefetch_concurrency(settings.workers)
         )
         self.hints = HintStreams(
-            self.prefetcher, reader, blocks, self._file_info, cache_size=settings.cache_size
+            self.prefetcher,
+            reader,
+            blocks,
+            self._file_info,
+            self._list_folder,
+            cache_size=settings.cache_size,
+            metadata_ttl=settings.metadata_ttl,
         )
         self._handles: dict[int, _CtlHandle] = {}
         self._next = 1 << 40  # distinct from file handles
@@ -439,6 +445,12 @@ class Control:
             await self.fs.refresh_file(node)
         assert node.info is not None
         return node.info
+
+    async def _list_folder(self, rel: str) -> None:
+        """List a folder (filling the metadata cache that lookups in it are answered from)."""
+        node = await self.resolve(rel)
+        if node.is_dir:
+            await self.fs.listdir(node.ino)
 
     def _need_cache(self, what: str) -> None:
         if not self.settings.cache_enabled:

@@ -17,7 +17,9 @@ is that close to its bound, files in the window that are cached already are open
 never evicts them.
 
 Paths are resolved (a lookup, which also fills the metadata the program's ``open`` will use)
-only when they enter the window, several at once, and queued strictly in stream order.
+only when they enter the window, several at once, and queued strictly in stream order. A folder
+holding many of the stream's paths (``LIST_FOLDER_MIN``) is listed first, at most once per
+metadata TTL, so its lookups are answered from that listing instead of one request each.
 
 Concurrency: everything runs on the trio thread; one pump task per stream does the lookups and
 cache checks (worker threads) and queues files; commands only update the stream and wake it.
@@ -27,8 +29,10 @@ else is logged, shown in ``stats`` and ends that stream's hinting, never the mou
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -55,6 +59,10 @@ MAX_PENDING_PATHS = 1_000_000
 _STREAM_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 Resolve = Callable[[str], Awaitable[ObjectInfo]]
+ListFolder = Callable[[str], Awaitable[None]]
+#: A stream with at least this many paths in one folder has the folder listed (every
+#: metadata TTL while it resolves paths there): one listing answers all their lookups.
+LIST_FOLDER_MIN = 256
 
 
 @dataclass(eq=False)
@@ -69,6 +77,7 @@ class HintStream:
     at_cap: bool  # window_bytes is the cache's cap: reaching it means the cache limits us
     req: PrefetchRequest
     paths: deque[str] = field(default_factory=deque)  # appended, not yet in the window
+    folders: collections.Counter[str] = field(default_factory=collections.Counter)  # appended
     next_index: int = 0  # stream index of paths[0]
     appended: int = 0
     position: int = 0  # files before it are consumed
@@ -127,13 +136,17 @@ class HintStreams:
         reader: Reader,
         blocks: BlockStore,
         resolve: Resolve,
+        list_folder: ListFolder,
         *,
         cache_size: int,
+        metadata_ttl: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.prefetcher, self.reader, self.blocks = prefetcher, reader, blocks
-        self.resolve = resolve
-        self.cache_size = cache_size
+        self.resolve, self.list_folder = resolve, list_folder
+        self.cache_size, self.ttl, self.clock = cache_size, metadata_ttl, clock
         self._streams: dict[str, HintStream] = {}
+        self._listed: dict[str, float] = {}  # folder -> when the hints last listed it
 
     def max_window_bytes(self) -> int:
         """The largest window whose unread files the hints themselves never evict."""
@@ -188,6 +201,7 @@ class HintStreams:
             )
         st.paths.extend(paths)
         st.appended += len(paths)
+        st.folders.update(p.rpartition("/")[0] for p in paths)
         st.kick()
         return {"id": sid, "files": st.appended, "appended": len(paths)}
 
@@ -300,6 +314,8 @@ class HintStreams:
         first = st.next_index
         paths = [st.paths.popleft() for _ in range(n)]
         st.next_index += n
+        for folder in dict.fromkeys(p.rpartition("/")[0] for p in paths):
+            await self._maybe_list(st, folder)
         infos: list[ObjectInfo | None] = [None] * n
 
         async def one(i: int) -> None:
@@ -316,6 +332,21 @@ class HintStreams:
                 st.ready.append((first + i, info))
             else:
                 st.skipped += 1
+
+    async def _maybe_list(self, st: HintStream, folder: str) -> None:
+        """List a folder many of the stream's files are in, once per metadata TTL: then their
+        lookups (the hints' and the program's) are answered from memory, not one by one."""
+        now = self.clock()
+        last = self._listed.get(folder)
+        if st.folders[folder] < LIST_FOLDER_MIN or (last is not None and now - last < self.ttl):
+            return
+        self._listed[folder] = now
+        if len(self._listed) > 4 * MAX_STREAMS:
+            self._listed = {k: v for k, v in self._listed.items() if now - v < self.ttl}
+        try:
+            await self.list_folder(folder)
+        except FusefsError as exc:  # the lookups will each ask; say why once
+            log.info("hint stream %s: listing %r failed: %s", st.id, folder or ".", exc)
 
     def _uncached(
         self, objs: list[ObjectInfo], touch: bool

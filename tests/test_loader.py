@@ -306,3 +306,36 @@ def test_hint_stream_window_without_a_mount(tmp_path: Path) -> None:
 
     trio.run(main)
     m.blocks.close()
+
+
+def test_a_stream_in_a_big_folder_lists_it_instead_of_asking_per_file(
+    s3_bucket: Bucket, mount
+) -> None:
+    """Hinting 300 files of a folder of 1,100 objects (more than one listing page) lists the
+    folder once instead of a HEAD and a LIST per name; the program's opens then ask nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fusefs.testing.proxy import is_head, is_list
+
+    proxy = s3_bucket.proxy
+    assert proxy is not None
+    names = [f"coco/{i:06d}.jpg" for i in range(1100)]
+    with ThreadPoolExecutor(16) as ex:
+        list(ex.map(lambda k: s3_bucket.put(k, k.encode()), names))
+    m = mount(s3_bucket, "--block-size", str(BLOCK))
+    order = random.Random(3).sample(names, 300)
+    prefix = f"/{s3_bucket.extra['name']}"
+
+    def mine(pred: Any) -> int:
+        return sum(1 for r in proxy.requests() if pred(r) and r.path.startswith(prefix))
+
+    heads, lists = mine(is_head), mine(is_list)
+    with MountHints(m.path, window_files=400, stream="coco") as hints:
+        hints.start(order)
+        wait_for(lambda: (stream_state(m, "coco") or {}).get("files_done") == 300, "hints")
+        assert mine(is_head) == heads  # no HEAD per name
+        assert mine(is_list) - lists <= 6  # the folder's pages (and a root listing)
+        before = len(proxy.requests())
+        for k in order:
+            assert (m.path / k).read_bytes() == k.encode()
+        assert len(proxy.requests()) == before  # opens and reads: nothing reached the server
