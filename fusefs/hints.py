@@ -19,7 +19,9 @@ never evicts them.
 Paths are resolved (a lookup, which also fills the metadata the program's ``open`` will use)
 only when they enter the window, several at once, and queued strictly in stream order. A folder
 holding many of the stream's paths (``LIST_FOLDER_MIN``) is listed first, at most once per
-metadata TTL, so its lookups are answered from that listing instead of one request each.
+metadata TTL, so its lookups are answered from that listing instead of one request each; while
+files of the window wait in it, the listing is renewed as it expires (the program's lookups
+then never wait on the network, even in epochs longer than the TTL).
 
 Concurrency: everything runs on the trio thread; one pump task per stream does the lookups and
 cache checks (worker threads) and queues files; commands only update the stream and wake it.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import re
 import time
 from collections import deque
@@ -81,9 +84,9 @@ class HintStream:
     next_index: int = 0  # stream index of paths[0]
     appended: int = 0
     position: int = 0  # files before it are consumed
-    window: deque[tuple[int, int]] = field(default_factory=deque)  # (index, size) queued
+    window: deque[tuple[int, int, str]] = field(default_factory=deque)  # (index, size, folder)
     window_size: int = 0  # bytes of ``window``
-    ready: deque[tuple[int, ObjectInfo | None]] = field(default_factory=deque)  # resolved
+    ready: deque[tuple[int, ObjectInfo | None, str]] = field(default_factory=deque)  # resolved
     hinted: int = 0  # files that entered the window (queued, or found cached)
     missing: int = 0
     skipped: int = 0  # passed by the reader before they were hinted
@@ -255,8 +258,13 @@ class HintStreams:
             while not st.closed:
                 st.wake = trio.Event()
                 await self._fill(st)
-                if not st.closed:
+                if st.closed:
+                    break
+                with trio.move_on_at(self._next_refresh(st)):
                     await st.wake.wait()
+                if not st.wake.is_set():  # keep the listings of the window's folders fresh
+                    for folder in self._big_folders(st):
+                        await self._maybe_list(st, folder)
         except Exception as exc:  # background task: never let an error end the mount
             log.exception("hint stream %s stopped", st.id)
             st.error = f"{type(exc).__name__}: {exc}"
@@ -266,12 +274,13 @@ class HintStreams:
             if not st.ready:
                 await self._resolve_batch(st)
                 continue
-            if not st.fits(st.ready[0][1].size if st.ready[0][1] else 0):
+            head = st.ready[0][1]
+            if not st.fits(head.size if head else 0):
                 self._bytes_bound(st)
                 return  # the next file waits for the reader to move on
             batch: list[tuple[int, ObjectInfo]] = []
             while st.ready:
-                index, info = st.ready[0]
+                index, info, folder = st.ready[0]
                 if info is None:
                     st.ready.popleft()
                     st.missing += 1
@@ -280,7 +289,7 @@ class HintStreams:
                     self._bytes_bound(st)
                     break
                 st.ready.popleft()
-                st.window.append((index, info.size))
+                st.window.append((index, info.size, folder))
                 st.window_size += info.size
                 st.hinted += 1
                 batch.append((index, info))
@@ -329,9 +338,21 @@ class HintStreams:
                 nursery.start_soon(one, i)
         for i, info in enumerate(infos):
             if first + i >= st.position:
-                st.ready.append((first + i, info))
+                st.ready.append((first + i, info, paths[i].rpartition("/")[0]))
             else:
                 st.skipped += 1
+
+    def _big_folders(self, st: HintStream) -> list[str]:
+        """Folders of files in the window that the stream has many files in."""
+        folders = {f for _, _, f in st.window}
+        return [f for f in folders if st.folders[f] >= LIST_FOLDER_MIN and f in self._listed]
+
+    def _next_refresh(self, st: HintStream) -> float:
+        """When the first listing of the window's folders expires (trio time), or never."""
+        listed = [self._listed[f] for f in self._big_folders(st)]
+        if not listed or self.ttl <= 0:
+            return math.inf
+        return trio.current_time() + max(0.0, min(listed) + self.ttl - self.clock()) + 0.01
 
     async def _maybe_list(self, st: HintStream, folder: str) -> None:
         """List a folder many of the stream's files are in, once per metadata TTL: then their
@@ -347,6 +368,8 @@ class HintStreams:
             await self.list_folder(folder)
         except FusefsError as exc:  # the lookups will each ask; say why once
             log.info("hint stream %s: listing %r failed: %s", st.id, folder or ".", exc)
+        else:
+            self._listed[folder] = self.clock()  # the listing is fresh from its end
 
     def _uncached(
         self, objs: list[ObjectInfo], touch: bool

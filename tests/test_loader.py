@@ -295,11 +295,11 @@ def test_hint_stream_window_without_a_mount(tmp_path: Path) -> None:
             st = hints._streams["s"]
             await until(lambda: st.hinted == 3 and st.req.files_done == 3)
             # the byte bound (3 blocks) holds the window at 3 files, though 4 are allowed
-            assert [i for i, _ in st.window] == [0, 3, 4] and st.missing == 2
+            assert [e[0] for e in st.window] == [0, 3, 4] and st.missing == 2
             state = await m.control.execute(["hint-at", "s", "9"])  # the reader ran ahead
             assert state["files_skipped"] >= 3
             await until(lambda: st.hinted == 6 and st.req.files_done == 6)
-            assert [i for i, _ in st.window] == [9, 10, 11]
+            assert [e[0] for e in st.window] == [9, 10, 11]
             gone = await m.control.execute(["hint-cancel", "s"])
             assert gone["files_cancelled"] == 0 and "s" not in hints._streams
             nursery.cancel_scope.cancel()
@@ -309,7 +309,7 @@ def test_hint_stream_window_without_a_mount(tmp_path: Path) -> None:
 
 
 def test_a_stream_in_a_big_folder_lists_it_instead_of_asking_per_file(
-    s3_bucket: Bucket, mount
+    s3_bucket: Bucket, mount, tmp_path: Path
 ) -> None:
     """Hinting 300 files of a folder of 1,100 objects (more than one listing page) lists the
     folder once instead of a HEAD and a LIST per name; the program's opens then ask nothing."""
@@ -339,3 +339,12 @@ def test_a_stream_in_a_big_folder_lists_it_instead_of_asking_per_file(
         for k in order:
             assert (m.path / k).read_bytes() == k.encode()
         assert len(proxy.requests()) == before  # opens and reads: nothing reached the server
+
+    # while files of the window wait in that folder, its listing is renewed as it expires
+    m2 = mount(s3_bucket, "--block-size", str(BLOCK), "--metadata-ttl", "1",
+               cache_dir=tmp_path / "cache2")  # fmt: skip
+    with MountHints(m2.path, window_files=400, stream="coco") as hints:
+        hints.start(order)
+        wait_for(lambda: (stream_state(m2, "coco") or {}).get("files_done") == 300, "hints")
+        listed = mine(is_list)
+        wait_for(lambda: mine(is_list) >= listed + 4, "the folder listed again, twice")
