@@ -39,12 +39,16 @@ class HintError(OSError):
     """A hint command the mount refused (bad path, cache disabled, not a fusefs mount)."""
 
 
+class HintWindowWarning(UserWarning):
+    """The cache cannot hold the window asked for: fewer files are kept hinted ahead."""
+
+
 class MountHints:
     """One ordered hint stream on the fusefs mount at ``mountpoint``.
 
     ``window_files``/``window_bytes``: how far ahead of the reader files are kept hinted
     (``window_bytes`` None: as much as the cache holds without evicting hinted files not read
-    yet; a larger value is cut to that, with a :class:`ResourceWarning`). ``stream``: the
+    yet; a larger value is cut to that, with a :class:`HintWindowWarning`). ``stream``: the
     stream's name (unique per reader; default random).
     """
 
@@ -85,7 +89,7 @@ class MountHints:
             self._warned = True
             warnings.warn(
                 f"fusefs hints on {self.mountpoint}: {self.window.get('warning')}",
-                ResourceWarning,
+                HintWindowWarning,
                 stacklevel=2,
             )
         self._send(self._ahead(0), None)
@@ -159,7 +163,7 @@ class MountHints:
                         f"fusefs hints on {self.mountpoint}: the cache holds only "
                         f"{state.get('files_in_window')} of the {self.window_files} files asked "
                         "for ahead without evicting hinted files not read yet",
-                        ResourceWarning,
+                        HintWindowWarning,
                         stacklevel=3,
                     )
         except (OSError, ValueError) as exc:

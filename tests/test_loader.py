@@ -16,7 +16,7 @@ import pytest
 from conftest import Bucket, MountProc, blob
 from test_control import command, gets, ok, wait_for
 
-from fusefs.loader import HintError, HintingSampler, MountHints
+from fusefs.loader import HintError, HintingSampler, HintWindowWarning, MountHints
 
 KiB = 1024
 BLOCK = 256 * KiB
@@ -124,7 +124,7 @@ def test_window_is_bounded_by_the_cache_and_never_evicts_unread_hints(
     data = seed(s3_bucket, names)
     m = mount(s3_bucket, "--block-size", str(BLOCK), "--cache-size", "8M")
     hints = MountHints(m.path, window_files=24, window_bytes=1 << 30, stream="w")
-    with pytest.warns(ResourceWarning, match="does not fit the cache"):
+    with pytest.warns(HintWindowWarning, match="does not fit the cache"):
         opened = hints.start(names)
     cap = (8 * 1024 * KiB - 4 * BLOCK) // 2
     assert opened["window_bytes"] == cap and opened["limited_by_cache"] is True
@@ -144,6 +144,14 @@ def test_window_is_bounded_by_the_cache_and_never_evicts_unread_hints(
     assert sorted(get_keys(s3_bucket)) == names  # each file fetched exactly once
     st = m.stats()
     assert st["evictions"] > 0  # the cache really was too small for the whole epoch
+    hints.close()
+
+    # no byte window asked for: the daemon finds out from the sizes that the cache limits it
+    hints = MountHints(m.path, window_files=40, stream="w2")
+    assert hints.start(names)["limited_by_cache"] is False
+    wait_for(lambda: (stream_state(m, "w2") or {}).get("limited_by_cache") is True, "the cap")
+    with pytest.warns(HintWindowWarning, match=r"holds only \d+ of the 40 files"):
+        hints.advance(5)
     hints.close()
 
 
