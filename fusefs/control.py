@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import posixpath
-import re
 import shlex
 import stat
 import time
@@ -37,6 +36,7 @@ import trio
 from . import stats as S
 from .backends.base import ObjectInfo
 from .cache.blocks import BlockStore, parse_cache_key
+from .cmdline import CommandLines
 from .config import Settings, human_size, parse_size
 from .errors import (
     AccessDenied,
@@ -69,29 +69,13 @@ COMMANDS = (
     "hint-cancel",
 )
 
-# Line scanner states (see Control._take_line) and what ends each state's plain run.
-_PLAIN, _SINGLE, _DOUBLE, _ESCAPED = 0, 1, 2, 4
-_SPECIAL = {
-    _PLAIN: re.compile(rb"[\n'\"\\]"),
-    _SINGLE: re.compile(rb"'"),  # no escapes inside single quotes
-    _DOUBLE: re.compile(rb'["\\]'),
-}
-
-
 @dataclass
 class _CtlHandle:
     uid: int
-    buf: bytearray = field(default_factory=bytearray)
+    lines: CommandLines = field(default_factory=CommandLines)  # bytes written, not yet run
     result: bytes | None = None  # the last command's JSON; None -> fresh stats on read
     doc: bytes = b""  # the document being read
     origin: int | None = None  # file offset where ``doc`` starts; None: the next read starts one
-    scanned: int = 0  # buf[:scanned] holds no line end; ``quote`` is the state at that point
-    quote: int = 0  # _PLAIN, _SINGLE, _DOUBLE, or one of them after a backslash (| _ESCAPED)
-    scan_work: int = 0  # bytes examined by the line scanner (bounded: each byte once)
-
-    def drop_buffer(self) -> None:
-        self.buf.clear()
-        self.scanned, self.quote = 0, 0
 
 
 class Control:
@@ -181,62 +165,24 @@ class Control:
         h = self._handles[fh]
         if not self.may_write(h.uid):  # the kernel checks too (mode 0644, default_permissions)
             raise AccessDenied(f"uid {h.uid} may not write commands (only the mounting user)")
-        h.buf += data
-        if len(h.buf) > MAX_COMMAND:
-            h.drop_buffer()
+        h.lines.feed(data)
+        if len(h.lines) > MAX_COMMAND:
+            h.lines.clear()
             self._fail(h, InvalidArgument(f"command longer than {MAX_COMMAND} bytes"), "")
-        while (line := self._take_line(h)) is not None:
+        while (line := h.lines.take()) is not None:
             await self._run(h, line)
         return len(data)
 
     async def flush(self, fh: int) -> None:
         """Run a last command written without a newline (``printf clear > .fusefs``)."""
         h = self._handles.get(fh)
-        if h is None or not h.buf:
+        if h is None or not len(h.lines):
             return
-        text = bytes(h.buf)
-        h.drop_buffer()
+        text = h.lines.rest()
         await self._run(h, text)
 
     def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
-
-    @staticmethod
-    def _take_line(h: _CtlHandle) -> bytes | None:
-        """The first complete line of the buffer (a newline inside quotes does not end it).
-
-        Quotes and backslashes are tracked as :func:`shlex.split` (POSIX mode) reads them, from
-        where the previous scan stopped: every byte is examined once however the line arrives
-        (a quoted name with 20,000 newlines written a byte at a time stays linear). All the
-        special characters are ASCII, so scanning bytes equals scanning the decoded text.
-        """
-        buf, pos, state = h.buf, h.scanned, h.quote
-        end = len(buf)
-        while pos < end:
-            if state & _ESCAPED:  # the byte after a backslash is literal (a newline too)
-                state &= ~_ESCAPED
-                pos += 1
-                continue
-            mo = _SPECIAL[state].search(buf, pos)
-            if mo is None:
-                pos = end
-                break
-            c, pos = mo.group(), mo.end()
-            if c == b"\\":
-                state |= _ESCAPED
-            elif c == b"\n":  # only found outside quotes
-                h.scan_work += pos - h.scanned
-                line = bytes(buf[: pos - 1])
-                del buf[:pos]
-                h.scanned, h.quote = 0, _PLAIN
-                return line
-            elif state == _PLAIN:
-                state = _SINGLE if c == b"'" else _DOUBLE
-            else:  # the closing quote
-                state = _PLAIN
-        h.scan_work += pos - h.scanned
-        h.scanned, h.quote = pos, state
-        return None
 
     async def _run(self, h: _CtlHandle, raw: bytes) -> None:
         try:
@@ -259,7 +205,7 @@ class Control:
         Lines after the failed one are dropped: a script's later commands never run on a
         broken premise.
         """
-        h.drop_buffer()
+        h.lines.clear()
         if isinstance(exc, FusefsError):
             code, message = exc.errno, str(exc)
         elif isinstance(exc, OSError) and exc.errno:

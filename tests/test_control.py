@@ -551,7 +551,7 @@ def test_quoted_newlines_are_scanned_once(tmp_path: Path, monkeypatch: pytest.Mo
         assert parsed["lines"] == 2 and "one path" in json.loads(ctl.read(fh, 0, 4096))["error"]
         await ctl.write(fh, b"stats 'a\nb'\n")
         assert json.loads(ctl.read(fh, 0, 4096))["size"] == 3
-        assert ctl._handles[fh].scan_work <= len(payload)
+        assert ctl._handles[fh].lines.scan_work <= len(payload)
         ctl.release(fh)
 
     from fusefs.errors import InvalidArgument
