@@ -34,6 +34,7 @@ _SETTING_FLAGS: dict[str, dict[str, Any]] = {
     "cache_size": {"metavar": "BYTES"},
     "block_size": {"metavar": "BYTES"},
     "workers": {"metavar": "N"},
+    "stall_timeout": {"metavar": "SECONDS"},
     "metadata_ttl": {"metavar": "SECONDS"},
     "negative_ttl": {"metavar": "SECONDS"},
     "readahead_max": {"metavar": "BYTES"},
@@ -45,6 +46,7 @@ _SETTING_FLAGS: dict[str, dict[str, Any]] = {
     "gid": {},
     "file_mode": {"metavar": "OCTAL"},
     "dir_mode": {"metavar": "OCTAL"},
+    "metrics": {"metavar": "HOST:PORT"},
 }
 _BOOL_FLAGS = ("allow_other", "read_only")
 
@@ -63,11 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser("mount", help="mount SOURCE (s3://, gs://, file://) on MOUNTPOINT")
+    m = sub.add_parser("mount", help="mount SOURCE (s3://, gs://, az://, file://) on MOUNTPOINT")
     m.add_argument(
         "source",
         nargs="?",
-        help="s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or file:///DIR "
+        help="s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX], az://CONTAINER[/PREFIX] or file:///DIR "
         "(default: source in the config file)",
     )
     m.add_argument("mountpoint", nargs="?", help="(default: mountpoint in the config file)")
@@ -108,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--config", metavar="FILE", help="take the mount point from this config file")
 
     _add_control_parsers(sub)
+    from .check import add_parser as add_check_parser
+
+    add_check_parser(sub)
     return p
 
 
@@ -492,54 +497,64 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
 
 class ProgressBar:
-    """One line of progress: files, bytes, rate, ETA (redrawn in place on a terminal)."""
+    """Progress of one prefetch from the mount's statistics, drawn by tqdm: a bar, percent,
+    bytes done of queued, rate, elapsed and ETA, and files done of queued.
 
-    def __init__(self, out: Any, width: int = 24) -> None:
-        self.out, self.width = out, width
+    On a terminal a tqdm bar is redrawn in place; otherwise tqdm's line is printed once a
+    second (and at the end), so logs get one readable line per second, not carriage returns.
+    """
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
         self.tty = hasattr(out, "isatty") and out.isatty()
+        self._bar: Any = None
         self._samples: list[tuple[float, int]] = []
         self._last_print = 0.0
 
+    _UNITS: dict[str, Any] = {"unit": "B", "unit_scale": True, "unit_divisor": 1024}
+
+    @staticmethod
+    def _files(r: dict[str, Any]) -> str:
+        files = r["files_done"] + r["files_failed"] + r["files_cancelled"]
+        failed = f", {r['files_failed']} failed" if r["files_failed"] else ""
+        return f"{files}/{r['files_queued']} files{failed}"
+
+    @staticmethod
+    def _done(r: dict[str, Any]) -> int:
+        return int(r["bytes_done"] + r["bytes_failed"] + r["bytes_cancelled"])
+
     def line(self, r: dict[str, Any], now: float) -> str:
+        """tqdm's one-line meter; the rate is measured over the last five seconds."""
         self._samples.append((now, r["bytes_done"]))
         while len(self._samples) > 2 and now - self._samples[0][0] > 5.0:
-            self._samples.pop(0)  # the rate is measured over the last five seconds
+            self._samples.pop(0)
         t0, b0 = self._samples[0]
-        rate = (r["bytes_done"] - b0) / (now - t0) if now > t0 else 0.0
-        total = r["bytes_queued"] or 1
-        done_bytes = r["bytes_done"] + r["bytes_failed"] + r["bytes_cancelled"]
-        frac = min(1.0, done_bytes / total) if r["bytes_queued"] else 1.0
-        filled = int(frac * self.width)
-        files = r["files_done"] + r["files_failed"] + r["files_cancelled"]
-        if r["state"] == "finished":
-            eta = f"in {r['elapsed_s']:.1f}s"
-        elif rate > 0:
-            eta = f"ETA {_duration(r['bytes_pending'] / rate)}"
-        else:
-            eta = "ETA ?"
-        failed = f"  {r['files_failed']} failed" if r["files_failed"] else ""
-        return (
-            f"[{'#' * filled}{'-' * (self.width - filled)}] {100 * frac:3.0f}%  "
-            f"{files}/{r['files_queued']} files  "
-            f"{human_size(done_bytes)}/{human_size(r['bytes_queued'])}  "
-            f"{human_size(rate)}/s  {eta}{failed}"
-        )
+        finished = r["state"] == "finished"
+        rate = None if finished or now <= t0 else (r["bytes_done"] - b0) / (now - t0)
+        from tqdm import tqdm
+
+        return str(tqdm.format_meter(
+            self._done(r), r["bytes_queued"] or None, float(r["elapsed_s"]), ncols=100,
+            rate=rate, postfix=self._files(r), **self._UNITS))
 
     def draw(self, r: dict[str, Any], now: float, final: bool = False) -> None:
-        text = self.line(r, now)
-        if self.tty:
-            self.out.write("\r\x1b[K" + text + ("\n" if final else ""))
-        elif final or now - self._last_print >= 1.0:
-            self.out.write(text + "\n")  # not a terminal: a line a second
-            self._last_print = now
-        self.out.flush()
+        if not self.tty:
+            if final or now - self._last_print >= 1.0:
+                self.out.write(self.line(r, now) + "\n")  # not a terminal: a line a second
+                self._last_print = now
+                self.out.flush()
+            return
+        from tqdm import tqdm
 
-
-def _duration(seconds: float) -> str:
-    s = int(seconds + 0.5)
-    if s < 60:
-        return f"{s}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+        if self._bar is None:
+            self._bar = tqdm(total=r["bytes_queued"] or None, file=self.out, leave=True,
+                             dynamic_ncols=True, mininterval=0.25, **self._UNITS)
+        bar = self._bar
+        bar.total = r["bytes_queued"] or None
+        bar.set_postfix_str(self._files(r), refresh=False)
+        bar.update(self._done(r) - bar.n)
+        if final:
+            bar.close()
 
 
 def _wait_prefetch(mountpoint: str, req_id: int, out: Any) -> dict[str, Any]:
@@ -558,6 +573,12 @@ def _wait_prefetch(mountpoint: str, req_id: int, out: Any) -> dict[str, Any]:
         time.sleep(0.25)
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .check import cmd_check
+
+    return cmd_check(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and "://" in argv[0]:
@@ -572,6 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "clear": cmd_clear,
         "prefetch": cmd_prefetch,
         "cancel-prefetch": cmd_cancel_prefetch,
+        "check": _cmd_check,
     }
     try:
         return handlers[args.command](args)

@@ -7,6 +7,7 @@ once, and a bad one is rejected with one line naming the setting and where it ca
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -17,6 +18,8 @@ from typing import Any
 from .errors import UserError
 
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
+#: Background listings one level ahead of a tree walker that run at once.
+LIST_AHEAD_PARALLEL = 8
 _UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
 
 
@@ -85,10 +88,27 @@ def _cache_size(v: Any) -> int:
     return n
 
 
+_FOREVER = ("forever", "indefinite", "inf", "infinite", "never")
+
+
+def _ttl(v: Any) -> float:
+    """Seconds, or ``forever`` (also ``indefinite``, as mountpoint-s3 spells it)."""
+    if isinstance(v, str) and v.strip().lower() in _FOREVER:
+        return math.inf
+    return _seconds(v)
+
+
 def _seconds(v: Any) -> float:
     n = float(v)
-    if n < 0:
+    if n != n or n < 0:
         raise ValueError(f"must be >= 0 seconds, got {v!r}")
+    return n
+
+
+def _positive_seconds(v: Any) -> float:
+    n = float(v)
+    if not n > 0:
+        raise ValueError(f"must be > 0 seconds, got {v!r}")
     return n
 
 
@@ -100,7 +120,15 @@ def _log_level(v: Any) -> str:
 
 
 def _octal_mode(v: Any) -> int:
-    n = v if isinstance(v, int) else int(str(v), 8)
+    """Permission bits written in octal, as ``chmod`` takes them: ``"0644"``, ``"644"``,
+    ``"0o644"``. A bare TOML integer is refused: ``644`` would be read as decimal (0o1204),
+    and ``0o644`` cannot be told apart from a decimal 420 once parsed."""
+    if isinstance(v, int):
+        raise ValueError('write the mode as an octal string in quotes, e.g. "0644"')
+    try:
+        n = int(str(v).strip(), 8)
+    except ValueError:
+        raise ValueError(f"not an octal file mode: {v!r} (e.g. 0644)") from None
     if not 0 <= n <= 0o7777:
         raise ValueError(f"not a file mode: {v!r}")
     return n
@@ -112,6 +140,25 @@ def _opt_str(v: Any) -> str | None:
 
 def _opt_int(v: Any) -> int | None:
     return int(v) if v not in (None, "") else None
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT``; a bare ``PORT`` means loopback) -> (host, port)."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not HOST:PORT, e.g. 127.0.0.1:9100: {text!r}")
+    return host, int(port)
+
+
+def _host_port(v: Any) -> str | None:
+    if v in (None, ""):
+        return None
+    parse_host_port(str(v))
+    return str(v).strip()
 
 
 def default_cache_dir() -> str:
@@ -153,10 +200,20 @@ class Settings:
         default=16,
         metadata=_meta(_positive_int, "FUSEFS_NUM_WORKERS", "parallel requests to the store"),
     )
+    stall_timeout: float = field(
+        default=2.0,
+        metadata=_meta(
+            _positive_seconds,
+            "FUSEFS_STALL_TIMEOUT",
+            "seconds a store response may make no progress before it is abandoned and retried",
+        ),
+    )
     metadata_ttl: float = field(
         default=60.0,
         metadata=_meta(
-            _seconds, "FUSEFS_METADATA_TTL", "seconds metadata and listings are trusted"
+            _ttl,
+            "FUSEFS_METADATA_TTL",
+            "seconds metadata and listings are trusted, or 'forever' (data that never changes)",
         ),
     )
     negative_ttl: float = field(
@@ -180,7 +237,9 @@ class Settings:
     endpoint_url: str | None = field(
         default=None,
         metadata=_meta(
-            _opt_str, "FUSEFS_ENDPOINT_URL", "S3-compatible endpoint URL (path-style addressing)"
+            _opt_str,
+            "FUSEFS_ENDPOINT_URL",
+            "S3-compatible endpoint URL (path-style addressing), or Azure account URL",
         ),
     )
     region: str | None = field(default=None, metadata=_meta(_opt_str, "FUSEFS_REGION", "S3 region"))
@@ -235,8 +294,28 @@ class Settings:
         metadata=_meta(_octal_mode, "FUSEFS_DIR_MODE", "permission bits of directories"),
     )
 
+    metrics: str | None = field(
+        default=None,
+        metadata=_meta(
+            _host_port,
+            "FUSEFS_METRICS",
+            "serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+        ),
+    )
+
     #: Where each value came from ("--cache-size", "FUSEFS_CACHE_SIZE_BYTES", "config file ...").
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def metadata_workers(self) -> int:
+        """Metadata calls (HEAD, LIST) the filesystem runs at once."""
+        return max(4, self.workers)
+
+    @property
+    def store_connections(self) -> int:
+        """HTTP connections the store may hold at once: one per thread that can be in a store
+        call (data fetches, metadata calls, list-ahead), plus a few for the control file."""
+        return self.workers + self.metadata_workers + LIST_AHEAD_PARALLEL + 4
 
     @property
     def cache_enabled(self) -> bool:
@@ -257,6 +336,8 @@ class Settings:
                 v = human_size(v)
             elif f.name in ("file_mode", "dir_mode"):
                 v = oct(v)
+            elif f.name == "endpoint_url" and v and "?" in v:
+                v = v.split("?", 1)[0] + "?..."  # a query string may carry a SAS token
             shown.append(f"{f.name}={v}")
         return " ".join(shown)
 

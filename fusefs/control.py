@@ -43,10 +43,11 @@ from .errors import (
     FusefsError,
     InvalidArgument,
     IsADirectory,
-    NotADirectory,
     NotFound,
+    first_error,
+    single_error,
 )
-from .fs import CONTROL_INO, ROOT_INO, Attr, FileSystem, Node
+from .fs import CONTROL_INO, Attr, Entry, FileSystem
 from .hints import HintStreams
 from .prefetch import Prefetcher, prefetch_concurrency
 from .reader import Reader
@@ -203,17 +204,18 @@ class Control:
         """Record the error for the next read on this handle, then fail the write with it.
 
         Lines after the failed one are dropped: a script's later commands never run on a
-        broken premise.
+        broken premise. An exception group (from a nursery) is reported as its real error.
         """
         h.lines.clear()
-        if isinstance(exc, FusefsError):
-            code, message = exc.errno, str(exc)
-        elif isinstance(exc, OSError) and exc.errno:
-            code, message = exc.errno, str(exc)
+        err = first_error(exc)
+        if isinstance(err, FusefsError):
+            code, message = err.errno, str(err)
+        elif isinstance(err, OSError) and err.errno:
+            code, message = err.errno, str(err)
         else:  # a bug or an unexpected library error (e.g. SQLite): log where it came from
-            log.error("control command %r failed", command, exc_info=exc)
-            code, message = errno.EIO, f"internal error: {exc!r}"
-            exc = FusefsError(message)  # EIO; the traceback is logged once, here
+            log.error("control command %r failed", command, exc_info=err)
+            code, message = errno.EIO, f"internal error: {err!r}"
+            err = FusefsError(message)  # EIO; the traceback is logged once, here
         h.result = self.render(
             {
                 "command": command,
@@ -223,7 +225,7 @@ class Control:
             }
         )
         h.origin = None
-        raise exc
+        raise err
 
     @staticmethod
     def render(obj: dict[str, Any]) -> bytes:
@@ -311,12 +313,12 @@ class Control:
             raise InvalidArgument("prefetch needs the disk cache, which is disabled (cache size 0)")
         rels = [self.relative(a) for a in args]
         nodes = [await self.resolve(r) for r in rels]  # all paths valid, or nothing is queued
-        seen: set[int] = set()
-        files: list[Node] = []
+        seen: set[str] = set()
+        files: list[Entry] = []
         for node in nodes:
             for f in await self.walk(node):
-                if f.ino not in seen and f.info is not None:
-                    seen.add(f.ino)
+                if f.path not in seen and f.info is not None:
+                    seen.add(f.path)
                     files.append(f)
         files.sort(key=lambda n: n.path)
         infos = [f.info for f in files if f.info is not None]
@@ -383,20 +385,18 @@ class Control:
         return {"id": args[0], **self.hints.cancel(args[0])}
 
     async def _file_info(self, rel: str) -> ObjectInfo:
-        """A hinted path's object (a lookup, which the program's ``open`` then finds fresh)."""
-        node = await self.resolve(rel)
-        if node.is_dir:
+        """A hinted path's object. Resolving it fills what the program's lookup will find, so
+        its ``open`` is answered from memory."""
+        entry = await self.resolve(rel)
+        if entry.is_dir:
             raise IsADirectory(f"{rel} is a directory")
-        if node.info is None:
-            await self.fs.refresh_file(node)
-        assert node.info is not None
-        return node.info
+        if entry.info is None:
+            raise NotFound(f"{rel}: no such file")
+        return entry.info
 
     async def _list_folder(self, rel: str) -> None:
-        """List a folder (filling the metadata cache that lookups in it are answered from)."""
-        node = await self.resolve(rel)
-        if node.is_dir:
-            await self.fs.listdir(node.ino)
+        """List a whole folder: every lookup in it is then answered from the listing."""
+        await self.fs.entries(rel)
 
     def _need_cache(self, what: str) -> None:
         if not self.settings.cache_enabled:
@@ -425,40 +425,29 @@ class Control:
             raise InvalidArgument(f"{arg}: '..' leads outside the mount")
         return "" if p == "." else p
 
-    async def resolve(self, rel: str) -> Node:
+    async def resolve(self, rel: str) -> Entry:
         """The file or directory at ``rel`` (from :meth:`relative`); NotFound if missing."""
-        node = self.fs.node(ROOT_INO)
-        for part in rel.split("/") if rel else ():
-            try:
-                node = await self.fs.lookup(node.ino, part)
-            except NotADirectory:
-                raise NotFound(f"{rel}: no such file or directory") from None
-            self.fs.forget(node.ino, 1)  # not a kernel lookup: keep the kernel's count exact
-        return node
+        return await self.fs.resolve_path(rel)
 
-    async def walk(self, node: Node) -> list[Node]:
+    async def walk(self, node: Entry) -> list[Entry]:
         """Every file at or under ``node`` (listing folders fills the metadata cache)."""
         if not node.is_dir:
-            if node.info is None:
-                await self.fs.refresh_file(node)
             return [node]
-        files: list[Node] = []
+        files: list[Entry] = []
         limit = trio.Semaphore(_WALK_PARALLEL)
 
-        async def visit(d: Node, nursery: trio.Nursery) -> None:
+        async def visit(d: Entry, nursery: trio.Nursery) -> None:
             async with limit:
-                entries = await self.fs.listdir(d.ino)
-            for _, child in entries:
+                entries = await self.fs.entries(d.path)
+            for child in entries:
                 if child.is_dir:
                     nursery.start_soon(visit, child, nursery)
                 else:
                     files.append(child)
 
-        try:
+        with single_error():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(visit, node, nursery)
-        except BaseExceptionGroup as group:  # trio >= 0.25 wraps a task's error in a group
-            raise _first_leaf(group) from None
         return files
 
     async def cached_blocks(self, objs: list[ObjectInfo]) -> dict[tuple[str, str], set[int]]:
@@ -516,6 +505,7 @@ class Control:
             "fetches_in_flight": self.stats.fetches_in_flight,
             "evictions": max(0, self.blocks.evictions() - self._cleared),
             "readahead_blocks": c[S.READAHEAD_BLOCKS],
+            "corrupt_blocks": c[S.CORRUPT_BLOCKS],
             **self.prefetcher.totals(),
             "errors": c[S.ERRORS],
             "open_files": self.fs.open_handles,
@@ -524,21 +514,3 @@ class Control:
             "hint_window_limited": any(st["limited_by_cache"] for st in streams),
             "hint_streams": streams,
         }
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error a walk reports: the first failure of its group, so its errno is kept
-    (a cancellation is passed on as the group itself)."""
-    leaves: list[BaseException] = []
-
-    def collect(g: BaseExceptionGroup[BaseException]) -> None:
-        for e in g.exceptions:
-            if isinstance(e, BaseExceptionGroup):
-                collect(e)
-            else:
-                leaves.append(e)
-
-    collect(group)
-    if any(isinstance(e, trio.Cancelled | KeyboardInterrupt) for e in leaves):
-        return group
-    return next((e for e in leaves if isinstance(e, FusefsError)), leaves[0])

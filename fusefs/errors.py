@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +76,56 @@ class UserError(FusefsError):
     errno = errno.EINVAL
 
 
+def first_error(exc: BaseException) -> BaseException:
+    """The error that decides the errno of a (possibly nested) exception group.
+
+    trio (>= 0.25) wraps an error raised inside a nursery in an ``ExceptionGroup``; the group
+    itself means nothing to a caller. The first fusefs error wins (it carries the errno), then
+    the first other leaf that is not a cancellation; a plain exception is returned as it is.
+    """
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(exc)
+    for leaf in leaves:
+        if isinstance(leaf, FusefsError):
+            return leaf
+    for leaf in leaves:
+        if type(leaf).__name__ != "Cancelled":
+            return leaf
+    return leaves[0] if leaves else exc
+
+
+@contextlib.contextmanager
+def single_error() -> Iterator[None]:
+    """Re-raise an exception group from a nursery as the one error that matters (see
+    :func:`first_error`), so ``except StaleVersion`` and errno mapping see the real error.
+
+    A group of only cancellations is left alone: trio must see its own Cancelled.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        err = first_error(group)
+        if type(err).__name__ == "Cancelled":
+            raise
+        raise err  # noqa: B904 - the leaf keeps its own cause and traceback
+
+
 def to_errno(exc: BaseException) -> int:
     """Map any exception to the errno reported to the kernel; log the cause.
 
     This is the only place where failures become errno values.
     """
+    exc = first_error(exc)
     if isinstance(exc, FusefsError):
         if exc.errno in (errno.ENOENT, errno.EROFS, errno.EISDIR, errno.ENOTDIR):
             log.debug("%s: %s", type(exc).__name__, exc)

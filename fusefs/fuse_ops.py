@@ -6,11 +6,14 @@ import errno
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
+from . import threads
 from .control import Control
 from .errors import ReadOnly, to_errno
 from .fs import CONTROL_INO, CONTROL_NAME, ROOT_INO, Attr, FileSystem
@@ -22,16 +25,23 @@ P = ParamSpec("P")
 
 
 def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Turn every exception into a FUSEError through :func:`fusefs.errors.to_errno`."""
+    """Turn every exception into a FUSEError through :func:`fusefs.errors.to_errno`; report
+    the request's duration to the adapter's ``observe`` hook, if one is set (metrics)."""
+    name = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        observe = args[0].observe  # type: ignore[attr-defined]
+        start = time.perf_counter() if observe is not None else 0.0
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except Exception as exc:  # the one place errors become errno
             raise pyfuse3.FUSEError(to_errno(exc)) from None
+        finally:
+            if observe is not None:
+                observe(name, time.perf_counter() - start)
 
     return wrapper
 
@@ -44,17 +54,43 @@ def _read_only(*_: Any, **__: Any) -> Any:
 
 
 class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
-    """Maps kernel requests onto :class:`FileSystem` and :class:`Control`."""
+    """Maps kernel requests onto :class:`FileSystem` and :class:`Control`.
+
+    Invariant: no handler lets an exception other than ``FUSEError`` escape (pyfuse3 would end
+    its main loop and the mount with it): every one is wrapped by :func:`_errors`, or, where the
+    kernel expects no reply (``forget``), logs the error.
+    """
 
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
+    #: ``observe(operation, seconds)`` after each request (metrics), or None
+    observe: Callable[[str, float], None] | None = None
 
     def __init__(self, fs: FileSystem, control: Control) -> None:
         super().__init__()
         self.fs = fs
         self.control = control
-        self.timeout = fs.ttl
+        fs.on_changed = self.invalidate
+
+    @property
+    def timeout(self) -> float:
+        return self.fs.kernel_timeout
+
+    async def invalidate(self, ino: int) -> None:
+        """Make the kernel drop an inode's cached attributes and pages (its object changed).
+
+        In a worker thread: the kernel may wait for pages locked by reads of that inode, which
+        this (trio) thread must answer; bounded, so a stuck kernel never holds a request."""
+
+        def call() -> None:
+            try:
+                pyfuse3.invalidate_inode(ino, False)
+            except OSError as exc:  # ENOENT: the kernel no longer knows the inode
+                log.debug("invalidate inode %d: %s", ino, exc)
+
+        with trio.move_on_after(5):
+            await threads.run_sync(call)
 
     def _entry(self, a: Attr, timeout: float | None = None) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -89,8 +125,11 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         return self._entry(self.fs.attr(node))
 
     async def forget(self, inode_list: Any) -> None:
-        for ino, n in inode_list:
-            self.fs.forget(ino, n)
+        try:
+            for ino, n in inode_list:
+                self.fs.forget(ino, n)
+        except Exception as exc:  # FORGET has no reply: log, never end the main loop
+            to_errno(exc)
 
     @_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -100,22 +139,23 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
-        self.fs.node(inode)
-        return inode
+        return await self.fs.opendir(inode)
 
     @_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        entries = await self.fs.listdir(fh)
-        for i in range(start_id, len(entries)):
-            name, node = entries[i]
+        count = await self.fs.readdir(fh, start_id)
+        for i in range(start_id, count):
+            name, node = self.fs.dir_entry(fh, i)
             if not pyfuse3.readdir_reply(
                 token, os.fsencode(name), self._entry(self.fs.attr(node)), i + 1
             ):
+                self.fs.unused(node)
                 return
-            node.lookups += 1
+            node.lookups += 1  # READDIRPLUS: the kernel holds every entry it took
 
+    @_errors
     async def releasedir(self, fh: int) -> None:
-        return None
+        self.fs.releasedir(fh)
 
     @_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
@@ -138,6 +178,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
             return await self.control.write(fh, buf)
         raise ReadOnly("read-only file system")
 
+    @_errors
     async def release(self, fh: int) -> None:
         if self.control.owns(fh):
             try:  # once FLUSH is off (below), a last line without a newline runs here
@@ -167,6 +208,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
             return self._entry(self.control.attr(), 0)  # `echo cmd > .fusefs` truncates first
         raise ReadOnly("read-only file system")
 
+    @_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
         bsize = 4096
@@ -175,19 +217,22 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         s.f_bsize = s.f_frsize = bsize
         s.f_blocks = total
         s.f_bfree = s.f_bavail = total - used
-        s.f_files = len(self.fs._nodes)
+        s.f_files = self.fs.node_count
         s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
         return s
 
+    @_errors
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
         return True
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        # Objects carry no extended attributes. ENOSYS makes the kernel stop asking (it
+        # answers EOPNOTSUPP itself): `ls -l` asks for two per file otherwise.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return []
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     mknod = mkdir = unlink = rmdir = symlink = rename = link = create = _read_only()
     setxattr = removexattr = _read_only()

@@ -59,6 +59,8 @@ class Mount:
     control: Control
     ops: FuseOperations
     extra_fuse_options: list[str] = field(default_factory=list)
+    #: The Prometheus endpoint (``--metrics``), serving; None when off.
+    metrics: Any = None
     #: Loads the settings again from the same layers (SIGHUP); None: nothing to re-read.
     reload_settings: Callable[[], Settings] | None = None
 
@@ -66,18 +68,29 @@ class Mount:
 def build(
     source: str, mountpoint: str, settings: Settings, store: ObjectStore | None = None
 ) -> Mount:
-    """Construct the store, caches, reader, filesystem and FUSE adapter for one mount."""
+    """Construct the store, caches, reader, filesystem and FUSE adapter for one mount.
+
+    With ``--metrics``, the store is wrapped to time its requests, the adapter reports each
+    request's duration, and ``/metrics`` is served from here on (UserError if it cannot be).
+    """
     store = store or open_store(source, settings)
+    metrics = None
+    if settings.metrics:
+        from .metrics import InstrumentedStore, Metrics
+
+        metrics = Metrics(source)
+        store = InstrumentedStore(store, metrics)
     blocks: BlockStore
+    stats = Stats()
     if settings.cache_enabled:
-        blocks = DiskBlockStore(settings.cache_dir, settings.cache_size)
+        blocks = DiskBlockStore(settings.cache_dir, settings.cache_size,
+                                on_corrupt=lambda: stats.add(S.CORRUPT_BLOCKS))
         # just-fetched blocks stay in memory a little: a sequential reader consumes each in
         # several requests, served without reading the block back from its cache file
         recent = RECENT_BLOCKS * settings.block_size
     else:
         blocks = NullBlockStore()
         recent = settings.readahead_max + 2 * settings.block_size
-    stats = Stats()
     reader = Reader(
         store,
         blocks,
@@ -89,6 +102,11 @@ def build(
     )
     fs = FileSystem(store, reader, settings)
     control = Control(fs, reader, blocks, stats, settings, source, mountpoint=mountpoint)
+    ops = FuseOperations(fs, control)
+    if metrics is not None and settings.metrics:
+        metrics.add_stats(control.stats_dict)
+        ops.observe = metrics.observe_fuse
+        metrics.serve(settings.metrics)
     return Mount(
         source,
         mountpoint,
@@ -99,7 +117,8 @@ def build(
         reader,
         fs,
         control,
-        FuseOperations(fs, control),
+        ops,
+        metrics=metrics,
     )
 
 
@@ -234,9 +253,9 @@ def fuse_options(m: Mount) -> set[str]:
     opts = {f"fsname={fsname}", "subtype=fusefs", "default_permissions", "noatime"}
     if s.allow_other:
         opts.add("allow_other")
-    if s.read_only:
-        opts.add("ro")  # the kernel refuses writes itself, and mount(8) lists the mount as ro
-    opts.update(m.extra_fuse_options)
+    # --read-only is enforced by fusefs (EROFS for every change, no write bits shown), not by
+    # the kernel's ``ro``: a kernel-side ro mount would refuse the control file's commands too.
+    opts.update(o for o in m.extra_fuse_options if o != "ro")
     return opts
 
 
@@ -308,7 +327,7 @@ def setup_logging(settings: Settings, *, daemon: bool) -> None:
         h.close()
     root.addHandler(handler)
     root.setLevel(settings.log_level)
-    for noisy in ("botocore", "boto3", "urllib3", "google", "s3transfer", "pyfuse3"):
+    for noisy in ("botocore", "boto3", "urllib3", "google", "s3transfer", "pyfuse3", "azure"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     _log_daemon = daemon
 
@@ -380,6 +399,16 @@ def status_text(m: Mount) -> str:
     )
 
 
+def safe_status_text(m: Mount) -> str:
+    """:func:`status_text`, or a short line if the cache cannot be asked (never raises: the
+    status loop runs beside the serving loop, and an error there would end the mount)."""
+    try:
+        return status_text(m)
+    except Exception as exc:  # noqa: BLE001 - e.g. a locked or damaged cache index
+        log.warning("status: cannot read cache figures: %s", exc)
+        return f"{m.source} on {m.mountpoint}: serving (cache figures unavailable)"
+
+
 def reload(m: Mount) -> None:
     """SIGHUP: reopen the log file and apply what changed in the config file, if it can be.
 
@@ -412,9 +441,7 @@ def reload(m: Mount) -> None:
         old.log_file = log_file
         reopen_logging(old)
         log.error("SIGHUP: %s; still logging to %s", exc, log_file or "the previous log")
-    m.fs.ttl = old.metadata_ttl
-    m.fs.negative_ttl = min(old.negative_ttl, old.metadata_ttl)
-    m.ops.timeout = m.fs.ttl
+    m.fs.set_ttls(old.metadata_ttl, old.negative_ttl)
     log.info(
         "SIGHUP: log reopened; %s",
         "applied " + " ".join(applied) if applied else "no run-time setting changed",
@@ -474,15 +501,18 @@ async def _serve(m: Mount, ready: Any, pending: list[int], daemon: bool) -> None
                 ready(f"the mount does not answer: {exc.strerror}")
                 nursery.cancel_scope.cancel()
                 return
-            kernel.tune(st.st_dev, m.settings.read_ahead_kb, m.settings.max_background)
+            try:
+                kernel.tune(st.st_dev, m.settings.read_ahead_kb, m.settings.max_background)
+            except Exception as exc:  # noqa: BLE001 - tuning is optional, serving is not
+                log.warning("kernel tuning failed: %s", exc)
             log.info("mounted %s on %s", m.source, m.mountpoint)
-            status = await threads.run_sync(status_text, m)
+            status = await threads.run_sync(safe_status_text, m)
             ready(None)
             notify.send("READY=1", f"STATUS={status}", *([f"MAINPID={os.getpid()}"] * daemon))
             interval = _status_interval()
             while notify.enabled():
                 await trio.sleep(interval)
-                notify.send(f"STATUS={await threads.run_sync(status_text, m)}")
+                notify.send(f"STATUS={await threads.run_sync(safe_status_text, m)}")
 
         async def watchdog(interval: float) -> None:
             while True:
@@ -528,6 +558,8 @@ def run(m: Mount, ready: Any, *, daemon: bool = False) -> None:
             unmounted_cleanly = True
         finally:
             pyfuse3.close(unmount=True)
+            if m.metrics is not None:
+                m.metrics.close()
             m.blocks.close()
             log.info(
                 "unmounted %s (%s cached)",

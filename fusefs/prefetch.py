@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import stats as S
+from . import threads
 from .backends.base import ObjectInfo
 from .cache.blocks import BlockStore
 from .reader import Reader
@@ -289,8 +290,8 @@ class Prefetcher:
     async def _fetch(self, obj: ObjectInfo, idx: int) -> tuple[bool, str]:
         """Fetch one block unless cached; (ok, error message). Never raises but Cancelled."""
         try:
-            if self.blocks.contains(self.reader.block_key(obj, idx)):
-                return True, ""  # a reader (or another prefetch) got it meanwhile
+            if await threads.run_sync(self.blocks.contains, self.reader.block_key(obj, idx)):
+                return True, ""  # a reader (or another prefetch) got it meanwhile (SQLite: thread)
             await self.reader.fetch_block(obj, idx, PREFETCH)
         except Exception as exc:  # background work: record and log, never crash the mount
             log.warning("prefetch of %s block %d failed: %r", obj.key, idx, exc)

@@ -5,7 +5,9 @@ Concurrency rules (all on the trio thread unless stated):
   the same block waits on that fetch (boosting its priority) instead of starting another.
 - Store calls and cache writes run in worker threads (``_fetch_sync``), at most ``workers`` at
   once, admitted by the :class:`~fusefs.scheduler.Scheduler` in priority order.
-- Cache reads of blocks already on disk run inline (a ``pread`` on an open file).
+- Cache hits on blocks the store holds open run inline (a ``pread``, no SQLite); opening a
+  cached block (which asks the cache's SQLite index) runs in a worker thread, as do warming a
+  block ahead of a reader and every cache write: SQLite never runs on the event loop.
 Memory: at most ``workers`` blocks are held by running fetches; queued fetches hold none.
 """
 
@@ -22,7 +24,7 @@ from . import stats as S
 from . import threads
 from .backends.base import ObjectInfo, ObjectStore
 from .cache.blocks import BlockKey, BlockStore
-from .errors import BackendError, FusefsError, StaleVersion
+from .errors import BackendError, FusefsError, StaleVersion, single_error
 from .scheduler import FOREGROUND, READAHEAD, Scheduler, Ticket
 
 log = logging.getLogger(__name__)
@@ -153,7 +155,10 @@ class Reader:
         for idx in range(first, last + 1):
             base = idx * bs
             lo, hi = max(offset, base) - base, min(end, base + bs) - base
-            part = self._cached(self.block_key(obj, idx), lo, hi)
+            bkey = self.block_key(obj, idx)
+            part = self._cached(bkey, lo, hi)
+            if part is None:
+                part = await self._cached_on_disk(bkey, lo, hi)
             if part is None:
                 if seq is not None and seq.random:
                     part = await self._random_slice(obj, base + lo, base + hi)
@@ -166,13 +171,24 @@ class Reader:
 
     def _cached(self, bkey: BlockKey, lo: int, hi: int) -> bytes | memoryview | None:
         """``[lo, hi)`` of a block from the in-memory window of just-fetched blocks (no copy)
-        or the disk cache (a hit)."""
+        or a block file the disk cache holds open (a hit; never SQLite)."""
         data: bytes | memoryview | None = None
         if self._recent is not None:
             block = self._recent.get(bkey.cache_key)
             data = memoryview(block)[lo:hi] if block is not None else None
         if data is None:
-            data = self.blocks.read(bkey, lo, hi - lo)
+            data = self.blocks.read_open(bkey, lo, hi - lo)
+        if data is not None and len(data) == hi - lo:
+            self.stats.add(S.HITS)
+            return data
+        return None
+
+    async def _cached_on_disk(self, bkey: BlockKey, lo: int, hi: int) -> bytes | None:
+        """``[lo, hi)`` of a block the disk cache holds but has not open (a hit): opening it
+        asks SQLite, so it runs in a worker thread."""
+        if not self.blocks.persistent:
+            return None
+        data = await threads.run_sync(self.blocks.read, bkey, lo, hi - lo)
         if data is not None and len(data) == hi - lo:
             self.stats.add(S.HITS)
             return data
@@ -185,7 +201,10 @@ class Reader:
         missing = []
         for idx in range(start // u, (end - 1) // u + 1):
             lo, hi = max(start, idx * u) - idx * u, min(end, (idx + 1) * u) - idx * u
-            part = self._cached(self.block_key(obj, idx, u), lo, hi)
+            bkey = self.block_key(obj, idx, u)
+            part = self._cached(bkey, lo, hi)
+            if part is None:
+                part = await self._cached_on_disk(bkey, lo, hi)
             if part is None:
                 missing.append((idx, lo, hi))
             else:
@@ -196,9 +215,10 @@ class Reader:
             async def one(idx: int, lo: int, hi: int) -> None:
                 units[idx] = memoryview(await self.fetch_block(obj, idx, FOREGROUND, u))[lo:hi]
 
-            async with trio.open_nursery() as nursery:
-                for args in missing:
-                    nursery.start_soon(one, *args)
+            with single_error():  # trio wraps errors in groups: keep StaleVersion visible
+                async with trio.open_nursery() as nursery:
+                    for args in missing:
+                        nursery.start_soon(one, *args)
         parts = [units[i] for i in sorted(units)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -229,12 +249,14 @@ class Reader:
         if self._nursery is None:
             return
         bkey = self.block_key(obj, idx)
-        if bkey.cache_key in self._inflight or self.blocks.warm(bkey):
-            return  # being fetched, or cached (and now being loaded from disk ahead)
-        self._nursery.start_soon(self._readahead_fetch, obj, idx)
+        if bkey.cache_key in self._inflight or self.blocks.is_open(bkey):
+            return  # being fetched, or cached and open
+        self._nursery.start_soon(self._readahead_fetch, obj, idx, bkey)
 
-    async def _readahead_fetch(self, obj: ObjectInfo, idx: int) -> None:
+    async def _readahead_fetch(self, obj: ObjectInfo, idx: int, bkey: BlockKey) -> None:
         try:
+            if self.blocks.persistent and await threads.run_sync(self.blocks.warm, bkey):
+                return  # cached: now open, and being loaded from disk ahead of the reader
             await self.fetch_block(obj, idx, READAHEAD)
             self.stats.add(S.READAHEAD_BLOCKS)
         except Exception as exc:  # background: log, never crash the mount
@@ -280,13 +302,15 @@ class Reader:
             flight.done.set()
 
     def _fetch_sync(self, obj: ObjectInfo, idx: int, bkey: BlockKey, priority: int) -> bytes:
-        """Worker thread: a block from the cache if another reader stored it, else the store."""
+        """Worker thread: a block from the cache if another reader stored it, else the store.
+
+        Foreground reads ask the cache again too: their lookup (``_cached_on_disk``) ran before
+        this flight began, and a fetch of the same block may have stored it in between."""
         start = idx * bkey.block_size
         length = min(bkey.block_size, obj.size - start)
-        if priority != FOREGROUND:
-            cached = self.blocks.read(bkey, 0, length)
-            if cached is not None and len(cached) == length:
-                return cached
+        cached = self.blocks.read(bkey, 0, length)
+        if cached is not None and len(cached) == length:
+            return cached
         try:
             data = self.store.get_range(obj.key, start, length, obj.version)
         except Exception:

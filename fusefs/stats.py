@@ -15,6 +15,7 @@ PREFETCH_QUEUED = "prefetch_queued"
 PREFETCH_DONE = "prefetch_done"
 PREFETCH_FAILED = "prefetch_failed"
 READAHEAD_BLOCKS = "readahead_blocks"
+CORRUPT_BLOCKS = "corrupt_blocks"
 
 COUNTERS = (
     HITS,
@@ -27,6 +28,7 @@ COUNTERS = (
     PREFETCH_DONE,
     PREFETCH_FAILED,
     READAHEAD_BLOCKS,
+    CORRUPT_BLOCKS,
 )
 
 

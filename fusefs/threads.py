@@ -9,7 +9,6 @@ result is dropped (a block it fetched is still stored in the cache by the thread
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,23 +16,9 @@ import trio
 
 T = TypeVar("T")
 
-#: trio >= 0.23 calls the flag ``abandon_on_cancel``; 0.22 calls it ``cancellable``.
-_ABANDON = (
-    "abandon_on_cancel"
-    if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters
-    else "cancellable"
-)
-
 
 async def run_sync(
     fn: Callable[..., T], *args: Any, limiter: trio.CapacityLimiter | None = None
 ) -> T:
     """Run ``fn(*args)`` in a worker thread; a cancellation abandons the thread at once."""
-    result: T
-    if _ABANDON == "abandon_on_cancel":
-        result = await trio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=True)
-    else:  # trio 0.22
-        result = await trio.to_thread.run_sync(  # type: ignore[call-arg]
-            fn, *args, limiter=limiter, cancellable=True
-        )
-    return result
+    return await trio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=True)

@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # Install what fusefs needs on a fresh Debian 12: FUSE 3 and a toolchain for pyfuse3 (apt),
-# then a virtualenv in .venv with fusefs and its test tools (pip). Safe to run again.
+# then a virtualenv in .venv with fusefs and its test tools (pip), and Azurite (the Azure Blob
+# emulator the tests use: nodejs and npm from apt, azurite from npm into .node/). Safe to run
+# again; set FUSEFS_NO_AZURITE=1 to skip Azurite (its tests are then skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv)
-missing=()
-for p in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+updated=""
+apt_install() {  # apt_install PKG...: install those not installed yet
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -gt 0 ] || return 0
     echo "setup: installing ${missing[*]}" >&2
-    $SUDO apt-get update -qq
+    [ -n "$updated" ] || { $SUDO apt-get update -qq && updated=1; }
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+apt_install fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
+if [ -z "${FUSEFS_NO_AZURITE:-}" ] && ! command -v npm >/dev/null 2>&1; then
+    apt_install nodejs npm || echo "setup: nodejs/npm not installed; the Azure tests will be skipped" >&2
 fi
 
 PY="${PYTHON:-python3}"
@@ -23,6 +30,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v -E '^WARNING: (Location|Running pip)' || true
-.venv/bin/python -c 'import pyfuse3, boto3, diskcache, google.cloud.storage, moto' \
+.venv/bin/python -c 'import pyfuse3, boto3, diskcache, google.cloud.storage, azure.storage.blob, moto' \
     || { echo "setup: dependency install failed" >&2; exit 1; }
+if [ -z "${FUSEFS_NO_AZURITE:-}" ] && command -v npm >/dev/null 2>&1 \
+        && [ ! -x .node/node_modules/.bin/azurite-blob ]; then
+    echo "setup: installing azurite (npm) into .node/" >&2
+    mkdir -p .node
+    npm install --prefix .node --no-audit --no-fund --loglevel=error --no-save azurite@3 >/dev/null \
+        || echo "setup: azurite install failed; the Azure tests will be skipped" >&2
+fi
 echo "setup: ready (.venv/bin/fusefs)" >&2

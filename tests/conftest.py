@@ -25,7 +25,15 @@ import pytest
 from svc_support import WorldDir
 
 from fusefs.testing.proxy import CountingProxy, is_object_get
-from fusefs.testing.servers import fake_gcs, gcs_client, moto_s3, s3_client
+from fusefs.testing.servers import (
+    azure_container_client,
+    azurite,
+    azurite_binary,
+    fake_gcs,
+    gcs_client,
+    moto_s3,
+    s3_client,
+)
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -138,8 +146,27 @@ def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield SimpleNamespace(url=server.url, proxy=proxy)
 
 
+@pytest.fixture(scope="session")
+def azurite_server() -> Iterator[Any]:
+    """Azurite's blob service (skips where Azurite cannot be installed: no nodejs/npm)."""
+    if azurite_binary() is None:
+        pytest.skip("needs Azurite: scripts/setup.sh installs nodejs (apt) and azurite (npm)")
+    with azurite() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def azure_server(azurite_server: Any) -> Iterator[Any]:
+    """Azurite behind a counting proxy (the proxy's URL is the account URL to use)."""
+    upstream = azurite_server.endpoint_url.rsplit("/", 1)[0]
+    with CountingProxy(upstream) as proxy:
+        yield SimpleNamespace(server=azurite_server, proxy=proxy)
+
+
 def _base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FUSEFS_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FUSEFS_", "AZURE_"))
+    }
     env.pop("STORAGE_EMULATOR_HOST", None)
     env["FUSEFS_CONFIG_PATH"] = os.devnull  # never read the developer's own config
     return env
@@ -169,6 +196,23 @@ def make_gcs_bucket(server: Any) -> Bucket:
         put=lambda k, d: bucket.blob(k).upload_from_string(d),
         delete=lambda k: bucket.blob(k).delete(),
         proxy=proxy, extra={"client": client, "name": name},
+    )
+
+
+def make_azure_bucket(server: Any) -> Bucket:
+    """A fresh container on Azurite; mounts reach it through the counting proxy."""
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    client = azure_container_client(server.server, name)
+    client.create_container()
+    proxy: CountingProxy = server.proxy
+    account_url = f"{proxy.url}/{server.server.account}"
+    return Bucket(
+        "azure", f"az://{name}", [],
+        {**_base_env(), "AZURE_STORAGE_CONNECTION_STRING":
+            server.server.connection_string(account_url)},
+        put=lambda k, d: client.upload_blob(k, d, overwrite=True),
+        delete=lambda k: client.delete_blob(k),
+        proxy=proxy, extra={"client": client, "name": name, "server": server},
     )
 
 
@@ -214,13 +258,15 @@ def make_local_bucket(root: Path) -> Bucket:
                   raw_keys=False)
 
 
-@pytest.fixture(params=["s3", "gcs", "local"])
+@pytest.fixture(params=["s3", "gcs", "azure", "local"])
 def bucket(request: pytest.FixtureRequest, tmp_path: Path) -> Bucket:
     """A fresh, empty bucket on each backend in turn."""
     if request.param == "s3":
         return make_s3_bucket(request.getfixturevalue("s3_server"))
     if request.param == "gcs":
         return make_gcs_bucket(request.getfixturevalue("gcs_server"))
+    if request.param == "azure":
+        return make_azure_bucket(request.getfixturevalue("azure_server"))
     return make_local_bucket(tmp_path / "objects")
 
 

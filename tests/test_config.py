@@ -151,3 +151,10 @@ def test_a_real_mount_takes_each_setting_from_its_layer(tmp_path: Path, mount) -
     assert re.search(r"\bworkers=7\b", settings_line)  # the flag beats both
     assert re.search(r"\bmetadata_ttl=42.0\b", settings_line)
     assert (m.path / "f.bin").stat().st_size == 300_000
+
+
+def test_describe_hides_a_query_string_of_the_endpoint() -> None:
+    s = load_settings({"endpoint_url": "https://acct.blob.core.windows.net/?sv=1&sig=SECRET"},
+                      env={})
+    assert "SECRET" not in s.describe()
+    assert "endpoint_url=https://acct.blob.core.windows.net/?..." in s.describe()

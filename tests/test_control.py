@@ -543,7 +543,8 @@ def test_quoted_newlines_are_scanned_once(tmp_path: Path, monkeypatch: pytest.Mo
                 with pytest.raises(NotFound):
                     await ctl.write(fh, chunk)
         err = json.loads(ctl.read(fh, 0, 1 << 20))
-        assert err["code"] == "ENOENT" and err["error"].count("\\n") == 20_000
+        newlines = max(err["error"].count("\n"), err["error"].count("\\n"))  # as is, or repr
+        assert err["code"] == "ENOENT" and newlines == 20_000
         assert parsed["lines"] == 1
         # an escaped quote inside double quotes does not close them: one line, 3 words
         with pytest.raises(InvalidArgument):
@@ -623,14 +624,14 @@ def test_command_errors_keep_their_errno_or_are_logged(
     (tmp_path / "objects/d/e/f").write_bytes(b"f")
     m = _core(tmp_path)
     ctl = m.control
-    real_listdir = m.fs.listdir
+    real_entries = m.fs.entries
 
-    async def listdir(ino: int) -> Any:
-        if m.fs.node(ino).path == "d/e":
+    async def entries(path: str) -> Any:
+        if path == "d/e":
             raise AccessDenied("d/e: listing refused")
-        return await real_listdir(ino)
+        return await real_entries(path)
 
-    m.fs.listdir = listdir  # type: ignore[method-assign]
+    m.fs.entries = entries  # type: ignore[method-assign]
 
     def volume() -> int:
         raise sqlite3.OperationalError("disk I/O error")

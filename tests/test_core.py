@@ -43,10 +43,12 @@ class CountingStore:
             self.calls["head"] += 1
         return self.inner.head(key)
 
-    def list(self, prefix: str, *, max_keys: int | None = None) -> Iterator[ListPage]:
+    def list(
+        self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
+    ) -> Iterator[ListPage]:
         with self._lock:
             self.calls["list"] += 1
-        return self.inner.list(prefix, max_keys=max_keys)
+        return self.inner.list(prefix, max_keys=max_keys, start_after=start_after)
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
         self.gate.wait(10)
@@ -263,7 +265,7 @@ def test_filesystem_lookup_uses_listing_and_negative_cache(
         (objects / "d" / f"n{i}").write_bytes(b"n")
 
     async def main() -> None:
-        names = [name for name, _ in await fs.listdir(1)]
+        names = [e.path for e in await fs.entries("")]
         assert names == ["d", "small.txt"]
         calls = store.calls.copy()
         node = await fs.lookup(1, "small.txt")
@@ -284,34 +286,6 @@ def test_filesystem_lookup_uses_listing_and_negative_cache(
         fh2, keep2 = await fs.open(node.ino, os.O_RDONLY)
         assert keep2 is True  # same version: the kernel may keep its pages
         assert (await fs.lookup(1, "small.txt")).ino == node.ino  # stable inode
-
-    trio.run(main)
-
-
-def test_lookup_in_a_big_folder_probes_names_and_caches_misses(
-    objects: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import fusefs.fs
-
-    monkeypatch.setattr(fusefs.fs, "LIST_AHEAD_KEYS", 3)  # "one page" = 3 entries here
-    for i in range(10):
-        (objects / "d" / f"n{i}").write_bytes(b"n")
-    store = CountingStore(LocalStore(str(objects)))
-    fs = FileSystem(store, make_reader(store, tmp_path / "cache"),
-                    Settings(metadata_ttl=60, negative_ttl=60))
-
-    async def main() -> None:
-        d = await fs.lookup(1, "d")
-        assert (await fs.lookup(d.ino, "n7")).info is not None
-        assert d.big  # the one-page listing was incomplete: names are probed from now on
-        lists, heads = store.calls["list"], store.calls["head"]
-        assert (await fs.lookup(d.ino, "n8")).info is not None
-        with pytest.raises(NotFound):
-            await fs.lookup(d.ino, "nope")
-        with pytest.raises(NotFound):
-            await fs.lookup(d.ino, "nope")  # the second miss comes from the negative cache
-        assert store.calls["head"] - heads == 2  # n8 and the first "nope"
-        assert store.calls["list"] - lists == 2  # their directory probes, no more listings
 
     trio.run(main)
 

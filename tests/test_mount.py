@@ -1,5 +1,5 @@
-"""One suite, run against S3 (moto), GCS (fake-gcs-server) and the local backend, through a
-real kernel FUSE mount."""
+"""One suite, run against S3 (moto), GCS (fake-gcs-server), Azure Blob (Azurite) and the local
+backend, through a real kernel FUSE mount."""
 
 from __future__ import annotations
 
@@ -63,8 +63,9 @@ def test_invalid_keys_skipped_and_conflicts(bucket: Bucket, mount) -> None:
         pytest.skip("a local directory cannot hold keys that are not file names")
     bucket.put("ok.txt", b"ok")
     bucket.put("bad//double-slash", b"x")
-    bucket.put("bad/./dot", b"x")
-    bucket.put("bad/../dotdot", b"x")
+    if bucket.kind != "azure":  # Azure resolves "." and ".." segments of blob URLs itself
+        bucket.put("bad/./dot", b"x")
+        bucket.put("bad/../dotdot", b"x")
     bucket.put("bad/" + "n" * 300, b"x")  # over 255 bytes
     bucket.put("both", b"I am a file")
     bucket.put("both/inner.txt", b"inner")
@@ -271,7 +272,7 @@ def test_two_buckets_share_one_cache_dir(bucket: Bucket, mount, tmp_path: Path) 
 
 
 def _sibling(bucket: Bucket, tmp_path: Path) -> Bucket:
-    from conftest import make_gcs_bucket, make_local_bucket, make_s3_bucket
+    from conftest import make_azure_bucket, make_gcs_bucket, make_local_bucket, make_s3_bucket
 
     if bucket.kind == "s3":
         from types import SimpleNamespace
@@ -284,6 +285,8 @@ def _sibling(bucket: Bucket, tmp_path: Path) -> Bucket:
 
         assert bucket.proxy is not None
         return make_gcs_bucket(SimpleNamespace(url=bucket.proxy.upstream, proxy=bucket.proxy))
+    if bucket.kind == "azure":
+        return make_azure_bucket(bucket.extra["server"])
     return make_local_bucket(tmp_path / "objects-2")
 
 
@@ -318,7 +321,9 @@ def test_tree_walk_lists_each_folder_once(bucket: Bucket, mount) -> None:
     lists = bucket.proxy.count(predicate=is_list)
     # root, walk, 30 folders, 30 sub-folders: each listed once (listed ahead of the walker or
     # on demand, never both), plus at most the lookups' probes of "walk" itself
-    assert 62 <= lists <= 63, lists
+    assert 62 <= lists <= 63, sorted(
+        (r.query.get("prefix", ""), r.query.get("start-after", r.query.get("startOffset", "")))
+        for r in bucket.proxy.requests() if is_list(r))
     assert bucket.proxy.count(predicate=is_head) <= 1
 
 

@@ -497,6 +497,13 @@ def req(method: str, target: str) -> Request:
         ("GET", "/storage/v1/b/bkt/o?prefix=dir%2F&delimiter=%2F", "list"),
         ("GET", "/storage/v1/b/bkt", None),
         ("POST", "/upload/storage/v1/b/bkt/o?uploadType=media&name=k", None),
+        ("GET", "/devstoreaccount1/cont/dir/key", "get"),
+        ("GET", "/devstoreaccount1/cont?restype=container&comp=list&prefix=a%2F&delimiter=%2F",
+         "list"),
+        ("GET", "/devstoreaccount1?comp=list", None),  # list containers
+        ("GET", "/devstoreaccount1/cont/key?comp=tags", None),
+        ("GET", "/devstoreaccount1/cont?restype=container", None),
+        ("HEAD", "/devstoreaccount1/cont/key", "head"),
     ],
 )
 def test_classifiers(method: str, target: str, kind: str | None) -> None:
@@ -506,3 +513,91 @@ def test_classifiers(method: str, target: str, kind: str | None) -> None:
         kind == "list",
         kind == "head",
     )
+
+
+# --------------------------------------------------------------------------------------
+# Fault injection
+
+
+def _raw_get(url: str, target: str, headers: dict[str, str] | None = None,
+             timeout: float = 10) -> tuple[int, dict[str, str], bytes, str | None]:
+    """One GET on a fresh connection: status, headers, the body bytes that arrived, and the
+    error that ended the body early (None if it arrived whole)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("GET", target, headers=headers or {})
+        resp = conn.getresponse()
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        return 0, {}, b"", type(exc).__name__
+    got = b""
+    error = None
+    try:
+        while chunk := resp.read1(65536):
+            got += chunk
+        if resp.length:  # read1 ends quietly when the connection closes early
+            error = "IncompleteRead"
+    except (OSError, http.client.HTTPException) as exc:
+        error = type(exc).__name__
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, got, error
+
+
+def test_each_fault_kind(s3: Any, proxy: CountingProxy, bucket: str) -> None:
+    data = os.urandom(3000)
+    s3.put_bucket_acl(Bucket=bucket, ACL="public-read")
+    s3.put_object(Bucket=bucket, Key="obj", Body=data, ACL="public-read")  # no signing here
+    proxy.reset()
+    ranged = {"Range": "bytes=100-1099"}
+    target = f"/{bucket}/obj"
+
+    def only(kind: str, **kw: Any) -> tuple[int, dict[str, str], bytes, str | None]:
+        proxy.faults(1.0, [kind], predicate=is_object_get, stall_s=kw.pop("stall_s", 30.0))
+        try:
+            return _raw_get(proxy.url, target, ranged, **kw)
+        finally:
+            proxy.faults(0)
+
+    status, _, body, _ = only("503")
+    assert status == 503 and b"<Code>SlowDown</Code>" in body
+    assert only("500")[0] == 500 and only("403")[0] == 403
+    status, _, _, error = only("reset")
+    assert status == 0 and error is not None
+    status, headers, body, error = only("truncate")
+    assert status == 206 and headers["content-length"] == "1000"
+    assert body == data[100:600] and error == "IncompleteRead"
+    status, headers, body, error = only("short_length")
+    assert status == 206 and error is None and data[100:1100].startswith(body)
+    assert int(headers["content-length"]) == len(body) < 1000
+    status, headers, body, error = only("full_200")
+    assert status == 200 and body == data and error is None
+    status, headers, body, error = only("no_etag")
+    assert status == 206 and "etag" not in headers and body == data[100:1100]
+    status, _, body, error = only("stall", timeout=0.5)
+    assert status == 0 and error == "TimeoutError"
+    status, _, body, error = only("stall_body", timeout=0.5)
+    assert status == 206 and body == data[100:600] and error == "TimeoutError"
+    status, _, body, error = only("stall_body", stall_s=0.2)
+    assert status == 206 and body == data[100:1100] and error is None
+    assert proxy.count(predicate=lambda r: r.fault is None) == 0
+    assert set(proxy.fault_counts()) == {"503", "500", "403", "reset", "truncate",
+                                         "short_length", "full_200", "no_etag", "stall",
+                                         "stall_body"}
+    # listings lose their <ETag> elements too; a non-matching predicate injects nothing
+    proxy.faults(1.0, ["no_etag"])
+    assert b"<ETag>" not in _raw_get(proxy.url, f"/{bucket}?list-type=2")[2]
+    proxy.faults(1.0, ["500"], predicate=lambda r: False)
+    assert _raw_get(proxy.url, target)[2] == data
+
+
+def test_faults_are_seeded_and_rated(s3: Any, proxy: CountingProxy, bucket: str) -> None:
+    s3.put_object(Bucket=bucket, Key="obj", Body=b"x", ACL="public-read")
+    outcomes = []
+    for _ in range(2):
+        proxy.reset()
+        proxy.faults(0.3, ["500", "503"], predicate=is_object_get, seed=42)
+        outcomes.append([_raw_get(proxy.url, f"/{bucket}/obj")[0] for _ in range(200)])
+    assert outcomes[0] == outcomes[1]  # same seed, same sequence
+    failed = sum(s != 200 for s in outcomes[0])
+    assert 30 <= failed <= 90 and sum(proxy.fault_counts().values()) == failed

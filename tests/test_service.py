@@ -380,8 +380,14 @@ def test_mount_t_fuse_fusefs(helper: Path, world: WorldDir) -> None:
     # mount(8) returned: the mount answers already, for other users too
     fstype, mopts = fuse_mount_at(mp) or ("", "")
     assert fstype == "fuse.fusefs"
-    assert {"ro", "allow_other", "default_permissions"} <= set(mopts.split(","))
+    # -o ro is fusefs's read-only mode: EROFS from fusefs, not a kernel ro (control works)
+    assert {"allow_other", "default_permissions"} <= set(mopts.split(","))
+    assert "ro" not in mopts.split(",")
     assert os.stat(mp / "data.txt").st_mode & 0o777 == 0o444
+    r = subprocess.run(["sh", "-c", f"echo x >> {mp / 'data.txt'}"], capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and "Read-only file system" in r.stderr
+    (mp / ".fusefs").write_text("clear\n")
     r = run_as(STRANGER, STRANGER, "cat", str(mp / "data.txt"))
     assert r.returncode == 0 and r.stdout == "for everyone\n"
     daemons = pids_mentioning(str(mp))

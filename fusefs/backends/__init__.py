@@ -12,7 +12,10 @@ __all__ = ["ListPage", "ObjectInfo", "ObjectStore", "PrefixedStore", "open_store
 
 
 def parse_source(source: str) -> tuple[str, str, str]:
-    """``s3://bucket/prefix`` -> (scheme, bucket-or-path, prefix). Raises UserError."""
+    """``s3://bucket/prefix`` -> (scheme, bucket-or-path, prefix). Raises UserError.
+
+    Schemes: ``s3``, ``gs`` (or ``gcs``), ``az`` (or ``azure``), ``file``.
+    """
     parts = urlsplit(source)
     scheme = parts.scheme.lower()
     if scheme == "file":
@@ -21,11 +24,16 @@ def parse_source(source: str) -> tuple[str, str, str]:
         if not parts.path.startswith("/"):
             raise UserError(f"{source}: use file:///absolute/path")
         return "file", parts.path, ""
-    if scheme in ("s3", "gs", "gcs"):
+    if scheme in ("s3", "gs", "gcs", "az", "azure"):
         if not parts.netloc:
-            raise UserError(f"{source}: missing bucket name ({scheme}://BUCKET[/PREFIX])")
-        return ("gs" if scheme == "gcs" else scheme), parts.netloc, parts.path.strip("/")
-    raise UserError(f"{source}: unsupported source (use s3://BUCKET, gs://BUCKET or file:///DIR)")
+            what = "CONTAINER" if scheme in ("az", "azure") else "BUCKET"
+            raise UserError(f"{source}: missing {what.lower()} name ({scheme}://{what}[/PREFIX])")
+        canonical = {"gcs": "gs", "azure": "az"}.get(scheme, scheme)
+        return canonical, parts.netloc, parts.path.strip("/")
+    raise UserError(
+        f"{source}: unsupported source "
+        "(use s3://BUCKET, gs://BUCKET, az://CONTAINER or file:///DIR)"
+    )
 
 
 def open_store(source: str, settings: Settings) -> ObjectStore:
@@ -44,10 +52,22 @@ def open_store(source: str, settings: Settings) -> ObjectStore:
             endpoint_url=settings.endpoint_url,
             region=settings.region,
             profile=settings.profile,
-            max_connections=settings.workers + 8,
+            max_connections=settings.store_connections,
+            stall_timeout=settings.stall_timeout,
+        )
+    elif scheme == "az":
+        from .azure import AzureStore
+
+        store = AzureStore(
+            where, endpoint_url=settings.endpoint_url, max_connections=settings.workers + 8
         )
     else:
         from .gcs import GCSStore
 
-        store = GCSStore(where, project=settings.project, max_connections=settings.workers + 8)
+        store = GCSStore(
+            where,
+            project=settings.project,
+            max_connections=settings.store_connections,
+            stall_timeout=settings.stall_timeout,
+        )
     return PrefixedStore(store, prefix) if prefix else store

@@ -11,12 +11,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from ..errors import NotFound
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
     """One object: its key, size, last-modified time (epoch seconds) and version.
 
-    ``version`` is the ETag (S3), generation (GCS) or mtime/size/inode (local); cache keys
+    ``version`` is the ETag (S3), generation (GCS) or mtime/size/inode/ctime (local); cache keys
     carry it so a changed object never serves old bytes.
     """
 
@@ -35,6 +37,8 @@ class ListPage:
 
     objects: list[ObjectInfo] = field(default_factory=list)
     prefixes: list[str] = field(default_factory=list)
+    #: The listing goes on after this page (the store said it was truncated).
+    more: bool = False
 
 
 @runtime_checkable
@@ -50,10 +54,15 @@ class ObjectStore(Protocol):
     def head(self, key: str) -> ObjectInfo:
         """Metadata of one object; NotFound if absent."""
 
-    def list(self, prefix: str, *, max_keys: int | None = None) -> Iterator[ListPage]:
+    def list(
+        self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
+    ) -> Iterator[ListPage]:
         """Delimited listing of ``prefix`` (empty or ending in ``/``), all pages in order.
 
-        With ``max_keys``, stop after about that many entries (used to probe for a directory).
+        Objects and sub-prefixes come in key order (UTF-8 byte order, which is code point
+        order). ``start_after``: only keys greater than this full key (S3 ``StartAfter``).
+        With ``max_keys``, stop after about that many entries; the last page's ``more`` then
+        says whether the listing would have gone on.
         """
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
@@ -63,6 +72,12 @@ class ObjectStore(Protocol):
         May return fewer bytes only at the end of the object.
         """
 
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        """Store ``data`` as the object ``key`` (replacing it); its new metadata."""
+
+    def delete(self, key: str) -> None:
+        """Remove the object ``key``; an absent object is not an error (as on S3)."""
+
 
 class PrefixedStore:
     """Wraps a store so that keys are relative to ``prefix`` (``datasets/`` in s3://b/datasets)."""
@@ -71,23 +86,40 @@ class PrefixedStore:
         self.inner = inner
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.source_id = inner.source_id + ("/" + self.prefix.rstrip("/") if self.prefix else "")
+        self.lists_after: bool = getattr(inner, "lists_after", True)
 
     def _strip(self, key: str) -> str:
         return key[len(self.prefix) :]
 
     def check(self) -> None:
-        self.inner.check()
+        """List the prefix, not the bucket root: a policy may allow only ``prefix/``."""
+        try:
+            next(iter(self.inner.list(self.prefix, max_keys=1)), None)
+        except NotFound:
+            self.inner.check()  # a missing bucket: the store's own message says so
+            raise
 
     def head(self, key: str) -> ObjectInfo:
         info = self.inner.head(self.prefix + key)
         return ObjectInfo(key, info.size, info.mtime, info.version)
 
-    def list(self, prefix: str, *, max_keys: int | None = None) -> Iterator[ListPage]:
-        for page in self.inner.list(self.prefix + prefix, max_keys=max_keys):
+    def list(
+        self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
+    ) -> Iterator[ListPage]:
+        after = self.prefix + start_after if start_after else ""
+        for page in self.inner.list(self.prefix + prefix, max_keys=max_keys, start_after=after):
             yield ListPage(
                 [ObjectInfo(self._strip(o.key), o.size, o.mtime, o.version) for o in page.objects],
                 [self._strip(p) for p in page.prefixes],
+                page.more,
             )
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
         return self.inner.get_range(self.prefix + key, start, length, version)
+
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        info = self.inner.put(self.prefix + key, data)
+        return ObjectInfo(key, info.size, info.mtime, info.version)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(self.prefix + key)

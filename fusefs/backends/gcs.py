@@ -3,16 +3,24 @@
 Credentials: Application Default Credentials, falling back to anonymous access (public
 buckets) with a warning. With ``STORAGE_EMULATOR_HOST`` set (fake-gcs-server), the client is
 anonymous and uses a placeholder project, as the library expects for emulators.
+
+Every call goes through the one retry loop (:mod:`.retry`); the library's own retries are off.
+Ranged GETs are sent by this module through the client's authorized session (stored bytes, no
+transcoding), so that the whole body is read under the stall timeout and checked: the right
+range and length, and for a whole object its ``x-goog-hash`` (CRC32C). A body cut short, reset
+or stalled is a transient failure, retried on a new request.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import quote
 
 import google.auth
 import google.auth.exceptions
@@ -21,7 +29,6 @@ import urllib3.exceptions
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
-from google.cloud.storage.retry import DEFAULT_RETRY
 from requests.adapters import HTTPAdapter
 
 try:  # google-cloud-storage >= 3 vendors google-resumable-media
@@ -38,14 +45,17 @@ from ..errors import (
     TransientError,
 )
 from .base import ListPage, ObjectInfo
+from .retry import DEFAULT_RETRY, RetryPolicy
+from .verify import take_range, verify_goog_hash
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 _READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
-_TIMEOUT = (10.0, 60.0)  # connect, read (seconds)
-# 429/5xx/connection errors, exponential backoff, for at most a minute (with_deadline: old api-core)
-_RETRY = getattr(DEFAULT_RETRY, "with_timeout", DEFAULT_RETRY.with_deadline)(60.0)
+#: Read timeout of listings: a big prefix may take the server a while before its first byte.
+LIST_TIMEOUT = 10.0
 _PAGE_SIZE = 1000  # the API maximum
 # Only what ObjectInfo needs; nextPageToken and prefixes are required for paging.
 _LIST_FIELDS = "items(name,size,updated,timeCreated,generation),prefixes,nextPageToken"
@@ -126,6 +136,14 @@ def _mtime(updated: datetime | None, created: datetime | None) -> float:
     return when.timestamp() if when is not None else 0.0
 
 
+def _info(key: str, blob: Any) -> ObjectInfo:
+    """An object's info; its version is the generation (never empty: a size+time fallback)."""
+    size = int(blob.size or 0)
+    mtime = _mtime(blob.updated, blob.time_created)
+    version = str(blob.generation) if blob.generation else f"~{size:x}-{int(mtime):x}"
+    return ObjectInfo(key, size, mtime, version)
+
+
 def _make_client(project: str | None, emulator: str | None) -> Any:
     """A storage client: anonymous for the emulator, else ADC or anonymous as a fallback."""
     if emulator:
@@ -168,9 +186,19 @@ class GCSStore:
     """One GCS bucket; object versions are generations, so a rewritten object is detected."""
 
     def __init__(
-        self, bucket: str, *, project: str | None = None, max_connections: int = 32
+        self,
+        bucket: str,
+        *,
+        project: str | None = None,
+        max_connections: int = 48,
+        stall_timeout: float = 2.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         self.bucket_name = bucket
+        self._retry = retry
+        connect = max(stall_timeout, 10.0)
+        self._timeout = (connect, stall_timeout)  # no progress for stall_timeout: abandoned
+        self._list_timeout = (connect, max(stall_timeout, LIST_TIMEOUT))
         emulator = (os.environ.get(EMULATOR_ENV) or "").strip().rstrip("/") or None
         if emulator and "://" not in emulator:
             emulator = "http://" + emulator
@@ -181,6 +209,7 @@ class GCSStore:
         except Exception as exc:
             raise map_gcs_error(exc, f"gs://{bucket}") from exc
         self.bucket: Any = self.client.bucket(bucket)
+        self._api_base = str(self.client._connection.API_BASE_URL).rstrip("/")
 
     def _name(self, key: str) -> str:
         return f"gs://{self.bucket_name}/{key}"
@@ -189,107 +218,135 @@ class GCSStore:
         """Release pooled connections."""
         self.client.close()
 
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` (a library call) with errors mapped, retried while transient."""
+
+        def once() -> T:
+            try:
+                return fn()
+            except FusefsError:
+                raise
+            except Exception as exc:
+                raise map_gcs_error(exc, what) from exc
+
+        return self._retry.call(once, what)
+
     def check(self) -> None:
         # Listing needs only storage.objects.list, which readers have (buckets.get they may not).
-        try:
+        def one() -> None:
             iterator = self.client.list_blobs(
                 self.bucket_name,
                 max_results=1,
                 fields="items(name),nextPageToken",
-                timeout=_TIMEOUT,
-                retry=_RETRY,
+                timeout=self._list_timeout,
+                retry=None,
             )
             next(iter(iterator.pages), None)
-        except Exception as exc:
-            err = map_gcs_error(exc, f"gs://{self.bucket_name}")
-            if isinstance(err, NotFound):
-                raise NotFound(f"bucket gs://{self.bucket_name} does not exist", cause=exc) from exc
-            raise err from exc
+
+        try:
+            self._call(f"gs://{self.bucket_name}", one)
+        except NotFound as exc:
+            raise NotFound(f"bucket gs://{self.bucket_name} does not exist", cause=exc) from exc
 
     def head(self, key: str) -> ObjectInfo:
         if not key:
             raise NotFound(f"{self._name(key)}: not an object")
         blob = self.bucket.blob(key)
-        try:
-            blob.reload(timeout=_TIMEOUT, retry=_RETRY)
-        except Exception as exc:
-            raise map_gcs_error(exc, self._name(key)) from exc
-        return ObjectInfo(
-            key, int(blob.size or 0), _mtime(blob.updated, blob.time_created), str(blob.generation)
-        )
+        self._call(self._name(key), lambda: blob.reload(timeout=self._timeout, retry=None))
+        return _info(key, blob)
 
-    def list(self, prefix: str, *, max_keys: int | None = None) -> Iterator[ListPage]:
+    def list(
+        self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
+    ) -> Iterator[ListPage]:
         page_size = min(max_keys, _PAGE_SIZE) if max_keys else _PAGE_SIZE
         seen = 0
         seen_prefixes: set[str] = set()  # fake-gcs-server repeats all prefixes on every page
-        try:
-            iterator = self.client.list_blobs(
-                self.bucket_name,
-                prefix=prefix or None,
-                delimiter="/",
-                page_size=page_size,
-                fields=_LIST_FIELDS,
-                timeout=_TIMEOUT,
-                retry=_RETRY,
+        token: str | None = None
+        while True:
+            objects, prefixes, token = self._call(
+                self._name(prefix),
+                functools.partial(self._list_page, prefix, page_size, token, start_after),
             )
-            # Each API page carries its own items and prefixes (``page.prefixes``); the
-            # iterator-wide ``prefixes`` set only fills in as pages are consumed.
-            for api_page in iterator.pages:
-                page = ListPage(
-                    [
-                        ObjectInfo(
-                            b.name,
-                            int(b.size or 0),
-                            _mtime(b.updated, b.time_created),
-                            str(b.generation),
-                        )
-                        for b in api_page
-                    ],
-                    [],
-                )
-                for p in api_page.prefixes:
-                    if p not in seen_prefixes:
-                        seen_prefixes.add(p)
-                        page.prefixes.append(str(p))
-                seen += len(page.objects) + len(page.prefixes)
-                yield page
-                if max_keys and seen >= max_keys:
-                    return
-        except FusefsError:
-            raise
-        except Exception as exc:
-            raise map_gcs_error(exc, self._name(prefix)) from exc
+            # GCS's startOffset is inclusive: the key itself is dropped here
+            page = ListPage([o for o in objects if o.key > start_after], [], bool(token))
+            for p in sorted(prefixes):
+                if p not in seen_prefixes and p > start_after:
+                    seen_prefixes.add(p)
+                    page.prefixes.append(p)
+            seen += len(page.objects) + len(page.prefixes)
+            yield page
+            if not token or (max_keys and seen >= max_keys):
+                return
+
+    def _list_page(
+        self, prefix: str, page_size: int, token: str | None, start_after: str = ""
+    ) -> tuple[Sequence[ObjectInfo], Sequence[str], str | None]:
+        """One page of a listing, from ``token``: objects, prefixes, the next page's token."""
+        iterator = self.client.list_blobs(
+            self.bucket_name,
+            prefix=prefix or None,
+            delimiter="/",
+            page_size=page_size,
+            page_token=token,
+            fields=_LIST_FIELDS,
+            timeout=self._list_timeout,
+            retry=None,
+            **({"start_offset": start_after} if start_after else {}),
+        )
+        api_page = next(iter(iterator.pages), None)
+        if api_page is None:
+            return [], [], None
+        objects = [_info(b.name, b) for b in api_page]
+        return objects, [str(p) for p in api_page.prefixes], iterator.next_page_token
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
         if length <= 0:
             return b""
+        what = self._name(key)
+        if not version.startswith("~"):
+            try:
+                int(version)
+            except ValueError:
+                raise StaleVersion(f"{what}: {version!r} is not a GCS generation") from None
         try:
-            generation = int(version)
-        except ValueError:
-            raise StaleVersion(f"{self._name(key)}: {version!r} is not a GCS generation") from None
+            return self._retry.call(lambda: self._get_once(what, key, start, length, version), what)
+        except NotFound as err:
+            raise self._gone_or_stale(key, version, err) from err
+
+    def _get_once(self, what: str, key: str, start: int, length: int, version: str) -> bytes:
         # Pin the generation (exact bytes, even where preconditions are ignored, as in
         # fake-gcs-server) and require it to still be the live one (412 on real GCS).
-        blob = self.bucket.blob(key, generation=generation)
+        query = "alt=media"
+        if not version.startswith("~"):
+            query += f"&generation={version}&ifGenerationMatch={version}"
+        url = (f"{self._api_base}/download/storage/v1/b/{quote(self.bucket_name, safe='')}"
+               f"/o/{quote(key, safe='')}?{query}")
+        # Accept-Encoding gzip: the stored bytes, never transcoded, so offsets match the size
+        headers = {"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "gzip"}
         try:
-            data: bytes = blob.download_as_bytes(
-                start=start,
-                end=start + length - 1,
-                raw_download=True,  # stored bytes: no gzip transcoding, offsets match the size
-                checksum=None,  # ranged reads carry no whole-object checksum anyway
-                if_generation_match=generation,
-                timeout=_TIMEOUT,
-                retry=_RETRY,
+            resp = self.client._http.request(
+                "GET", url, headers=headers, stream=True, timeout=self._timeout
             )
-        except gexc.RequestRangeNotSatisfiable:
+            try:
+                body: bytes = resp.raw.read(decode_content=False)
+            finally:
+                resp.close()
+        except Exception as exc:  # connection trouble, a stall, a body cut short
+            raise map_gcs_error(exc, what) from exc
+        status = resp.status_code
+        if status == 416:
             return b""  # at or past the end of the object (or an empty object)
-        except Exception as exc:
-            err = map_gcs_error(exc, self._name(key))
-            if isinstance(err, NotFound):
-                raise self._gone_or_stale(key, version, err) from exc
-            raise err from exc
-        got = blob.generation
-        if got is not None and str(got) != version:  # a server that ignores the pinning
-            raise StaleVersion(f"{self._name(key)}: changed (generation {got} != {version})")
+        if status not in (200, 206):
+            text = body[:300].decode("utf-8", "replace")
+            raise map_gcs_error(gexc.from_http_status(status, text), what)
+        got = resp.headers.get("x-goog-generation")
+        if got and not version.startswith("~") and got != version:  # pinning ignored
+            raise StaleVersion(f"{what}: changed (generation {got} != {version})")
+        data, whole = take_range(
+            what, status, resp.headers.get("content-range"), body, start, length
+        )
+        if whole is not None:
+            verify_goog_hash(what, resp.headers.get("x-goog-hash"), whole)
         return data
 
     def _gone_or_stale(self, key: str, version: str, err: NotFound) -> FusefsError:
@@ -306,3 +363,20 @@ class GCSStore:
                 cause=err,
             )
         return err
+
+    # --- writes (``fusefs check``'s probe) ------------------------------------------------
+
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        blob = self.bucket.blob(key)
+        self._call(self._name(key),
+                   lambda: blob.upload_from_string(data, timeout=self._list_timeout, retry=None))
+        return ObjectInfo(
+            key, len(data), _mtime(blob.updated, blob.time_created), str(blob.generation)
+        )
+
+    def delete(self, key: str) -> None:
+        try:
+            self._call(self._name(key),
+                       lambda: self.bucket.blob(key).delete(timeout=self._timeout, retry=None))
+        except NotFound:
+            return  # already absent

@@ -1,17 +1,28 @@
-"""Amazon S3 and S3-compatible stores through boto3."""
+"""Amazon S3 and S3-compatible stores through boto3.
+
+Every call goes through the one retry loop (:mod:`.retry`), boto3's own retries are off. A GET
+is one attempt only when its whole body arrived, of the right length, for the right range (and,
+for a whole object with an MD5 ETag, with the right MD5); a body cut short, reset or stalled for
+``stall_timeout`` (the socket read timeout) is a transient failure, retried on a new request.
+An object listed without an ETag gets a weak version from its size and last-modified second
+(``~SIZE-SECONDS``): no ``If-Match`` is sent for it, and each answer's size and Last-Modified
+are checked against it instead.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import boto3
 import botocore.exceptions
 import botocore.session
+import urllib3.exceptions
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
@@ -25,6 +36,10 @@ from ..errors import (
     TransientError,
 )
 from .base import ListPage, ObjectInfo
+from .retry import DEFAULT_RETRY, RetryPolicy
+from .verify import Md5Etag, object_total, take_range
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +89,16 @@ def etag_version(etag: str) -> str:
     return etag.strip('"')
 
 
+def weak_version(size: int, last_modified: str | datetime | None) -> str:
+    """The version of an object the store gave no ETag for: its size and last-modified second.
+    Weaker than an ETag (a same-size rewrite within one second is missed); never empty."""
+    return f"~{size:x}-{int(epoch(last_modified or '')):x}"
+
+
+def is_weak(version: str) -> bool:
+    return version.startswith("~")
+
+
 def map_s3_error(exc: BaseException, what: str) -> FusefsError:
     """Translate a botocore failure into the fusefs error family (messages carry no secrets)."""
     if isinstance(exc, botocore.exceptions.ClientError):
@@ -100,9 +125,11 @@ def map_s3_error(exc: BaseException, what: str) -> FusefsError:
         return AccessDenied(f"{what}: {exc}", cause=exc)
     if isinstance(
         exc,
-        botocore.exceptions.EndpointConnectionError
-        | botocore.exceptions.ConnectionError
-        | botocore.exceptions.ReadTimeoutError,
+        botocore.exceptions.ConnectionError  # refused, connect timeout, proxy, TLS
+        | botocore.exceptions.HTTPClientError  # reset, read timeout (a stall), body cut short
+        | botocore.exceptions.IncompleteReadError
+        | urllib3.exceptions.HTTPError
+        | OSError,
     ):
         return TransientError(
             f"{what}: cannot reach the endpoint ({type(exc).__name__})", cause=exc
@@ -112,39 +139,52 @@ def map_s3_error(exc: BaseException, what: str) -> FusefsError:
     return BackendError(f"{what}: {exc!r}", cause=exc)
 
 
+#: Read timeout of listings: a big prefix may take the server a while before its first byte.
+LIST_TIMEOUT = 10.0
+
+
+@dataclass(slots=True)
+class _Answer:
+    status: int
+    headers: Mapping[str, str]  # lower-cased names
+    body: bytes
+
+
 class _FastGet:
     """Ranged GETs without boto3's per-request machinery (endpoint rules, events, parsing: more
     than half of a GET's CPU): signed with botocore's own SigV4 signer and sent through the
-    client's own HTTP session (its pool, TLS and proxy settings), to the bucket URL that boto3
-    itself used for the first listing. Only a 200/206 of the right length is taken; anything
-    else returns None and the caller repeats the request through boto3, which maps errors,
-    retries and follows redirects. If boto3 then succeeds where this path got an HTTP error
-    (a signature or redirect this path does not handle), the path is turned off for the rest of
-    the mount, so no server ever sees every GET twice.
+    client's own HTTP session (its pool, TLS, proxy settings and timeouts), to the bucket URL
+    that boto3 itself used for the first listing.
+
+    An answer is returned as it came; the caller decides. An error answer this path does not
+    handle (a 3xx, 400, 403, 404) is repeated through boto3, which maps it exactly and follows
+    redirects; if boto3 then succeeds where this path was refused (a signature or redirect it
+    does not handle), the path is turned off for the rest of the mount. That decision is made
+    per request, from that request's own answer: no state is shared between threads but
+    ``enabled``, which only ever goes from True to False.
     """
 
-    def __init__(self, client: Any, credentials: Any) -> None:
-        self._client = client
-        self._credentials = credentials
+    def __init__(self, client: Any, lister: Any, credentials: Any) -> None:
         self._region = client.meta.region_name or "us-east-1"
+        self._credentials = credentials
         self._http = getattr(getattr(client, "_endpoint", None), "http_session", None)
         self._base: str | None = None
-        self.refused = False  # the last attempt got an HTTP error answer
         self.enabled = credentials is not None and self._http is not None
         if self.enabled:
-            client.meta.events.register("before-send.s3.ListObjectsV2", self._learn_base)
+            lister.meta.events.register("before-send.s3.ListObjectsV2", self._learn_base)
 
     def _learn_base(self, request: Any, **_: Any) -> None:
         if self._base is None:
             parts = urlsplit(request.url)  # .../bucket?list-type=2 or https://bucket.host/?...
             self._base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/"
 
-    def get(self, key: str, start: int, length: int, version: str) -> bytes | None:
-        self.refused = False
+    def get(self, what: str, key: str, start: int, length: int, version: str) -> _Answer | None:
+        """The server's answer to one ranged GET (None: no listing seen yet, ask boto3).
+        Connection trouble, a stall or a body cut short raise TransientError."""
         if self._base is None:
-            return None  # no listing seen yet: boto3 does this one
+            return None
         headers = {"Range": f"bytes={start}-{start + length - 1}"}
-        if version:
+        if version and not is_weak(version):
             headers["If-Match"] = f'"{version}"'
         try:
             req = AWSRequest(method="GET", url=self._base + quote(key, safe="/~"),
@@ -152,27 +192,27 @@ class _FastGet:
             S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3",
                         self._region).add_auth(req)
             resp = self._http.send(req.prepare())  # type: ignore[union-attr]
-        except Exception as exc:  # connection trouble: boto3 retries it
-            log.debug("fast GET of %s failed, using boto3: %s", key, exc)
-            return None
+        except Exception as exc:
+            raise map_s3_error(exc, what) from exc
         raw = resp.raw
         status = resp.status_code
-        etag = etag_version(resp.headers.get("ETag", ""))
-        if status in (200, 206) and etag and version and etag != version:
+        answer_headers = {k.lower(): v for k, v in resp.headers.items()}
+        etag = etag_version(answer_headers.get("etag", ""))
+        if status in (200, 206) and etag and version and not is_weak(version) and etag != version:
             raw.close()  # body unread: the connection cannot be reused
-            raise StaleVersion(f"s3 key {key}: changed (ETag {etag} != {version})")
+            raise StaleVersion(f"{what}: changed (ETag {etag} != {version})")
         try:
-            data: bytes = raw.read()
+            body: bytes = raw.read()
+        except Exception as exc:
+            raw.close()  # the connection is in an unknown state: never reuse it
+            raise map_s3_error(exc, what) from exc
         finally:
             raw.release_conn()
-        if status in (200, 206):
-            return data if len(data) == length else None
-        self.refused = status not in (412, 416, 429) and status < 500
-        return None
+        return _Answer(status, answer_headers, body)
 
-    def boto3_succeeded(self) -> None:
-        """The request this path gave up on worked through boto3: stop using this path."""
-        if self.refused:
+    def refused_but_boto3_worked(self) -> None:
+        """A request this path was refused worked through boto3: stop using this path."""
+        if self.enabled:
             log.info("fast GET path off for this mount: the server refused it, boto3 not")
             self.enabled = False
 
@@ -187,15 +227,19 @@ class S3Store:
         endpoint_url: str | None = None,
         region: str | None = None,
         profile: str | None = None,
-        max_connections: int = 32,
+        max_connections: int = 48,
+        stall_timeout: float = 2.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         self.bucket = bucket
         self.source_id = f"s3://{bucket}" if not endpoint_url else f"s3+{endpoint_url}/{bucket}"
+        self._retry = retry
+        self._md5 = Md5Etag()
         config = Config(
             max_pool_connections=max_connections,
-            retries={"mode": "standard", "max_attempts": 5},
-            connect_timeout=10,
-            read_timeout=60,
+            retries={"mode": "standard", "total_max_attempts": 1},  # ours: see .retry
+            connect_timeout=max(stall_timeout, 10.0),
+            read_timeout=stall_timeout,  # a response making no progress this long is abandoned
             # Many S3-compatible servers do not handle the new default checksums as AWS does.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
@@ -212,87 +256,150 @@ class S3Store:
                 botocore_session=core, profile_name=profile, region_name=region
             )
             self.client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
+            self._lister: Any = session.client(
+                "s3",
+                endpoint_url=endpoint_url,
+                config=config.merge(Config(read_timeout=max(stall_timeout, LIST_TIMEOUT))),
+            )
         except Exception as exc:  # ProfileNotFound and friends
             raise map_s3_error(exc, f"s3://{bucket}") from exc
-        self._fast = _FastGet(self.client, session.get_credentials())
+        self._fast = _FastGet(self.client, self._lister, session.get_credentials())
 
     def _name(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
+    def _call(self, what: str, fn: Callable[..., T], **kwargs: Any) -> T:
+        """``fn(**kwargs)`` (a boto3 call) with errors mapped, retried while transient."""
+
+        def once() -> T:
+            try:
+                return fn(**kwargs)
+            except FusefsError:
+                raise
+            except Exception as exc:
+                raise map_s3_error(exc, what) from exc
+
+        return self._retry.call(once, what)
+
     def check(self) -> None:
         try:
-            self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
-        except Exception as exc:
-            err = map_s3_error(exc, f"s3://{self.bucket}")
-            if isinstance(err, NotFound):
-                raise NotFound(f"bucket s3://{self.bucket} does not exist", cause=exc) from exc
-            raise err from exc
+            self._call(f"s3://{self.bucket}", self._lister.list_objects_v2,
+                       Bucket=self.bucket, MaxKeys=1)
+        except NotFound as exc:
+            raise NotFound(f"bucket s3://{self.bucket} does not exist", cause=exc) from exc
 
     def head(self, key: str) -> ObjectInfo:
-        try:
-            r = self.client.head_object(Bucket=self.bucket, Key=key)
-        except Exception as exc:
-            raise map_s3_error(exc, self._name(key)) from exc
-        return ObjectInfo(
-            key, int(r["ContentLength"]), epoch(r["LastModified"]), etag_version(r["ETag"])
-        )
+        r = self._call(self._name(key), self.client.head_object, Bucket=self.bucket, Key=key)
+        size = int(r["ContentLength"])
+        etag = etag_version(r.get("ETag", ""))
+        version = etag or weak_version(size, r.get("LastModified"))
+        return ObjectInfo(key, size, epoch(r.get("LastModified", "")), version)
 
-    def list(self, prefix: str, *, max_keys: int | None = None) -> Iterator[ListPage]:
+    def list(
+        self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
+    ) -> Iterator[ListPage]:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
         if max_keys:
             kwargs["MaxKeys"] = max_keys
+        if start_after:
+            kwargs["StartAfter"] = start_after
         seen = 0
-        try:
-            while True:
-                r = self.client.list_objects_v2(**kwargs)
-                page = ListPage(
-                    [
-                        ObjectInfo(
-                            o["Key"],
-                            int(o["Size"]),
-                            epoch(o["LastModified"]),
-                            etag_version(o.get("ETag", "")),
-                        )
-                        for o in r.get("Contents", ())
-                    ],
-                    [p["Prefix"] for p in r.get("CommonPrefixes", ())],
-                )
-                seen += len(page.objects) + len(page.prefixes)
-                yield page
-                token = r.get("NextContinuationToken")
-                if not r.get("IsTruncated") or not token or (max_keys and seen >= max_keys):
-                    return
-                kwargs["ContinuationToken"] = token
-        except FusefsError:
-            raise
-        except Exception as exc:
-            raise map_s3_error(exc, self._name(prefix)) from exc
+        while True:
+            r = self._call(self._name(prefix), self._lister.list_objects_v2, **kwargs)
+            page = ListPage([self._listed(o) for o in r.get("Contents", ())],
+                            [p["Prefix"] for p in r.get("CommonPrefixes", ())],
+                            bool(r.get("IsTruncated")))
+            seen += len(page.objects) + len(page.prefixes)
+            yield page
+            token = r.get("NextContinuationToken")
+            if not r.get("IsTruncated") or not token or (max_keys and seen >= max_keys):
+                return
+            kwargs["ContinuationToken"] = token
+
+    @staticmethod
+    def _listed(o: Mapping[str, Any]) -> ObjectInfo:
+        size = int(o["Size"])
+        version = etag_version(o.get("ETag", "")) or weak_version(size, o.get("LastModified"))
+        return ObjectInfo(o["Key"], size, epoch(o.get("LastModified", "")), version)
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
         if length <= 0:
             return b""
+        what = self._name(key)
+        return self._retry.call(lambda: self._get_once(what, key, start, length, version), what)
+
+    def _get_once(self, what: str, key: str, start: int, length: int, version: str) -> bytes:
+        refused = False
         if self._fast.enabled:
-            fast = self._fast.get(key, start, length, version)
-            if fast is not None:
-                return fast
+            answer = self._fast.get(what, key, start, length, version)
+            if answer is not None:
+                if answer.status in (200, 206):
+                    return self._accept(what, start, length, version, answer)
+                if answer.status == 416:
+                    return b""  # reading at or past the end of the object
+                if answer.status == 412:
+                    raise StaleVersion(f"{what}: changed (If-Match {version} failed)")
+                if answer.status >= 500 or answer.status in (408, 429):
+                    raise TransientError(f"{what}: HTTP {answer.status}")
+                refused = True  # boto3 repeats it: the exact error, or a redirect followed
         try:
             r = self.client.get_object(
                 Bucket=self.bucket,
                 Key=key,
                 Range=f"bytes={start}-{start + length - 1}",
-                **({"IfMatch": f'"{version}"'} if version else {}),
+                **({"IfMatch": f'"{version}"'} if version and not is_weak(version) else {}),
             )
-            etag = etag_version(r.get("ETag", ""))
-            if etag and version and etag != version:  # a server that ignores If-Match
-                raise StaleVersion(f"{self._name(key)}: changed (ETag {etag} != {version})")
-            data: bytes = r["Body"].read()
-            self._fast.boto3_succeeded()
-            return data
+            meta = r["ResponseMetadata"]
+            headers = {k.lower(): v for k, v in meta.get("HTTPHeaders", {}).items()}
+            etag = etag_version(headers.get("etag", ""))
+            if etag and version and not is_weak(version) and etag != version:
+                r["Body"].close()
+                raise StaleVersion(f"{what}: changed (ETag {etag} != {version})")
+            body: bytes = r["Body"].read()
         except FusefsError:
             raise
         except botocore.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-                return b""  # reading at or past the end of the object
+                return b""
+            raise map_s3_error(exc, what) from exc
+        except Exception as exc:  # connection trouble, a stall, a body cut short
+            raise map_s3_error(exc, what) from exc
+        data = self._accept(what, start, length, version,
+                            _Answer(int(meta.get("HTTPStatusCode", 0)), headers, body))
+        if refused:
+            self._fast.refused_but_boto3_worked()
+        return data
+
+    def _accept(self, what: str, start: int, length: int, version: str, a: _Answer) -> bytes:
+        """The asked-for bytes of a 200/206 answer, checked (see the module docstring)."""
+        content_range = a.headers.get("content-range")
+        data, whole = take_range(what, a.status, content_range, a.body, start, length)
+        etag = etag_version(a.headers.get("etag", ""))
+        if is_weak(version):
+            total = object_total(a.status, content_range, a.body)
+            last_modified = a.headers.get("last-modified")
+            if total is not None and (
+                not version.startswith(f"~{total:x}-")
+                or (last_modified and weak_version(total, last_modified) != version)
+            ):
+                raise StaleVersion(f"{what}: changed (size or last-modified time)")
+        elif whole is not None:
+            self._md5.verify(what, etag or version, whole, a.headers)
+        return data
+
+    # --- writes (``fusefs check``'s probe) ------------------------------------------------
+
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        import time
+
+        try:
+            r = self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+        except Exception as exc:
             raise map_s3_error(exc, self._name(key)) from exc
+        return ObjectInfo(key, len(data), time.time(), etag_version(r.get("ETag", "")))
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
             raise map_s3_error(exc, self._name(key)) from exc

@@ -7,7 +7,11 @@ server and can add latency in user space, since the test kernel has no ``sch_net
 * ``latency_ms`` is added once per new client connection (a TCP handshake) and once per
   request, before the first response byte is relayed (a request/response round trip);
 * :meth:`CountingProxy.slow` adds an extra delay, before forwarding, to selected requests
-  (models a server that is slow for some objects).
+  (models a server that is slow for some objects);
+* :meth:`CountingProxy.faults` injects seeded faults into a share of selected requests: error
+  answers (500, 503 SlowDown, 403), a reset connection, a body cut short, a stall before the
+  answer or in the middle of the body, a wrong (short) ``Content-Length``, a whole-object 200
+  for a ranged request, and responses without ETags (see :data:`FAULTS`).
 
 Requests and responses are relayed byte for byte (the ``Host`` header is kept, so AWS SigV4
 signatures stay valid) and bodies are streamed, never buffered whole.  Only the hop-by-hop
@@ -22,10 +26,13 @@ from __future__ import annotations
 
 import collections
 import http.client
+import json
 import logging
+import random
 import re
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +42,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-__all__ = ["CountingProxy", "Request", "is_head", "is_list", "is_object_get"]
+__all__ = ["FAULTS", "CountingProxy", "Request", "is_head", "is_list", "is_object_get"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,30 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection"})
 _NOT_RECORDED = frozenset({"authorization", "proxy-authorization", "x-amz-security-token"})
 
 SlowPredicate = Callable[[str, str], bool]
+
+#: Fault kinds of :meth:`CountingProxy.faults`:
+#: ``500``, ``503`` (S3 ``SlowDown`` XML, or a GCS JSON error), ``403`` (AccessDenied): an error
+#: answer, the server never sees the request; ``reset``: the connection is reset (RST) with no
+#: answer; ``truncate``: the headers announce the whole body, half of it is sent, then the
+#: connection is closed; ``stall``: nothing is sent for ``stall_s``, then the request is served;
+#: ``stall_body``: half the body, ``stall_s`` of silence, then the rest; ``short_length``: a
+#: well-framed answer whose ``Content-Length`` and body lack their last third (what a broken
+#: middlebox does); ``full_200``: the ``Range`` header is dropped, so the whole object comes back
+#: as a 200; ``no_etag``: the ``ETag`` header and listing ``<ETag>`` elements are removed;
+#: ``corrupt``: one byte in the middle of the body is flipped (length and headers unchanged).
+FAULTS = ("500", "503", "403", "reset", "truncate", "stall", "stall_body", "short_length",
+          "full_200", "no_etag", "corrupt")
+_BODY_FAULTS = frozenset({"truncate", "stall_body", "short_length", "no_etag", "corrupt"})
+_ETAG_XML = re.compile(rb"<ETag>[^<]*</ETag>")
+
+
+@dataclass
+class _FaultRule:
+    rate: float
+    kinds: tuple[str, ...]
+    predicate: Callable[[Request], bool] | None
+    rng: random.Random
+    stall_s: float
 
 
 @dataclass
@@ -65,6 +96,7 @@ class Request:
     bytes_in: int = 0  #: request body bytes forwarded
     bytes_out: int = 0  #: response body bytes relayed
     error: str | None = None
+    fault: str | None = None  #: the fault injected into this request, if any
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """Return a request header by case-insensitive name."""
@@ -82,7 +114,7 @@ class Request:
 
 
 # --------------------------------------------------------------------------------------
-# Request classification (S3 path-style and GCS JSON/XML APIs)
+# Request classification (S3 path-style, GCS JSON/XML APIs, Azure Blob path-style)
 
 _GCS_OBJECT = re.compile(r"^(?:/download)?/storage/v1/b/[^/]+/o/.+$")
 _GCS_LIST = re.compile(r"^/storage/v1/b/[^/]+/o/?$")
@@ -120,9 +152,12 @@ def is_object_get(req: Request) -> bool:
 
     Covers an S3 GetObject (path-style ``GET /bucket/key`` without a listing or other
     sub-resource query parameter; ranged GETs included) and a GCS media download
-    (``GET [/download]/storage/v1/b/B/o/KEY?alt=media``, or XML-style ``GET /B/KEY``).
+    (``GET [/download]/storage/v1/b/B/o/KEY?alt=media``, or XML-style ``GET /B/KEY``), and an
+    Azure Get Blob (``GET /account/container/blob`` without ``comp``/``restype``).
     """
     if req.method != "GET":
+        return False
+    if "comp" in req.query or "restype" in req.query:  # an Azure operation other than Get Blob
         return False
     if _GCS_API.match(req.path):
         return req.query.get("alt") == "media" and bool(_GCS_OBJECT.match(req.path))
@@ -135,9 +170,12 @@ def is_object_get(req: Request) -> bool:
 
 
 def is_list(req: Request) -> bool:
-    """True for an object listing: S3 ListObjects/ListObjectsV2 or GCS ``objects.list``."""
+    """True for an object listing: S3 ListObjects/ListObjectsV2, GCS ``objects.list`` or an
+    Azure List Blobs (``?restype=container&comp=list``)."""
     if req.method != "GET":
         return False
+    if req.query.get("comp") == "list":
+        return req.query.get("restype") == "container"
     if _GCS_API.match(req.path):
         return bool(_GCS_LIST.match(req.path))
     if "list-type" in req.query:
@@ -298,6 +336,19 @@ class _Handler(BaseHTTPRequestHandler):
         raw_query = rec.target.partition("?")[2]
         path_with_query = f"{rec.path}?{raw_query}" if "?" in rec.target else rec.path
         proxy._delay(proxy._slow_delay(rec.method, path_with_query))
+        fault = rec.fault = proxy._pick_fault(rec)
+        if fault in ("500", "503", "403"):
+            if body is None:
+                self.close_connection = True  # the request body is unread
+            self._reply_fault(rec, int(fault))
+            return
+        if fault == "reset":
+            self._reset(rec)
+            return
+        if fault == "stall":
+            proxy._delay(proxy._fault_stall())
+        if fault == "full_200":
+            headers = [(n, v) for n, v in headers if n.lower() != "range"]
 
         resp: http.client.HTTPResponse | None = None
         for attempt in (0, 1):
@@ -318,7 +369,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply_error(rec, 502, f"upstream error: {exc!r}")
                 return
         assert resp is not None
-        self._relay_response(rec, conn, resp)
+        if fault in _BODY_FAULTS:
+            self._relay_faulty(rec, conn, resp, fault)
+        else:
+            self._relay_response(rec, conn, resp)
 
     def _upstream_headers(self) -> list[tuple[str, str]]:
         extra_hop = {
@@ -460,6 +514,94 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         resp.close()
 
+    def _relay_faulty(
+        self, rec: Request, conn: _UpstreamConnection, resp: http.client.HTTPResponse, fault: str
+    ) -> None:
+        """Relay a response (buffered whole) with ``fault`` applied to its headers or body."""
+        proxy = self.proxy
+        try:
+            body = resp.read() if self.command != "HEAD" else b""
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            self._reply_error(rec, 502, f"upstream error: {exc!r}")
+            return
+        proxy._delay(proxy.latency_ms / 1000.0)
+        if fault == "no_etag":
+            body = _ETAG_XML.sub(b"", body)
+        if fault == "corrupt" and body:
+            mid = len(body) // 2
+            body = body[:mid] + bytes([body[mid] ^ 0xFF]) + body[mid + 1 :]
+        announced = len(body)
+        if fault == "short_length" and len(body) > 1:
+            body = body[: len(body) - max(1, len(body) // 3)]
+            announced = len(body)
+        self.send_response_only(resp.status, resp.reason or None)
+        for name, value in resp.getheaders():
+            lname = name.lower()
+            if lname in _HOP_BY_HOP or lname in ("transfer-encoding", "content-length"):
+                continue
+            if fault == "no_etag" and lname == "etag":
+                continue
+            self.send_header(name, value)
+        if self.command == "HEAD":
+            length = resp.getheader("Content-Length")
+            if length is not None:
+                self.send_header("Content-Length", length)
+        else:
+            self.send_header("Content-Length", str(announced))
+        rec.status = resp.status
+        rec.first_byte = time.monotonic()
+        self._write_client(None)
+        half = len(body) // 2
+        if fault == "truncate" and body:
+            self._write_client(body[:half])
+            rec.bytes_out += half
+            self.close_connection = True
+            conn.close()
+            return
+        if fault == "stall_body" and body:
+            self._write_client(body[:half])
+            self.wfile.flush()
+            proxy._delay(proxy._fault_stall())
+            self._write_client(body[half:])
+        elif body:
+            self._write_client(body)
+        rec.bytes_out += len(body)
+
+    def _reply_fault(self, rec: Request, status: int) -> None:
+        """An error answer shaped like the store's own (S3 XML, GCS JSON)."""
+        code, message = {
+            500: ("InternalError", "We encountered an internal error. Please try again."),
+            503: ("SlowDown", "Please reduce your request rate."),
+            403: ("AccessDenied", "Access Denied"),
+        }[status]
+        if _GCS_API.match(rec.path):
+            body = json.dumps({"error": {"code": status, "message": message}}).encode()
+            ctype = "application/json; charset=UTF-8"
+        else:
+            body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                    f"<Message>{message}</Message><RequestId>fault</RequestId></Error>").encode()
+            ctype = "application/xml"
+        self.proxy._delay(self.proxy.latency_ms / 1000.0)
+        self.send_response_only(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        rec.status = status
+        rec.first_byte = time.monotonic()
+        self._write_client(None)
+        self._write_client(body)
+
+    def _reset(self, rec: Request) -> None:
+        """Drop the client connection with a TCP reset, answering nothing."""
+        rec.error = "fault: connection reset"
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        self.close_connection = True
+
     def _write_client(self, data: bytes | None) -> None:
         """Write ``data`` to the client, or flush the buffered headers if ``data`` is None."""
         try:
@@ -523,6 +665,8 @@ class CountingProxy:
         self._upstream_connections = 0
         self._conn_serial = 0
         self._slow: tuple[SlowPredicate | None, float] | None = None
+        self._fault: _FaultRule | None = None
+        self._fault_counts: collections.Counter[str] = collections.Counter()
         self._active: dict[threading.Thread, tuple[socket.socket, _Handler | None]] = {}
         self._stopping = threading.Event()
         self._server: _Server | None = None
@@ -618,6 +762,35 @@ class CountingProxy:
         with self._lock:
             self._slow = (predicate, float(delay_s)) if delay_s > 0 else None
 
+    def faults(
+        self,
+        rate: float,
+        kinds: tuple[str, ...] | list[str] = FAULTS,
+        *,
+        predicate: Callable[[Request], bool] | None = None,
+        seed: int = 0,
+        stall_s: float = 30.0,
+    ) -> None:
+        """Inject a fault into a ``rate`` share of the requests ``predicate`` selects (every
+        request if None), each a kind drawn from ``kinds`` (see :data:`FAULTS`) by a generator
+        seeded with ``seed``. ``stall_s``: the length of a stall. ``rate <= 0`` removes the rule;
+        a new call replaces the previous one. :meth:`fault_counts` tells what was injected.
+        """
+        unknown = set(kinds) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown fault kinds: {sorted(unknown)}")
+        with self._lock:
+            self._fault = (
+                _FaultRule(float(rate), tuple(kinds), predicate, random.Random(seed), stall_s)
+                if rate > 0 and kinds
+                else None
+            )
+
+    def fault_counts(self) -> collections.Counter[str]:
+        """Faults injected per kind since the last :meth:`reset`."""
+        with self._lock:
+            return collections.Counter(self._fault_counts)
+
     # -- statistics ------------------------------------------------------------------------
 
     def counts(self) -> collections.Counter[tuple[str, str]]:
@@ -665,6 +838,7 @@ class CountingProxy:
             self._counts.clear()
             self._connections = 0
             self._upstream_connections = 0
+            self._fault_counts.clear()
 
     # -- internals used by the handler -----------------------------------------------------
 
@@ -722,6 +896,28 @@ class CountingProxy:
         except Exception:
             log.debug("proxy: slow() predicate raised", exc_info=True)
             return 0.0
+
+    def _pick_fault(self, rec: Request) -> str | None:
+        rule = self._fault
+        if rule is None:
+            return None
+        try:
+            if rule.predicate is not None and not rule.predicate(rec):
+                return None
+        except Exception:
+            log.debug("proxy: faults() predicate raised", exc_info=True)
+            return None
+        with self._lock:
+            hit = rule.rng.random() < rule.rate
+            kind = rule.rng.choice(rule.kinds)
+            if not hit or (kind == "full_200" and not rec.range):
+                return None
+            self._fault_counts[kind] += 1
+        return kind
+
+    def _fault_stall(self) -> float:
+        rule = self._fault
+        return rule.stall_s if rule is not None else 0.0
 
     def _delay(self, seconds: float) -> None:
         """Sleep in the calling handler thread; cut short by :meth:`stop`."""

@@ -3,7 +3,8 @@
 Each helper is a context manager that starts a server on ``127.0.0.1`` on a free port and
 stops it (and removes its temporary directory) on exit, even on error. None of them changes
 ``os.environ``; use :func:`s3_client` / :func:`gcs_client` to talk to them from Python, or
-point a store at them explicitly (``S3Store(endpoint_url=...)``, ``STORAGE_EMULATOR_HOST``).
+point a store at them explicitly (``S3Store(endpoint_url=...)``, ``STORAGE_EMULATOR_HOST``,
+``Azurite.connection_string()``).
 """
 
 from __future__ import annotations
@@ -27,11 +28,17 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
+    "AZURITE_ACCOUNT",
+    "AZURITE_KEY",
+    "Azurite",
     "FakeGCS",
     "MotoS3",
     "RcloneS3",
     "fake_gcs",
     "fake_gcs_binary",
+    "azure_container_client",
+    "azurite",
+    "azurite_binary",
     "free_port",
     "gcs_client",
     "moto_s3",
@@ -297,3 +304,86 @@ def rclone_s3(root_dir: str | os.PathLike[str]) -> Iterator[RcloneS3]:
         yield RcloneS3(url, root)
     finally:
         _stop_process(proc, log)
+
+
+# ---------------------------------------------------------------------------------- Azurite
+
+#: Azurite's well-known development account and its published key (not a secret).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+def azurite_binary() -> str | None:
+    """Path of ``azurite-blob``, or None: ``$AZURITE_BLOB``, the project's ``.node/``
+    (where scripts/setup.sh installs it), the current directory's ``.node/``, then PATH."""
+    candidates = [os.environ.get("AZURITE_BLOB") or ""]
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        candidates.append(str(root / ".node" / "node_modules" / ".bin" / "azurite-blob"))
+    candidates.append(shutil.which("azurite-blob") or "")
+    for c in candidates:
+        if c and os.access(c, os.X_OK) and shutil.which("node"):
+            return c
+    return None
+
+
+@dataclass(frozen=True)
+class Azurite:
+    """A running Azurite blob service; ``endpoint_url`` is the account URL (path style)."""
+
+    endpoint_url: str
+    account: str = AZURITE_ACCOUNT
+    key: str = AZURITE_KEY
+
+    def connection_string(self, endpoint_url: str | None = None) -> str:
+        """A connection string for this server, or for ``endpoint_url`` (a proxy in front)."""
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={self.account};"
+            f"AccountKey={self.key};BlobEndpoint={endpoint_url or self.endpoint_url};"
+        )
+
+
+@contextlib.contextmanager
+def azurite(*, in_memory: bool = True) -> Iterator[Azurite]:
+    """Run Azurite's blob service on 127.0.0.1 and a free port (loopback only, silent, no
+    telemetry, any API version), in memory or in a temporary directory; stopped on exit.
+
+    Raises RuntimeError if Azurite is not installed (scripts/setup.sh installs it); tests
+    should skip on that.
+    """
+    binary = azurite_binary()
+    if binary is None:
+        raise RuntimeError("Azurite is not installed (scripts/setup.sh: nodejs and npm azurite)")
+    tmp = tempfile.mkdtemp(prefix="azurite-")
+    running: tuple[subprocess.Popen[bytes], IO[bytes]] | None = None
+    try:
+        for attempt in range(3):  # the free port may be taken between probe and bind
+            port = free_port()
+            url = f"http://{HOST}:{port}/{AZURITE_ACCOUNT}"
+            proc, log = _spawn([
+                binary, "--blobHost", HOST, "--blobPort", str(port),
+                *(["--inMemoryPersistence"] if in_memory else ["--location", tmp]),
+                "--silent", "--skipApiVersionCheck", "--disableTelemetry",
+            ])  # fmt: skip
+            running = (proc, log)
+            try:
+                _wait_http(url + "?comp=list", proc, log, 60, "azurite")
+                break
+            except RuntimeError:
+                running = None
+                _stop_process(proc, log)
+                if attempt == 2:
+                    raise
+        yield Azurite(url)
+    finally:
+        if running is not None:
+            _stop_process(*running)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def azure_container_client(server: Azurite, container: str) -> Any:
+    """An azure-storage-blob ContainerClient on the Azurite account (shared key)."""
+    from azure.storage.blob import ContainerClient
+
+    return ContainerClient.from_connection_string(server.connection_string(), container)

@@ -1,0 +1,407 @@
+"""Azure Blob Storage through azure-storage-blob: ``az://container[/prefix]``.
+
+Credentials, first found wins: ``AZURE_STORAGE_CONNECTION_STRING``; ``AZURE_STORAGE_ACCOUNT``
+with ``AZURE_STORAGE_KEY`` or ``AZURE_STORAGE_SAS_TOKEN``; ``DefaultAzureCredential`` (Entra
+ID: environment, workload/managed identity, Azure CLI...) when azure-identity is installed.
+``endpoint_url`` replaces the account URL (Azurite ``http://127.0.0.1:10000/devstoreaccount1``,
+sovereign clouds). Versions are ETags; ranged reads carry ``If-Match``. Keys, SAS tokens and
+connection strings never reach a log line, an error message or ``source_id``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import requests
+from azure.core import MatchConditions
+from azure.core import exceptions as aexc
+from azure.core.pipeline.transport import RequestsTransport
+from azure.core.rest import HttpRequest
+from azure.storage.blob import BlobPrefix, ContainerClient, ExponentialRetry
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from ..errors import (
+    AccessDenied,
+    BackendError,
+    FusefsError,
+    NotFound,
+    StaleVersion,
+    TransientError,
+    UserError,
+)
+from .base import ListPage, ObjectInfo
+
+log = logging.getLogger(__name__)
+
+CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
+ACCOUNT_ENV = "AZURE_STORAGE_ACCOUNT"
+KEY_ENV = "AZURE_STORAGE_KEY"
+SAS_ENV = "AZURE_STORAGE_SAS_TOKEN"
+PAGE_SIZE = 5000  # the service's maximum page of a listing
+#: 5 attempts, about 0.2, 1.7, 2.5 and 3.6 s apart (the SDK's default waits 15 s and more)
+_RETRY: dict[str, Any] = {
+    "initial_backoff": 0.2,
+    "increment_base": 1.5,
+    "retry_total": 4,
+    "random_jitter_range": 0.2,
+}
+#: socket reads of up to 1 MiB while streaming a body (the SDK's default is 4 KiB)
+_READ_CHUNK = 1 << 20
+_BAD_CREDENTIALS = {
+    "AuthenticationFailed",
+    "InvalidAuthenticationInfo",
+    "NoAuthenticationInformation",
+}
+_TRANSIENT_CODES = {"ServerBusy", "OperationTimedOut", "InternalError"}
+
+
+def etag_version(etag: str | None) -> str:
+    """An ETag as a version: without quotes or weak prefix (listings and HEAD differ)."""
+    etag = (etag or "").strip()
+    if etag.startswith("W/"):
+        etag = etag[2:]
+    return etag.strip('"')
+
+
+def _epoch(when: datetime | None) -> float:
+    return when.timestamp() if when is not None else 0.0
+
+
+def _first_line(text: str) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line[:200] + ("..." if len(line) > 200 else "")
+
+
+def map_azure_error(exc: BaseException, what: str) -> FusefsError:
+    """Translate an azure-core/azure-storage failure into the fusefs error family.
+
+    Only the service's error code and the first line of its message are kept: never a URL
+    (it may carry a SAS token) or a header.
+    """
+    if isinstance(exc, FusefsError):
+        return exc
+    if isinstance(exc, aexc.ServiceRequestError | aexc.ServiceResponseError):
+        return TransientError(
+            f"{what}: cannot reach the endpoint ({type(exc).__name__})", cause=exc
+        )
+    if isinstance(exc, aexc.HttpResponseError) and getattr(exc, "status_code", None):
+        status = int(exc.status_code or 0)
+        code_obj = getattr(exc, "error_code", None) or ""
+        code = str(getattr(code_obj, "value", code_obj))  # StorageErrorCode is an enum
+        reason = _first_line(str(getattr(exc, "reason", "") or ""))
+        msg = f"{what}: {code or status} {_first_line(str(exc.message or '')) or reason}".strip()
+        if status == 404:
+            return NotFound(msg, cause=exc)
+        if status in (401, 403) or code in _BAD_CREDENTIALS:
+            return AccessDenied(msg, cause=exc)
+        if status == 412 or code == "ConditionNotMet":
+            return StaleVersion(msg, cause=exc)
+        if status in (408, 429) or status >= 500 or code in _TRANSIENT_CODES:
+            return TransientError(msg, cause=exc)
+        return BackendError(msg, cause=exc)
+    if isinstance(exc, aexc.ClientAuthenticationError):  # no status: a token that failed
+        return AccessDenied(
+            f"{what}: authentication failed ({type(exc).__name__}: "
+            f"{_first_line(str(exc.message or ''))})",
+            cause=exc,
+        )
+    if isinstance(exc, aexc.AzureError):
+        return BackendError(f"{what}: {type(exc).__name__}", cause=exc)
+    return BackendError(f"{what}: {exc!r}"[:300], cause=exc)
+
+
+def parse_connection_string(text: str) -> dict[str, str]:
+    """``Key=Value;...`` -> dict (values may contain ``=``, as base64 keys do)."""
+    out: dict[str, str] = {}
+    for part in text.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _redact(url: str) -> str:
+    """An account URL without query string or user info (a SAS token must not leak)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}" + (
+        parts.path.rstrip("/")
+    )
+
+
+def resolve_credentials(
+    endpoint_url: str | None, env: dict[str, str] | None = None
+) -> tuple[str, Any, str]:
+    """(account URL, credential, what it is) from the environment, in the documented order.
+
+    Raises AccessDenied (one line, no secret) when nothing usable is found.
+    """
+    env = dict(os.environ) if env is None else env
+    conn = env.get(CONNECTION_STRING_ENV, "").strip()
+    account = env.get(ACCOUNT_ENV, "").strip()
+    if conn:
+        cs = parse_connection_string(conn)
+        name = cs.get("AccountName", "")
+        if cs.get("UseDevelopmentStorage", "").lower() == "true":
+            name = name or "devstoreaccount1"
+            cs.setdefault("BlobEndpoint", f"http://127.0.0.1:10000/{name}")
+        url = endpoint_url or cs.get("BlobEndpoint") or (
+            f"{cs.get('DefaultEndpointsProtocol', 'https')}://{name}.blob."
+            f"{cs.get('EndpointSuffix', 'core.windows.net')}"
+        )
+        if cs.get("AccountKey") and name:
+            return url, {"account_name": name, "account_key": cs["AccountKey"]}, "account key"
+        if cs.get("SharedAccessSignature"):
+            return url, cs["SharedAccessSignature"], "SAS token"
+        raise AccessDenied(
+            f"{CONNECTION_STRING_ENV} has neither AccountName+AccountKey nor SharedAccessSignature"
+        )
+    if account or endpoint_url:
+        url = endpoint_url or f"https://{account}.blob.core.windows.net"
+        if account and env.get(KEY_ENV, "").strip():
+            return url, {"account_name": account, "account_key": env[KEY_ENV].strip()}, "key"
+        if env.get(SAS_ENV, "").strip():
+            return url, env[SAS_ENV].strip().lstrip("?"), "SAS token"
+    try:
+        from azure.identity import DefaultAzureCredential
+    except ImportError:
+        raise AccessDenied(
+            f"no Azure credentials: set {CONNECTION_STRING_ENV}, or {ACCOUNT_ENV} with "
+            f"{KEY_ENV} or {SAS_ENV}, or install azure-identity (pip install "
+            "'fusefs[azure-identity]') for Entra ID sign-in"
+        ) from None
+    if not (account or endpoint_url):
+        raise UserError(f"az://: set {ACCOUNT_ENV} (or --endpoint-url) to name the account")
+    url = endpoint_url or f"https://{account}.blob.core.windows.net"
+    return url, DefaultAzureCredential(), "DefaultAzureCredential"
+
+
+def _session(url: str, max_connections: int) -> requests.Session:
+    """A requests session for one account: a pooled connection per worker (the SDK's own
+    session keeps 10), and the environment's proxy and CA settings resolved once, here, for
+    this URL (requests would otherwise re-read the whole environment, and ~/.netrc, on every
+    request: a tenth of a small GET's CPU)."""
+    session = requests.Session()
+    session.trust_env = False
+    session.proxies = dict(requests.utils.get_environ_proxies(url))
+    ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if ca_bundle:
+        session.verify = ca_bundle
+    # retries are the pipeline's (ExponentialRetry); urllib3 must not retry underneath it
+    adapter = HTTPAdapter(
+        pool_connections=4,
+        pool_maxsize=max_connections,
+        max_retries=Retry(total=False, redirect=False, raise_on_status=False),
+    )
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+class AzureStore:
+    """One Azure Blob container. Object versions are ETags.
+
+    Ranged GETs take a lean path: one raw request through the client's own pipeline (its
+    authentication, retries and transport), skipping the SDK's download machinery (operation
+    layer, header deserialisation, chunked streaming: a third of a small GET's CPU). Only a
+    200/206 of the right length is taken; anything else is repeated through ``download_blob``,
+    which maps the error exactly.
+    """
+
+    def __init__(
+        self,
+        container: str,
+        *,
+        endpoint_url: str | None = None,
+        max_connections: int = 32,
+        page_size: int = PAGE_SIZE,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.container = container
+        self.page_size = page_size
+        url, credential, kind = resolve_credentials(endpoint_url, env)
+        account_url = _redact(url)
+        host = urlsplit(account_url).hostname or ""
+        default = host.endswith(".blob.core.windows.net") and not endpoint_url
+        self.source_id = (
+            f"az://{host.split('.')[0]}/{container}" if default else f"az+{account_url}/{container}"
+        )
+        if isinstance(credential, str):  # a SAS token: the SDK appends it to every URL
+            url = account_url
+        transport = RequestsTransport(
+            session=_session(account_url, max_connections),
+            session_owner=False,
+            connection_timeout=10,
+            read_timeout=60,
+            connection_data_block_size=_READ_CHUNK,
+        )
+        try:
+            self.client: Any = ContainerClient(
+                url,
+                container,
+                credential=credential,
+                retry_policy=ExponentialRetry(**_RETRY),
+                transport=transport,
+                max_single_get_size=256 << 20,  # one GET per block, never split
+            )
+        except (ValueError, aexc.AzureError) as exc:
+            raise map_azure_error(exc, f"az://{container}") from exc
+        base, _, query = str(self.client.url).partition("?")  # query: a SAS token, if any
+        self._blob_url = (base.rstrip("/") + "/", "?" + query if query else "")
+        self._pipeline = getattr(self.client, "_pipeline", None)
+        self._api_version = str(getattr(self.client, "api_version", "") or "")
+        log.debug("azure %s with %s", self.source_id, kind)
+
+    def _name(self, key: str) -> str:
+        return f"az://{self.container}/{key}"
+
+    def check(self) -> None:
+        try:
+            next(iter(self.client.list_blob_names(results_per_page=1).by_page()), None)
+        except Exception as exc:
+            err = map_azure_error(exc, f"az://{self.container}")
+            if isinstance(err, NotFound):
+                raise NotFound(
+                    f"container az://{self.container} does not exist", cause=exc
+                ) from exc
+            raise err from exc
+
+    def head(self, key: str) -> ObjectInfo:
+        if not key:
+            raise NotFound(f"{self._name(key)}: not an object")
+        try:
+            p = self.client.get_blob_client(key).get_blob_properties()
+        except Exception as exc:
+            raise map_azure_error(exc, self._name(key)) from exc
+        return ObjectInfo(key, int(p.size or 0), _epoch(p.last_modified), etag_version(p.etag))
+
+    #: Azure Blob has no "start after" parameter: a listing after a key reads the pages before
+    #: it and drops their entries, so lookups wait for a folder's fill instead (see fs.py).
+    lists_after = False
+
+    def list(
+        self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
+    ) -> Iterator[ListPage]:
+        size = min(max_keys, self.page_size) if max_keys else self.page_size
+        seen = 0
+        try:
+            pages = self.client.walk_blobs(
+                name_starts_with=prefix or None, delimiter="/", results_per_page=size
+            ).by_page()
+            for api_page in pages:
+                page = ListPage()
+                page.more = bool(getattr(pages, "continuation_token", None))
+                for item in api_page:
+                    if start_after and item.name <= start_after:
+                        continue
+                    if isinstance(item, BlobPrefix):
+                        page.prefixes.append(item.name)
+                    else:
+                        page.objects.append(
+                            ObjectInfo(
+                                item.name,
+                                int(item.size or 0),
+                                _epoch(item.last_modified),
+                                etag_version(item.etag),
+                            )
+                        )
+                seen += len(page.objects) + len(page.prefixes)
+                yield page
+                if max_keys and seen >= max_keys:
+                    return
+        except FusefsError:
+            raise
+        except Exception as exc:
+            raise map_azure_error(exc, self._name(prefix)) from exc
+
+    def _fast_get(self, key: str, start: int, length: int, version: str) -> bytes | None:
+        """The bytes, StaleVersion if the answer has another ETag, or None: use the SDK."""
+        if self._pipeline is None or not self._api_version:
+            return None
+        headers = {"x-ms-range": f"bytes={start}-{start + length - 1}",
+                   "x-ms-version": self._api_version}
+        if version:
+            headers["If-Match"] = f'"{version}"'
+        base, query = self._blob_url
+        request = HttpRequest("GET", base + quote(key, safe="~/") + query, headers=headers)
+        try:
+            response = self._pipeline.run(request).http_response
+        except aexc.AzureError as exc:  # retries ran out: the SDK path maps it
+            log.debug("lean GET of %s failed (%s); using the SDK", key, type(exc).__name__)
+            return None
+        if response.status_code not in (200, 206):
+            return None
+        etag = etag_version(response.headers.get("ETag"))
+        if etag and version and etag != version:
+            raise StaleVersion(f"{self._name(key)}: changed (ETag {etag} != {version})")
+        data: bytes = response.body()
+        if len(data) == length:
+            return data
+        total = str(response.headers.get("Content-Range", "")).rpartition("/")[2]
+        at_end = total.isdigit() and start + len(data) == int(total)
+        return data if at_end else None  # short only at the end of the object
+
+    def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
+        if length <= 0:
+            return b""
+        fast = self._fast_get(key, start, length, version)
+        if fast is not None:
+            return fast
+        conditions: dict[str, Any] = (
+            {"etag": f'"{version}"', "match_condition": MatchConditions.IfNotModified}
+            if version
+            else {}
+        )
+        try:
+            downloader = self.client.get_blob_client(key).download_blob(
+                start, length, max_concurrency=1, validate_content=False, **conditions
+            )
+            data: bytes = downloader.readall()
+        except aexc.HttpResponseError as exc:
+            if exc.status_code == 416:
+                return b""  # at or past the end of the object (or an empty object)
+            err = map_azure_error(exc, self._name(key))
+            if isinstance(err, StaleVersion):  # Azurite answers 412 for a deleted blob too
+                raise self._gone_or_stale(key, err) from exc
+            raise err from exc
+        except Exception as exc:
+            raise map_azure_error(exc, self._name(key)) from exc
+        etag = etag_version(downloader.properties.etag)
+        if etag and version and etag != version:  # a server that ignores If-Match
+            raise StaleVersion(f"{self._name(key)}: changed (ETag {etag} != {version})")
+        return data
+
+    def _gone_or_stale(self, key: str, err: StaleVersion) -> FusefsError:
+        """A failed If-Match: NotFound if the blob is gone, else the StaleVersion."""
+        try:
+            self.head(key)
+        except NotFound as gone:
+            return gone
+        except FusefsError:
+            return err
+        return err
+
+    # --- writes (``fusefs check``'s probe) ------------------------------------------------
+
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        """One Put Blob (a block blob; bodies this small need no staged blocks)."""
+        try:
+            r = self.client.get_blob_client(key).upload_blob(
+                data, overwrite=True, max_concurrency=1
+            )
+        except Exception as exc:
+            raise map_azure_error(exc, self._name(key)) from exc
+        return ObjectInfo(key, len(data), _epoch(r.get("last_modified")), etag_version(r["etag"]))
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_blob(key)
+        except aexc.ResourceNotFoundError:
+            return  # already absent
+        except Exception as exc:
+            raise map_azure_error(exc, self._name(key)) from exc

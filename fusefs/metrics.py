@@ -1,0 +1,220 @@
+"""Prometheus metrics of one mount, served on ``--metrics HOST:PORT`` at ``/metrics``.
+
+Counters and gauges are read from the mount's statistics at scrape time (the same numbers as
+``cat MOUNT/.fusefs``: nothing is counted twice). Latency histograms are observed by two thin
+wrappers: :class:`InstrumentedStore` around the ObjectStore (head, list, get...) and the FUSE
+adapter's ``observe`` hook (lookup, getattr, read...). Every series carries a ``source`` label:
+the mounted URL without any user-info part. Metric names are the constants below.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
+
+from .backends.base import ListPage, ObjectInfo, ObjectStore
+from .config import parse_host_port
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "fusefs_"
+STORE_LATENCY = PREFIX + "store_request_duration_seconds"
+FUSE_LATENCY = PREFIX + "fuse_request_duration_seconds"
+#: From 100 µs (a cached FUSE reply) to a minute (a slow store under retries).
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+#: stats key -> (metric name without prefix, help); counters get ``_total`` from the library.
+COUNTERS = {
+    "hits": ("cache_hits", "block lookups of reads served from the cache"),
+    "misses": ("cache_misses", "block lookups of reads not in the cache"),
+    "bytes_served": ("served_bytes", "bytes returned to programs"),
+    "bytes_fetched": ("fetched_bytes", "bytes fetched from the store"),
+    "fetches": ("fetches", "ranged GETs fetched from the store"),
+    "errors": ("fetch_errors", "failed fetches"),
+    "evictions": ("evictions", "blocks of this mount evicted by the size bound"),
+    "readahead_blocks": ("readahead_blocks", "blocks fetched ahead of sequential readers"),
+    "prefetch_queued": ("prefetch_queued_files", "files given to prefetch"),
+    "prefetch_done": ("prefetch_done_files", "prefetched files completed"),
+    "prefetch_failed": ("prefetch_failed_files", "prefetched files that failed"),
+    "prefetch_cancelled": ("prefetch_cancelled_files", "prefetched files cancelled"),
+    "prefetch_bytes_queued": ("prefetch_queued_bytes", "bytes given to prefetch"),
+    "prefetch_bytes_done": ("prefetch_done_bytes", "prefetched bytes completed"),
+    "prefetch_bytes_failed": ("prefetch_failed_bytes", "prefetched bytes that failed"),
+    "prefetch_bytes_cancelled": ("prefetch_cancelled_bytes", "prefetched bytes cancelled"),
+}
+GAUGES = {
+    "fetches_in_flight": ("fetches_in_flight", "GETs running now"),
+    "current_size": ("cache_used_bytes", "bytes the cache directory holds (all its mounts)"),
+    "current_count": ("cache_blocks", "items the cache directory holds"),
+    "cache_size": ("cache_limit_bytes", "the cache size bound (0: cache disabled)"),
+    "load_factor": ("cache_load_ratio", "cache_used_bytes / cache_limit_bytes"),
+    "block_size": ("block_size_bytes", "the block size"),
+    "prefetch_pending": ("prefetch_pending_files", "prefetch files not finished"),
+    "prefetch_bytes_pending": ("prefetch_pending_bytes", "prefetch bytes not finished"),
+    "open_files": ("open_files", "open file handles"),
+    "uptime_s": ("uptime_seconds", "seconds since the mount started"),
+}
+
+
+def source_label(source: str) -> str:
+    """The source URL without user-info (``s3://key:secret@b`` -> ``s3://b``) or query."""
+    try:
+        parts = urlsplit(source)
+    except ValueError:
+        return "?"
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class StatsCollector(Collector):
+    """Every counter and gauge of the mount's statistics, read at scrape time."""
+
+    def __init__(self, read_stats: Callable[[], dict[str, Any]], source: str) -> None:
+        self._read = read_stats
+        self._source = source_label(source)
+
+    def _snapshot(self) -> dict[str, Any]:
+        # read from the scrape thread while the mount runs: a dict that changes size during
+        # the read is simply read again
+        for _ in range(5):
+            try:
+                return self._read()
+            except RuntimeError:
+                time.sleep(0.001)
+        return self._read()
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._snapshot()
+        labels = ["source"]
+        info = GaugeMetricFamily(PREFIX + "mount_info", "the mount (always 1)",
+                                 labels=["source", "cache_dir"])
+        info.add_metric([self._source, str(stats.get("cache_dir") or "")], 1)
+        yield info
+        for key, (name, doc) in COUNTERS.items():
+            if key in stats:
+                c = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+                c.add_metric([self._source], float(stats[key]))
+                yield c
+        for key, (name, doc) in GAUGES.items():
+            if key in stats:
+                g = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+                g.add_metric([self._source], float(stats[key]))
+                yield g
+
+
+class Metrics:
+    """A mount's registry: the stats collector and the two latency histograms."""
+
+    def __init__(self, source: str) -> None:
+        disable_created_metrics()  # no *_created series: one mount, one process
+        self.source = source_label(source)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.store_latency = Histogram(
+            STORE_LATENCY, "object-store requests by operation (head, list, get...)",
+            ["source", "operation"], registry=self.registry, buckets=LATENCY_BUCKETS)
+        self.fuse_latency = Histogram(
+            FUSE_LATENCY, "FUSE requests by operation (lookup, getattr, read...)",
+            ["source", "operation"], registry=self.registry, buckets=LATENCY_BUCKETS)
+        self._fuse: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    def add_stats(self, read_stats: Callable[[], dict[str, Any]]) -> None:
+        self.registry.register(StatsCollector(read_stats, self.source))
+
+    def store_timer(self, operation: str) -> Any:
+        """The histogram child for one store operation (observe seconds on it)."""
+        return self.store_latency.labels(self.source, operation)
+
+    def observe_fuse(self, operation: str, seconds: float) -> None:
+        """The FUSE adapter's hook: one request of ``operation`` took ``seconds``."""
+        child = self._fuse.get(operation)
+        if child is None:
+            with self._lock:
+                child = self._fuse.setdefault(
+                    operation, self.fuse_latency.labels(self.source, operation))
+        child.observe(seconds)
+
+    def serve(self, address: str) -> None:
+        """Serve ``/metrics`` on ``address`` in a daemon thread; UserError (one line) if the
+        address is malformed, unknown or in use."""
+        try:
+            host, port = parse_host_port(address)
+        except ValueError as exc:
+            raise UserError(f"--metrics: {exc}") from None
+        try:
+            self._server, _thread = start_http_server(port, host, registry=self.registry)
+        except OSError as exc:
+            raise UserError(
+                f"--metrics {address}: cannot listen there ({exc.strerror or exc})") from None
+        log.info("metrics on http://%s:%d/metrics", host, port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class InstrumentedStore:
+    """An ObjectStore that times every request of the store it wraps (histogram by operation).
+
+    A listing is timed page by page (each page is one request).
+    """
+
+    def __init__(self, inner: ObjectStore, metrics: Metrics) -> None:
+        self.inner = inner
+        self.source_id = inner.source_id
+        self.lists_after: bool = getattr(inner, "lists_after", True)
+        self._t = {op: metrics.store_timer(op)
+                   for op in ("check", "head", "list", "get", "put", "delete")}
+
+    def check(self) -> None:
+        with self._t["check"].time():
+            self.inner.check()
+
+    def head(self, key: str) -> ObjectInfo:
+        with self._t["head"].time():
+            return self.inner.head(key)
+
+    def list(
+        self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
+    ) -> Iterator[ListPage]:
+        pages = iter(self.inner.list(prefix, max_keys=max_keys, start_after=start_after))
+        timer = self._t["list"]
+        while True:
+            start = time.perf_counter()
+            try:
+                page = next(pages, None)
+            except BaseException:
+                timer.observe(time.perf_counter() - start)
+                raise
+            if page is None:  # the end of the listing: no request was made
+                return
+            timer.observe(time.perf_counter() - start)
+            yield page
+
+    def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
+        with self._t["get"].time():
+            return self.inner.get_range(key, start, length, version)
+
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        with self._t["put"].time():
+            return self.inner.put(key, data)
+
+    def delete(self, key: str) -> None:
+        with self._t["delete"].time():
+            self.inner.delete(key)
