@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import posixpath
 import shlex
@@ -35,30 +36,44 @@ import trio
 from . import stats as S
 from .backends.base import ObjectInfo
 from .cache.blocks import BlockStore, parse_cache_key
-from .config import Settings, human_size
+from .cmdline import CommandLines
+from .config import Settings, human_size, parse_size
 from .errors import (
     AccessDenied,
     FusefsError,
     InvalidArgument,
+    IsADirectory,
+    NotFound,
     first_error,
     single_error,
 )
 from .fs import CONTROL_INO, Attr, Entry, FileSystem
+from .hints import HintStreams
 from .prefetch import Prefetcher, prefetch_concurrency
 from .reader import Reader
+
+log = logging.getLogger(__name__)
 
 #: Longest command line accepted (a prefetch of many quoted paths fits easily).
 MAX_COMMAND = 1 << 20
 #: Listings run in parallel while walking a folder.
 _WALK_PARALLEL = 8
 
-COMMANDS = ("stats", "clear", "prefetch", "cancel-prefetch")
-
+COMMANDS = (
+    "stats",
+    "clear",
+    "prefetch",
+    "cancel-prefetch",
+    "hint-open",
+    "hint",
+    "hint-at",
+    "hint-cancel",
+)
 
 @dataclass
 class _CtlHandle:
     uid: int
-    buf: bytearray = field(default_factory=bytearray)
+    lines: CommandLines = field(default_factory=CommandLines)  # bytes written, not yet run
     result: bytes | None = None  # the last command's JSON; None -> fresh stats on read
     doc: bytes = b""  # the document being read
     origin: int | None = None  # file offset where ``doc`` starts; None: the next read starts one
@@ -89,6 +104,15 @@ class Control:
         self._mountpoints = sorted({mp, os.path.realpath(mp)} if mp else set(), key=len)[::-1]
         self.prefetcher = Prefetcher(
             reader, blocks, stats, concurrency=prefetch_concurrency(settings.workers)
+        )
+        self.hints = HintStreams(
+            self.prefetcher,
+            reader,
+            blocks,
+            self._file_info,
+            self._list_folder,
+            cache_size=settings.cache_size,
+            metadata_ttl=settings.metadata_ttl,
         )
         self._handles: dict[int, _CtlHandle] = {}
         self._next = 1 << 40  # distinct from file handles
@@ -142,40 +166,24 @@ class Control:
         h = self._handles[fh]
         if not self.may_write(h.uid):  # the kernel checks too (mode 0644, default_permissions)
             raise AccessDenied(f"uid {h.uid} may not write commands (only the mounting user)")
-        h.buf += data
-        if len(h.buf) > MAX_COMMAND:
-            h.buf.clear()
+        h.lines.feed(data)
+        if len(h.lines) > MAX_COMMAND:
+            h.lines.clear()
             self._fail(h, InvalidArgument(f"command longer than {MAX_COMMAND} bytes"), "")
-        while (line := self._take_line(h)) is not None:
+        while (line := h.lines.take()) is not None:
             await self._run(h, line)
         return len(data)
 
     async def flush(self, fh: int) -> None:
         """Run a last command written without a newline (``printf clear > .fusefs``)."""
         h = self._handles.get(fh)
-        if h is None or not h.buf:
+        if h is None or not len(h.lines):
             return
-        text = bytes(h.buf)
-        h.buf.clear()
+        text = h.lines.rest()
         await self._run(h, text)
 
     def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
-
-    @staticmethod
-    def _take_line(h: _CtlHandle) -> bytes | None:
-        """The first complete line of the buffer (a newline inside quotes does not end it)."""
-        start = 0
-        while (nl := h.buf.find(b"\n", start)) >= 0:
-            line = bytes(h.buf[:nl])
-            try:
-                shlex.split(line.decode("utf-8", "replace"))
-            except ValueError:  # an open quote: the newline is part of a name
-                start = nl + 1
-                continue
-            del h.buf[: nl + 1]
-            return line
-        return None
 
     async def _run(self, h: _CtlHandle, raw: bytes) -> None:
         try:
@@ -198,14 +206,16 @@ class Control:
         Lines after the failed one are dropped: a script's later commands never run on a
         broken premise. An exception group (from a nursery) is reported as its real error.
         """
-        h.buf.clear()
+        h.lines.clear()
         err = first_error(exc)
         if isinstance(err, FusefsError):
             code, message = err.errno, str(err)
         elif isinstance(err, OSError) and err.errno:
             code, message = err.errno, str(err)
-        else:
+        else:  # a bug or an unexpected library error (e.g. SQLite): log where it came from
+            log.error("control command %r failed", command, exc_info=err)
             code, message = errno.EIO, f"internal error: {err!r}"
+            err = FusefsError(message)  # EIO; the traceback is logged once, here
         h.result = self.render(
             {
                 "command": command,
@@ -231,6 +241,10 @@ class Control:
             "clear": self._cmd_clear,
             "prefetch": self._cmd_prefetch,
             "cancel-prefetch": self._cmd_cancel,
+            "hint-open": self._cmd_hint_open,
+            "hint": self._cmd_hint,
+            "hint-at": self._cmd_hint_at,
+            "hint-cancel": self._cmd_hint_cancel,
         }
         handler = handlers.get(cmd)
         if handler is None:
@@ -342,6 +356,52 @@ class Control:
         path = self._one_path(args, "cancel-prefetch")
         return self.prefetcher.cancel("" if path is None else path)
 
+    async def _cmd_hint_open(self, args: list[str]) -> dict[str, Any]:
+        if not 1 <= len(args) <= 3:
+            raise InvalidArgument("usage: hint-open ID [WINDOW_FILES [WINDOW_BYTES]]")
+        self._need_cache("hints")
+        try:
+            files = int(args[1]) if len(args) > 1 else None
+            nbytes = parse_size(args[2]) if len(args) > 2 else None
+        except ValueError as exc:
+            raise InvalidArgument(f"hint-open: {exc}") from None
+        if nbytes is not None and nbytes < 1:
+            raise InvalidArgument("hint-open: the window must hold at least one byte")
+        return self.hints.open(args[0], files, nbytes)
+
+    async def _cmd_hint(self, args: list[str]) -> dict[str, Any]:
+        if len(args) < 2:
+            raise InvalidArgument("usage: hint ID PATH [PATH...]")
+        return self.hints.append(args[0], [self.relative(a) for a in args[1:]])
+
+    async def _cmd_hint_at(self, args: list[str]) -> dict[str, Any]:
+        if len(args) != 2 or not args[1].isdigit():
+            raise InvalidArgument("usage: hint-at ID POSITION (files consumed so far)")
+        return self.hints.advance(args[0], int(args[1]))
+
+    async def _cmd_hint_cancel(self, args: list[str]) -> dict[str, Any]:
+        if len(args) != 1:
+            raise InvalidArgument("usage: hint-cancel ID")
+        return {"id": args[0], **self.hints.cancel(args[0])}
+
+    async def _file_info(self, rel: str) -> ObjectInfo:
+        """A hinted path's object. Resolving it fills what the program's lookup will find, so
+        its ``open`` is answered from memory."""
+        entry = await self.resolve(rel)
+        if entry.is_dir:
+            raise IsADirectory(f"{rel} is a directory")
+        if entry.info is None:
+            raise NotFound(f"{rel}: no such file")
+        return entry.info
+
+    async def _list_folder(self, rel: str) -> None:
+        """List a whole folder: every lookup in it is then answered from the listing."""
+        await self.fs.entries(rel)
+
+    def _need_cache(self, what: str) -> None:
+        if not self.settings.cache_enabled:
+            raise InvalidArgument(f"{what} need the disk cache, which is disabled (cache size 0)")
+
     # --- paths -----------------------------------------------------------------------------
 
     def _one_path(self, args: list[str], cmd: str) -> str | None:
@@ -425,6 +485,7 @@ class Control:
         volume = self.blocks.volume()
         size_limit = self.settings.cache_size if self.settings.cache_enabled else 0
         lookups = c[S.HITS] + c[S.MISSES]
+        streams = self.hints.as_list()
         return {
             "source": self.source,
             "cache_dir": self.blocks.directory or None,
@@ -450,4 +511,6 @@ class Control:
             "open_files": self.fs.open_handles,
             "uptime_s": round(time.monotonic() - self.stats.started, 1),
             "prefetch_requests": self.prefetcher.requests(),
+            "hint_window_limited": any(st["limited_by_cache"] for st in streams),
+            "hint_streams": streams,
         }

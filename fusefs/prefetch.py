@@ -19,6 +19,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,7 @@ class PrefetchRequest:
     files_cancelled: int = 0
     bytes_cancelled: int = 0
     errors: list[str] = field(default_factory=list)
+    streaming: bool = False  # more files may be added (a hint stream): not finished yet
 
     @property
     def files_pending(self) -> int:
@@ -128,6 +130,7 @@ class Prefetcher:
         self._requests: OrderedDict[int, PrefetchRequest] = OrderedDict()
         self.bytes = {"queued": 0, "done": 0, "failed": 0, "cancelled": 0}
         self.files_cancelled = 0
+        self.internal_errors = 0  # failures outside a fetch (logged with a traceback)
 
     # --- commands --------------------------------------------------------------------------
 
@@ -135,22 +138,10 @@ class Prefetcher:
         self, paths: list[str], files: list[tuple[ObjectInfo, list[int]]]
     ) -> PrefetchRequest:
         """Queue ``files`` as (object, its uncached block indices); returns at once."""
-        req = PrefetchRequest(next(self._ids), paths)
-        for obj, todo in files:
-            nbytes = sum(self.reader.block_bytes(obj, i) for i in todo)
-            req.bytes_cached += obj.size - nbytes
-            if not todo:
-                req.files_cached += 1
-                continue
-            req.files_queued += 1
-            req.bytes_queued += nbytes
-            self._queue.append(_File(req, obj, todo, nbytes))
-        self.stats.add(S.PREFETCH_QUEUED, req.files_queued)
-        self.bytes["queued"] += req.bytes_queued
-        self._requests[req.id] = req
+        req = self.open_request(paths)
+        self.add(req, files)
+        req.streaming = False
         self._maybe_finish(req)
-        self._prune()
-        self._start_workers()
         log.info(
             "prefetch #%d %s: %d files (%d bytes) queued, %d already cached",
             req.id,
@@ -161,13 +152,52 @@ class Prefetcher:
         )
         return req
 
+    def open_request(self, paths: list[str]) -> PrefetchRequest:
+        """A request that files are added to later (:meth:`add`); it stays ``running`` until
+        :meth:`close_request` (a hint stream)."""
+        req = PrefetchRequest(next(self._ids), paths, streaming=True)
+        self._requests[req.id] = req
+        self._prune()
+        return req
+
+    def add(self, req: PrefetchRequest, files: list[tuple[ObjectInfo, list[int]]]) -> None:
+        """Queue more files of ``req``, after everything queued so far (FIFO)."""
+        files_queued = bytes_queued = 0
+        for obj, todo in files:
+            nbytes = sum(self.reader.block_bytes(obj, i) for i in todo)
+            req.bytes_cached += obj.size - nbytes
+            if not todo:
+                req.files_cached += 1
+                continue
+            files_queued += 1
+            bytes_queued += nbytes
+            self._queue.append(_File(req, obj, todo, nbytes))
+        req.files_queued += files_queued
+        req.bytes_queued += bytes_queued
+        self.stats.add(S.PREFETCH_QUEUED, files_queued)
+        self.bytes["queued"] += bytes_queued
+        self._start_workers()
+
+    def close_request(self, req: PrefetchRequest) -> None:
+        """No more files will be added to ``req``: it finishes when its queue is drained."""
+        req.streaming = False
+        self._maybe_finish(req)
+
     def cancel(self, prefix: str) -> dict[str, int]:
         """Drop queued blocks of files at or under ``prefix`` ("" = all); running ones finish."""
+        return self._cancel(
+            lambda f: not prefix or f.obj.key == prefix or f.obj.key.startswith(prefix + "/")
+        )
+
+    def cancel_request(self, req: PrefetchRequest) -> dict[str, int]:
+        """Drop every queued block of one request at once; blocks already downloading finish."""
+        return self._cancel(lambda f: f.req is req)
+
+    def _cancel(self, match: Callable[[_File], bool]) -> dict[str, int]:
         files = blocks = nbytes = 0
         keep: deque[_File] = deque()
         for f in self._queue:
-            key = f.obj.key
-            if prefix and key != prefix and not key.startswith(prefix + "/"):
+            if not match(f):
                 keep.append(f)
                 continue
             dropped = f.todo[f.next :]
@@ -203,6 +233,7 @@ class Prefetcher:
             "prefetch_bytes_failed": b["failed"],
             "prefetch_bytes_cancelled": b["cancelled"],
             "prefetch_bytes_pending": b["queued"] - b["done"] - b["failed"] - b["cancelled"],
+            "prefetch_internal_errors": self.internal_errors,
         }
 
     # --- workers ---------------------------------------------------------------------------
@@ -221,6 +252,8 @@ class Prefetcher:
         return n
 
     async def _worker(self) -> None:
+        """Drain the queue. Every failure is contained here (logged, counted on its file): an
+        exception leaving a background task would end the serving nursery, and the mount."""
         try:
             while self._queue:
                 f = self._queue[0]
@@ -233,27 +266,35 @@ class Prefetcher:
                     ok, err = await self._fetch(f.obj, idx)
                 finally:
                     f.running -= 1
-                nb = self.reader.block_bytes(f.obj, idx)
-                if ok:
-                    f.req.bytes_done += nb
-                    self.bytes["done"] += nb
-                else:
-                    f.failed = True
-                    f.req.bytes_failed += nb
-                    self.bytes["failed"] += nb
-                    if len(f.req.errors) < KEEP_ERRORS:
-                        f.req.errors.append(f"{f.obj.key}: {err}")
-                self._file_progress(f)
+                try:
+                    self._account(f, idx, ok, err)
+                except Exception:  # a bug in the bookkeeping: log it, keep prefetching
+                    self.internal_errors += 1
+                    log.exception("prefetch bookkeeping of %s block %d failed", f.obj.key, idx)
         finally:
             self._workers -= 1
 
+    def _account(self, f: _File, idx: int, ok: bool, err: str) -> None:
+        nb = self.reader.block_bytes(f.obj, idx)
+        if ok:
+            f.req.bytes_done += nb
+            self.bytes["done"] += nb
+        else:
+            f.failed = True
+            f.req.bytes_failed += nb
+            self.bytes["failed"] += nb
+            if len(f.req.errors) < KEEP_ERRORS:
+                f.req.errors.append(f"{f.obj.key}: {err}")
+        self._file_progress(f)
+
     async def _fetch(self, obj: ObjectInfo, idx: int) -> tuple[bool, str]:
+        """Fetch one block unless cached; (ok, error message). Never raises but Cancelled."""
         try:
             if await threads.run_sync(self.blocks.contains, self.reader.block_key(obj, idx)):
                 return True, ""  # a reader (or another prefetch) got it meanwhile (SQLite: thread)
             await self.reader.fetch_block(obj, idx, PREFETCH)
         except Exception as exc:  # background work: record and log, never crash the mount
-            log.warning("prefetch of %s block %d failed: %s", obj.key, idx, exc)
+            log.warning("prefetch of %s block %d failed: %r", obj.key, idx, exc)
             return False, str(exc) or type(exc).__name__
         return True, ""
 
@@ -274,7 +315,7 @@ class Prefetcher:
         self._maybe_finish(req)
 
     def _maybe_finish(self, req: PrefetchRequest) -> None:
-        if req.finished is None and req.files_pending == 0:
+        if req.finished is None and not req.streaming and req.files_pending == 0:
             req.finished = time.time()
             log.info(
                 "prefetch #%d finished: %d files done, %d failed, %d cancelled",

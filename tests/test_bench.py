@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench.py"
 WORKLOADS = {
     "seq_hot", "seq_warm", "seq_cold", "small_cold", "small_warm", "prefetch", "find", "ls_lR",
-    "random_4k", "rss",
+    "random_4k", "rss", "seq_cold_latency", "open_by_path", "loader_cold", "loader_hinted",
+    "loader_epoch2", "loader_small_cache",
 }  # fmt: skip
 
 pytestmark = [
@@ -50,7 +51,7 @@ def test_bench_tiny_reports_every_workload_and_cleans_up(tmp_path: Path) -> None
     work.mkdir()
     r = subprocess.run(
         [sys.executable, str(BENCH), "--tiny", "--latency-ms", "5", "--json", str(out),
-         "--workdir", str(work)],
+         "--workdir", str(work), "--fusefs-src", str(REPO)],
         capture_output=True, text=True, timeout=240, cwd=REPO,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-4000:]
@@ -69,6 +70,12 @@ def test_bench_tiny_reports_every_workload_and_cleans_up(tmp_path: Path) -> None
             assert isinstance(value, int | float), f"{wid}: {name} is {value!r}"
         assert fusefs["status"] in ("PASS", "MISS"), wid
     assert "gets_during_read" in rows["prefetch"]["results"]["fusefs"]["notes"]
+    for wid in ("open_by_path", "loader_cold", "loader_hinted", "loader_small_cache"):
+        per_file = rows[wid]["results"]["fusefs"]["notes"]["requests_per_file"]
+        assert set(per_file) == {"get", "head", "list"}, wid
+    hints = rows["loader_hinted"]["results"]["fusefs"]["notes"]["hints"]
+    assert hints["files_hinted"] > 0, hints
+    assert rows["open_by_path"]["peer_target"] == ">= 2.0 x rclone"
 
     with open("/proc/mounts") as f:
         assert not [line for line in f if str(tmp_path) in line]

@@ -502,3 +502,153 @@ def test_prefetch_queue_without_a_mount(tmp_path: Path) -> None:
 
     trio.run(main)
     m.blocks.close()
+
+
+def test_quoted_newlines_are_scanned_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quoted name with 20,000 newlines, written 16 bytes at a time, is one command, and
+    parsing it examines each byte a bounded number of times (issue 8 item 16: the buffer was
+    re-split with shlex at every newline, quadratic in the payload)."""
+    import shlex
+
+    import trio
+
+    from fusefs import control as control_mod
+    from fusefs.errors import NotFound
+
+    (tmp_path / "objects").mkdir()
+    (tmp_path / "objects/a\nb").write_bytes(b"abc")
+    ctl = _core(tmp_path).control
+    payload = b"stats 'x" + b"\n" * 20_000 + b"y'\nstats \"a\n\\\"b\" extra\nstats 'a\nb'\n"
+    budget = 2 * len(payload)
+    parsed = {"chars": 0, "lines": 0}
+    real_split = shlex.split
+
+    def counting_split(s: str, *a: Any, **kw: Any) -> list[str]:
+        parsed["chars"] += len(s)
+        parsed["lines"] += 1
+        if parsed["chars"] > budget:
+            raise AssertionError(f"parsed {parsed['chars']} characters for {len(payload)}")
+        return real_split(s, *a, **kw)
+
+    monkeypatch.setattr(control_mod.shlex, "split", counting_split)
+
+    async def main() -> None:
+        fh = ctl.open(ctl.owner_uid, os.O_RDWR)
+        first = payload.index(b"y'\n") + 3
+        for i in range(0, first, 16):
+            chunk = payload[i : min(i + 16, first)]
+            if i + 16 < first:
+                assert await ctl.write(fh, chunk) == len(chunk)
+            else:  # the closing quote and newline: the command runs (and fails: no such name)
+                with pytest.raises(NotFound):
+                    await ctl.write(fh, chunk)
+        err = json.loads(ctl.read(fh, 0, 1 << 20))
+        newlines = max(err["error"].count("\n"), err["error"].count("\\n"))  # as is, or repr
+        assert err["code"] == "ENOENT" and newlines == 20_000
+        assert parsed["lines"] == 1
+        # an escaped quote inside double quotes does not close them: one line, 3 words
+        with pytest.raises(InvalidArgument):
+            await ctl.write(fh, payload[first:].split(b"stats 'a")[0])
+        assert parsed["lines"] == 2 and "one path" in json.loads(ctl.read(fh, 0, 4096))["error"]
+        await ctl.write(fh, b"stats 'a\nb'\n")
+        assert json.loads(ctl.read(fh, 0, 4096))["size"] == 3
+        assert ctl._handles[fh].lines.scan_work <= len(payload)
+        ctl.release(fh)
+
+    from fusefs.errors import InvalidArgument
+
+    trio.run(main)
+    assert parsed["chars"] <= budget
+
+
+def test_prefetch_contains_cache_errors(tmp_path: Path) -> None:
+    """A block cache that fails (SQLite "database is locked") while the prefetcher checks a
+    block fails that file, logged and counted; the prefetcher and the serving nursery go on
+    (issue 8 item 8: the error escaped the background task and ended the mount)."""
+    import sqlite3
+
+    import trio
+
+    (tmp_path / "objects/d").mkdir(parents=True)
+    files = {"d/a": blob(2 * BLOCK, 1), "d/b": blob(BLOCK, 2), "d/c": blob(BLOCK, 3)}
+    for k, v in files.items():
+        (tmp_path / "objects" / k).write_bytes(v)
+    m = _core(tmp_path, workers="3")  # one prefetch task: blocks are taken in order
+    ctl = m.control
+    real_contains = m.blocks.contains
+
+    def broken_contains(bkey: Any) -> bool:
+        if bkey.key == "d/a":
+            raise sqlite3.OperationalError("database is locked")
+        return real_contains(bkey)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            m.reader.start(nursery)
+            first = await ctl.execute(["prefetch", "d"])
+            assert first["files_queued"] == 3
+            m.blocks.contains = broken_contains  # type: ignore[method-assign]
+            while ctl.prefetcher.requests()[0]["state"] == "running":
+                await trio.sleep(0.01)
+            m.blocks.contains = real_contains  # type: ignore[method-assign]
+            again = await ctl.execute(["prefetch", "d/a"])  # still serving: a new prefetch runs
+            assert again["files_queued"] == 1
+            while ctl.prefetcher.requests()[-1]["state"] == "running":
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        first_req, second_req = ctl.prefetcher.requests()
+        assert (first_req["files_failed"], first_req["files_done"]) == (1, 2)
+        assert "database is locked" in first_req["errors"][0]
+        assert second_req["files_done"] == 1
+        s = ctl.stats_dict()
+        assert (s["prefetch_failed"], s["prefetch_done"], s["prefetch_internal_errors"]) == (
+            1, 3, 0)
+
+    trio.run(main)
+    m.blocks.close()
+
+
+def test_command_errors_keep_their_errno_or_are_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A walk's failure keeps its errno (not an ExceptionGroup's "internal error"), and an
+    unexpected error in a command is EIO with its traceback logged once."""
+    import logging
+    import sqlite3
+
+    import trio
+
+    from fusefs.errors import AccessDenied, FusefsError
+
+    (tmp_path / "objects/d/e").mkdir(parents=True)
+    (tmp_path / "objects/d/e/f").write_bytes(b"f")
+    m = _core(tmp_path)
+    ctl = m.control
+    real_entries = m.fs.entries
+
+    async def entries(path: str) -> Any:
+        if path == "d/e":
+            raise AccessDenied("d/e: listing refused")
+        return await real_entries(path)
+
+    m.fs.entries = entries  # type: ignore[method-assign]
+
+    def volume() -> int:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async def main() -> None:
+        fh = ctl.open(ctl.owner_uid, os.O_RDWR)
+        with pytest.raises(AccessDenied):
+            await ctl.write(fh, b"stats d\n")
+        assert json.loads(ctl.read(fh, 0, 4096))["code"] == "EACCES"
+        m.blocks.volume = volume  # type: ignore[method-assign]
+        with caplog.at_level(logging.ERROR, logger="fusefs.control"):
+            with pytest.raises(FusefsError) as ei:
+                await ctl.write(fh, b"clear\n")
+        assert ei.value.errno == errno.EIO
+        res = json.loads(ctl.read(fh, 0, 4096))
+        assert res["code"] == "EIO" and "disk I/O error" in res["error"]
+        assert any(r.exc_info and "disk I/O error" in str(r.exc_info[1]) for r in caplog.records)
+
+    trio.run(main)
+    m.blocks.close()

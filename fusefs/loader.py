@@ -1,0 +1,312 @@
+"""Training from a mount: hint the files a data loader will read next, in its order.
+
+Pure Python, no torch needed (and it works with torch's ``DataLoader``):
+
+- :class:`MountHints` drives one hint stream of a mount's control file (``hint-open``,
+  ``hint``, ``hint-at``, ``hint-cancel``; see the README): give it the order of an epoch with
+  :meth:`~MountHints.start`, tell it how far the reader got with :meth:`~MountHints.advance`.
+  It sends the paths a little ahead of the window (never the whole order at once, so a
+  million-file epoch costs the mount no memory) and the position every few files.
+- :class:`HintingSampler` wraps a sampler (anything iterable over dataset indices, with a
+  length): each epoch it takes the sampler's order, opens a stream, and advances the window as
+  indices are handed out. Hinting happens in ONE place -- the process that iterates the
+  sampler (a ``DataLoader``'s main process) -- however many worker processes read the files.
+
+Hints are an optimisation: once a stream is open, a failure to send a later hint is logged
+(one warning) and hinting stops; the program's reads go on unaffected.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shlex
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CONTROL_NAME = ".fusefs"
+#: Bytes of paths sent in one command (the control file accepts lines up to 1 MiB).
+_CHUNK_BYTES = 256 * 1024
+
+
+class HintError(OSError):
+    """A hint command the mount refused (bad path, cache disabled, not a fusefs mount)."""
+
+
+class HintWindowWarning(UserWarning):
+    """The cache cannot hold the window asked for: fewer files are kept hinted ahead."""
+
+
+class MountHints:
+    """One ordered hint stream on the fusefs mount at ``mountpoint``.
+
+    ``window_files``/``window_bytes``: how far ahead of the reader files are kept hinted
+    (``window_bytes`` None: as much as the cache holds without evicting hinted files not read
+    yet; a larger value is cut to that, with a :class:`HintWindowWarning`). ``stream``: the
+    stream's name (unique per reader; default random).
+    """
+
+    def __init__(
+        self,
+        mountpoint: str | os.PathLike[str],
+        *,
+        window_files: int = 256,
+        window_bytes: int | None = None,
+        stream: str | None = None,
+    ) -> None:
+        if window_files < 1:
+            raise ValueError("window_files must be at least 1")
+        self.mountpoint = os.fspath(mountpoint)
+        self.window_files = window_files
+        self.window_bytes = window_bytes
+        self.stream = stream or uuid.uuid4().hex[:16]
+        self.window: dict[str, Any] = {}  # what hint-open answered (the effective window)
+        self._order: Sequence[str] = ()
+        self._sent = 0  # paths of the order sent so far
+        self._reported = 0  # the last position sent
+        self._active = False
+        self._warned = False  # the window was found limited by the cache (warned once)
+        self._fd: int | None = None
+        self._pid = 0
+
+    # --- the stream ------------------------------------------------------------------------
+
+    def start(self, paths: Sequence[str]) -> dict[str, Any]:
+        """A new order (an epoch): replaces the previous one, whose queued hints are dropped.
+        ``paths`` are relative to the mount root, in the order they will be read."""
+        words = ["hint-open", self.stream, str(self.window_files)]
+        if self.window_bytes is not None:
+            words.append(str(self.window_bytes))
+        self.window = self._command(words)
+        self._order, self._sent, self._reported, self._active = paths, 0, 0, True
+        if self.window.get("limited_by_cache") and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"fusefs hints on {self.mountpoint}: {self.window.get('warning')}",
+                HintWindowWarning,
+                stacklevel=2,
+            )
+        self._send(self._ahead(0), None)
+        return self.window
+
+    def advance(self, position: int) -> None:
+        """The reader has consumed the first ``position`` files of the order."""
+        if not self._active or position <= self._reported:
+            return
+        end = len(self._order)
+        if position - self._reported < max(1, self.window_files // 8) and position < end:
+            return  # every few files, not every file: one write moves the window on
+        self._reported = min(position, end)
+        self._send(self._ahead(self._reported), self._reported)
+
+    def cancel(self) -> None:
+        """Drop the stream and every hint still queued (the epoch was abandoned)."""
+        if not self._active:
+            return
+        self._active = False
+        try:
+            self._command(["hint-cancel", self.stream])
+        except OSError as exc:
+            log.info("fusefs hints: cancel of stream %s failed: %s", self.stream, exc)
+
+    def stats(self) -> dict[str, Any] | None:
+        """This stream's entry in the mount's statistics (None once it is closed)."""
+        data = json.loads(self._read_stats())
+        return next((s for s in data.get("hint_streams", []) if s["id"] == self.stream), None)
+
+    def close(self) -> None:
+        self.cancel()
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> MountHints:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def _ahead(self, position: int) -> int:
+        """Send paths up to two windows ahead of the reader, so the mount never waits."""
+        return min(len(self._order), position + 2 * self.window_files)
+
+    def _send(self, upto: int, position: int | None) -> None:
+        """Send the order's paths up to ``upto`` and the position, as few writes as fit."""
+        lines: list[str] = []
+        while self._sent < upto:
+            words, size = [], 0
+            while self._sent < upto and size < _CHUNK_BYTES:
+                q = shlex.quote(self._order[self._sent])
+                words.append(q)
+                size += len(q) + 1
+                self._sent += 1
+            lines.append(f"hint {shlex.quote(self.stream)} {' '.join(words)}")
+        if position is not None:
+            lines.append(f"hint-at {shlex.quote(self.stream)} {position}")
+        if not lines:
+            return
+        try:
+            self._write(lines)
+            if position is not None and not self._warned:
+                state = self._result(self._control())  # hint-at answers the stream's state
+                if state.get("limited_by_cache"):
+                    self._warned = True
+                    warnings.warn(
+                        f"fusefs hints on {self.mountpoint}: the cache holds only "
+                        f"{state.get('files_in_window')} of the {self.window_files} files asked "
+                        "for ahead without evicting hinted files not read yet",
+                        HintWindowWarning,
+                        stacklevel=3,
+                    )
+        except (OSError, ValueError) as exc:
+            self._active = False
+            warnings.warn(
+                f"fusefs hints on {self.mountpoint} stopped: {exc}", RuntimeWarning, stacklevel=3
+            )
+
+    # --- the control file ------------------------------------------------------------------
+
+    def _control(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # a fork does not share the handle
+            path = os.path.join(self.mountpoint, CONTROL_NAME)
+            try:
+                self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise HintError(
+                    errno.ENOENT, f"{self.mountpoint} is not a fusefs mount (no {CONTROL_NAME})"
+                ) from None
+            self._pid = os.getpid()
+        return self._fd
+
+    def _write(self, lines: list[str]) -> None:
+        """Write command lines; several per write while they stay under the line limit."""
+        fd = self._control()
+        batch: list[bytes] = []
+        size = 0
+        for line in lines:
+            data = (line + "\n").encode()
+            if batch and size + len(data) > 4 * _CHUNK_BYTES:
+                os.write(fd, b"".join(batch))
+                batch, size = [], 0
+            batch.append(data)
+            size += len(data)
+        if batch:
+            os.write(fd, b"".join(batch))
+
+    def _command(self, words: list[str]) -> dict[str, Any]:
+        """Run one command and return its JSON result; :class:`HintError` if refused."""
+        fd = self._control()
+        try:
+            os.write(fd, (shlex.join(words) + "\n").encode())
+        except OSError as exc:
+            detail = self._result(fd).get("error", exc.strerror)
+            raise HintError(exc.errno, f"{words[0]} on {self.mountpoint}: {detail}") from None
+        return self._result(fd)
+
+    @staticmethod
+    def _result(fd: int) -> dict[str, Any]:
+        out = b""
+        while chunk := os.pread(fd, 1 << 20, len(out)):
+            out += chunk
+        result: dict[str, Any] = json.loads(out) if out else {}
+        return result
+
+    def _read_stats(self) -> bytes:
+        with open(os.path.join(self.mountpoint, CONTROL_NAME), "rb") as f:
+            return f.read()
+
+
+class HintingSampler:
+    """Wraps ``sampler`` so that the files of the indices it is about to hand out are hinted.
+
+    ``paths``: the relative path of each dataset index (a sequence, or a function of the
+    index). ``lookahead``: indices the consumer takes ahead of reading them -- for a torch
+    ``DataLoader`` ``prefetch_factor * num_workers * batch_size`` -- so the window starts where
+    reading is, not where handing out is; it is added to ``window_files``. Use it as the
+    ``sampler=`` of a ``DataLoader``: it is iterated in the main process only, so one stream
+    serves every worker. Ending an epoch early (``break``) cancels its queued hints; the next
+    epoch's order replaces the previous stream.
+    """
+
+    def __init__(
+        self,
+        sampler: Iterable[int],
+        paths: Sequence[str] | Callable[[int], str],
+        mountpoint: str | os.PathLike[str],
+        *,
+        window_files: int = 256,
+        window_bytes: int | None = None,
+        lookahead: int = 0,
+        stream: str | None = None,
+    ) -> None:
+        self.sampler = sampler
+        self.paths = paths
+        self.mountpoint = os.fspath(mountpoint)
+        self.window_files = window_files
+        self.window_bytes = window_bytes
+        self.lookahead = max(0, lookahead)
+        self.stream = stream or uuid.uuid4().hex[:16]
+        self._hints: MountHints | None = None
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Passed on to the wrapped sampler (``DistributedSampler``)."""
+        fn = getattr(self.sampler, "set_epoch", None)
+        if fn is not None:
+            fn(epoch)
+
+    def hints(self) -> MountHints:
+        if self._hints is None:
+            self._hints = MountHints(
+                self.mountpoint,
+                window_files=self.window_files + self.lookahead,
+                window_bytes=self.window_bytes,
+                stream=self.stream,
+            )
+        return self._hints
+
+    def _path(self, index: int) -> str:
+        return self.paths(index) if callable(self.paths) else self.paths[index]
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.sampler)
+        hints = self.hints()
+        hints.start(_LazyPaths(order, self._path))
+        done = False
+        try:
+            for n, index in enumerate(order):
+                hints.advance(max(0, n - self.lookahead))
+                yield index
+            hints.advance(max(0, len(order) - self.lookahead))
+            done = True
+        finally:
+            if not done:  # abandoned mid-epoch (break, exception): drop its queued hints
+                hints.cancel()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_hints"] = None  # an open control file does not travel to another process
+        return state
+
+
+class _LazyPaths(Sequence[str]):
+    """The paths of an order, computed as they are sent."""
+
+    def __init__(self, order: list[int], path: Callable[[int], str]) -> None:
+        self.order, self.path = order, path
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+        return self.path(self.order[i])

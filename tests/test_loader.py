@@ -1,0 +1,358 @@
+"""Hint streams (``hint-open``/``hint``/``hint-at``/``hint-cancel``) and ``fusefs.loader``, on
+real mounts of moto S3 behind the counting proxy. The server's request log is the evidence; a
+gate holds selected GETs at the server where a test needs work to stay queued. No timings.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Bucket, MountProc, blob
+from test_control import command, gets, ok, wait_for
+
+from fusefs.loader import HintError, HintingSampler, HintWindowWarning, MountHints
+
+KiB = 1024
+BLOCK = 256 * KiB
+
+
+def stream_state(m: MountProc, sid: str) -> dict[str, Any] | None:
+    return next((s for s in m.stats()["hint_streams"] if s["id"] == sid), None)
+
+
+def get_keys(bucket: Bucket, under: str = "") -> list[str]:
+    """Keys of the object GETs the server saw, in the order they arrived."""
+    name = bucket.extra["name"]
+    return [r.path[len(name) + 2 :] for r in gets(bucket, under)]
+
+
+def seed(bucket: Bucket, names: list[str], size: int = BLOCK) -> dict[str, bytes]:
+    data = {k: blob(size - i % 7, i) for i, k in enumerate(names)}
+    for k, v in data.items():
+        bucket.put(k, v)
+    return data
+
+
+def test_hinted_files_are_fetched_in_order_then_read_without_gets(
+    s3_bucket: Bucket, mount
+) -> None:
+    names = [f"ds/{i:03d}.bin" for i in range(30)]
+    data = seed(s3_bucket, names)
+    s3_bucket.put("ds/other.bin", b"x")
+    # --workers 3: one prefetch task, so GETs reach the server exactly in the stream's order
+    m = mount(s3_bucket, "--block-size", str(BLOCK), "--workers", "3")
+    order = names[:]
+    random.Random(5).shuffle(order)
+    with MountHints(m.path, window_files=64, stream="epoch") as hints:
+        opened = hints.start(order)
+        assert opened["window_files"] == 64 and opened["limited_by_cache"] is False
+        wait_for(lambda: (stream_state(m, "epoch") or {}).get("files_done") == 30, "hints")
+        assert get_keys(s3_bucket) == order  # in order, each once, nothing else
+        before = len(gets(s3_bucket))
+        for k in order:
+            assert (m.path / k).read_bytes() == data[k]
+        assert len(gets(s3_bucket)) == before  # every hinted file read with 0 GETs
+        state = stream_state(m, "epoch")
+        assert state is not None
+        assert (state["files"], state["files_hinted"], state["files_pending"]) == (30, 30, 0)
+        assert state["bytes_done"] == sum(len(v) for v in data.values())
+        assert m.stats()["hint_window_limited"] is False
+    assert stream_state(m, "epoch") is None  # closed with the context
+
+
+def test_a_new_order_or_an_abandoned_epoch_drops_queued_hints(s3_bucket: Bucket, mount) -> None:
+    proxy = s3_bucket.proxy
+    assert proxy is not None
+    old = [f"a/{i}.bin" for i in range(10)]
+    new = [f"b/{i}.bin" for i in range(5)]
+    later = [f"c/{i}.bin" for i in range(8)]
+    seed(s3_bucket, old + new + later)
+    m = mount(s3_bucket, "--block-size", str(BLOCK), "--workers", "3")
+    gate = threading.Event()
+    held = f"/{s3_bucket.extra['name']}/a/"
+    proxy.slow(lambda method, path: method == "GET" and path.startswith(held) and
+               not gate.wait(60), 0.001)  # fmt: skip
+    try:
+        hints = MountHints(m.path, window_files=100, stream="s")
+        hints.start(old)
+        wait_for(lambda: gets(s3_bucket, "a/"), "the first hinted GET")
+        wait_for(lambda: (stream_state(m, "s") or {}).get("files_hinted") == 10, "the window")
+        replaced = hints.start(new)  # a new order: the old one's queued files are dropped
+        assert replaced["replaced"]["files_cancelled"] == 9
+    finally:
+        gate.set()
+        proxy.slow(None, 0)
+    wait_for(lambda: (stream_state(m, "s") or {}).get("files_done") == 5, "the new order")
+    assert get_keys(s3_bucket, "a/") == ["a/0.bin"]  # the dropped files never reached it
+    assert get_keys(s3_bucket, "b/") == new
+    hints.close()
+
+    # a sampler's epoch abandoned mid-way (break) cancels its stream and queued hints
+    gate.clear()
+    held = f"/{s3_bucket.extra['name']}/c/"
+    proxy.slow(lambda method, path: method == "GET" and path.startswith(held) and
+               not gate.wait(60), 0.001)  # fmt: skip
+    try:
+        sampler = HintingSampler(range(8), later, m.path, window_files=100, stream="sampler")
+        it = iter(sampler)
+        assert next(it) == 0
+        wait_for(lambda: gets(s3_bucket, "c/"), "the sampler's first hinted GET")
+        it.close()  # the epoch ends early
+        assert stream_state(m, "sampler") is None
+    finally:
+        gate.set()
+        proxy.slow(None, 0)
+    wait_for(lambda: all(r["state"] == "finished" for r in m.stats()["prefetch_requests"]),
+             "the cancelled stream to finish")  # fmt: skip
+    assert get_keys(s3_bucket, "c/") == ["c/0.bin"]
+    assert m.stats()["prefetch_cancelled"] == 9 + 7
+
+
+def test_window_is_bounded_by_the_cache_and_never_evicts_unread_hints(
+    s3_bucket: Bucket, mount
+) -> None:
+    """48 files of 256 KiB (12 MiB) through an 8 MiB cache, read in order while the window
+    moves on: each file is fetched once (a hinted file evicted before its read would be
+    fetched again) and every read is served with no GET."""
+    names = [f"big/{i:03d}.bin" for i in range(48)]
+    data = seed(s3_bucket, names)
+    m = mount(s3_bucket, "--block-size", str(BLOCK), "--cache-size", "8M")
+    hints = MountHints(m.path, window_files=24, window_bytes=1 << 30, stream="w")
+    with pytest.warns(HintWindowWarning, match="does not fit the cache"):
+        opened = hints.start(names)
+    cap = (8 * 1024 * KiB - 4 * BLOCK) // 2
+    assert opened["window_bytes"] == cap and opened["limited_by_cache"] is True
+    assert m.stats()["hint_window_limited"] is True
+    for i, k in enumerate(names):
+        def ready(i: int = i) -> bool:
+            s = stream_state(m, "w") or {}
+            return s.get("files_pending") == 0 and s.get("files_hinted", 0) > i
+
+        wait_for(ready, f"file {i} hinted")
+        s = stream_state(m, "w")
+        assert s is not None and s["bytes_in_window"] <= cap, s
+        assert get_keys(s3_bucket, k) == [k]  # fetched by the hints
+        assert (m.path / k).read_bytes() == data[k]
+        assert get_keys(s3_bucket, k) == [k], f"{k} was not in the cache when read"
+        hints.advance(i + 1)
+    assert sorted(get_keys(s3_bucket)) == names  # each file fetched exactly once
+    st = m.stats()
+    assert st["evictions"] > 0  # the cache really was too small for the whole epoch
+    hints.close()
+
+    # no byte window asked for: the daemon finds out from the sizes that the cache limits it
+    hints = MountHints(m.path, window_files=40, stream="w2")
+    assert hints.start(names)["limited_by_cache"] is False
+    wait_for(lambda: (stream_state(m, "w2") or {}).get("limited_by_cache") is True, "the cap")
+    with pytest.warns(HintWindowWarning, match=r"holds only \d+ of the 40 files"):
+        hints.advance(5)
+    hints.close()
+
+
+def test_sampler_drives_one_stream_for_many_readers(s3_bucket: Bucket, mount) -> None:
+    """A DataLoader-like consumer: the sampler is iterated in one place, 4 reader threads
+    read the files of the indices it hands out; two epochs reuse one stream."""
+    names = [f"s/{i:03d}.bin" for i in range(40)]
+    data = seed(s3_bucket, names, 64 * KiB)
+    m = mount(s3_bucket, "--block-size", str(BLOCK))
+
+    class Shuffled:
+        def __init__(self) -> None:
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __len__(self) -> int:
+            return len(names)
+
+        def __iter__(self) -> Any:
+            order = list(range(len(names)))
+            random.Random(self.epoch).shuffle(order)
+            return iter(order)
+
+    sampler = HintingSampler(Shuffled(), names, m.path, window_files=8, lookahead=4,
+                             stream="train")  # fmt: skip
+    assert len(sampler) == 40
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        indices = list(sampler)
+        assert sorted(indices) == list(range(40))
+        assert indices != list(range(40))
+        got: dict[int, bytes] = {}
+
+        def read(chunk: list[int], got: dict[int, bytes] = got) -> None:
+            got.update({i: (m.path / names[i]).read_bytes() for i in chunk})
+
+        threads = [threading.Thread(target=read, args=(indices[i::4],)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(got[i] == data[names[i]] for i in range(40))
+        state = stream_state(m, "train")
+        assert state is not None and state["files"] == 40
+        assert state["window_files"] == 8 + 4 and state["position"] == 40 - 4
+    assert len(gets(s3_bucket, "s/")) == 40  # hinted or read, each file fetched once
+
+
+def test_hint_commands_refuse_bad_input(s3_bucket: Bucket, mount, tmp_path: Path) -> None:
+    s3_bucket.put("f.bin", b"f")
+    m = mount(s3_bucket, "--block-size", str(BLOCK))
+    bad = {
+        "hint-open": "usage",
+        "hint-open 'bad id'": "stream id",
+        "hint-open s 0": "at least one file",
+        "hint-open s 4 lots": "not a size",
+        "hint nosuch f.bin": "no hint stream",
+        "hint-at nosuch 3": "no hint stream",
+        "hint-cancel nosuch": "no hint stream",
+    }
+    for line, text in bad.items():
+        err, result = command(m.path, (line + "\n").encode())
+        assert err == errno.EINVAL and text in result["error"], (line, result)
+    ok(m.path, "hint-open s 4 1M")
+    err, result = command(m.path, b"hint s ../x\n")
+    assert err == errno.EINVAL and "outside" in result["error"]
+    # a path that does not exist is counted, not fatal; the next ones are hinted
+    assert ok(m.path, "hint s missing.bin f.bin")["files"] == 2
+    wait_for(lambda: (stream_state(m, "s") or {}).get("files_done") == 1, "f.bin")
+    state = stream_state(m, "s")
+    assert state is not None and (state["files_missing"], state["files_hinted"]) == (1, 1)
+    assert ok(m.path, "hint-cancel s")["files_cancelled"] == 0
+    with pytest.raises(HintError, match="not a fusefs mount"):
+        MountHints(tmp_path).start(["x"])
+
+
+def test_hints_need_the_cache(tmp_path: Path, mount) -> None:
+    from conftest import make_local_bucket
+
+    bucket = make_local_bucket(tmp_path / "objects")
+    bucket.put("f.bin", b"data")
+    m = mount(bucket, "--cache-size", "0", cache_dir=tmp_path / "none")
+    with pytest.raises(HintError, match="disabled") as ei:
+        MountHints(m.path).start(["f.bin"])
+    assert ei.value.errno == errno.EINVAL
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch: no numpy; more workers than cores
+def test_torch_dataloader_with_hinting_sampler(s3_bucket: Bucket, mount) -> None:
+    """The README's recipe, with torch's own DataLoader and worker processes."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+    names = [f"t/{i:03d}.bin" for i in range(64)]
+    data = seed(s3_bucket, names, 16 * KiB)
+    m = mount(s3_bucket, "--block-size", str(BLOCK))
+
+    class Files(Dataset):  # type: ignore[type-arg]
+        def __init__(self, root: Path, paths: list[str]) -> None:
+            self.root, self.paths = root, paths
+
+        def __len__(self) -> int:
+            return len(self.paths)
+
+        def __getitem__(self, i: int) -> Any:
+            return torch.frombuffer(bytearray((self.root / self.paths[i]).read_bytes()),
+                                    dtype=torch.uint8)[:8]  # fmt: skip
+
+    ds = Files(m.path, names)
+    sampler = HintingSampler(RandomSampler(ds), ds.paths, m.path, window_files=16,
+                             lookahead=2 * 4 * 8)  # fmt: skip
+    loader = DataLoader(ds, batch_size=8, sampler=sampler, num_workers=4)
+    seen = sum(len(batch) for batch in loader)
+    assert seen == 64
+    assert len(gets(s3_bucket, "t/")) == 64
+    assert data
+
+
+def test_hint_stream_window_without_a_mount(tmp_path: Path) -> None:
+    """The window's bookkeeping on the real core (local store, disk cache), no FUSE: files
+    enter in order within the file and byte bounds, a reader that overtakes the hints skips
+    the files it passed, missing paths and folders are counted, cancel drops the queue."""
+    import trio
+    from test_control import BLOCK as CBLOCK
+    from test_control import _core
+
+    objects = tmp_path / "objects"
+    (objects / "d/sub").mkdir(parents=True)
+    for i in range(12):
+        (objects / f"d/{i:02d}").write_bytes(blob(CBLOCK, i))
+    m = _core(tmp_path, workers="3")
+    hints = m.control.hints
+
+    async def until(cond: Any) -> None:
+        with trio.fail_after(30):
+            while not cond():
+                await trio.sleep(0.01)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            m.reader.start(nursery)
+            opened = await m.control.execute(["hint-open", "s", "4", str(3 * CBLOCK)])
+            assert (opened["window_files"], opened["window_bytes"]) == (4, 3 * CBLOCK)
+            names = ["d/00", "d/sub", "d/nope", *[f"d/{i:02d}" for i in range(1, 12)]]
+            await m.control.execute(["hint", "s", *names])
+            st = hints._streams["s"]
+            await until(lambda: st.hinted == 3 and st.req.files_done == 3)
+            # the byte bound (3 blocks) holds the window at 3 files, though 4 are allowed
+            assert [e[0] for e in st.window] == [0, 3, 4] and st.missing == 2
+            state = await m.control.execute(["hint-at", "s", "9"])  # the reader ran ahead
+            assert state["files_skipped"] >= 3
+            await until(lambda: st.hinted == 6 and st.req.files_done == 6)
+            assert [e[0] for e in st.window] == [9, 10, 11]
+            gone = await m.control.execute(["hint-cancel", "s"])
+            assert gone["files_cancelled"] == 0 and "s" not in hints._streams
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    m.blocks.close()
+
+
+def test_a_stream_in_a_big_folder_lists_it_instead_of_asking_per_file(
+    s3_bucket: Bucket, mount, tmp_path: Path
+) -> None:
+    """Hinting 300 files of a folder of 1,100 objects (more than one listing page) lists the
+    folder once instead of a HEAD and a LIST per name; the program's opens then ask nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fusefs.testing.proxy import is_head, is_list
+
+    proxy = s3_bucket.proxy
+    assert proxy is not None
+    names = [f"coco/{i:06d}.jpg" for i in range(1100)]
+    with ThreadPoolExecutor(16) as ex:
+        list(ex.map(lambda k: s3_bucket.put(k, k.encode()), names))
+    m = mount(s3_bucket, "--block-size", str(BLOCK))
+    order = random.Random(3).sample(names, 300)
+    prefix = f"/{s3_bucket.extra['name']}"
+
+    def mine(pred: Any) -> int:
+        return sum(1 for r in proxy.requests() if pred(r) and r.path.startswith(prefix))
+
+    heads, lists = mine(is_head), mine(is_list)
+    with MountHints(m.path, window_files=400, stream="coco") as hints:
+        hints.start(order)
+        wait_for(lambda: (stream_state(m, "coco") or {}).get("files_done") == 300, "hints")
+        assert mine(is_head) == heads  # no HEAD per name
+        assert mine(is_list) - lists <= 6  # the folder's pages (and a root listing)
+        before = len(proxy.requests())
+        for k in order:
+            assert (m.path / k).read_bytes() == k.encode()
+        assert len(proxy.requests()) == before  # opens and reads: nothing reached the server
+
+    # while files of the window wait in that folder, its listing is renewed as it expires
+    m2 = mount(s3_bucket, "--block-size", str(BLOCK), "--metadata-ttl", "1",
+               cache_dir=tmp_path / "cache2")  # fmt: skip
+    with MountHints(m2.path, window_files=400, stream="coco") as hints:
+        hints.start(order)
+        wait_for(lambda: (stream_state(m2, "coco") or {}).get("files_done") == 300, "hints")
+        listed = mine(is_list)
+        wait_for(lambda: mine(is_list) >= listed + 4, "the folder listed again, twice")
