@@ -19,6 +19,7 @@ import pytest
 import trio
 from conftest import Bucket, blob, drop_page_cache
 
+import fusefs.folders
 import fusefs.fs
 import fusefs.listing
 from fusefs.backends.base import ListPage, ObjectInfo
@@ -74,7 +75,7 @@ class Clock:
 def small_pages(monkeypatch: pytest.MonkeyPatch) -> int:
     page = 10
     monkeypatch.setattr(fusefs.listing, "PAGE", page)
-    monkeypatch.setattr(fusefs.fs, "PAGE", page)
+    monkeypatch.setattr(fusefs.folders, "PAGE", page)
     return page
 
 
@@ -303,11 +304,11 @@ def test_forget_frees_nodes_and_memory_per_entry_is_bounded(tmp_path: Path) -> N
     held = tracemalloc.get_traced_memory()[0] - base
     for ino in inos:
         fs.forget(ino, 1)
-    fusefs.fs.MAX_LISTED_ENTRIES, saved = 0, fusefs.fs.MAX_LISTED_ENTRIES
+    fusefs.folders.MAX_LISTED_ENTRIES, saved = 0, fusefs.folders.MAX_LISTED_ENTRIES
     try:
-        fs._bound_listings(keep="")
+        fs.folders.bound_listings(keep="")
     finally:
-        fusefs.fs.MAX_LISTED_ENTRIES = saved
+        fusefs.folders.MAX_LISTED_ENTRIES = saved
     gc.collect()
     left = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
