@@ -572,3 +572,28 @@ def test_orphaned_block_files_are_removed(tmp_path: Path) -> None:
     assert not old.exists() and fresh.exists()
     assert store.read(k, 0, 100) == pattern(k, 100)  # indexed blocks are untouched
     store.close()
+
+
+# --- layout ----------------------------------------------------------------------------------
+
+
+def test_block_files_share_at_most_256_directories(tmp_path: Path) -> None:
+    """A new directory costs the kernel as much as a block file: blocks go into one level of
+    256 sub-directories (diskcache's own layout makes up to 65,536, nearly one per block of a
+    young cache); the files are found, read and evicted as before."""
+    store = DiskBlockStore(str(tmp_path / "c"), 10**9)
+    keys = [BlockKey("s3://b", f"k{i}", "v1", 64 * 1024, 0) for i in range(600)]
+    for k in keys:
+        store.put(k, pattern(k, 40 * 1024))
+    files = block_files(tmp_path / "c")
+    assert len(files) == 600
+    assert {len(f.relative_to(tmp_path / "c").parts) for f in files} == {2}  # dir/file
+    dirs = {f.parent for f in files}
+    assert len(dirs) <= 256
+    assert all(d.stat().st_mode & 0o777 == 0o700 for d in dirs)
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    for k in keys[::50]:
+        assert store.read(k, 0, 40 * 1024) == pattern(k, 40 * 1024)
+    assert store.evict_object("s3://b", "k0") == 1
+    assert len(block_files(tmp_path / "c")) == 599
+    store.close()
