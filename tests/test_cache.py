@@ -422,9 +422,10 @@ def test_mount_refetches_damaged_truncated_and_missing_blocks(s3_bucket: Bucket,
 def test_mount_keeps_serving_while_the_cache_index_is_locked(local_bucket: Bucket, mount,
                                                             tmp_path: Path) -> None:
     """Issue 10 item 5: while another process holds SQLite's write lock on the cache index (a
-    busy shared directory, a long checkpoint), a read that must open a cached block waits in a
-    worker thread; lookups, other reads and the control file keep answering meanwhile."""
-    data = {k: blob(3 * MiB, seed=i) for i, k in enumerate(["a", "b"])}
+    busy shared directory, a long checkpoint), a read that must store a block waits in a
+    worker thread; lookups, other reads and the control file keep answering meanwhile, and a
+    cached block is opened without the write lock."""
+    data = {k: blob(3 * MiB, seed=i) for i, k in enumerate(["a", "b", "c"])}
     for k, d in data.items():
         local_bucket.put(k, d)
     m = mount(local_bucket, "--block-size", str(MiB))
@@ -433,10 +434,10 @@ def test_mount_keeps_serving_while_the_cache_index_is_locked(local_bucket: Bucke
     m = mount(local_bucket, "--block-size", str(MiB))  # cached on disk, nothing open yet
     assert (m.path / "b").read_bytes() == data["b"]  # fetched: b's blocks are open now
     con = sqlite3.connect(tmp_path / "cache" / "cache.db", timeout=0, isolation_level=None)
-    con.execute("BEGIN IMMEDIATE")  # the write lock every diskcache get/set needs
+    con.execute("BEGIN IMMEDIATE")  # the write lock every diskcache set needs
     got: dict[str, object] = {}
     try:
-        slow = threading.Thread(target=lambda: got.update(a=(m.path / "a").read_bytes()))
+        slow = threading.Thread(target=lambda: got.update(c=(m.path / "c").read_bytes()))
         slow.start()
         time.sleep(1)  # let that read reach SQLite and wait there
 
@@ -445,19 +446,20 @@ def test_mount_keeps_serving_while_the_cache_index_is_locked(local_bucket: Bucke
             got["list"] = sorted(os.listdir(m.path))
             drop_page_cache(m.path / "b")
             got["b"] = (m.path / "b").read_bytes()  # open block files: no SQLite
+            got["a"] = (m.path / "a").read_bytes()  # cached, not open: a read, no lock
             got["stats"] = m.stats()["current_count"]
 
         t = threading.Thread(target=meanwhile)
         t.start()
         t.join(timeout=20)  # SQLite's busy timeout is 60 s: a stalled loop would still wait
         assert not t.is_alive(), "the mount stopped answering while the cache index was locked"
-        assert "a" not in got  # the lock really was in the way
+        assert "c" not in got  # the lock really was in the way
     finally:
         con.execute("ROLLBACK")
         con.close()
     slow.join(timeout=60)
-    assert got["stat"] == 3 * MiB and got["list"] == ["a", "b"] and got["b"] == data["b"]
-    assert got["a"] == data["a"]
+    assert got["stat"] == 3 * MiB and got["list"] == ["a", "b", "c"] and got["b"] == data["b"]
+    assert got["a"] == data["a"] and got["c"] == data["c"]
 
 
 def _garbage_index(cache: Path) -> None:
@@ -610,3 +612,34 @@ def test_cache_keys_are_the_json_of_their_fields(key: str) -> None:
     b = BlockKey(src, key, version, size, idx)
     assert b.cache_key == json.dumps([KEY_FORMAT, src, key, version, size, idx])
     assert parse_cache_key(b.cache_key) == (src, key, version, size, idx)
+
+
+def test_lookups_take_no_write_lock_and_accesses_are_written_in_one_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """diskcache's LRU ``get`` is a write transaction, even for a miss (one per cold block,
+    contending with the stores): looking blocks up and opening them writes nothing; the
+    access times are written together by the next flush, and keep the LRU order."""
+    import diskcache
+
+    store = DiskBlockStore(str(tmp_path / "c"), 10**9, max_open=2)
+    keys = [BlockKey("s3://b", f"k{i}", "v1", 64 * 1024, 0) for i in range(6)]
+    for k in keys:
+        store.put(k, pattern(k, 40 * 1024))
+    real = diskcache.Cache._transact
+    transactions: list[int] = []
+
+    def counting(self: diskcache.Cache, *args: object, **kwargs: object) -> object:
+        transactions.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(diskcache.Cache, "_transact", counting)
+    assert store.read(BlockKey("s3://b", "absent", "v1", 64 * 1024, 0), 0, 10) is None
+    for k in (keys[0], *keys[2:], keys[0]):  # k0 first and last; k1 never; only 2 stay open
+        assert store.read(k, 0, 100) == pattern(k, 100)
+    assert transactions == []
+    store.flush()
+    assert transactions == [1]
+    order = [k for (k,) in store._cache._sql("SELECT key FROM Cache ORDER BY access_time")]
+    assert order[0] == keys[1].cache_key  # the one block not read is the least recent
+    store.close()
