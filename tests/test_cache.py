@@ -618,8 +618,9 @@ def test_lookups_take_no_write_lock_and_accesses_are_written_in_one_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """diskcache's LRU ``get`` is a write transaction, even for a miss (one per cold block,
-    contending with the stores): looking blocks up and opening them writes nothing; the
-    access times are written together by the next flush, and keep the LRU order."""
+    contending with the stores): a miss is one select, looking blocks up and opening them
+    writes nothing; the access times are written together by the next flush, and keep the
+    LRU order."""
     import diskcache
 
     store = DiskBlockStore(str(tmp_path / "c"), 10**9, max_open=2)
@@ -634,7 +635,10 @@ def test_lookups_take_no_write_lock_and_accesses_are_written_in_one_batch(
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(diskcache.Cache, "_transact", counting)
+    statements: list[str] = []
+    store._cache._con.set_trace_callback(statements.append)  # this thread's connection
     assert store.read(BlockKey("s3://b", "absent", "v1", 64 * 1024, 0), 0, 10) is None
+    assert len(statements) == 1 and statements[0].startswith("SELECT")  # a miss: one select
     for k in (keys[0], *keys[2:], keys[0]):  # k0 first and last; k1 never; only 2 stay open
         assert store.read(k, 0, 100) == pattern(k, 100)
     assert transactions == []

@@ -261,16 +261,17 @@ class DiskBlockStore:
                 log.debug("could not delete damaged block %s: %s", ck, exc)
 
     def _load(self, ck: str) -> _Open | None:
-        """Open a block through diskcache (this records the access for LRU) and check its
-        trailer; the entry is returned with a reference taken for the caller."""
+        """Open a block through the index (one select; the access joins the batch for the LRU
+        order) and check its trailer; the entry is returned with a reference taken for the
+        caller."""
         self._delete_damaged()
         try:
-            handle: Any = index.lookup(self._cache, ck)  # no write: the access is batched
+            indexed, handle = index.lookup(self._cache, ck)  # no write: access is batched
         except Exception as exc:  # a damaged entry is a miss, not an error
             self._read_failures.warning("block cache read failed, treating as miss: %s", exc)
             return None
         if handle is None:
-            if self._indexed_without_file(ck):
+            if indexed and self._indexed_without_file(ck):  # still (not evicted meanwhile)
                 self._damage(ck, "its file is missing")
                 self._delete_damaged()
             return None

@@ -25,20 +25,20 @@ _SELECT_ITEM = "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 
 _TOUCH = "UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1"
 
 
-def lookup(cache: diskcache.Cache, key: str) -> Any:
-    """What ``cache.get(key, read=True)`` returns (an open file, the bytes, or None if absent
-    or its file is gone), without recording the access. Under the LRU policy diskcache's
-    ``get`` takes SQLite's write lock for every call, a miss too (it updates the access time):
-    one write transaction per cold block, contending with the stores. Callers record accesses
-    in batches with :func:`touch`."""
+def lookup(cache: diskcache.Cache, key: str) -> tuple[bool, Any]:
+    """(indexed, what ``cache.get(key, read=True)`` returns: an open file, the bytes, or None
+    if absent or its file is gone), without recording the access. Under the LRU policy
+    diskcache's ``get`` takes SQLite's write lock for every call, a miss too (it updates the
+    access time): one write transaction per cold block, contending with the stores. Callers
+    record accesses in batches with :func:`touch`."""
     rows = cache._sql(_SELECT_ITEM, (key,)).fetchall()
     if not rows:
-        return None
+        return False, None
     mode, filename, value = rows[0]
     try:
-        return cache._disk.fetch(mode, filename, value, True)
-    except OSError:  # removed since the select (as diskcache's get treats it)
-        return None
+        return True, cache._disk.fetch(mode, filename, value, True)
+    except OSError:  # its file is gone: damaged, or evicted since the select
+        return True, None
 
 
 def touch(cache: diskcache.Cache, keys: Iterable[str]) -> None:
