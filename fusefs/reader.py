@@ -173,7 +173,7 @@ class Reader:
                 if seq is not None and seq.random:
                     part = await self._random_slice(obj, base + lo, base + hi)
                 else:
-                    data, hit = await self._block(obj, idx, FOREGROUND)
+                    data, hit = await self._block(obj, idx, FOREGROUND, bkey=bkey)
                     self.stats.add(S.HITS if hit else S.MISSES)
                     part = memoryview(data)[lo:hi]
             parts.append(part)
@@ -282,10 +282,12 @@ class Reader:
         return (await self._block(obj, idx, priority, unit))[0]
 
     async def _block(
-        self, obj: ObjectInfo, idx: int, priority: int, unit: int | None = None
+        self, obj: ObjectInfo, idx: int, priority: int, unit: int | None = None,
+        bkey: BlockKey | None = None,
     ) -> tuple[bytes, bool]:
-        """:meth:`fetch_block`, and whether the block came from the disk cache (a hit)."""
-        bkey = self.block_key(obj, idx, unit)
+        """:meth:`fetch_block`, and whether the block came from the disk cache (a hit);
+        ``bkey``: the block's key, if the caller has it already."""
+        bkey = bkey or self.block_key(obj, idx, unit)
         ck = bkey.cache_key
         failed = self._failed.get(ck)
         if failed is not None:

@@ -60,6 +60,22 @@ def test_bound_holds_for_small_items_then_big_blocks(tmp_path: Path) -> None:
     store.close()
 
 
+def test_blocks_kept_inside_sqlite_count_their_bytes_when_culled(tmp_path: Path) -> None:
+    """Blocks under 32 KiB live inside SQLite, where diskcache records size 0: a cull that
+    counted that size evicted every one of them, and the big block just stored with them."""
+    limit = 16 * MiB
+    store = DiskBlockStore(str(tmp_path / "c"), limit)
+    tiny = [BlockKey("src", f"tiny/{i}", "v", 10_000, 0) for i in range(1000)]
+    for k in tiny:
+        store.put(k, pattern(k, 10_000))
+    big = BlockKey("src", "big", "v", 8 * MiB, 0)
+    store.put(big, pattern(big, 8 * MiB))
+    assert store.read(big, 0, 100) == pattern(big, 100)  # evicted with the rest before
+    assert store.count() > 700  # about 2 MiB of tiny blocks had to go, not all 10 MB
+    assert store.volume() <= limit + 256 * KiB
+    store.close()
+
+
 def test_bound_holds_with_two_stores_on_one_directory(tmp_path: Path) -> None:
     """Two stores (as two mounts) sharing a directory keep it within the bound together."""
     limit = 4 * MiB
@@ -422,9 +438,10 @@ def test_mount_refetches_damaged_truncated_and_missing_blocks(s3_bucket: Bucket,
 def test_mount_keeps_serving_while_the_cache_index_is_locked(local_bucket: Bucket, mount,
                                                             tmp_path: Path) -> None:
     """Issue 10 item 5: while another process holds SQLite's write lock on the cache index (a
-    busy shared directory, a long checkpoint), a read that must open a cached block waits in a
-    worker thread; lookups, other reads and the control file keep answering meanwhile."""
-    data = {k: blob(3 * MiB, seed=i) for i, k in enumerate(["a", "b"])}
+    busy shared directory, a long checkpoint), a read that must store a block waits in a
+    worker thread; lookups, other reads and the control file keep answering meanwhile, and a
+    cached block is opened without the write lock."""
+    data = {k: blob(3 * MiB, seed=i) for i, k in enumerate(["a", "b", "c"])}
     for k, d in data.items():
         local_bucket.put(k, d)
     m = mount(local_bucket, "--block-size", str(MiB))
@@ -433,10 +450,10 @@ def test_mount_keeps_serving_while_the_cache_index_is_locked(local_bucket: Bucke
     m = mount(local_bucket, "--block-size", str(MiB))  # cached on disk, nothing open yet
     assert (m.path / "b").read_bytes() == data["b"]  # fetched: b's blocks are open now
     con = sqlite3.connect(tmp_path / "cache" / "cache.db", timeout=0, isolation_level=None)
-    con.execute("BEGIN IMMEDIATE")  # the write lock every diskcache get/set needs
+    con.execute("BEGIN IMMEDIATE")  # the write lock every diskcache set needs
     got: dict[str, object] = {}
     try:
-        slow = threading.Thread(target=lambda: got.update(a=(m.path / "a").read_bytes()))
+        slow = threading.Thread(target=lambda: got.update(c=(m.path / "c").read_bytes()))
         slow.start()
         time.sleep(1)  # let that read reach SQLite and wait there
 
@@ -445,19 +462,20 @@ def test_mount_keeps_serving_while_the_cache_index_is_locked(local_bucket: Bucke
             got["list"] = sorted(os.listdir(m.path))
             drop_page_cache(m.path / "b")
             got["b"] = (m.path / "b").read_bytes()  # open block files: no SQLite
+            got["a"] = (m.path / "a").read_bytes()  # cached, not open: a read, no lock
             got["stats"] = m.stats()["current_count"]
 
         t = threading.Thread(target=meanwhile)
         t.start()
         t.join(timeout=20)  # SQLite's busy timeout is 60 s: a stalled loop would still wait
         assert not t.is_alive(), "the mount stopped answering while the cache index was locked"
-        assert "a" not in got  # the lock really was in the way
+        assert "c" not in got  # the lock really was in the way
     finally:
         con.execute("ROLLBACK")
         con.close()
     slow.join(timeout=60)
-    assert got["stat"] == 3 * MiB and got["list"] == ["a", "b"] and got["b"] == data["b"]
-    assert got["a"] == data["a"]
+    assert got["stat"] == 3 * MiB and got["list"] == ["a", "b", "c"] and got["b"] == data["b"]
+    assert got["a"] == data["a"] and got["c"] == data["c"]
 
 
 def _garbage_index(cache: Path) -> None:
@@ -571,4 +589,77 @@ def test_orphaned_block_files_are_removed(tmp_path: Path) -> None:
     store.sweep_orphans()  # (the maintenance thread runs it at start too)
     assert not old.exists() and fresh.exists()
     assert store.read(k, 0, 100) == pattern(k, 100)  # indexed blocks are untouched
+    store.close()
+
+
+# --- layout ----------------------------------------------------------------------------------
+
+
+def test_block_files_share_at_most_256_directories(tmp_path: Path) -> None:
+    """A new directory costs the kernel as much as a block file: blocks go into one level of
+    256 sub-directories (diskcache's own layout makes up to 65,536, nearly one per block of a
+    young cache); the files are found, read and evicted as before."""
+    store = DiskBlockStore(str(tmp_path / "c"), 10**9)
+    keys = [BlockKey("s3://b", f"k{i}", "v1", 64 * 1024, 0) for i in range(600)]
+    for k in keys:
+        store.put(k, pattern(k, 40 * 1024))
+    files = block_files(tmp_path / "c")
+    assert len(files) == 600
+    assert {len(f.relative_to(tmp_path / "c").parts) for f in files} == {2}  # dir/file
+    dirs = {f.parent for f in files}
+    assert len(dirs) <= 256
+    assert all(d.stat().st_mode & 0o777 == 0o700 for d in dirs)
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    for k in keys[::50]:
+        assert store.read(k, 0, 40 * 1024) == pattern(k, 40 * 1024)
+    assert store.evict_object("s3://b", "k0") == 1
+    assert len(block_files(tmp_path / "c")) == 599
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "key", ["plain.jpg", 'q"uote\\back/slash', "é ü 日本 \U0001f600", "ctl\x01\n\t"])
+def test_cache_keys_are_the_json_of_their_fields(key: str) -> None:
+    """Keys built without json.dumps are its output exactly: caches written before still
+    match, and the keys still parse."""
+    from fusefs.cache.keys import KEY_FORMAT, parse_cache_key
+
+    src, version, size, idx = "s3+http://h:1/b", '"etag-1"', 4 << 20, 12345678901
+    b = BlockKey(src, key, version, size, idx)
+    assert b.cache_key == json.dumps([KEY_FORMAT, src, key, version, size, idx])
+    assert parse_cache_key(b.cache_key) == (src, key, version, size, idx)
+
+
+def test_lookups_take_no_write_lock_and_accesses_are_written_in_one_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """diskcache's LRU ``get`` is a write transaction, even for a miss (one per cold block,
+    contending with the stores): a miss is one select, looking blocks up and opening them
+    writes nothing; the access times are written together by the next flush, and keep the
+    LRU order."""
+    import diskcache
+
+    store = DiskBlockStore(str(tmp_path / "c"), 10**9, max_open=2)
+    keys = [BlockKey("s3://b", f"k{i}", "v1", 64 * 1024, 0) for i in range(6)]
+    for k in keys:
+        store.put(k, pattern(k, 40 * 1024))
+    real = diskcache.Cache._transact
+    transactions: list[int] = []
+
+    def counting(self: diskcache.Cache, *args: object, **kwargs: object) -> object:
+        transactions.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(diskcache.Cache, "_transact", counting)
+    statements: list[str] = []
+    store._cache._con.set_trace_callback(statements.append)  # this thread's connection
+    assert store.read(BlockKey("s3://b", "absent", "v1", 64 * 1024, 0), 0, 10) is None
+    assert len(statements) == 1 and statements[0].startswith("SELECT")  # a miss: one select
+    for k in (keys[0], *keys[2:], keys[0]):  # k0 first and last; k1 never; only 2 stay open
+        assert store.read(k, 0, 100) == pattern(k, 100)
+    assert transactions == []
+    store.flush()
+    assert transactions == [1]
+    order = [k for (k,) in store._cache._sql("SELECT key FROM Cache ORDER BY access_time")]
+    assert order[0] == keys[1].cache_key  # the one block not read is the least recent
     store.close()

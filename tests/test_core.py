@@ -205,6 +205,47 @@ async def _read(reader: Reader, info: ObjectInfo, off: int, size: int, out: list
     out.append(await reader.read(info, off, size))
 
 
+def test_cold_small_file_costs_one_thread_hop_and_one_index_write(
+    objects: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Daemon CPU per small file: a cold read is one worker-thread hop (cache lookup, GET and
+    store in the same thread) and one index write; once the block is open, no hop at all."""
+    import diskcache
+
+    from fusefs import threads
+
+    store = CountingStore(LocalStore(str(objects)))
+    reader = make_reader(store, tmp_path / "cache")
+    info = store.inner.head("small.txt")
+    counts: Counter[str] = Counter()
+    real_run_sync, real_set = threads.run_sync, diskcache.Cache.set
+
+    async def counting_run_sync(*args: object, **kwargs: object) -> object:
+        counts["hops"] += 1
+        return await real_run_sync(*args, **kwargs)  # type: ignore[arg-type]
+
+    def counting_set(self: diskcache.Cache, *args: object, **kwargs: object) -> object:
+        counts["index_writes"] += 1
+        return real_set(self, *args, **kwargs)
+
+    monkeypatch.setattr(threads, "run_sync", counting_run_sync)
+    monkeypatch.setattr(diskcache.Cache, "set", counting_set)
+    seen: list[Counter[str]] = []
+
+    async def main() -> None:
+        for _ in range(3):
+            out: list[bytes] = []
+            await _read(reader, info, 0, 4096, out)
+            assert out == [b"hello"]
+            seen.append(counts.copy())
+
+    trio.run(main)
+    assert seen[0] == Counter(hops=1, index_writes=1)  # cold: one hop, one write
+    assert seen[1] == Counter(hops=2, index_writes=1)  # cached, not open: opened in one hop
+    assert seen[2] == seen[1]  # open: served on the event loop
+    assert store.calls["get"] == 1
+
+
 def test_sequential_reader_gets_readahead_random_does_not(objects: Path, tmp_path: Path) -> None:
     store = CountingStore(LocalStore(str(objects)))
     reader = make_reader(store, tmp_path / "cache", block=256 * KiB)

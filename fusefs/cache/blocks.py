@@ -5,10 +5,11 @@ block index): a changed object has a new version and so new keys, which is why n
 protocol exists. Items are tagged with (source, object key) so one object's blocks can be dropped.
 
 Eviction is diskcache's least-recently-used policy. Its ``get`` writes SQLite (the access time)
-on every call, so reads of a block go through a table of open files instead (``os.pread``), and
-the access times of blocks read that way are written in a batch every ``touch_interval``
-seconds. A block evicted while its file is open is noticed (``st_nlink == 0``) and treated as a
-miss, so eviction is never hidden.
+on every call, a miss too, so blocks are looked up with a plain select (``index.lookup``) and
+then read through a table of open files (``os.pread``); the access times of blocks opened or
+read are written in one batch every ``touch_interval`` seconds (``index.touch``). A block
+evicted while its file is open is noticed (``st_nlink == 0``) and treated as a miss, so
+eviction is never hidden.
 
 SQLite stays off the hit path and off the event loop: ``read_open``, ``is_open``, ``volume``
 and ``count`` never touch SQLite (the latter two return a snapshot of the index's figures), so
@@ -195,8 +196,7 @@ class DiskBlockStore:
         cur = self._open.get(ck)
         if cur is None or (entry is not None and cur is not entry):
             return None
-        del self._open[ck]
-        self._touched.discard(ck)
+        del self._open[ck]  # a pending access time stays: it was read (a gone key: no-op)
         cur.retired = True
         return cur if cur.refs == 0 else None
 
@@ -261,16 +261,17 @@ class DiskBlockStore:
                 log.debug("could not delete damaged block %s: %s", ck, exc)
 
     def _load(self, ck: str) -> _Open | None:
-        """Open a block through diskcache (this records the access for LRU) and check its
-        trailer; the entry is returned with a reference taken for the caller."""
+        """Open a block through the index (one select; the access joins the batch for the LRU
+        order) and check its trailer; the entry is returned with a reference taken for the
+        caller."""
         self._delete_damaged()
         try:
-            handle: Any = self._cache.get(ck, default=None, read=True)
+            indexed, handle = index.lookup(self._cache, ck)  # no write: access is batched
         except Exception as exc:  # a damaged entry is a miss, not an error
             self._read_failures.warning("block cache read failed, treating as miss: %s", exc)
             return None
         if handle is None:
-            if self._indexed_without_file(ck):
+            if indexed and self._indexed_without_file(ck):  # still (not evicted meanwhile)
                 self._damage(ck, "its file is missing")
                 self._delete_damaged()
             return None
@@ -286,6 +287,7 @@ class DiskBlockStore:
         with self._lock:
             to_close = [self._retire_locked(ck)]
             self._open[ck] = entry
+            self._touched.add(ck)  # its access time is written with the next batch
             while len(self._open) > self._max_open:
                 to_close.append(self._retire_locked(next(iter(self._open))))
         for e in to_close:
@@ -414,11 +416,9 @@ class DiskBlockStore:
         self._last_touch = time.monotonic()
         with self._lock:
             touched, self._touched = self._touched, set()
-        for ck in touched:
+        if touched:
             try:
-                handle = self._cache.get(ck, default=None, read=True)
-                if handle is not None and hasattr(handle, "close"):
-                    handle.close()
+                index.touch(self._cache, touched)
             except Exception:  # noqa: BLE001 - best effort bookkeeping
                 pass
         self._delete_damaged()

@@ -49,19 +49,30 @@ _BROKEN = ".broken-"
 
 class PrivateDisk(diskcache.Disk):
     """diskcache's Disk, writing its value files 0600 in sub-directories 0700 (diskcache's own
-    uses ``open``/``makedirs`` and so the process umask, which a thread cannot change safely)."""
+    uses ``open``/``makedirs`` and so the process umask, which a thread cannot change safely).
+
+    Value files go into one level of 256 sub-directories (``ab/cdef....val``), not diskcache's
+    two levels of 65,536: a new directory costs about as much kernel time as the file itself,
+    and with diskcache's layout nearly every block of a young cache made one. The path is
+    stored in the index, so files of either layout are read and removed alike."""
+
+    def filename(self, key: Any = diskcache.UNKNOWN, value: Any = diskcache.UNKNOWN
+                 ) -> tuple[str, str]:
+        hex_name = os.urandom(16).hex()
+        name = os.path.join(hex_name[:2], hex_name[2:] + ".val")
+        return name, os.path.join(self._directory, name)
 
     def _write(self, full_path: str, iterator: Any, mode: str, encoding: str | None = None) -> int:
         if "b" not in mode:  # fusefs stores bytes only; keep diskcache's path for anything else
             return int(super()._write(full_path, iterator, mode, encoding))
         full_dir = os.path.dirname(full_path)
         for attempt in range(10):
-            _make_private_dirs(self._directory, full_dir)
-            try:  # O_EXCL: another cache may have removed the directory meanwhile; retry
+            try:  # O_EXCL; the directory may be missing (new, or removed by another cache)
                 fd = os.open(full_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except OSError:
+            except FileNotFoundError:
                 if attempt == 9:
                     raise
+                _make_private_dirs(self._directory, full_dir)
                 continue
             size = 0
             with open(fd, "wb") as writer:

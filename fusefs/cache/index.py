@@ -1,6 +1,7 @@
-"""Index operations diskcache lacks: culling by bytes, and removing orphaned value files.
+"""Index operations diskcache lacks: culling by bytes, removing orphaned value files, and
+looking items up without a write.
 
-Both work on diskcache's own schema (the ``Cache`` table: ``rowid``, ``filename``, ``size``,
+All work on diskcache's own schema (the ``Cache`` table: ``rowid``, ``filename``, ``size``,
 ``access_time``) through its transaction helper, so its triggers keep the volume and count
 right and value files are removed only after the commit, as diskcache's own culling does.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
+from typing import Any
 
 import diskcache
 
@@ -16,7 +19,38 @@ import diskcache
 ORPHAN_AGE = 3600.0
 
 #: Least recently used items first (its LRU policy indexes access_time).
-_SELECT_LRU = "SELECT rowid, filename, size FROM Cache ORDER BY access_time LIMIT ?"
+#: A value kept inside SQLite (under 32 KiB) has size 0 in diskcache: its bytes are the value
+_SELECT_LRU = (
+    "SELECT rowid, filename, CASE WHEN filename IS NULL THEN length(value) ELSE size END"
+    " FROM Cache ORDER BY access_time LIMIT ?"
+)
+#: A string key is stored as itself with raw = 1 (``Disk.put``); fusefs sets no expiry.
+_SELECT_ITEM = "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+_TOUCH = "UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1"
+
+
+def lookup(cache: diskcache.Cache, key: str) -> tuple[bool, Any]:
+    """(indexed, what ``cache.get(key, read=True)`` returns: an open file, the bytes, or None
+    if absent or its file is gone), without recording the access. Under the LRU policy
+    diskcache's ``get`` takes SQLite's write lock for every call, a miss too (it updates the
+    access time): one write transaction per cold block, contending with the stores. Callers
+    record accesses in batches with :func:`touch`."""
+    rows = cache._sql(_SELECT_ITEM, (key,)).fetchall()
+    if not rows:
+        return False, None
+    mode, filename, value = rows[0]
+    try:
+        return True, cache._disk.fetch(mode, filename, value, True)
+    except OSError:  # its file is gone: damaged, or evicted since the select
+        return True, None
+
+
+def touch(cache: diskcache.Cache, keys: Iterable[str]) -> None:
+    """Set the access time of ``keys`` to now (the LRU order), in one transaction."""
+    now = time.time()
+    with cache._transact(retry=True) as (sql, _):
+        for key in keys:
+            sql(_TOUCH, (now, key))
 
 
 def cull(cache: diskcache.Cache, excess: int) -> int:

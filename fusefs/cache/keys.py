@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses
 
 #: First element of every cache key: the layout of the stored value (``integrity``).
 KEY_FORMAT = "b1"
@@ -27,8 +28,12 @@ class BlockKey:
     cache_key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "cache_key", json.dumps(
-            [KEY_FORMAT, self.source, self.key, self.version, self.block_size, self.index]))
+        # json.dumps([KEY_FORMAT, source, key, version, block_size, index]), character for
+        # character (keys in existing caches must match), without the encoder's per-call setup
+        object.__setattr__(
+            self, "cache_key",
+            f'["{KEY_FORMAT}", {_json_str(self.source)}, {_json_str(self.key)}, '
+            f"{_json_str(self.version)}, {int(self.block_size)}, {int(self.index)}]")
 
     @property
     def tag(self) -> str:
