@@ -60,11 +60,15 @@ class LocalStore:
             raise NotFound(f"{key}: invalid key")
         return parts
 
-    def _open_dir(self, parts: list[str]) -> int:
-        """A descriptor of the folder ``root/parts...``, reached without following any link."""
+    def _open_dir(self, parts: Sequence[str], *, create: bool = False) -> int:
+        """A descriptor of the folder ``root/parts...``, reached without following any link
+        (``create``: making missing folders on the way)."""
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for part in parts:
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o777, dir_fd=fd)
                 child = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 os.close(fd)
                 fd = child
@@ -188,7 +192,7 @@ class LocalStore:
             raise NotFound(f"{key}: not a file name")
         name, tmp = parts[-1], f".{parts[-1]}.fusefs-tmp-{os.getpid()}"
         try:
-            dfd = self._make_dirs(parts[:-1])
+            dfd = self._open_dir(parts[:-1], create=True)
         except OSError as exc:
             raise _map_os_error(exc, key) from exc
         try:
@@ -207,21 +211,6 @@ class LocalStore:
         finally:
             os.close(dfd)
         return ObjectInfo(key, st.st_size, st.st_mtime, _version(st))
-
-    def _make_dirs(self, parts: Sequence[str]) -> int:
-        """A descriptor of the folder ``root/parts...``, created as needed, no link followed."""
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for part in parts:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o777, dir_fd=fd)
-                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = child
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
 
     def delete(self, key: str) -> None:
         parts = self._parts(key)
