@@ -22,7 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -201,6 +201,30 @@ def fake_gcs_binary() -> Path:
     return binary
 
 
+def _start_on_free_port(
+    argv: Callable[[int, str], list[str]],
+    url_of: Callable[[int], str],
+    probe: str,
+    timeout: float,
+    name: str,
+) -> tuple[subprocess.Popen[bytes], IO[bytes], str]:
+    """Start a server on a free port and wait until ``url + probe`` answers; up to three
+    tries, since the port may be taken between probing it and the server binding it.
+    Returns the process, its log and its URL."""
+    for attempt in range(3):
+        port = free_port()
+        url = url_of(port)
+        proc, log = _spawn(argv(port, url))
+        try:
+            _wait_http(url + probe, proc, log, timeout, name)
+            return proc, log, url
+        except RuntimeError:
+            _stop_process(proc, log)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
 def fake_gcs(
     root_dir: str | os.PathLike[str] | None = None, *, backend: str = "filesystem"
@@ -218,23 +242,15 @@ def fake_gcs(
     root = str(Path(tmp or os.fspath(root_dir or "")).resolve())
     running: tuple[subprocess.Popen[bytes], IO[bytes]] | None = None
     try:
-        for attempt in range(3):  # the free port may be taken between probe and bind
-            port = free_port()
-            url = f"http://{HOST}:{port}"
-            proc, log = _spawn([
+        proc, log, url = _start_on_free_port(
+            lambda port, url: [
                 str(binary), "-scheme", "http", "-host", HOST, "-port", str(port),
                 "-backend", backend, "-filesystem-root", root, "-external-url", url,
                 "-log-level", "error",
-            ])  # fmt: skip
-            running = (proc, log)
-            try:
-                _wait_http(url + "/storage/v1/b", proc, log, 30, "fake-gcs-server")
-                break
-            except RuntimeError:
-                running = None
-                _stop_process(proc, log)
-                if attempt == 2:
-                    raise
+            ],
+            lambda port: f"http://{HOST}:{port}", "/storage/v1/b", 30, "fake-gcs-server",
+        )  # fmt: skip
+        running = (proc, log)
         yield FakeGCS(url, root)
     finally:
         if running is not None:
@@ -358,23 +374,15 @@ def azurite(*, in_memory: bool = True) -> Iterator[Azurite]:
     tmp = tempfile.mkdtemp(prefix="azurite-")
     running: tuple[subprocess.Popen[bytes], IO[bytes]] | None = None
     try:
-        for attempt in range(3):  # the free port may be taken between probe and bind
-            port = free_port()
-            url = f"http://{HOST}:{port}/{AZURITE_ACCOUNT}"
-            proc, log = _spawn([
+        proc, log, url = _start_on_free_port(
+            lambda port, url: [
                 binary, "--blobHost", HOST, "--blobPort", str(port),
                 *(["--inMemoryPersistence"] if in_memory else ["--location", tmp]),
                 "--silent", "--skipApiVersionCheck", "--disableTelemetry",
-            ])  # fmt: skip
-            running = (proc, log)
-            try:
-                _wait_http(url + "?comp=list", proc, log, 60, "azurite")
-                break
-            except RuntimeError:
-                running = None
-                _stop_process(proc, log)
-                if attempt == 2:
-                    raise
+            ],
+            lambda port: f"http://{HOST}:{port}/{AZURITE_ACCOUNT}", "?comp=list", 60, "azurite",
+        )  # fmt: skip
+        running = (proc, log)
         yield Azurite(url)
     finally:
         if running is not None:
