@@ -263,11 +263,11 @@ class FileSystem:
         if node is None or ino == ROOT_INO:
             return
         node.lookups = max(0, node.lookups - n)
-        if node.lookups == 0 and not any(h.node is node for h in self._open_on(node)):
+        if node.lookups == 0 and not self._is_open(node):
             self._free(node)
 
-    def _open_on(self, node: Node) -> list[Handle]:
-        return [h for h in self._handles.values() if h.node is node] if self._handles else []
+    def _is_open(self, node: Node) -> bool:
+        return any(h.node is node for h in self._handles.values())
 
     def _free(self, node: Node) -> None:
         self._nodes[node.ino] = None
@@ -360,7 +360,7 @@ class FileSystem:
 
     def unused(self, node: Node) -> None:
         """Free a node made for the kernel that the kernel did not take."""
-        if node.lookups == 0 and node.ino != ROOT_INO and not self._open_on(node):
+        if node.lookups == 0 and node.ino != ROOT_INO and not self._is_open(node):
             if self._nodes[node.ino] is node:
                 self._free(node)
 
@@ -432,7 +432,7 @@ class FileSystem:
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
-        if handle is not None and handle.node.lookups == 0 and not self._open_on(handle.node):
+        if handle is not None and handle.node.lookups == 0 and not self._is_open(handle.node):
             if self._nodes[handle.node.ino] is handle.node:
                 self._free(handle.node)
 
