@@ -377,7 +377,7 @@ class FileSystem:
         if not path:
             return Entry("", True)
         parent, _, name = path.rpartition("/")
-        if not valid_name(name) or any(not valid_name(p) for p in path.split("/")):
+        if not valid_name(name):  # the parents are checked as they are resolved below
             raise NotFound(f"{path}: no such file or directory")
         node = self._by_path.get(path)
         if node is not None and self._fresh(node.confirmed, self.clock()):
