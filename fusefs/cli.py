@@ -47,8 +47,13 @@ _SETTING_FLAGS: dict[str, dict[str, Any]] = {
     "file_mode": {"metavar": "OCTAL"},
     "dir_mode": {"metavar": "OCTAL"},
     "metrics": {"metavar": "HOST:PORT"},
+    "uploads": {"metavar": "N"},
+    "upload_part_size": {"metavar": "BYTES"},
+    "upload_parts": {"metavar": "N"},
+    "upload_grace": {"metavar": "SECONDS"},
+    "rename_limit": {"metavar": "N"},
 }
-_BOOL_FLAGS = ("allow_other", "read_only")
+_BOOL_FLAGS = ("allow_other", "read_only", "sync_uploads")
 
 
 def _help(name: str) -> str:

@@ -273,7 +273,46 @@ class Settings:
         metadata=_meta(
             _parse_bool,
             "FUSEFS_READ_ONLY",
-            "show no write bits (writes always fail with EROFS so far)",
+            "refuse every change with EROFS and show no write bits (control commands still work)",
+        ),
+    )
+    sync_uploads: bool = field(
+        default=False,
+        metadata=_meta(
+            _parse_bool,
+            "FUSEFS_SYNC_UPLOADS",
+            "close() returns only once the file is in the bucket (EIO, data kept, if not)",
+        ),
+    )
+    uploads: int = field(
+        default=16,
+        metadata=_meta(_positive_int, "FUSEFS_UPLOADS", "files uploaded at once"),
+    )
+    upload_part_size: int = field(
+        default=8 * MiB,
+        metadata=_meta(
+            _size, "FUSEFS_UPLOAD_PART_SIZE",
+            "part size of multipart (S3), resumable (GCS) and block (Azure) uploads",
+        ),
+    )
+    upload_parts: int = field(
+        default=8,
+        metadata=_meta(
+            _positive_int, "FUSEFS_UPLOAD_PARTS", "parts of one big file uploaded at once"
+        ),
+    )
+    upload_grace: float = field(
+        default=30.0,
+        metadata=_meta(
+            _seconds, "FUSEFS_UPLOAD_GRACE",
+            "seconds unmount and SIGTERM wait for pending uploads (the rest resume next mount)",
+        ),
+    )
+    rename_limit: int = field(
+        default=1000,
+        metadata=_meta(
+            _non_negative_int, "FUSEFS_RENAME_LIMIT",
+            "most objects a folder rename moves; above it EXDEV (mv then copies)",
         ),
     )
     uid: int | None = field(

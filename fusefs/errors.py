@@ -58,6 +58,40 @@ class StaleVersion(FusefsError):
     errno = errno.ESTALE
 
 
+class Conflict(FusefsError):
+    """A conditional write found the object changed (or present) since this mount saw it."""
+
+    errno = errno.EIO
+
+
+class NoSpace(FusefsError):
+    """The staging area (the cache's disk) is full."""
+
+    errno = errno.ENOSPC
+
+
+class Exists(FusefsError):
+    errno = errno.EEXIST
+
+
+class NotEmpty(FusefsError):
+    errno = errno.ENOTEMPTY
+
+
+class CrossDevice(FusefsError):
+    """A rename fusefs will not do in place (a folder above the limit): ``mv`` copies."""
+
+    errno = errno.EXDEV
+
+
+class NotPermitted(FusefsError):
+    errno = errno.EPERM
+
+
+class NameTooLong(FusefsError):
+    errno = errno.ENAMETOOLONG
+
+
 class TransientError(FusefsError):
     """A failure worth retrying: throttling, 5xx, connection reset, timeout."""
 

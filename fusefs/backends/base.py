@@ -7,7 +7,7 @@ Keys are relative to the mounted root; :class:`PrefixedStore` adds a bucket pref
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -26,6 +26,53 @@ class ObjectInfo:
     size: int
     mtime: float
     version: str
+    #: What a writer kept in the object's metadata (rclone/s3fs ``mtime`` and ``mode``), when
+    #: the answer carried it (HEAD always; GCS and Azure listings too; S3 listings never).
+    #: ``mode`` holds permission bits only (``& 0o7777``).
+    meta_mtime: float | None = None
+    mode: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attrs:
+    """File attributes kept in object metadata: ``mtime`` (epoch seconds) and ``mode``
+    (permission bits). Stored as rclone does (``mtime`` float seconds, ``mode`` octal with a
+    leading 0, e.g. ``0100644``) and read back also in s3fs's (decimal ``mode``, integer
+    ``mtime``) and gcsfuse's (``gcsfuse_mtime`` RFC 3339) forms."""
+
+    mtime: float | None = None
+    mode: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """What the object must be for a write to go ahead; otherwise the store raises
+    :class:`~fusefs.errors.Conflict` and changes nothing.
+
+    ``version``: it must currently have this version (S3 ``If-Match``, GCS
+    ``ifGenerationMatch``, Azure ``If-Match``). ``absent``: it must not exist (S3
+    ``If-None-Match: *``, GCS ``ifGenerationMatch=0``, Azure ``If-None-Match: *``). Neither:
+    unconditional."""
+
+    version: str | None = None
+    absent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """The new content of an object: ``size`` bytes, read from the local file ``path`` at the
+    same offsets, except in the ``copy`` ranges (sorted, disjoint ``(start, end)``), which hold
+    the same bytes as object ``base_key`` at ``base_version`` at the same offsets and are NOT in
+    the file (it may have holes there). A store that can copy ranges server-side (S3
+    ``UploadPartCopy``) copies whole parts that lie inside a copy range and reads the rest of a
+    part's copy bytes with :meth:`ObjectStore.get_range`; others read them with ``get_range``.
+    Memory stays bounded by (part size x parallel parts) whatever ``size`` is."""
+
+    path: str
+    size: int
+    copy: tuple[tuple[int, int], ...] = ()
+    base_key: str = ""
+    base_version: str = ""
 
 
 @dataclass(slots=True)
@@ -78,6 +125,36 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None:
         """Remove the object ``key``; an absent object is not an error (as on S3)."""
 
+    # --- writes (the staged-upload path) -------------------------------------------------
+
+    #: True when the store itself enforces a :class:`Condition` atomically (AWS S3, GCS,
+    #: Azure, local); False for S3-compatible servers that may ignore the headers, for which
+    #: the caller checks with a HEAD first (and still sends the headers).
+    enforces_conditions: bool
+
+    def put_file(
+        self, key: str, upload: Upload, *, condition: Condition = Condition(),
+        attrs: Attrs | None = None, progress: Callable[[int], None] | None = None,
+    ) -> ObjectInfo:
+        """Store ``upload`` as the object ``key`` with ``attrs`` in its metadata, if
+        ``condition`` holds (else Conflict, nothing changed); its new metadata.
+
+        Big uploads are parallel multipart (S3), resumable (GCS) or staged blocks (Azure),
+        streamed from the file; an incomplete multipart upload is aborted on failure.
+        ``progress(n)`` is called as ``n`` more bytes have been sent (from worker threads).
+        """
+
+    def copy(
+        self, src: str, version: str, dst: str, *, condition: Condition = Condition(),
+    ) -> ObjectInfo:
+        """Server-side copy of ``src`` at ``version`` (StaleVersion if it has another, NotFound
+        if gone) to ``dst``, keeping its metadata, if ``condition`` holds for ``dst``; the new
+        object's metadata. Multipart copy above 5 GiB on S3; GCS rewrite."""
+
+    def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
+        """Replace the ``mtime``/``mode`` metadata of ``key`` at ``version`` (Conflict if it has
+        another); its metadata afterwards (the version may change: S3 copies in place)."""
+
 
 class PrefixedStore:
     """Wraps a store so that keys are relative to ``prefix`` (``datasets/`` in s3://b/datasets)."""
@@ -87,6 +164,7 @@ class PrefixedStore:
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.source_id = inner.source_id + ("/" + self.prefix.rstrip("/") if self.prefix else "")
         self.lists_after: bool = getattr(inner, "lists_after", True)
+        self.enforces_conditions: bool = getattr(inner, "enforces_conditions", True)
 
     def _strip(self, key: str) -> str:
         return key[len(self.prefix) :]
@@ -99,9 +177,11 @@ class PrefixedStore:
             self.inner.check()  # a missing bucket: the store's own message says so
             raise
 
+    def _rekey(self, info: ObjectInfo, key: str) -> ObjectInfo:
+        return ObjectInfo(key, info.size, info.mtime, info.version, info.meta_mtime, info.mode)
+
     def head(self, key: str) -> ObjectInfo:
-        info = self.inner.head(self.prefix + key)
-        return ObjectInfo(key, info.size, info.mtime, info.version)
+        return self._rekey(self.inner.head(self.prefix + key), key)
 
     def list(
         self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
@@ -109,7 +189,7 @@ class PrefixedStore:
         after = self.prefix + start_after if start_after else ""
         for page in self.inner.list(self.prefix + prefix, max_keys=max_keys, start_after=after):
             yield ListPage(
-                [ObjectInfo(self._strip(o.key), o.size, o.mtime, o.version) for o in page.objects],
+                [self._rekey(o, self._strip(o.key)) for o in page.objects],
                 [self._strip(p) for p in page.prefixes],
                 page.more,
             )
@@ -118,8 +198,28 @@ class PrefixedStore:
         return self.inner.get_range(self.prefix + key, start, length, version)
 
     def put(self, key: str, data: bytes) -> ObjectInfo:
-        info = self.inner.put(self.prefix + key, data)
-        return ObjectInfo(key, info.size, info.mtime, info.version)
+        return self._rekey(self.inner.put(self.prefix + key, data), key)
 
     def delete(self, key: str) -> None:
         self.inner.delete(self.prefix + key)
+
+    def put_file(
+        self, key: str, upload: Upload, *, condition: Condition = Condition(),
+        attrs: Attrs | None = None, progress: Callable[[int], None] | None = None,
+    ) -> ObjectInfo:
+        if upload.base_key:
+            upload = Upload(upload.path, upload.size, upload.copy,
+                            self.prefix + upload.base_key, upload.base_version)
+        info = self.inner.put_file(self.prefix + key, upload, condition=condition, attrs=attrs,
+                                   progress=progress)
+        return self._rekey(info, key)
+
+    def copy(
+        self, src: str, version: str, dst: str, *, condition: Condition = Condition(),
+    ) -> ObjectInfo:
+        info = self.inner.copy(self.prefix + src, version, self.prefix + dst,
+                               condition=condition)
+        return self._rekey(info, dst)
+
+    def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
+        return self._rekey(self.inner.set_attrs(self.prefix + key, version, attrs), key)
