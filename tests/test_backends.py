@@ -747,3 +747,76 @@ def test_prefixed_check_lists_the_prefix_not_the_root(moto_server: MotoS3, s3_se
     missing = PrefixedStore(S3Store("nope-" + bucket, endpoint_url=moto_server.endpoint_url), "p")
     with pytest.raises(NotFound, match="does not exist"):
         missing.check()
+
+
+# ----------------------------------------------------------------------- GCS lean GET path
+
+
+def _gcs_store_behind_proxy(gcs_server: FakeGCS, gcs_seed: Any,
+                            monkeypatch: pytest.MonkeyPatch, proxy_url: str) -> tuple[Any, bytes]:
+    from fusefs.backends.gcs import GCSStore
+
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    payload = os.urandom(100_000)
+    gcs_seed.create_bucket(bucket).blob("f.bin").upload_from_string(payload)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy_url)
+    return GCSStore(bucket), payload
+
+
+def test_gcs_lean_get_path_is_used(gcs_server: FakeGCS, gcs_seed: Any,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranged and whole GETs go straight to the session's urllib3 pool (one request each, not
+    through requests), with the token applied and every check kept (the CRC32C of a whole
+    object: a flipped byte is retried)."""
+    from fusefs.testing.proxy import CountingProxy, is_object_get
+
+    with CountingProxy(gcs_server.url) as proxy:
+        store, payload = _gcs_store_behind_proxy(gcs_server, gcs_seed, monkeypatch, proxy.url)
+        v = store.head("f.bin").version
+        session_calls = []
+        real = store.client._http.request
+        monkeypatch.setattr(store.client._http, "request",
+                            lambda *a, **kw: session_calls.append(a) or real(*a, **kw))
+        proxy.reset()
+        assert store.get_range("f.bin", 10, 1000, v) == payload[10:1010]
+        assert store.get_range("f.bin", 0, 200_000, v) == payload
+        assert store.get_range("f.bin", 100_000, 10, v) == b""  # past the end: 416
+        gets = [r for r in proxy.requests() if is_object_get(r)]
+        assert len(gets) == 3 and store._lean.sent == 3 and session_calls == []
+        assert all("urllib3" in (r.header("user-agent") or "") for r in gets)
+        assert {r.query.get("generation") for r in gets} == {v}
+        damaged: list[Any] = []
+        proxy.faults(1.0, ["corrupt"], predicate=lambda r: is_object_get(r) and not damaged
+                     and not damaged.append(r))
+        proxy.reset()
+        assert store.get_range("f.bin", 0, 200_000, v) == payload  # damaged, then again
+        assert proxy.count(predicate=is_object_get) == 2 and session_calls == []
+        assert store._lean.enabled
+
+
+def test_gcs_lean_get_path_falls_back_to_the_session(gcs_server: FakeGCS, gcs_seed: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer the lean path leaves to the session (a 401: the session refreshes the token)
+    is asked again through it; once the session succeeded, the lean path is off. A proxy for
+    the endpoint in the environment keeps it off from the start."""
+    from fusefs.backends.gcs import GCSStore
+    from fusefs.testing.proxy import CountingProxy, is_object_get
+
+    with CountingProxy(gcs_server.url) as proxy:
+        store, payload = _gcs_store_behind_proxy(gcs_server, gcs_seed, monkeypatch, proxy.url)
+        v = store.head("f.bin").version
+        proxy.faults(1.0, ["401"], predicate=lambda r: is_object_get(r)
+                     and "urllib3" in (r.header("user-agent") or ""))
+        proxy.reset()
+        assert store.get_range("f.bin", 0, 1000, v) == payload[:1000]
+        assert [r.status for r in proxy.requests() if is_object_get(r)] == [401, 206]
+        assert not store._lean.enabled
+        assert store.get_range("f.bin", 1000, 1000, v) == payload[1000:2000]
+        assert proxy.count(predicate=is_object_get) == 3  # the session only from now on
+
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # applies to the endpoint
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        assert not GCSStore(store.bucket_name)._lean.enabled
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        assert GCSStore(store.bucket_name)._lean.enabled
