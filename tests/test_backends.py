@@ -820,3 +820,69 @@ def test_gcs_lean_get_path_falls_back_to_the_session(gcs_server: FakeGCS, gcs_se
         assert not GCSStore(store.bucket_name)._lean.enabled
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
         assert GCSStore(store.bucket_name)._lean.enabled
+
+
+# ----------------------------------------------------------------------- Azure lean listing
+
+
+def test_azure_lean_listing_matches_the_sdk_and_falls_back(azurite_server: Azurite) -> None:
+    """Listings are read from the raw XML (not the SDK's models): the same pages as the SDK's
+    (odd names, prefixes, paging, start_after), with a SAS token too; a page the lean path is
+    refused (a 403) is asked again through the SDK, which carries on from that page."""
+    from datetime import UTC, datetime, timedelta
+
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    from fusefs.backends.azure import AzureStore
+    from fusefs.testing.proxy import CountingProxy
+
+    container = f"ls-{uuid.uuid4().hex[:12]}"
+    client = azure_container_client(azurite_server, container)
+    client.create_container()
+    keys = [f"d/f{i:03d}" for i in range(25)] + [f"d/sub{i}/x" for i in range(3)] + [
+        f"d/{k}" for k in ODD_KEYS]
+    for k in keys:
+        client.upload_blob(k, k.encode())
+    sas = generate_container_sas(
+        azurite_server.account, container, account_key=AZURITE_KEY,
+        permission=ContainerSasPermissions(read=True, list=True),
+        expiry=datetime.now(UTC) + timedelta(hours=1))
+    upstream, account = azurite_server.endpoint_url.rsplit("/", 1)
+    with CountingProxy(upstream) as proxy:
+        url = f"{proxy.url}/{account}"
+        for env in ({"AZURE_STORAGE_CONNECTION_STRING": azurite_server.connection_string(url)},
+                    {"AZURE_STORAGE_ACCOUNT": account, "AZURE_STORAGE_SAS_TOKEN": sas}):
+            _check_lean_listing(AzureStore(container, endpoint_url=url, page_size=10, env=env),
+                                proxy)
+
+
+def _check_lean_listing(store: Any, proxy: Any) -> None:
+    from fusefs.testing.proxy import is_list
+
+    def sdk_pages(prefix: str, **kw: Any) -> list[Any]:
+        store._pipeline, pipeline = None, store._pipeline  # the SDK path only
+        try:
+            return [(p.objects, p.prefixes, p.more) for p in store.list(prefix, **kw)]
+        finally:
+            store._pipeline = pipeline
+
+    want = sdk_pages("d/")
+    assert sum(len(o) + len(p) for o, p, _ in want) == 25 + 3 + len(ODD_KEYS)
+    assert {o.key for o, _, _ in want for o in o} >= {f"d/{k}" for k in ODD_KEYS if "/" not in k}
+    walk_blobs, store.client.walk_blobs = store.client.walk_blobs, None  # lean: no SDK
+    proxy.reset()
+    assert [(p.objects, p.prefixes, p.more) for p in store.list("d/")] == want
+    assert proxy.count(predicate=is_list) == len(want)
+    got = [(p.objects, p.prefixes) for p in store.list("d/", start_after="d/f020")]
+    assert min(o.key for objects, _ in got for o in objects) == "d/f021"
+    store.client.walk_blobs = walk_blobs
+    assert [(o, p) for o, p, _ in sdk_pages("d/", start_after="d/f020")] == got
+
+    refused: list[Any] = []
+    proxy.faults(1.0, ["403"], predicate=lambda r: is_list(r) and "marker" in r.query
+                 and not refused and not refused.append(r))
+    proxy.reset()
+    assert [(p.objects, p.prefixes, p.more) for p in store.list("d/")] == want
+    assert [r.status for r in proxy.requests() if is_list(r)] == [
+        200, 403] + [200] * (len(want) - 1)  # page 2 again through the SDK
+    proxy.faults(0.0)

@@ -10,12 +10,15 @@ connection strings never reach a log line, an error message or ``source_id``.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
+from xml.etree import ElementTree
 
 import requests
 from azure.core import MatchConditions
@@ -289,10 +292,22 @@ class AzureStore:
     ) -> Iterator[ListPage]:
         size = min(max_keys, self.page_size) if max_keys else self.page_size
         seen = 0
+        marker: str | None = None  # where the SDK takes over if a lean page is refused
+        while self._pipeline is not None and self._api_version:
+            lean = self._lean_list_page(prefix, size, marker)
+            if lean is None:
+                break  # the SDK asks for this page again (and maps its error exactly)
+            objects, prefixes, marker = lean
+            page = ListPage([o for o in objects if o.key > start_after],
+                            [p for p in prefixes if p > start_after], bool(marker))
+            seen += len(page.objects) + len(page.prefixes)
+            yield page
+            if not marker or (max_keys and seen >= max_keys):
+                return
         try:
             pages = self.client.walk_blobs(
                 name_starts_with=prefix or None, delimiter="/", results_per_page=size
-            ).by_page()
+            ).by_page(continuation_token=marker)
             for api_page in pages:
                 page = ListPage()
                 page.more = bool(getattr(pages, "continuation_token", None))
@@ -318,6 +333,55 @@ class AzureStore:
             raise
         except Exception as exc:
             raise map_azure_error(exc, self._name(prefix)) from exc
+
+    def _lean_list_page(
+        self, prefix: str, size: int, marker: str | None
+    ) -> tuple[Sequence[ObjectInfo], Sequence[str], str | None] | None:
+        """One page of a delimited listing read from the raw XML, through the client's own
+        pipeline (authentication, retries, transport): (objects, prefixes, next marker), or
+        None: use the SDK. The SDK's model deserialisation is most of a listing's CPU (about
+        0.4 ms per object, five times S3's)."""
+        params = {"restype": "container", "comp": "list", "delimiter": "/",
+                  "maxresults": str(size), **({"prefix": prefix} if prefix else {}),
+                  **({"marker": marker} if marker else {})}  # fmt: skip
+        base, query = self._blob_url
+        url = f"{base.rstrip('/')}?{urlencode(params, quote_via=quote)}"
+        url += "&" + query[1:] if query else ""
+        request = HttpRequest("GET", url, headers={"x-ms-version": self._api_version})
+        pipeline: Any = self._pipeline
+        try:
+            response = pipeline.run(request).http_response
+            if response.status_code != 200:
+                return None
+            root = ElementTree.fromstring(response.body())
+        except (aexc.AzureError, ElementTree.ParseError) as exc:
+            log.debug("lean listing of %r failed (%s); using the SDK", prefix, type(exc).__name__)
+            return None
+        blobs = root.find("Blobs")
+        if blobs is None:
+            return None
+        objects: builtins.list[ObjectInfo] = []
+        prefixes: builtins.list[str] = []
+        for item in blobs:
+            name_el = item.find("Name")
+            if name_el is None:
+                return None
+            name = name_el.text or ""
+            if name_el.get("Encoded", "").lower() == "true":
+                name = unquote(name)
+            if item.tag == "BlobPrefix":
+                prefixes.append(name)
+                continue
+            props = item.find("Properties")
+            if item.tag != "Blob" or props is None:
+                return None
+            modified = props.findtext("Last-Modified")
+            objects.append(ObjectInfo(
+                name, int(props.findtext("Content-Length") or 0),
+                parsedate_to_datetime(modified).timestamp() if modified else 0.0,
+                etag_version(props.findtext("Etag")),
+            ))  # fmt: skip
+        return objects, prefixes, root.findtext("NextMarker") or None
 
     def _fast_get(self, key: str, start: int, length: int, version: str) -> bytes | None:
         """The bytes, StaleVersion if the answer has another ETag, or None: use the SDK."""
