@@ -886,3 +886,74 @@ def _check_lean_listing(store: Any, proxy: Any) -> None:
     assert [r.status for r in proxy.requests() if is_list(r)] == [
         200, 403] + [200] * (len(want) - 1)  # page 2 again through the SDK
     proxy.faults(0.0)
+
+
+# ----------------------------------------------------------------------- Azure lean GET
+
+
+@pytest.mark.parametrize("version", ["2025-01-05", "2021-08-06"])
+@pytest.mark.parametrize("if_match", [None, '"0x8DC0123"'])
+@pytest.mark.parametrize("url", ["http://127.0.0.1:10000/devstoreaccount1/c/d%C3%A9j%C3%A0%20vu/a%2Bb",
+                                 "https://acct.blob.core.windows.net/cont/dir/f.bin"])
+def test_azure_shared_key_signature_equals_the_sdks(url: str, if_match: str | None,
+                                                    version: str) -> None:
+    from urllib.parse import urlsplit
+
+    from azure.core.pipeline import PipelineContext, PipelineRequest
+    from azure.core.rest import HttpRequest
+    from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
+
+    from fusefs.backends.azure import SharedKey
+
+    headers = {"x-ms-range": "bytes=100-1123", "x-ms-version": version,
+               "x-ms-date": "Mon, 30 Nov 2026 04:19:07 GMT",
+               **({"If-Match": if_match} if if_match else {})}
+    request = PipelineRequest(HttpRequest("GET", url, headers=dict(headers)), PipelineContext(None))
+    SharedKeyCredentialPolicy("acct", AZURITE_KEY).on_request(request)
+    assert SharedKey("acct", AZURITE_KEY).sign(urlsplit(url).path, headers) == (
+        request.http_request.headers["Authorization"])
+
+
+def test_azure_lean_get_is_used_and_falls_back(azurite_server: Azurite) -> None:
+    """Ranged GETs go straight to the session's urllib3 pool, signed with the account key (one
+    request each, not through the pipeline), with every check kept; a refused answer (a 403)
+    is asked again through the SDK, and once that worked the lean path is off."""
+    from fusefs.backends.azure import AzureStore
+    from fusefs.testing.proxy import CountingProxy, is_object_get
+
+    container = f"lg-{uuid.uuid4().hex[:12]}"
+    client = azure_container_client(azurite_server, container)
+    client.create_container()
+    data = random.Random(2).randbytes(300_000)
+    client.upload_blob("dir/f é.bin", data)
+    upstream, account = azurite_server.endpoint_url.rsplit("/", 1)
+    with CountingProxy(upstream) as proxy:
+        url = f"{proxy.url}/{account}"
+        store = AzureStore(container, endpoint_url=url,
+                           env={"AZURE_STORAGE_CONNECTION_STRING":
+                                azurite_server.connection_string(url)})
+        v = store.head("dir/f é.bin").version
+        pipeline, store._pipeline = store._pipeline, None  # neither the pipeline nor the SDK
+        sdk_client, store.client.get_blob_client = store.client.get_blob_client, None
+        proxy.reset()
+        assert store.get_range("dir/f é.bin", 1000, 5000, v) == data[1000:6000]
+        assert store.get_range("dir/f é.bin", 299_990, 100, v) == data[-10:]
+        assert store.get_range("dir/f é.bin", 300_000, 100, v) == b""  # 416
+        gets = [r for r in proxy.requests() if is_object_get(r)]
+        assert len(gets) == 3 and store._lean.sent == 3
+        assert all("urllib3" in (r.header("user-agent") or "") for r in gets)
+        store._pipeline, store.client.get_blob_client = pipeline, sdk_client
+        client.upload_blob("dir/f é.bin", b"changed", overwrite=True)
+        with pytest.raises(StaleVersion):
+            store.get_range("dir/f é.bin", 0, 7, v)
+        assert store._lean.enabled  # a 412 is not a refusal
+        v = store.head("dir/f é.bin").version
+
+        proxy.faults(1.0, ["403"], predicate=lambda r: is_object_get(r)
+                     and "urllib3" in (r.header("user-agent") or ""))
+        proxy.reset()
+        assert store.get_range("dir/f é.bin", 0, 7, v) == b"changed"
+        assert [r.status for r in proxy.requests() if is_object_get(r)] == [403, 206]
+        assert not store._lean.enabled
+        assert store.get_range("dir/f é.bin", 1, 3, v) == b"han"
+        assert proxy.count(predicate=is_object_get) == 3  # the pipeline only from now on

@@ -17,8 +17,7 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
@@ -26,13 +25,11 @@ from urllib.parse import quote, urlsplit
 import google.auth
 import google.auth.exceptions
 import requests
-import urllib3
 import urllib3.exceptions
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 try:  # google-cloud-storage >= 3 vendors google-resumable-media
     from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
@@ -48,6 +45,7 @@ from ..errors import (
     TransientError,
 )
 from .base import ListPage, ObjectInfo
+from .lean import Answer, SessionPool
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .verify import refuse_whole, take_range, verify_goog_hash
 
@@ -186,92 +184,45 @@ def _size_pool(client: Any, max_connections: int) -> None:
             )
 
 
-@dataclass(slots=True)
-class _Answer:
-    status: int
-    headers: Mapping[str, str]  # lower-cased names
-    body: bytes
-
-
 #: Answers the lean path leaves to the session: 401 (the session refreshes the token and asks
 #: again), 407 and redirects (followed by requests).
 _SESSION_STATUSES = frozenset({301, 302, 303, 307, 308, 401, 407})
 
 
 class _LeanGet:
-    """Media GETs without requests' per-request machinery (environment and proxy lookups,
-    request preparation, hooks, cookies: about half of a small GET's CPU): the credentials'
-    headers applied as the client's ``AuthorizedSession`` applies them, and the request sent on
-    that session's own urllib3 pool (its connections, TLS settings and pool size).
+    """Media GETs without requests' per-request machinery (about half of a small GET's CPU):
+    the credentials' headers applied as the client's ``AuthorizedSession`` applies them, and
+    the request sent on that session's own urllib3 pool (:class:`.lean.SessionPool`).
 
-    Used only where the session would do nothing more: a plain adapter (no mTLS), no proxy
-    for the endpoint. An answer this path leaves to the session (:data:`_SESSION_STATUSES`)
-    is repeated through it; if the session then succeeds, this path is turned off for the
-    rest of the mount. ``enabled`` only ever goes from True to False; ``sent`` counts the
-    requests this path made.
+    Used only where the session would do nothing more (no proxy, no mTLS). An answer this path
+    leaves to the session (:data:`_SESSION_STATUSES`) is repeated through it; if the session
+    then succeeds, this path is turned off for the rest of the mount. ``enabled`` only ever goes
+    from True to False; ``sent`` counts the requests this path made.
     """
 
     def __init__(self, session: Any, api_base: str, timeout: tuple[float, float]) -> None:
-        self.enabled = False
         self.sent = 0
         self._session = session
-        self._timeout = urllib3.Timeout(connect=timeout[0], read=timeout[1])
-        adapter = session.get_adapter(api_base)
-        if type(adapter) is not HTTPAdapter or getattr(session, "is_mtls", False):
-            return
-        proxies = dict(session.proxies or {})
-        verify = session.verify
-        if session.trust_env:
-            proxies.update(requests.utils.get_environ_proxies(api_base))
-            if verify is True:
-                verify = (os.environ.get("REQUESTS_CA_BUNDLE")
-                          or os.environ.get("CURL_CA_BUNDLE") or True)
-        if requests.utils.select_proxy(api_base, proxies):
-            return
-        self._pools = adapter.poolmanager
-        self._host, self._pool_kwargs = adapter.build_connection_pool_key_attributes(
-            requests.Request("GET", api_base).prepare(), verify, session.cert
-        )
+        self._pool = SessionPool(session, api_base, timeout)
         self._auth_request = getattr(session, "_auth_request", None)
-        self.enabled = self._auth_request is not None
+        self.enabled = self._pool.usable and self._auth_request is not None
 
     def get(self, what: str, url: str, target: str, headers: dict[str, str],
-            length: int) -> _Answer | None:
+            length: int) -> Answer | None:
         """The answer to one GET (None: leave it to the session). Connection trouble, a stall
         or a body cut short raise TransientError."""
         self.sent += 1
         try:
             self._session.credentials.before_request(self._auth_request, "GET", url, headers)
-            pool = self._pools.connection_from_host(**self._host, pool_kwargs=self._pool_kwargs)
-            resp = pool.urlopen("GET", target, headers=headers, retries=Retry(False),
-                                redirect=False, assert_same_host=False, preload_content=False,
-                                decode_content=False, timeout=self._timeout)
         except Exception as exc:
             raise map_gcs_error(exc, what) from exc
-        status = resp.status
-        answer_headers = {k.lower(): v for k, v in resp.headers.items()}
-        try:
-            if status in _SESSION_STATUSES:
-                resp.drain_conn()
-                return None
-            refuse_whole(what, status, answer_headers, length)
-            body: bytes = resp.read()
-        except TransientError:
-            resp.close()
-            raise
-        except Exception as exc:
-            resp.close()  # the connection is in an unknown state: never reuse it
-            raise map_gcs_error(exc, what) from exc
-        finally:
-            resp.release_conn()
-        return _Answer(status, answer_headers, body)
+        return self._pool.get(what, target, headers, length, map_gcs_error, _SESSION_STATUSES)
 
     def session_worked(self) -> None:
         """An answer left to the session was a success there: stop using this path."""
         if self.enabled:
             log.info("lean GCS GET path off for this mount: the session handled what it could not")
             self.enabled = False
-
 
 class GCSStore:
     """One GCS bucket; object versions are generations, so a rewritten object is detected."""
@@ -453,7 +404,7 @@ class GCSStore:
             verify_goog_hash(what, answer.headers.get("x-goog-hash"), whole)
         return data
 
-    def _session_get(self, what: str, url: str, headers: dict[str, str], length: int) -> _Answer:
+    def _session_get(self, what: str, url: str, headers: dict[str, str], length: int) -> Answer:
         """One GET through the client's authorized session (token refresh, proxies, mTLS,
         redirects): the answer, its body read whole unless refused unread."""
         try:
@@ -470,7 +421,7 @@ class GCSStore:
             raise
         except Exception as exc:  # connection trouble, a stall, a body cut short
             raise map_gcs_error(exc, what) from exc
-        return _Answer(resp.status_code, answer_headers, body)
+        return Answer(resp.status_code, answer_headers, body)
 
     def _gone_or_stale(self, key: str, version: str, err: NotFound) -> FusefsError:
         """A 404 for a pinned generation: StaleVersion if the object lives on, else NotFound."""
