@@ -203,7 +203,8 @@ class GCSClient(Client):
         return data
 
     def list(self, bucket: str, prefix: str = "") -> list[str]:
-        return [b.name for b in self.c.list_blobs(bucket, prefix=prefix or None)]
+        # pages of 1,000 as on GCS (fake-gcs-server sends everything in one page otherwise)
+        return [b.name for b in self.c.list_blobs(bucket, prefix=prefix or None, page_size=1000)]
 
     def head(self, bucket: str, key: str) -> None:
         self._bucket(bucket).blob(key).reload()
@@ -235,8 +236,9 @@ class GCS(Store):
         from fusefs.testing import servers
 
 
-        root = b.work / "fake-gcs"
-        with servers.fake_gcs(root, data_dir=b.data) as srv:
+        # in memory: the filesystem backend reads every object's metadata from disk for each
+        # listing (~20 ms a delimited listing of 4,000 objects, against 2 ms in memory)
+        with servers.fake_gcs(b.work / "fake-gcs", backend="memory", data_dir=b.data) as srv:
             b.direct_url = srv.url
             yield f"fake-gcs-server {go_module_version(servers.fake_gcs_binary())}".strip()
 
