@@ -224,6 +224,7 @@ class _LeanGet:
             log.info("lean GCS GET path off for this mount: the session handled what it could not")
             self.enabled = False
 
+
 class GCSStore:
     """One GCS bucket; object versions are generations, so a rewritten object is detected."""
 
