@@ -108,6 +108,29 @@ class Folders:
             if r is not None:
                 r.listed = -math.inf
 
+    def note(self, key: str, value: ObjectInfo | None | bool) -> None:
+        """This mount changed ``key`` (see :meth:`DirListing.note`): the listed ranges say
+        so at once, without a request. A sub-folder's key ends with ``/``."""
+        parent = key.rstrip("/").rpartition("/")[0]
+        d = self._dirs.get(parent)
+        if d is not None:
+            before = d.entries()
+            d.note(key, value)
+            self._listed_entries += d.entries() - before
+        self._negative.pop(key.rstrip("/"), None)
+
+    def note_empty(self, path: str) -> None:
+        """Folder ``path`` was just made: it is known to be empty (no LIST needed)."""
+        d = self._dir(path)
+        if not d.ranges and not d.flights:
+            d.insert(Range("", None, self.clock(), [], []), merge_within=0)
+
+    def forget_tree(self, path: str) -> None:
+        """Drop what is known of folder ``path`` and every folder below it."""
+        pre = prefix_of(path)
+        for p in [p for p in self._dirs if p == path or p.startswith(pre)]:
+            self._listed_entries -= self._dirs.pop(p).clear()
+
     def _dir(self, path: str) -> DirListing:
         d = self._dirs.get(path)
         if d is None:
