@@ -1167,3 +1167,41 @@ def test_attr_metadata_forms() -> None:
             assert abs(got[0] - expected[0]) < 1e-6, meta
     assert attrs.merged({"mtime": "1", "gcsfuse_mtime": "x", "mode": "33188", "k": "v"},
                         Attrs(mtime=2.0)) == {"mode": "33188", "k": "v", "mtime": "2"}
+
+
+@pytest.mark.parametrize("absent", [True, False])
+@pytest.mark.parametrize("kind", ["s3", "seaweed"])
+def test_s3_completion_whose_answer_was_lost(kind: str, absent: bool,
+                                             request: pytest.FixtureRequest, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first CompleteMultipartUpload works but its answer is cut short: the retry finds
+    the upload gone (or, with If-None-Match, the object there). The object is what was sent,
+    so the upload succeeded: neither NotFound nor Conflict."""
+    from fusefs.backends.base import Condition, Upload
+
+    if kind == "s3":
+        endpoint = request.getfixturevalue("moto_server").endpoint_url
+        proxy = request.getfixturevalue("moto_proxy")
+    else:
+        server, proxy = request.getfixturevalue("seaweed")
+        endpoint = server.endpoint_url
+    wr = _s3_writer(kind, endpoint, proxy, monkeypatch)
+    data = random.Random(6).randbytes(12 * MiB)
+    seen: list[str] = []
+
+    def first_completion(r: Any) -> bool:
+        hit = r.method == "POST" and "uploadId" in r.query and not seen
+        if hit:
+            seen.append(r.target)
+        return hit
+
+    proxy.faults(1.0, ["truncate"], predicate=first_completion)
+    try:
+        info = wr.store.put_file("f.bin", Upload(staged(tmp_path, data), len(data)),
+                                 condition=Condition(absent=absent))
+    finally:
+        proxy.faults(0)
+    assert proxy.fault_counts()["truncate"] == 1
+    assert s3_ops(proxy).count("CompleteMultipartUpload") == 2
+    assert wr.raw("f.bin") == data and info.version == wr.store.head("f.bin").version
+    assert wr.uploads_left is not None and wr.uploads_left() == 0

@@ -67,21 +67,34 @@ def _conditions(store: S3Store, key: str, condition: Condition) -> dict[str, str
     return {"IfMatch": _quoted(condition.version)}
 
 
+def _landed(store: S3Store, key: str, expected_etag: str | None) -> Any:
+    """The HEAD of ``key`` if it has ``expected_etag`` (what was just sent), else None."""
+    if expected_etag is None:
+        return None
+    try:
+        now = store._head_raw(key)
+    except FusefsError:
+        return None
+    return now if str(now.get("ETag", "")).strip('"') == expected_etag else None
+
+
 def _conditional(store: S3Store, key: str, expected_etag: str | None,
-                 send: Callable[[], Any]) -> Any:
+                 send: Callable[[], Any], *, completion: bool = False) -> Any:
     """``send()`` with a failed precondition (412) turned into Conflict, unless the object
-    already is what was sent (``expected_etag``: a retried request whose first try worked)."""
+    already is what was sent (``expected_etag``: a retried request whose first try worked;
+    for a ``completion``, whose retry finds the upload gone: NoSuchUpload)."""
     try:
         return send()
     except StaleVersion as exc:
-        if expected_etag is not None:
-            try:
-                now = store._head_raw(key)
-            except FusefsError:
-                now = None
-            if now is not None and now.get("ETag", "").strip('"') == expected_etag:
-                return {"ETag": now["ETag"], "_landed": True}
+        now = _landed(store, key, expected_etag)
+        if now is not None:
+            return now
         raise Conflict(f"{store._name(key)}: {exc.message}", cause=exc) from exc
+    except NotFound:
+        now = _landed(store, key, expected_etag) if completion else None
+        if now is not None:
+            return now
+        raise
 
 
 def _multipart_etag(etags: list[str]) -> str | None:
@@ -157,7 +170,8 @@ def _multipart(
         done = _conditional(store, key, expected, lambda: store._call(
             what, store.client.complete_multipart_upload, Bucket=store.bucket, Key=key,
             UploadId=upload_id, MultipartUpload={"Parts": [
-                {"ETag": e, "PartNumber": n} for n, e in enumerate(etags, 1)]}, **cond))
+                {"ETag": e, "PartNumber": n} for n, e in enumerate(etags, 1)]}, **cond),
+            completion=True)
     except BaseException:
         _abort(store, key, upload_id)
         raise
