@@ -759,7 +759,7 @@ def test_prefixed_check_lists_the_prefix_not_the_root(moto_server: MotoS3, s3_se
 MiB = 1 << 20
 PART = 5 * MiB
 PARTS = 4
-W_KINDS = ["local", "s3", "seaweed"]
+W_KINDS = ["local", "s3", "seaweed", "gcs"]
 
 #: What each server really enforces (measured by the tests below; they fail if it changes):
 #: (kind, operation, condition) -> enforced. Operations: put (single request), complete
@@ -768,6 +768,12 @@ ENFORCED: dict[tuple[str, str, str], bool] = {
     ("s3", "complete", "version"): False,  # moto 5.2.5 ignores If-Match on completion
     ("s3", "copy", "version"): False,  # moto ignores CopyObject's If-Match/If-None-Match
     ("s3", "copy", "absent"): False,
+    # fake-gcs-server: simple uploads honour ifGenerationMatch, resumable uploads and rewrites
+    # (destination and source preconditions) ignore them; GCS itself enforces all
+    ("gcs", "complete", "version"): False,
+    ("gcs", "complete", "absent"): False,
+    ("gcs", "copy", "version"): False,
+    ("gcs", "copy", "absent"): False,
 }
 
 
@@ -838,7 +844,27 @@ def w(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Monkey
     if request.param == "seaweed":
         sw, proxy = request.getfixturevalue("seaweed")
         return _s3_writer("seaweed", sw.endpoint_url, proxy, monkeypatch)
+    if request.param == "gcs":
+        from fusefs.backends.gcs import GCSStore
+
+        request.getfixturevalue("gcs_server")
+        proxy = request.getfixturevalue("gcs_proxy")
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        client = request.getfixturevalue("gcs_seed")
+        bucket = client.create_bucket(f"w-{uuid.uuid4().hex[:16]}")
+        store = GCSStore(bucket.name, part_size=PART, parts=PARTS)
+        proxy.reset()
+        return Writer("gcs", store, lambda k: bucket.blob(k).download_as_bytes(), proxy,
+                      sdk=bucket)
     raise AssertionError(request.param)
+
+
+@pytest.fixture(scope="session")
+def gcs_proxy(gcs_server: FakeGCS) -> Iterator[Any]:
+    from fusefs.testing.proxy import CountingProxy
+
+    with CountingProxy(gcs_server.url) as proxy:
+        yield proxy
 
 
 def staged(tmp_path: Path, data: bytes, name: str = "staged") -> str:
