@@ -67,6 +67,7 @@ class StagedFile:
         self.failed_logged = False
         self.nudge = trio.Event()  # wakes a failed file's task (``sync`` retries it)
         self.failed_gen = -1  # the change whose last upload attempt failed
+        self.attempts = 0  # upload attempts finished (either way)
         #: upload even while write handles are open (fsync, flush); else wait for the last
         self.flush_requested = False
 

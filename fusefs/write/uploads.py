@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 REFUSED_RETRY = 300.0
 #: Longest wait between attempts of an upload that failed for another reason.
 MAX_BACKOFF = 60.0
+#: Seconds between ``close`` and the start of the upload (write-back): attributes set right
+#: after close (``tar``, ``cp -p``, ``rsync`` set times and modes) join the same upload.
+#: ``fsync``, ``sync`` and unmount start it at once.
+WRITE_BACK_DELAY = 1.0
 
 
 class UploadFailed(FusefsError):
@@ -101,8 +105,10 @@ class Uploads:
     async def _run(self, sf: StagedFile, first_delay: float) -> None:
         delay = 1.0
         try:
-            if first_delay:
-                await trio.sleep(first_delay)
+            if first_delay:  # write-back: changes made right after close join this upload
+                with trio.move_on_after(first_delay):
+                    await sf.nudge.wait()
+                sf.nudge = trio.Event()
             while sf.needs_upload:
                 if sf.writers and not sf.flush_requested:
                     break  # still being written: its flush or last close queues it again
@@ -147,6 +153,7 @@ class Uploads:
                 return self._failed(sf, gen, exc)
             finally:
                 self.in_flight -= 1
+                sf.attempts += 1
                 busy, sf.busy = sf.busy, None
                 busy.set()
         self.done += 1
@@ -234,33 +241,35 @@ class Uploads:
         return None
 
     async def wait_file(self, sf: StagedFile) -> None:
-        """Until the store holds ``sf`` as it is now; UploadFailed if its upload failed."""
-        target = sf.gen
+        """Until the store holds ``sf`` as it is now (a failed file is tried again at once);
+        UploadFailed if that attempt fails."""
+        target, mark = sf.gen, sf.attempts
         if sf.needs_upload:
             sf.flush_requested = True
+            sf.nudge.set()
             self.queue(sf)
         while True:
             if sf.uploaded_gen >= target or sf.unlinked or not sf.needs_upload:
                 return
-            if sf.failed_gen >= target or sf.rec.state == "conflict":
+            if sf.rec.state == "conflict" or (sf.attempts > mark and sf.failed_gen >= target):
                 raise UploadFailed(f"{sf.key}: upload failed: {sf.rec.error}")
             await sf.changed.wait()
 
     async def wait_all(self, prefix: str = "",
                        progress: Callable[[int, int], Awaitable[None] | None] | None = None,
                        ) -> list[StagedFile]:
-        """Until every upload under ``prefix`` is done or has failed once more (failed ones
-        are retried now); returns those that failed."""
-        todo = [sf for sf in self._files(prefix) if sf.needs_upload]
+        """Until every upload under ``prefix`` is done or has been tried once more (failed
+        and delayed ones are tried now); returns those that failed."""
+        todo = [sf for sf in self._files(prefix) if sf.needs_upload and sf.writers == 0
+                and not sf.rec.error.startswith("the program")]
+        marks = {id(sf): sf.attempts for sf in todo}
         for sf in todo:
             sf.nudge.set()
             self.queue(sf)
         total = len(todo)
-        marks = {id(sf): sf.failed_gen for sf in todo}
         while True:
-            left = [sf for sf in todo if sf.needs_upload
-                    and sf.failed_gen == marks[id(sf)]
-                    and sf.rec.state != "conflict"]
+            left = [sf for sf in todo if sf.needs_upload and sf.rec.state != "conflict"
+                    and not (sf.attempts > marks[id(sf)] and sf.failed_gen >= sf.gen)]
             if progress is not None:
                 r = progress(total - len(left), total)
                 if r is not None:
@@ -276,6 +285,8 @@ class Uploads:
     async def drain(self, grace: float) -> int:
         """At unmount: wait up to ``grace`` seconds for pending uploads; returns how many are
         left (they stay journaled and resume at the next mount)."""
+        for sf in self._files(""):
+            sf.nudge.set()  # no write-back delay now
         with trio.move_on_after(grace):
             while any(sf.needs_upload and sf not in self.failed
                       for sf in self._files("")):

@@ -43,7 +43,7 @@ from ..errors import (
 from ..folders import join, prefix_of, valid_name
 from ..reader import SeqState
 from .staging import StagedFile, Staging
-from .uploads import Uploads
+from .uploads import WRITE_BACK_DELAY, Uploads
 
 log = logging.getLogger(__name__)
 
@@ -252,9 +252,10 @@ class Writes:
             return
         await self.uploads.sync(sf)
         sf.flush_requested = True
-        self.uploads.queue(sf)
         if self.settings.sync_uploads:
             await self.uploads.wait_file(sf)
+        else:
+            self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
 
     async def fsync(self, sf: StagedFile) -> None:
         if sf.needs_upload:
@@ -273,10 +274,10 @@ class Writes:
         if sf.needs_upload:
             if sf.writers == 0 and not sf.queued:
                 await self.uploads.sync(sf)
-                self.uploads.queue(sf)
+                self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
             return
         if not sf.queued and sf.rec.state not in ("failed", "conflict"):
-            await self._retire(sf)
+            await self._retire(sf, seed=True)
 
     async def truncate(self, node: object, size: int, sf: StagedFile | None) -> None:
         """``truncate``/``ftruncate``: through the open handle's staged file, or a staged copy
@@ -297,7 +298,7 @@ class Writes:
         await sf.idle()
         sf.truncate(size)
         if sf.writers == 0:
-            self.uploads.queue(sf, delay=1.0)
+            self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
 
     async def set_times(self, node: object, mtime: float | None, mode: int | None) -> None:
         """``utimens``/``chmod``: kept in the object's metadata."""
@@ -314,7 +315,7 @@ class Writes:
                 sf.rec.mode = mode & 0o7777
             sf.touch(mtime if mtime is not None else sf.rec.mtime)
             if sf.writers == 0:
-                self.uploads.queue(sf, delay=1.0)
+                self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
             return
         info = node.info
         assert info is not None
@@ -343,7 +344,7 @@ class Writes:
         if self.staging.files.get(sf.key) is sf:
             self.staging.detach(sf)
         if sf.handles == 0:
-            self.fs.reader.start_soon(lambda: self._drop(sf))
+            self.fs.reader.start_soon(lambda: threads.run_sync(self.staging.remove, sf))
 
     async def _retire(self, sf: StagedFile, seed: bool = False) -> None:
         """A staged file the store holds and nobody has open leaves the staging area (its
@@ -372,10 +373,13 @@ class Writes:
             reader.blocks.put(reader.block_key(info, idx), data)
 
     async def _drop(self, sf: StagedFile) -> None:
-        """An unlinked staged file's last handle closed."""
+        """An unlinked staged file's last handle closed: the store must not show its name
+        (nor the one it was renamed from), and its staged data goes."""
         rec = sf.rec
-        if rec.base_key == rec.key and sf.uploaded_gen > 0 and rec.base_version:
+        if rec.base_key == rec.key and rec.base_version:
             await self._delete_object(rec.key)
+        if rec.then_delete:
+            await self._delete_object(rec.then_delete)
         await threads.run_sync(self.staging.remove, sf)
 
     # --- namespace -------------------------------------------------------------------------
