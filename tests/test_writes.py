@@ -164,14 +164,14 @@ def test_unlinked_open_file_keeps_reading(bucket: Bucket, mount):
 def test_rename_files_staged_and_stored_and_folders(bucket: Bucket, mount):
     bucket.put("dir/a.txt", b"A")
     bucket.put("dir/sub/b.txt", b"B")
+    bucket.put("doc.txt", b"v1")
     m = mount(bucket)
     # a stored file: server-side copy + delete
     os.rename(m.path / "dir/a.txt", m.path / "a2.txt")
     assert (m.path / "a2.txt").read_bytes() == b"A"
     assert bucket.get("dir/a.txt") is None and bucket.get("a2.txt") == b"A"
     # a staged file (editor style: temp + rename over an existing file): one upload
-    bucket.put("doc.txt", b"v1")
-    (m.path / "doc.txt").read_bytes()
+    assert (m.path / "doc.txt").read_bytes() == b"v1"
     tmp = m.path / ".doc.txt.swp"
     tmp.write_bytes(b"v2")
     os.rename(tmp, m.path / "doc.txt")
@@ -204,12 +204,12 @@ def test_folder_rename_above_the_limit_is_exdev_and_mv_copies(bucket: Bucket, mo
 
 
 def test_mtime_and_mode_are_kept_in_metadata(bucket: Bucket, mount, tmp_path):
+    bucket.put("old.txt", b"o")
     m = mount(bucket)
     p = m.path / "t.txt"
     p.write_bytes(b"t")
     os.utime(p, (1_600_000_000, 1_600_000_000))
     os.chmod(p, 0o600)
-    bucket.put("old.txt", b"o")
     os.utime(m.path / "old.txt", (1_500_000_000, 1_500_000_000))  # a stored object
     assert sync(m).returncode == 0
     os.chown(p, os.getuid(), os.getgid())  # to the owner: allowed, no effect

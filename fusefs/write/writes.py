@@ -504,10 +504,16 @@ class Writes:
                       if dst_sf.rec.base_key == new and dst_sf.rec.base_version else "")
             if dst_sf.handles == 0:
                 await threads.run_sync(self.staging.remove, dst_sf)
-        await self._rename_file(old, new, expect)
+        sent = self.fs.clock()
+        new_info = await self._rename_file(old, new, expect)
         self.fs.move_path(old, new)
+        if new_info is not None:  # the same bytes under a new name: the kernel's pages stay
+            self.fs.observed(new, new_info, sent, same_bytes=True)
 
-    async def _rename_file(self, old: str, new: str, expect: str | None) -> None:
+    async def _rename_file(self, old: str, new: str, expect: str | None
+                           ) -> ObjectInfo | None:
+        """Move a file's name in the store (its new info), or retarget its staged upload
+        (None)."""
         sf = self.staging.files.get(old)
         if sf is not None:
             await sf.idle()
@@ -520,21 +526,20 @@ class Writes:
             self.fs.folders.note(old, False)
             if sf.writers == 0:
                 await self.uploads.sync(sf)
-                self.uploads.queue(sf)
-            return
+                self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
+            return None
         found = await self.exists(old)
         assert found is not None and found[1] is not None
         info = found[1]
         cond = Condition(absent=True) if expect == "" else (
             Condition(version=expect) if expect and not expect.startswith("~") else Condition())
-        sent = self.fs.clock()
         new_info = await threads.run_sync(
             lambda: self.store.copy(old, info.version, new, condition=cond),
             limiter=self.fs.folders.meta_limiter)
         await self._delete_object(old)
         self.fs.folders.note(old, False)
         self.fs.folders.note(new, new_info)
-        self.fs.observed(new, new_info, sent, same_bytes=False)
+        return new_info
 
     async def _rename_dir(self, old: str, new: str) -> None:
         keys = await threads.run_sync(self._walk, old + "/", limiter=self.fs.folders.meta_limiter)
