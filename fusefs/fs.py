@@ -231,6 +231,10 @@ class FileSystem:
             return
         if not node.is_dir and info is not None:
             old = node.info
+            if (old is not None and old.version == info.version and info.meta_mtime is None
+                    and old.meta_mtime is not None):
+                info = ObjectInfo(info.key, info.size, info.mtime, info.version,
+                                  old.meta_mtime, old.mode)  # a listing without metadata
             node.info = info
             if old is not None and old.version != info.version:
                 self._changed(node)
@@ -349,6 +353,7 @@ class FileSystem:
         try:
             info = await threads.run_sync(self.store.head, node.path,
                                           limiter=self.folders.meta_limiter)
+            self.folders.attrs.remember(info)
         except NotFound:
             node.confirmed = -math.inf
             raise

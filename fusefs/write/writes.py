@@ -21,10 +21,12 @@ staged file wait while an upload reads it (``StagedFile.idle``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
 from .. import threads
+from ..attrmemory import AttrMemory
 from ..backends.base import Attrs, Condition, ObjectInfo, ObjectStore
 from ..config import Settings
 from ..errors import (
@@ -74,6 +76,7 @@ class Writes:
         #: paths unlinked while open: hidden; their object is deleted at the last close
         self.hidden: dict[str, ObjectInfo] = {}
         fs.writes = self
+        fs.folders.attrs = AttrMemory(os.path.join(staging.dir, "attrs.json"))
 
     def start(self, nursery: object) -> None:
         for sf in self.staging.recover():
@@ -324,11 +327,18 @@ class Writes:
         sent = self.fs.clock()
         new = await threads.run_sync(self.store.set_attrs, node.path, info.version, attrs,
                                      limiter=self.fs.folders.meta_limiter)
+        if new.meta_mtime is None:
+            new = dataclasses.replace(new, meta_mtime=attrs.mtime, mode=attrs.mode)
+        self.fs.folders.attrs.remember(new)
+        self.fs.folders.note(new.key, new)
         self.fs.observed(node.path, new, sent, same_bytes=True)
 
     # --- after an upload -----------------------------------------------------------------
 
     def _uploaded(self, sf: StagedFile, info: ObjectInfo, gen: int) -> None:
+        if info.meta_mtime is None:  # what was sent, if the answer did not say
+            info = dataclasses.replace(info, meta_mtime=sf.rec.mtime, mode=sf.rec.mode)
+        self.fs.folders.attrs.remember(info)
         if sf.unlinked:
             return
         self.fs.observed(info.key, info, self.fs.clock(), same_bytes=True)
@@ -537,6 +547,9 @@ class Writes:
             lambda: self.store.copy(old, info.version, new, condition=cond),
             limiter=self.fs.folders.meta_limiter)
         await self._delete_object(old)
+        if new_info.meta_mtime is None and (info.meta_mtime is not None or info.mode is not None):
+            new_info = dataclasses.replace(new_info, meta_mtime=info.meta_mtime, mode=info.mode)
+        self.fs.folders.attrs.remember(new_info)
         self.fs.folders.note(old, False)
         self.fs.folders.note(new, new_info)
         return new_info
