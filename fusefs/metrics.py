@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
-from .backends.base import ListPage, ObjectInfo, ObjectStore
+from .backends.base import Attrs, Condition, ListPage, ObjectInfo, ObjectStore, Upload
 from .config import parse_host_port
 from .errors import UserError
 
@@ -179,8 +179,11 @@ class InstrumentedStore:
         self.inner = inner
         self.source_id = inner.source_id
         self.lists_after: bool = getattr(inner, "lists_after", True)
+        self.enforces_conditions: bool = getattr(inner, "enforces_conditions", True)
+        self.prefix: str = getattr(inner, "prefix", "")
         self._t = {op: metrics.store_timer(op)
-                   for op in ("check", "head", "list", "get", "put", "delete")}
+                   for op in ("check", "head", "list", "get", "put", "delete", "put_file",
+                              "copy", "set_attrs")}
 
     def check(self) -> None:
         with self._t["check"].time():
@@ -218,3 +221,22 @@ class InstrumentedStore:
     def delete(self, key: str) -> None:
         with self._t["delete"].time():
             self.inner.delete(key)
+
+    def put_file(
+        self, key: str, upload: Upload, *, condition: Condition = Condition(),
+        attrs: Attrs | None = None, progress: Callable[[int], None] | None = None,
+    ) -> ObjectInfo:
+        """Timed as one operation (a multipart upload's parts are not timed one by one)."""
+        with self._t["put_file"].time():
+            return self.inner.put_file(key, upload, condition=condition, attrs=attrs,
+                                       progress=progress)
+
+    def copy(
+        self, src: str, version: str, dst: str, *, condition: Condition = Condition(),
+    ) -> ObjectInfo:
+        with self._t["copy"].time():
+            return self.inner.copy(src, version, dst, condition=condition)
+
+    def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
+        with self._t["set_attrs"].time():
+            return self.inner.set_attrs(key, version, attrs)

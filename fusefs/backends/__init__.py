@@ -54,6 +54,8 @@ def open_store(source: str, settings: Settings) -> ObjectStore:
             profile=settings.profile,
             max_connections=settings.store_connections,
             stall_timeout=settings.stall_timeout,
+            part_size=settings.upload_part_size,
+            parts=settings.upload_parts,
         )
     elif scheme == "az":
         from .azure import AzureStore
@@ -69,5 +71,7 @@ def open_store(source: str, settings: Settings) -> ObjectStore:
             project=settings.project,
             max_connections=settings.store_connections,
             stall_timeout=settings.stall_timeout,
+            part_size=settings.upload_part_size,
+            parts=settings.upload_parts,
         )
     return PrefixedStore(store, prefix) if prefix else store

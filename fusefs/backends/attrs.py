@@ -1,0 +1,125 @@
+"""File attributes (``mtime``, ``mode``) in object metadata: the one place that names and
+parses them, for every store.
+
+Written as rclone does: ``mtime`` as float epoch seconds (``1700000000.123456789``), ``mode``
+as octal with a leading 0 and the file type (``0100644``). Read back from any of the forms
+peers write: rclone's; s3fs's decimal ``mode`` (``33188``) and integer ``mtime``; gcsfuse's
+``gcsfuse_mtime`` (RFC 3339); gsutil's ``goog-reserved-file-mtime`` (integer seconds) and
+``goog-reserved-posix-mode`` (octal, no leading 0). A value that does not parse, or is out of
+range, is ignored (None): metadata is other people's input, never an error.
+
+On S3 these are user metadata (``x-amz-meta-mtime``); boto3 and the GCS and Azure SDKs give
+them without the prefix, so the names here are the bare ones.
+"""
+
+from __future__ import annotations
+
+import math
+import stat
+from collections.abc import Mapping
+from datetime import datetime
+
+from .base import Attrs
+
+MTIME = "mtime"
+MODE = "mode"
+GCSFUSE_MTIME = "gcsfuse_mtime"
+GSUTIL_MTIME = "goog-reserved-file-mtime"
+GSUTIL_MODE = "goog-reserved-posix-mode"
+
+#: Names this module reads (lower case); a store replacing attributes drops all of them, so an
+#: old peer's value cannot outlive a new one.
+ATTR_KEYS = frozenset({MTIME, MODE, GCSFUSE_MTIME, GSUTIL_MTIME, GSUTIL_MODE})
+
+# Times outside year 1..9999 are garbage (and datetime cannot hold them).
+_MIN_TIME, _MAX_TIME = -62135596800.0, 253402300799.0
+
+
+def encode(attrs: Attrs | None) -> dict[str, str]:
+    """The metadata entries for ``attrs`` (only the fields that are set)."""
+    out: dict[str, str] = {}
+    if attrs is None:
+        return out
+    if attrs.mtime is not None:
+        out[MTIME] = f"{attrs.mtime:.9f}".rstrip("0").rstrip(".")
+    if attrs.mode is not None:
+        out[MODE] = "0%o" % (stat.S_IFREG | (attrs.mode & 0o7777))
+    return out
+
+
+def merged(meta: Mapping[str, str] | None, attrs: Attrs) -> dict[str, str]:
+    """``meta`` with the attribute entries replaced by ``attrs``'s (a field left None keeps
+    the value already there, in whatever form; a set field drops the peers' forms of it)."""
+    out = {k: v for k, v in (meta or {}).items()}
+    if attrs.mtime is not None:
+        for k in list(out):
+            if k.lower() in (MTIME, GCSFUSE_MTIME, GSUTIL_MTIME):
+                del out[k]
+    if attrs.mode is not None:
+        for k in list(out):
+            if k.lower() in (MODE, GSUTIL_MODE):
+                del out[k]
+    out.update(encode(attrs))
+    return out
+
+
+def _time(text: str) -> float | None:
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        try:  # RFC 3339 (gcsfuse): 2024-05-01T12:00:00.123456789Z
+            value = _rfc3339(text)
+        except ValueError:
+            return None
+    if not math.isfinite(value) or not _MIN_TIME <= value <= _MAX_TIME:
+        return None
+    return value
+
+
+def _rfc3339(text: str) -> float:
+    date, sep, frac = text.partition(".")
+    nanos = 0.0
+    if sep:  # Python parses at most 6 fraction digits: take them apart
+        digits = ""
+        while frac and frac[0].isdigit():
+            digits, frac = digits + frac[0], frac[1:]
+        if not digits:
+            raise ValueError(text)
+        nanos = int(digits) / 10 ** len(digits)
+        date += frac
+    when = datetime.fromisoformat(date.replace("Z", "+00:00").replace("z", "+00:00"))
+    if when.tzinfo is None:
+        raise ValueError(text)
+    return when.timestamp() + nanos
+
+
+def _mode(text: str, *, octal: bool = False) -> int | None:
+    text = text.strip()
+    if not text.isdigit():
+        return None
+    try:
+        value = int(text, 8) if octal or (text.startswith("0") and len(text) > 1) else int(text)
+    except ValueError:  # an 8 or 9 in an octal form
+        return None
+    if value >= 1 << 32:
+        return None
+    return value & 0o7777
+
+
+def decode(meta: Mapping[str, str] | None) -> tuple[float | None, int | None]:
+    """``(mtime, mode)`` from an object's metadata (keys in any case); None where absent or
+    unreadable. rclone/s3fs ``mtime`` wins over gcsfuse's, which wins over gsutil's."""
+    if not meta:
+        return None, None
+    low = {str(k).lower(): str(v) for k, v in meta.items() if v is not None}
+    mtime: float | None = None
+    for key in (MTIME, GCSFUSE_MTIME, GSUTIL_MTIME):
+        if key in low:
+            mtime = _time(low[key])
+            if mtime is not None:
+                break
+    mode = _mode(low[MODE]) if MODE in low else None
+    if mode is None and GSUTIL_MODE in low:
+        mode = _mode(low[GSUTIL_MODE], octal=True)
+    return mtime, mode
