@@ -471,15 +471,21 @@ class AzureStore:
             return None
         if response.status_code not in (200, 206):
             return None
-        return self._accept(key, start, length, version, response.headers, response.body())
+        return self._accept(key, start, length, version, response.status_code, response.headers,
+                            response.body())
 
-    def _accept(self, key: str, start: int, length: int, version: str,
+    def _accept(self, key: str, start: int, length: int, version: str, status: int,
                 headers: Mapping[str, str], data: bytes) -> bytes | None:
         """The bytes of a 200/206 answer, StaleVersion if it has another ETag, or None if it is
-        not the range asked for (the SDK then asks again)."""
+        not the range asked for (the SDK then asks again). A 200 without ``Content-Range`` is
+        the whole blob (a server or middlebox that ignored the range): sliced here."""
         etag = etag_version(headers.get("etag"))
         if etag and version and etag != version:
             raise StaleVersion(f"{self._name(key)}: changed (ETag {etag} != {version})")
+        if status == 200 and not headers.get("content-range"):
+            whole = len(data)
+            data = data[start : start + length]
+            return data if len(data) == length or start + len(data) == whole else None
         if len(data) == length:
             return data
         total = str(headers.get("content-range", "")).rpartition("/")[2]
@@ -501,7 +507,8 @@ class AzureStore:
         if answer.status == 416:
             return b""  # at or past the end of the object (or an empty object)
         if answer.status in (200, 206):
-            data = self._accept(key, start, length, version, answer.headers, answer.body)
+            data = self._accept(key, start, length, version, answer.status, answer.headers,
+                                answer.body)
             return False if data is None else data
         return answer.status in _SDK_STATUSES
 
