@@ -759,7 +759,7 @@ def test_prefixed_check_lists_the_prefix_not_the_root(moto_server: MotoS3, s3_se
 MiB = 1 << 20
 PART = 5 * MiB
 PARTS = 4
-W_KINDS = ["local", "s3", "seaweed", "gcs"]
+W_KINDS = ["local", "s3", "seaweed", "gcs", "azure"]
 
 #: What each server really enforces (measured by the tests below; they fail if it changes):
 #: (kind, operation, condition) -> enforced. Operations: put (single request), complete
@@ -856,7 +856,33 @@ def w(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Monkey
         proxy.reset()
         return Writer("gcs", store, lambda k: bucket.blob(k).download_as_bytes(), proxy,
                       sdk=bucket)
+    if request.param == "azure":
+        from fusefs.backends.azure import AzureStore
+
+        az = request.getfixturevalue("azurite_server")
+        proxy = request.getfixturevalue("azure_proxy")
+        for name in list(os.environ):
+            if name.startswith("AZURE_"):
+                monkeypatch.delenv(name)
+        container = f"w-{uuid.uuid4().hex[:16]}"
+        client = azure_container_client(az, container)
+        client.create_container()
+        account_url = f"{proxy.url}/{az.account}"
+        store = AzureStore(container, part_size=PART, parts=PARTS,
+                           env={"AZURE_STORAGE_CONNECTION_STRING":
+                                az.connection_string(account_url)})
+        proxy.reset()
+        return Writer("azure", store, lambda k: client.download_blob(k).readall(), proxy,
+                      sdk=client)
     raise AssertionError(request.param)
+
+
+@pytest.fixture(scope="session")
+def azure_proxy(azurite_server: Azurite) -> Iterator[Any]:
+    from fusefs.testing.proxy import CountingProxy
+
+    with CountingProxy(azurite_server.endpoint_url.rsplit("/", 1)[0]) as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="session")

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import Conflict, FusefsError, NotFound, StaleVersion
 from . import attrs as meta_attrs
 from .base import Attrs, Condition, ObjectInfo, Upload
-from .upload_io import UploadSource, inside_copy, plan_parts
+from .upload_io import UploadSource, inside_copy, plan_parts, run_parts
 
 if TYPE_CHECKING:
     from .s3 import S3Store
@@ -107,40 +105,6 @@ def _multipart_etag(etags: list[str]) -> str | None:
     return f"{digest.hexdigest()}-{len(etags)}"
 
 
-class _Skipped(Exception):
-    """A part not sent because another one failed."""
-
-
-def _run_parts(n_workers: int, jobs: Sequence[Callable[[], str]]) -> list[str]:
-    """Run ``jobs`` on ``n_workers`` threads, results in order; on the first failure the jobs
-    not started are dropped, the running ones finish, then the error is raised."""
-    failed = threading.Event()
-
-    def guarded(job: Callable[[], str]) -> str:
-        if failed.is_set():
-            raise _Skipped()
-        try:
-            return job()
-        except BaseException:
-            failed.set()
-            raise
-
-    pool = ThreadPoolExecutor(max(1, min(n_workers, len(jobs))), thread_name_prefix="s3-part")
-    futures: list[Future[str]] = []
-    try:
-        futures = [pool.submit(guarded, job) for job in jobs]
-        pool.shutdown(wait=True)
-    except BaseException:
-        failed.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    for f in futures:
-        err = None if f.cancelled() else f.exception()
-        if err is not None and not isinstance(err, _Skipped):
-            raise err
-    return [f.result() for f in futures]
-
-
 def _abort(store: S3Store, key: str, upload_id: str) -> None:
     try:
         store._call(store._name(key), store.client.abort_multipart_upload,
@@ -165,7 +129,7 @@ def _multipart(
     upload_id = r["UploadId"]
     try:
         jobs = [functools.partial(part, upload_id, n, s, e) for n, (s, e) in enumerate(plan, 1)]
-        etags = _run_parts(store.parts, jobs)
+        etags = run_parts(store.parts, jobs)
         expected = _multipart_etag(etags)
         done = _conditional(store, key, expected, lambda: store._call(
             what, store.client.complete_multipart_upload, Bucket=store.bucket, Key=key,
