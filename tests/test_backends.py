@@ -831,20 +831,26 @@ def _s3_writer(kind: str, endpoint: str, proxy: Any, monkeypatch: pytest.MonkeyP
 
 @pytest.fixture(params=W_KINDS)
 def w(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Writer:
-    if request.param == "local":
+    return _writer(request.param, request, tmp_path, monkeypatch)
+
+
+def _writer(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Writer:
+    """A Writer of ``kind`` (the session's servers come from ``request``)."""
+    if kind == "local":
         from fusefs.backends.local import LocalStore
 
         root = tmp_path / "bucket"
         root.mkdir()
         return Writer("local", LocalStore(str(root)), lambda k: (root / k).read_bytes())
-    if request.param == "s3":
+    if kind == "s3":
         server: MotoS3 = request.getfixturevalue("moto_server")
         return _s3_writer("s3", server.endpoint_url, request.getfixturevalue("moto_proxy"),
                           monkeypatch)
-    if request.param == "seaweed":
+    if kind == "seaweed":
         sw, proxy = request.getfixturevalue("seaweed")
         return _s3_writer("seaweed", sw.endpoint_url, proxy, monkeypatch)
-    if request.param == "gcs":
+    if kind == "gcs":
         from fusefs.backends.gcs import GCSStore
 
         request.getfixturevalue("gcs_server")
@@ -856,7 +862,7 @@ def w(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Monkey
         proxy.reset()
         return Writer("gcs", store, lambda k: bucket.blob(k).download_as_bytes(), proxy,
                       sdk=bucket)
-    if request.param == "azure":
+    if kind == "azure":
         from fusefs.backends.azure import AzureStore
 
         az = request.getfixturevalue("azurite_server")
@@ -874,7 +880,7 @@ def w(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Monkey
         proxy.reset()
         return Writer("azure", store, lambda k: client.download_blob(k).readall(), proxy,
                       sdk=client)
-    raise AssertionError(request.param)
+    raise AssertionError(kind)
 
 
 @pytest.fixture(scope="session")
@@ -1257,3 +1263,66 @@ def test_s3_completion_whose_answer_was_lost(kind: str, absent: bool,
     assert s3_ops(proxy).count("CompleteMultipartUpload") == 2
     assert wr.raw("f.bin") == data and info.version == wr.store.head("f.bin").version
     assert wr.uploads_left is not None and wr.uploads_left() == 0
+
+
+def _once(match: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """A proxy predicate that selects only the first request ``match`` selects."""
+    seen: list[bool] = []
+
+    def predicate(r: Any) -> bool:
+        if not seen and match(r):
+            seen.append(True)
+            return True
+        return False
+
+    return predicate
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_a_transient_failure_in_a_big_upload_is_retried(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 503 on one part (S3 UploadPart) or one chunk (GCS resumable) is tried again: the
+    upload completes with the right bytes, and only that one part is sent twice."""
+    from fusefs.backends.base import Upload
+
+    wr2 = _writer(kind, request, tmp_path, monkeypatch)
+    if kind == "s3":
+        def is_part(r: Any) -> bool:
+            return r.method == "PUT" and r.query.get("partNumber") == "2"
+    else:
+        def is_part(r: Any) -> bool:  # the second chunk of the resumable session
+            return r.method == "PUT" and "upload_id" in r.query and r.header(
+                "content-range", "").startswith(f"bytes {PART}-")
+    data = random.Random(8).randbytes(12 * MiB)
+    wr2.proxy.faults(1.0, ["503"], predicate=_once(is_part))
+    try:
+        info = wr2.store.put_file("f.bin", Upload(staged(tmp_path, data), len(data)))
+    finally:
+        wr2.proxy.faults(0)
+    assert wr2.proxy.fault_counts()["503"] == 1
+    assert wr2.raw("f.bin") == data and info.size == len(data)
+    tries = [r for r in wr2.proxy.requests() if is_part(r)]
+    assert [r.status for r in tries] == [503, 200 if kind == "s3" else 308]
+    sent = sum(r.bytes_in for r in wr2.proxy.requests() if r.method == "PUT")
+    assert sent == len(data)  # the refused part's body never reached the server
+
+
+def test_gcs_simple_upload_whose_answer_was_lost(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload works but its answer is cut short; the retry (ifGenerationMatch=0) is
+    refused because the object now exists, with the MD5 of what was sent: a success."""
+    from fusefs.backends.base import Condition, Upload
+
+    wr = _writer("gcs", request, tmp_path, monkeypatch)
+    wr.proxy.faults(1.0, ["truncate"], predicate=_once(
+        lambda r: r.method == "POST" and r.path.startswith("/upload/")))
+    try:
+        info = wr.store.put_file("f.bin", Upload(staged(tmp_path, b"payload" * 100), 700),
+                                 condition=Condition(absent=True))
+    finally:
+        wr.proxy.faults(0)
+    assert wr.proxy.fault_counts()["truncate"] == 1
+    assert wr.raw("f.bin") == b"payload" * 100
+    assert info.version == wr.store.head("f.bin").version
