@@ -119,10 +119,12 @@ def _abort(store: S3Store, key: str, upload_id: str) -> None:
 def _multipart(
     store: S3Store, key: str, plan: list[tuple[int, int]],
     part: Callable[[str, int, int, int], str], create: dict[str, Any], cond: dict[str, str],
+    check: Callable[[], None] | None = None,
 ) -> tuple[Any, str | None]:
     """Create a multipart upload, send every part of ``plan`` with ``part(upload_id, number,
-    start, end)`` (parallel), complete it under ``cond``; aborted on any failure. The
-    completion's answer and the ETag the object should have."""
+    start, end)`` (parallel), run ``check()`` (it raises to refuse), complete it under
+    ``cond``; aborted on any failure. The completion's answer and the ETag the object
+    should have."""
     what = store._name(key)
     r = store._call(what, store.client.create_multipart_upload,
                     Bucket=store.bucket, Key=key, **create)
@@ -130,6 +132,8 @@ def _multipart(
     try:
         jobs = [functools.partial(part, upload_id, n, s, e) for n, (s, e) in enumerate(plan, 1)]
         etags = run_parts(store.parts, jobs)
+        if check is not None:
+            check()
         expected = _multipart_etag(etags)
         done = _conditional(store, key, expected, lambda: store._call(
             what, store.client.complete_multipart_upload, Bucket=store.bucket, Key=key,
@@ -150,6 +154,15 @@ def _copy_part(store: S3Store, key: str, src: str, version: str, upload_id: str,
                     CopySourceRange=f"bytes={start}-{end - 1}",
                     CopySourceIfMatch=_quoted(version))
     return str(r["CopyPartResult"]["ETag"])
+
+
+def _base_unchanged(store: S3Store, key: str, version: str) -> Callable[[], None] | None:
+    """Where the server may ignore ``x-amz-copy-source-if-match`` (rclone's does), a HEAD
+    after the parts are copied: the source still has ``version``, so every copied part had
+    it (an ETag names one content). None on AWS, which enforces it."""
+    if store.enforces_conditions:
+        return None
+    return lambda: _source(store, key, version) and None
 
 
 def put_file(store: S3Store, key: str, upload: Upload, condition: Condition,
@@ -184,7 +197,9 @@ def put_file(store: S3Store, key: str, upload: Upload, condition: Condition,
                 return etag
 
             plan = plan_parts(upload.size, max(store.part_size, MIN_PART), MAX_PARTS)
-            r, _ = _multipart(store, key, plan, part, {"Metadata": meta}, cond)
+            r, _ = _multipart(store, key, plan, part, {"Metadata": meta}, cond,
+                              _base_unchanged(store, upload.base_key, upload.base_version)
+                              if can_copy else None)
     mtime, mode = meta_attrs.decode(meta)
     return ObjectInfo(key, upload.size, time.time(), etag_version(r.get("ETag", "")), mtime, mode)
 
@@ -236,7 +251,8 @@ def _server_copy(store: S3Store, src: str, version: str, dst: str, head: Any,
                 return _copy_part(store, dst, src, version, upload_id, n, start, end)
 
             plan = plan_parts(size, COPY_PART, MAX_PARTS)
-            r, _ = _multipart(store, dst, plan, part, create, cond)
+            r, _ = _multipart(store, dst, plan, part, create, cond,
+                              _base_unchanged(store, src, version))
     except Conflict:
         _source(store, src, version)  # the source changed (StaleVersion) or is gone (NotFound)
         raise
