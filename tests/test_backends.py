@@ -1332,3 +1332,39 @@ def test_gcs_simple_upload_whose_answer_was_lost(
     assert wr.proxy.fault_counts()["truncate"] == 1
     assert wr.raw("f.bin") == b"payload" * 100
     assert info.version == wr.store.head("f.bin").version
+
+
+def test_local_put_file_without_hard_links_and_on_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where hard links are refused, "absent" is checked and renamed under the store's lock;
+    a full disk is NoSpace (ENOSPC), and no temporary file is left either way."""
+    import errno
+
+    from fusefs.backends import local
+    from fusefs.backends.base import Condition, Upload
+    from fusefs.errors import NoSpace
+
+    root = tmp_path / "bucket"
+    root.mkdir()
+    store = local.LocalStore(str(root))
+    upload = Upload(staged(tmp_path, b"data"), 4)
+
+    def no_link(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(local.os, "link", no_link)
+    store.put_file("a/f", upload, condition=Condition(absent=True))
+    assert (root / "a" / "f").read_bytes() == b"data"
+    with pytest.raises(Conflict):
+        store.put_file("a/f", Upload(staged(tmp_path, b"other"), 5),
+                       condition=Condition(absent=True))
+    assert (root / "a" / "f").read_bytes() == b"data"
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local, "_copy_range", full)
+    with pytest.raises(NoSpace):
+        store.put_file("a/g", upload)
+    assert sorted(p.name for p in (root / "a").iterdir()) == ["f"]
