@@ -1190,6 +1190,15 @@ def test_s3_multipart_copy(kind: str, request: pytest.FixtureRequest, tmp_path: 
     assert head["ContentType"] == "text/x-test"
     assert head["Metadata"] == {"mtime": "7", "mode": "0100600", "other": "kept"}
     assert after.meta_mtime == 7.0 and wr.raw("dst") == data
+    # below the threshold: one CopyObject onto itself, the headers kept too
+    wr.sdk.put_object(Bucket=wr.store.bucket, Key="small", Body=b"s", ContentType="text/x-s",
+                      CacheControl="no-cache", Metadata={"other": "kept"})
+    proxy.reset()
+    wr.store.set_attrs("small", wr.store.head("small").version, Attrs(mode=0o644))
+    assert s3_ops(proxy) == ["CopyObject"]
+    head = wr.sdk.head_object(Bucket=wr.store.bucket, Key="small")
+    assert (head["ContentType"], head["CacheControl"]) == ("text/x-s", "no-cache")
+    assert head["Metadata"] == {"other": "kept", "mode": "0100644"}
 
 
 def test_s3_enforces_conditions_only_on_aws() -> None:

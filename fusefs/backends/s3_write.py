@@ -162,7 +162,11 @@ def _base_unchanged(store: S3Store, key: str, version: str) -> Callable[[], None
     it (an ETag names one content). None on AWS, which enforces it."""
     if store.enforces_conditions:
         return None
-    return lambda: _source(store, key, version) and None
+
+    def check() -> None:
+        _source(store, key, version)
+
+    return check
 
 
 def put_file(store: S3Store, key: str, upload: Upload, condition: Condition,
