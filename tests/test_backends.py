@@ -1388,3 +1388,22 @@ def test_local_put_file_without_hard_links_and_on_a_full_disk(
     with pytest.raises(NoSpace):
         store.put_file("a/g", upload)
     assert sorted(p.name for p in (root / "a").iterdir()) == ["f"]
+
+
+def test_plan_parts_and_pieces() -> None:
+    """Parts grow (by whole MiB) so that an upload has at most 10,000; an upload's bytes
+    are cut at its copy ranges."""
+    from fusefs.backends.base import Upload
+    from fusefs.backends.upload_io import pieces, plan_parts
+
+    assert plan_parts(0, PART) == [(0, 0)]
+    assert plan_parts(12 * MiB, PART) == [(0, PART), (PART, 2 * PART), (2 * PART, 12 * MiB)]
+    big = 100 << 30
+    plan = plan_parts(big, 8 * MiB)
+    assert len(plan) <= 10_000 and plan[-1][1] == big and plan[0] == (0, 11 * MiB)
+    assert all(b == c for (_, b), (c, _) in zip(plan, plan[1:], strict=False))
+    up = Upload("x", 100, ((10, 20), (20, 30), (50, 60)), "base", "v")
+    assert list(pieces(up, 0, 100)) == [(0, 10, False), (10, 20, True), (20, 30, True),
+                                         (30, 50, False), (50, 60, True), (60, 100, False)]
+    assert list(pieces(up, 15, 55)) == [(15, 20, True), (20, 30, True), (30, 50, False),
+                                         (50, 55, True)]

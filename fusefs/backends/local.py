@@ -31,7 +31,7 @@ from ..errors import (
     StaleVersion,
 )
 from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
-from .upload_io import _pieces
+from .upload_io import pieces
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +370,7 @@ class LocalStore:
         def fill(fd: int) -> None:
             os.ftruncate(fd, upload.size)  # holes read as zeros
             staged = os.fstat(src).st_size
-            for a, b, from_base in _pieces(upload, 0, upload.size):
+            for a, b, from_base in pieces(upload, 0, upload.size):
                 if from_base:
                     assert base is not None
                     _copy_range(base, fd, a, b, key)

@@ -40,7 +40,7 @@ def inside_copy(upload: Upload, start: int, end: int) -> bool:
     return any(a <= start and end <= b for a, b in upload.copy)
 
 
-def _pieces(upload: Upload, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+def pieces(upload: Upload, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
     """``[start, end)`` cut into ``(start, end, from_base)`` pieces, in order."""
     pos = start
     for a, b in upload.copy:
@@ -127,7 +127,7 @@ class UploadSource:
         if end <= start:
             return b""
         out: list[bytes] = []
-        for a, b, from_base in _pieces(self.upload, start, end):
+        for a, b, from_base in pieces(self.upload, start, end):
             if from_base:
                 data = self._get(self.upload.base_key, a, b - a, self.upload.base_version)
                 if len(data) != b - a:
