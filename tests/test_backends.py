@@ -1202,11 +1202,19 @@ def test_s3_multipart_copy(kind: str, request: pytest.FixtureRequest, tmp_path: 
     assert head["Metadata"] == {"other": "kept", "mode": "0100644"}
 
 
-def test_s3_enforces_conditions_only_on_aws() -> None:
+def test_s3_enforces_conditions_only_on_aws(monkeypatch: pytest.MonkeyPatch) -> None:
     from fusefs.backends.s3 import S3Store
 
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_CONFIG_FILE": os.devnull}.items():
+        monkeypatch.setenv(name, value)  # no credential lookup (instance metadata)
+
     assert S3Store("b", endpoint_url="http://127.0.0.1:1").enforces_conditions is False
+    assert S3Store("b", endpoint_url="https://minio.example.com").enforces_conditions is False
+    assert S3Store("b", endpoint_url="https://amazonaws.com.evil.net").enforces_conditions is False
     assert S3Store("b", region="us-east-1").enforces_conditions is True
+    assert S3Store("b", endpoint_url="https://s3.eu-west-1.amazonaws.com",
+                   region="eu-west-1").enforces_conditions is True
 
 
 def test_attr_metadata_forms() -> None:
