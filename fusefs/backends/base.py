@@ -157,8 +157,8 @@ class ObjectStore(Protocol):
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
         """Replace the ``mtime``/``mode`` metadata of ``key`` at ``version`` (Conflict if it has
         another; a field left None is kept); its metadata afterwards. The version may change
-        (Azure: always, a new ETag; S3: a copy in place, a new ETag for a multipart object;
-        GCS and a single-part S3 object keep it); the bytes never do."""
+        (Azure: a new ETag; local: the ctime moves; S3: a copy in place, a new ETag for a
+        multipart object; GCS and a single-part S3 object keep it); the bytes never do."""
 
 
 class PrefixedStore:
