@@ -54,11 +54,13 @@ class AttrMemory:
         return dataclasses.replace(info, meta_mtime=got[1], mode=got[2])
 
     def save(self) -> None:
-        if not self.path:
+        if not self.path or (not self._d and not os.path.exists(self.path)):
             return
         tmp = self.path + ".tmp"
         try:
-            with open(tmp, "w") as f:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with open(fd, "w") as f:
                 json.dump([[k, *v] for k, v in self._d.items()], f, separators=(",", ":"))
             os.replace(tmp, self.path)
         except OSError as exc:

@@ -48,13 +48,6 @@ def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[An
     return wrapper
 
 
-def _read_only(*_: Any, **__: Any) -> Any:
-    async def op(*args: Any, **kwargs: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    return op
-
-
 class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     """Maps kernel requests onto :class:`FileSystem` and :class:`Control`.
 
@@ -320,7 +313,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         w = self.fs.writes
         if w is not None and not self.fs.settings.read_only:
             # what can be written: the staging area's free space (a bucket has no limit)
-            disk = await threads.run_sync(os.statvfs, w.staging.dir)
+            disk = await threads.run_sync(lambda: os.statvfs(w.staging.disk_path()))
             free = disk.f_bavail * disk.f_frsize // bsize
             s.f_bfree = s.f_bavail = free
             s.f_blocks = max(total, used + free)
@@ -341,4 +334,15 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
-    setxattr = removexattr = _read_only()
+    @_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        # ENOSYS: the kernel answers EOPNOTSUPP itself from then on, which `cp -p` (setting
+        # an ACL before falling back to chmod) and `rsync -X` take as "not supported" and go
+        # on; EROFS they report as a failure.
+        self._writes()
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    @_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        self._writes()
+        raise pyfuse3.FUSEError(errno.ENOSYS)

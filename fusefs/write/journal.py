@@ -13,6 +13,7 @@ takes the journal's lock, so worker threads may share it.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,9 @@ class Journal:
 
     def __init__(self, path: str) -> None:
         self._lock = threading.Lock()
+        # private whatever the umask (SQLite gives its -wal and -shm files the same mode)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        os.chmod(path, 0o600)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

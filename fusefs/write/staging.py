@@ -181,15 +181,47 @@ class Staging:
     """The staging directory of one mount and the staged files in it, by key."""
 
     def __init__(self, cache_dir: str, source_id: str) -> None:
-        top = os.path.join(cache_dir, STAGING)
-        os.makedirs(top, mode=0o700, exist_ok=True)
-        self.top = top
+        self.cache_dir = cache_dir
+        self.top = os.path.join(cache_dir, STAGING)
         self.tag = hashlib.sha256(source_id.encode()).hexdigest()[:16]
-        self.dir, self._lock_fd = self._claim(top)
-        self.journal = Journal(os.path.join(self.dir, "journal.db"))
+        #: where this source's attributes memory lives (see fusefs.attrmemory)
+        self.attrs_path = os.path.join(self.top, self.tag, "attrs.json")
+        self._dir: str | None = None
+        self._journal: Journal | None = None
+        self._lock_fd = -1
         self.files: dict[str, StagedFile] = {}
         #: staged files not reachable by key (unlinked while open, or failed and replaced)
         self.detached: set[StagedFile] = set()
+
+    def _open(self) -> None:
+        """Claim a directory (made on the first write: a mount that only reads leaves the
+        cache directory alone)."""
+        if self._dir is None:
+            os.makedirs(self.top, mode=0o700, exist_ok=True)
+            self._dir, self._lock_fd = self._claim(self.top)
+            self._journal = Journal(os.path.join(self._dir, "journal.db"))
+
+    @property
+    def dir(self) -> str:
+        self._open()
+        assert self._dir is not None
+        return self._dir
+
+    @property
+    def journal(self) -> Journal:
+        self._open()
+        assert self._journal is not None
+        return self._journal
+
+    def disk_path(self) -> str:
+        """An existing directory on the staging area's file system (for free space)."""
+        for p in (self.top, self.cache_dir):
+            if os.path.isdir(p):
+                return p
+        parent = os.path.dirname(os.path.abspath(self.cache_dir))
+        while not os.path.isdir(parent):
+            parent = os.path.dirname(parent)
+        return parent
 
     def _claim(self, top: str) -> tuple[str, int]:
         """Lock our directory: ``<tag>`` if free, else a new ``<tag>.<random>``."""
@@ -208,6 +240,9 @@ class Staging:
     def recover(self) -> list[StagedFile]:
         """Staged files left by an earlier mount of this source (ours and unlocked
         siblings'), loaded into this directory. A file never closed is kept as failed."""
+        if not os.path.isdir(self.top) or not any(
+                n.startswith(self.tag) for n in os.listdir(self.top)):
+            return []
         self._adopt_siblings()
         out = []
         for rec in self.journal.load():
@@ -343,6 +378,8 @@ class Staging:
         for sf in list(self.files.values()) + list(self.detached):
             with contextlib.suppress(OSError):
                 os.close(sf.fd)
-        self.journal.close()
-        with contextlib.suppress(OSError):
-            os.close(self._lock_fd)
+        if self._journal is not None:
+            self._journal.close()
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)

@@ -76,7 +76,7 @@ class Writes:
         #: paths unlinked while open: hidden; their object is deleted at the last close
         self.hidden: dict[str, ObjectInfo] = {}
         fs.writes = self
-        fs.folders.attrs = AttrMemory(os.path.join(staging.dir, "attrs.json"))
+        fs.folders.attrs = AttrMemory(staging.attrs_path)
 
     def start(self, nursery: object) -> None:
         for sf in self.staging.recover():
