@@ -145,6 +145,9 @@ class Uploads:
             rec = Record(**{**sf.rec.__dict__, "dirty": list(sf.rec.dirty)})
             copy = sf.copy_ranges()
             self.in_flight += 1
+            started = trio.current_time()
+            log.debug("uploading %s: %d bytes (change %d, %d copy ranges)", rec.key, rec.size,
+                      gen, len(copy))
             try:
                 info = await threads.run_sync(self._put, sf, rec, copy)
             except (Conflict, StaleVersion) as exc:
@@ -156,6 +159,8 @@ class Uploads:
                 sf.attempts += 1
                 busy, sf.busy = sf.busy, None
                 busy.set()
+        log.debug("uploaded %s: %d bytes in %.2f s", rec.key, rec.size,
+                  trio.current_time() - started)
         self.done += 1
         self.bytes += rec.size
         self.failed.discard(sf)

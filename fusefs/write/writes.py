@@ -249,16 +249,15 @@ class Writes:
         return sf.write(offset, data)
 
     async def flush(self, sf: StagedFile) -> None:
-        """``close`` of a write handle: the data durable on local disk and queued (with
-        ``--sync-uploads``: in the store, else UploadFailed)."""
+        """``close`` of a write handle: the data durable on local disk (with
+        ``--sync-uploads``: in the store, else UploadFailed). The upload itself starts at the
+        last close (``release``): a ``close`` of one of several descriptors (``dd`` dups its
+        output and closes the original first) must not upload half a file."""
         if not sf.needs_upload:
             return
         await self.uploads.sync(sf)
-        sf.flush_requested = True
         if self.settings.sync_uploads:
             await self.uploads.wait_file(sf)
-        else:
-            self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
 
     async def fsync(self, sf: StagedFile) -> None:
         if sf.needs_upload:
@@ -266,20 +265,21 @@ class Writes:
         await self.uploads.wait_file(sf)
 
     async def release(self, sf: StagedFile, writable: bool) -> None:
+        """The last close of a handle: when the last writer goes, the upload is queued
+        (write-back); when the last handle goes, an uploaded file leaves the staging area."""
         sf.handles -= 1
         if writable:
             sf.writers -= 1
+            if sf.writers == 0 and sf.needs_upload and not sf.unlinked:
+                if sf.synced_gen != sf.gen:
+                    await self.uploads.sync(sf)
+                self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
         if sf.handles > 0:
             return
         if sf.unlinked:
             await self._drop(sf)
-            return
-        if sf.needs_upload:
-            if sf.writers == 0 and not sf.queued:
-                await self.uploads.sync(sf)
-                self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
-            return
-        if not sf.queued and sf.rec.state not in ("failed", "conflict"):
+        elif not sf.needs_upload and not sf.queued and sf.rec.state not in ("failed",
+                                                                             "conflict"):
             await self._retire(sf, seed=True)
 
     async def truncate(self, node: object, size: int, sf: StagedFile | None) -> None:
