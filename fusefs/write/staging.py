@@ -19,6 +19,7 @@ record snapshot. An upload reading a staged file sets ``busy``; changes wait for
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -177,6 +178,51 @@ class StagedFile:
         rec.state = "done"
 
 
+class StagedIndex(dict[str, StagedFile]):
+    """Staged files by key, with how many are under each folder and which keys sit directly in
+    each: a lookup or a folder listing asks in O(1), not by scanning every staged file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.below: collections.Counter[str] = collections.Counter()
+        self.children: dict[str, set[str]] = collections.defaultdict(set)
+
+    @staticmethod
+    def _folders(key: str) -> list[str]:
+        parts = key.split("/")[:-1]
+        return [""] + ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+    def __setitem__(self, key: str, sf: StagedFile) -> None:
+        if key not in self:
+            for f in self._folders(key):
+                self.below[f] += 1
+            self.children[key.rpartition("/")[0]].add(key)
+        super().__setitem__(key, sf)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        for f in self._folders(key):
+            self.below[f] -= 1
+            if not self.below[f]:
+                del self.below[f]
+        parent = key.rpartition("/")[0]
+        self.children[parent].discard(key)
+        if not self.children[parent]:
+            del self.children[parent]
+
+    def has_under(self, folder: str) -> bool:
+        """Is any file staged below folder ``folder`` (a path, "" for the root)?"""
+        return self.below.get(folder, 0) > 0
+
+    def in_folder(self, folder: str) -> tuple[list[StagedFile], set[str]]:
+        """Staged files directly in ``folder``, and names of its sub-folders holding some."""
+        files = [self[k] for k in self.children.get(folder, ())]
+        n = len(folder) + 1 if folder else 0
+        subs = {f[n:].split("/", 1)[0] for f in self.below
+                if f and f.rpartition("/")[0] == folder} if len(self) > len(files) else set()
+        return files, subs
+
+
 class Staging:
     """The staging directory of one mount and the staged files in it, by key."""
 
@@ -189,7 +235,7 @@ class Staging:
         self._dir: str | None = None
         self._journal: Journal | None = None
         self._lock_fd = -1
-        self.files: dict[str, StagedFile] = {}
+        self.files = StagedIndex()
         #: staged files not reachable by key (unlinked while open, or failed and replaced)
         self.detached: set[StagedFile] = set()
 
