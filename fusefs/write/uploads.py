@@ -151,7 +151,10 @@ class Uploads:
             try:
                 info = await threads.run_sync(self._put, sf, rec, copy)
             except (Conflict, StaleVersion) as exc:
-                return await self._conflict(sf, rec, copy, exc)
+                mine = await self._already_there(rec)
+                if mine is None:
+                    return await self._conflict(sf, rec, copy, exc)
+                info = mine
             except Exception as exc:  # noqa: BLE001 - kept and retried, whatever it was
                 return self._failed(sf, gen, exc)
             finally:
@@ -170,6 +173,20 @@ class Uploads:
         sf.uploaded(info, gen)
         self.on_uploaded(sf, info, gen)
         sf.signal()
+        return None
+
+    async def _already_there(self, rec: Record) -> ObjectInfo | None:
+        """The object at ``rec.key`` if it is this very upload (the store has it, but the
+        answer was lost, or the daemon died before journaling it): same size and the exact
+        ``mtime`` metadata this file was sent with."""
+        try:
+            now = await threads.run_sync(self.store.head, rec.key)
+        except Exception:  # noqa: BLE001 - then it is a conflict
+            return None
+        if (now.size == rec.size and now.meta_mtime is not None
+                and abs(now.meta_mtime - rec.mtime) < 1e-6):
+            log.info("%s: already in the store (an earlier attempt got through)", rec.key)
+            return now
         return None
 
     def _condition(self, expect: str | None) -> Condition:
