@@ -348,7 +348,8 @@ def test_two_mounts_see_each_others_changes_after_the_ttl(bucket: Bucket, mount,
     wait_for(lambda: not (b.path / "shared.txt").exists())
 
 
-def test_unmount_waits_for_pending_uploads(s3_bucket: Bucket, mount):
+@pytest.mark.parametrize("how", ["unmount", "sigterm"])
+def test_unmount_and_sigterm_wait_for_pending_uploads(s3_bucket: Bucket, mount, how: str):
     b = s3_bucket
     assert b.proxy is not None
     m = mount(b)
@@ -356,10 +357,31 @@ def test_unmount_waits_for_pending_uploads(s3_bucket: Bucket, mount):
     try:
         for i in range(3):
             (m.path / f"u{i}").write_bytes(b"%d" % i)
+        if how == "sigterm":
+            assert m.proc is not None
+            m.proc.send_signal(signal.SIGTERM)
+            assert m.proc.wait(timeout=60) == 0
         m.stop()
     finally:
         b.proxy.slow(None, 0)
     assert [b.get(f"u{i}") for i in range(3)] == [b"0", b"1", b"2"]
+
+
+def test_uploads_past_the_grace_stay_journaled_and_resume(s3_bucket: Bucket, mount, tmp_path):
+    b = s3_bucket
+    assert b.proxy is not None
+    m = mount(b, "--upload-grace", "1", cache_dir=tmp_path / "c")
+    b.proxy.faults(1.0, ["503"], predicate=is_put)
+    try:
+        (m.path / "late.txt").write_bytes(b"later")
+        m.stop()
+    finally:
+        b.proxy.faults(0)
+    assert "not finished at unmount" in m.log_text()
+    assert b.get("late.txt") is None
+    m2 = mount(b, cache_dir=tmp_path / "c")
+    assert sync(m2).returncode == 0
+    assert b.get("late.txt") == b"later"
 
 
 def test_a_small_change_to_a_big_object_copies_the_rest_server_side(s3_bucket: Bucket, mount):
