@@ -58,7 +58,8 @@ class StagedFile:
         self.fd = fd
         self.gen = 0
         self.uploaded_gen = 0
-        self.synced_gen = 0  # data synced and journaled up to this change
+        self.synced_gen = 0  # journaled up to this change
+        self.durable_gen = 0  # data synced to disk (fdatasync) and journaled up to this change
         self.writers = 0  # open write handles
         self.handles = 0  # open handles of any kind
         self.busy: trio.Event | None = None  # an upload is reading the data file
@@ -305,7 +306,13 @@ class Staging:
                 rec.error = "the program writing it never closed it (crash?): not uploaded"
             sf = StagedFile(rec, path, fd)
             sf.gen = 1
-            sf.synced_gen = 1
+            sf.synced_gen = sf.durable_gen = 1
+            if rec.state != "failed":
+                size = os.fstat(fd).st_size
+                if size != rec.size:  # a power loss took data the journal row describes
+                    rec.state = "failed"
+                    rec.error = (f"the staged data is {size} bytes, {rec.size} were written "
+                                 "(lost in a crash?): not uploaded")
             if rec.key in self.files:  # two versions of one key: the newer wins the name
                 self.detached.add(self.files[rec.key])
             self.files[rec.key] = sf
@@ -391,12 +398,17 @@ class Staging:
         sf.rec.state = state if sf.rec.state not in ("failed", "conflict") else sf.rec.state
         return dataclasses.replace(sf.rec, dirty=list(sf.rec.dirty)), sf.gen
 
-    def sync(self, sf: StagedFile, rec: Record) -> None:
-        """Worker thread: make the data durable, then journal ``rec``."""
-        try:
-            os.fdatasync(sf.fd)
-        except OSError as exc:
-            raise _os_error(exc, sf.key) from None
+    def sync(self, sf: StagedFile, rec: Record, durable: bool = True) -> None:
+        """Worker thread: journal ``rec``; ``durable``: sync the data to disk first.
+
+        Without it (at ``close``) the row survives the daemon being killed (SQLite WAL) and
+        the data is in the page cache, as a local file's is after ``close``; the data is
+        synced before its upload starts, which bounds what a power loss can take."""
+        if durable:
+            try:
+                os.fdatasync(sf.fd)
+            except OSError as exc:
+                raise _os_error(exc, sf.key) from None
         self.journal.save(rec)
 
     def remove(self, sf: StagedFile) -> None:

@@ -113,8 +113,8 @@ class Uploads:
                 if sf.writers and not sf.flush_requested:
                     break  # still being written: its flush or last close queues it again
                 sf.flush_requested = False
-                if sf.synced_gen != sf.gen:  # journal what is about to be uploaded first
-                    await self.sync(sf)
+                if sf.durable_gen != sf.gen:  # on disk and journaled before it goes
+                    await self.sync(sf, durable=True)
                 wait = await self._attempt(sf)
                 if wait is None:
                     continue
@@ -126,12 +126,14 @@ class Uploads:
             sf.queued = False
             sf.signal()
 
-    async def sync(self, sf: StagedFile) -> None:
-        """Make ``sf``'s data durable and journal it (state pending)."""
+    async def sync(self, sf: StagedFile, durable: bool = False) -> None:
+        """Journal ``sf`` (state pending); ``durable``: its data synced to disk first."""
         await sf.idle()
         rec, gen = self.staging.snapshot(sf)
-        await threads.run_sync(self.staging.sync, sf, rec)
+        await threads.run_sync(self.staging.sync, sf, rec, durable)
         sf.synced_gen = max(sf.synced_gen, gen)
+        if durable:
+            sf.durable_gen = max(sf.durable_gen, gen)
 
     async def _attempt(self, sf: StagedFile) -> float | None:
         """One upload of ``sf``; None when done (or nothing to do), else seconds to wait
