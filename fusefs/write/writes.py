@@ -42,7 +42,7 @@ from ..errors import (
     NotPermitted,
     ReadOnly,
 )
-from ..folders import join, prefix_of, valid_name
+from ..folders import join, valid_name
 from ..reader import SeqState
 from .staging import StagedFile, Staging
 from .uploads import WRITE_BACK_DELAY, Uploads
@@ -72,7 +72,8 @@ class Writes:
         self.staging = staging
         self.control_name = control_name
         self.uploads = Uploads(store, staging, parallel=settings.uploads,
-                               on_uploaded=self._uploaded, on_conflict=self._conflicted)
+                               on_uploaded=self._uploaded, on_conflict=self._conflicted,
+                               read_base=self._read_base)
         #: paths unlinked while open: hidden; their object is deleted at the last close
         self.hidden: dict[str, ObjectInfo] = {}
         fs.writes = self
@@ -99,15 +100,14 @@ class Writes:
               entries: list[tuple[str, bool, ObjectInfo | None]]
               ) -> list[tuple[str, bool, ObjectInfo | None]]:
         """A folder listing with this mount's staged files added and hidden names removed."""
-        pre = prefix_of(dir_path)
         extra: dict[str, tuple[str, bool, ObjectInfo | None]] = {}
-        for sf in self.staging.under(pre):
-            rest = sf.key[len(pre):]
-            if "/" in rest:
-                sub = rest.split("/", 1)[0]
-                extra.setdefault(sub, (sub, True, None))
-            else:
-                extra[rest] = (rest, False, self.info_of(sf))
+        if self.staging.files.has_under(dir_path):
+            files, subs = self.staging.files.in_folder(dir_path)
+            for sub in subs:
+                extra[sub] = (sub, True, None)
+            for sf in files:
+                name = sf.key.rpartition("/")[2]
+                extra[name] = (name, False, self.info_of(sf))
         if not extra and not self.hidden:
             return entries
         out = []
@@ -133,7 +133,7 @@ class Writes:
             return False, self.info_of(sf)
         if path in self.hidden:
             raise NotFound(f"{path}: no such file or directory")
-        if self.staging.under(path + "/"):
+        if self.staging.files.has_under(path):
             return True, None
         return None
 
@@ -244,21 +244,24 @@ class Writes:
                 parts.append(data)
         return b"".join(parts)
 
+    async def _read_base(self, base: ObjectInfo, offset: int, size: int) -> bytes:
+        """Bytes of a base object for an upload, through the block cache."""
+        return bytes(await self.fs.reader.read(base, offset, size, SeqState()))
+
     async def write(self, sf: StagedFile, offset: int, data: bytes) -> int:
         await sf.idle()
         return sf.write(offset, data)
 
     async def flush(self, sf: StagedFile) -> None:
-        """``close`` of a write handle: the data durable on local disk and queued (with
-        ``--sync-uploads``: in the store, else UploadFailed)."""
+        """``close`` of a write handle: the data durable on local disk (with
+        ``--sync-uploads``: in the store, else UploadFailed). The upload itself starts at the
+        last close (``release``): a ``close`` of one of several descriptors (``dd`` dups its
+        output and closes the original first) must not upload half a file."""
         if not sf.needs_upload:
             return
         await self.uploads.sync(sf)
-        sf.flush_requested = True
         if self.settings.sync_uploads:
             await self.uploads.wait_file(sf)
-        else:
-            self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
 
     async def fsync(self, sf: StagedFile) -> None:
         if sf.needs_upload:
@@ -266,20 +269,21 @@ class Writes:
         await self.uploads.wait_file(sf)
 
     async def release(self, sf: StagedFile, writable: bool) -> None:
+        """The last close of a handle: when the last writer goes, the upload is queued
+        (write-back); when the last handle goes, an uploaded file leaves the staging area."""
         sf.handles -= 1
         if writable:
             sf.writers -= 1
+            if sf.writers == 0 and sf.needs_upload and not sf.unlinked:
+                if sf.synced_gen != sf.gen:
+                    await self.uploads.sync(sf)
+                self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
         if sf.handles > 0:
             return
         if sf.unlinked:
             await self._drop(sf)
-            return
-        if sf.needs_upload:
-            if sf.writers == 0 and not sf.queued:
-                await self.uploads.sync(sf)
-                self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
-            return
-        if not sf.queued and sf.rec.state not in ("failed", "conflict"):
+        elif not sf.needs_upload and not sf.queued and sf.rec.state not in ("failed",
+                                                                             "conflict"):
             await self._retire(sf, seed=True)
 
     async def truncate(self, node: object, size: int, sf: StagedFile | None) -> None:
@@ -420,7 +424,7 @@ class Writes:
             raise NotFound(f"{path}: no such directory")
         if not found[0]:
             raise NotADirectory(f"{path} is not a directory")
-        if self.staging.under(path + "/"):
+        if self.staging.files.has_under(path):
             raise NotEmpty(f"{path}: not empty")
         page = await threads.run_sync(
             lambda: next(iter(self.store.list(path + "/", max_keys=2)), None),
@@ -497,7 +501,7 @@ class Writes:
             if (new + "/").startswith(old + "/"):
                 raise InvalidArgument(f"cannot move {old} into itself")
             if dst is not None:
-                if self.staging.under(new + "/"):
+                if self.staging.files.has_under(new):
                     raise NotEmpty(f"{new}: not empty")
                 await self.rmdir(new_parent, new_name)
             await self._rename_dir(old, new)
