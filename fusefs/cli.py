@@ -3,26 +3,33 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
+from .cli_control import (
+    ProgressBar,
+    add_control_parsers,
+    cmd_cancel_prefetch,
+    cmd_clear,
+    cmd_prefetch,
+    cmd_stats,
+    cmd_sync,
+    format_stats,
+    read_control,
+    send_command,
+)
 from .config import (
     SETTING_NAMES,
     Settings,
     default_config_path,
-    human_size,
     load_settings,
     setting_field,
 )
 from .errors import FusefsError, UserError
-from .fs import CONTROL_NAME
 
 # Flags that map 1:1 onto settings (name -> argparse kwargs); declared once, used by mount.
 _SETTING_FLAGS: dict[str, dict[str, Any]] = {
@@ -114,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("-z", "--lazy", action="store_true", help="detach even if busy")
     u.add_argument("--config", metavar="FILE", help="take the mount point from this config file")
 
-    _add_control_parsers(sub)
+    add_control_parsers(sub)
     from .check import add_parser as add_check_parser
 
     add_check_parser(sub)
@@ -288,294 +295,7 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_control(mountpoint: str) -> dict[str, Any]:
-    path = os.path.join(mountpoint, CONTROL_NAME)
-    try:
-        with open(path, "rb") as f:
-            data: dict[str, Any] = json.loads(f.read())
-            return data
-    except FileNotFoundError:
-        raise UserError(f"{mountpoint} is not a fusefs mount (no {CONTROL_NAME})") from None
-    except OSError as exc:
-        raise UserError(f"{path}: {exc.strerror}") from None
-
-
-# --- the control file: stats, clear, prefetch, cancel-prefetch --------------------------------
-
-
-def _add_control_parsers(sub: Any) -> None:
-    """Subcommands that talk to a running mount through ``MOUNTPOINT/.fusefs``."""
-    s = sub.add_parser("stats", help="show cache statistics of a mount, or of a file or folder")
-    s.add_argument("mountpoint")
-    s.add_argument("path", nargs="?", help="a file or folder (relative to the mount root)")
-    s.add_argument("--json", action="store_true", help="print the raw JSON")
-    c = sub.add_parser("clear", help="drop cached blocks: all, or of one file or folder")
-    c.add_argument("mountpoint")
-    c.add_argument("path", nargs="?", help="a file or folder (default: the whole cache)")
-    c.add_argument("--json", action="store_true", help="print the raw JSON")
-    p = sub.add_parser("prefetch", help="download files or folders into the cache in background")
-    p.add_argument("mountpoint")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursive)")
-    p.add_argument("--wait", action="store_true", help="show progress and return when done")
-    p.add_argument("--json", action="store_true", help="print the raw JSON")
-    x = sub.add_parser("cancel-prefetch", help="drop queued prefetches (all, or under PATH)")
-    x.add_argument("mountpoint")
-    x.add_argument("path", nargs="?")
-    x.add_argument("--json", action="store_true", help="print the raw JSON")
-
-
-def _mount_relative(mountpoint: str, path: str) -> str:
-    """A PATH argument -> path relative to the mount root (absolute ones must be inside)."""
-    if not os.path.isabs(path):
-        return path
-    p = os.path.normpath(path)
-    for mp in (mountpoint, os.path.realpath(mountpoint)):
-        if p == mp:
-            return "."
-        if p.startswith(mp.rstrip("/") + "/"):
-            return p[len(mp) :].lstrip("/")
-    raise UserError(f"{path} is not inside the mount {mountpoint}")
-
-
-def send_command(mountpoint: str, words: Sequence[str]) -> dict[str, Any]:
-    """Write one command line to the control file and return the JSON it answers."""
-    path = os.path.join(mountpoint, CONTROL_NAME)
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        raise UserError(f"{mountpoint} is not a fusefs mount (no {CONTROL_NAME})") from None
-    except PermissionError:
-        raise UserError(
-            f"{mountpoint}: only the user who mounted it (or root) may send commands"
-        ) from None
-    except OSError as exc:
-        raise UserError(f"{path}: {exc.strerror}") from None
-    failed: OSError | None = None
-    try:
-        try:
-            os.write(fd, (shlex.join(words) + "\n").encode())
-        except OSError as exc:
-            failed = exc
-        chunks, off = [], 0
-        while chunk := os.pread(fd, 1 << 20, off):
-            chunks.append(chunk)
-            off += len(chunk)
-    finally:
-        os.close(fd)
-    try:
-        data: dict[str, Any] = json.loads(b"".join(chunks))
-    except ValueError:
-        data = {}
-    if failed is not None:
-        raise UserError(str(data.get("error") or failed.strerror))
-    return data
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
-def format_stats(d: dict[str, Any]) -> str:
-    """The mount's statistics as a human table."""
-    if "path" in d:  # stats of a file or folder
-        rows = [
-            ("path", f"{d['path']} ({d['type']})"),
-            ("files", str(d["files"])),
-            ("size", human_size(d["size"])),
-            (
-                "cached",
-                f"{human_size(d['cached_bytes'])} ({_pct(d['fraction_cached'])}), "
-                f"{d['cached_blocks']} of {d['blocks']} blocks",
-            ),
-        ]
-    else:
-        hits, misses = d["hits"], d["misses"]
-        cache = (
-            f"{d['current_size_str']} of {d['cache_size_str']} ({_pct(d['load_factor'])}), "
-            f"{d['current_count']} blocks of {human_size(d['block_size'])}"
-            if d["cache_size"]
-            else "disabled (reads go to the store)"
-        )
-        rows = [
-            ("source", str(d["source"])),
-            ("cache dir", str(d["cache_dir"] or "-")),
-            ("cache", cache),
-            ("hits / misses", f"{hits} / {misses} (hit ratio {_pct(d['hit_ratio'])})"),
-            ("served", human_size(d["bytes_served"])),
-            (
-                "fetched",
-                f"{human_size(d['bytes_fetched'])} in {d['fetches']} requests, "
-                f"{d['fetches_in_flight']} in flight",
-            ),
-            ("readahead", f"{d['readahead_blocks']} blocks"),
-            (
-                "prefetch",
-                f"{d['prefetch_queued']} files queued, {d['prefetch_done']} done, "
-                f"{d['prefetch_failed']} failed, {d['prefetch_cancelled']} cancelled, "
-                f"{d['prefetch_pending']} pending ({human_size(d['prefetch_bytes_pending'])})",
-            ),
-            ("evictions", str(d["evictions"])),
-            ("errors", str(d["errors"])),
-            ("open files", str(d["open_files"])),
-            ("uptime", f"{d['uptime_s']}s"),
-        ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def _control_args(args: argparse.Namespace) -> tuple[str, str | None]:
-    mp = os.path.abspath(args.mountpoint)
-    path = getattr(args, "path", None)
-    return mp, None if path is None else _mount_relative(mp, path)
-
-
-def cmd_stats(args: argparse.Namespace) -> int:
-    mp, path = _control_args(args)
-    data = read_control(mp) if path is None else send_command(mp, ["stats", path])
-    print(json.dumps(data, indent=2) if args.json else format_stats(data))
-    return 0
-
-
-def cmd_clear(args: argparse.Namespace) -> int:
-    mp, path = _control_args(args)
-    data = send_command(mp, ["clear", *([path] if path is not None else [])])
-    if args.json:
-        print(json.dumps(data, indent=2))
-    else:
-        where = f"under {data['path']}" if data["path"] else "from the whole cache"
-        print(
-            f"cleared {data['blocks_removed']} blocks ({data['bytes_freed_str']}) {where}; "
-            f"the cache holds {human_size(data['current_size'])}"
-        )
-    return 0
-
-
-def cmd_cancel_prefetch(args: argparse.Namespace) -> int:
-    mp, path = _control_args(args)
-    data = send_command(mp, ["cancel-prefetch", *([path] if path is not None else [])])
-    if args.json:
-        print(json.dumps(data, indent=2))
-    else:
-        print(
-            f"cancelled {data['files_cancelled']} queued files "
-            f"({human_size(data['bytes_cancelled'])})"
-        )
-    return 0
-
-
-def cmd_prefetch(args: argparse.Namespace) -> int:
-    mp = os.path.abspath(args.mountpoint)
-    data = send_command(mp, ["prefetch", *(_mount_relative(mp, p) for p in args.paths)])
-    if args.json and not args.wait:
-        print(json.dumps(data, indent=2))
-        return 0
-    print(
-        f"prefetch #{data['id']}: {data['files_queued']} files ({data['bytes_queued_str']}) "
-        f"queued, {data['files_cached']} already cached",
-        file=sys.stderr,
-    )
-    if "warning" in data:
-        print(f"fusefs: warning: {data['warning']}", file=sys.stderr)
-    if not args.wait:
-        return 0
-    try:
-        final = _wait_prefetch(mp, int(data["id"]), sys.stderr)
-    except KeyboardInterrupt:
-        print(
-            f"\nfusefs: stopped waiting; prefetch #{data['id']} continues "
-            f"(fusefs cancel-prefetch {mp} to stop it)",
-            file=sys.stderr,
-        )
-        return 130
-    if args.json:
-        print(json.dumps(final, indent=2))
-    for err in final["errors"]:
-        print(f"fusefs: {err}", file=sys.stderr)
-    if final["files_failed"] or final["files_cancelled"]:
-        print(
-            f"fusefs: prefetch #{final['id']}: {final['files_failed']} files failed, "
-            f"{final['files_cancelled']} cancelled",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
-
-
-class ProgressBar:
-    """Progress of one prefetch from the mount's statistics, drawn by tqdm: a bar, percent,
-    bytes done of queued, rate, elapsed and ETA, and files done of queued.
-
-    On a terminal a tqdm bar is redrawn in place; otherwise tqdm's line is printed once a
-    second (and at the end), so logs get one readable line per second, not carriage returns.
-    """
-
-    def __init__(self, out: Any) -> None:
-        self.out = out
-        self.tty = hasattr(out, "isatty") and out.isatty()
-        self._bar: Any = None
-        self._samples: list[tuple[float, int]] = []
-        self._last_print = 0.0
-
-    _UNITS: dict[str, Any] = {"unit": "B", "unit_scale": True, "unit_divisor": 1024}
-
-    @staticmethod
-    def _files(r: dict[str, Any]) -> str:
-        files = r["files_done"] + r["files_failed"] + r["files_cancelled"]
-        failed = f", {r['files_failed']} failed" if r["files_failed"] else ""
-        return f"{files}/{r['files_queued']} files{failed}"
-
-    @staticmethod
-    def _done(r: dict[str, Any]) -> int:
-        return int(r["bytes_done"] + r["bytes_failed"] + r["bytes_cancelled"])
-
-    def line(self, r: dict[str, Any], now: float) -> str:
-        """tqdm's one-line meter; the rate is measured over the last five seconds."""
-        self._samples.append((now, r["bytes_done"]))
-        while len(self._samples) > 2 and now - self._samples[0][0] > 5.0:
-            self._samples.pop(0)
-        t0, b0 = self._samples[0]
-        finished = r["state"] == "finished"
-        rate = None if finished or now <= t0 else (r["bytes_done"] - b0) / (now - t0)
-        from tqdm import tqdm
-
-        return str(tqdm.format_meter(
-            self._done(r), r["bytes_queued"] or None, float(r["elapsed_s"]), ncols=100,
-            rate=rate, postfix=self._files(r), **self._UNITS))
-
-    def draw(self, r: dict[str, Any], now: float, final: bool = False) -> None:
-        if not self.tty:
-            if final or now - self._last_print >= 1.0:
-                self.out.write(self.line(r, now) + "\n")  # not a terminal: a line a second
-                self._last_print = now
-                self.out.flush()
-            return
-        from tqdm import tqdm
-
-        if self._bar is None:
-            self._bar = tqdm(total=r["bytes_queued"] or None, file=self.out, leave=True,
-                             dynamic_ncols=True, mininterval=0.25, **self._UNITS)
-        bar = self._bar
-        bar.total = r["bytes_queued"] or None
-        bar.set_postfix_str(self._files(r), refresh=False)
-        bar.update(self._done(r) - bar.n)
-        if final:
-            bar.close()
-
-
-def _wait_prefetch(mountpoint: str, req_id: int, out: Any) -> dict[str, Any]:
-    """Poll the mount's statistics until prefetch ``req_id`` finishes; draw a progress bar."""
-    bar = ProgressBar(out)
-    while True:
-        stats = read_control(mountpoint)
-        r = next((r for r in stats.get("prefetch_requests", []) if r["id"] == req_id), None)
-        if r is None:
-            raise UserError(f"prefetch #{req_id} is no longer known to {mountpoint} (remounted?)")
-        now = time.monotonic()
-        if r["state"] == "finished":
-            bar.draw(r, now, final=True)
-            return r
-        bar.draw(r, now)
-        time.sleep(0.25)
+__all__ = ["ProgressBar", "format_stats", "read_control", "send_command", "main"]
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -598,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "clear": cmd_clear,
         "prefetch": cmd_prefetch,
         "cancel-prefetch": cmd_cancel_prefetch,
+        "sync": cmd_sync,
         "check": _cmd_check,
     }
     try:

@@ -64,6 +64,7 @@ COMMANDS = (
     "clear",
     "prefetch",
     "cancel-prefetch",
+    "sync",
     "hint-open",
     "hint",
     "hint-at",
@@ -245,16 +246,60 @@ class Control:
             "hint": self._cmd_hint,
             "hint-at": self._cmd_hint_at,
             "hint-cancel": self._cmd_hint_cancel,
+            "sync": self._cmd_sync,
         }
         handler = handlers.get(cmd)
         if handler is None:
             raise InvalidArgument(f"unknown command {cmd!r} (commands: {', '.join(COMMANDS)})")
         return await handler(args)
 
+    async def _cmd_sync(self, args: list[str]) -> dict[str, Any]:
+        """``sync [PATH]``: wait for every pending upload under PATH (failed ones are tried
+        again once); reports what failed."""
+        path = self._one_path(args, "sync")
+        w = self.fs.writes
+        if w is None:
+            return {"synced": 0, "failed": []}
+        prefix = ""
+        if path:
+            node = await self.resolve(path)
+            prefix = node.path + "/" if node.is_dir else node.path
+        before = w.uploads.done
+        failed = await w.uploads.wait_all(prefix)
+        return {
+            "synced": w.uploads.done - before,
+            "failed": [{"path": sf.key, "error": sf.rec.error} for sf in failed],
+        }
+
+    def upload_state(self, path: str) -> dict[str, Any]:
+        """A file's upload state for ``stats PATH``."""
+        w = self.fs.writes
+        sf = w.staged(path) if w is not None else None
+        if sf is None:
+            return {"upload": "none"}
+        if sf.rec.state in ("failed", "conflict"):
+            state = sf.rec.state
+        elif sf.busy is not None:
+            state = "uploading"
+        elif sf.needs_upload:
+            state = "open" if sf.writers else "pending"
+        else:
+            state = "uploaded"
+        out: dict[str, Any] = {"upload": state, "staged_size": sf.size}
+        if sf.rec.error:
+            out["upload_error"] = sf.rec.error
+        return out
+
     async def _cmd_stats(self, args: list[str]) -> dict[str, Any]:
         path = self._one_path(args, "stats")
         if path is None:
             return self.stats_dict()
+        w = self.fs.writes
+        if w is not None and w.staged(path) is not None:
+            sf = w.staged(path)
+            assert sf is not None
+            return {"path": path, "type": "file", "files": 1, "size": sf.size,
+                    "size_str": human_size(sf.size), **self.upload_state(path)}
         node = await self.resolve(path)
         files = await self.walk(node)
         cached = await self.cached_blocks([n.info for n in files if n.info is not None])
@@ -277,6 +322,7 @@ class Control:
             "blocks": blocks,
             "cached_blocks": cached_count,
             "fraction_cached": round(cached_bytes / total, 4) if total else 1.0,
+            **(self.upload_state(node.path) if not node.is_dir else {}),
         }
 
     async def _cmd_clear(self, args: list[str]) -> dict[str, Any]:
@@ -513,4 +559,21 @@ class Control:
             "prefetch_requests": self.prefetcher.requests(),
             "hint_window_limited": any(st["limited_by_cache"] for st in streams),
             "hint_streams": streams,
+            **self.write_stats(),
+        }
+
+    def write_stats(self) -> dict[str, Any]:
+        w = self.fs.writes
+        if w is None:
+            return {"staged_bytes": 0, "uploads_pending": 0, "uploads_done": 0,
+                    "uploads_failed": 0, "upload_bytes": 0, "conflicts": 0}
+        u = w.uploads
+        return {
+            "staged_bytes": w.staging.staged_bytes(),
+            "uploads_pending": u.pending,
+            "uploads_in_flight": u.in_flight,
+            "uploads_done": u.done,
+            "uploads_failed": len(u.failed),
+            "upload_bytes": u.bytes,
+            "conflicts": u.conflicts,
         }

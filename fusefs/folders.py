@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from . import threads
+from .attrmemory import AttrMemory
 from .backends.base import ObjectInfo, ObjectStore
 from .config import LIST_AHEAD_PARALLEL, Settings
 from .errors import FusefsError, NotFound, single_error
@@ -92,6 +93,8 @@ class Folders:
         self._lists_after: bool = getattr(store, "lists_after", True)
         self.ttl = settings.metadata_ttl
         self.negative_ttl = min(settings.negative_ttl, settings.metadata_ttl)
+        #: mtime/mode of versions whose listings lack them (S3); see fusefs.attrmemory
+        self.attrs = AttrMemory()
 
     def set_ttls(self, metadata_ttl: float, negative_ttl: float) -> None:
         self.ttl = metadata_ttl
@@ -107,6 +110,29 @@ class Folders:
             r = d.find(key)
             if r is not None:
                 r.listed = -math.inf
+
+    def note(self, key: str, value: ObjectInfo | None | bool) -> None:
+        """This mount changed ``key`` (see :meth:`DirListing.note`): the listed ranges say
+        so at once, without a request. A sub-folder's key ends with ``/``."""
+        parent = key.rstrip("/").rpartition("/")[0]
+        d = self._dirs.get(parent)
+        if d is not None:
+            before = d.entries()
+            d.note(key, value)
+            self._listed_entries += d.entries() - before
+        self._negative.pop(key.rstrip("/"), None)
+
+    def note_empty(self, path: str) -> None:
+        """Folder ``path`` was just made: it is known to be empty (no LIST needed)."""
+        d = self._dir(path)
+        if not d.ranges and not d.flights:
+            d.insert(Range("", None, self.clock(), [], []), merge_within=0)
+
+    def forget_tree(self, path: str) -> None:
+        """Drop what is known of folder ``path`` and every folder below it."""
+        pre = prefix_of(path)
+        for p in [p for p in self._dirs if p == path or p.startswith(pre)]:
+            self._listed_entries -= self._dirs.pop(p).clear()
 
     def _dir(self, path: str) -> DirListing:
         d = self._dirs.get(path)
@@ -150,7 +176,7 @@ class Folders:
         prefixes: list[str] = []
         more = False
         for page in self.store.list(prefix, max_keys=max_keys, start_after=start):
-            objects.extend(page.objects)
+            objects.extend(map(self.attrs.apply, page.objects))
             prefixes.extend(page.prefixes)
             more = page.more
         keys: list[str] = []
@@ -310,8 +336,9 @@ class Folders:
 
         async def head() -> None:
             try:
-                result["file"] = await threads.run_sync(self.store.head, path,
-                                                        limiter=self.meta_limiter)
+                info = await threads.run_sync(self.store.head, path, limiter=self.meta_limiter)
+                self.attrs.remember(info)
+                result["file"] = info
             except NotFound:
                 pass
 

@@ -23,6 +23,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import threads
 from .backends.base import ObjectInfo, ObjectStore
@@ -38,6 +39,10 @@ from .errors import (
 )
 from .folders import Folders, join, valid_name
 from .reader import Reader, SeqState
+
+if TYPE_CHECKING:
+    from .write.staging import StagedFile
+    from .write.writes import Writes
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +118,9 @@ class Handle:
     node: Node
     info: ObjectInfo
     seq: SeqState = field(default_factory=SeqState)
+    #: the staged file this handle writes (or reads: a file being written is read from it)
+    staged: StagedFile | None = None
+    writable: bool = False
 
 
 @dataclass
@@ -143,6 +151,7 @@ class FileSystem:
         self.uid = settings.uid if settings.uid is not None else os.getuid()
         self.gid = settings.gid if settings.gid is not None else os.getgid()
         self.mount_time_ns = time.time_ns()
+        self._file_mode_forced = "file_mode" in settings.sources
         root = Node(ROOT_INO, "", True, None, math.inf)
         #: Indexed by inode number (a list: 8 bytes a node, numbers of freed nodes reused).
         self._nodes: list[Node | None] = [None, root, None]
@@ -159,6 +168,8 @@ class FileSystem:
         self.on_changed: Callable[[int], Awaitable[None]] | None = None
         self.folders = Folders(store, settings, clock, reader.start_soon)
         reader._on_stale = self.mark_stale
+        #: The write side (set by :class:`fusefs.write.writes.Writes`); None: read-only core.
+        self.writes: Writes | None = None
 
     def set_ttls(self, metadata_ttl: float, negative_ttl: float) -> None:
         self.folders.set_ttls(metadata_ttl, negative_ttl)
@@ -221,6 +232,10 @@ class FileSystem:
             return
         if not node.is_dir and info is not None:
             old = node.info
+            if (old is not None and old.version == info.version and info.meta_mtime is None
+                    and old.meta_mtime is not None):
+                info = ObjectInfo(info.key, info.size, info.mtime, info.version,
+                                  old.meta_mtime, old.mode)  # a listing without metadata
             node.info = info
             if old is not None and old.version != info.version:
                 self._changed(node)
@@ -244,9 +259,18 @@ class FileSystem:
             mode = stat.S_IFDIR | (self.settings.dir_mode & ro)
             mtime_ns, size, nlink = self.mount_time_ns, 0, 2
         else:
-            assert node.info is not None
-            mode = stat.S_IFREG | (self.settings.file_mode & ro)
-            mtime_ns, size, nlink = int(node.info.mtime * 1e9), node.info.size, 1
+            info = node.info
+            assert info is not None
+            if self.writes is not None:
+                sf = self.writes.staged(node.path)
+                if sf is not None:
+                    info = self.writes.info_of(sf)
+            # a mode kept in metadata (chmod, rsync -a) shows, unless --file-mode was given
+            perm = (self.settings.file_mode if info.mode is None or self._file_mode_forced
+                    else info.mode)
+            mode = stat.S_IFREG | (perm & ro)
+            mtime = info.meta_mtime if info.meta_mtime is not None else info.mtime
+            mtime_ns, size, nlink = int(mtime * 1e9), info.size, 1
         return Attr(node.ino, mode, size, mtime_ns, (size + 511) // 512, 128 * 1024, nlink,
                     self.uid, self.gid)
 
@@ -291,6 +315,12 @@ class FileSystem:
             raise NotFound(f"{name!r}: not a valid name")
         path = join(parent.path, name)
         known = self._by_path.get(path)
+        if self.writes is not None:
+            ov = self.writes.overlay(path)  # NotFound: unlinked while open
+            if ov is not None:
+                known = self._node(path, ov[0], ov[1], self.clock())
+                known.lookups += 1
+                return known
         if known is None or not self._fresh(known.confirmed, self.clock()):
             is_dir, info, seen = await self.folders.resolve(parent.path, name)
             known = self._node(path, is_dir, info, seen)
@@ -302,6 +332,8 @@ class FileSystem:
             raise InvalidArgument("control file attributes come from the control layer")
         node = self.node(ino)
         if node.ino != ROOT_INO and not self._fresh(node.confirmed, self.clock()):
+            if self.writes is not None and self.writes.overlay(node.path) is not None:
+                return node  # this mount's own version: nothing to ask the store
             await self._revalidate(node)
         return node
 
@@ -324,6 +356,7 @@ class FileSystem:
         try:
             info = await threads.run_sync(self.store.head, node.path,
                                           limiter=self.folders.meta_limiter)
+            self.folders.attrs.remember(info)
         except NotFound:
             node.confirmed = -math.inf
             raise
@@ -346,6 +379,8 @@ class FileSystem:
             raise FusefsError(f"unknown directory handle {fh}")
         if h.entries is None or start == 0:
             h.entries, h.listed = await self.folders.listing(h.node.path)
+            if self.writes is not None:
+                h.entries = self.writes.merge(h.node.path, h.entries)
             self.folders.list_ahead(h.node.path, [name for name, is_dir, _ in h.entries if is_dir])
         return len(h.entries)
 
@@ -394,12 +429,21 @@ class FileSystem:
     # --- files -----------------------------------------------------------------------------
 
     async def open(self, ino: int, flags: int) -> tuple[int, bool]:
-        """Open a file for reading; returns (handle, keep_cache)."""
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+        """Open a file; returns (handle, keep_cache). Writing, or reading a file being
+        written, goes through the write side (its staged file)."""
+        writing = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT))
+        if writing and (self.writes is None or self.settings.read_only):
             raise ReadOnly("read-only file system")
         node = self.node(ino)
         if node.is_dir:
             raise IsADirectory(f"{node.path} is a directory")
+        if self.writes is not None and (writing or self.writes.staged(node.path)):
+            if writing and self.writes.staged(node.path) is None and not self._fresh(
+                    node.confirmed, self.clock()):
+                await self._revalidate(node)  # the version a change is based on
+            fh = await self.writes.open(node, flags)
+            self._kernel_version.pop(node.ino, None)
+            return fh, False
         if not self._fresh(node.confirmed, self.clock()):
             await self._revalidate(node)
         info = node.info
@@ -410,16 +454,30 @@ class FileSystem:
             # the kernel may hold the old size: drop it before the program reads
             await self.on_changed(node.ino)
         self._kernel_version[node.ino] = info.version
+        return self.new_handle(node, info), keep_cache
+
+    def new_handle(self, node: Node, info: ObjectInfo, staged: StagedFile | None = None,
+                   writable: bool = False) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(node, info)
-        return fh, keep_cache
+        self._handles[fh] = Handle(node, info, staged=staged, writable=writable)
+        return fh
+
+    def handle(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise FusefsError(f"unknown file handle {fh}")
+        return handle
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self._handles.get(fh)
         if handle is None:
             raise FusefsError(f"unknown file handle {fh}")
         node = handle.node
+        if self.writes is not None:
+            sf = handle.staged or self.writes.staged(node.path)
+            if sf is not None:
+                return await self.writes.read(sf, offset, size)
         if node.info is not None and node.info.version != handle.info.version:
             # a newer version was seen: an old handle must not refill the kernel's pages of
             # this inode with old bytes
@@ -430,11 +488,67 @@ class FileSystem:
             self._kernel_version.pop(node.ino, None)  # the next open drops the kernel's pages
             raise
 
-    def release(self, fh: int) -> None:
+    async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
-        if handle is not None and handle.node.lookups == 0 and not self._is_open(handle.node):
-            if self._nodes[handle.node.ino] is handle.node:
-                self._free(handle.node)
+        if handle is None:
+            return
+        node = handle.node
+        if self.writes is not None:
+            if handle.staged is not None:
+                await self.writes.release(handle.staged, handle.writable)
+            if not self._is_open(node):
+                await self.writes.closed_hidden(node.path)
+        if node.lookups == 0 and not self._is_open(node):
+            if self._nodes[node.ino] is node:
+                self._free(node)
+
+    # --- changes made by this mount (the write side) --------------------------------------
+
+    def is_open(self, node: Node) -> bool:
+        return self._is_open(node)
+
+    def file_node(self, path: str, info: ObjectInfo | None) -> Node:
+        """The node of a file at ``path`` (made if needed) with ``info``."""
+        if info is None:
+            info = ObjectInfo(path, 0, time.time(), "")
+        return self._node(path, False, info, self.clock())
+
+    def dir_node(self, path: str) -> Node:
+        return self._node(path, True, None, self.clock())
+
+    def observed(self, path: str, info: ObjectInfo, sent: float, *, same_bytes: bool) -> None:
+        """This mount made ``info`` the object at ``path``. ``same_bytes``: the kernel's
+        pages of the file are still right (our own upload, a metadata change)."""
+        node = self._by_path.get(path)
+        if node is None or node.is_dir:
+            return
+        if same_bytes and node.ino in self._kernel_version:
+            self._kernel_version[node.ino] = info.version
+            node.info = info  # no invalidation: the bytes did not change
+        self._observe(node, info, max(sent, node.confirmed))
+
+    def drop_path(self, path: str) -> None:
+        """``path`` is gone (unlink, rmdir): its node leaves the namespace (the kernel may
+        still hold it, and open handles keep it)."""
+        node = self._by_path.pop(path, None)
+        if node is not None:
+            node.confirmed = -math.inf
+
+    def move_path(self, old: str, new: str) -> None:
+        """``old`` (a file, or a folder and everything below it) is now ``new``."""
+        for path in [p for p in self._by_path if p == old or p.startswith(old + "/")]:
+            node = self._by_path.pop(path)
+            moved = new + path[len(old):]
+            gone = self._by_path.pop(moved, None)
+            if gone is not None:
+                gone.confirmed = -math.inf
+            if node.info is not None:
+                i = node.info
+                node.info = ObjectInfo(moved, i.size, i.mtime, i.version, i.meta_mtime, i.mode)
+                node._path = None
+            else:
+                node._path = moved
+            self._by_path[moved] = node
 
     @property
     def open_handles(self) -> int:

@@ -6,6 +6,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
@@ -15,8 +16,9 @@ import trio
 
 from . import threads
 from .control import Control
-from .errors import ReadOnly, to_errno
+from .errors import IsADirectory, NotPermitted, ReadOnly, to_errno
 from .fs import CONTROL_INO, CONTROL_NAME, ROOT_INO, Attr, FileSystem
+from .write.writes import Writes
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +46,6 @@ def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[An
                 observe(name, time.perf_counter() - start)
 
     return wrapper
-
-
-def _read_only(*_: Any, **__: Any) -> Any:
-    async def op(*args: Any, **kwargs: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    return op
 
 
 class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
@@ -176,7 +171,80 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if self.control.owns(fh):
             return await self.control.write(fh, buf)
-        raise ReadOnly("read-only file system")
+        h = self.fs.handle(fh)
+        if h.staged is None or not h.writable or self.writes is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await self.writes.write(h.staged, off, buf)
+
+    @property
+    def writes(self) -> Writes | None:
+        return self.fs.writes
+
+    def _writes(self) -> Writes:
+        w = self.fs.writes
+        if w is None or self.fs.settings.read_only:
+            raise ReadOnly("read-only file system")
+        return w
+
+    @_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if parent_inode == ROOT_INO and name == CONTROL_NAME.encode():
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        fh, node = await self._writes().create(
+            parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), flags)
+        return (pyfuse3.FileInfo(fh=fh, keep_cache=False),
+                self._entry(self.fs.attr(node)))  # type: ignore[arg-type]
+
+    @_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+                    ) -> pyfuse3.EntryAttributes:
+        if not stat.S_ISREG(mode):
+            raise NotPermitted("only regular files and folders can be stored")
+        fh, node = await self._writes().create(
+            parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), os.O_EXCL)
+        await self.fs.release(fh)
+        return self._entry(self.fs.attr(node))  # type: ignore[arg-type]
+
+    @_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any
+                    ) -> pyfuse3.EntryAttributes:
+        if parent_inode == ROOT_INO and name == CONTROL_NAME.encode():
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        node = await self._writes().mkdir(parent_inode, os.fsdecode(name))
+        return self._entry(self.fs.attr(node))  # type: ignore[arg-type]
+
+    @_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self._writes().rmdir(parent_inode, os.fsdecode(name))
+
+    @_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self._writes().unlink(parent_inode, os.fsdecode(name))
+
+    @_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        await self._writes().rename(parent_inode_old, os.fsdecode(name_old), parent_inode_new,
+                                    os.fsdecode(name_new), flags)
+
+    @_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        self._writes()
+        raise NotPermitted("hard links cannot be stored in a bucket")
+
+    @_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        self._writes()
+        raise NotPermitted("symbolic links cannot be stored in a bucket")
+
+    @_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        if self.control.owns(fh):
+            return
+        h = self.fs.handle(fh)
+        if h.staged is not None and self.writes is not None:
+            await self.writes.fsync(h.staged)
 
     @_errors
     async def release(self, fh: int) -> None:
@@ -187,16 +255,20 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
                 log.info("control command at close failed: %s", exc)
             self.control.release(fh)
         else:
-            self.fs.release(fh)
+            await self.fs.release(fh)
 
     @_errors
     async def flush(self, fh: int) -> None:
         if self.control.owns(fh):
             await self.control.flush(fh)  # a command written without a final newline
             return
-        # Read-only files have nothing to flush. ENOSYS makes the kernel stop sending FLUSH
-        # for this mount: one request less on every close().
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        if self.writes is None:
+            # Read-only mounts have nothing to flush. ENOSYS makes the kernel stop sending
+            # FLUSH for this mount: one request less on every close().
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        h = self.fs.handle(fh)
+        if h.staged is not None and h.writable:
+            await self.writes.flush(h.staged)
 
     @_errors
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
@@ -206,7 +278,26 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
             and not (fields.update_mode or fields.update_uid or fields.update_gid)
         ):
             return self._entry(self.control.attr(), 0)  # `echo cmd > .fusefs` truncates first
-        raise ReadOnly("read-only file system")
+        if inode == CONTROL_INO:
+            raise NotPermitted("the control file's attributes cannot change")
+        w = self._writes()
+        node = self.fs.node(inode)
+        if fields.update_uid or fields.update_gid:
+            w.chown(attr.st_uid if fields.update_uid else None,
+                    attr.st_gid if fields.update_gid else None)
+        staged = None
+        if fh is not None:
+            h = self.fs.handle(fh) if not self.control.owns(fh) else None
+            staged = h.staged if h is not None else None
+        if fields.update_size:
+            if node.is_dir:
+                raise IsADirectory(f"{node.path} is a directory")
+            await w.truncate(node, attr.st_size, staged)
+        if fields.update_mtime or fields.update_mode:
+            mtime = attr.st_mtime_ns / 1e9 if fields.update_mtime else None
+            mode = attr.st_mode & 0o7777 if fields.update_mode else None
+            await w.set_times(node, mtime, mode)
+        return self._entry(self.fs.attr(node))
 
     @_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
@@ -219,6 +310,15 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         s.f_bfree = s.f_bavail = total - used
         s.f_files = self.fs.node_count
         s.f_ffree = s.f_favail = 0
+        w = self.fs.writes
+        if w is not None and not self.fs.settings.read_only:
+            # what can be written: the staging area's free space (a bucket has no limit)
+            disk = await threads.run_sync(lambda: os.statvfs(w.staging.disk_path()))
+            free = disk.f_bavail * disk.f_frsize // bsize
+            s.f_bfree = s.f_bavail = free
+            s.f_blocks = max(total, used + free)
+            s.f_files = self.fs.node_count + (1 << 30)
+            s.f_ffree = s.f_favail = 1 << 30
         s.f_namemax = 255
         return s
 
@@ -234,5 +334,15 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
-    mknod = mkdir = unlink = rmdir = symlink = rename = link = create = _read_only()
-    setxattr = removexattr = _read_only()
+    @_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        # ENOSYS: the kernel answers EOPNOTSUPP itself from then on, which `cp -p` (setting
+        # an ACL before falling back to chmod) and `rsync -X` take as "not supported" and go
+        # on; EROFS they report as a failure.
+        self._writes()
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    @_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        self._writes()
+        raise pyfuse3.FUSEError(errno.ENOSYS)

@@ -161,6 +161,24 @@ class DirListing:
                 return None
             pos = r.hi
 
+    def note(self, key: str, value: ObjectInfo | None | bool) -> None:
+        """This mount changed ``key``: an object (info), a sub-folder (None, key ending in
+        ``/``) or absent (False). Only a range that covers it changes (as if re-listed)."""
+        r = self.find(key)
+        if r is None:
+            return
+        i = bisect.bisect_left(r.keys, key)
+        there = i < len(r.keys) and r.keys[i] == key
+        if value is False:
+            if there:
+                del r.keys[i]
+                del r.infos[i]
+        elif there:
+            r.infos[i] = value if isinstance(value, ObjectInfo) else None
+        else:
+            r.keys.insert(i, key)
+            r.infos.insert(i, value if isinstance(value, ObjectInfo) else None)
+
     def flight_for(self, key: str) -> Flight | None:
         """The listing in flight most likely to answer ``key``: the one that starts
         closest before it."""

@@ -31,10 +31,12 @@ from .cache.blocks import BlockStore, DiskBlockStore, NullBlockStore
 from .config import SETTING_NAMES, Settings, human_size
 from .control import Control
 from .errors import FusefsError, UserError
-from .fs import FileSystem
+from .fs import CONTROL_NAME, FileSystem
 from .fuse_ops import FuseOperations
 from .reader import Reader
 from .stats import Stats
+from .write.staging import Staging
+from .write.writes import Writes
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,10 @@ class Mount:
     metrics: Any = None
     #: Loads the settings again from the same layers (SIGHUP); None: nothing to re-read.
     reload_settings: Callable[[], Settings] | None = None
+    #: The write side; None on a read-only mount.
+    writes: Writes | None = None
+    #: The FUSE session was closed (unmounted) already.
+    closed: bool = False
 
 
 def build(
@@ -101,6 +107,14 @@ def build(
         recent_bytes=recent,
     )
     fs = FileSystem(store, reader, settings)
+    writes = None
+    if not settings.read_only:
+        try:
+            staging = Staging(settings.cache_dir, store.source_id)
+        except OSError as exc:
+            raise UserError(f"cannot use {settings.cache_dir} for staging writes: "
+                            f"{exc.strerror} (mount with --read-only to only read)") from None
+        writes = Writes(fs, store, settings, staging, CONTROL_NAME)
     control = Control(fs, reader, blocks, stats, settings, source, mountpoint=mountpoint)
     ops = FuseOperations(fs, control)
     if metrics is not None and settings.metrics:
@@ -119,6 +133,7 @@ def build(
         control,
         ops,
         metrics=metrics,
+        writes=writes,
     )
 
 
@@ -463,13 +478,16 @@ async def _serve(m: Mount, ready: Any, pending: list[int], daemon: bool) -> None
     this loop could take them.
     """
     stopping = False
+    grace_scope = trio.CancelScope()
 
     async with trio.open_nursery() as nursery:
 
         async def grace() -> None:
-            await trio.sleep(SHUTDOWN_GRACE)  # cancelled if main() returns first
-            log.info("requests still in flight after %.0f s: cancelling them", SHUTDOWN_GRACE)
-            nursery.cancel_scope.cancel()
+            with grace_scope:
+                await trio.sleep(SHUTDOWN_GRACE)  # cancelled if main() returns first
+                log.info("requests still in flight after %.0f s: cancelling them",
+                         SHUTDOWN_GRACE)
+                nursery.cancel_scope.cancel()
 
         def on_signal(sig: int) -> None:
             nonlocal stopping
@@ -520,14 +538,24 @@ async def _serve(m: Mount, ready: Any, pending: list[int], daemon: bool) -> None
                 await trio.sleep(interval)
 
         m.reader.start(nursery)
+        if m.writes is not None:
+            m.writes.start(nursery)
         await nursery.start(signals)
         nursery.start_soon(readiness)
         if (wd := notify.watchdog_interval()) is not None:
             nursery.start_soon(watchdog, wd)
         await pyfuse3.main(min_tasks=4, max_tasks=max(32, 4 * m.settings.workers))
+        grace_scope.cancel()
         if not stopping:
             log.info("%s was unmounted", m.mountpoint)
             notify.send("STOPPING=1")
+        if m.writes is not None and m.writes.uploads.pending:
+            # detach first: programs must not hang on a mount that answers nothing
+            pyfuse3.close(unmount=True)
+            m.closed = True
+            log.info("waiting up to %.0f s for %d pending upload(s)", m.settings.upload_grace,
+                     m.writes.uploads.pending)
+            await m.writes.uploads.drain(m.settings.upload_grace)
         nursery.cancel_scope.cancel()
 
 
@@ -557,9 +585,13 @@ def run(m: Mount, ready: Any, *, daemon: bool = False) -> None:
             trio.run(_serve, m, ready, pending, daemon)
             unmounted_cleanly = True
         finally:
-            pyfuse3.close(unmount=True)
+            if not m.closed:
+                pyfuse3.close(unmount=True)
             if m.metrics is not None:
                 m.metrics.close()
+            if m.writes is not None:
+                m.fs.folders.attrs.save()
+                m.writes.staging.close()
             m.blocks.close()
             log.info(
                 "unmounted %s (%s cached)",

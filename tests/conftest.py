@@ -129,6 +129,8 @@ class Bucket:
     proxy: CountingProxy | None = None
     raw_keys: bool = True  # can hold keys that are not valid file names
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ``get(key)`` -> the object's bytes, or None if there is none (read through the SDK)
+    get: Callable[[str], bytes | None] = lambda key: None
 
     def object_gets(self) -> int | None:
         """Object GETs the server has seen (None for the local backend)."""
@@ -194,7 +196,33 @@ def make_s3_bucket(server: Any) -> Bucket:
         put=lambda k, d: client.put_object(Bucket=name, Key=k, Body=d),
         delete=lambda k: client.delete_object(Bucket=name, Key=k),
         proxy=proxy, extra={"client": client, "name": name},
+        get=lambda k: _s3_get(client, name, k),
     )
+
+
+def _s3_get(client: Any, bucket: str, key: str) -> bytes | None:
+    try:
+        return bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    except client.exceptions.NoSuchKey:
+        return None
+
+
+def _gcs_get(bucket: Any, key: str) -> bytes | None:
+    from google.api_core.exceptions import NotFound
+
+    try:
+        return bytes(bucket.blob(key).download_as_bytes())
+    except NotFound:
+        return None
+
+
+def _azure_get(client: Any, key: str) -> bytes | None:
+    from azure.core.exceptions import ResourceNotFoundError
+
+    try:
+        return bytes(client.download_blob(key).readall())
+    except ResourceNotFoundError:
+        return None
 
 
 def make_gcs_bucket(server: Any) -> Bucket:
@@ -208,6 +236,7 @@ def make_gcs_bucket(server: Any) -> Bucket:
         put=lambda k, d: bucket.blob(k).upload_from_string(d),
         delete=lambda k: bucket.blob(k).delete(),
         proxy=proxy, extra={"client": client, "name": name},
+        get=lambda k: _gcs_get(bucket, k),
     )
 
 
@@ -225,6 +254,7 @@ def make_azure_bucket(server: Any) -> Bucket:
         put=lambda k, d: client.upload_blob(k, d, overwrite=True),
         delete=lambda k: client.delete_blob(k),
         proxy=proxy, extra={"client": client, "name": name, "server": server},
+        get=lambda k: _azure_get(client, k),
     )
 
 
@@ -266,8 +296,12 @@ def make_local_bucket(root: Path) -> Bucket:
     def delete(key: str) -> None:
         (root / key).unlink()
 
+    def get(key: str) -> bytes | None:
+        path = root / key
+        return path.read_bytes() if path.is_file() else None
+
     return Bucket("local", f"file://{root}", [], _base_env(), put=put, delete=delete,
-                  raw_keys=False)
+                  raw_keys=False, get=get)
 
 
 @pytest.fixture(params=["s3", "gcs", "azure", "local"])

@@ -45,6 +45,8 @@ MARKER = "fusefs-cache.json"
 FORMAT = 1
 _LOCK = ".lock"
 _BROKEN = ".broken-"
+#: The write path's staging area (fusefs.write.staging.STAGING): never moved or cleaned here.
+_STAGING = ".staging"
 
 
 class PrivateDisk(diskcache.Disk):
@@ -214,15 +216,16 @@ def _write_marker(directory: str) -> None:
 
 
 def _move_aside(directory: str) -> str:
-    """Move everything but the lock file into a fresh ``.broken-TIME`` folder (removing older
-    ones: a cache is only a copy); returns its path."""
+    """Move everything but the lock file and the staging area (written data, not a copy)
+    into a fresh ``.broken-TIME`` folder (removing older ones: a cache is only a copy);
+    returns its path."""
     for name in os.listdir(directory):
         if name.startswith(_BROKEN):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
     where = os.path.join(directory, _BROKEN + time.strftime("%Y%m%dT%H%M%S"))
     os.mkdir(where, 0o700)
     for name in os.listdir(directory):
-        if name != _LOCK and not name.startswith(_BROKEN):
+        if name not in (_LOCK, _STAGING) and not name.startswith(_BROKEN):
             os.rename(os.path.join(directory, name), os.path.join(where, name))
     return where
 

@@ -1,0 +1,94 @@
+"""The journal of staged files: one SQLite row per staged file of one staging directory.
+
+A row is written when a file is staged (state ``open``) and again, with the data already
+synced, each time the file is closed or fsynced (state ``pending``), so after ``kill -9``, a
+crash or a reboot the next mount of the same source finds every closed file and uploads it. A
+file whose writer never closed it (state ``open`` at start) is not uploaded: it is kept, as
+failed, for the user to look at. Rows are removed once their upload succeeded.
+
+SQLite in WAL mode with ``synchronous=NORMAL``: a committed row survives the daemon being
+killed at once, and a power loss once the WAL is synced (at the next durable sync before an
+upload, or a checkpoint). Every call takes the journal's lock, so worker threads may share it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass, field
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS staged (
+    id TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+)
+"""
+
+
+@dataclass
+class Record:
+    """What must be uploaded: the staged file ``id`` as object ``key``.
+
+    ``base_key``/``base_version``: the object whose bytes fill the ranges not written
+    (``[0, base_limit)`` minus ``dirty``), or "" for none. ``expect``: the version the object at
+    ``key`` must have for the upload to go ahead ("" absent, None: no condition).
+    ``then_delete``: a key to delete once uploaded (a staged file renamed away from its base).
+    """
+
+    id: str
+    key: str
+    size: int = 0
+    mtime: float = 0.0
+    mode: int | None = None
+    base_key: str = ""
+    base_version: str = ""
+    base_size: int = 0
+    base_mtime: float = 0.0
+    base_limit: int = 0
+    dirty: list[tuple[int, int]] = field(default_factory=list)
+    expect: str | None = ""
+    then_delete: str = ""
+    state: str = "open"  # open | pending | failed | conflict
+    error: str = ""
+    created: float = 0.0
+
+
+class Journal:
+    """Staged-file records of one staging directory (``journal.db`` in it)."""
+
+    def __init__(self, path: str) -> None:
+        self._lock = threading.Lock()
+        # private whatever the umask (SQLite gives its -wal and -shm files the same mode)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        os.chmod(path, 0o600)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(_SCHEMA)
+
+    def save(self, rec: Record) -> None:
+        data = json.dumps(asdict(rec), separators=(",", ":"))
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO staged (id, record) VALUES (?, ?)",
+                             (rec.id, data))
+
+    def remove(self, id_: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM staged WHERE id = ?", (id_,))
+
+    def load(self) -> list[Record]:
+        with self._lock:
+            rows = self._db.execute("SELECT record FROM staged").fetchall()
+        out = []
+        for (data,) in rows:
+            d = json.loads(data)
+            d["dirty"] = [tuple(x) for x in d.get("dirty", [])]
+            out.append(Record(**d))
+        out.sort(key=lambda r: r.created)
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,443 @@
+"""Staged files: the local copy of a file being written, and the staging directory.
+
+A staged file's bytes: position ``p < size`` is in the local data file if ``p`` is in ``dirty``
+or ``p >= base_limit``, else it is byte ``p`` of the base object (never fetched unless read or
+needed by an upload that cannot copy it server-side). ``base_limit`` only shrinks (truncation);
+the data file is truncated along with the file, so bytes past ``base_limit`` never written are
+zeros (a sparse hole). ``gen`` counts changes; ``uploaded_gen`` is the last one in the store.
+
+The staging directory ``CACHE_DIR/.staging/<source hash>/`` holds one ``<id>.data`` per staged
+file and the journal. Eviction never touches it (the block cache's cull, orphan sweep and
+broken-cache handling skip dot-folders). One mount owns a directory at a time (``flock``); a
+second mount of the same source on the same cache gets a directory of its own, and any mount of
+the source adopts directories no live mount holds (a crashed mount's work).
+
+Concurrency: the trio thread changes staged files (``pwrite``/``ftruncate`` run inline: page
+cache writes, no SQLite); ``sync`` (fdatasync + journal row) runs in a worker thread on a
+record snapshot. An upload reading a staged file sets ``busy``; changes wait for it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import time
+import uuid
+
+import trio
+
+from ..backends.base import ObjectInfo
+from ..errors import FusefsError, NoSpace
+from . import ranges
+from .journal import Journal, Record
+
+log = logging.getLogger(__name__)
+
+STAGING = ".staging"
+
+
+def _os_error(exc: OSError, what: str) -> FusefsError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"{what}: the staging area (cache disk) is full")
+    return FusefsError(f"{what}: {exc.strerror}", cause=exc)
+
+
+class StagedFile:
+    """One file being written or waiting for its upload (see the module docstring)."""
+
+    def __init__(self, rec: Record, path: str, fd: int) -> None:
+        self.rec = rec
+        self.path = path
+        self.fd = fd
+        self.gen = 0
+        self.uploaded_gen = 0
+        self.synced_gen = 0  # journaled up to this change
+        self.durable_gen = 0  # data synced to disk (fdatasync) and journaled up to this change
+        self.writers = 0  # open write handles
+        self.handles = 0  # open handles of any kind
+        self.busy: trio.Event | None = None  # an upload is reading the data file
+        self.changed = trio.Event()  # set (and replaced) whenever the upload state changes
+        self.queued = False  # an upload task owns this file
+        self.unlinked = False
+        self.failed_logged = False
+        self.nudge = trio.Event()  # wakes a failed file's task (``sync`` retries it)
+        self.failed_gen = -1  # the change whose last upload attempt failed
+        self.attempts = 0  # upload attempts finished (either way)
+        #: upload even while write handles are open (fsync, flush); else wait for the last
+        self.flush_requested = False
+
+    @property
+    def key(self) -> str:
+        return self.rec.key
+
+    @property
+    def size(self) -> int:
+        return self.rec.size
+
+    @property
+    def needs_upload(self) -> bool:
+        return self.gen != self.uploaded_gen and not self.unlinked
+
+    def signal(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def idle(self) -> None:
+        """Wait until no upload is reading the data file."""
+        while self.busy is not None:
+            await self.busy.wait()
+
+    # --- content (trio thread) -----------------------------------------------------------
+
+    def segments(self, offset: int, size: int) -> list[tuple[bool, int, int]]:
+        """``[offset, offset+size)`` within the file as (local, start, end) pieces in order."""
+        end = min(offset + size, self.rec.size)
+        if offset >= end:
+            return []
+        limit = self.rec.base_limit if self.rec.base_key else 0
+        out: list[tuple[bool, int, int]] = []
+        if offset < limit:
+            pos = offset
+            stop = min(end, limit)
+            for a, b in ranges.gaps(self.rec.dirty, offset, stop):
+                if a > pos:
+                    out.append((True, pos, a))
+                out.append((False, a, b))
+                pos = b
+            if pos < stop:
+                out.append((True, pos, stop))
+            offset = stop
+        if offset < end:
+            out.append((True, offset, end))
+        return out
+
+    def read_local(self, offset: int, size: int) -> bytes:
+        try:
+            return os.pread(self.fd, size, offset)
+        except OSError as exc:
+            raise _os_error(exc, self.key) from None
+
+    def write(self, offset: int, data: bytes) -> int:
+        try:
+            n = os.pwrite(self.fd, data, offset)
+        except OSError as exc:
+            raise _os_error(exc, self.key) from None
+        rec = self.rec
+        rec.size = max(rec.size, offset + n)
+        if rec.base_key and offset < rec.base_limit:
+            rec.dirty = ranges.add(rec.dirty, offset, min(offset + n, rec.base_limit))
+        self.touch()
+        return n
+
+    def truncate(self, size: int) -> None:
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise _os_error(exc, self.key) from None
+        rec = self.rec
+        if size < rec.base_limit:
+            rec.base_limit = size
+            rec.dirty = ranges.clip(rec.dirty, size)
+        rec.size = size
+        self.touch()
+
+    def touch(self, mtime: float | None = None) -> None:
+        self.rec.mtime = time.time() if mtime is None else mtime
+        self.gen += 1
+
+    def base_info(self) -> ObjectInfo:
+        """The base object (reads of unchanged ranges go through the block cache)."""
+        rec = self.rec
+        return ObjectInfo(rec.base_key, rec.base_size, rec.base_mtime, rec.base_version)
+
+    def copy_ranges(self) -> tuple[tuple[int, int], ...]:
+        """Ranges of the base object kept as they are (not in the data file)."""
+        if not self.rec.base_key:
+            return ()
+        return tuple(ranges.gaps(self.rec.dirty, 0, min(self.rec.base_limit, self.rec.size)))
+
+    def uploaded(self, info: ObjectInfo, gen: int) -> None:
+        """The store now holds change ``gen`` (the current one: changes wait while an upload
+        reads) as ``info``: it becomes the base; the data file keeps what it holds."""
+        self.uploaded_gen = gen
+        rec = self.rec
+        local = (ranges.add(list(rec.dirty), rec.base_limit, rec.size) if rec.base_key
+                 else ([(0, rec.size)] if rec.size else []))
+        rec.base_key, rec.base_version = info.key, info.version
+        rec.base_size, rec.base_mtime = info.size, info.mtime
+        rec.base_limit = rec.size
+        rec.dirty = ranges.clip(local, rec.size)
+        rec.expect = info.version
+        rec.then_delete = ""
+        rec.state = "done"
+
+
+class StagedIndex(dict[str, StagedFile]):
+    """Staged files by key, with how many are under each folder and which keys sit directly in
+    each: a lookup or a folder listing asks in O(1), not by scanning every staged file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.below: collections.Counter[str] = collections.Counter()
+        self.children: dict[str, set[str]] = collections.defaultdict(set)
+
+    @staticmethod
+    def _folders(key: str) -> list[str]:
+        parts = key.split("/")[:-1]
+        return [""] + ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+    def __setitem__(self, key: str, sf: StagedFile) -> None:
+        if key not in self:
+            for f in self._folders(key):
+                self.below[f] += 1
+            self.children[key.rpartition("/")[0]].add(key)
+        super().__setitem__(key, sf)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        for f in self._folders(key):
+            self.below[f] -= 1
+            if not self.below[f]:
+                del self.below[f]
+        parent = key.rpartition("/")[0]
+        self.children[parent].discard(key)
+        if not self.children[parent]:
+            del self.children[parent]
+
+    def has_under(self, folder: str) -> bool:
+        """Is any file staged below folder ``folder`` (a path, "" for the root)?"""
+        return self.below.get(folder, 0) > 0
+
+    def in_folder(self, folder: str) -> tuple[list[StagedFile], set[str]]:
+        """Staged files directly in ``folder``, and names of its sub-folders holding some."""
+        files = [self[k] for k in self.children.get(folder, ())]
+        n = len(folder) + 1 if folder else 0
+        subs = {f[n:].split("/", 1)[0] for f in self.below
+                if f and f.rpartition("/")[0] == folder} if len(self) > len(files) else set()
+        return files, subs
+
+
+class Staging:
+    """The staging directory of one mount and the staged files in it, by key."""
+
+    def __init__(self, cache_dir: str, source_id: str) -> None:
+        self.cache_dir = cache_dir
+        self.top = os.path.join(cache_dir, STAGING)
+        self.tag = hashlib.sha256(source_id.encode()).hexdigest()[:16]
+        #: where this source's attributes memory lives (see fusefs.attrmemory)
+        self.attrs_path = os.path.join(self.top, self.tag, "attrs.json")
+        self._dir: str | None = None
+        self._journal: Journal | None = None
+        self._lock_fd = -1
+        self.files = StagedIndex()
+        #: staged files not reachable by key (unlinked while open, or failed and replaced)
+        self.detached: set[StagedFile] = set()
+
+    def _open(self) -> None:
+        """Claim a directory (made on the first write: a mount that only reads leaves the
+        cache directory alone)."""
+        if self._dir is None:
+            os.makedirs(self.top, mode=0o700, exist_ok=True)
+            self._dir, self._lock_fd = self._claim(self.top)
+            self._journal = Journal(os.path.join(self._dir, "journal.db"))
+
+    @property
+    def dir(self) -> str:
+        self._open()
+        assert self._dir is not None
+        return self._dir
+
+    @property
+    def journal(self) -> Journal:
+        self._open()
+        assert self._journal is not None
+        return self._journal
+
+    def disk_path(self) -> str:
+        """An existing directory on the staging area's file system (for free space)."""
+        for p in (self.top, self.cache_dir):
+            if os.path.isdir(p):
+                return p
+        parent = os.path.dirname(os.path.abspath(self.cache_dir))
+        while not os.path.isdir(parent):
+            parent = os.path.dirname(parent)
+        return parent
+
+    def _claim(self, top: str) -> tuple[str, int]:
+        """Lock our directory: ``<tag>`` if free, else a new ``<tag>.<random>``."""
+        for name in (self.tag, f"{self.tag}.{uuid.uuid4().hex[:8]}"):
+            d = os.path.join(top, name)
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            fd = os.open(os.path.join(d, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            return d, fd
+        raise FusefsError(f"cannot lock a staging directory under {top}")
+
+    def recover(self) -> list[StagedFile]:
+        """Staged files left by an earlier mount of this source (ours and unlocked
+        siblings'), loaded into this directory. A file never closed is kept as failed."""
+        if not os.path.isdir(self.top) or not any(
+                n.startswith(self.tag) for n in os.listdir(self.top)):
+            return []
+        self._adopt_siblings()
+        out = []
+        for rec in self.journal.load():
+            path = os.path.join(self.dir, rec.id + ".data")
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                log.error("staged file for %s is gone (%s); its journal row is dropped",
+                          rec.key, exc.strerror)
+                self.journal.remove(rec.id)
+                continue
+            if rec.state == "open":
+                rec.state = "failed"
+                rec.error = "the program writing it never closed it (crash?): not uploaded"
+            sf = StagedFile(rec, path, fd)
+            sf.gen = 1
+            sf.synced_gen = sf.durable_gen = 1
+            if rec.state != "failed":
+                size = os.fstat(fd).st_size
+                if size != rec.size:  # a power loss took data the journal row describes
+                    rec.state = "failed"
+                    rec.error = (f"the staged data is {size} bytes, {rec.size} were written "
+                                 "(lost in a crash?): not uploaded")
+            if rec.key in self.files:  # two versions of one key: the newer wins the name
+                self.detached.add(self.files[rec.key])
+            self.files[rec.key] = sf
+            out.append(sf)
+        return out
+
+    def _adopt_siblings(self) -> None:
+        for name in sorted(os.listdir(self.top)):
+            d = os.path.join(self.top, name)
+            if d == self.dir or not name.startswith(self.tag) or not os.path.isdir(d):
+                continue
+            fd = os.open(os.path.join(d, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live mount's
+                journal_path = os.path.join(d, "journal.db")
+                if os.path.exists(journal_path):
+                    other = Journal(journal_path)
+                    for rec in other.load():
+                        src = os.path.join(d, rec.id + ".data")
+                        if os.path.exists(src):
+                            os.replace(src, os.path.join(self.dir, rec.id + ".data"))
+                            self.journal.save(rec)
+                        other.remove(rec.id)
+                    other.close()
+                if d != os.path.join(self.top, self.tag):
+                    shutil.rmtree(d, ignore_errors=True)
+            finally:
+                os.close(fd)
+
+    def create(self, key: str, base: ObjectInfo | None, expect: str | None,
+               mode: int | None = None) -> StagedFile:
+        """A new staged file for ``key`` replacing ``base`` (None: a new file), whose upload
+        requires the object to have version ``expect`` ("": absent; None: no condition).
+        Not journaled yet (see :meth:`sync`)."""
+        id_ = uuid.uuid4().hex
+        path = os.path.join(self.dir, id_ + ".data")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            if base is not None and base.size:
+                os.ftruncate(fd, base.size)
+        except OSError as exc:
+            raise _os_error(exc, key) from None
+        rec = Record(
+            id=id_, key=key, size=base.size if base else 0, mtime=time.time(), mode=mode,
+            base_key=base.key if base else "", base_version=base.version if base else "",
+            base_size=base.size if base else 0, base_mtime=base.mtime if base else 0.0,
+            base_limit=base.size if base else 0, expect=expect, created=time.time(),
+        )
+        sf = StagedFile(rec, path, fd)
+        old = self.files.get(key)
+        if old is not None:
+            self.detached.add(old)
+        self.files[key] = sf
+        return sf
+
+    def get(self, key: str) -> StagedFile | None:
+        return self.files.get(key)
+
+    def under(self, prefix: str) -> list[StagedFile]:
+        """Staged files whose key starts with ``prefix`` ("" for all)."""
+        return [sf for k, sf in self.files.items() if k.startswith(prefix)]
+
+    def rekey(self, sf: StagedFile, new_key: str) -> None:
+        if self.files.get(sf.key) is sf:
+            del self.files[sf.key]
+        old = self.files.get(new_key)
+        if old is not None and old is not sf:
+            self.detach(old)
+        sf.rec.key = new_key
+        self.files[new_key] = sf
+
+    def detach(self, sf: StagedFile) -> None:
+        """Take ``sf`` off its name (unlinked, replaced); it lives on while it is open."""
+        if self.files.get(sf.key) is sf:
+            del self.files[sf.key]
+        self.detached.add(sf)
+
+    def snapshot(self, sf: StagedFile, state: str = "pending") -> tuple[Record, int]:
+        """A copy of ``sf``'s record (with ``state``) and the change it describes."""
+        sf.rec.state = state if sf.rec.state not in ("failed", "conflict") else sf.rec.state
+        return dataclasses.replace(sf.rec, dirty=list(sf.rec.dirty)), sf.gen
+
+    def sync(self, sf: StagedFile, rec: Record, durable: bool = True) -> None:
+        """Worker thread: journal ``rec``; ``durable``: sync the data to disk first.
+
+        Without it (at ``close``) the row survives the daemon being killed (SQLite WAL) and
+        the data is in the page cache, as a local file's is after ``close``; the data is
+        synced before its upload starts, which bounds what a power loss can take."""
+        if durable:
+            try:
+                os.fdatasync(sf.fd)
+            except OSError as exc:
+                raise _os_error(exc, sf.key) from None
+        self.journal.save(rec)
+
+    def remove(self, sf: StagedFile) -> None:
+        """Forget ``sf`` entirely: data file, journal row, name."""
+        if self.files.get(sf.key) is sf:
+            del self.files[sf.key]
+        self.detached.discard(sf)
+        with contextlib.suppress(OSError):
+            os.close(sf.fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sf.path)
+        self.journal.remove(sf.rec.id)
+
+    def staged_bytes(self) -> int:
+        """Bytes the staging area holds on disk."""
+        total = 0
+        for sf in list(self.files.values()) + list(self.detached):
+            try:
+                total += os.fstat(sf.fd).st_blocks * 512
+            except OSError:
+                pass
+        return total
+
+    def close(self) -> None:
+        for sf in list(self.files.values()) + list(self.detached):
+            with contextlib.suppress(OSError):
+                os.close(sf.fd)
+        if self._journal is not None:
+            self._journal.close()
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)

@@ -1,0 +1,340 @@
+"""The upload queue: every staged file that needs it reaches the store, or is kept.
+
+One task per staged file owns its upload (``queue`` starts it, at most ``uploads`` run at once).
+An attempt snapshots the file (changes wait while it reads, see ``StagedFile.busy``), puts it
+with a condition on the version this mount last saw at that key (``Record.expect``; a HEAD
+check first where the store may ignore conditions), then hands the new object to
+``on_uploaded``. A failed attempt (after the backend's own retries) marks the file failed, which
+``fsync``, ``sync`` and ``--sync-uploads`` close report as EIO, and tries again later (1 s
+doubling to 60 s; 5 minutes after a refusal, which is logged once per file); ``sync`` retries
+failed files at once. A conflict (the object changed or appeared meanwhile) uploads this
+mount's version under ``KEY.conflict-TIME`` next to it, counted and logged. Nothing is dropped:
+a staged file leaves the staging area only once the store holds its bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from .. import threads
+from ..backends.base import Attrs, Condition, ObjectInfo, ObjectStore, Upload
+from ..errors import AccessDenied, Conflict, FusefsError, NotFound, StaleVersion
+from .journal import Record
+from .staging import StagedFile, Staging
+
+log = logging.getLogger(__name__)
+
+#: Wait after a refused upload (access denied, bucket gone) before trying again.
+REFUSED_RETRY = 300.0
+#: Longest wait between attempts of an upload that failed for another reason.
+MAX_BACKOFF = 60.0
+#: Seconds between ``close`` and the start of the upload (write-back): attributes set right
+#: after close (``tar``, ``cp -p``, ``rsync`` set times and modes) join the same upload.
+#: ``fsync``, ``sync`` and unmount start it at once.
+WRITE_BACK_DELAY = 1.0
+
+
+class UploadFailed(FusefsError):
+    """The file's upload failed (its data is kept and retried): EIO for the caller."""
+
+
+def conflict_key(key: str, when: float | None = None) -> str:
+    """Where this mount's version of ``key`` goes when another writer changed ``key``."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
+    return f"{key}.conflict-{stamp}"
+
+
+class Uploads:
+    """Uploads staged files; counts what it did (the ``uploads_*`` stats)."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        staging: Staging,
+        *,
+        parallel: int,
+        on_uploaded: Callable[[StagedFile, ObjectInfo, int], None],
+        on_conflict: Callable[[StagedFile, str, ObjectInfo | None], None],
+        read_base: Callable[[ObjectInfo, int, int], Awaitable[bytes]] | None = None,
+    ) -> None:
+        self.store = store
+        self.staging = staging
+        self.limiter = trio.CapacityLimiter(parallel)
+        self.on_uploaded = on_uploaded
+        self.on_conflict = on_conflict
+        #: reads a base object's bytes (through the block cache) for copy ranges
+        self._read_base = read_base
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self.done = 0
+        self.bytes = 0
+        self.conflicts = 0
+        self.failed: set[StagedFile] = set()
+        self.in_flight = 0
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Begin uploading; files recovered from the journal are queued now."""
+        self._nursery = nursery
+        self._token = trio.lowlevel.current_trio_token()
+        for sf in list(self.staging.files.values()) + list(self.staging.detached):
+            if sf.rec.state == "failed" and sf.rec.error.startswith("the program"):
+                self.failed.add(sf)  # never closed: kept for the user, not uploaded
+                continue
+            if sf.needs_upload:
+                self.queue(sf)
+
+    @property
+    def pending(self) -> int:
+        files = list(self.staging.files.values()) + list(self.staging.detached)
+        return sum(1 for sf in files if sf.needs_upload)
+
+    def queue(self, sf: StagedFile, delay: float = 0.0) -> None:
+        """Make sure a task is uploading ``sf`` (journaled first), after ``delay`` seconds.
+        While write handles are open it uploads only what ``flush``/``fsync`` asked for."""
+        if not sf.needs_upload:
+            return
+        if sf.queued:
+            if sf.rec.state == "failed":
+                sf.nudge.set()
+            return
+        if self._nursery is None:
+            raise FusefsError("uploads are not running")
+        sf.queued = True
+        self._nursery.start_soon(self._run, sf, delay)
+
+    async def _run(self, sf: StagedFile, first_delay: float) -> None:
+        delay = 1.0
+        try:
+            if first_delay:  # write-back: changes made right after close join this upload
+                with trio.move_on_after(first_delay):
+                    await sf.nudge.wait()
+                sf.nudge = trio.Event()
+            while sf.needs_upload:
+                if sf.writers and not sf.flush_requested:
+                    break  # still being written: its flush or last close queues it again
+                sf.flush_requested = False
+                if sf.durable_gen != sf.gen:  # on disk and journaled before it goes
+                    await self.sync(sf, durable=True)
+                wait = await self._attempt(sf)
+                if wait is None:
+                    continue
+                with trio.move_on_after(wait if wait != math.inf else delay):
+                    await sf.nudge.wait()
+                sf.nudge = trio.Event()
+                delay = min(MAX_BACKOFF, delay * 2)
+        finally:
+            sf.queued = False
+            sf.signal()
+
+    async def sync(self, sf: StagedFile, durable: bool = False) -> None:
+        """Journal ``sf`` (state pending); ``durable``: its data synced to disk first."""
+        await sf.idle()
+        rec, gen = self.staging.snapshot(sf)
+        await threads.run_sync(self.staging.sync, sf, rec, durable)
+        sf.synced_gen = max(sf.synced_gen, gen)
+        if durable:
+            sf.durable_gen = max(sf.durable_gen, gen)
+
+    async def _attempt(self, sf: StagedFile) -> float | None:
+        """One upload of ``sf``; None when done (or nothing to do), else seconds to wait
+        before the next (``inf``: the backoff)."""
+        async with self.limiter:
+            if not sf.needs_upload:
+                return None
+            await sf.idle()
+            sf.busy = trio.Event()
+            gen = sf.gen
+            rec = Record(**{**sf.rec.__dict__, "dirty": list(sf.rec.dirty)})
+            copy = sf.copy_ranges()
+            self.in_flight += 1
+            started = trio.current_time()
+            log.debug("uploading %s: %d bytes (change %d, %d copy ranges)", rec.key, rec.size,
+                      gen, len(copy))
+            try:
+                info = await threads.run_sync(self._put, sf, rec, copy)
+            except (Conflict, StaleVersion) as exc:
+                mine = await self._already_there(rec)
+                if mine is None:
+                    return await self._conflict(sf, rec, copy, exc)
+                info = mine
+            except Exception as exc:  # noqa: BLE001 - kept and retried, whatever it was
+                return self._failed(sf, gen, exc)
+            finally:
+                self.in_flight -= 1
+                sf.attempts += 1
+                busy, sf.busy = sf.busy, None
+                busy.set()
+        log.debug("uploaded %s: %d bytes in %.2f s", rec.key, rec.size,
+                  trio.current_time() - started)
+        self.done += 1
+        self.bytes += rec.size
+        self.failed.discard(sf)
+        if sf.rec.state == "failed" or sf.failed_logged:
+            log.info("%s: uploaded after earlier failures", rec.key)
+        sf.failed_logged = False
+        sf.uploaded(info, gen)
+        self.on_uploaded(sf, info, gen)
+        sf.signal()
+        return None
+
+    async def _already_there(self, rec: Record) -> ObjectInfo | None:
+        """The object at ``rec.key`` if it is this very upload (the store has it, but the
+        answer was lost, or the daemon died before journaling it): same size and the exact
+        ``mtime`` metadata this file was sent with."""
+        try:
+            now = await threads.run_sync(self.store.head, rec.key)
+        except Exception:  # noqa: BLE001 - then it is a conflict
+            return None
+        if (now.size == rec.size and now.meta_mtime is not None
+                and abs(now.meta_mtime - rec.mtime) < 1e-6):
+            log.info("%s: already in the store (an earlier attempt got through)", rec.key)
+            return now
+        return None
+
+    def _condition(self, expect: str | None) -> Condition:
+        if expect == "":
+            return Condition(absent=True)
+        if expect and not expect.startswith("~"):  # "~": a weak version, not an ETag
+            return Condition(version=expect)
+        return Condition()
+
+    def _put(self, sf: StagedFile, rec: Record, copy: tuple[tuple[int, int], ...]
+             ) -> ObjectInfo:
+        """Worker thread: check, upload, and delete what the file was renamed from."""
+        cond = self._condition(rec.expect)
+        if rec.expect is not None and (not self.store.enforces_conditions
+                                       or rec.expect.startswith("~")):
+            self._check(rec.key, rec.expect)
+        info = self.store.put_file(rec.key, self._upload(sf, rec, copy), condition=cond,
+                                   attrs=Attrs(rec.mtime, rec.mode))
+        if rec.then_delete and rec.then_delete != rec.key:
+            self.store.delete(rec.then_delete)
+        return info
+
+    def _upload(self, sf: StagedFile, rec: Record, copy: tuple[tuple[int, int], ...]
+                ) -> Upload:
+        """What to send; bytes of the base that the store does not copy server-side are read
+        through the mount's block cache (cached blocks cost no request)."""
+        if not copy:
+            return Upload(sf.path, rec.size)
+        read_base = None
+        if self._read_base is not None and self._token is not None:
+            base = ObjectInfo(rec.base_key, rec.base_size, rec.base_mtime, rec.base_version)
+            token, read = self._token, self._read_base
+
+            def read_base(start: int, length: int) -> bytes:
+                return trio.from_thread.run(read, base, start, length, trio_token=token)
+
+        return Upload(sf.path, rec.size, copy, rec.base_key, rec.base_version, read_base)
+
+    def _check(self, key: str, expect: str) -> None:
+        """The HEAD check for stores that may ignore conditional headers."""
+        try:
+            now = self.store.head(key).version
+        except NotFound:
+            now = ""
+        if now != expect:
+            raise Conflict(f"{key}: changed in the store since this mount saw it")
+
+    def _failed(self, sf: StagedFile, gen: int, exc: BaseException) -> float:
+        refused = isinstance(exc, AccessDenied | NotFound)
+        sf.rec.state = "failed"
+        sf.rec.error = str(exc) or type(exc).__name__
+        sf.failed_gen = gen
+        self.failed.add(sf)
+        if not sf.failed_logged:
+            sf.failed_logged = True
+            log.error("upload of %s failed (kept in the staging area, retried): %s",
+                      sf.key, sf.rec.error)
+        sf.signal()
+        return REFUSED_RETRY if refused else math.inf
+
+    async def _conflict(self, sf: StagedFile, rec: Record, copy: tuple[tuple[int, int], ...],
+                        exc: BaseException) -> float | None:
+        """Another writer changed ``rec.key``: keep both (this version under a conflict
+        name), never overwrite theirs."""
+        self.conflicts += 1
+        target = conflict_key(rec.key)
+        if isinstance(exc, StaleVersion) and copy:
+            # the object this file was partly made of is gone: its unchanged bytes too
+            sf.rec.state = "conflict"
+            sf.rec.error = f"{rec.key} changed meanwhile; local changes kept in the staging area"
+            log.warning("%s", sf.rec.error)
+            self.failed.add(sf)
+            sf.signal()
+            return REFUSED_RETRY
+        log.warning("%s changed in the store since this mount read it: this mount's version "
+                    "goes to %s", rec.key, target)
+        try:
+            info = await threads.run_sync(
+                lambda: self.store.put_file(
+                    target, self._upload(sf, rec, copy),
+                    condition=Condition(absent=True), attrs=Attrs(rec.mtime, rec.mode)))
+        except Exception as exc2:  # noqa: BLE001 - kept and retried
+            return self._failed(sf, sf.gen, exc2)
+        self.failed.discard(sf)
+        self.on_conflict(sf, target, info)
+        sf.signal()
+        return None
+
+    async def wait_file(self, sf: StagedFile) -> None:
+        """Until the store holds ``sf`` as it is now (a failed file is tried again at once);
+        UploadFailed if that attempt fails."""
+        target, mark = sf.gen, sf.attempts
+        if sf.needs_upload:
+            sf.flush_requested = True
+            sf.nudge.set()
+            self.queue(sf)
+        while True:
+            if sf.uploaded_gen >= target or sf.unlinked or not sf.needs_upload:
+                return
+            if sf.rec.state == "conflict" or (sf.attempts > mark and sf.failed_gen >= target):
+                raise UploadFailed(f"{sf.key}: upload failed: {sf.rec.error}")
+            await sf.changed.wait()
+
+    async def wait_all(self, prefix: str = "",
+                       progress: Callable[[int, int], Awaitable[None] | None] | None = None,
+                       ) -> list[StagedFile]:
+        """Until every upload under ``prefix`` is done or has been tried once more (failed
+        and delayed ones are tried now); returns those that failed."""
+        todo = [sf for sf in self._files(prefix) if sf.needs_upload and sf.writers == 0
+                and not sf.rec.error.startswith("the program")]
+        marks = {id(sf): sf.attempts for sf in todo}
+        for sf in todo:
+            sf.nudge.set()
+            self.queue(sf)
+        total = len(todo)
+        while True:
+            left = [sf for sf in todo if sf.needs_upload and sf.rec.state != "conflict"
+                    and not (sf.attempts > marks[id(sf)] and sf.failed_gen >= sf.gen)]
+            if progress is not None:
+                r = progress(total - len(left), total)
+                if r is not None:
+                    await r
+            if not left:
+                return [sf for sf in todo if sf.needs_upload]
+            await trio.sleep(0.05)
+
+    def _files(self, prefix: str) -> list[StagedFile]:
+        files = list(self.staging.files.values()) + list(self.staging.detached)
+        return [sf for sf in files if sf.key.startswith(prefix)]
+
+    async def drain(self, grace: float) -> int:
+        """At unmount: wait up to ``grace`` seconds for pending uploads; returns how many are
+        left (they stay journaled and resume at the next mount)."""
+        for sf in self._files(""):
+            sf.nudge.set()  # no write-back delay now
+        with trio.move_on_after(grace):
+            while any(sf.needs_upload and sf not in self.failed
+                      for sf in self._files("")):
+                await trio.sleep(0.05)
+        left = sum(1 for sf in self._files("") if sf.needs_upload)
+        if left:
+            log.warning("%d upload(s) not finished at unmount: kept in %s, they resume at the "
+                        "next mount of this source with this cache", left, self.staging.dir)
+        return left

@@ -1,0 +1,621 @@
+"""File and namespace operations of a read-write mount, on top of the read-only core.
+
+The namespace a program sees is the store's (through :class:`fusefs.fs.FileSystem` and its
+listed ranges) overlaid with this mount's own changes that the store does not show yet:
+staged files (shown with their local size and time, listed in their folder) and names unlinked
+while still open (hidden; their object is deleted at the last close, so an open handle keeps
+reading its bytes). Every change the store already shows is written into the listed ranges at
+once (``Folders.note``), so a lookup after ``mkdir``, ``unlink`` or ``rename`` needs no request.
+
+What each operation costs the store: ``create``/``write``/``truncate``: nothing until the file
+is closed (one upload then; :mod:`.uploads`); ``mkdir``: one PUT of a ``dir/`` marker;
+``rmdir``: a LIST (is it empty?) and a DELETE; ``unlink``: a DELETE; ``rename`` of a file: a
+server-side copy and a DELETE (or nothing, if the file is still staged: its pending upload is
+retargeted); of a folder: the same for each object under it, up to ``rename_limit`` (above:
+EXDEV, and ``mv`` copies by itself); ``utimens``/``chmod``: a metadata update (or nothing if
+staged).
+
+Concurrency: everything runs on the trio thread; store calls in worker threads. Changes of a
+staged file wait while an upload reads it (``StagedFile.idle``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+from .. import threads
+from ..attrmemory import AttrMemory
+from ..backends.base import Attrs, Condition, ObjectInfo, ObjectStore
+from ..config import Settings
+from ..errors import (
+    CrossDevice,
+    Exists,
+    FusefsError,
+    InvalidArgument,
+    IsADirectory,
+    NameTooLong,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+    ReadOnly,
+)
+from ..folders import join, valid_name
+from ..reader import SeqState
+from .staging import StagedFile, Staging
+from .uploads import WRITE_BACK_DELAY, Uploads
+
+log = logging.getLogger(__name__)
+
+#: Longest key S3 and GCS accept, in UTF-8 bytes.
+MAX_KEY_BYTES = 1024
+#: Files at most this big are put into the block cache after their upload (reading them back
+#: then makes no request); bigger ones are fetched again when read.
+SEED_MAX = 256 * 1024 * 1024
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+class Writes:
+    """The write side of one mount: staging, uploads, and namespace changes."""
+
+    def __init__(self, fs: object, store: ObjectStore, settings: Settings, staging: Staging,
+                 control_name: str) -> None:
+        from ..fs import FileSystem
+
+        assert isinstance(fs, FileSystem)
+        self.fs = fs
+        self.store = store
+        self.settings = settings
+        self.staging = staging
+        self.control_name = control_name
+        self.uploads = Uploads(store, staging, parallel=settings.uploads,
+                               on_uploaded=self._uploaded, on_conflict=self._conflicted,
+                               read_base=self._read_base)
+        #: paths unlinked while open: hidden; their object is deleted at the last close
+        self.hidden: dict[str, ObjectInfo] = {}
+        fs.writes = self
+        fs.folders.attrs = AttrMemory(staging.attrs_path)
+
+    def start(self, nursery: object) -> None:
+        for sf in self.staging.recover():
+            log.info("resuming the upload of %s (%d bytes) left by an earlier mount",
+                     sf.key, sf.size)
+        self.uploads.start(nursery)  # type: ignore[arg-type]
+
+    # --- the overlay ---------------------------------------------------------------------
+
+    def staged(self, path: str) -> StagedFile | None:
+        return self.staging.files.get(path)
+
+    def info_of(self, sf: StagedFile) -> ObjectInfo:
+        """What a staged file looks like to ``stat``."""
+        rec = sf.rec
+        return ObjectInfo(rec.key, rec.size, rec.mtime, rec.base_version if
+                          rec.base_key == rec.key else "", rec.mtime, rec.mode)
+
+    def merge(self, dir_path: str,
+              entries: list[tuple[str, bool, ObjectInfo | None]]
+              ) -> list[tuple[str, bool, ObjectInfo | None]]:
+        """A folder listing with this mount's staged files added and hidden names removed."""
+        extra: dict[str, tuple[str, bool, ObjectInfo | None]] = {}
+        if self.staging.files.has_under(dir_path):
+            files, subs = self.staging.files.in_folder(dir_path)
+            for sub in subs:
+                extra[sub] = (sub, True, None)
+            for sf in files:
+                name = sf.key.rpartition("/")[2]
+                extra[name] = (name, False, self.info_of(sf))
+        if not extra and not self.hidden:
+            return entries
+        out = []
+        for e in entries:
+            name = e[0]
+            if join(dir_path, name) in self.hidden:
+                continue
+            if name in extra:
+                if e[1] and extra[name][1]:
+                    del extra[name]
+                    out.append(e)
+                continue
+            out.append(e)
+        out.extend(extra.values())
+        out.sort(key=lambda e: e[0])
+        return out
+
+    def overlay(self, path: str) -> tuple[bool, ObjectInfo | None] | None:
+        """What this mount's own changes say ``path`` is: (is_dir, info), or None (ask the
+        store). NotFound if it is hidden."""
+        sf = self.staging.files.get(path)
+        if sf is not None:
+            return False, self.info_of(sf)
+        if path in self.hidden:
+            raise NotFound(f"{path}: no such file or directory")
+        if self.staging.files.has_under(path):
+            return True, None
+        return None
+
+    # --- checks ----------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        if self.settings.read_only:
+            raise ReadOnly("read-only file system")
+
+    def check_name(self, parent_path: str, name: str) -> str:
+        if not parent_path and name == self.control_name:
+            raise NotPermitted(f"{name} is the control file")
+        if not valid_name(name) or "/" in name:
+            raise InvalidArgument(f"{name!r} cannot be an object name")
+        path = join(parent_path, name)
+        if len(os.fsencode(self._full_key(path))) > MAX_KEY_BYTES - 1:
+            raise NameTooLong(f"{path}: longer than a key may be")
+        return path
+
+    def _full_key(self, path: str) -> str:
+        return getattr(self.store, "prefix", "") + path
+
+    async def exists(self, path: str) -> tuple[bool, ObjectInfo | None] | None:
+        """(is_dir, info) of ``path``, or None if nothing is there."""
+        parent, _, name = path.rpartition("/")
+        ov = None
+        try:
+            ov = self.overlay(path)
+        except NotFound:
+            return None
+        if ov is not None:
+            return ov
+        try:
+            is_dir, info, _ = await self.fs.folders.resolve(parent, name)
+        except NotFound:
+            return None
+        return is_dir, info
+
+    # --- files -----------------------------------------------------------------------------
+
+    async def create(self, parent_ino: int, name: str, mode: int, flags: int) -> tuple[int, object]:
+        """Create (or, without O_EXCL, open) ``name``; returns (fh, node)."""
+        self.check_writable()
+        parent = self.fs.node(parent_ino)
+        if not parent.is_dir:
+            raise NotADirectory(f"{parent.path} is not a directory")
+        path = self.check_name(parent.path, name)
+        found = await self.exists(path)
+        if found is not None:
+            if flags & os.O_EXCL:
+                raise Exists(f"{path}: exists")
+            if found[0]:
+                raise IsADirectory(f"{path} is a directory")
+            node = self.fs.file_node(path, found[1])
+            node.lookups += 1
+            fh = await self.open(node, flags | os.O_TRUNC if flags & os.O_TRUNC else flags)
+            return fh, node
+        expect: str | None = ""
+        if path in self.hidden:  # re-created over a name unlinked while open
+            expect = None
+            self.hidden.pop(path)
+        perm = mode & 0o7777
+        sf = self.staging.create(path, None, expect,
+                                 perm if perm != self.settings.file_mode else None)
+        sf.touch()  # an empty new file is a change to upload
+        node = self.fs.file_node(path, self.info_of(sf))
+        node.lookups += 1
+        fh = self.fs.new_handle(node, self.info_of(sf), sf, writable=True)
+        sf.writers += 1
+        sf.handles += 1
+        return fh, node
+
+    async def open(self, node: object, flags: int) -> int:
+        """Open a file for writing (or reading, if it is staged)."""
+        from ..fs import Node
+
+        assert isinstance(node, Node)
+        writing = bool(flags & WRITE_FLAGS)
+        if writing:
+            self.check_writable()
+        sf = self.staging.files.get(node.path)
+        if sf is None and writing:
+            base = node.info
+            assert base is not None
+            sf = self.staging.create(node.path, base, base.version)
+        if sf is None:
+            raise FusefsError("not staged")
+        if writing and flags & os.O_TRUNC and sf.size:
+            await sf.idle()
+            sf.truncate(0)
+        fh = self.fs.new_handle(node, self.info_of(sf), sf, writable=writing)
+        sf.handles += 1
+        if writing:
+            sf.writers += 1
+        return fh
+
+    async def read(self, sf: StagedFile, offset: int, size: int) -> bytes:
+        parts = []
+        for local, a, b in sf.segments(offset, size):
+            if local:
+                data = sf.read_local(a, b - a)
+                if len(data) < b - a:
+                    data += bytes(b - a - len(data))
+                parts.append(data)
+            else:
+                data = bytes(await self.fs.reader.read(sf.base_info(), a, b - a,
+                                                       _scratch_seq()))
+                parts.append(data)
+        return b"".join(parts)
+
+    async def _read_base(self, base: ObjectInfo, offset: int, size: int) -> bytes:
+        """Bytes of a base object for an upload, through the block cache."""
+        return bytes(await self.fs.reader.read(base, offset, size, SeqState()))
+
+    async def write(self, sf: StagedFile, offset: int, data: bytes) -> int:
+        await sf.idle()
+        return sf.write(offset, data)
+
+    async def flush(self, sf: StagedFile) -> None:
+        """``close`` of a write handle: the data durable on local disk (with
+        ``--sync-uploads``: in the store, else UploadFailed). The upload itself starts at the
+        last close (``release``): a ``close`` of one of several descriptors (``dd`` dups its
+        output and closes the original first) must not upload half a file."""
+        if not sf.needs_upload:
+            return
+        await self.uploads.sync(sf)
+        if self.settings.sync_uploads:
+            await self.uploads.wait_file(sf)
+
+    async def fsync(self, sf: StagedFile) -> None:
+        if sf.needs_upload:
+            await self.uploads.sync(sf)
+        await self.uploads.wait_file(sf)
+
+    async def release(self, sf: StagedFile, writable: bool) -> None:
+        """The last close of a handle: when the last writer goes, the upload is queued
+        (write-back); when the last handle goes, an uploaded file leaves the staging area."""
+        sf.handles -= 1
+        if writable:
+            sf.writers -= 1
+            if sf.writers == 0 and sf.needs_upload and not sf.unlinked:
+                if sf.synced_gen != sf.gen:
+                    await self.uploads.sync(sf)
+                self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
+        if sf.handles > 0:
+            return
+        if sf.unlinked:
+            await self._drop(sf)
+        elif not sf.needs_upload and not sf.queued and sf.rec.state not in ("failed",
+                                                                             "conflict"):
+            await self._retire(sf, seed=True)
+
+    async def truncate(self, node: object, size: int, sf: StagedFile | None) -> None:
+        """``truncate``/``ftruncate``: through the open handle's staged file, or a staged copy
+        uploaded shortly after (unless a handle opens meanwhile: ``open(O_TRUNC)`` comes as a
+        truncate and then an open)."""
+        from ..fs import Node
+
+        assert isinstance(node, Node)
+        self.check_writable()
+        if sf is None:
+            sf = self.staging.files.get(node.path)
+        if sf is None:
+            base = node.info
+            assert base is not None
+            if size == base.size:
+                return
+            sf = self.staging.create(node.path, base, base.version)
+        await sf.idle()
+        sf.truncate(size)
+        if sf.writers == 0:
+            self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
+
+    async def set_times(self, node: object, mtime: float | None, mode: int | None) -> None:
+        """``utimens``/``chmod``: kept in the object's metadata."""
+        from ..fs import Node
+
+        assert isinstance(node, Node)
+        self.check_writable()
+        if node.is_dir:
+            return  # folders are prefixes: no attributes to keep
+        sf = self.staging.files.get(node.path)
+        if sf is not None:
+            await sf.idle()
+            if mode is not None:
+                sf.rec.mode = mode & 0o7777
+            sf.touch(mtime if mtime is not None else sf.rec.mtime)
+            if sf.writers == 0:
+                self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
+            return
+        info = node.info
+        assert info is not None
+        attrs = Attrs(mtime if mtime is not None else (info.meta_mtime or info.mtime),
+                      (mode & 0o7777) if mode is not None else info.mode)
+        sent = self.fs.clock()
+        new = await threads.run_sync(self.store.set_attrs, node.path, info.version, attrs,
+                                     limiter=self.fs.folders.meta_limiter)
+        if new.meta_mtime is None:
+            new = dataclasses.replace(new, meta_mtime=attrs.mtime, mode=attrs.mode)
+        self.fs.folders.attrs.remember(new)
+        self.fs.folders.note(new.key, new)
+        self.fs.observed(node.path, new, sent, same_bytes=True)
+
+    # --- after an upload -----------------------------------------------------------------
+
+    def _uploaded(self, sf: StagedFile, info: ObjectInfo, gen: int) -> None:
+        if info.meta_mtime is None:  # what was sent, if the answer did not say
+            info = dataclasses.replace(info, meta_mtime=sf.rec.mtime, mode=sf.rec.mode)
+        self.fs.folders.attrs.remember(info)
+        if sf.unlinked:
+            return
+        self.fs.observed(info.key, info, self.fs.clock(), same_bytes=True)
+        self.fs.folders.note(info.key, info)
+        if sf.handles == 0 and not sf.needs_upload:
+            self.fs.reader.start_soon(lambda: self._retire(sf, seed=True))
+
+    def _conflicted(self, sf: StagedFile, target: str, info: ObjectInfo | None) -> None:
+        if info is not None:
+            self.fs.folders.note(target, info)
+        self.fs.mark_stale(sf.key)
+        sf.uploaded_gen = sf.gen
+        if self.staging.files.get(sf.key) is sf:
+            self.staging.detach(sf)
+        if sf.handles == 0:
+            self.fs.reader.start_soon(lambda: threads.run_sync(self.staging.remove, sf))
+
+    async def _retire(self, sf: StagedFile, seed: bool = False) -> None:
+        """A staged file the store holds and nobody has open leaves the staging area (its
+        bytes put into the block cache first: reading it back makes no request)."""
+        if sf.handles or sf.needs_upload or sf.queued:
+            return
+        if seed and sf.rec.base_key == sf.key and 0 < sf.size <= SEED_MAX:
+            await threads.run_sync(self._seed, sf)
+        if sf.handles or sf.needs_upload:
+            return
+        await threads.run_sync(self.staging.remove, sf)
+
+    def _seed(self, sf: StagedFile) -> None:
+        reader = self.fs.reader
+        info = sf.base_info()
+        if sf.rec.base_limit != sf.size:
+            return
+        for idx in range(reader.block_count(info.size)):
+            start = idx * reader.block_size
+            end = start + reader.block_bytes(info, idx)
+            if sf.segments(start, end - start) != [(True, start, end)]:
+                continue  # part of it was never local (copied server-side)
+            data = os.pread(sf.fd, end - start, start)
+            if len(data) != end - start:
+                return
+            reader.blocks.put(reader.block_key(info, idx), data)
+
+    async def _drop(self, sf: StagedFile) -> None:
+        """An unlinked staged file's last handle closed: the store must not show its name
+        (nor the one it was renamed from), and its staged data goes."""
+        rec = sf.rec
+        if rec.base_key == rec.key and rec.base_version:
+            await self._delete_object(rec.key)
+        if rec.then_delete:
+            await self._delete_object(rec.then_delete)
+        await threads.run_sync(self.staging.remove, sf)
+
+    # --- namespace -------------------------------------------------------------------------
+
+    async def mkdir(self, parent_ino: int, name: str) -> object:
+        self.check_writable()
+        parent = self.fs.node(parent_ino)
+        if not parent.is_dir:
+            raise NotADirectory(f"{parent.path} is not a directory")
+        path = self.check_name(parent.path, name)
+        if await self.exists(path) is not None:
+            raise Exists(f"{path}: exists")
+        info = await threads.run_sync(self.store.put, path + "/", b"",
+                                      limiter=self.fs.folders.meta_limiter)
+        del info
+        self.fs.folders.note(path + "/", None)
+        self.fs.folders.note_empty(path)
+        node = self.fs.dir_node(path)
+        node.lookups += 1
+        return node
+
+    async def rmdir(self, parent_ino: int, name: str) -> None:
+        self.check_writable()
+        parent = self.fs.node(parent_ino)
+        path = join(parent.path, name)
+        found = await self.exists(path)
+        if found is None:
+            raise NotFound(f"{path}: no such directory")
+        if not found[0]:
+            raise NotADirectory(f"{path} is not a directory")
+        if self.staging.files.has_under(path):
+            raise NotEmpty(f"{path}: not empty")
+        page = await threads.run_sync(
+            lambda: next(iter(self.store.list(path + "/", max_keys=2)), None),
+            limiter=self.fs.folders.meta_limiter)
+        if page is not None and (page.prefixes or any(o.key != path + "/"
+                                                      for o in page.objects)):
+            raise NotEmpty(f"{path}: not empty")
+        await self._delete_object(path + "/")
+        self.fs.folders.note(path + "/", False)
+        self.fs.drop_path(path)
+
+    async def unlink(self, parent_ino: int, name: str) -> None:
+        self.check_writable()
+        parent = self.fs.node(parent_ino)
+        path = join(parent.path, name)
+        if not parent.path and name == self.control_name:
+            raise NotPermitted(f"{name} is the control file")
+        sf = self.staging.files.get(path)
+        node = self.fs.node_by_path(path)
+        if sf is not None:
+            await sf.idle()
+            sf.unlinked = True
+            self.staging.detach(sf)
+            in_store = sf.rec.base_key == path and bool(sf.rec.base_version)
+            if sf.handles == 0:
+                await self._drop(sf)
+            elif in_store:
+                self.hidden[path] = sf.base_info()  # deleted at the last close (_drop)
+            if not in_store or sf.handles == 0:
+                self.fs.folders.note(path, False)
+        else:
+            found = await self.exists(path)
+            if found is None:
+                raise NotFound(f"{path}: no such file")
+            if found[0]:
+                raise IsADirectory(f"{path} is a directory")
+            if node is not None and self.fs.is_open(node):
+                assert found[1] is not None
+                self.hidden[path] = found[1]  # deleted at the last close
+            else:
+                await self._delete_object(path)
+                self.fs.folders.note(path, False)
+        self.fs.drop_path(path)
+
+    async def closed_hidden(self, path: str) -> None:
+        """The last handle of a file unlinked while open closed: delete its object."""
+        if self.hidden.pop(path, None) is not None:
+            await self._delete_object(path)
+            self.fs.folders.note(path, False)
+
+    async def _delete_object(self, key: str) -> None:
+        await threads.run_sync(self.store.delete, key, limiter=self.fs.folders.meta_limiter)
+
+    async def rename(self, old_parent: int, old_name: str, new_parent: int, new_name: str,
+                     flags: int) -> None:
+        self.check_writable()
+        if flags:
+            raise InvalidArgument("rename flags (RENAME_EXCHANGE, RENAME_NOREPLACE) "
+                                  "are not supported")
+        p_old, p_new = self.fs.node(old_parent), self.fs.node(new_parent)
+        old = join(p_old.path, old_name)
+        if not p_old.path and old_name == self.control_name:
+            raise NotPermitted(f"{old_name} is the control file")
+        new = self.check_name(p_new.path, new_name)
+        if old == new:
+            return
+        src = await self.exists(old)
+        if src is None:
+            raise NotFound(f"{old}: no such file or directory")
+        dst = await self.exists(new)
+        if src[0]:
+            if dst is not None and not dst[0]:
+                raise NotADirectory(f"{new} is not a directory")
+            if (new + "/").startswith(old + "/"):
+                raise InvalidArgument(f"cannot move {old} into itself")
+            if dst is not None:
+                if self.staging.files.has_under(new):
+                    raise NotEmpty(f"{new}: not empty")
+                await self.rmdir(new_parent, new_name)
+            await self._rename_dir(old, new)
+            return
+        if dst is not None and dst[0]:
+            raise IsADirectory(f"{new} is a directory")
+        expect = "" if dst is None else (dst[1].version if dst[1] is not None else None)
+        dst_sf = self.staging.files.get(new)
+        if dst_sf is not None:  # replacing a staged file: its upload is moot
+            await dst_sf.idle()
+            dst_sf.unlinked = True
+            self.staging.detach(dst_sf)
+            expect = (dst_sf.rec.base_version
+                      if dst_sf.rec.base_key == new and dst_sf.rec.base_version else "")
+            if dst_sf.handles == 0:
+                await threads.run_sync(self.staging.remove, dst_sf)
+        sent = self.fs.clock()
+        new_info = await self._rename_file(old, new, expect)
+        self.fs.move_path(old, new)
+        if new_info is not None:  # the same bytes under a new name: the kernel's pages stay
+            self.fs.observed(new, new_info, sent, same_bytes=True)
+
+    async def _rename_file(self, old: str, new: str, expect: str | None
+                           ) -> ObjectInfo | None:
+        """Move a file's name in the store (its new info), or retarget its staged upload
+        (None)."""
+        sf = self.staging.files.get(old)
+        if sf is not None:
+            await sf.idle()
+            rec = sf.rec
+            if rec.base_key == old and rec.base_version and not rec.then_delete:
+                rec.then_delete = old  # the object at the old name goes once uploaded
+            rec.expect = expect
+            self.staging.rekey(sf, new)
+            sf.touch(rec.mtime)
+            self.fs.folders.note(old, False)
+            if sf.writers == 0:
+                await self.uploads.sync(sf)
+                self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
+            return None
+        found = await self.exists(old)
+        assert found is not None and found[1] is not None
+        info = found[1]
+        cond = Condition(absent=True) if expect == "" else (
+            Condition(version=expect) if expect and not expect.startswith("~") else Condition())
+        new_info = await threads.run_sync(
+            lambda: self.store.copy(old, info.version, new, condition=cond),
+            limiter=self.fs.folders.meta_limiter)
+        await self._delete_object(old)
+        if new_info.meta_mtime is None and (info.meta_mtime is not None or info.mode is not None):
+            new_info = dataclasses.replace(new_info, meta_mtime=info.meta_mtime, mode=info.mode)
+        self.fs.folders.attrs.remember(new_info)
+        self.fs.folders.note(old, False)
+        self.fs.folders.note(new, new_info)
+        return new_info
+
+    async def _rename_dir(self, old: str, new: str) -> None:
+        keys = await threads.run_sync(self._walk, old + "/", limiter=self.fs.folders.meta_limiter)
+        if len(keys) > self.settings.rename_limit:
+            raise CrossDevice(f"{old}: {len(keys)} objects, more than rename_limit "
+                              f"({self.settings.rename_limit}); mv copies instead")
+        for sf in self.staging.under(old + "/"):
+            await self._rename_file(sf.key, new + sf.key[len(old):], "")
+        for info in keys:
+            dst = new + info.key[len(old):]
+            if info.key.endswith("/"):
+                await threads.run_sync(self.store.put, dst, b"",
+                                       limiter=self.fs.folders.meta_limiter)
+                await self._delete_object(info.key)
+                continue
+            await threads.run_sync(
+                lambda info=info, dst=dst: self.store.copy(info.key, info.version, dst),
+                limiter=self.fs.folders.meta_limiter)
+            await self._delete_object(info.key)
+        if not any(k.key == old + "/" for k in keys):
+            await threads.run_sync(self.store.put, new + "/", b"",
+                                   limiter=self.fs.folders.meta_limiter)
+        self.fs.folders.forget_tree(old)
+        self.fs.folders.forget_tree(new)
+        self.fs.folders.note(old + "/", False)
+        self.fs.folders.note(new + "/", None)
+        self.fs.move_path(old, new)
+
+    def _walk(self, prefix: str) -> list[ObjectInfo]:
+        """Worker thread: every object under ``prefix`` (markers included), recursively."""
+        out: list[ObjectInfo] = []
+        todo = [prefix]
+        while todo:
+            p = todo.pop()
+            for page in self.store.list(p):
+                out.extend(page.objects)
+                todo.extend(page.prefixes)
+            if len(out) > self.settings.rename_limit:
+                break
+        return out
+
+    # --- chown --------------------------------------------------------------------------
+
+    def chown(self, uid: int | None, gid: int | None) -> None:
+        """Only to the mount's own owner (no effect): objects have no owners."""
+        if uid is not None and uid not in (-1, 0xFFFFFFFF, self.fs.uid):
+            raise NotPermitted("files in a bucket cannot change owner")
+        if gid is not None and gid not in (-1, 0xFFFFFFFF, self.fs.gid):
+            raise NotPermitted("files in a bucket cannot change group")
+
+
+def _scratch_seq() -> SeqState:
+    return SeqState()
+
+
+def file_mode(settings: Settings, info: ObjectInfo | None) -> int:
+    """Permission bits of a file: from its metadata if it has them."""
+    if info is not None and info.mode is not None:
+        return info.mode & 0o7777
+    return settings.file_mode
+
+
