@@ -425,3 +425,22 @@ def test_unchanged_bytes_come_from_the_block_cache(bucket: Bucket, mount):
     assert sync(m).returncode == 0
     assert bucket.get("c.bin") == bytes(data)
     assert bucket.object_gets() == gets  # (bucket.get reads around the proxy)
+
+
+def test_a_server_that_enforces_conditions_gets_no_head_per_upload(s3_bucket: Bucket, mount):
+    """moto refuses a second If-None-Match put: after one probe, small uploads go without a
+    HEAD first (a big one, multipart, is still checked: moto ignores conditions there)."""
+    b = s3_bucket
+    assert b.proxy is not None
+    m = mount(b)
+    b.proxy.reset()
+    for i in range(5):
+        (m.path / f"n{i}.txt").write_bytes(b"%d" % i)
+    assert sync(m).returncode == 0
+    reqs = b.proxy.requests()
+    heads = [r for r in reqs if r.method == "HEAD" and ".fusefs-probe-" not in r.path]
+    probes = [r for r in reqs if ".fusefs-probe-" in r.path]
+    assert heads == [] and len(probes) <= 4  # put, refused put (+ the store's HEAD), delete
+    assert "enforces conditional writes" in m.log_text()
+    assert [b.get(f"n{i}.txt") for i in range(5)] == [b"%d" % i for i in range(5)]
+    assert not [k for k in os.listdir(m.path) if k.startswith(".fusefs-probe")]

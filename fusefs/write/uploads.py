@@ -14,9 +14,13 @@ a staged file leaves the staging area only once the store holds its bytes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -61,6 +65,7 @@ class Uploads:
         on_uploaded: Callable[[StagedFile, ObjectInfo, int], None],
         on_conflict: Callable[[StagedFile, str, ObjectInfo | None], None],
         read_base: Callable[[ObjectInfo, int, int], Awaitable[bytes]] | None = None,
+        single_put_max: int = 8 << 20,
     ) -> None:
         self.store = store
         self.staging = staging
@@ -70,6 +75,10 @@ class Uploads:
         #: reads a base object's bytes (through the block cache) for copy ranges
         self._read_base = read_base
         self._token: trio.lowlevel.TrioToken | None = None
+        #: largest upload the store sends as one PUT (the part size)
+        self.single_put_max = single_put_max
+        self._probed: bool | None = None
+        self._probe_lock = threading.Lock()
         self._nursery: trio.Nursery | None = None
         self.done = 0
         self.bytes = 0
@@ -207,8 +216,8 @@ class Uploads:
              ) -> ObjectInfo:
         """Worker thread: check, upload, and delete what the file was renamed from."""
         cond = self._condition(rec.expect)
-        if rec.expect is not None and (not self.store.enforces_conditions
-                                       or rec.expect.startswith("~")):
+        if rec.expect is not None and (rec.expect.startswith("~")
+                                       or not self._enforced(rec.size, bool(copy))):
             self._check(rec.key, rec.expect)
         info = self.store.put_file(rec.key, self._upload(sf, rec, copy), condition=cond,
                                    attrs=Attrs(rec.mtime, rec.mode))
@@ -231,6 +240,48 @@ class Uploads:
                 return trio.from_thread.run(read, base, start, length, trio_token=token)
 
         return Upload(sf.path, rec.size, copy, rec.base_key, rec.base_version, read_base)
+
+    def _enforced(self, size: int, copies: bool) -> bool:
+        """Does the store itself enforce the condition of this upload? Stores that say so
+        do; an S3-compatible server is probed once (below) for single PUTs, the only kind
+        every server that honours conditions honours (moto ignores them on multipart
+        completion and copies), so multipart uploads and copies are HEAD-checked there."""
+        if self.store.enforces_conditions:
+            return True
+        if copies or size > self.single_put_max:
+            return False
+        with self._probe_lock:
+            if self._probed is None:
+                self._probed = self._probe_conditions()
+        return self._probed
+
+    def _probe_conditions(self) -> bool:
+        """Worker thread: put a probe object twice, both times only if absent: a server that
+        refuses the second put (412) enforces conditions. The probe is deleted."""
+        key = f".fusefs-probe-{uuid.uuid4().hex}"
+        # the second put sends other bytes: a store that retries a refused put checks whether
+        # the object already is what it sent (a lost answer), which must not be the case here
+        other = os.path.join(self.staging.dir, key)
+        try:
+            with open(other, "wb") as f:
+                f.write(b"2")
+            self.store.put_file(key, Upload(os.devnull, 0), condition=Condition(absent=True))
+            try:
+                self.store.put_file(key, Upload(other, 1), condition=Condition(absent=True))
+            except Conflict:
+                log.info("the store enforces conditional writes: no HEAD before uploads")
+                return True
+            log.info("the store ignores conditional writes: each upload is checked with a "
+                     "HEAD first")
+            return False
+        except Exception as exc:  # noqa: BLE001 - then check with HEADs, as before
+            log.info("could not probe conditional writes (%s): HEAD before each upload", exc)
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                self.store.delete(key)
+            with contextlib.suppress(OSError):
+                os.unlink(other)
 
     def _check(self, key: str, expect: str) -> None:
         """The HEAD check for stores that may ignore conditional headers."""

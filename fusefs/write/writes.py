@@ -73,7 +73,8 @@ class Writes:
         self.control_name = control_name
         self.uploads = Uploads(store, staging, parallel=settings.uploads,
                                on_uploaded=self._uploaded, on_conflict=self._conflicted,
-                               read_base=self._read_base)
+                               read_base=self._read_base,
+                               single_put_max=settings.upload_part_size)
         #: paths unlinked while open: hidden; their object is deleted at the last close
         self.hidden: dict[str, ObjectInfo] = {}
         fs.writes = self
