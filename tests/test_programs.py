@@ -335,6 +335,19 @@ def test_rsync_a_after_a_remount_on_s3(store: Bucket, mount: Mount, tmp_path: Pa
     assert rsync_stats(run("rsync", "-a", "--stats", f"{tmp_path}/src/", m2.path / "r")) == 0
 
 
+@on("local", "s3")
+def test_shell_redirection_uploads_the_file_once(store: Bucket, mount: Mount):
+    """``exec > FILE`` (like ``cmd > FILE``) opens the file, dup2s it to stdout and closes the
+    original: a FLUSH before the first write. That flush must not upload the file while the
+    program keeps writing (stalling it, and sending a prefix the store replaces at once)."""
+    m = mount(store)
+    run("bash", "-c", 'exec > "$1"; printf a; sleep 2.5; printf b', "sh", m.path / "out.txt")
+    sync(m)
+    assert store.get("out.txt") == b"ab"
+    s = m.stats()
+    assert s["uploads_done"] == 1 and s["upload_bytes"] == 2
+
+
 # --- git, sqlite3 -----------------------------------------------------------------------------
 
 

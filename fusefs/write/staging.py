@@ -69,8 +69,9 @@ class StagedFile:
         self.nudge = trio.Event()  # wakes a failed file's task (``sync`` retries it)
         self.failed_gen = -1  # the change whose last upload attempt failed
         self.attempts = 0  # upload attempts finished (either way)
-        #: upload even while write handles are open (fsync, flush); else wait for the last
-        self.flush_requested = False
+        #: the change a flush or fsync asked to upload even while write handles are open (-1:
+        #: none); written past it, the file waits for its next flush or last close
+        self.flush_gen = -1
 
     @property
     def key(self) -> str:

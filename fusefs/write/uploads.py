@@ -110,9 +110,10 @@ class Uploads:
                     await sf.nudge.wait()
                 sf.nudge = trio.Event()
             while sf.needs_upload:
-                if sf.writers and not sf.flush_requested:
-                    break  # still being written: its flush or last close queues it again
-                sf.flush_requested = False
+                if sf.writers and sf.flush_gen != sf.gen:
+                    # still being written (`cmd > FILE` closes a dup of it before writing):
+                    # its next flush or last close queues it again
+                    break
                 if sf.synced_gen != sf.gen:  # journal what is about to be uploaded first
                     await self.sync(sf)
                 wait = await self._attempt(sf)
@@ -245,7 +246,7 @@ class Uploads:
         UploadFailed if that attempt fails."""
         target, mark = sf.gen, sf.attempts
         if sf.needs_upload:
-            sf.flush_requested = True
+            sf.flush_gen = sf.gen
             sf.nudge.set()
             self.queue(sf)
         while True:

@@ -265,7 +265,7 @@ class Writes:
         if not sf.needs_upload:
             return
         await self.uploads.sync(sf)
-        sf.flush_requested = True
+        sf.flush_gen = sf.gen
         if self.settings.sync_uploads:
             await self.uploads.wait_file(sf)
         else:
