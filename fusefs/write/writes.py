@@ -325,6 +325,8 @@ class Writes:
             return  # folders are prefixes: no attributes to keep
         sf = await self._settled(node.path)
         if sf is not None:
+            if _same(sf.rec.mtime, file_mode(self.settings, self.info_of(sf)), mtime, mode):
+                return  # vim's fchmod of its new file to the old mode: no second upload
             if mode is not None:
                 sf.rec.mode = mode & 0o7777
             sf.touch(mtime if mtime is not None else sf.rec.mtime)
@@ -333,6 +335,8 @@ class Writes:
             return
         info = node.info
         assert info is not None
+        if _same(info.meta_mtime or info.mtime, file_mode(self.settings, info), mtime, mode):
+            return
         attrs = Attrs(mtime if mtime is not None else (info.meta_mtime or info.mtime),
                       (mode & 0o7777) if mode is not None else info.mode)
         sent = self.fs.clock()
@@ -607,6 +611,12 @@ class Writes:
 
 def _scratch_seq() -> SeqState:
     return SeqState()
+
+
+def _same(cur_mtime: float, cur_mode: int, mtime: float | None, mode: int | None) -> bool:
+    """``utimens``/``chmod`` to what the file already has (nothing to store)."""
+    return ((mtime is None or mtime == cur_mtime)
+            and (mode is None or mode & 0o7777 == cur_mode))
 
 
 def file_mode(settings: Settings, info: ObjectInfo | None) -> int:
