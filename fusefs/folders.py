@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from . import threads
+from .attrmemory import AttrMemory
 from .backends.base import ObjectInfo, ObjectStore
 from .config import LIST_AHEAD_PARALLEL, Settings
 from .errors import FusefsError, NotFound, single_error
@@ -92,6 +93,8 @@ class Folders:
         self._lists_after: bool = getattr(store, "lists_after", True)
         self.ttl = settings.metadata_ttl
         self.negative_ttl = min(settings.negative_ttl, settings.metadata_ttl)
+        #: mtime/mode of versions whose listings lack them (S3); see fusefs.attrmemory
+        self.attrs = AttrMemory()
 
     def set_ttls(self, metadata_ttl: float, negative_ttl: float) -> None:
         self.ttl = metadata_ttl
@@ -173,7 +176,7 @@ class Folders:
         prefixes: list[str] = []
         more = False
         for page in self.store.list(prefix, max_keys=max_keys, start_after=start):
-            objects.extend(page.objects)
+            objects.extend(map(self.attrs.apply, page.objects))
             prefixes.extend(page.prefixes)
             more = page.more
         keys: list[str] = []
@@ -333,8 +336,9 @@ class Folders:
 
         async def head() -> None:
             try:
-                result["file"] = await threads.run_sync(self.store.head, path,
-                                                        limiter=self.meta_limiter)
+                info = await threads.run_sync(self.store.head, path, limiter=self.meta_limiter)
+                self.attrs.remember(info)
+                result["file"] = info
             except NotFound:
                 pass
 

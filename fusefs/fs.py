@@ -151,6 +151,7 @@ class FileSystem:
         self.uid = settings.uid if settings.uid is not None else os.getuid()
         self.gid = settings.gid if settings.gid is not None else os.getgid()
         self.mount_time_ns = time.time_ns()
+        self._file_mode_forced = "file_mode" in settings.sources
         root = Node(ROOT_INO, "", True, None, math.inf)
         #: Indexed by inode number (a list: 8 bytes a node, numbers of freed nodes reused).
         self._nodes: list[Node | None] = [None, root, None]
@@ -231,6 +232,10 @@ class FileSystem:
             return
         if not node.is_dir and info is not None:
             old = node.info
+            if (old is not None and old.version == info.version and info.meta_mtime is None
+                    and old.meta_mtime is not None):
+                info = ObjectInfo(info.key, info.size, info.mtime, info.version,
+                                  old.meta_mtime, old.mode)  # a listing without metadata
             node.info = info
             if old is not None and old.version != info.version:
                 self._changed(node)
@@ -260,7 +265,9 @@ class FileSystem:
                 sf = self.writes.staged(node.path)
                 if sf is not None:
                     info = self.writes.info_of(sf)
-            perm = self.settings.file_mode if info.mode is None else info.mode
+            # a mode kept in metadata (chmod, rsync -a) shows, unless --file-mode was given
+            perm = (self.settings.file_mode if info.mode is None or self._file_mode_forced
+                    else info.mode)
             mode = stat.S_IFREG | (perm & ro)
             mtime = info.meta_mtime if info.meta_mtime is not None else info.mtime
             mtime_ns, size, nlink = int(mtime * 1e9), info.size, 1
@@ -349,6 +356,7 @@ class FileSystem:
         try:
             info = await threads.run_sync(self.store.head, node.path,
                                           limiter=self.folders.meta_limiter)
+            self.folders.attrs.remember(info)
         except NotFound:
             node.confirmed = -math.inf
             raise

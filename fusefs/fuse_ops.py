@@ -313,7 +313,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         w = self.fs.writes
         if w is not None and not self.fs.settings.read_only:
             # what can be written: the staging area's free space (a bucket has no limit)
-            disk = await threads.run_sync(os.statvfs, w.staging.dir)
+            disk = await threads.run_sync(lambda: os.statvfs(w.staging.disk_path()))
             free = disk.f_bavail * disk.f_frsize // bsize
             s.f_bfree = s.f_bavail = free
             s.f_blocks = max(total, used + free)

@@ -590,6 +590,7 @@ def run(m: Mount, ready: Any, *, daemon: bool = False) -> None:
             if m.metrics is not None:
                 m.metrics.close()
             if m.writes is not None:
+                m.fs.folders.attrs.save()
                 m.writes.staging.close()
             m.blocks.close()
             log.info(

@@ -759,7 +759,7 @@ def test_prefixed_check_lists_the_prefix_not_the_root(moto_server: MotoS3, s3_se
 MiB = 1 << 20
 PART = 5 * MiB
 PARTS = 4
-W_KINDS = ["local", "s3", "seaweed", "gcs"]
+W_KINDS = ["local", "s3", "seaweed", "gcs", "azure"]
 
 #: What each server really enforces (measured by the tests below; they fail if it changes):
 #: (kind, operation, condition) -> enforced. Operations: put (single request), complete
@@ -831,20 +831,26 @@ def _s3_writer(kind: str, endpoint: str, proxy: Any, monkeypatch: pytest.MonkeyP
 
 @pytest.fixture(params=W_KINDS)
 def w(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Writer:
-    if request.param == "local":
+    return _writer(request.param, request, tmp_path, monkeypatch)
+
+
+def _writer(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Writer:
+    """A Writer of ``kind`` (the session's servers come from ``request``)."""
+    if kind == "local":
         from fusefs.backends.local import LocalStore
 
         root = tmp_path / "bucket"
         root.mkdir()
         return Writer("local", LocalStore(str(root)), lambda k: (root / k).read_bytes())
-    if request.param == "s3":
+    if kind == "s3":
         server: MotoS3 = request.getfixturevalue("moto_server")
         return _s3_writer("s3", server.endpoint_url, request.getfixturevalue("moto_proxy"),
                           monkeypatch)
-    if request.param == "seaweed":
+    if kind == "seaweed":
         sw, proxy = request.getfixturevalue("seaweed")
         return _s3_writer("seaweed", sw.endpoint_url, proxy, monkeypatch)
-    if request.param == "gcs":
+    if kind == "gcs":
         from fusefs.backends.gcs import GCSStore
 
         request.getfixturevalue("gcs_server")
@@ -856,7 +862,33 @@ def w(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Monkey
         proxy.reset()
         return Writer("gcs", store, lambda k: bucket.blob(k).download_as_bytes(), proxy,
                       sdk=bucket)
-    raise AssertionError(request.param)
+    if kind == "azure":
+        from fusefs.backends.azure import AzureStore
+
+        az = request.getfixturevalue("azurite_server")
+        proxy = request.getfixturevalue("azure_proxy")
+        for name in list(os.environ):
+            if name.startswith("AZURE_"):
+                monkeypatch.delenv(name)
+        container = f"w-{uuid.uuid4().hex[:16]}"
+        client = azure_container_client(az, container)
+        client.create_container()
+        account_url = f"{proxy.url}/{az.account}"
+        store = AzureStore(container, part_size=PART, parts=PARTS,
+                           env={"AZURE_STORAGE_CONNECTION_STRING":
+                                az.connection_string(account_url)})
+        proxy.reset()
+        return Writer("azure", store, lambda k: client.download_blob(k).readall(), proxy,
+                      sdk=client)
+    raise AssertionError(kind)
+
+
+@pytest.fixture(scope="session")
+def azure_proxy(azurite_server: Azurite) -> Iterator[Any]:
+    from fusefs.testing.proxy import CountingProxy
+
+    with CountingProxy(azurite_server.endpoint_url.rsplit("/", 1)[0]) as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="session")
@@ -900,6 +932,7 @@ def test_put_file_small_and_multipart(w: Writer, tmp_path: Path) -> None:
         sent: list[int] = []
         if w.proxy:
             w.proxy.reset()
+        assert isinstance(w.store, ObjectStore)  # the whole contract, enforces_conditions too
         info = w.store.put_file(name, Upload(staged(tmp_path, data), size), progress=sent.append)
         assert (info.key, info.size) == (name, size) and sum(sent) == size
         head = w.store.head(name)
@@ -948,16 +981,22 @@ def test_put_file_copy_ranges(w: Writer, tmp_path: Path) -> None:
         assert len(gets) == 1 and gets[0].range == f"bytes={16 * MiB}-{20 * MiB - 1}"
 
 
-def test_put_file_stale_base_is_refused(w: Writer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [1000, 10 * MiB])  # 10 MiB: two parts, both copied
+def test_put_file_stale_base_is_refused(w: Writer, tmp_path: Path, size: int) -> None:
+    """The base object changed: StaleVersion (not Conflict: the caller fetches the new base),
+    nothing written. S3: the parts are copied server-side from a source that must still have
+    the base version (moto ignores that condition: a HEAD before completing catches it)."""
     from fusefs.backends.base import Upload
 
-    w.store.put("b.bin", b"A" * 1000)
+    w.store.put("b.bin", b"A" * size)
     old = w.store.head("b.bin").version
     time.sleep(0.01)
-    w.store.put("b.bin", b"B" * 1000)
+    w.store.put("b.bin", b"B" * size)
     with pytest.raises(StaleVersion):
-        w.store.put_file("b.bin", Upload(staged(tmp_path, b""), 1000, ((0, 1000),), "b.bin", old))
-    assert w.raw("b.bin") == b"B" * 1000
+        w.store.put_file("b.bin", Upload(staged(tmp_path, b""), size, ((0, size),), "b.bin", old))
+    assert w.raw("b.bin") == b"B" * size
+    if w.uploads_left is not None:
+        assert w.uploads_left() == 0
 
 
 @pytest.mark.parametrize("size", [1000, 12 * MiB])
@@ -1152,13 +1191,30 @@ def test_s3_multipart_copy(kind: str, request: pytest.FixtureRequest, tmp_path: 
     assert head["ContentType"] == "text/x-test"
     assert head["Metadata"] == {"mtime": "7", "mode": "0100600", "other": "kept"}
     assert after.meta_mtime == 7.0 and wr.raw("dst") == data
+    # below the threshold: one CopyObject onto itself, the headers kept too
+    wr.sdk.put_object(Bucket=wr.store.bucket, Key="small", Body=b"s", ContentType="text/x-s",
+                      CacheControl="no-cache", Metadata={"other": "kept"})
+    proxy.reset()
+    wr.store.set_attrs("small", wr.store.head("small").version, Attrs(mode=0o644))
+    assert s3_ops(proxy) == ["CopyObject"]
+    head = wr.sdk.head_object(Bucket=wr.store.bucket, Key="small")
+    assert (head["ContentType"], head["CacheControl"]) == ("text/x-s", "no-cache")
+    assert head["Metadata"] == {"other": "kept", "mode": "0100644"}
 
 
-def test_s3_enforces_conditions_only_on_aws() -> None:
+def test_s3_enforces_conditions_only_on_aws(monkeypatch: pytest.MonkeyPatch) -> None:
     from fusefs.backends.s3 import S3Store
 
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_CONFIG_FILE": os.devnull}.items():
+        monkeypatch.setenv(name, value)  # no credential lookup (instance metadata)
+
     assert S3Store("b", endpoint_url="http://127.0.0.1:1").enforces_conditions is False
+    assert S3Store("b", endpoint_url="https://minio.example.com").enforces_conditions is False
+    assert S3Store("b", endpoint_url="https://amazonaws.com.evil.net").enforces_conditions is False
     assert S3Store("b", region="us-east-1").enforces_conditions is True
+    assert S3Store("b", endpoint_url="https://s3.eu-west-1.amazonaws.com",
+                   region="eu-west-1").enforces_conditions is True
 
 
 def test_attr_metadata_forms() -> None:
@@ -1231,3 +1287,131 @@ def test_s3_completion_whose_answer_was_lost(kind: str, absent: bool,
     assert s3_ops(proxy).count("CompleteMultipartUpload") == 2
     assert wr.raw("f.bin") == data and info.version == wr.store.head("f.bin").version
     assert wr.uploads_left is not None and wr.uploads_left() == 0
+
+
+def _once(match: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """A proxy predicate that selects only the first request ``match`` selects."""
+    seen: list[bool] = []
+
+    def predicate(r: Any) -> bool:
+        if not seen and match(r):
+            seen.append(True)
+            return True
+        return False
+
+    return predicate
+
+
+@pytest.mark.parametrize("kind", ["s3", "seaweed", "gcs", "azure"])
+def test_a_transient_failure_in_a_big_upload_is_retried(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 503 on one part (S3 UploadPart, Azure Put Block) or one chunk (GCS resumable) is
+    tried again: the upload completes with the right bytes, and only that part is resent."""
+    from fusefs.backends.base import Upload
+
+    wr2 = _writer(kind, request, tmp_path, monkeypatch)
+    if kind in ("s3", "seaweed"):
+        def is_part(r: Any) -> bool:
+            return r.method == "PUT" and r.query.get("partNumber") == "2"
+    elif kind == "azure":
+        def is_part(r: Any) -> bool:  # the first block staged (they go in parallel)
+            return r.method == "PUT" and r.query.get("comp") == "block"
+    else:
+        def is_part(r: Any) -> bool:  # the second chunk of the resumable session
+            return r.method == "PUT" and "upload_id" in r.query and r.header(
+                "content-range", "").startswith(f"bytes {PART}-")
+    data = random.Random(8).randbytes(12 * MiB)
+    wr2.proxy.faults(1.0, ["503"], predicate=_once(is_part))
+    try:
+        info = wr2.store.put_file("f.bin", Upload(staged(tmp_path, data), len(data)))
+    finally:
+        wr2.proxy.faults(0)
+    assert wr2.proxy.fault_counts()["503"] == 1
+    assert wr2.raw("f.bin") == data and info.size == len(data)
+    tries = [r for r in wr2.proxy.requests() if is_part(r)]
+    if kind == "azure":  # which block was refused: the one whose id comes twice
+        ids = [r.query["blockid"] for r in tries]
+        tries = [r for r in tries if ids.count(r.query["blockid"]) == 2]
+    ok = {"s3": 200, "seaweed": 200, "gcs": 308, "azure": 201}[kind]
+    assert [r.status for r in tries] == [503, ok]
+    data_key = {"s3": "partNumber", "seaweed": "partNumber", "gcs": "upload_id",
+                "azure": "blockid"}[kind]
+    sent = sum(r.bytes_in for r in wr2.proxy.requests()
+               if r.method == "PUT" and data_key in r.query)
+    assert sent == len(data)  # the refused part's body never reached the server
+
+
+def test_gcs_simple_upload_whose_answer_was_lost(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload works but its answer is cut short; the retry (ifGenerationMatch=0) is
+    refused because the object now exists, with the MD5 of what was sent: a success."""
+    from fusefs.backends.base import Condition, Upload
+
+    wr = _writer("gcs", request, tmp_path, monkeypatch)
+    wr.proxy.faults(1.0, ["truncate"], predicate=_once(
+        lambda r: r.method == "POST" and r.path.startswith("/upload/")))
+    try:
+        info = wr.store.put_file("f.bin", Upload(staged(tmp_path, b"payload" * 100), 700),
+                                 condition=Condition(absent=True))
+    finally:
+        wr.proxy.faults(0)
+    assert wr.proxy.fault_counts()["truncate"] == 1
+    assert wr.raw("f.bin") == b"payload" * 100
+    assert info.version == wr.store.head("f.bin").version
+
+
+def test_local_put_file_without_hard_links_and_on_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where hard links are refused, "absent" is checked and renamed under the store's lock;
+    a full disk is NoSpace (ENOSPC), and no temporary file is left either way."""
+    import errno
+
+    from fusefs.backends import local
+    from fusefs.backends.base import Condition, Upload
+    from fusefs.errors import NoSpace
+
+    root = tmp_path / "bucket"
+    root.mkdir()
+    store = local.LocalStore(str(root))
+    upload = Upload(staged(tmp_path, b"data"), 4)
+
+    def no_link(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(local.os, "link", no_link)
+    store.put_file("a/f", upload, condition=Condition(absent=True))
+    assert (root / "a" / "f").read_bytes() == b"data"
+    with pytest.raises(Conflict):
+        store.put_file("a/f", Upload(staged(tmp_path, b"other"), 5),
+                       condition=Condition(absent=True))
+    assert (root / "a" / "f").read_bytes() == b"data"
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local, "_copy_range", full)
+    with pytest.raises(NoSpace):
+        store.put_file("a/g", upload)
+    assert sorted(p.name for p in (root / "a").iterdir()) == ["f"]
+
+
+def test_plan_parts_and_pieces() -> None:
+    """Parts grow (by whole MiB) so that an upload has at most 10,000; an upload's bytes
+    are cut at its copy ranges."""
+    from fusefs.backends.base import Upload
+    from fusefs.backends.upload_io import pieces, plan_parts
+
+    assert plan_parts(0, PART) == [(0, 0)]
+    assert plan_parts(12 * MiB, PART) == [(0, PART), (PART, 2 * PART), (2 * PART, 12 * MiB)]
+    big = 100 << 30
+    plan = plan_parts(big, 8 * MiB)
+    assert len(plan) <= 10_000 and plan[-1][1] == big and plan[0] == (0, 11 * MiB)
+    assert all(b == c for (_, b), (c, _) in zip(plan, plan[1:], strict=False))
+    up = Upload("x", 100, ((10, 20), (20, 30), (50, 60)), "base", "v")
+    assert list(pieces(up, 0, 100)) == [(0, 10, False), (10, 20, True), (20, 30, True),
+                                         (30, 50, False), (50, 60, True), (60, 100, False)]
+    assert list(pieces(up, 15, 55)) == [(15, 20, True), (20, 30, True), (30, 50, False),
+                                         (50, 55, True)]

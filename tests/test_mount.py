@@ -170,10 +170,10 @@ def test_missing_files_enoent(bucket: Bucket, mount) -> None:
         open(m.path / "nope.txt", "rb")
 
 
-def test_writes_fail_with_erofs(bucket: Bucket, mount) -> None:
+def test_read_only_mount_refuses_writes_with_erofs(bucket: Bucket, mount) -> None:
     bucket.put("f.txt", b"x")
     bucket.put("d/g.txt", b"y")
-    m = mount(bucket)
+    m = mount(bucket, "--read-only")
     attempts = {
         "create": lambda: open(m.path / "new.txt", "wb"),
         "overwrite": lambda: open(m.path / "f.txt", "wb"),

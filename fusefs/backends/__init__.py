@@ -61,7 +61,8 @@ def open_store(source: str, settings: Settings) -> ObjectStore:
         from .azure import AzureStore
 
         store = AzureStore(
-            where, endpoint_url=settings.endpoint_url, max_connections=settings.store_connections
+            where, endpoint_url=settings.endpoint_url, max_connections=settings.store_connections,
+            part_size=settings.upload_part_size, parts=settings.upload_parts,
         )
     else:
         from .gcs import GCSStore

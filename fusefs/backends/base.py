@@ -141,7 +141,10 @@ class ObjectStore(Protocol):
 
         Big uploads are parallel multipart (S3), resumable (GCS) or staged blocks (Azure),
         streamed from the file; an incomplete multipart upload is aborted on failure.
-        ``progress(n)`` is called as ``n`` more bytes have been sent (from worker threads).
+        ``progress(n)`` is called as ``n`` more bytes have been sent (from worker threads;
+        bytes copied server-side count as sent). StaleVersion (or NotFound): the base
+        object no longer has ``base_version``, nothing changed. The returned ``mtime`` may
+        be the local clock's (S3 answers no Last-Modified); ``version`` is exact.
         """
 
     def copy(
@@ -153,7 +156,9 @@ class ObjectStore(Protocol):
 
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
         """Replace the ``mtime``/``mode`` metadata of ``key`` at ``version`` (Conflict if it has
-        another); its metadata afterwards (the version may change: S3 copies in place)."""
+        another; a field left None is kept); its metadata afterwards. The version may change
+        (Azure: a new ETag; local: the ctime moves; S3: a copy in place, a new ETag for a
+        multipart object; GCS and a single-part S3 object keep it); the bytes never do."""
 
 
 class PrefixedStore:

@@ -13,9 +13,6 @@ or stalled is a transient failure, retried on a new request.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import io
 import itertools
 import logging
 import os
@@ -42,16 +39,15 @@ except ImportError:  # pragma: no cover - google-cloud-storage 2.x
 from ..errors import (
     AccessDenied,
     BackendError,
-    Conflict,
     FusefsError,
     NotFound,
     StaleVersion,
     TransientError,
 )
 from . import attrs as meta_attrs
+from . import gcs_write
 from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
 from .retry import DEFAULT_RETRY, RetryPolicy
-from .upload_io import UploadReader, UploadSource
 from .verify import refuse_whole, take_range, verify_goog_hash
 
 T = TypeVar("T")
@@ -69,8 +65,7 @@ _PAGE_SIZE = 1000  # the API maximum
 # ``metadata``: the mtime/mode a writer kept (no extra request, a bigger answer only)
 _LIST_FIELDS = ("items(name,size,updated,timeCreated,generation,metadata),prefixes,"
                 "nextPageToken")
-#: Resumable upload chunks are multiples of this (the API's rule).
-_CHUNK_UNIT = 256 << 10
+
 _DENIED = (gexc.Forbidden, gexc.Unauthorized)
 _TRANSIENT = (
     gexc.TooManyRequests,
@@ -421,176 +416,19 @@ class GCSStore:
         except NotFound:
             return  # already absent
 
-    def _generation_match(self, key: str, condition: Condition) -> int | None:
-        """``ifGenerationMatch`` for ``condition`` (a weak version is checked here)."""
-        if condition.absent:
-            return 0
-        if condition.version is None:
-            return None
-        if condition.version.startswith("~"):
-            try:
-                if self.head(key).version != condition.version:
-                    raise Conflict(f"{self._name(key)}: changed")
-            except NotFound:
-                raise Conflict(f"{self._name(key)}: gone") from None
-            return None
-        try:
-            return int(condition.version)
-        except ValueError:
-            raise Conflict(f"{self._name(key)}: {condition.version!r} is not a generation"
-                           ) from None
-
-    def _conflict(self, key: str, exc: StaleVersion, landed: Callable[[Any], bool]) -> Any:
-        """A failed precondition: the object as it now is if ``landed(blob)`` says it is what
-        was sent (a retried request whose first try worked), else Conflict."""
-        blob = self.bucket.blob(key)
-        try:
-            blob.reload(timeout=self._timeout, retry=None)
-        except Exception:
-            blob = None
-        if blob is not None and landed(blob):
-            return blob
-        raise Conflict(f"{self._name(key)}: {exc.message}", cause=exc) from exc
-
     def put_file(
         self, key: str, upload: Upload, *, condition: Condition = Condition(),
         attrs: Attrs | None = None, progress: Callable[[int], None] | None = None,
     ) -> ObjectInfo:
-        what = self._name(key)
-        match = self._generation_match(key, condition)
-        meta = meta_attrs.encode(attrs) or None
-        with UploadSource(upload, self.get_range) as source:
-            if upload.size <= self.part_size:
-                data = source.read(0, upload.size)
-                blob = self.bucket.blob(key)
-                blob.metadata = meta
-                md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
-                try:
-                    self._call(what, lambda: blob.upload_from_string(
-                        data, content_type=_BINARY, if_generation_match=match,
-                        timeout=self._patient_timeout, retry=None))
-                except StaleVersion as exc:
-                    blob = self._conflict(key, exc, lambda b: b.md5_hash == md5)
-                if progress is not None:
-                    progress(len(data))
-                return _info(key, blob)
-            chunk = -(-self.part_size // _CHUNK_UNIT) * _CHUNK_UNIT
-            blob = self.bucket.blob(key, chunk_size=chunk)
-            blob.metadata = meta
-            reader = _Progress(UploadReader(source, chunk), progress)
-            try:
-                # One resumable session; its chunks are retried and resumed by the library
-                # (a new session from our loop would send everything again).
-                blob.upload_from_file(
-                    reader, size=upload.size, content_type=_BINARY, if_generation_match=match,
-                    timeout=self._patient_timeout, retry=_resumable_retry())
-            except StaleVersion as exc:
-                raise Conflict(f"{what}: {exc.message}", cause=exc) from exc
-            except FusefsError:
-                raise
-            except Exception as exc:
-                err = map_gcs_error(exc, what)
-                if isinstance(err, StaleVersion):
-                    raise Conflict(err.message, cause=exc) from exc
-                raise err from exc
-            return _info(key, blob)
+        return gcs_write.put_file(self, key, upload, condition, attrs, progress)
 
     def copy(
         self, src: str, version: str, dst: str, *, condition: Condition = Condition(),
     ) -> ObjectInfo:
-        """A rewrite (looped until done: big objects take several calls), source generation
-        pinned; metadata is copied with the object."""
-        what = self._name(dst)
-        match = self._generation_match(dst, condition)
-        if version.startswith("~"):
-            current = self.head(src)
-            if current.version != version:
-                raise StaleVersion(f"{self._name(src)}: changed")
-            version = current.version
-        try:
-            generation = int(version)
-        except ValueError:
-            raise StaleVersion(f"{self._name(src)}: {version!r} is not a generation") from None
-        source = self.bucket.blob(src, generation=generation)
-        target = self.bucket.blob(dst)
-        token: str | None = None
-
-        def rewrite() -> Any:
-            return target.rewrite(source, token=token, if_generation_match=match,
-                                  if_source_generation_match=generation,
-                                  timeout=self._patient_timeout, retry=None)
-
-        try:
-            while True:
-                token, _done, _total = self._call(what, rewrite)
-                if token is None:
-                    break
-        except (StaleVersion, NotFound) as exc:
-            try:
-                current = self.head(src)
-            except NotFound:
-                raise NotFound(f"{self._name(src)}: not found", cause=exc) from exc
-            if current.version != version:
-                raise StaleVersion(f"{self._name(src)}: changed", cause=exc) from exc
-            if isinstance(exc, NotFound):
-                raise
-            raise Conflict(f"{what}: {exc.message}", cause=exc) from exc
-        return _info(dst, target)
+        return gcs_write.copy(self, src, version, dst, condition)
 
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
-        """A metadata patch under ``ifGenerationMatch`` (the generation, and so the version,
-        stays: the bytes did not change)."""
-        what = self._name(key)
-        blob = self.bucket.blob(key)
-        self._call(what, lambda: blob.reload(timeout=self._timeout, retry=None))
-        if _info(key, blob).version != version:
-            raise Conflict(f"{what}: changed")
-        old = dict(blob.metadata or {})
-        new = meta_attrs.merged(old, attrs)
-        # a patch merges: a key to drop is sent as null
-        blob.metadata = {**{k: None for k in old if k not in new}, **new}
-        try:
-            self._call(what, lambda: blob.patch(
-                if_generation_match=int(version), timeout=self._timeout, retry=None))
-        except StaleVersion as exc:
-            raise Conflict(f"{what}: {exc.message}", cause=exc) from exc
-        return _info(key, blob)
+        return gcs_write.set_attrs(self, key, version, attrs)
 
 
-_BINARY = "application/octet-stream"
-
-
-def _resumable_retry() -> Any:
-    from google.cloud.storage.retry import DEFAULT_RETRY as GCS_RETRY
-
-    return GCS_RETRY
-
-
-class _Progress(io.RawIOBase):
-    """A file object that reports each read's length to ``progress`` (as bytes are sent)."""
-
-    def __init__(self, inner: UploadReader, progress: Callable[[int], None] | None) -> None:
-        super().__init__()
-        self._inner = inner
-        self._progress = progress
-        self._high = 0  # a rewound chunk is not counted twice
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._inner.tell()
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self._inner.seek(offset, whence)
-
-    def read(self, size: int | None = -1) -> bytes:
-        data = self._inner.read(size)
-        end = self._inner.tell()
-        if self._progress is not None and end > self._high:
-            self._progress(end - self._high)
-        self._high = max(self._high, end)
-        return data
+_BINARY = gcs_write.BINARY

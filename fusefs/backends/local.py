@@ -21,9 +21,17 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 
-from ..errors import AccessDenied, BackendError, Conflict, FusefsError, NotFound, StaleVersion
+from ..errors import (
+    AccessDenied,
+    BackendError,
+    Conflict,
+    FusefsError,
+    NoSpace,
+    NotFound,
+    StaleVersion,
+)
 from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
-from .upload_io import _pieces
+from .upload_io import pieces
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # a link met while walking (ELOOP), or a file where a folder was expected: no such key
 _ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+# a file system without hard links
+_NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
 #: Files being written are named so, in their destination folder; listings skip them.
 TMP_PREFIX = ".fusefs-tmp-"
 
@@ -56,9 +66,19 @@ def _ns(seconds: float) -> int:
     return whole * 1_000_000_000 + round((seconds - whole) * 1e9)
 
 
+def _exists(name: str, dfd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _map_os_error(exc: OSError, what: str) -> FusefsError:
     if exc.errno in _ABSENT:
         return NotFound(f"{what}: not found", cause=exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"{what}: {exc.strerror}", cause=exc)
     if isinstance(exc, PermissionError):
         return AccessDenied(f"{what}: permission denied", cause=exc)
     return BackendError(f"{what}: {exc.strerror or exc}", cause=exc)
@@ -246,7 +266,15 @@ class LocalStore:
                     os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
                 except FileExistsError:
                     raise Conflict(f"{key}: exists") from None
-                os.unlink(tmp, dir_fd=dfd)
+                except OSError as exc:
+                    if exc.errno not in _NO_LINKS:
+                        raise
+                    # no hard links here (FAT, some network file systems): check, then rename
+                    if _exists(name, dfd):
+                        raise Conflict(f"{key}: exists") from None
+                    os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                else:
+                    os.unlink(tmp, dir_fd=dfd)
             else:
                 if condition.version is not None:
                     try:
@@ -342,7 +370,7 @@ class LocalStore:
         def fill(fd: int) -> None:
             os.ftruncate(fd, upload.size)  # holes read as zeros
             staged = os.fstat(src).st_size
-            for a, b, from_base in _pieces(upload, 0, upload.size):
+            for a, b, from_base in pieces(upload, 0, upload.size):
                 if from_base:
                     assert base is not None
                     _copy_range(base, fd, a, b, key)

@@ -106,6 +106,15 @@ def is_weak(version: str) -> bool:
     return version.startswith("~")
 
 
+def _is_aws(endpoint_url: str | None) -> bool:
+    """True for AWS itself (no endpoint, or an ``*.amazonaws.com`` one: a region, FIPS or
+    VPC endpoint), which enforces conditional writes; False for any other server."""
+    if not endpoint_url:
+        return True
+    host = (urlsplit(endpoint_url).hostname or "").lower()
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
+
+
 def map_s3_error(exc: BaseException, what: str) -> FusefsError:
     """Translate a botocore failure into the fusefs error family (messages carry no secrets)."""
     if isinstance(exc, botocore.exceptions.ClientError):
@@ -310,7 +319,7 @@ class S3Store:
     ) -> None:
         self.bucket = bucket
         self.source_id = f"s3://{bucket}" if not endpoint_url else f"s3+{endpoint_url}/{bucket}"
-        self.enforces_conditions = endpoint_url is None
+        self.enforces_conditions = _is_aws(endpoint_url)
         self.part_size = part_size
         self.parts = parts
         self._retry = retry

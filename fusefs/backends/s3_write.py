@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import Conflict, FusefsError, NotFound, StaleVersion
 from . import attrs as meta_attrs
 from .base import Attrs, Condition, ObjectInfo, Upload
-from .upload_io import UploadSource, inside_copy, plan_parts
+from .upload_io import UploadSource, inside_copy, plan_parts, run_parts
 
 if TYPE_CHECKING:
     from .s3 import S3Store
@@ -107,40 +105,6 @@ def _multipart_etag(etags: list[str]) -> str | None:
     return f"{digest.hexdigest()}-{len(etags)}"
 
 
-class _Skipped(Exception):
-    """A part not sent because another one failed."""
-
-
-def _run_parts(n_workers: int, jobs: Sequence[Callable[[], str]]) -> list[str]:
-    """Run ``jobs`` on ``n_workers`` threads, results in order; on the first failure the jobs
-    not started are dropped, the running ones finish, then the error is raised."""
-    failed = threading.Event()
-
-    def guarded(job: Callable[[], str]) -> str:
-        if failed.is_set():
-            raise _Skipped()
-        try:
-            return job()
-        except BaseException:
-            failed.set()
-            raise
-
-    pool = ThreadPoolExecutor(max(1, min(n_workers, len(jobs))), thread_name_prefix="s3-part")
-    futures: list[Future[str]] = []
-    try:
-        futures = [pool.submit(guarded, job) for job in jobs]
-        pool.shutdown(wait=True)
-    except BaseException:
-        failed.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    for f in futures:
-        err = None if f.cancelled() else f.exception()
-        if err is not None and not isinstance(err, _Skipped):
-            raise err
-    return [f.result() for f in futures]
-
-
 def _abort(store: S3Store, key: str, upload_id: str) -> None:
     try:
         store._call(store._name(key), store.client.abort_multipart_upload,
@@ -155,17 +119,21 @@ def _abort(store: S3Store, key: str, upload_id: str) -> None:
 def _multipart(
     store: S3Store, key: str, plan: list[tuple[int, int]],
     part: Callable[[str, int, int, int], str], create: dict[str, Any], cond: dict[str, str],
+    check: Callable[[], None] | None = None,
 ) -> tuple[Any, str | None]:
     """Create a multipart upload, send every part of ``plan`` with ``part(upload_id, number,
-    start, end)`` (parallel), complete it under ``cond``; aborted on any failure. The
-    completion's answer and the ETag the object should have."""
+    start, end)`` (parallel), run ``check()`` (it raises to refuse), complete it under
+    ``cond``; aborted on any failure. The completion's answer and the ETag the object
+    should have."""
     what = store._name(key)
     r = store._call(what, store.client.create_multipart_upload,
                     Bucket=store.bucket, Key=key, **create)
     upload_id = r["UploadId"]
     try:
         jobs = [functools.partial(part, upload_id, n, s, e) for n, (s, e) in enumerate(plan, 1)]
-        etags = _run_parts(store.parts, jobs)
+        etags = run_parts(store.parts, jobs)
+        if check is not None:
+            check()
         expected = _multipart_etag(etags)
         done = _conditional(store, key, expected, lambda: store._call(
             what, store.client.complete_multipart_upload, Bucket=store.bucket, Key=key,
@@ -186,6 +154,19 @@ def _copy_part(store: S3Store, key: str, src: str, version: str, upload_id: str,
                     CopySourceRange=f"bytes={start}-{end - 1}",
                     CopySourceIfMatch=_quoted(version))
     return str(r["CopyPartResult"]["ETag"])
+
+
+def _base_unchanged(store: S3Store, key: str, version: str) -> Callable[[], None] | None:
+    """Where the server may ignore ``x-amz-copy-source-if-match`` (rclone's does), a HEAD
+    after the parts are copied: the source still has ``version``, so every copied part had
+    it (an ETag names one content). None on AWS, which enforces it."""
+    if store.enforces_conditions:
+        return None
+
+    def check() -> None:
+        _source(store, key, version)
+
+    return check
 
 
 def put_file(store: S3Store, key: str, upload: Upload, condition: Condition,
@@ -220,7 +201,9 @@ def put_file(store: S3Store, key: str, upload: Upload, condition: Condition,
                 return etag
 
             plan = plan_parts(upload.size, max(store.part_size, MIN_PART), MAX_PARTS)
-            r, _ = _multipart(store, key, plan, part, {"Metadata": meta}, cond)
+            r, _ = _multipart(store, key, plan, part, {"Metadata": meta}, cond,
+                              _base_unchanged(store, upload.base_key, upload.base_version)
+                              if can_copy else None)
     mtime, mode = meta_attrs.decode(meta)
     return ObjectInfo(key, upload.size, time.time(), etag_version(r.get("ETag", "")), mtime, mode)
 
@@ -272,7 +255,8 @@ def _server_copy(store: S3Store, src: str, version: str, dst: str, head: Any,
                 return _copy_part(store, dst, src, version, upload_id, n, start, end)
 
             plan = plan_parts(size, COPY_PART, MAX_PARTS)
-            r, _ = _multipart(store, dst, plan, part, create, cond)
+            r, _ = _multipart(store, dst, plan, part, create, cond,
+                              _base_unchanged(store, src, version))
     except Conflict:
         _source(store, src, version)  # the source changed (StaleVersion) or is gone (NotFound)
         raise

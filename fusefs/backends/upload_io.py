@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import BackendError, NotFound
 from .base import Upload
@@ -38,7 +40,7 @@ def inside_copy(upload: Upload, start: int, end: int) -> bool:
     return any(a <= start and end <= b for a, b in upload.copy)
 
 
-def _pieces(upload: Upload, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+def pieces(upload: Upload, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
     """``[start, end)`` cut into ``(start, end, from_base)`` pieces, in order."""
     pos = start
     for a, b in upload.copy:
@@ -54,6 +56,40 @@ def _pieces(upload: Upload, start: int, end: int) -> Iterator[tuple[int, int, bo
         pos = stop
     if pos < end:
         yield pos, end, False
+
+
+class _Skipped(Exception):
+    """A part not sent because another one failed."""
+
+
+def run_parts(n_workers: int, jobs: Sequence[Callable[[], str]]) -> list[str]:
+    """Run ``jobs`` on ``n_workers`` threads, results in order; on the first failure the jobs
+    not started are dropped, the running ones finish, then the error is raised."""
+    failed = threading.Event()
+
+    def guarded(job: Callable[[], str]) -> str:
+        if failed.is_set():
+            raise _Skipped()
+        try:
+            return job()
+        except BaseException:
+            failed.set()
+            raise
+
+    pool = ThreadPoolExecutor(max(1, min(n_workers, len(jobs))), thread_name_prefix="upload-part")
+    futures: list[Future[str]] = []
+    try:
+        futures = [pool.submit(guarded, job) for job in jobs]
+        pool.shutdown(wait=True)
+    except BaseException:
+        failed.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    for f in futures:
+        err = None if f.cancelled() else f.exception()
+        if err is not None and not isinstance(err, _Skipped):
+            raise err
+    return [f.result() for f in futures]
 
 
 class UploadSource:
@@ -91,7 +127,7 @@ class UploadSource:
         if end <= start:
             return b""
         out: list[bytes] = []
-        for a, b, from_base in _pieces(self.upload, start, end):
+        for a, b, from_base in pieces(self.upload, start, end):
             if from_base:
                 data = self._get(self.upload.base_key, a, b - a, self.upload.base_version)
                 if len(data) != b - a:

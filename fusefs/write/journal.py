@@ -6,13 +6,15 @@ crash or a reboot the next mount of the same source finds every closed file and 
 file whose writer never closed it (state ``open`` at start) is not uploaded: it is kept, as
 failed, for the user to look at. Rows are removed once their upload succeeded.
 
-SQLite in WAL mode with ``synchronous=FULL``: a committed row survives power loss. Every call
-takes the journal's lock, so worker threads may share it.
+SQLite in WAL mode with ``synchronous=NORMAL``: a committed row survives the daemon being
+killed at once, and a power loss once the WAL is synced (at the next durable sync before an
+upload, or a checkpoint). Every call takes the journal's lock, so worker threads may share it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from dataclasses import asdict, dataclass, field
@@ -58,9 +60,12 @@ class Journal:
 
     def __init__(self, path: str) -> None:
         self._lock = threading.Lock()
+        # private whatever the umask (SQLite gives its -wal and -shm files the same mode)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        os.chmod(path, 0o600)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
 
     def save(self, rec: Record) -> None:

@@ -19,6 +19,7 @@ record snapshot. An upload reading a staged file sets ``busy``; changes wait for
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -57,7 +58,8 @@ class StagedFile:
         self.fd = fd
         self.gen = 0
         self.uploaded_gen = 0
-        self.synced_gen = 0  # data synced and journaled up to this change
+        self.synced_gen = 0  # journaled up to this change
+        self.durable_gen = 0  # data synced to disk (fdatasync) and journaled up to this change
         self.writers = 0  # open write handles
         self.handles = 0  # open handles of any kind
         self.busy: trio.Event | None = None  # an upload is reading the data file
@@ -69,9 +71,8 @@ class StagedFile:
         self.nudge = trio.Event()  # wakes a failed file's task (``sync`` retries it)
         self.failed_gen = -1  # the change whose last upload attempt failed
         self.attempts = 0  # upload attempts finished (either way)
-        #: the change a flush or fsync asked to upload even while write handles are open (-1:
-        #: none); written past it, the file waits for its next flush or last close
-        self.flush_gen = -1
+        #: upload even while write handles are open (fsync, flush); else wait for the last
+        self.flush_requested = False
 
     @property
     def key(self) -> str:
@@ -179,19 +180,96 @@ class StagedFile:
         rec.state = "done"
 
 
+class StagedIndex(dict[str, StagedFile]):
+    """Staged files by key, with how many are under each folder and which keys sit directly in
+    each: a lookup or a folder listing asks in O(1), not by scanning every staged file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.below: collections.Counter[str] = collections.Counter()
+        self.children: dict[str, set[str]] = collections.defaultdict(set)
+
+    @staticmethod
+    def _folders(key: str) -> list[str]:
+        parts = key.split("/")[:-1]
+        return [""] + ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+    def __setitem__(self, key: str, sf: StagedFile) -> None:
+        if key not in self:
+            for f in self._folders(key):
+                self.below[f] += 1
+            self.children[key.rpartition("/")[0]].add(key)
+        super().__setitem__(key, sf)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        for f in self._folders(key):
+            self.below[f] -= 1
+            if not self.below[f]:
+                del self.below[f]
+        parent = key.rpartition("/")[0]
+        self.children[parent].discard(key)
+        if not self.children[parent]:
+            del self.children[parent]
+
+    def has_under(self, folder: str) -> bool:
+        """Is any file staged below folder ``folder`` (a path, "" for the root)?"""
+        return self.below.get(folder, 0) > 0
+
+    def in_folder(self, folder: str) -> tuple[list[StagedFile], set[str]]:
+        """Staged files directly in ``folder``, and names of its sub-folders holding some."""
+        files = [self[k] for k in self.children.get(folder, ())]
+        n = len(folder) + 1 if folder else 0
+        subs = {f[n:].split("/", 1)[0] for f in self.below
+                if f and f.rpartition("/")[0] == folder} if len(self) > len(files) else set()
+        return files, subs
+
+
 class Staging:
     """The staging directory of one mount and the staged files in it, by key."""
 
     def __init__(self, cache_dir: str, source_id: str) -> None:
-        top = os.path.join(cache_dir, STAGING)
-        os.makedirs(top, mode=0o700, exist_ok=True)
-        self.top = top
+        self.cache_dir = cache_dir
+        self.top = os.path.join(cache_dir, STAGING)
         self.tag = hashlib.sha256(source_id.encode()).hexdigest()[:16]
-        self.dir, self._lock_fd = self._claim(top)
-        self.journal = Journal(os.path.join(self.dir, "journal.db"))
-        self.files: dict[str, StagedFile] = {}
+        #: where this source's attributes memory lives (see fusefs.attrmemory)
+        self.attrs_path = os.path.join(self.top, self.tag, "attrs.json")
+        self._dir: str | None = None
+        self._journal: Journal | None = None
+        self._lock_fd = -1
+        self.files = StagedIndex()
         #: staged files not reachable by key (unlinked while open, or failed and replaced)
         self.detached: set[StagedFile] = set()
+
+    def _open(self) -> None:
+        """Claim a directory (made on the first write: a mount that only reads leaves the
+        cache directory alone)."""
+        if self._dir is None:
+            os.makedirs(self.top, mode=0o700, exist_ok=True)
+            self._dir, self._lock_fd = self._claim(self.top)
+            self._journal = Journal(os.path.join(self._dir, "journal.db"))
+
+    @property
+    def dir(self) -> str:
+        self._open()
+        assert self._dir is not None
+        return self._dir
+
+    @property
+    def journal(self) -> Journal:
+        self._open()
+        assert self._journal is not None
+        return self._journal
+
+    def disk_path(self) -> str:
+        """An existing directory on the staging area's file system (for free space)."""
+        for p in (self.top, self.cache_dir):
+            if os.path.isdir(p):
+                return p
+        parent = os.path.dirname(os.path.abspath(self.cache_dir))
+        while not os.path.isdir(parent):
+            parent = os.path.dirname(parent)
+        return parent
 
     def _claim(self, top: str) -> tuple[str, int]:
         """Lock our directory: ``<tag>`` if free, else a new ``<tag>.<random>``."""
@@ -210,6 +288,9 @@ class Staging:
     def recover(self) -> list[StagedFile]:
         """Staged files left by an earlier mount of this source (ours and unlocked
         siblings'), loaded into this directory. A file never closed is kept as failed."""
+        if not os.path.isdir(self.top) or not any(
+                n.startswith(self.tag) for n in os.listdir(self.top)):
+            return []
         self._adopt_siblings()
         out = []
         for rec in self.journal.load():
@@ -226,7 +307,13 @@ class Staging:
                 rec.error = "the program writing it never closed it (crash?): not uploaded"
             sf = StagedFile(rec, path, fd)
             sf.gen = 1
-            sf.synced_gen = 1
+            sf.synced_gen = sf.durable_gen = 1
+            if rec.state != "failed":
+                size = os.fstat(fd).st_size
+                if size != rec.size:  # a power loss took data the journal row describes
+                    rec.state = "failed"
+                    rec.error = (f"the staged data is {size} bytes, {rec.size} were written "
+                                 "(lost in a crash?): not uploaded")
             if rec.key in self.files:  # two versions of one key: the newer wins the name
                 self.detached.add(self.files[rec.key])
             self.files[rec.key] = sf
@@ -312,12 +399,17 @@ class Staging:
         sf.rec.state = state if sf.rec.state not in ("failed", "conflict") else sf.rec.state
         return dataclasses.replace(sf.rec, dirty=list(sf.rec.dirty)), sf.gen
 
-    def sync(self, sf: StagedFile, rec: Record) -> None:
-        """Worker thread: make the data durable, then journal ``rec``."""
-        try:
-            os.fdatasync(sf.fd)
-        except OSError as exc:
-            raise _os_error(exc, sf.key) from None
+    def sync(self, sf: StagedFile, rec: Record, durable: bool = True) -> None:
+        """Worker thread: journal ``rec``; ``durable``: sync the data to disk first.
+
+        Without it (at ``close``) the row survives the daemon being killed (SQLite WAL) and
+        the data is in the page cache, as a local file's is after ``close``; the data is
+        synced before its upload starts, which bounds what a power loss can take."""
+        if durable:
+            try:
+                os.fdatasync(sf.fd)
+            except OSError as exc:
+                raise _os_error(exc, sf.key) from None
         self.journal.save(rec)
 
     def remove(self, sf: StagedFile) -> None:
@@ -347,6 +439,8 @@ class Staging:
         for sf in list(self.files.values()) + list(self.detached):
             with contextlib.suppress(OSError):
                 os.close(sf.fd)
-        self.journal.close()
-        with contextlib.suppress(OSError):
-            os.close(self._lock_fd)
+        if self._journal is not None:
+            self._journal.close()
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)

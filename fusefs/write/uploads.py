@@ -110,12 +110,11 @@ class Uploads:
                     await sf.nudge.wait()
                 sf.nudge = trio.Event()
             while sf.needs_upload:
-                if sf.writers and sf.flush_gen != sf.gen:
-                    # still being written (`cmd > FILE` closes a dup of it before writing):
-                    # its next flush or last close queues it again
-                    break
-                if sf.synced_gen != sf.gen:  # journal what is about to be uploaded first
-                    await self.sync(sf)
+                if sf.writers and not sf.flush_requested:
+                    break  # still being written: its flush or last close queues it again
+                sf.flush_requested = False
+                if sf.durable_gen != sf.gen:  # on disk and journaled before it goes
+                    await self.sync(sf, durable=True)
                 wait = await self._attempt(sf)
                 if wait is None:
                     continue
@@ -127,12 +126,14 @@ class Uploads:
             sf.queued = False
             sf.signal()
 
-    async def sync(self, sf: StagedFile) -> None:
-        """Make ``sf``'s data durable and journal it (state pending)."""
+    async def sync(self, sf: StagedFile, durable: bool = False) -> None:
+        """Journal ``sf`` (state pending); ``durable``: its data synced to disk first."""
         await sf.idle()
         rec, gen = self.staging.snapshot(sf)
-        await threads.run_sync(self.staging.sync, sf, rec)
+        await threads.run_sync(self.staging.sync, sf, rec, durable)
         sf.synced_gen = max(sf.synced_gen, gen)
+        if durable:
+            sf.durable_gen = max(sf.durable_gen, gen)
 
     async def _attempt(self, sf: StagedFile) -> float | None:
         """One upload of ``sf``; None when done (or nothing to do), else seconds to wait
@@ -146,10 +147,16 @@ class Uploads:
             rec = Record(**{**sf.rec.__dict__, "dirty": list(sf.rec.dirty)})
             copy = sf.copy_ranges()
             self.in_flight += 1
+            started = trio.current_time()
+            log.debug("uploading %s: %d bytes (change %d, %d copy ranges)", rec.key, rec.size,
+                      gen, len(copy))
             try:
                 info = await threads.run_sync(self._put, sf, rec, copy)
             except (Conflict, StaleVersion) as exc:
-                return await self._conflict(sf, rec, copy, exc)
+                mine = await self._already_there(rec)
+                if mine is None:
+                    return await self._conflict(sf, rec, copy, exc)
+                info = mine
             except Exception as exc:  # noqa: BLE001 - kept and retried, whatever it was
                 return self._failed(sf, gen, exc)
             finally:
@@ -157,6 +164,8 @@ class Uploads:
                 sf.attempts += 1
                 busy, sf.busy = sf.busy, None
                 busy.set()
+        log.debug("uploaded %s: %d bytes in %.2f s", rec.key, rec.size,
+                  trio.current_time() - started)
         self.done += 1
         self.bytes += rec.size
         self.failed.discard(sf)
@@ -166,6 +175,20 @@ class Uploads:
         sf.uploaded(info, gen)
         self.on_uploaded(sf, info, gen)
         sf.signal()
+        return None
+
+    async def _already_there(self, rec: Record) -> ObjectInfo | None:
+        """The object at ``rec.key`` if it is this very upload (the store has it, but the
+        answer was lost, or the daemon died before journaling it): same size and the exact
+        ``mtime`` metadata this file was sent with."""
+        try:
+            now = await threads.run_sync(self.store.head, rec.key)
+        except Exception:  # noqa: BLE001 - then it is a conflict
+            return None
+        if (now.size == rec.size and now.meta_mtime is not None
+                and abs(now.meta_mtime - rec.mtime) < 1e-6):
+            log.info("%s: already in the store (an earlier attempt got through)", rec.key)
+            return now
         return None
 
     def _condition(self, expect: str | None) -> Condition:
@@ -246,7 +269,7 @@ class Uploads:
         UploadFailed if that attempt fails."""
         target, mark = sf.gen, sf.attempts
         if sf.needs_upload:
-            sf.flush_gen = sf.gen
+            sf.flush_requested = True
             sf.nudge.set()
             self.queue(sf)
         while True:

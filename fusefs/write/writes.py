@@ -21,10 +21,12 @@ staged file wait while an upload reads it (``StagedFile.idle``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
 from .. import threads
+from ..attrmemory import AttrMemory
 from ..backends.base import Attrs, Condition, ObjectInfo, ObjectStore
 from ..config import Settings
 from ..errors import (
@@ -40,7 +42,7 @@ from ..errors import (
     NotPermitted,
     ReadOnly,
 )
-from ..folders import join, prefix_of, valid_name
+from ..folders import join, valid_name
 from ..reader import SeqState
 from .staging import StagedFile, Staging
 from .uploads import WRITE_BACK_DELAY, Uploads
@@ -74,6 +76,7 @@ class Writes:
         #: paths unlinked while open: hidden; their object is deleted at the last close
         self.hidden: dict[str, ObjectInfo] = {}
         fs.writes = self
+        fs.folders.attrs = AttrMemory(staging.attrs_path)
 
     def start(self, nursery: object) -> None:
         for sf in self.staging.recover():
@@ -105,15 +108,14 @@ class Writes:
               entries: list[tuple[str, bool, ObjectInfo | None]]
               ) -> list[tuple[str, bool, ObjectInfo | None]]:
         """A folder listing with this mount's staged files added and hidden names removed."""
-        pre = prefix_of(dir_path)
         extra: dict[str, tuple[str, bool, ObjectInfo | None]] = {}
-        for sf in self.staging.under(pre):
-            rest = sf.key[len(pre):]
-            if "/" in rest:
-                sub = rest.split("/", 1)[0]
-                extra.setdefault(sub, (sub, True, None))
-            else:
-                extra[rest] = (rest, False, self.info_of(sf))
+        if self.staging.files.has_under(dir_path):
+            files, subs = self.staging.files.in_folder(dir_path)
+            for sub in subs:
+                extra[sub] = (sub, True, None)
+            for sf in files:
+                name = sf.key.rpartition("/")[2]
+                extra[name] = (name, False, self.info_of(sf))
         if not extra and not self.hidden:
             return entries
         out = []
@@ -139,7 +141,7 @@ class Writes:
             return False, self.info_of(sf)
         if path in self.hidden:
             raise NotFound(f"{path}: no such file or directory")
-        if self.staging.under(path + "/"):
+        if self.staging.files.has_under(path):
             return True, None
         return None
 
@@ -260,16 +262,15 @@ class Writes:
         return sf.write(offset, data)
 
     async def flush(self, sf: StagedFile) -> None:
-        """``close`` of a write handle: the data durable on local disk and queued (with
-        ``--sync-uploads``: in the store, else UploadFailed)."""
+        """``close`` of a write handle: the data durable on local disk (with
+        ``--sync-uploads``: in the store, else UploadFailed). The upload itself starts at the
+        last close (``release``): a ``close`` of one of several descriptors (``dd`` dups its
+        output and closes the original first) must not upload half a file."""
         if not sf.needs_upload:
             return
         await self.uploads.sync(sf)
-        sf.flush_gen = sf.gen
         if self.settings.sync_uploads:
             await self.uploads.wait_file(sf)
-        else:
-            self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
 
     async def fsync(self, sf: StagedFile) -> None:
         if sf.needs_upload:
@@ -277,20 +278,21 @@ class Writes:
         await self.uploads.wait_file(sf)
 
     async def release(self, sf: StagedFile, writable: bool) -> None:
+        """The last close of a handle: when the last writer goes, the upload is queued
+        (write-back); when the last handle goes, an uploaded file leaves the staging area."""
         sf.handles -= 1
         if writable:
             sf.writers -= 1
+            if sf.writers == 0 and sf.needs_upload and not sf.unlinked:
+                if sf.synced_gen != sf.gen:
+                    await self.uploads.sync(sf)
+                self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
         if sf.handles > 0:
             return
         if sf.unlinked:
             await self._drop(sf)
-            return
-        if sf.needs_upload:
-            if sf.writers == 0 and not sf.queued:
-                await self.uploads.sync(sf)
-                self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
-            return
-        if not sf.queued and sf.rec.state not in ("failed", "conflict"):
+        elif not sf.needs_upload and not sf.queued and sf.rec.state not in ("failed",
+                                                                             "conflict"):
             await self._retire(sf, seed=True)
 
     async def truncate(self, node: object, size: int, sf: StagedFile | None) -> None:
@@ -342,11 +344,18 @@ class Writes:
         sent = self.fs.clock()
         new = await threads.run_sync(self.store.set_attrs, node.path, info.version, attrs,
                                      limiter=self.fs.folders.meta_limiter)
+        if new.meta_mtime is None:
+            new = dataclasses.replace(new, meta_mtime=attrs.mtime, mode=attrs.mode)
+        self.fs.folders.attrs.remember(new)
+        self.fs.folders.note(new.key, new)
         self.fs.observed(node.path, new, sent, same_bytes=True)
 
     # --- after an upload -----------------------------------------------------------------
 
     def _uploaded(self, sf: StagedFile, info: ObjectInfo, gen: int) -> None:
+        if info.meta_mtime is None:  # what was sent, if the answer did not say
+            info = dataclasses.replace(info, meta_mtime=sf.rec.mtime, mode=sf.rec.mode)
+        self.fs.folders.attrs.remember(info)
         if sf.unlinked:
             return
         self.fs.observed(info.key, info, self.fs.clock(), same_bytes=True)
@@ -431,7 +440,7 @@ class Writes:
             raise NotFound(f"{path}: no such directory")
         if not found[0]:
             raise NotADirectory(f"{path} is not a directory")
-        if self.staging.under(path + "/"):
+        if self.staging.files.has_under(path):
             raise NotEmpty(f"{path}: not empty")
         page = await threads.run_sync(
             lambda: next(iter(self.store.list(path + "/", max_keys=2)), None),
@@ -507,7 +516,7 @@ class Writes:
             if (new + "/").startswith(old + "/"):
                 raise InvalidArgument(f"cannot move {old} into itself")
             if dst is not None:
-                if self.staging.under(new + "/"):
+                if self.staging.files.has_under(new):
                     raise NotEmpty(f"{new}: not empty")
                 await self.rmdir(new_parent, new_name)
             await self._rename_dir(old, new)
@@ -555,6 +564,9 @@ class Writes:
             lambda: self.store.copy(old, info.version, new, condition=cond),
             limiter=self.fs.folders.meta_limiter)
         await self._delete_object(old)
+        if new_info.meta_mtime is None and (info.meta_mtime is not None or info.mode is not None):
+            new_info = dataclasses.replace(new_info, meta_mtime=info.meta_mtime, mode=info.mode)
+        self.fs.folders.attrs.remember(new_info)
         self.fs.folders.note(old, False)
         self.fs.folders.note(new, new_info)
         return new_info
