@@ -269,9 +269,14 @@ def test_tar_x_keeps_bytes_mtimes_and_modes(store: Bucket, mount: Mount, tmp_pat
         mtime, mode = stored_attrs(b, f"x/{name}")
         assert mtime == meta[name][0] and mode == meta[name][1], name
     assert {k for k in stored(b, "x/") if not k.endswith("/")} == {f"x/{n}" for n in files}
-    # a fresh mount: tar itself compares every member's bytes, size, mode and mtime
     m2 = remount(m, mount, b, tmp_path / "cache2")
-    run("tar", "--compare", "-f", tmp_path / "a.tar", "-C", m2.path / "x")
+    if b.kind in ("local", "gcs"):
+        # tar itself compares every member's bytes, size, mode and mtime
+        run("tar", "--compare", "-f", tmp_path / "a.tar", "-C", m2.path / "x")
+    else:  # S3 listings carry no metadata: a fresh cache shows LastModified (see rsync's)
+        (tmp_path / "ref").mkdir()
+        run("tar", "xf", tmp_path / "a.tar", "-C", tmp_path / "ref")
+        run("diff", "-r", tmp_path / "ref", m2.path / "x")
 
 
 def rsync_stats(out: str) -> int:

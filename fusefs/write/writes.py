@@ -572,7 +572,8 @@ class Writes:
         return new_info
 
     async def _rename_dir(self, old: str, new: str) -> None:
-        keys = await threads.run_sync(self._walk, old + "/", limiter=self.fs.folders.meta_limiter)
+        keys, folders = await threads.run_sync(self._walk, old + "/",
+                                               limiter=self.fs.folders.meta_limiter)
         if len(keys) > self.settings.rename_limit:
             raise CrossDevice(f"{old}: {len(keys)} objects, more than rename_limit "
                               f"({self.settings.rename_limit}); mv copies instead")
@@ -592,24 +593,33 @@ class Writes:
         if not any(k.key == old + "/" for k in keys):
             await threads.run_sync(self.store.put, new + "/", b"",
                                    limiter=self.fs.folders.meta_limiter)
+        # Folders listed without a marker object: on S3 nothing is left of them, but a local
+        # bucket's are directories, which would stay behind empty (deepest first).
+        markers = {k.key for k in keys}
+        for p in sorted(folders, key=len, reverse=True):
+            if p not in markers:
+                await self._delete_object(p)
         self.fs.folders.forget_tree(old)
         self.fs.folders.forget_tree(new)
         self.fs.folders.note(old + "/", False)
         self.fs.folders.note(new + "/", None)
         self.fs.move_path(old, new)
 
-    def _walk(self, prefix: str) -> list[ObjectInfo]:
-        """Worker thread: every object under ``prefix`` (markers included), recursively."""
+    def _walk(self, prefix: str) -> tuple[list[ObjectInfo], list[str]]:
+        """Worker thread: every object under ``prefix`` (markers included), recursively, and
+        the folders (``prefix`` and those below it)."""
         out: list[ObjectInfo] = []
         todo = [prefix]
+        folders = []
         while todo:
             p = todo.pop()
+            folders.append(p)
             for page in self.store.list(p):
                 out.extend(page.objects)
                 todo.extend(page.prefixes)
             if len(out) > self.settings.rename_limit:
                 break
-        return out
+        return out, folders
 
     # --- chown --------------------------------------------------------------------------
 
