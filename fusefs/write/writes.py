@@ -72,7 +72,8 @@ class Writes:
         self.staging = staging
         self.control_name = control_name
         self.uploads = Uploads(store, staging, parallel=settings.uploads,
-                               on_uploaded=self._uploaded, on_conflict=self._conflicted)
+                               on_uploaded=self._uploaded, on_conflict=self._conflicted,
+                               read_base=self._read_base)
         #: paths unlinked while open: hidden; their object is deleted at the last close
         self.hidden: dict[str, ObjectInfo] = {}
         fs.writes = self
@@ -256,6 +257,10 @@ class Writes:
                                                        _scratch_seq()))
                 parts.append(data)
         return b"".join(parts)
+
+    async def _read_base(self, base: ObjectInfo, offset: int, size: int) -> bytes:
+        """Bytes of a base object for an upload, through the block cache."""
+        return bytes(await self.fs.reader.read(base, offset, size, SeqState()))
 
     async def write(self, sf: StagedFile, offset: int, data: bytes) -> int:
         await sf.idle()
