@@ -171,7 +171,7 @@ def is_upload(r: Request) -> bool:
 
 
 def make_tree(root: Path, seed: int = 0) -> dict[str, bytes]:
-    """A small tree of files (empty to 3 MiB, odd names, an empty folder, fixed mtimes and
+    """A small tree of files (empty to 1 MiB, odd names, an empty folder, fixed mtimes and
     modes); returns relative path -> bytes."""
     rng = random.Random(seed)
     files: dict[str, bytes] = {}
