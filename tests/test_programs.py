@@ -826,7 +826,7 @@ def test_cp_r_while_the_server_fails_uploads_for_a_while(store: Bucket, mount: M
     assert b.proxy is not None
     files = make_tree(tmp_path / "src", seed=9)
     m = mount(b)
-    b.proxy.faults(0.4, ["503", "500", "reset"], predicate=lambda r: r.method in ("PUT", "POST"),
+    b.proxy.faults(0.3, ["503", "500", "reset"], predicate=lambda r: r.method in ("PUT", "POST"),
                    seed=3)
     try:
         run("cp", "-r", tmp_path / "src", m.path / "t")
