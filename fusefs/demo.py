@@ -1,5 +1,6 @@
 """The demo: an embedded S3-compatible server (moto) seeded with sample files, mounted with
-fusefs, read through cold and warm, stats shown, unmounted. ``python -m fusefs.demo``."""
+fusefs, read through cold and warm, a file written back, stats shown, unmounted.
+``python -m fusefs.demo``."""
 
 from __future__ import annotations
 
@@ -73,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
             files, n, warm = _read_tree(mnt, drop_page_cache=True)
             print(f"* warm read (from the block cache): {warm:.2f} s "
                   f"({n / 2**20 / warm:.1f} MiB/s, {cold / warm:.1f}x faster)")
+            out = mnt / "results" / "summary.txt"
+            print(f"$ mkdir {out.parent}; echo ... > {out}; fusefs sync {mnt}")
+            out.parent.mkdir()
+            out.write_text(f"read {files} files, {n} bytes\n")
+            subprocess.run([*fusefs, "sync", str(mnt)], env=env, check=True,
+                           stderr=subprocess.DEVNULL)
+            body = s3.get_object(Bucket="demo", Key="results/summary.txt")["Body"].read()
+            print("* in the bucket (read with boto3): s3://demo/results/summary.txt = "
+                  + body.decode().strip())
             print(f"$ fusefs stats {mnt}")
             subprocess.run([*fusefs, "stats", str(mnt)], env=env, check=True)
             print(f"$ fusefs unmount {mnt}")
