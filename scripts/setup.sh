@@ -20,6 +20,8 @@ apt_install() {  # apt_install PKG...: install those not installed yet
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 apt_install fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
+# programs tests/test_programs.py runs on real mounts (each test skips if its program is missing)
+apt_install sqlite3 rsync git vim || echo "setup: test programs not installed; their tests will be skipped" >&2
 if [ -z "${FUSEFS_NO_AZURITE:-}" ] && ! command -v npm >/dev/null 2>&1; then
     apt_install nodejs npm || echo "setup: nodejs/npm not installed; the Azure tests will be skipped" >&2
 fi

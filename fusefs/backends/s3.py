@@ -158,6 +158,10 @@ def map_s3_error(exc: BaseException, what: str) -> FusefsError:
 #: Read timeout of a listing's retries: a big prefix (or many delete markers) may take a server
 #: a while before its first byte; the first attempt has the stall timeout, as everything.
 LIST_TIMEOUT = 10.0
+#: Read timeout of writes (a part, a completion, a copy): the server answers only once it has
+#: stored the body, or copied or assembled the parts, which on a busy S3-compatible server takes
+#: far longer than the stall timeout of a GET (each part then failed every attempt).
+WRITE_TIMEOUT = 60.0
 
 
 @dataclass(slots=True)
@@ -349,6 +353,11 @@ class S3Store:
                 "s3",
                 endpoint_url=endpoint_url,
                 config=config.merge(Config(read_timeout=max(stall_timeout, LIST_TIMEOUT))),
+            )
+            self._writer: Any = session.client(  # uploads, completions, copies (s3_write)
+                "s3",
+                endpoint_url=endpoint_url,
+                config=config.merge(Config(read_timeout=max(stall_timeout, WRITE_TIMEOUT))),
             )
         except Exception as exc:  # ProfileNotFound and friends
             raise map_s3_error(exc, f"s3://{bucket}") from exc

@@ -107,7 +107,7 @@ def _multipart_etag(etags: list[str]) -> str | None:
 
 def _abort(store: S3Store, key: str, upload_id: str) -> None:
     try:
-        store._call(store._name(key), store.client.abort_multipart_upload,
+        store._call(store._name(key), store._writer.abort_multipart_upload,
                     Bucket=store.bucket, Key=key, UploadId=upload_id)
     except FusefsError as exc:
         import logging
@@ -126,7 +126,7 @@ def _multipart(
     ``cond``; aborted on any failure. The completion's answer and the ETag the object
     should have."""
     what = store._name(key)
-    r = store._call(what, store.client.create_multipart_upload,
+    r = store._call(what, store._writer.create_multipart_upload,
                     Bucket=store.bucket, Key=key, **create)
     upload_id = r["UploadId"]
     try:
@@ -136,7 +136,7 @@ def _multipart(
             check()
         expected = _multipart_etag(etags)
         done = _conditional(store, key, expected, lambda: store._call(
-            what, store.client.complete_multipart_upload, Bucket=store.bucket, Key=key,
+            what, store._writer.complete_multipart_upload, Bucket=store.bucket, Key=key,
             UploadId=upload_id, MultipartUpload={"Parts": [
                 {"ETag": e, "PartNumber": n} for n, e in enumerate(etags, 1)]}, **cond),
             completion=True)
@@ -148,7 +148,7 @@ def _multipart(
 
 def _copy_part(store: S3Store, key: str, src: str, version: str, upload_id: str, n: int,
                start: int, end: int) -> str:
-    r = store._call(store._name(key), store.client.upload_part_copy,
+    r = store._call(store._name(key), store._writer.upload_part_copy,
                     Bucket=store.bucket, Key=key, UploadId=upload_id, PartNumber=n,
                     CopySource={"Bucket": store.bucket, "Key": src},
                     CopySourceRange=f"bytes={start}-{end - 1}",
@@ -184,7 +184,7 @@ def put_file(store: S3Store, key: str, upload: Upload, condition: Condition,
             body = source.read(0, upload.size)
             md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
             r = _conditional(store, key, md5, lambda: store._call(
-                what, store.client.put_object, Bucket=store.bucket, Key=key, Body=body,
+                what, store._writer.put_object, Bucket=store.bucket, Key=key, Body=body,
                 Metadata=meta, **cond))
             done_cb(len(body))
         else:
@@ -194,7 +194,7 @@ def put_file(store: S3Store, key: str, upload: Upload, condition: Condition,
                                       upload_id, n, start, end)
                 else:
                     body = source.read(start, end)
-                    etag = str(store._call(what, store.client.upload_part, Bucket=store.bucket,
+                    etag = str(store._call(what, store._writer.upload_part, Bucket=store.bucket,
                                            Key=key, UploadId=upload_id, PartNumber=n,
                                            Body=body)["ETag"])
                 done_cb(end - start)
@@ -240,7 +240,7 @@ def _server_copy(store: S3Store, src: str, version: str, dst: str, head: Any,
     try:
         if size <= MULTIPART_COPY_ABOVE:
             r = _conditional(store, dst, None, lambda: store._call(
-                what, store.client.copy_object, Bucket=store.bucket, Key=dst,
+                what, store._writer.copy_object, Bucket=store.bucket, Key=dst,
                 CopySource={"Bucket": store.bucket, "Key": src},
                 CopySourceIfMatch=_quoted(version), **extra, **cond))
         else:

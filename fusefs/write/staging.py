@@ -66,6 +66,7 @@ class StagedFile:
         self.busy: trio.Event | None = None  # an upload is reading the data file
         self.changed = trio.Event()  # set (and replaced) whenever the upload state changes
         self.queued = False  # an upload task owns this file
+        self.retiring = False  # leaving the staging area (``Writes._retire``)
         self.unlinked = False
         self.failed_logged = False
         self.nudge = trio.Event()  # wakes a failed file's task (``sync`` retries it)
@@ -433,8 +434,10 @@ class Staging:
         if self.files.get(sf.key) is sf:
             del self.files[sf.key]
         self.detached.discard(sf)
-        with contextlib.suppress(OSError):
-            os.close(sf.fd)
+        fd, sf.fd = sf.fd, -1
+        if fd >= 0:  # never twice: the number may already be another file's
+            with contextlib.suppress(OSError):
+                os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sf.path)
         self.journal.remove(sf.rec.id)

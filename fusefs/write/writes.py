@@ -91,6 +91,15 @@ class Writes:
     def staged(self, path: str) -> StagedFile | None:
         return self.staging.files.get(path)
 
+    async def _settled(self, path: str) -> StagedFile | None:
+        """``path``'s staged file once no upload reads it; None if there is none, or if it
+        left the staging area while we waited (the store's object is the file then)."""
+        while (sf := self.staging.files.get(path)) is not None:
+            await sf.idle()
+            if self.staging.files.get(path) is sf:
+                return sf
+        return None
+
     def info_of(self, sf: StagedFile) -> ObjectInfo:
         """What a staged file looks like to ``stat``."""
         rec = sf.rec
@@ -231,14 +240,19 @@ class Writes:
                     raise
         if sf is None:
             raise FusefsError("not staged")
-        if writing and flags & os.O_TRUNC and sf.size:
-            await sf.idle()
-            sf.truncate(0)
-        fh = self.fs.new_handle(node, self.info_of(sf), sf, writable=writing)
-        sf.handles += 1
+        sf.handles += 1  # held before any wait: an open file is never retired
         if writing:
             sf.writers += 1
-        return fh
+        try:
+            if writing and flags & os.O_TRUNC and sf.size:
+                await sf.idle()
+                sf.truncate(0)
+        except BaseException:
+            sf.handles -= 1
+            if writing:
+                sf.writers -= 1
+            raise
+        return self.fs.new_handle(node, self.info_of(sf), sf, writable=writing)
 
     async def read(self, sf: StagedFile, offset: int, size: int) -> bytes:
         parts = []
@@ -304,15 +318,16 @@ class Writes:
 
         assert isinstance(node, Node)
         self.check_writable()
-        if sf is None:
-            sf = self.staging.files.get(node.path)
+        if sf is not None:
+            await sf.idle()
+        else:
+            sf = await self._settled(node.path)
         if sf is None:
             base = node.info
             assert base is not None
             if size == base.size:
                 return
             sf = self.staging.create(node.path, base, base.version)
-        await sf.idle()
         sf.truncate(size)
         if sf.writers == 0:
             self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
@@ -325,9 +340,10 @@ class Writes:
         self.check_writable()
         if node.is_dir:
             return  # folders are prefixes: no attributes to keep
-        sf = self.staging.files.get(node.path)
+        sf = await self._settled(node.path)
         if sf is not None:
-            await sf.idle()
+            if _same(sf.rec.mtime, file_mode(self.settings, self.info_of(sf)), mtime, mode):
+                return  # vim's fchmod of its new file to the old mode: no second upload
             if mode is not None:
                 sf.rec.mode = mode & 0o7777
             sf.touch(mtime if mtime is not None else sf.rec.mtime)
@@ -336,6 +352,8 @@ class Writes:
             return
         info = node.info
         assert info is not None
+        if _same(info.meta_mtime or info.mtime, file_mode(self.settings, info), mtime, mode):
+            return
         attrs = Attrs(mtime if mtime is not None else (info.meta_mtime or info.mtime),
                       (mode & 0o7777) if mode is not None else info.mode)
         sent = self.fs.clock()
@@ -373,12 +391,15 @@ class Writes:
     async def _retire(self, sf: StagedFile, seed: bool = False) -> None:
         """A staged file the store holds and nobody has open leaves the staging area (its
         bytes put into the block cache first: reading it back makes no request)."""
-        if sf.handles or sf.needs_upload or sf.queued:
+        if sf.handles or sf.needs_upload or sf.queued or sf.retiring:
             return
+        sf.retiring = True  # once: a release and an upload's end may both ask
+        # Off its name first, here on the trio thread: an open(), truncate or chmod from now on
+        # finds the store's object, never this file whose descriptor the worker closes below
+        # (nor its bytes while they are copied into the block cache).
+        self.staging.detach(sf)
         if seed and sf.rec.base_key == sf.key and 0 < sf.size <= SEED_MAX:
             await threads.run_sync(self._seed, sf)
-        if sf.handles or sf.needs_upload:
-            return
         await threads.run_sync(self.staging.remove, sf)
 
     def _seed(self, sf: StagedFile) -> None:
@@ -452,10 +473,9 @@ class Writes:
         path = join(parent.path, name)
         if not parent.path and name == self.control_name:
             raise NotPermitted(f"{name} is the control file")
-        sf = self.staging.files.get(path)
+        sf = await self._settled(path)
         node = self.fs.node_by_path(path)
         if sf is not None:
-            await sf.idle()
             sf.unlinked = True
             self.staging.detach(sf)
             in_store = sf.rec.base_key == path and bool(sf.rec.base_version)
@@ -519,9 +539,8 @@ class Writes:
         if dst is not None and dst[0]:
             raise IsADirectory(f"{new} is a directory")
         expect = "" if dst is None else (dst[1].version if dst[1] is not None else None)
-        dst_sf = self.staging.files.get(new)
+        dst_sf = await self._settled(new)
         if dst_sf is not None:  # replacing a staged file: its upload is moot
-            await dst_sf.idle()
             dst_sf.unlinked = True
             self.staging.detach(dst_sf)
             expect = (dst_sf.rec.base_version
@@ -538,9 +557,8 @@ class Writes:
                            ) -> ObjectInfo | None:
         """Move a file's name in the store (its new info), or retarget its staged upload
         (None)."""
-        sf = self.staging.files.get(old)
+        sf = await self._settled(old)
         if sf is not None:
-            await sf.idle()
             rec = sf.rec
             if rec.base_key == old and rec.base_version and not rec.then_delete:
                 rec.then_delete = old  # the object at the old name goes once uploaded
@@ -569,7 +587,8 @@ class Writes:
         return new_info
 
     async def _rename_dir(self, old: str, new: str) -> None:
-        keys = await threads.run_sync(self._walk, old + "/", limiter=self.fs.folders.meta_limiter)
+        keys, folders = await threads.run_sync(self._walk, old + "/",
+                                               limiter=self.fs.folders.meta_limiter)
         if len(keys) > self.settings.rename_limit:
             raise CrossDevice(f"{old}: {len(keys)} objects, more than rename_limit "
                               f"({self.settings.rename_limit}); mv copies instead")
@@ -589,24 +608,33 @@ class Writes:
         if not any(k.key == old + "/" for k in keys):
             await threads.run_sync(self.store.put, new + "/", b"",
                                    limiter=self.fs.folders.meta_limiter)
+        # Folders listed without a marker object: on S3 nothing is left of them, but a local
+        # bucket's are directories, which would stay behind empty (deepest first).
+        markers = {k.key for k in keys}
+        for p in sorted(folders, key=len, reverse=True):
+            if p not in markers:
+                await self._delete_object(p)
         self.fs.folders.forget_tree(old)
         self.fs.folders.forget_tree(new)
         self.fs.folders.note(old + "/", False)
         self.fs.folders.note(new + "/", None)
         self.fs.move_path(old, new)
 
-    def _walk(self, prefix: str) -> list[ObjectInfo]:
-        """Worker thread: every object under ``prefix`` (markers included), recursively."""
+    def _walk(self, prefix: str) -> tuple[list[ObjectInfo], list[str]]:
+        """Worker thread: every object under ``prefix`` (markers included), recursively, and
+        the folders (``prefix`` and those below it)."""
         out: list[ObjectInfo] = []
         todo = [prefix]
+        folders = []
         while todo:
             p = todo.pop()
+            folders.append(p)
             for page in self.store.list(p):
                 out.extend(page.objects)
                 todo.extend(page.prefixes)
             if len(out) > self.settings.rename_limit:
                 break
-        return out
+        return out, folders
 
     # --- chown --------------------------------------------------------------------------
 
@@ -620,6 +648,12 @@ class Writes:
 
 def _scratch_seq() -> SeqState:
     return SeqState()
+
+
+def _same(cur_mtime: float, cur_mode: int, mtime: float | None, mode: int | None) -> bool:
+    """``utimens``/``chmod`` to what the file already has (nothing to store)."""
+    return ((mtime is None or mtime == cur_mtime)
+            and (mode is None or mode & 0o7777 == cur_mode))
 
 
 def file_mode(settings: Settings, info: ObjectInfo | None) -> int:
