@@ -7,9 +7,11 @@ real CLI (a fresh mount and cache directory wherever "cold" is required), runs e
 and prints a table and writes a JSON file::
 
     python scripts/bench.py [--latency-ms 20] [--quick] [--peers] [--only cold,small_cold]
-                            [--json out.json] [--server rclone|moto]
+                            [--json out.json] [--server rclone|moto] [--stores s3,gcs,azure]
 
-``--peers`` adds columns for s3fs-fuse and ``rclone mount`` when they are installed. Mounts,
+``--stores`` runs the same workloads on fake-gcs-server and Azurite too, one after the other,
+each against its own SDK's baseline (google-cloud-storage, azure-storage-blob) in the same run.
+``--peers`` adds columns for s3fs-fuse and ``rclone mount`` (S3) when they are installed. Mounts,
 servers and the proxy are always stopped, also on Ctrl-C. Nothing here asserts on timings:
 the numbers are reported, with PASS/MISS against the issue's target ratios.
 """
@@ -17,7 +19,6 @@ the numbers are reported, with PASS/MISS against the issue's target ratios.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -27,24 +28,27 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from benchlib.dataset import make_dataset
-from benchlib.harness import Bench, make_data, s3_client, upload_tree
-from benchlib.model import SIZES, SPECS, wanted_specs
-from benchlib.peers import RcloneMount, S3fs, System
+from benchlib.harness import Bench, make_data
+from benchlib.model import SIZES, SPECS, Measure, wanted_specs
+from benchlib.peers import Fusefs, RcloneMount, S3fs, System
 from benchlib.report import (
     fusefs_info,
     header,
     machine_info,
     render_notes,
     render_table,
+    store_header,
     version_of,
 )
 from benchlib.run import build_rows, run_groups
+from benchlib.stores import make_store
+from benchlib.stores import unavailable as store_unavailable
 from benchlib.util import STARTED, fuse_mounts_under, log, timed, unmount
 
 # --------------------------------------------------------------------------------- main
@@ -63,7 +67,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only", default="", help="comma-separated workloads: " + ",".join(s.alias for s in SPECS)
     )
     p.add_argument("--json", dest="json_path", help="write the results here (default: /tmp/...)")
-    p.add_argument("--server", choices=["rclone", "moto"], default="rclone")
+    p.add_argument("--server", choices=["rclone", "moto"], default="rclone",
+                   help="the S3 server (default rclone serve s3)")
+    p.add_argument("--stores", default="s3", metavar="LIST",
+                   help="comma-separated stores to run the workloads on, each against its own "
+                   "SDK: s3 (rclone/moto, boto3), gcs (fake-gcs-server, google-cloud-storage), "
+                   "azure (Azurite, azure-storage-blob); default s3")  # fmt: skip
     p.add_argument(
         "--fusefs-opt",
         action="append",
@@ -84,72 +93,83 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     bad = [w for w in filter(None, args.only.split(",")) if w not in known]
     if bad:
         p.error(f"unknown workload(s) {bad}; choose from {','.join(s.alias for s in SPECS)}")
+    stores = args.stores.split(",")
+    if not stores or any(s not in ("s3", "gcs", "azure") for s in stores) or (
+            len(set(stores)) != len(stores)):
+        p.error(f"--stores {args.stores!r}: a comma-separated list of s3, gcs, azure")
     return args
-
-
-@contextlib.contextmanager
-def s3_server(b: Bench) -> Iterator[str]:
-    """Start the S3 server over ``b.data`` (uploading for moto); yields its version string."""
-    from fusefs.testing import servers
-
-    if b.args.server == "rclone":
-        with servers.rclone_s3(b.data) as srv:
-            b.direct_url = srv.endpoint_url
-            yield version_of([str(servers.rclone_available()), "version"]) or "rclone"
-    else:
-        with servers.moto_s3() as srv:
-            b.direct_url = srv.endpoint_url
-            upload_tree(s3_client(srv.endpoint_url), b.data)
-            import moto
-
-            yield f"moto {moto.__version__}"
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     sizes = SIZES["tiny" if args.tiny else "quick" if args.quick else "full"]
-    b = Bench(args, sizes, work)
+    stores = [make_store(name, args.server) for name in args.stores.split(",")]
     specs = wanted_specs(args.only)
-    systems: list[System] = [b.fusefs]
-    if args.peers:
-        passwd = work / "s3fs.passwd"
-        passwd.write_text("testing:testing\n")
-        passwd.chmod(0o600)
-        systems += [S3fs(passwd), RcloneMount()]
     info: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": shlex.join(["python", "scripts/bench.py", *sys.argv[1:]]),
         "machine": machine_info(),
-        "fusefs": fusefs_info(b.fusefs),
-        "server": args.server,
+        "fusefs": fusefs_info(Fusefs(args.fusefs_opt, args.fusefs_src)),
         "latency_ms": args.latency_ms,
         "sizes": asdict(sizes),
         "peers": {"s3fs": version_of(["s3fs", "--version"]) if args.peers else None,
                   "rclone": version_of(["rclone", "version"]) if args.peers else None},
+        "workloads": [],
+        "stores": {},
     }  # fmt: skip
-    log(f"creating data under {b.data}")
-    _, secs = timed(lambda: (make_data(b.data, sizes), make_dataset(b.data, b)))
+    data_bench = Bench(args, sizes, work, stores[0])
+    data_bench.monitor.close()
+    log(f"creating data under {data_bench.data}")
+    _, secs = timed(lambda: (make_data(data_bench.data, sizes),
+                             make_dataset(data_bench.data, data_bench)))  # fmt: skip
     log(f"data ready in {secs:.1f}s")
-    rows = build_rows(b, specs)
-    try:
-        with s3_server(b) as version:
-            info["server_version"] = version
-            try:
-                b.start_proxies()
-                run_groups(b, systems, rows)
-            finally:
-                b.close_proxies()
-    finally:
-        b.monitor.close()
-    info["observed"] = b.observed
-    info["rss_per_mount"] = b.rss
-    info["workloads"] = [r.to_json() for r in rows.values()]
+    reports = []
+    for store in stores:
+        b = Bench(args, sizes, work, store)
+        systems: list[System] = [b.fusefs]
+        if args.peers and store.name == "s3":
+            passwd = work / "s3fs.passwd"
+            passwd.write_text("testing:testing\n")
+            passwd.chmod(0o600)
+            systems += [S3fs(passwd), RcloneMount()]
+        rows = build_rows(b, specs)
+        st: dict[str, Any] = {"server": args.server if store.name == "s3" else store.name,
+                              "sdk": store.sdk}  # fmt: skip
+        started = time.monotonic()
+        reason = store_unavailable(store.name)
+        try:
+            if reason:
+                log(f"{store.name}: skipped ({reason})")
+                st["server_version"] = f"not available: {reason}"
+                for row in rows.values():
+                    row.results["fusefs"] = Measure(None, error=f"not available: {reason}")
+            else:
+                log(f"{store.name}: starting the server")
+                with store.server(b) as version:
+                    st["server_version"] = version
+                    try:
+                        b.start_proxies()
+                        run_groups(b, systems, rows)
+                    finally:
+                        b.close_proxies()
+        finally:
+            b.monitor.close()
+        st.update(observed=b.observed, rss_per_mount=b.rss,
+                  elapsed_s=round(time.monotonic() - started, 1))  # fmt: skip
+        info["stores"][store.name] = st
+        info["workloads"] += [{"store": store.name, **r.to_json()} for r in rows.values()]
+        reports.append((b, st, rows, [s.name for s in systems]))
+    first = info["stores"][stores[0].name]  # the keys of a one-store run, as before
+    info.update(server=first["server"], server_version=first["server_version"],
+                observed=first["observed"], rss_per_mount=first["rss_per_mount"])  # fmt: skip
     info["elapsed_s"] = round(time.monotonic() - STARTED, 1)
-    names = [s.name for s in systems]
-    print(header(b, info))
-    print()
-    print(render_table(rows, names))
-    print()
-    print(render_notes(rows, names))
+    print(header(info))
+    for b, st, rows, names in reports:
+        print()
+        print(store_header(b, st))
+        print()
+        print(render_table(rows, names))
+        print()
+        print(render_notes(rows, names))
     print(f"\nelapsed: {info['elapsed_s']:.0f}s")
     return info
 

@@ -1415,3 +1415,218 @@ def test_plan_parts_and_pieces() -> None:
                                          (30, 50, False), (50, 60, True), (60, 100, False)]
     assert list(pieces(up, 15, 55)) == [(15, 20, True), (20, 30, True), (30, 50, False),
                                          (50, 55, True)]
+
+
+# ----------------------------------------------------------------------- GCS lean GET path
+
+
+def _gcs_store_behind_proxy(gcs_server: FakeGCS, gcs_seed: Any,
+                            monkeypatch: pytest.MonkeyPatch, proxy_url: str) -> tuple[Any, bytes]:
+    from fusefs.backends.gcs import GCSStore
+
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    payload = os.urandom(100_000)
+    gcs_seed.create_bucket(bucket).blob("f.bin").upload_from_string(payload)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy_url)
+    return GCSStore(bucket), payload
+
+
+def test_gcs_lean_get_path_is_used(gcs_server: FakeGCS, gcs_seed: Any,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranged and whole GETs go straight to the session's urllib3 pool (one request each, not
+    through requests), with the token applied and every check kept (the CRC32C of a whole
+    object: a flipped byte is retried)."""
+    from fusefs.testing.proxy import CountingProxy, is_object_get
+
+    with CountingProxy(gcs_server.url) as proxy:
+        store, payload = _gcs_store_behind_proxy(gcs_server, gcs_seed, monkeypatch, proxy.url)
+        v = store.head("f.bin").version
+        session_calls = []
+        real = store.client._http.request
+        monkeypatch.setattr(store.client._http, "request",
+                            lambda *a, **kw: session_calls.append(a) or real(*a, **kw))
+        proxy.reset()
+        assert store.get_range("f.bin", 10, 1000, v) == payload[10:1010]
+        assert store.get_range("f.bin", 0, 200_000, v) == payload
+        assert store.get_range("f.bin", 100_000, 10, v) == b""  # past the end: 416
+        gets = [r for r in proxy.requests() if is_object_get(r)]
+        assert len(gets) == 3 and store._lean.sent == 3 and session_calls == []
+        assert all("urllib3" in (r.header("user-agent") or "") for r in gets)
+        assert {r.query.get("generation") for r in gets} == {v}
+        damaged: list[Any] = []
+        proxy.faults(1.0, ["corrupt"], predicate=lambda r: is_object_get(r) and not damaged
+                     and not damaged.append(r))
+        proxy.reset()
+        assert store.get_range("f.bin", 0, 200_000, v) == payload  # damaged, then again
+        assert proxy.count(predicate=is_object_get) == 2 and session_calls == []
+        assert store._lean.enabled
+
+
+def test_gcs_lean_get_path_falls_back_to_the_session(gcs_server: FakeGCS, gcs_seed: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer the lean path leaves to the session (a 401: the session refreshes the token)
+    is asked again through it; once the session succeeded, the lean path is off. A proxy for
+    the endpoint in the environment keeps it off from the start."""
+    from fusefs.backends.gcs import GCSStore
+    from fusefs.testing.proxy import CountingProxy, is_object_get
+
+    with CountingProxy(gcs_server.url) as proxy:
+        store, payload = _gcs_store_behind_proxy(gcs_server, gcs_seed, monkeypatch, proxy.url)
+        v = store.head("f.bin").version
+        proxy.faults(1.0, ["401"], predicate=lambda r: is_object_get(r)
+                     and "urllib3" in (r.header("user-agent") or ""))
+        proxy.reset()
+        assert store.get_range("f.bin", 0, 1000, v) == payload[:1000]
+        assert [r.status for r in proxy.requests() if is_object_get(r)] == [401, 206]
+        assert not store._lean.enabled
+        assert store.get_range("f.bin", 1000, 1000, v) == payload[1000:2000]
+        assert proxy.count(predicate=is_object_get) == 3  # the session only from now on
+
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # applies to the endpoint
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        assert not GCSStore(store.bucket_name)._lean.enabled
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        assert GCSStore(store.bucket_name)._lean.enabled
+
+
+# ----------------------------------------------------------------------- Azure lean listing
+
+
+def test_azure_lean_listing_matches_the_sdk_and_falls_back(azurite_server: Azurite) -> None:
+    """Listings are read from the raw XML (not the SDK's models): the same pages as the SDK's
+    (odd names, prefixes, paging, start_after), with a SAS token too; a page the lean path is
+    refused (a 403) is asked again through the SDK, which carries on from that page."""
+    from datetime import UTC, datetime, timedelta
+
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    from fusefs.backends.azure import AzureStore
+    from fusefs.testing.proxy import CountingProxy
+
+    container = f"ls-{uuid.uuid4().hex[:12]}"
+    client = azure_container_client(azurite_server, container)
+    client.create_container()
+    keys = [f"d/f{i:03d}" for i in range(25)] + [f"d/sub{i}/x" for i in range(3)] + [
+        f"d/{k}" for k in ODD_KEYS]
+    for k in keys:
+        client.upload_blob(k, k.encode())
+    sas = generate_container_sas(
+        azurite_server.account, container, account_key=AZURITE_KEY,
+        permission=ContainerSasPermissions(read=True, list=True),
+        expiry=datetime.now(UTC) + timedelta(hours=1))
+    upstream, account = azurite_server.endpoint_url.rsplit("/", 1)
+    with CountingProxy(upstream) as proxy:
+        url = f"{proxy.url}/{account}"
+        for env in ({"AZURE_STORAGE_CONNECTION_STRING": azurite_server.connection_string(url)},
+                    {"AZURE_STORAGE_ACCOUNT": account, "AZURE_STORAGE_SAS_TOKEN": sas}):
+            _check_lean_listing(AzureStore(container, endpoint_url=url, page_size=10, env=env),
+                                proxy)
+
+
+def _check_lean_listing(store: Any, proxy: Any) -> None:
+    from fusefs.testing.proxy import is_list
+
+    def sdk_pages(prefix: str, **kw: Any) -> list[Any]:
+        store._pipeline, pipeline = None, store._pipeline  # the SDK path only
+        try:
+            return [(p.objects, p.prefixes, p.more) for p in store.list(prefix, **kw)]
+        finally:
+            store._pipeline = pipeline
+
+    want = sdk_pages("d/")
+    assert sum(len(o) + len(p) for o, p, _ in want) == 25 + 3 + len(ODD_KEYS)
+    assert {o.key for o, _, _ in want for o in o} >= {f"d/{k}" for k in ODD_KEYS if "/" not in k}
+    walk_blobs, store.client.walk_blobs = store.client.walk_blobs, None  # lean: no SDK
+    proxy.reset()
+    assert [(p.objects, p.prefixes, p.more) for p in store.list("d/")] == want
+    assert proxy.count(predicate=is_list) == len(want)
+    got = [(p.objects, p.prefixes) for p in store.list("d/", start_after="d/f020")]
+    assert min(o.key for objects, _ in got for o in objects) == "d/f021"
+    store.client.walk_blobs = walk_blobs
+    assert [(o, p) for o, p, _ in sdk_pages("d/", start_after="d/f020")] == got
+
+    refused: list[Any] = []
+    proxy.faults(1.0, ["403"], predicate=lambda r: is_list(r) and "marker" in r.query
+                 and not refused and not refused.append(r))
+    proxy.reset()
+    assert [(p.objects, p.prefixes, p.more) for p in store.list("d/")] == want
+    assert [r.status for r in proxy.requests() if is_list(r)] == [
+        200, 403] + [200] * (len(want) - 1)  # page 2 again through the SDK
+    proxy.faults(0.0)
+
+
+# ----------------------------------------------------------------------- Azure lean GET
+
+
+@pytest.mark.parametrize("version", ["2025-01-05", "2021-08-06"])
+@pytest.mark.parametrize("if_match", [None, '"0x8DC0123"'])
+@pytest.mark.parametrize("url", ["http://127.0.0.1:10000/devstoreaccount1/c/d%C3%A9j%C3%A0%20vu/a%2Bb",
+                                 "https://acct.blob.core.windows.net/cont/dir/f.bin"])
+def test_azure_shared_key_signature_equals_the_sdks(url: str, if_match: str | None,
+                                                    version: str) -> None:
+    from urllib.parse import urlsplit
+
+    from azure.core.pipeline import PipelineContext, PipelineRequest
+    from azure.core.rest import HttpRequest
+    from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
+
+    from fusefs.backends.azure import SharedKey
+
+    headers = {"x-ms-range": "bytes=100-1123", "x-ms-version": version,
+               "x-ms-date": "Mon, 30 Nov 2026 04:19:07 GMT",
+               **({"If-Match": if_match} if if_match else {})}
+    request = PipelineRequest(HttpRequest("GET", url, headers=dict(headers)), PipelineContext(None))
+    SharedKeyCredentialPolicy("acct", AZURITE_KEY).on_request(request)
+    assert SharedKey("acct", AZURITE_KEY).sign(urlsplit(url).path, headers) == (
+        request.http_request.headers["Authorization"])
+
+
+def test_azure_lean_get_is_used_and_falls_back(azurite_server: Azurite) -> None:
+    """Ranged GETs go straight to the session's urllib3 pool, signed with the account key (one
+    request each, not through the pipeline), with every check kept; a refused answer (a 403)
+    is asked again through the SDK, and once that worked the lean path is off."""
+    from fusefs.backends.azure import AzureStore
+    from fusefs.testing.proxy import CountingProxy, is_object_get
+
+    container = f"lg-{uuid.uuid4().hex[:12]}"
+    client = azure_container_client(azurite_server, container)
+    client.create_container()
+    data = random.Random(2).randbytes(300_000)
+    client.upload_blob("dir/f é.bin", data)
+    upstream, account = azurite_server.endpoint_url.rsplit("/", 1)
+    with CountingProxy(upstream) as proxy:
+        url = f"{proxy.url}/{account}"
+        store = AzureStore(container, endpoint_url=url,
+                           env={"AZURE_STORAGE_CONNECTION_STRING":
+                                azurite_server.connection_string(url)})
+        v = store.head("dir/f é.bin").version
+        pipeline, store._pipeline = store._pipeline, None  # neither the pipeline nor the SDK
+        sdk_client, store.client.get_blob_client = store.client.get_blob_client, None
+        proxy.reset()
+        assert store.get_range("dir/f é.bin", 1000, 5000, v) == data[1000:6000]
+        assert store.get_range("dir/f é.bin", 299_990, 100, v) == data[-10:]
+        assert store.get_range("dir/f é.bin", 300_000, 100, v) == b""  # 416
+        gets = [r for r in proxy.requests() if is_object_get(r)]
+        assert len(gets) == 3 and store._lean.sent == 3
+        assert all("urllib3" in (r.header("user-agent") or "") for r in gets)
+        store._pipeline, store.client.get_blob_client = pipeline, sdk_client
+        client.upload_blob("dir/f é.bin", b"changed", overwrite=True)
+        with pytest.raises(StaleVersion):
+            store.get_range("dir/f é.bin", 0, 7, v)
+        assert store._lean.enabled  # a 412 is not a refusal
+        v = store.head("dir/f é.bin").version
+        # a whole-blob 200 for a range (a middlebox that dropped it) is sliced, both paths
+        whole = {"etag": f'"{v}"'}
+        assert store._accept("k", 2, 7, v, 200, whole, b"changed") == b"anged"
+        assert store._accept("k", 5, 10, v, 200, whole, b"changed") == b"ed"
+        assert store._accept("k", 2, 4, v, 200, whole, b"changed") == b"ange"
+
+        proxy.faults(1.0, ["403"], predicate=lambda r: is_object_get(r)
+                     and "urllib3" in (r.header("user-agent") or ""))
+        proxy.reset()
+        assert store.get_range("dir/f é.bin", 0, 7, v) == b"changed"
+        assert [r.status for r in proxy.requests() if is_object_get(r)] == [403, 206]
+        assert not store._lean.enabled
+        assert store.get_range("dir/f é.bin", 1, 3, v) == b"han"
+        assert proxy.count(predicate=is_object_get) == 3  # the pipeline only from now on

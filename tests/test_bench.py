@@ -81,3 +81,44 @@ def test_bench_tiny_reports_every_workload_and_cleans_up(tmp_path: Path) -> None
         assert not [line for line in f if str(tmp_path) in line]
     assert not _processes_mentioning(str(tmp_path))
     assert list(work.iterdir()) == []  # the run's directory (data, caches, logs) is removed
+
+
+def test_bench_tiny_runs_on_gcs_and_azure(tmp_path: Path) -> None:
+    """``--stores gcs,azure``: the same rows on fake-gcs-server and Azurite, each with a
+    baseline from its own SDK and its own server's requests counted."""
+    from fusefs.testing.servers import azurite_binary
+
+    stores = ["gcs", "azure"] if azurite_binary() else ["gcs"]
+    out = tmp_path / "bench.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    r = subprocess.run(
+        [sys.executable, str(BENCH), "--tiny", "--latency-ms", "5", "--json", str(out),
+         "--workdir", str(work), "--fusefs-src", str(REPO), "--stores", ",".join(stores),
+         "--only", "cold,small_cold,small_warm,open,loader_cold,ls"],
+        capture_output=True, text=True, timeout=400, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert list(data["stores"]) == stores
+    sdk = {"gcs": "google-cloud-storage", "azure": "azure-storage-blob"}
+    for store in stores:
+        assert data["stores"][store]["sdk"] == sdk[store]
+        assert f"store   : {store}: " in r.stdout
+        rows = {w["id"]: w for w in data["workloads"] if w["store"] == store}
+        assert set(rows) == {"seq_cold", "small_cold", "small_warm", "open_by_path",
+                             "loader_cold", "ls_lR"}
+        for wid, row in rows.items():
+            fusefs = row["results"]["fusefs"]
+            assert fusefs["error"] is None, f"{store} {wid}: {fusefs['error']}"
+            assert isinstance(fusefs["ratio"], int | float), f"{store} {wid}"
+            assert "boto3" not in row["baseline_name"], f"{store} {wid}"
+        assert sdk[store] in rows["small_cold"]["baseline_name"]
+        for wid in ("small_cold", "open_by_path", "loader_cold"):
+            per_file = rows[wid]["results"]["fusefs"]["notes"]["requests_per_file"]
+            assert per_file["get"] == 1.0, (store, wid, per_file)  # the store's own GETs
+            assert rows[wid]["baseline_notes"]["requests"]["get"] > 0, (store, wid)
+    with open("/proc/mounts") as f:
+        assert not [line for line in f if str(tmp_path) in line]
+    assert not _processes_mentioning(str(tmp_path))
+    assert list(work.iterdir()) == []

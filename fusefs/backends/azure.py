@@ -10,12 +10,18 @@ connection strings never reach a log line, an error message or ``source_id``.
 
 from __future__ import annotations
 
+import base64
+import builtins
+import hashlib
+import hmac
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
+from email.utils import formatdate, parsedate_to_datetime
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
+from xml.etree import ElementTree
 
 import requests
 from azure.core import MatchConditions
@@ -38,6 +44,7 @@ from ..errors import (
 from . import attrs as meta_attrs
 from . import azure_write
 from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
+from .lean import Answer, SessionPool
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +219,70 @@ def _session(url: str, max_connections: int) -> requests.Session:
     return session
 
 
+class SharedKey:
+    """Shared Key authorization of a blob GET without a body or query (the ranged GET of
+    :class:`_LeanBlobGet`), to the rules of the SDK's ``SharedKeyCredentialPolicy``, at a
+    fraction of its cost. Checked against the SDK's signer in the tests."""
+
+    def __init__(self, account: str, key: str) -> None:
+        self.account = account
+        self._key = base64.b64decode(key)
+
+    def sign(self, path: str, headers: dict[str, str]) -> str:
+        """The ``Authorization`` value for ``GET path`` with ``headers`` (``If-Match`` and the
+        ``x-ms-*`` headers; names as sent)."""
+        lower = {k.lower(): v for k, v in headers.items()}
+        # content-encoding ... if-unmodified-since, and the SDK's "byte_range" (never set)
+        standard = [""] * 7 + [lower.get("if-match", "")] + [""] * 3
+        ms = "".join(f"{k}:{v}\n" for k, v in sorted(lower.items()) if k.startswith("x-ms-"))
+        to_sign = "GET\n" + "\n".join(standard) + "\n" + ms + f"/{self.account}{path}"
+        sig = hmac.new(self._key, to_sign.encode(), hashlib.sha256).digest()
+        return f"SharedKey {self.account}:{base64.b64encode(sig).decode()}"
+
+
+#: statuses of a lean GET that the SDK answers (and maps) instead; others (5xx, 408, 429, a
+#: connection failure) go to the pipeline, whose retry policy tries again
+_SDK_STATUSES = frozenset({301, 302, 303, 307, 308, 400, 401, 403, 404, 409, 412})
+
+
+class _LeanBlobGet:
+    """Ranged GETs without the pipeline and requests (policies, request and response objects,
+    requests' per-request work: about half of a small GET's CPU): signed by :class:`SharedKey`
+    (or a SAS token in the URL) and sent on the transport session's urllib3 pool
+    (:class:`.lean.SessionPool`). Not used with token credentials or a proxy.
+
+    An answer this path does not take is asked again through the pipeline or the SDK, which map
+    it exactly; if the SDK then succeeds where this path was refused, it is turned off for the
+    rest of the mount. ``enabled`` only ever goes from True to False; ``sent`` counts requests.
+    """
+
+    def __init__(self, session: requests.Session, url: str, credential: Any) -> None:
+        self.sent = 0
+        self._pool = SessionPool(session, url, (10.0, 60.0))
+        self._signer = (SharedKey(credential["account_name"], credential["account_key"])
+                        if isinstance(credential, dict) else None)  # fmt: skip
+        self.enabled = self._pool.usable and (self._signer is not None or isinstance(
+            credential, str))
+
+    def get(self, what: str, url: str, headers: dict[str, str], length: int) -> Answer | None:
+        """The answer (None: connection trouble or a huge 200; the pipeline retries it)."""
+        self.sent += 1
+        parts = urlsplit(url)
+        headers = {**headers, "x-ms-date": formatdate(usegmt=True)}
+        if self._signer is not None:
+            headers["Authorization"] = self._signer.sign(parts.path, headers)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        try:
+            return self._pool.get(what, target, headers, length, map_azure_error)
+        except FusefsError as exc:
+            log.debug("lean GET of %s failed (%s); using the pipeline", what, exc.message)
+            return None
+
+    def refused_but_sdk_worked(self) -> None:
+        if self.enabled:
+            log.info("lean Azure GET path off for this mount: the service refused it, the SDK not")
+            self.enabled = False
+
 class AzureStore:
     """One Azure Blob container. Object versions are ETags.
 
@@ -251,8 +322,9 @@ class AzureStore:
         )
         if isinstance(credential, str):  # a SAS token: the SDK appends it to every URL
             url = account_url
+        session = _session(account_url, max_connections)
         transport = RequestsTransport(
-            session=_session(account_url, max_connections),
+            session=session,
             session_owner=False,
             connection_timeout=10,
             read_timeout=60,
@@ -273,6 +345,8 @@ class AzureStore:
         self._blob_url = (base.rstrip("/") + "/", "?" + query if query else "")
         self._pipeline = getattr(self.client, "_pipeline", None)
         self._api_version = str(getattr(self.client, "api_version", "") or "")
+        self._lean = _LeanBlobGet(session, account_url, credential)
+        self._lean.enabled = self._lean.enabled and bool(self._api_version)
         log.debug("azure %s with %s", self.source_id, kind)
 
     def _name(self, key: str) -> str:
@@ -307,11 +381,23 @@ class AzureStore:
     ) -> Iterator[ListPage]:
         size = min(max_keys, self.page_size) if max_keys else self.page_size
         seen = 0
+        marker: str | None = None  # where the SDK takes over if a lean page is refused
+        while self._pipeline is not None and self._api_version:
+            lean = self._lean_list_page(prefix, size, marker)
+            if lean is None:
+                break  # the SDK asks for this page again (and maps its error exactly)
+            objects, prefixes, marker = lean
+            page = ListPage([o for o in objects if o.key > start_after],
+                            [p for p in prefixes if p > start_after], bool(marker))
+            seen += len(page.objects) + len(page.prefixes)
+            yield page
+            if not marker or (max_keys and seen >= max_keys):
+                return
         try:
             pages = self.client.walk_blobs(  # metadata: the same request, a bigger answer
                 name_starts_with=prefix or None, delimiter="/", results_per_page=size,
                 include=["metadata"],
-            ).by_page()
+            ).by_page(continuation_token=marker)
             for api_page in pages:
                 page = ListPage()
                 page.more = bool(getattr(pages, "continuation_token", None))
@@ -331,6 +417,58 @@ class AzureStore:
         except Exception as exc:
             raise map_azure_error(exc, self._name(prefix)) from exc
 
+    def _lean_list_page(
+        self, prefix: str, size: int, marker: str | None
+    ) -> tuple[Sequence[ObjectInfo], Sequence[str], str | None] | None:
+        """One page of a delimited listing read from the raw XML, through the client's own
+        pipeline (authentication, retries, transport): (objects, prefixes, next marker), or
+        None: use the SDK. The SDK's model deserialisation is most of a listing's CPU (about
+        0.4 ms per object, five times S3's)."""
+        params = {"restype": "container", "comp": "list", "delimiter": "/", "include": "metadata",
+                  "maxresults": str(size), **({"prefix": prefix} if prefix else {}),
+                  **({"marker": marker} if marker else {})}  # fmt: skip
+        base, query = self._blob_url
+        url = f"{base.rstrip('/')}?{urlencode(params, quote_via=quote)}"
+        url += "&" + query[1:] if query else ""
+        request = HttpRequest("GET", url, headers={"x-ms-version": self._api_version})
+        pipeline: Any = self._pipeline
+        try:
+            response = pipeline.run(request).http_response
+            if response.status_code != 200:
+                return None
+            root = ElementTree.fromstring(response.body())
+        except (aexc.AzureError, ElementTree.ParseError) as exc:
+            log.debug("lean listing of %r failed (%s); using the SDK", prefix, type(exc).__name__)
+            return None
+        blobs = root.find("Blobs")
+        if blobs is None:
+            return None
+        objects: builtins.list[ObjectInfo] = []
+        prefixes: builtins.list[str] = []
+        for item in blobs:
+            name_el = item.find("Name")
+            if name_el is None:
+                return None
+            name = name_el.text or ""
+            if name_el.get("Encoded", "").lower() == "true":
+                name = unquote(name)
+            if item.tag == "BlobPrefix":
+                prefixes.append(name)
+                continue
+            props = item.find("Properties")
+            if item.tag != "Blob" or props is None:
+                return None
+            modified = props.findtext("Last-Modified")
+            meta = item.find("Metadata")
+            meta_mtime, mode = meta_attrs.decode(
+                {m.tag: m.text or "" for m in meta} if meta is not None else None)
+            objects.append(ObjectInfo(
+                name, int(props.findtext("Content-Length") or 0),
+                parsedate_to_datetime(modified).timestamp() if modified else 0.0,
+                etag_version(props.findtext("Etag")), meta_mtime, mode,
+            ))  # fmt: skip
+        return objects, prefixes, root.findtext("NextMarker") or None
+
     def _fast_get(self, key: str, start: int, length: int, version: str) -> bytes | None:
         """The bytes, StaleVersion if the answer has another ETag, or None: use the SDK."""
         if self._pipeline is None or not self._api_version:
@@ -348,20 +486,57 @@ class AzureStore:
             return None
         if response.status_code not in (200, 206):
             return None
-        etag = etag_version(response.headers.get("ETag"))
+        return self._accept(key, start, length, version, response.status_code, response.headers,
+                            response.body())
+
+    def _accept(self, key: str, start: int, length: int, version: str, status: int,
+                headers: Mapping[str, str], data: bytes) -> bytes | None:
+        """The bytes of a 200/206 answer, StaleVersion if it has another ETag, or None if it is
+        not the range asked for (the SDK then asks again). A 200 without ``Content-Range`` is
+        the whole blob (a server or middlebox that ignored the range): sliced here."""
+        etag = etag_version(headers.get("etag"))
         if etag and version and etag != version:
             raise StaleVersion(f"{self._name(key)}: changed (ETag {etag} != {version})")
-        data: bytes = response.body()
+        if status == 200 and not headers.get("content-range"):
+            whole = len(data)
+            data = data[start : start + length]
+            return data if len(data) == length or start + len(data) == whole else None
         if len(data) == length:
             return data
-        total = str(response.headers.get("Content-Range", "")).rpartition("/")[2]
+        total = str(headers.get("content-range", "")).rpartition("/")[2]
         at_end = total.isdigit() and start + len(data) == int(total)
         return data if at_end else None  # short only at the end of the object
+
+    def _lean_get(self, key: str, start: int, length: int, version: str) -> bytes | bool:
+        """The bytes through :class:`_LeanBlobGet`, else whether the SDK must answer (True: an
+        answer this path does not map) or the pipeline (False: retried there)."""
+        headers = {"x-ms-range": f"bytes={start}-{start + length - 1}",
+                   "x-ms-version": self._api_version}
+        if version:
+            headers["If-Match"] = f'"{version}"'
+        base, query = self._blob_url
+        answer = self._lean.get(self._name(key), base + quote(key, safe="~/") + query, headers,
+                                length)  # fmt: skip
+        if answer is None:
+            return False
+        if answer.status == 416:
+            return b""  # at or past the end of the object (or an empty object)
+        if answer.status in (200, 206):
+            data = self._accept(key, start, length, version, answer.status, answer.headers,
+                                answer.body)
+            return False if data is None else data
+        return answer.status in _SDK_STATUSES
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
         if length <= 0:
             return b""
-        fast = self._fast_get(key, start, length, version)
+        refused = False
+        if self._lean.enabled:
+            lean = self._lean_get(key, start, length, version)
+            if isinstance(lean, bytes):
+                return lean
+            refused = lean
+        fast = None if refused else self._fast_get(key, start, length, version)
         if fast is not None:
             return fast
         conditions: dict[str, Any] = (
@@ -386,6 +561,8 @@ class AzureStore:
         etag = etag_version(downloader.properties.etag)
         if etag and version and etag != version:  # a server that ignores If-Match
             raise StaleVersion(f"{self._name(key)}: changed (ETag {etag} != {version})")
+        if refused:
+            self._lean.refused_but_sdk_worked()
         return data
 
     def _gone_or_stale(self, key: str, err: StaleVersion) -> FusefsError:

@@ -55,16 +55,17 @@ _NOT_RECORDED = frozenset({"authorization", "proxy-authorization", "x-amz-securi
 SlowPredicate = Callable[[str, str], bool]
 
 #: Fault kinds of :meth:`CountingProxy.faults`:
-#: ``500``, ``503`` (S3 ``SlowDown`` XML, or a GCS JSON error), ``403`` (AccessDenied): an error
-#: answer, the server never sees the request; ``reset``: the connection is reset (RST) with no
-#: answer; ``truncate``: the headers announce the whole body, half of it is sent, then the
-#: connection is closed; ``stall``: nothing is sent for ``stall_s``, then the request is served;
-#: ``stall_body``: half the body, ``stall_s`` of silence, then the rest; ``short_length``: a
-#: well-framed answer whose ``Content-Length`` and body lack their last third (what a broken
-#: middlebox does); ``full_200``: the ``Range`` header is dropped, so the whole object comes back
-#: as a 200; ``no_etag``: the ``ETag`` header and listing ``<ETag>`` elements are removed;
-#: ``corrupt``: one byte in the middle of the body is flipped (length and headers unchanged).
-FAULTS = ("500", "503", "403", "reset", "truncate", "stall", "stall_body", "short_length",
+#: ``500``, ``503`` (S3 ``SlowDown`` XML, or a GCS JSON error), ``403`` (AccessDenied), ``401`` (an
+#: expired or refused token): an error answer, the server never sees the request; ``reset``: the
+#: connection is reset (RST) with no answer; ``truncate``: the headers announce the whole body, half
+#: of it is sent, then the connection is closed; ``stall``: nothing is sent for ``stall_s``, then
+#: the request is served; ``stall_body``: half the body, ``stall_s`` of silence, then the rest;
+#: ``short_length``: a well-framed answer whose ``Content-Length`` and body lack their last third
+#: (what a broken middlebox does); ``full_200``: the ``Range`` header is dropped, so the whole
+#: object comes back as a 200; ``no_etag``: the ``ETag`` header and listing ``<ETag>`` elements are
+#: removed; ``corrupt``: one byte in the middle of the body is flipped (length and headers
+#: unchanged).
+FAULTS = ("500", "503", "403", "401", "reset", "truncate", "stall", "stall_body", "short_length",
           "full_200", "no_etag", "corrupt")
 _BODY_FAULTS = frozenset({"truncate", "stall_body", "short_length", "no_etag", "corrupt"})
 _ETAG_XML = re.compile(rb"<ETag>[^<]*</ETag>")
@@ -337,7 +338,7 @@ class _Handler(BaseHTTPRequestHandler):
         path_with_query = f"{rec.path}?{raw_query}" if "?" in rec.target else rec.path
         proxy._delay(proxy._slow_delay(rec.method, path_with_query))
         fault = rec.fault = proxy._pick_fault(rec)
-        if fault in ("500", "503", "403"):
+        if fault in ("500", "503", "403", "401"):
             if body is None:
                 self.close_connection = True  # the request body is unread
             self._reply_fault(rec, int(fault))
@@ -574,6 +575,7 @@ class _Handler(BaseHTTPRequestHandler):
             500: ("InternalError", "We encountered an internal error. Please try again."),
             503: ("SlowDown", "Please reduce your request rate."),
             403: ("AccessDenied", "Access Denied"),
+            401: ("Unauthorized", "Invalid Credentials"),
         }[status]
         if _GCS_API.match(rec.path):
             body = json.dumps({"error": {"code": status, "message": message}}).encode()

@@ -233,13 +233,17 @@ def _start_on_free_port(
 
 @contextlib.contextmanager
 def fake_gcs(
-    root_dir: str | os.PathLike[str] | None = None, *, backend: str = "filesystem"
+    root_dir: str | os.PathLike[str] | None = None,
+    *,
+    backend: str = "filesystem",
+    data_dir: str | os.PathLike[str] | None = None,
 ) -> Iterator[FakeGCS]:
     """Run fake-gcs-server over HTTP on 127.0.0.1 and a free port.
 
     With the ``filesystem`` backend, objects live under ``root_dir`` (a temporary directory,
     removed on exit, if not given). That backend cannot store keys ending in ``/`` (folder
     markers such as ``dir/`` are silently dropped); ``backend="memory"`` keeps them.
+    ``data_dir``: objects loaded at start (each sub-folder a bucket, its files the objects).
     """
     if backend not in ("filesystem", "memory"):
         raise ValueError(f"unknown fake-gcs-server backend {backend!r}")
@@ -253,8 +257,10 @@ def fake_gcs(
                 str(binary), "-scheme", "http", "-host", HOST, "-port", str(port),
                 "-backend", backend, "-filesystem-root", root, "-external-url", url,
                 "-log-level", "error",
+                *(["-data", str(Path(data_dir).resolve())] if data_dir is not None else []),
             ],
-            lambda port: f"http://{HOST}:{port}", "/storage/v1/b", 30, "fake-gcs-server",
+            lambda port: f"http://{HOST}:{port}", "/storage/v1/b",
+            30 if data_dir is None else 600, "fake-gcs-server",
         )  # fmt: skip
         running = (proc, log)
         yield FakeGCS(url, root)

@@ -6,8 +6,9 @@ The loader is a stand-in for torch's ``DataLoader`` built from multiprocessing o
 process takes indices from the sampler (a :class:`fusefs.loader.HintingSampler` when hinting),
 groups them in batches of 32 and hands each batch to one of 16 worker processes, keeping at most
 ``prefetch_factor x workers`` batches outstanding, as a DataLoader does; a worker reads each file
-of its batch whole (``__getitem__``). The boto3 baseline is the same reader whose
-``__getitem__`` GETs the object instead (the "no filesystem" way to write a Dataset).
+of its batch whole (``__getitem__``). The SDK baseline (boto3, google-cloud-storage or
+azure-storage-blob) is the same reader whose ``__getitem__`` GETs the object instead (the "no
+filesystem" way to write a Dataset).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .harness import Bench, check_size, get_object, observe, prime_local, prime_server
+from .harness import Bench, check_size, observe, prime_local, prime_server
 from .model import (
     BIG_BUCKET,
     BIG_KEY,
@@ -80,13 +81,13 @@ def open_sample(b: Bench) -> list[str]:
 
 
 def baselines_open(b: Bench) -> dict[str, Measure]:
-    """boto3 GETs of the same keys from 16 threads, through the latency proxy (no listing)."""
+    """SDK GETs of the same keys from 16 threads, through the latency proxy (no listing)."""
     prime_dataset(b, OPEN_DIR)
     client = b.client(b.latency)
     keys = open_sample(b)
     b.latency.reset()
-    got, secs = timed(lambda: run_threads(lambda k: get_object(client, DATASET_BUCKET, k), keys))
-    check_size(got, len(keys) * b.sizes.small_size, "boto3 GETs by key")
+    got, secs = timed(lambda: run_threads(lambda k: client.get(DATASET_BUCKET, k), keys))
+    check_size(got, len(keys) * b.sizes.small_size, f"{b.store.sdk} GETs by key")
     notes = {"requests": b.latency.counts(), "files": len(keys)}
     notes["requests_per_file"] = per_file(notes, len(keys))
     return {"open_by_path": Measure(len(keys) / secs, notes)}
@@ -117,16 +118,17 @@ _clients: dict[str, Any] = {}
 
 def _get_item(task: tuple[str, str, str]) -> int:
     """Worker process: one sample, the way a Dataset's ``__getitem__`` reads it: a file read
-    whole (``("file", root, key)``) or an object GET (``("s3", url, key)``)."""
+    whole (``("file", root, key)``) or an object GET through the store's SDK (``("s3", url,
+    key)``, ``"gcs"``, ``"azure"``)."""
     kind, where, key = task
     if kind == "file":
         return read_file(os.path.join(where, key))
-    client = _clients.get(where)
+    client = _clients.get(kind + where)
     if client is None:
-        from fusefs.testing.servers import s3_client
+        from .stores import make_store
 
-        client = _clients[where] = s3_client(where)
-    return get_object(client, DATASET_BUCKET, key)
+        client = _clients[kind + where] = make_store(kind).client(where)
+    return int(client.get(DATASET_BUCKET, key))
 
 
 def _get_batch(tasks: list[tuple[str, str, str]]) -> int:
@@ -181,7 +183,7 @@ def run_epoch(pool: Any, sampler: Iterable[int], task: Any) -> int:
 
 
 def baselines_loader(b: Bench) -> dict[str, Measure]:
-    """boto3 in ``__getitem__`` (16 processes, through the latency proxy) for epoch 1, and the
+    """The SDK in ``__getitem__`` (16 processes, through the latency proxy) for epoch 1, and the
     same reader on local disk with the page cache warm for epoch 2."""
     keys = train_keys(b)
     n, size = len(keys), b.sizes.small_size
@@ -191,8 +193,9 @@ def baselines_loader(b: Bench) -> dict[str, Measure]:
         order = epoch_order(n, 1)
         url = b.latency.url
         b.latency.reset()
-        got, secs = timed(lambda: run_epoch(pool, order, lambda i: ("s3", url, keys[i])))
-        check_size(got, n * size, "boto3 loader epoch")
+        kind = b.store.name
+        got, secs = timed(lambda: run_epoch(pool, order, lambda i: (kind, url, keys[i])))
+        check_size(got, n * size, f"{b.store.sdk} loader epoch")
         notes: dict[str, Any] = {"requests": b.latency.counts(), "files": n}
         notes["requests_per_file"] = per_file(notes, n)
         cold = Measure(n / secs, notes)
@@ -287,18 +290,14 @@ def hint_state(mountpoint: Path) -> dict[str, Any]:
 
 
 def baselines_big_latency(b: Bench) -> dict[str, Measure]:
-    """boto3 download_fileobj of the big object (16 x 8 MiB ranged GETs) through the proxy."""
-    from boto3.s3.transfer import TransferConfig
-
+    """The SDK's parallel download of the big object (16 x 8 MiB ranged GETs) through the
+    proxy."""
     prime_big(b)
     client = b.client(b.latency)
     dest = b.work / "download-latency.bin"
-    cfg = TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB,
-                         max_concurrency=READERS)  # fmt: skip
     b.latency.reset()
-    with open(dest, "wb") as f:
-        _, secs = timed(lambda: client.download_fileobj(BIG_BUCKET, BIG_KEY, f, Config=cfg))
-    check_size(dest.stat().st_size, b.sizes.big, "boto3 download through the proxy")
+    _, secs = timed(lambda: client.download(BIG_BUCKET, BIG_KEY, b.sizes.big, dest))
+    check_size(dest.stat().st_size, b.sizes.big, f"{b.store.sdk} download through the proxy")
     dest.unlink()
     notes = {"requests": b.latency.counts(), "concurrency": READERS, "chunk_mib": 8}
     return {"seq_cold_latency": Measure(b.sizes.big / secs / 1e6, notes)}

@@ -1,4 +1,4 @@
-"""The run's machinery: latency proxy process, RSS monitor, S3 side, the Bench state, and
+"""The run's machinery: latency proxy process, RSS monitor, the data, the Bench state, and
 :func:`observe`, which measures a workload with its evidence."""
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from .model import (
     wanted_specs,
 )
 from .peers import Fusefs, Mounted, System
+from .stores import Client, Store
 from .util import (
     kernel_tunables,
     proc_status,
@@ -80,7 +81,7 @@ def _proxy_main(conn: Any, upstream: str, latency_ms: float) -> None:
 
 class ProxyProcess:
     """A latency/counting proxy in its own process, so its relay threads never compete for
-    the GIL with the benchmark's readers or with the boto3 baselines."""
+    the GIL with the benchmark's readers or with the SDK baselines."""
 
     def __init__(self, upstream: str, latency_ms: float) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -161,32 +162,7 @@ class RssMonitor:
 
 
 
-# --------------------------------------------------------------------------------- S3 side
-
-
-def s3_client(url: str) -> Any:
-    """A boto3 client for the local server with a connection pool big enough for 16 threads."""
-    from fusefs.testing import servers
-
-    return servers.s3_client(url, max_pool_connections=64)
-
-
-def list_keys(client: Any, bucket: str, prefix: str = "") -> list[str]:
-    """Every key under ``prefix``, page by page (1,000 keys a page)."""
-    keys: list[str] = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys.extend(o["Key"] for o in page.get("Contents", []))
-    return keys
-
-
-def get_object(client: Any, bucket: str, key: str, rng: str | None = None) -> int:
-    """GET an object (or a range of it) and read the whole body; returns its length."""
-    kw = {"Range": rng} if rng else {}
-    body = client.get_object(Bucket=bucket, Key=key, **kw)["Body"]
-    try:
-        return len(body.read())
-    finally:
-        body.close()
+# --------------------------------------------------------------------------------- data
 
 
 def write_random_file(path: Path, size: int) -> None:
@@ -217,33 +193,19 @@ def make_data(root: Path, sizes: Sizes) -> None:
             (folder / f"o{i:05d}.txt").write_bytes(b"%d\n" % i)
 
 
-def upload_tree(client: Any, root: Path) -> None:
-    """For servers that do not serve a directory (moto): PUT every file of ``root``."""
-    files = [p for p in root.rglob("*") if p.is_file()]
-    for bucket in {p.relative_to(root).parts[0] for p in files}:
-        client.create_bucket(Bucket=bucket)
-
-    def put(p: Path) -> int:
-        bucket, *rest = p.relative_to(root).parts
-        client.upload_file(str(p), bucket, "/".join(rest))
-        return 1
-
-    run_threads(put, files)
-
-
 # --------------------------------------------------------------------------------- bench
 
 
 class Bench:
-    """State of one run: server, proxy, clients, data, monitor; and the mount helper."""
+    """State of one store's run: server, proxy, clients, data, monitor; and the mount helper."""
 
-    def __init__(self, args: argparse.Namespace, sizes: Sizes, work: Path) -> None:
-        self.args, self.sizes, self.work = args, sizes, work
+    def __init__(self, args: argparse.Namespace, sizes: Sizes, work: Path, store: Store) -> None:
+        self.args, self.sizes, self.work, self.store = args, sizes, work, store
         self.data = work / "data"
         self.direct_url = ""
         self._proxies: dict[str, ProxyProcess] = {}
         self.monitor = RssMonitor()
-        self.fusefs = Fusefs(args.fusefs_opt, args.fusefs_src)
+        self.fusefs = Fusefs(args.fusefs_opt, args.fusefs_src, store)
         self.observed: dict[str, Any] = {}
         self.rss: dict[str, dict[str, dict[str, float]]] = {}  # system -> group -> rss
         self._serial = itertools.count(1)
@@ -271,7 +233,7 @@ class Bench:
         return self._proxies["counting"]
 
     def server_answers(self) -> bool:
-        """Does the S3 server still answer HTTP at all?"""
+        """Does the store's server still answer HTTP at all?"""
         try:
             with urllib.request.urlopen(self.direct_url + "/", timeout=5):
                 return True
@@ -280,9 +242,10 @@ class Bench:
         except OSError:
             return False
 
-    def client(self, proxy: ProxyProcess | None = None) -> Any:
-        """A boto3 client straight to the server, or through ``proxy``."""
-        return s3_client(proxy.url if proxy else self.direct_url)
+    def client(self, proxy: ProxyProcess | None = None) -> Client:
+        """An SDK client (boto3, google-cloud-storage, azure-storage-blob) straight to the
+        server, or through ``proxy``."""
+        return self.store.client(proxy.url if proxy else self.direct_url)
 
     def baseline(self, name: str, fn: Callable[[], Measure]) -> Measure:
         """A baseline measured once per run and shared by the rows that compare with it."""
@@ -440,9 +403,9 @@ def prime_server(b: Bench, bucket: str, heads: Sequence[str] = ()) -> None:
     """List the bucket and HEAD the named keys directly, so the server's hashes (ETags) and
     directory cache are computed before any timed request."""
     client = b.client()
-    list_keys(client, bucket)
+    client.list(bucket)
     for key in heads:
-        client.head_object(Bucket=bucket, Key=key)
+        client.head(bucket, key)
 
 
 def check_size(got: int, want: int, what: str) -> None:

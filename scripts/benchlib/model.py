@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
-READERS = 16  # parallel readers / boto3 threads
+READERS = 16  # parallel readers / SDK threads
 BLOCK = 4 * KiB  # size of one random read
 REPO = Path(__file__).resolve().parent.parent.parent  # scripts/benchlib/model.py
 RSS_BUDGET_MIB = 256
@@ -76,36 +76,36 @@ SPECS = [
     Spec("seq_warm", "warm", "warm read of {big} from block cache, page cache dropped", "MB/s",
          "cold read of a local file", 0.8, True, "big"),
     Spec("seq_cold", "cold", "cold sequential read of {big}", "MB/s",
-         "boto3 download_fileobj, 16 x 8 MiB ranged GETs", 0.8, True, "big"),
+         "{download}", 0.8, True, "big"),
     Spec("small_cold", "small_cold", "cold read of {files} x {fsize} files, 16 readers, {lat} ms",
-         "files/s", "boto3 list + 16-thread GETs", 0.7, True, "small"),
+         "files/s", "{sdk} list + 16-thread GETs", 0.7, True, "small"),
     Spec("small_warm", "small_warm", "warm re-read of those files, 16 readers", "files/s",
          "same tree on local disk, 16 readers", 0.3, True, "small"),
     Spec("prefetch", "prefetch", "prefetch of that folder (then 0 GETs on read), {lat} ms",
-         "files/s", "boto3 list + 16-thread GETs", 0.7, True, "prefetch"),
+         "files/s", "{sdk} list + 16-thread GETs", 0.7, True, "prefetch"),
     Spec("find", "find", "find over {objs} objects in {dirs} folders, cold, {lat} ms", "s",
-         "boto3 paginated list_objects_v2", 1.5, False, "list"),
+         "{listing}", 1.5, False, "list"),
     Spec("ls_lR", "ls", "ls -lR over {objs} objects in {dirs} folders, cold, {lat} ms", "s",
-         "boto3 paginated list_objects_v2", 1.5, False, "list"),
+         "{listing}", 1.5, False, "list"),
     Spec("random_4k", "random", "random 4 KiB reads of {big}, 16 threads, cold", "reads/s",
-         "boto3 ranged GETs, 16 threads", 0.7, True, "random"),
+         "{sdk} ranged GETs, 16 threads", 0.7, True, "random"),
     Spec("seq_cold_latency", "cold_latency", "cold sequential read of {big}, {lat} ms", "MB/s",
-         "boto3 download_fileobj through the latency proxy", 0.8, True, "big_latency",
+         "{download}, through the latency proxy", 0.8, True, "big_latency",
          ("rclone", 1.0)),
     Spec("open_by_path", "open", "open {open_reads} random names of a flat folder of "
          "{open_files} x {fsize} by path (no listing), 16 threads, cold, {lat} ms", "files/s",
-         "boto3 GETs of the same keys, 16 threads", 1.0, True, "open", ("rclone", 2.0)),
+         "{sdk} GETs of the same keys, 16 threads", 1.0, True, "open", ("rclone", 2.0)),
     Spec("loader_cold", "loader_cold", "loader epoch 1, no hints: {loader_files} x {fsize} "
          "shuffled, 16 worker processes, batches of 32, {lat} ms", "files/s",
-         "boto3 GET in __getitem__, 16 processes", 0.9, True, "loader"),
+         "{sdk} GET in __getitem__, 16 processes", 0.9, True, "loader"),
     Spec("loader_hinted", "loader_hinted", "loader epoch 1 with fusefs.loader hints", "files/s",
-         "boto3 GET in __getitem__, 16 processes", 1.5, True, "loader"),
+         "{sdk} GET in __getitem__, 16 processes", 1.5, True, "loader"),
     Spec("loader_epoch2", "loader_epoch2", "loader epoch 2, all cached, after the "
          "metadata TTL ({ttl} s)", "files/s",
          "same reader on local disk, page cache warm", 0.5, True, "loader"),
     Spec("loader_small_cache", "loader_small_cache", "loader with hints, cache a third of the "
          "data: slowest of {epochs} epochs", "files/s",
-         "boto3 GET in __getitem__, 16 processes", 1.2, True, "loader"),
+         "{sdk} GET in __getitem__, 16 processes", 1.2, True, "loader"),
     Spec("rss", "rss", "peak RSS of the daemon (flat: {medium} vs {big} file)", "MiB",
          f"budget {RSS_BUDGET_MIB} MiB", 1.0, False, "rss"),
 ]  # fmt: skip
@@ -133,6 +133,7 @@ class Row:
 
     spec: Spec
     title: str
+    baseline_name: str = ""  # the spec's baseline with the store's SDK filled in
     baseline: Measure | None = None
     results: dict[str, Measure] = field(default_factory=dict)
 
@@ -172,7 +173,7 @@ class Row:
             "id": s.id,
             "title": self.title,
             "unit": s.unit,
-            "baseline_name": s.baseline,
+            "baseline_name": self.baseline_name or s.baseline,
             "baseline": self.baseline.value if self.baseline else None,
             "baseline_notes": self.baseline.notes if self.baseline else {},
             "target_ratio": s.target,

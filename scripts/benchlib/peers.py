@@ -1,4 +1,5 @@
-"""The filesystems measured: fusefs through its CLI, s3fs-fuse, ``rclone mount``."""
+"""The filesystems measured: fusefs through its CLI (on any store), s3fs-fuse and
+``rclone mount`` (S3 only)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .stores import S3, Store
 from .util import is_mounted
 
 # --------------------------------------------------------------------------------- systems
@@ -68,7 +70,8 @@ def _wait_mounted(mp: Path, timeout: float = 60) -> None:
 def fusefs_env(src: str | None = None) -> dict[str, str]:
     """The environment of a fusefs command: test credentials, no config file, no FUSEFS_*;
     with ``src``, the fusefs package is imported from that source tree instead."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FUSEFS_", "AWS_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FUSEFS_", "AWS_", "AZURE_", "STORAGE_EMULATOR_HOST"))}
     env.update(
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
@@ -86,22 +89,24 @@ class Fusefs(System):
 
     name = "fusefs"
 
-    def __init__(self, extra: Sequence[str] = (), src: str | None = None) -> None:
+    def __init__(self, extra: Sequence[str] = (), src: str | None = None,
+                 store: Store | None = None) -> None:
         self.extra = list(extra)
         self.src = src
+        self.store = store or S3()
 
     def env(self) -> dict[str, str]:
         return fusefs_env(self.src)
 
     def with_args(self, args: Sequence[str]) -> Fusefs:
         """The same fusefs, mounted with ``args`` added (e.g. ``--metadata-ttl 5``)."""
-        return Fusefs([*self.extra, *args], self.src)
+        return Fusefs([*self.extra, *args], self.src, self.store)
 
     def start(self, bucket: str, url: str, mp: Path, cache: Path, logfile: Path) -> None:
-        cmd = [sys.executable, "-m", "fusefs", "mount", f"s3://{bucket}", str(mp),
-               "--endpoint-url", url, "--cache-dir", str(cache), "--log-file", str(logfile),
-               *self.extra]  # fmt: skip
-        _run_checked(cmd, self.env(), "fusefs mount", logfile)
+        source, args, env = self.store.mount_spec(bucket, url)
+        cmd = [sys.executable, "-m", "fusefs", "mount", source, str(mp), *args,
+               "--cache-dir", str(cache), "--log-file", str(logfile), *self.extra]  # fmt: skip
+        _run_checked(cmd, {**self.env(), **env}, "fusefs mount", logfile)
 
 
 class S3fs(System):

@@ -143,20 +143,29 @@ def render_notes(rows: dict[str, Row], systems: list[str]) -> str:
     return "\n".join(out)
 
 
-def header(b: Bench, info: dict[str, Any]) -> str:
+def header(info: dict[str, Any]) -> str:
+    """What was measured, where and when (once per run)."""
     m, f = info["machine"], info["fusefs"]
     lines = [
         f"machine : {m['nproc']} x {m['cpu']}, {m['memory_gib']} GiB, Linux {m['kernel']}, "
         f"Python {m['python']}",
         f"date    : {info['date']}",
         f"command : {info['command']}",
-        f"server  : {info['server']} ({info['server_version']}), latency {b.args.latency_ms:g} ms "
-        "added by a proxy for the small-file, prefetch and listing workloads",
         f"fusefs  : {f['commit']}{' + uncommitted changes' if f['uncommitted_changes_in_fusefs'] else ''}"  # noqa: E501
         f"; {f['settings']}",
     ]
     if f["extra_mount_args"]:
         lines.append(f"extra   : {' '.join(f['extra_mount_args'])}")
+    return "\n".join(lines)
+
+
+def store_header(b: Bench, st: dict[str, Any]) -> str:
+    """The store, server and baseline SDK of one table."""
+    lines = [
+        f"store   : {b.store.name}: {st['server_version']}, baselines: {b.store.sdk}; latency "
+        f"{b.args.latency_ms:g} ms added by a proxy for the small-file, prefetch, listing, "
+        "open and loader workloads",
+    ]
     if b.observed.get("kernel_tunables"):
         lines.append(f"kernel  : fusefs mount had {b.observed['kernel_tunables']}")
     return "\n".join(lines)

@@ -81,7 +81,9 @@ def build_rows(b: Bench, wanted: list[Spec]) -> dict[str, Row]:
            "dirs": s.list_folders, "open_reads": f"{s.open_reads:,}",
            "open_files": f"{s.open_files:,}", "loader_files": f"{s.loader_files:,}",
            "ttl": f"{LOADER_TTL:g}", "epochs": s.loader_epochs}  # fmt: skip
-    return {sp.id: Row(sp, sp.title.format(**fmt)) for sp in wanted}
+    st = b.store
+    sdk = {"sdk": st.sdk, "download": st.download, "listing": st.listing}
+    return {sp.id: Row(sp, sp.title.format(**fmt), sp.baseline.format(**sdk)) for sp in wanted}
 
 
 def run_groups(b: Bench, systems: list[System], rows: dict[str, Row]) -> None:
@@ -117,7 +119,7 @@ def _guarded(
     b: Bench, fn: Callable[[], dict[str, Measure]], group: str, rows: dict[str, Row]
 ) -> dict[str, Measure]:
     """Run one group; a failure becomes an error figure in each of its rows, not a crash,
-    unless the S3 server itself is gone (then every later figure would be an error too)."""
+    unless the store's server itself is gone (then every later figure would be an error too)."""
     try:
         return fn()
     except (KeyboardInterrupt, SystemExit):
@@ -125,6 +127,7 @@ def _guarded(
     except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON
         traceback.print_exc()
         if not b.server_answers():
-            raise RuntimeError(f"the S3 server at {b.direct_url} stopped answering") from exc
+            raise RuntimeError(f"the {b.store.name} server at {b.direct_url} stopped answering"
+                               ) from exc
         msg = f"{type(exc).__name__}: {exc}"[:300]
         return {rid: Measure(None, error=msg) for rid, r in rows.items() if r.spec.group == group}

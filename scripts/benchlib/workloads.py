@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .harness import Bench, check_size, get_object, list_keys, observe, prime_local, prime_server
+from .harness import Bench, check_size, observe, prime_local, prime_server
 from .model import (
     BIG_BUCKET,
     BIG_KEY,
@@ -20,7 +20,6 @@ from .model import (
     SMALL_BUCKET,
     SMALL_DIR,
     Measure,
-    MiB,
 )
 from .peers import System
 from .util import drop_caches, read_file, run_threads, timed
@@ -44,20 +43,15 @@ def group_medium(b: Bench, system: System) -> dict[str, Measure]:
 
 
 def baselines_big(b: Bench) -> dict[str, Measure]:
-    """Local page cache, local cold read and boto3 parallel download of the big object."""
-    from boto3.s3.transfer import TransferConfig
-
+    """Local page cache, local cold read and the SDK's parallel download of the big object."""
     local = b.data / BIG_BUCKET / BIG_KEY
     size = b.sizes.big
     prime_big(b)
     hot = [size / timed(lambda: read_file(local))[1] / 1e6 for _ in range(3)]
     client = b.client()
     dest = b.work / "download.bin"
-    cfg = TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB,
-                         max_concurrency=READERS)  # fmt: skip
-    with open(dest, "wb") as f:
-        _, secs = timed(lambda: client.download_fileobj(BIG_BUCKET, BIG_KEY, f, Config=cfg))
-    check_size(dest.stat().st_size, size, "boto3 download")
+    _, secs = timed(lambda: client.download(BIG_BUCKET, BIG_KEY, size, dest))
+    check_size(dest.stat().st_size, size, f"{b.store.sdk} download")
     dest.unlink()
     how = drop_caches(local)
     got, cold_secs = timed(lambda: read_file(local))
@@ -101,17 +95,17 @@ def random_offsets(b: Bench) -> list[int]:
 
 
 def baselines_random(b: Bench) -> dict[str, Measure]:
-    """boto3 ranged GETs of 4 KiB, 16 threads, through the counting proxy (as the mounts)."""
+    """SDK ranged GETs of 4 KiB, 16 threads, through the counting proxy (as the mounts)."""
     prime_big(b)
     client = b.client(b.counting)
     offsets = random_offsets(b)
 
     def one(off: int) -> int:
-        return get_object(client, BIG_BUCKET, BIG_KEY, f"bytes={off}-{off + BLOCK - 1}")
+        return client.get(BIG_BUCKET, BIG_KEY, (off, BLOCK))
 
     b.counting.reset()
     got, secs = timed(lambda: run_threads(one, offsets))
-    check_size(got, len(offsets) * BLOCK, "boto3 random reads")
+    check_size(got, len(offsets) * BLOCK, f"{b.store.sdk} random reads")
     notes = {"reads": len(offsets), "requests": b.counting.counts()}
     return {"random_4k": Measure(len(offsets) / secs, notes)}
 
@@ -148,17 +142,18 @@ def small_keys(b: Bench) -> list[str]:
 
 
 def baseline_small_get(b: Bench) -> Measure:
-    """boto3: list the folder, then GET every key with 16 threads, through the latency proxy."""
+    """The SDK: list the folder, then GET every key with 16 threads, through the latency
+    proxy."""
     client = b.client(b.latency)
     n = b.sizes.small_files
 
     def work() -> int:
-        keys = list_keys(client, SMALL_BUCKET, SMALL_DIR + "/")
-        return run_threads(lambda k: get_object(client, SMALL_BUCKET, k), keys)
+        keys = client.list(SMALL_BUCKET, SMALL_DIR + "/")
+        return run_threads(lambda k: client.get(SMALL_BUCKET, k), keys)
 
     b.latency.reset()
     got, secs = timed(work)
-    check_size(got, n * b.sizes.small_size, "boto3 small GETs")
+    check_size(got, n * b.sizes.small_size, f"{b.store.sdk} small GETs")
     return Measure(n / secs, {"requests": b.latency.counts()})
 
 
@@ -257,13 +252,13 @@ def baselines_prefetch(b: Bench) -> dict[str, Measure]:
 
 
 def baselines_list(b: Bench) -> dict[str, Measure]:
-    """boto3 paginated list_objects_v2 of the whole listing bucket, through the proxy."""
+    """The SDK's paginated listing of the whole listing bucket, through the proxy."""
     prime_local(b.data / LIST_BUCKET)
     prime_server(b, LIST_BUCKET)
     client = b.client(b.latency)
     b.latency.reset()
-    keys, secs = timed(lambda: list_keys(client, LIST_BUCKET))
-    check_size(len(keys), b.sizes.list_objects, "boto3 listing (keys)")
+    keys, secs = timed(lambda: client.list(LIST_BUCKET))
+    check_size(len(keys), b.sizes.list_objects, f"{b.store.sdk} listing (keys)")
     m = Measure(secs, {"requests": b.latency.counts()})
     return {"find": m, "ls_lR": m}
 
