@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,7 +55,7 @@ class WriteSizes:
         """Disk the rows need at most at once: local copies, the server's copies (one per
         measurement: a deleted bucket's space may come back late), staged files."""
         tar = self.files * (self.file_size + 2 * KiB)
-        return 2 * self.big + 3 * self.big + 2 * self.rss + 8 * tar + GiB
+        return 5 * self.big + 2 * self.rss + 8 * tar + GiB
 
 
 WRITE_SIZES = {
@@ -208,9 +209,10 @@ def _weed_version() -> str:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         r = subprocess.run([str(seaweedfs_binary()), "version"], capture_output=True,
                            text=True, timeout=20)  # fmt: skip
-        line = (r.stdout or r.stderr).strip().splitlines()
-        if line:
-            return f"SeaweedFS {line[0].replace('version', '').strip()}"
+        # "version 8000GB 4.48 pypi linux amd64"
+        found = re.search(r"\b(\d+\.\d+(\.\d+)?)\b", r.stdout or r.stderr)
+        if found:
+            return f"SeaweedFS {found.group(1)}"
     return "SeaweedFS"
 
 
@@ -296,61 +298,53 @@ def rclone_writer() -> RcloneMount:
     return RcloneMount(read_only=False, extra=["--vfs-write-back", "0s"])
 
 
-def _mounted(b: Bench, system: System, e: WriteEnv, bucket: str, label: str
-             ) -> contextlib.AbstractContextManager[Mounted]:
+@contextlib.contextmanager
+def _fresh_mount(b: Bench, system: System, e: WriteEnv, label: str
+                 ) -> Iterator[tuple[str, Mounted]]:
+    """A fresh bucket and a fresh mount of it through the proxy; afterwards the bucket is
+    deleted and the mount is kept out of the read ``rss`` row (which takes the peak of every
+    mount: the write rows report their own)."""
     if system.name == "rclone":
         system = rclone_writer()
-    return b.mount(system, bucket, e.proxy.url, label)
+    bucket = e.new_bucket(label)
+    try:
+        with b.mount(system, bucket, e.proxy.url, label) as m:
+            yield bucket, m
+    finally:
+        b.rss.get(system.name, {}).pop(label, None)
+        e.drop_bucket(bucket)
 
 
-def _forget_rss(b: Bench, system: System, label: str) -> None:
-    """Keep the write mounts out of the read ``rss`` row (which takes the peak of every
-    mount): the write rows report their own."""
-    b.rss.get(system.name, {}).pop(label, None)
+def _hwm_mib(m: Mounted) -> float | None:
+    """The daemon's VmHWM (peak RSS over its life so far), MiB."""
+    hwm = proc_status(m.pid, "VmHWM") if m.pid else None
+    return None if hwm is None else round(hwm / MiB, 1)
 
 
 def write_big(b: Bench, system: System, e: WriteEnv) -> Measure:
     """``cp`` of the big local file into a fresh mount, until it is in the bucket."""
-    size = e.sizes.big
-    bucket = e.new_bucket("big")
-    try:
-        with _mounted(b, system, e, bucket, "write_1g") as m:
-            before = upload_counters(m)
-
-            def work() -> dict[str, Any]:
-                return _program_then_bucket(b, e, m, bucket, {"big.bin": size},
-                                            ["cp", str(e.big), str(m.path / "big.bin")])
-
-            how, secs, notes = observe(b, m, work, proxy=e.proxy, label="write_1g")
-            check_bucket(e, bucket, {"big.bin": size}, "cp")
-            notes.update(how, uploads=_delta(before, upload_counters(m)))
-            notes["vm_hwm_mib"] = round((proc_status(m.pid, "VmHWM") or 0) / MiB, 1) if (
-                m.pid) else None
-        _forget_rss(b, system, "write_1g")
-    finally:
-        e.drop_bucket(bucket)
-    return Measure(size / secs / 1e6, notes)
+    want = {"big.bin": e.sizes.big}
+    with _fresh_mount(b, system, e, "write_1g") as (bucket, m):
+        before = upload_counters(m)
+        cmd = ["cp", str(e.big), str(m.path / "big.bin")]
+        how, secs, notes = observe(b, m, lambda: _program_then_bucket(b, e, m, bucket, want, cmd),
+                                   proxy=e.proxy, label="write_1g")  # fmt: skip
+        check_bucket(e, bucket, want, "cp")
+        notes.update(how, uploads=_delta(before, upload_counters(m)), vm_hwm_mib=_hwm_mib(m))
+    return Measure(e.sizes.big / secs / 1e6, notes)
 
 
 def write_tar(b: Bench, system: System, e: WriteEnv) -> Measure:
     """``tar x`` of the archive into a fresh mount, until every file is in the bucket."""
     want = dict.fromkeys(e.files, e.sizes.file_size)
-    bucket = e.new_bucket("tar")
-    try:
-        with _mounted(b, system, e, bucket, "tar_x") as m:
-            before = upload_counters(m)
-
-            def work() -> dict[str, Any]:
-                return _program_then_bucket(b, e, m, bucket, want,
-                                            ["tar", "-xf", str(e.tar), "-C", str(m.path)])
-
-            how, secs, notes = observe(b, m, work, proxy=e.proxy, label="tar_x")
-            check_bucket(e, bucket, want, "tar x")
-            notes.update(how, files=len(want), uploads=_delta(before, upload_counters(m)),
-                         requests_per_file=round(notes["requests"]["all"] / len(want), 2))
-        _forget_rss(b, system, "tar_x")
-    finally:
-        e.drop_bucket(bucket)
+    with _fresh_mount(b, system, e, "tar_x") as (bucket, m):
+        before = upload_counters(m)
+        cmd = ["tar", "-xf", str(e.tar), "-C", str(m.path)]
+        how, secs, notes = observe(b, m, lambda: _program_then_bucket(b, e, m, bucket, want, cmd),
+                                   proxy=e.proxy, label="tar_x")  # fmt: skip
+        check_bucket(e, bucket, want, "tar x")
+        notes.update(how, files=len(want), uploads=_delta(before, upload_counters(m)),
+                     requests_per_file=round(notes["requests"]["all"] / len(want), 2))
     return Measure(len(want) / secs, notes)
 
 
@@ -358,32 +352,26 @@ def write_rss(b: Bench, system: System, e: WriteEnv) -> Measure:
     """``dd bs=1M`` of the RSS size into a fresh mount, then ``fusefs sync``: the daemon's
     VmHWM (peak RSS over its whole life) at the end."""
     size = e.sizes.rss
-    bucket = e.new_bucket("rss")
-    try:
-        with _mounted(b, system, e, bucket, "write_rss") as m:
-            before = upload_counters(m)
-
-            def work() -> dict[str, Any]:
-                return _program_then_bucket(b, e, m, bucket, {"rss.bin": size}, [
-                    "dd", "if=/dev/zero", f"of={m.path / 'rss.bin'}", "bs=1M",
-                    f"count={size // MiB}", "status=none"])  # fmt: skip
-
-            how, secs, notes = observe(b, m, work, proxy=e.proxy, label="write_rss")
-            hwm = proc_status(m.pid, "VmHWM") if m.pid else None
-            check_bucket(e, bucket, {"rss.bin": size}, "dd")
-            notes.update(how, uploads=_delta(before, upload_counters(m)),
-                         mb_s=round(size / secs / 1e6, 1))  # fmt: skip
-        _forget_rss(b, system, "write_rss")
-    finally:
-        e.drop_bucket(bucket)
+    want = {"rss.bin": size}
+    with _fresh_mount(b, system, e, "write_rss") as (bucket, m):
+        before = upload_counters(m)
+        cmd = ["dd", "if=/dev/zero", f"of={m.path / 'rss.bin'}", "bs=1M",
+               f"count={size // MiB}", "status=none"]  # fmt: skip
+        how, secs, notes = observe(b, m, lambda: _program_then_bucket(b, e, m, bucket, want, cmd),
+                                   proxy=e.proxy, label="write_rss")  # fmt: skip
+        hwm = _hwm_mib(m)
+        check_bucket(e, bucket, want, "dd")
+        notes.update(how, uploads=_delta(before, upload_counters(m)), written=size,
+                     mb_s=round(size / secs / 1e6, 1))  # fmt: skip
     if hwm is None:
         return Measure(None, error="the daemon's VmHWM could not be read")
-    return Measure(hwm / MiB, {**notes, "sampled_rss": m.rss, "written": size})
+    return Measure(hwm, {**notes, "sampled_rss": m.rss})
 
 
 def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {k: after[k] - before.get(k, 0) if k.startswith(("uploads_done", "upload_bytes",
-            "conflicts", "uploads_failed")) else after[k] for k in after}  # fmt: skip
+    """The counters moved since ``before`` (the gauges, pending and staged, as they are)."""
+    gauges = ("uploads_pending", "staged_bytes")
+    return {k: v if k in gauges else v - before.get(k, 0) for k, v in after.items()}
 
 
 ROWS = {"write_1g": write_big, "tar_x": write_tar, "write_rss": write_rss}
