@@ -54,6 +54,9 @@ COUNTERS = {
     "prefetch_bytes_done": ("prefetch_done_bytes", "prefetched bytes completed"),
     "prefetch_bytes_failed": ("prefetch_failed_bytes", "prefetched bytes that failed"),
     "prefetch_bytes_cancelled": ("prefetch_cancelled_bytes", "prefetched bytes cancelled"),
+    "uploads_done": ("uploads_done_files", "files uploaded to the store"),
+    "upload_bytes": ("uploaded_bytes", "bytes of the files uploaded"),
+    "conflicts": ("upload_conflicts", "uploads that found the object changed by another writer"),
 }
 GAUGES = {
     "fetches_in_flight": ("fetches_in_flight", "GETs running now"),
@@ -65,6 +68,9 @@ GAUGES = {
     "prefetch_pending": ("prefetch_pending_files", "prefetch files not finished"),
     "prefetch_bytes_pending": ("prefetch_pending_bytes", "prefetch bytes not finished"),
     "open_files": ("open_files", "open file handles"),
+    "staged_bytes": ("staged_bytes", "bytes the staging area holds (written, not yet uploaded)"),
+    "uploads_pending": ("uploads_pending_files", "files waiting for their upload"),
+    "uploads_failed": ("uploads_failed_files", "files whose last upload attempt failed (kept)"),
     "uptime_s": ("uptime_seconds", "seconds since the mount started"),
 }
 

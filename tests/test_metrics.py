@@ -79,6 +79,25 @@ def test_numbers_move_with_reads(bucket: Bucket, mount) -> None:
                  **src) > reads
 
 
+def test_upload_numbers_move_with_writes(local_bucket: Bucket, mount) -> None:
+    port = free_port()
+    m = mount(local_bucket, "--metrics", f"127.0.0.1:{port}")
+    src = {"source": local_bucket.source}
+    _, before = scrape(port)
+    assert value(before, "fusefs_uploads_done_files_total", **src) == 0
+    (m.path / "w.bin").write_bytes(b"w" * 5000)
+    r = subprocess.run([sys.executable, "-m", "fusefs", "sync", str(m.path)],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0
+    _, after = scrape(port)
+    assert value(after, "fusefs_uploads_done_files_total", **src) == 1
+    assert value(after, "fusefs_uploaded_bytes_total", **src) == 5000
+    assert value(after, "fusefs_uploads_pending_files", **src) == 0
+    assert value(after, "fusefs_upload_conflicts_total", **src) == 0
+    assert value(after, "fusefs_store_request_duration_seconds_count",
+                 operation="put_file", **src) == 1
+
+
 def test_off_by_default(local_bucket: Bucket, mount) -> None:
     local_bucket.put("f", b"x")
     m = mount(local_bucket)

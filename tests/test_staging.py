@@ -147,3 +147,21 @@ def test_a_full_disk_is_enospc(tmp_path):
     with pytest.raises(NoSpace):
         sf.write(0, b"x" * 4096)
     st.close()
+
+
+def test_the_staged_index_answers_folder_questions(tmp_path):
+    st = Staging(str(tmp_path), "s3://b")
+    for key in ("top", "a/x", "a/b/y", "a/b/z", "c/d/e/f"):
+        st.create(key, None, "")
+    idx = st.files
+    assert idx.has_under("") and idx.has_under("a") and idx.has_under("a/b")
+    assert idx.has_under("c/d/e") and not idx.has_under("b") and not idx.has_under("a/b/y")
+    files, subs = idx.in_folder("a")
+    assert [f.key for f in files] == ["a/x"] and subs == {"b"}
+    files, subs = idx.in_folder("")
+    assert [f.key for f in files] == ["top"] and subs == {"a", "c"}
+    st.rekey(idx["a/b/y"], "q/y")
+    st.remove(idx["a/b/z"])
+    assert not idx.has_under("a/b") and idx.has_under("q")
+    assert idx.in_folder("a") == ([idx["a/x"]], set())
+    st.close()

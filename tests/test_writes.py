@@ -348,7 +348,8 @@ def test_two_mounts_see_each_others_changes_after_the_ttl(bucket: Bucket, mount,
     wait_for(lambda: not (b.path / "shared.txt").exists())
 
 
-def test_unmount_waits_for_pending_uploads(s3_bucket: Bucket, mount):
+@pytest.mark.parametrize("how", ["unmount", "sigterm"])
+def test_unmount_and_sigterm_wait_for_pending_uploads(s3_bucket: Bucket, mount, how: str):
     b = s3_bucket
     assert b.proxy is not None
     m = mount(b)
@@ -356,10 +357,31 @@ def test_unmount_waits_for_pending_uploads(s3_bucket: Bucket, mount):
     try:
         for i in range(3):
             (m.path / f"u{i}").write_bytes(b"%d" % i)
+        if how == "sigterm":
+            assert m.proc is not None
+            m.proc.send_signal(signal.SIGTERM)
+            assert m.proc.wait(timeout=60) == 0
         m.stop()
     finally:
         b.proxy.slow(None, 0)
     assert [b.get(f"u{i}") for i in range(3)] == [b"0", b"1", b"2"]
+
+
+def test_uploads_past_the_grace_stay_journaled_and_resume(s3_bucket: Bucket, mount, tmp_path):
+    b = s3_bucket
+    assert b.proxy is not None
+    m = mount(b, "--upload-grace", "1", cache_dir=tmp_path / "c")
+    b.proxy.faults(1.0, ["503"], predicate=is_put)
+    try:
+        (m.path / "late.txt").write_bytes(b"later")
+        m.stop()
+    finally:
+        b.proxy.faults(0)
+    assert "not finished at unmount" in m.log_text()
+    assert b.get("late.txt") is None
+    m2 = mount(b, cache_dir=tmp_path / "c")
+    assert sync(m2).returncode == 0
+    assert b.get("late.txt") == b"later"
 
 
 def test_a_small_change_to_a_big_object_copies_the_rest_server_side(s3_bucket: Bucket, mount):
@@ -383,3 +405,22 @@ def test_a_small_change_to_a_big_object_copies_the_rest_server_side(s3_bucket: B
     assert len(copies) == 2, [(r.method, r.target, r.headers.get("x-amz-copy-source-range"))
                               for r in reqs]
     assert sent < 8 * MiB, sent  # one part (the plan evens parts out to whole MiB), not 16 MiB
+
+
+def test_unchanged_bytes_come_from_the_block_cache(bucket: Bucket, mount):
+    """A store that cannot copy ranges server-side gets the unchanged bytes of a changed
+    object through the block cache: blocks already cached cost no GET."""
+    if bucket.proxy is None or bucket.kind == "s3":
+        pytest.skip("counts the server's GETs; S3 copies whole parts server-side")
+    data = bytearray(blob(2 * MiB, 11))
+    bucket.put("c.bin", bytes(data))
+    m = mount(bucket, "--block-size", str(256 * 1024))
+    assert (m.path / "c.bin").read_bytes() == bytes(data)  # every block cached
+    gets = bucket.object_gets()
+    with open(m.path / "c.bin", "r+b") as f:
+        f.seek(100_000)
+        f.write(b"new")
+    data[100_000:100_003] = b"new"
+    assert sync(m).returncode == 0
+    assert bucket.get("c.bin") == bytes(data)
+    assert bucket.object_gets() == gets  # (bucket.get reads around the proxy)

@@ -7,6 +7,7 @@ Keys are relative to the mounted root; :class:`PrefixedStore` adds a bucket pref
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -73,6 +74,10 @@ class Upload:
     copy: tuple[tuple[int, int], ...] = ()
     base_key: str = ""
     base_version: str = ""
+    #: ``read_base(start, length)``: bytes of the base object for copy ranges the store does
+    #: not copy server-side (the mount reads them through its block cache, from any thread);
+    #: None: the store's own ``get_range`` at ``base_version``.
+    read_base: Callable[[int, int], bytes] | None = None
 
 
 @dataclass(slots=True)
@@ -213,8 +218,7 @@ class PrefixedStore:
         attrs: Attrs | None = None, progress: Callable[[int], None] | None = None,
     ) -> ObjectInfo:
         if upload.base_key:
-            upload = Upload(upload.path, upload.size, upload.copy,
-                            self.prefix + upload.base_key, upload.base_version)
+            upload = dataclasses.replace(upload, base_key=self.prefix + upload.base_key)
         info = self.inner.put_file(self.prefix + key, upload, condition=condition, attrs=attrs,
                                    progress=progress)
         return self._rekey(info, key)

@@ -129,7 +129,10 @@ class UploadSource:
         out: list[bytes] = []
         for a, b, from_base in pieces(self.upload, start, end):
             if from_base:
-                data = self._get(self.upload.base_key, a, b - a, self.upload.base_version)
+                if self.upload.read_base is not None:
+                    data = self.upload.read_base(a, b - a)
+                else:
+                    data = self._get(self.upload.base_key, a, b - a, self.upload.base_version)
                 if len(data) != b - a:
                     raise BackendError(
                         f"{self.upload.base_key}: base object shorter than its copy range")

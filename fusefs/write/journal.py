@@ -6,8 +6,9 @@ crash or a reboot the next mount of the same source finds every closed file and 
 file whose writer never closed it (state ``open`` at start) is not uploaded: it is kept, as
 failed, for the user to look at. Rows are removed once their upload succeeded.
 
-SQLite in WAL mode with ``synchronous=FULL``: a committed row survives power loss. Every call
-takes the journal's lock, so worker threads may share it.
+SQLite in WAL mode with ``synchronous=NORMAL``: a committed row survives the daemon being
+killed at once, and a power loss once the WAL is synced (at the next durable sync before an
+upload, or a checkpoint). Every call takes the journal's lock, so worker threads may share it.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class Journal:
         os.chmod(path, 0o600)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
 
     def save(self, rec: Record) -> None:

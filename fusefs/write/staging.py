@@ -19,6 +19,7 @@ record snapshot. An upload reading a staged file sets ``busy``; changes wait for
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -57,7 +58,8 @@ class StagedFile:
         self.fd = fd
         self.gen = 0
         self.uploaded_gen = 0
-        self.synced_gen = 0  # data synced and journaled up to this change
+        self.synced_gen = 0  # journaled up to this change
+        self.durable_gen = 0  # data synced to disk (fdatasync) and journaled up to this change
         self.writers = 0  # open write handles
         self.handles = 0  # open handles of any kind
         self.busy: trio.Event | None = None  # an upload is reading the data file
@@ -177,6 +179,51 @@ class StagedFile:
         rec.state = "done"
 
 
+class StagedIndex(dict[str, StagedFile]):
+    """Staged files by key, with how many are under each folder and which keys sit directly in
+    each: a lookup or a folder listing asks in O(1), not by scanning every staged file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.below: collections.Counter[str] = collections.Counter()
+        self.children: dict[str, set[str]] = collections.defaultdict(set)
+
+    @staticmethod
+    def _folders(key: str) -> list[str]:
+        parts = key.split("/")[:-1]
+        return [""] + ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+    def __setitem__(self, key: str, sf: StagedFile) -> None:
+        if key not in self:
+            for f in self._folders(key):
+                self.below[f] += 1
+            self.children[key.rpartition("/")[0]].add(key)
+        super().__setitem__(key, sf)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        for f in self._folders(key):
+            self.below[f] -= 1
+            if not self.below[f]:
+                del self.below[f]
+        parent = key.rpartition("/")[0]
+        self.children[parent].discard(key)
+        if not self.children[parent]:
+            del self.children[parent]
+
+    def has_under(self, folder: str) -> bool:
+        """Is any file staged below folder ``folder`` (a path, "" for the root)?"""
+        return self.below.get(folder, 0) > 0
+
+    def in_folder(self, folder: str) -> tuple[list[StagedFile], set[str]]:
+        """Staged files directly in ``folder``, and names of its sub-folders holding some."""
+        files = [self[k] for k in self.children.get(folder, ())]
+        n = len(folder) + 1 if folder else 0
+        subs = {f[n:].split("/", 1)[0] for f in self.below
+                if f and f.rpartition("/")[0] == folder} if len(self) > len(files) else set()
+        return files, subs
+
+
 class Staging:
     """The staging directory of one mount and the staged files in it, by key."""
 
@@ -189,7 +236,7 @@ class Staging:
         self._dir: str | None = None
         self._journal: Journal | None = None
         self._lock_fd = -1
-        self.files: dict[str, StagedFile] = {}
+        self.files = StagedIndex()
         #: staged files not reachable by key (unlinked while open, or failed and replaced)
         self.detached: set[StagedFile] = set()
 
@@ -259,7 +306,13 @@ class Staging:
                 rec.error = "the program writing it never closed it (crash?): not uploaded"
             sf = StagedFile(rec, path, fd)
             sf.gen = 1
-            sf.synced_gen = 1
+            sf.synced_gen = sf.durable_gen = 1
+            if rec.state != "failed":
+                size = os.fstat(fd).st_size
+                if size != rec.size:  # a power loss took data the journal row describes
+                    rec.state = "failed"
+                    rec.error = (f"the staged data is {size} bytes, {rec.size} were written "
+                                 "(lost in a crash?): not uploaded")
             if rec.key in self.files:  # two versions of one key: the newer wins the name
                 self.detached.add(self.files[rec.key])
             self.files[rec.key] = sf
@@ -345,12 +398,17 @@ class Staging:
         sf.rec.state = state if sf.rec.state not in ("failed", "conflict") else sf.rec.state
         return dataclasses.replace(sf.rec, dirty=list(sf.rec.dirty)), sf.gen
 
-    def sync(self, sf: StagedFile, rec: Record) -> None:
-        """Worker thread: make the data durable, then journal ``rec``."""
-        try:
-            os.fdatasync(sf.fd)
-        except OSError as exc:
-            raise _os_error(exc, sf.key) from None
+    def sync(self, sf: StagedFile, rec: Record, durable: bool = True) -> None:
+        """Worker thread: journal ``rec``; ``durable``: sync the data to disk first.
+
+        Without it (at ``close``) the row survives the daemon being killed (SQLite WAL) and
+        the data is in the page cache, as a local file's is after ``close``; the data is
+        synced before its upload starts, which bounds what a power loss can take."""
+        if durable:
+            try:
+                os.fdatasync(sf.fd)
+            except OSError as exc:
+                raise _os_error(exc, sf.key) from None
         self.journal.save(rec)
 
     def remove(self, sf: StagedFile) -> None:

@@ -60,12 +60,16 @@ class Uploads:
         parallel: int,
         on_uploaded: Callable[[StagedFile, ObjectInfo, int], None],
         on_conflict: Callable[[StagedFile, str, ObjectInfo | None], None],
+        read_base: Callable[[ObjectInfo, int, int], Awaitable[bytes]] | None = None,
     ) -> None:
         self.store = store
         self.staging = staging
         self.limiter = trio.CapacityLimiter(parallel)
         self.on_uploaded = on_uploaded
         self.on_conflict = on_conflict
+        #: reads a base object's bytes (through the block cache) for copy ranges
+        self._read_base = read_base
+        self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self.done = 0
         self.bytes = 0
@@ -76,6 +80,7 @@ class Uploads:
     def start(self, nursery: trio.Nursery) -> None:
         """Begin uploading; files recovered from the journal are queued now."""
         self._nursery = nursery
+        self._token = trio.lowlevel.current_trio_token()
         for sf in list(self.staging.files.values()) + list(self.staging.detached):
             if sf.rec.state == "failed" and sf.rec.error.startswith("the program"):
                 self.failed.add(sf)  # never closed: kept for the user, not uploaded
@@ -113,8 +118,8 @@ class Uploads:
                 if sf.writers and not sf.flush_requested:
                     break  # still being written: its flush or last close queues it again
                 sf.flush_requested = False
-                if sf.synced_gen != sf.gen:  # journal what is about to be uploaded first
-                    await self.sync(sf)
+                if sf.durable_gen != sf.gen:  # on disk and journaled before it goes
+                    await self.sync(sf, durable=True)
                 wait = await self._attempt(sf)
                 if wait is None:
                     continue
@@ -126,12 +131,14 @@ class Uploads:
             sf.queued = False
             sf.signal()
 
-    async def sync(self, sf: StagedFile) -> None:
-        """Make ``sf``'s data durable and journal it (state pending)."""
+    async def sync(self, sf: StagedFile, durable: bool = False) -> None:
+        """Journal ``sf`` (state pending); ``durable``: its data synced to disk first."""
         await sf.idle()
         rec, gen = self.staging.snapshot(sf)
-        await threads.run_sync(self.staging.sync, sf, rec)
+        await threads.run_sync(self.staging.sync, sf, rec, durable)
         sf.synced_gen = max(sf.synced_gen, gen)
+        if durable:
+            sf.durable_gen = max(sf.durable_gen, gen)
 
     async def _attempt(self, sf: StagedFile) -> float | None:
         """One upload of ``sf``; None when done (or nothing to do), else seconds to wait
@@ -151,7 +158,10 @@ class Uploads:
             try:
                 info = await threads.run_sync(self._put, sf, rec, copy)
             except (Conflict, StaleVersion) as exc:
-                return await self._conflict(sf, rec, copy, exc)
+                mine = await self._already_there(rec)
+                if mine is None:
+                    return await self._conflict(sf, rec, copy, exc)
+                info = mine
             except Exception as exc:  # noqa: BLE001 - kept and retried, whatever it was
                 return self._failed(sf, gen, exc)
             finally:
@@ -172,6 +182,20 @@ class Uploads:
         sf.signal()
         return None
 
+    async def _already_there(self, rec: Record) -> ObjectInfo | None:
+        """The object at ``rec.key`` if it is this very upload (the store has it, but the
+        answer was lost, or the daemon died before journaling it): same size and the exact
+        ``mtime`` metadata this file was sent with."""
+        try:
+            now = await threads.run_sync(self.store.head, rec.key)
+        except Exception:  # noqa: BLE001 - then it is a conflict
+            return None
+        if (now.size == rec.size and now.meta_mtime is not None
+                and abs(now.meta_mtime - rec.mtime) < 1e-6):
+            log.info("%s: already in the store (an earlier attempt got through)", rec.key)
+            return now
+        return None
+
     def _condition(self, expect: str | None) -> Condition:
         if expect == "":
             return Condition(absent=True)
@@ -186,13 +210,27 @@ class Uploads:
         if rec.expect is not None and (not self.store.enforces_conditions
                                        or rec.expect.startswith("~")):
             self._check(rec.key, rec.expect)
-        upload = Upload(sf.path, rec.size, copy, rec.base_key if copy else "",
-                        rec.base_version if copy else "")
-        info = self.store.put_file(rec.key, upload, condition=cond,
+        info = self.store.put_file(rec.key, self._upload(sf, rec, copy), condition=cond,
                                    attrs=Attrs(rec.mtime, rec.mode))
         if rec.then_delete and rec.then_delete != rec.key:
             self.store.delete(rec.then_delete)
         return info
+
+    def _upload(self, sf: StagedFile, rec: Record, copy: tuple[tuple[int, int], ...]
+                ) -> Upload:
+        """What to send; bytes of the base that the store does not copy server-side are read
+        through the mount's block cache (cached blocks cost no request)."""
+        if not copy:
+            return Upload(sf.path, rec.size)
+        read_base = None
+        if self._read_base is not None and self._token is not None:
+            base = ObjectInfo(rec.base_key, rec.base_size, rec.base_mtime, rec.base_version)
+            token, read = self._token, self._read_base
+
+            def read_base(start: int, length: int) -> bytes:
+                return trio.from_thread.run(read, base, start, length, trio_token=token)
+
+        return Upload(sf.path, rec.size, copy, rec.base_key, rec.base_version, read_base)
 
     def _check(self, key: str, expect: str) -> None:
         """The HEAD check for stores that may ignore conditional headers."""
@@ -235,8 +273,7 @@ class Uploads:
         try:
             info = await threads.run_sync(
                 lambda: self.store.put_file(
-                    target, Upload(sf.path, rec.size, copy, rec.base_key if copy else "",
-                                   rec.base_version if copy else ""),
+                    target, self._upload(sf, rec, copy),
                     condition=Condition(absent=True), attrs=Attrs(rec.mtime, rec.mode)))
         except Exception as exc2:  # noqa: BLE001 - kept and retried
             return self._failed(sf, sf.gen, exc2)

@@ -42,7 +42,7 @@ from ..errors import (
     NotPermitted,
     ReadOnly,
 )
-from ..folders import join, prefix_of, valid_name
+from ..folders import join, valid_name
 from ..reader import SeqState
 from .staging import StagedFile, Staging
 from .uploads import WRITE_BACK_DELAY, Uploads
@@ -72,7 +72,8 @@ class Writes:
         self.staging = staging
         self.control_name = control_name
         self.uploads = Uploads(store, staging, parallel=settings.uploads,
-                               on_uploaded=self._uploaded, on_conflict=self._conflicted)
+                               on_uploaded=self._uploaded, on_conflict=self._conflicted,
+                               read_base=self._read_base)
         #: paths unlinked while open: hidden; their object is deleted at the last close
         self.hidden: dict[str, ObjectInfo] = {}
         fs.writes = self
@@ -99,15 +100,14 @@ class Writes:
               entries: list[tuple[str, bool, ObjectInfo | None]]
               ) -> list[tuple[str, bool, ObjectInfo | None]]:
         """A folder listing with this mount's staged files added and hidden names removed."""
-        pre = prefix_of(dir_path)
         extra: dict[str, tuple[str, bool, ObjectInfo | None]] = {}
-        for sf in self.staging.under(pre):
-            rest = sf.key[len(pre):]
-            if "/" in rest:
-                sub = rest.split("/", 1)[0]
-                extra.setdefault(sub, (sub, True, None))
-            else:
-                extra[rest] = (rest, False, self.info_of(sf))
+        if self.staging.files.has_under(dir_path):
+            files, subs = self.staging.files.in_folder(dir_path)
+            for sub in subs:
+                extra[sub] = (sub, True, None)
+            for sf in files:
+                name = sf.key.rpartition("/")[2]
+                extra[name] = (name, False, self.info_of(sf))
         if not extra and not self.hidden:
             return entries
         out = []
@@ -133,7 +133,7 @@ class Writes:
             return False, self.info_of(sf)
         if path in self.hidden:
             raise NotFound(f"{path}: no such file or directory")
-        if self.staging.under(path + "/"):
+        if self.staging.files.has_under(path):
             return True, None
         return None
 
@@ -243,6 +243,10 @@ class Writes:
                                                        _scratch_seq()))
                 parts.append(data)
         return b"".join(parts)
+
+    async def _read_base(self, base: ObjectInfo, offset: int, size: int) -> bytes:
+        """Bytes of a base object for an upload, through the block cache."""
+        return bytes(await self.fs.reader.read(base, offset, size, SeqState()))
 
     async def write(self, sf: StagedFile, offset: int, data: bytes) -> int:
         await sf.idle()
@@ -420,7 +424,7 @@ class Writes:
             raise NotFound(f"{path}: no such directory")
         if not found[0]:
             raise NotADirectory(f"{path} is not a directory")
-        if self.staging.under(path + "/"):
+        if self.staging.files.has_under(path):
             raise NotEmpty(f"{path}: not empty")
         page = await threads.run_sync(
             lambda: next(iter(self.store.list(path + "/", max_keys=2)), None),
@@ -497,7 +501,7 @@ class Writes:
             if (new + "/").startswith(old + "/"):
                 raise InvalidArgument(f"cannot move {old} into itself")
             if dst is not None:
-                if self.staging.under(new + "/"):
+                if self.staging.files.has_under(new):
                     raise NotEmpty(f"{new}: not empty")
                 await self.rmdir(new_parent, new_name)
             await self._rename_dir(old, new)
