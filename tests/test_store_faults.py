@@ -341,7 +341,7 @@ def test_checksums() -> None:
     verify_goog_hash("k", None, body)
     for header in (f"crc32c={crc}", f"md5={md5}"):
         with pytest.raises(TransientError):
-            verify_goog_hash("k", header, body[:-1] + b"x")
+            verify_goog_hash("k", header, body[:-1] + bytes([body[-1] ^ 1]))  # never equal
     check = Md5Etag()
     etag = hashlib.md5(body).hexdigest()
     check.verify("k", etag, body, {})

@@ -318,7 +318,8 @@ def test_a_full_cache_disk_is_enospc_and_the_mount_keeps_serving(local_bucket: B
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
     try:
         local_bucket.put("r.txt", b"readable")
-        m = mount(local_bucket, "--cache-size", "1M", cache_dir=small / "cache")
+        m = mount(local_bucket, "--block-size", "256K", "--cache-size", "1M",
+                  cache_dir=small / "cache")
         (m.path / "ok.txt").write_bytes(b"small")
         with pytest.raises(OSError) as e:
             with open(m.path / "big.bin", "wb") as f:

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..errors import BackendError, NotFound
+from ..errors import BackendError
 from .base import Upload
 
 MiB = 1 << 20
@@ -104,10 +104,9 @@ class UploadSource:
             raise BackendError(f"{upload.path}: copy ranges without a base object")
         try:
             self._fd = os.open(upload.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise NotFound(f"{upload.path}: staged file is gone", cause=exc) from exc
-        except OSError as exc:
-            raise BackendError(f"{upload.path}: {exc.strerror or exc}", cause=exc) from exc
+        except OSError as exc:  # a local failure (never NotFound: that is about the store)
+            raise BackendError(f"{upload.path}: staged file: {exc.strerror or exc}",
+                               cause=exc) from exc
 
     def close(self) -> None:
         if self._fd is not None:

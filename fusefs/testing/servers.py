@@ -352,6 +352,7 @@ class SeaweedS3:
 
     endpoint_url: str
     root_dir: str
+    ports: tuple[int, ...] = ()  #: every port it listens on
 
 
 #: The servers of ``weed server`` that listen, each with an HTTP and a gRPC port.
@@ -423,7 +424,7 @@ def seaweedfs_s3(parent: str | os.PathLike[str] | None = None) -> Iterator[Seawe
                 running = None
                 if attempt == 2:
                     raise
-        yield SeaweedS3(url, tmp)
+        yield SeaweedS3(url, tmp, tuple(ports.values()))
     finally:
         if running is not None:
             _stop_process(*running)

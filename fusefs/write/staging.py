@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sqlite3
 import time
 import uuid
 
@@ -135,6 +136,17 @@ class StagedFile:
             rec.dirty = ranges.add(rec.dirty, offset, min(offset + n, rec.base_limit))
         self.touch()
         return n
+
+    def fill(self, offset: int, data: bytes) -> None:
+        """Put bytes of the base into the data file (they become local; not a change)."""
+        try:
+            os.pwrite(self.fd, data, offset)
+        except OSError as exc:
+            raise _os_error(exc, self.key) from None
+        rec = self.rec
+        end = min(offset + len(data), rec.base_limit)
+        if end > offset:
+            rec.dirty = ranges.add(rec.dirty, offset, end)
 
     def truncate(self, size: int) -> None:
         try:
@@ -409,7 +421,12 @@ class Staging:
                 os.fdatasync(sf.fd)
             except OSError as exc:
                 raise _os_error(exc, sf.key) from None
-        self.journal.save(rec)
+        try:
+            self.journal.save(rec)
+        except sqlite3.Error as exc:
+            if "full" in str(exc):
+                raise NoSpace(f"{sf.key}: the staging area (cache disk) is full") from None
+            raise FusefsError(f"{sf.key}: cannot journal it: {exc}") from None
 
     def remove(self, sf: StagedFile) -> None:
         """Forget ``sf`` entirely: data file, journal row, name."""

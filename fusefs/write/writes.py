@@ -219,6 +219,15 @@ class Writes:
             base = node.info
             assert base is not None
             sf = self.staging.create(node.path, base, base.version)
+            if not flags & os.O_TRUNC and 0 < base.size <= self.settings.block_size:
+                # a small file is read whole now (one block, through the cache): were it
+                # changed by another writer before this one uploads, this mount still has
+                # every byte of its own version to keep as a conflict copy
+                try:
+                    sf.fill(0, await self._read_base(base, 0, base.size))
+                except BaseException:
+                    await threads.run_sync(self.staging.remove, sf)
+                    raise
         if sf is None:
             raise FusefsError("not staged")
         if writing and flags & os.O_TRUNC and sf.size:
