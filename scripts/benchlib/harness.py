@@ -211,6 +211,9 @@ class Bench:
         self._serial = itertools.count(1)
         self._baselines: dict[str, Measure] = {}
         self.wanted = {s.id for s in wanted_specs(args.only)}
+        #: state a group keeps for the whole run (the write rows' server), and what stops it
+        self.context: dict[str, Any] = {}
+        self.cleanup = contextlib.ExitStack()
 
     def start_proxies(self) -> None:
         """A proxy with the latency of ``--latency-ms`` and one with none: both count requests."""

@@ -108,9 +108,18 @@ SPECS = [
          "{sdk} GET in __getitem__, 16 processes", 1.2, True, "loader"),
     Spec("rss", "rss", "peak RSS of the daemon (flat: {medium} vs {big} file)", "MiB",
          f"budget {RSS_BUDGET_MIB} MiB", 1.0, False, "rss"),
+    # the write rows (issue 11): SeaweedFS behind its own latency proxy, see writes.py
+    Spec("write_1g", "write_1g", "write: cp of a {wbig} file, until `fusefs sync` returns, "
+         "{lat} ms", "MB/s", "boto3 upload_file, same part size and parts in flight", 0.8,
+         True, "write"),
+    Spec("tar_x", "tar_x", "write: tar x of {wfiles} x {wfsize} files in {wfolders} folders, "
+         "then sync, {lat} ms", "files/s", "boto3 16-thread PUTs", 0.5, True, "write",
+         ("rclone", 1.5)),
+    Spec("write_rss", "write_rss", "write: peak RSS of the daemon writing {wrss} (dd bs=1M, "
+         "then sync)", "MiB", f"budget {RSS_BUDGET_MIB} MiB", 1.0, False, "write"),
 ]  # fmt: skip
 GROUP_ORDER = ["medium", "big", "big_latency", "random", "small", "prefetch", "list", "open",
-               "loader"]  # fmt: skip
+               "loader", "write"]  # fmt: skip
 GROUPS_NEEDED = {"rss": ["medium", "big"]}
 
 

@@ -128,9 +128,14 @@ class S3fs(System):
 
 
 class RcloneMount(System):
-    """``rclone mount --vfs-cache-mode full`` (with ``--use-server-modtime``: no HEAD per file)."""
+    """``rclone mount --vfs-cache-mode full`` (with ``--use-server-modtime``: no HEAD per file),
+    read-only unless told otherwise, with ``extra`` arguments."""
 
     name = "rclone"
+
+    def __init__(self, read_only: bool = True, extra: Sequence[str] = ()) -> None:
+        self.read_only = read_only
+        self.extra = list(extra)
 
     def unavailable(self) -> str | None:
         from fusefs.testing.servers import rclone_available
@@ -153,8 +158,8 @@ class RcloneMount(System):
             RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE="true",
         )
         cmd = [str(rclone_available()), "mount", f"bench:{bucket}", str(mp),
-               "--config", os.devnull, "--read-only", "--vfs-cache-mode", "full",
-               "--cache-dir", str(cache), "--use-server-modtime", "--daemon",
-               "--log-file", str(logfile)]  # fmt: skip
+               "--config", os.devnull, *(["--read-only"] if self.read_only else []),
+               "--vfs-cache-mode", "full", "--cache-dir", str(cache), "--use-server-modtime",
+               "--daemon", "--log-file", str(logfile), *self.extra]  # fmt: skip
         _run_checked(cmd, env, "rclone mount", logfile)
         _wait_mounted(mp)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import writes
 from .harness import Bench
 from .model import REPO, GiB, KiB, Measure, Row
 from .peers import Fusefs
@@ -96,6 +97,8 @@ def render_table(rows: dict[str, Row], systems: list[str]) -> str:
 
 def evidence(n: dict[str, Any], group: str) -> list[str]:
     """Short phrases explaining one figure, from the notes ``observe`` collected."""
+    if group == "write":
+        return writes.evidence(n)
     bits = []
     if "gets_during_read" in n:
         bits.append(f"GETs during the read after prefetch: {n['gets_during_read']}")
@@ -166,6 +169,10 @@ def store_header(b: Bench, st: dict[str, Any]) -> str:
         f"{b.args.latency_ms:g} ms added by a proxy for the small-file, prefetch, listing, "
         "open and loader workloads",
     ]
+    if b.observed.get("write_server"):
+        lines.append(f"writes  : {b.observed['write_server']} (it keeps folder markers), "
+                     f"behind a proxy of its own adding {b.args.latency_ms:g} ms; baselines: "
+                     "boto3 through it")  # fmt: skip
     if b.observed.get("kernel_tunables"):
         lines.append(f"kernel  : fusefs mount had {b.observed['kernel_tunables']}")
     return "\n".join(lines)

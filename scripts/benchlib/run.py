@@ -40,6 +40,7 @@ from .workloads import (
     group_random,
     group_small,
 )
+from .writes import baselines_write, group_write, title_fields
 
 GROUPS: dict[str, tuple[Callable[[Bench, System], dict[str, Measure]],
                         Callable[[Bench], dict[str, Measure]] | None]] = {
@@ -52,6 +53,7 @@ GROUPS: dict[str, tuple[Callable[[Bench, System], dict[str, Measure]],
     "small": (group_small, baselines_small),
     "prefetch": (group_prefetch, baselines_prefetch),
     "list": (group_list, baselines_list),
+    "write": (group_write, baselines_write),
 }  # fmt: skip
 
 
@@ -80,7 +82,7 @@ def build_rows(b: Bench, wanted: list[Spec]) -> dict[str, Row]:
            "fsize": human(s.small_size), "lat": f"{lat:g}", "objs": f"{s.list_objects:,}",
            "dirs": s.list_folders, "open_reads": f"{s.open_reads:,}",
            "open_files": f"{s.open_files:,}", "loader_files": f"{s.loader_files:,}",
-           "ttl": f"{LOADER_TTL:g}", "epochs": s.loader_epochs}  # fmt: skip
+           "ttl": f"{LOADER_TTL:g}", "epochs": s.loader_epochs, **title_fields(b)}  # fmt: skip
     st = b.store
     sdk = {"sdk": st.sdk, "download": st.download, "listing": st.listing}
     return {sp.id: Row(sp, sp.title.format(**fmt), sp.baseline.format(**sdk)) for sp in wanted}
