@@ -18,6 +18,7 @@ Hints are an optimisation: once a stream is open, a failure to send a later hint
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -125,6 +126,15 @@ class MountHints:
         if self._fd is not None and self._pid == os.getpid():
             os.close(self._fd)
         self._fd = None
+
+    def __del__(self) -> None:
+        # dropped without close() (a failed start, a sampler never closed): the control file
+        # must not stay open, or the mount cannot be unmounted while this process lives
+        fd = getattr(self, "_fd", None)
+        if fd is not None and getattr(self, "_pid", 0) == os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            self._fd = None
 
     def __enter__(self) -> MountHints:
         return self
