@@ -53,6 +53,16 @@ def conflict_key(key: str, when: float | None = None) -> str:
     return f"{key}.conflict-{stamp}"
 
 
+def condition_for(expect: str | None) -> Condition:
+    """The store condition for an expected version: "" absent, a version (not a weak "~"
+    one, which is no ETag), or None for none."""
+    if expect == "":
+        return Condition(absent=True)
+    if expect and not expect.startswith("~"):
+        return Condition(version=expect)
+    return Condition()
+
+
 class Uploads:
     """Uploads staged files; counts what it did (the ``uploads_*`` stats)."""
 
@@ -205,17 +215,10 @@ class Uploads:
             return now
         return None
 
-    def _condition(self, expect: str | None) -> Condition:
-        if expect == "":
-            return Condition(absent=True)
-        if expect and not expect.startswith("~"):  # "~": a weak version, not an ETag
-            return Condition(version=expect)
-        return Condition()
-
     def _put(self, sf: StagedFile, rec: Record, copy: tuple[tuple[int, int], ...]
              ) -> ObjectInfo:
         """Worker thread: check, upload, and delete what the file was renamed from."""
-        cond = self._condition(rec.expect)
+        cond = condition_for(rec.expect)
         if rec.expect is not None and (rec.expect.startswith("~")
                                        or not self._enforced(rec.size, bool(copy))):
             self._check(rec.key, rec.expect)

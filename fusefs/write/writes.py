@@ -27,7 +27,7 @@ import os
 
 from .. import threads
 from ..attrmemory import AttrMemory
-from ..backends.base import Attrs, Condition, ObjectInfo, ObjectStore
+from ..backends.base import Attrs, ObjectInfo, ObjectStore
 from ..config import Settings
 from ..errors import (
     CrossDevice,
@@ -45,7 +45,7 @@ from ..errors import (
 from ..folders import join, valid_name
 from ..reader import SeqState
 from .staging import StagedFile, Staging
-from .uploads import WRITE_BACK_DELAY, Uploads
+from .uploads import WRITE_BACK_DELAY, Uploads, condition_for
 
 log = logging.getLogger(__name__)
 
@@ -263,9 +263,7 @@ class Writes:
                     data += bytes(b - a - len(data))
                 parts.append(data)
             else:
-                data = bytes(await self.fs.reader.read(sf.base_info(), a, b - a,
-                                                       _scratch_seq()))
-                parts.append(data)
+                parts.append(await self._read_base(sf.base_info(), a, b - a))
         return b"".join(parts)
 
     async def _read_base(self, base: ObjectInfo, offset: int, size: int) -> bytes:
@@ -573,8 +571,7 @@ class Writes:
         found = await self.exists(old)
         assert found is not None and found[1] is not None
         info = found[1]
-        cond = Condition(absent=True) if expect == "" else (
-            Condition(version=expect) if expect and not expect.startswith("~") else Condition())
+        cond = condition_for(expect)
         new_info = await threads.run_sync(
             lambda: self.store.copy(old, info.version, new, condition=cond),
             limiter=self.fs.folders.meta_limiter)
@@ -644,10 +641,6 @@ class Writes:
             raise NotPermitted("files in a bucket cannot change owner")
         if gid is not None and gid not in (-1, 0xFFFFFFFF, self.fs.gid):
             raise NotPermitted("files in a bucket cannot change group")
-
-
-def _scratch_seq() -> SeqState:
-    return SeqState()
 
 
 def _same(cur_mtime: float, cur_mode: int, mtime: float | None, mode: int | None) -> bool:
