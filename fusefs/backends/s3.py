@@ -11,6 +11,7 @@ are checked against it instead.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import itertools
@@ -172,11 +173,12 @@ class _Answer:
 
 
 class SigV4:
-    """AWS Signature Version 4 of a GET without a body or query (the ranged GET of
-    :class:`_FastGet`), to the same rules as botocore's ``S3SigV4Auth`` (an unnormalised path,
-    the payload hash of an empty body), at a fraction of its cost: botocore rebuilds its header
-    map several times per request (about 15% of a cold small file's CPU). The signing key is
-    derived once a day. Checked against botocore's signer in the tests."""
+    """AWS Signature Version 4 of a request without a query (the ranged GET and the PutObject
+    of :class:`_FastPath`), to the same rules as botocore's ``S3SigV4Auth`` (an unnormalised
+    path; the payload hash of the body, or ``UNSIGNED-PAYLOAD``), at a fraction of its cost:
+    botocore rebuilds its header map several times per request (about 15% of a cold small
+    file's CPU). The signing key is derived once a day. Checked against botocore's signer in
+    the tests."""
 
     def __init__(self, region: str) -> None:
         self.region = region
@@ -192,20 +194,21 @@ class SigV4:
         return k[2]
 
     def sign(self, creds: Any, host: str, path: str, headers: dict[str, str],
-             amz_date: str | None = None) -> dict[str, str]:
+             amz_date: str | None = None, *, method: str = "GET",
+             payload_hash: str = EMPTY_SHA256_HASH) -> dict[str, str]:
         """``headers`` (lower-case names) plus the date, payload hash, token and authorization
-        headers for ``GET path`` on ``host``."""
+        headers for ``METHOD path`` on ``host``; every header given is signed."""
         amz_date = amz_date or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         date = amz_date[:8]
         headers = {**headers, "host": host, "x-amz-date": amz_date,
-                   "x-amz-content-sha256": EMPTY_SHA256_HASH}
+                   "x-amz-content-sha256": payload_hash}
         if creds.token:
             headers["x-amz-security-token"] = creds.token
         names = sorted(headers)
         signed = ";".join(names)
         canonical = "\n".join([
-            "GET", path, "", *(f"{n}:{' '.join(headers[n].split())}" for n in names), "",
-            signed, EMPTY_SHA256_HASH])
+            method, path, "", *(f"{n}:{' '.join(headers[n].split())}" for n in names), "",
+            signed, payload_hash])
         scope = f"{date}/{self.region}/s3/aws4_request"
         to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
                              hashlib.sha256(canonical.encode()).hexdigest()])
@@ -217,10 +220,11 @@ class SigV4:
         return headers
 
 
-class _FastGet:
-    """Ranged GETs without boto3's per-request machinery (endpoint rules, events, parsing,
-    header maps: most of a GET's CPU): signed by :class:`SigV4` and sent through the client's
-    own urllib3 pool manager (its pool, TLS, proxy settings and timeouts), as botocore's own
+class _FastPath:
+    """Ranged GETs and small PutObjects without boto3's per-request machinery (endpoint rules,
+    events, parsing, header maps: most of a small request's CPU): signed by :class:`SigV4` and
+    sent through the clients' own urllib3 pool managers (their pools, TLS, proxy settings and
+    timeouts: the reading client's for GETs, the writing client's for PUTs), as botocore's own
     HTTP session does, to the bucket URL that boto3 itself used for the first listing.
 
     An answer is returned as it came; the caller decides. An error answer this path does not
@@ -231,10 +235,12 @@ class _FastGet:
     ``enabled``, which only ever goes from True to False.
     """
 
-    def __init__(self, client: Any, listers: list[Any], credentials: Any) -> None:
+    def __init__(self, client: Any, listers: list[Any], credentials: Any,
+                 writer: Any = None) -> None:
         self._signer = SigV4(client.meta.region_name or "us-east-1")
         self._credentials = credentials
         self._http = getattr(getattr(client, "_endpoint", None), "http_session", None)
+        self._write_http = getattr(getattr(writer, "_endpoint", None), "http_session", None)
         self._base: str | None = None
         self._host = ""
         self.enabled = credentials is not None and self._http is not None
@@ -248,40 +254,31 @@ class _FastGet:
             self._host = _host_from_url(request.url)
             self._base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/"
 
-    def get(self, what: str, key: str, start: int, length: int, version: str) -> _Answer | None:
-        """The server's answer to one ranged GET (None: no listing seen yet, ask boto3).
-        Connection trouble, a stall or a body cut short raise TransientError."""
-        base = self._base
-        if base is None:
-            return None
-        headers = {"range": f"bytes={start}-{start + length - 1}"}
-        if version and not is_weak(version):
-            headers["if-match"] = f'"{version}"'
-        url = base + quote(key, safe="/~")
-        http: Any = self._http
+    def _send(self, http: Any, what: str, method: str, url: str, headers: dict[str, str],
+              body: bytes | None = None, payload_hash: str = EMPTY_SHA256_HASH) -> Any:
+        """Sign and send one request; the urllib3 response, its body unread."""
         try:
-            path = urlsplit(url).path
             headers = self._signer.sign(self._credentials.get_frozen_credentials(),
-                                        self._host, path, headers)
+                                        self._host, urlsplit(url).path, headers,
+                                        method=method, payload_hash=payload_hash)
             # what botocore's URLLib3Session.send does, without its request/response objects
             proxy_url = http._proxy_config.proxy_url_for(url)
             pool = http._get_connection_manager(url, proxy_url).connection_from_url(url)
             http._setup_ssl_cert(pool, url, http._verify)
-            resp = pool.urlopen(
-                "GET", http._get_request_target(url, proxy_url), headers=headers,
+            return pool.urlopen(
+                method, http._get_request_target(url, proxy_url), body=body, headers=headers,
                 retries=Retry(False), assert_same_host=False, preload_content=False,
                 decode_content=False, enforce_content_length=False)
         except Exception as exc:
             raise map_s3_error(exc, what) from exc
-        status = resp.status
-        answer_headers = {k.lower(): v for k, v in resp.headers.items()}
-        etag = etag_version(answer_headers.get("etag", ""))
-        if status in (200, 206) and etag and version and not is_weak(version) and etag != version:
-            resp.close()  # body unread: the connection cannot be reused
-            resp.release_conn()  # (the pool reconnects its slot)
-            raise StaleVersion(f"{what}: changed (ETag {etag} != {version})")
+
+    @staticmethod
+    def _read(what: str, resp: Any, check: Callable[[], None] | None = None) -> bytes:
+        """The body of ``resp`` (after ``check()``); the connection goes back to the pool only
+        if the body was read whole."""
         try:
-            refuse_whole(what, status, answer_headers, length)
+            if check is not None:
+                check()
             body: bytes = resp.read()
         except TransientError:
             resp.close()
@@ -291,12 +288,53 @@ class _FastGet:
             raise map_s3_error(exc, what) from exc
         finally:
             resp.release_conn()
+        return body
+
+    def get(self, what: str, key: str, start: int, length: int, version: str) -> _Answer | None:
+        """The server's answer to one ranged GET (None: no listing seen yet, ask boto3).
+        Connection trouble, a stall or a body cut short raise TransientError."""
+        base = self._base
+        if base is None:
+            return None
+        headers = {"range": f"bytes={start}-{start + length - 1}"}
+        if version and not is_weak(version):
+            headers["if-match"] = f'"{version}"'
+        resp = self._send(self._http, what, "GET", base + quote(key, safe="/~"), headers)
+        status = resp.status
+        answer_headers = {k.lower(): v for k, v in resp.headers.items()}
+        etag = etag_version(answer_headers.get("etag", ""))
+        if status in (200, 206) and etag and version and not is_weak(version) and etag != version:
+            resp.close()  # body unread: the connection cannot be reused
+            resp.release_conn()  # (the pool reconnects its slot)
+            raise StaleVersion(f"{what}: changed (ETag {etag} != {version})")
+        body = self._read(what, resp, lambda: refuse_whole(what, status, answer_headers, length))
         return _Answer(status, answer_headers, body)
+
+    def put(self, what: str, key: str, body: bytes, md5: bytes, meta: Mapping[str, str],
+            cond: Mapping[str, str]) -> _Answer | None:
+        """The server's answer to one PutObject of ``body`` (its MD5 digest ``md5``, sent as
+        Content-MD5 so that the server checks what arrived), with user metadata ``meta`` and
+        boto3-style conditions ``cond`` (IfMatch, IfNoneMatch). None: ask boto3."""
+        base = self._base
+        if base is None or self._write_http is None:
+            return None
+        headers = {"content-md5": base64.b64encode(md5).decode()}
+        for name, value in meta.items():
+            headers[f"x-amz-meta-{name.lower()}"] = value
+        for name, value in cond.items():
+            headers[{"IfMatch": "if-match", "IfNoneMatch": "if-none-match"}[name]] = value
+        # botocore's rule: over TLS with a Content-MD5 the payload is not hashed again
+        payload = "UNSIGNED-PAYLOAD" if base.startswith("https:") else \
+            hashlib.sha256(body).hexdigest()
+        resp = self._send(self._write_http, what, "PUT", base + quote(key, safe="/~"), headers,
+                          body, payload)
+        answer_headers = {k.lower(): v for k, v in resp.headers.items()}
+        return _Answer(resp.status, answer_headers, self._read(what, resp))
 
     def refused_but_boto3_worked(self) -> None:
         """A request this path was refused worked through boto3: stop using this path."""
         if self.enabled:
-            log.info("fast GET path off for this mount: the server refused it, boto3 not")
+            log.info("fast request path off for this mount: the server refused it, boto3 not")
             self.enabled = False
 
 
@@ -361,7 +399,8 @@ class S3Store:
             )
         except Exception as exc:  # ProfileNotFound and friends
             raise map_s3_error(exc, f"s3://{bucket}") from exc
-        self._fast = _FastGet(self.client, [self.client, self._patient], session.get_credentials())
+        self._fast = _FastPath(self.client, [self.client, self._patient],
+                               session.get_credentials(), self._writer)
 
     def _name(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -510,6 +549,37 @@ class S3Store:
         r = self._call(self._name(key), self.client.put_object, Bucket=self.bucket, Key=key,
                        Body=data)
         return ObjectInfo(key, len(data), time.time(), etag_version(r.get("ETag", "")))
+
+    def put_object(self, key: str, body: bytes, digest: bytes, meta: Mapping[str, str],
+                   cond: Mapping[str, str]) -> Mapping[str, Any]:
+        """One PutObject of ``body`` (``digest``: its MD5, sent as Content-MD5 so that the
+        server checks what arrived), retried (a 412 is StaleVersion), through the fast path
+        where it is on; the answer as boto3 gives it (``ETag``)."""
+        what = self._name(key)
+        return self._retry.call(lambda: self._put_once(what, key, body, digest, meta, cond), what)
+
+    def _put_once(self, what: str, key: str, body: bytes, digest: bytes,
+                  meta: Mapping[str, str], cond: Mapping[str, str]) -> Mapping[str, Any]:
+        refused = False
+        if self._fast.enabled:
+            answer = self._fast.put(what, key, body, digest, meta, cond)
+            if answer is not None:
+                if answer.status == 200:
+                    return {"ETag": answer.headers.get("etag", "")}
+                if answer.status == 412:
+                    raise StaleVersion(f"{what}: changed (precondition failed)")
+                if answer.status >= 500 or answer.status in (408, 409, 429):
+                    raise TransientError(f"{what}: HTTP {answer.status}")
+                refused = True  # boto3 repeats it: the exact error, or a redirect followed
+        try:
+            r: Mapping[str, Any] = self._writer.put_object(
+                Bucket=self.bucket, Key=key, Body=body, Metadata=dict(meta),
+                ContentMD5=base64.b64encode(digest).decode(), **cond)
+        except Exception as exc:
+            raise map_s3_error(exc, what) from exc
+        if refused:
+            self._fast.refused_but_boto3_worked()
+        return r
 
     def delete(self, key: str) -> None:
         self._call(self._name(key), self.client.delete_object, Bucket=self.bucket, Key=key)

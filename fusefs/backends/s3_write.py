@@ -182,10 +182,9 @@ def put_file(store: S3Store, key: str, upload: Upload, condition: Condition,
     with UploadSource(upload, store.get_range) as source:
         if upload.size <= store.part_size:
             body = source.read(0, upload.size)
-            md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
-            r = _conditional(store, key, md5, lambda: store._call(
-                what, store._writer.put_object, Bucket=store.bucket, Key=key, Body=body,
-                Metadata=meta, **cond))
+            digest = hashlib.md5(body, usedforsecurity=False).digest()
+            r = _conditional(store, key, digest.hex(),
+                             lambda: store.put_object(key, body, digest, meta, cond))
             done_cb(len(body))
         else:
             def part(upload_id: str, n: int, start: int, end: int) -> str:
