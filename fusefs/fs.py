@@ -497,7 +497,7 @@ class FileSystem:
             if handle.staged is not None:
                 await self.writes.release(handle.staged, handle.writable)
             if not self._is_open(node):
-                await self.writes.closed_hidden(node.path)
+                await self.writes.namespace.closed_hidden(node.path)
         if node.lookups == 0 and not self._is_open(node):
             if self._nodes[node.ino] is node:
                 self._free(node)

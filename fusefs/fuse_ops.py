@@ -211,22 +211,22 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
                     ) -> pyfuse3.EntryAttributes:
         if parent_inode == ROOT_INO and name == CONTROL_NAME.encode():
             raise pyfuse3.FUSEError(errno.EEXIST)
-        node = await self._writes().mkdir(parent_inode, os.fsdecode(name))
+        node = await self._writes().namespace.mkdir(parent_inode, os.fsdecode(name))
         return self._entry(self.fs.attr(node))  # type: ignore[arg-type]
 
     @_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self._writes().rmdir(parent_inode, os.fsdecode(name))
+        await self._writes().namespace.rmdir(parent_inode, os.fsdecode(name))
 
     @_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self._writes().unlink(parent_inode, os.fsdecode(name))
+        await self._writes().namespace.unlink(parent_inode, os.fsdecode(name))
 
     @_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
-        await self._writes().rename(parent_inode_old, os.fsdecode(name_old), parent_inode_new,
-                                    os.fsdecode(name_new), flags)
+        await self._writes().namespace.rename(parent_inode_old, os.fsdecode(name_old),
+                                              parent_inode_new, os.fsdecode(name_new), flags)
 
     @_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:

@@ -1,19 +1,14 @@
-"""File and namespace operations of a read-write mount, on top of the read-only core.
+"""File operations of a read-write mount, on top of the read-only core.
 
 The namespace a program sees is the store's (through :class:`fusefs.fs.FileSystem` and its
 listed ranges) overlaid with this mount's own changes that the store does not show yet:
 staged files (shown with their local size and time, listed in their folder) and names unlinked
 while still open (hidden; their object is deleted at the last close, so an open handle keeps
-reading its bytes). Every change the store already shows is written into the listed ranges at
-once (``Folders.note``), so a lookup after ``mkdir``, ``unlink`` or ``rename`` needs no request.
+reading its bytes). mkdir, rmdir, unlink and rename are in :mod:`.namespace`.
 
 What each operation costs the store: ``create``/``write``/``truncate``: nothing until the file
-is closed (one upload then; :mod:`.uploads`); ``mkdir``: one PUT of a ``dir/`` marker;
-``rmdir``: a LIST (is it empty?) and a DELETE; ``unlink``: a DELETE; ``rename`` of a file: a
-server-side copy and a DELETE (or nothing, if the file is still staged: its pending upload is
-retargeted); of a folder: the same for each object under it, up to ``rename_limit`` (above:
-EXDEV, and ``mv`` copies by itself); ``utimens``/``chmod``: a metadata update (or nothing if
-staged).
+is closed (one upload then; :mod:`.uploads`); ``utimens``/``chmod``: a metadata update (or
+nothing if staged).
 
 Concurrency: everything runs on the trio thread; store calls in worker threads. Changes of a
 staged file wait while an upload reads it (``StagedFile.idle``).
@@ -30,22 +25,21 @@ from ..attrmemory import AttrMemory
 from ..backends.base import Attrs, ObjectInfo, ObjectStore
 from ..config import Settings
 from ..errors import (
-    CrossDevice,
     Exists,
     FusefsError,
     InvalidArgument,
     IsADirectory,
     NameTooLong,
     NotADirectory,
-    NotEmpty,
     NotFound,
     NotPermitted,
     ReadOnly,
 )
 from ..folders import join, valid_name
 from ..reader import SeqState
+from .namespace import Namespace
 from .staging import StagedFile, Staging
-from .uploads import WRITE_BACK_DELAY, Uploads, condition_for
+from .uploads import WRITE_BACK_DELAY, Uploads
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +53,8 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
 class Writes:
-    """The write side of one mount: staging, uploads, and namespace changes."""
+    """The write side of one mount: staging, uploads, file changes (``namespace``: mkdir,
+    rmdir, unlink, rename)."""
 
     def __init__(self, fs: object, store: ObjectStore, settings: Settings, staging: Staging,
                  control_name: str) -> None:
@@ -77,6 +72,7 @@ class Writes:
                                single_put_max=settings.upload_part_size)
         #: paths unlinked while open: hidden; their object is deleted at the last close
         self.hidden: dict[str, ObjectInfo] = {}
+        self.namespace = Namespace(self)
         fs.writes = self
         fs.folders.attrs = AttrMemory(staging.attrs_path)
 
@@ -91,7 +87,7 @@ class Writes:
     def staged(self, path: str) -> StagedFile | None:
         return self.staging.files.get(path)
 
-    async def _settled(self, path: str) -> StagedFile | None:
+    async def settled(self, path: str) -> StagedFile | None:
         """``path``'s staged file once no upload reads it; None if there is none, or if it
         left the staging area while we waited (the store's object is the file then)."""
         while (sf := self.staging.files.get(path)) is not None:
@@ -303,7 +299,7 @@ class Writes:
         if sf.handles > 0:
             return
         if sf.unlinked:
-            await self._drop(sf)
+            await self.drop(sf)
         elif not sf.needs_upload and not sf.queued and sf.rec.state not in ("failed",
                                                                              "conflict"):
             await self._retire(sf, seed=True)
@@ -319,7 +315,7 @@ class Writes:
         if sf is not None:
             await sf.idle()
         else:
-            sf = await self._settled(node.path)
+            sf = await self.settled(node.path)
         if sf is None:
             base = node.info
             assert base is not None
@@ -338,7 +334,7 @@ class Writes:
         self.check_writable()
         if node.is_dir:
             return  # folders are prefixes: no attributes to keep
-        sf = await self._settled(node.path)
+        sf = await self.settled(node.path)
         if sf is not None:
             if _same(sf.rec.mtime, file_mode(self.settings, self.info_of(sf)), mtime, mode):
                 return  # vim's fchmod of its new file to the old mode: no second upload
@@ -415,223 +411,18 @@ class Writes:
                 return
             reader.blocks.put(reader.block_key(info, idx), data)
 
-    async def _drop(self, sf: StagedFile) -> None:
+    async def drop(self, sf: StagedFile) -> None:
         """An unlinked staged file's last handle closed: the store must not show its name
         (nor the one it was renamed from), and its staged data goes."""
         rec = sf.rec
         if rec.base_key == rec.key and rec.base_version:
-            await self._delete_object(rec.key)
+            await self.delete_object(rec.key)
         if rec.then_delete:
-            await self._delete_object(rec.then_delete)
+            await self.delete_object(rec.then_delete)
         await threads.run_sync(self.staging.remove, sf)
 
-    # --- namespace -------------------------------------------------------------------------
-
-    async def mkdir(self, parent_ino: int, name: str) -> object:
-        self.check_writable()
-        parent = self.fs.node(parent_ino)
-        if not parent.is_dir:
-            raise NotADirectory(f"{parent.path} is not a directory")
-        path = self.check_name(parent.path, name)
-        if await self.exists(path) is not None:
-            raise Exists(f"{path}: exists")
-        info = await threads.run_sync(self.store.put, path + "/", b"",
-                                      limiter=self.fs.folders.meta_limiter)
-        del info
-        self.fs.folders.note(path + "/", None)
-        self.fs.folders.note_empty(path)
-        node = self.fs.dir_node(path)
-        node.lookups += 1
-        return node
-
-    async def rmdir(self, parent_ino: int, name: str) -> None:
-        self.check_writable()
-        parent = self.fs.node(parent_ino)
-        path = join(parent.path, name)
-        found = await self.exists(path)
-        if found is None:
-            raise NotFound(f"{path}: no such directory")
-        if not found[0]:
-            raise NotADirectory(f"{path} is not a directory")
-        if self.staging.files.has_under(path):
-            raise NotEmpty(f"{path}: not empty")
-        page = await threads.run_sync(
-            lambda: next(iter(self.store.list(path + "/", max_keys=2)), None),
-            limiter=self.fs.folders.meta_limiter)
-        if page is not None and (page.prefixes or any(o.key != path + "/"
-                                                      for o in page.objects)):
-            raise NotEmpty(f"{path}: not empty")
-        await self._delete_object(path + "/")
-        self.fs.folders.note(path + "/", False)
-        self.fs.drop_path(path)
-
-    async def unlink(self, parent_ino: int, name: str) -> None:
-        self.check_writable()
-        parent = self.fs.node(parent_ino)
-        path = join(parent.path, name)
-        if not parent.path and name == self.control_name:
-            raise NotPermitted(f"{name} is the control file")
-        sf = await self._settled(path)
-        node = self.fs.node_by_path(path)
-        if sf is not None:
-            sf.unlinked = True
-            self.staging.detach(sf)
-            in_store = sf.rec.base_key == path and bool(sf.rec.base_version)
-            if sf.handles == 0:
-                await self._drop(sf)
-            elif in_store:
-                self.hidden[path] = sf.base_info()  # deleted at the last close (_drop)
-            if not in_store or sf.handles == 0:
-                self.fs.folders.note(path, False)
-        else:
-            found = await self.exists(path)
-            if found is None:
-                raise NotFound(f"{path}: no such file")
-            if found[0]:
-                raise IsADirectory(f"{path} is a directory")
-            if node is not None and self.fs.is_open(node):
-                assert found[1] is not None
-                self.hidden[path] = found[1]  # deleted at the last close
-            else:
-                await self._delete_object(path)
-                self.fs.folders.note(path, False)
-        self.fs.drop_path(path)
-
-    async def closed_hidden(self, path: str) -> None:
-        """The last handle of a file unlinked while open closed: delete its object."""
-        if self.hidden.pop(path, None) is not None:
-            await self._delete_object(path)
-            self.fs.folders.note(path, False)
-
-    async def _delete_object(self, key: str) -> None:
+    async def delete_object(self, key: str) -> None:
         await threads.run_sync(self.store.delete, key, limiter=self.fs.folders.meta_limiter)
-
-    async def rename(self, old_parent: int, old_name: str, new_parent: int, new_name: str,
-                     flags: int) -> None:
-        self.check_writable()
-        if flags:
-            raise InvalidArgument("rename flags (RENAME_EXCHANGE, RENAME_NOREPLACE) "
-                                  "are not supported")
-        p_old, p_new = self.fs.node(old_parent), self.fs.node(new_parent)
-        old = join(p_old.path, old_name)
-        if not p_old.path and old_name == self.control_name:
-            raise NotPermitted(f"{old_name} is the control file")
-        new = self.check_name(p_new.path, new_name)
-        if old == new:
-            return
-        src = await self.exists(old)
-        if src is None:
-            raise NotFound(f"{old}: no such file or directory")
-        dst = await self.exists(new)
-        if src[0]:
-            if dst is not None and not dst[0]:
-                raise NotADirectory(f"{new} is not a directory")
-            if (new + "/").startswith(old + "/"):
-                raise InvalidArgument(f"cannot move {old} into itself")
-            if dst is not None:
-                if self.staging.files.has_under(new):
-                    raise NotEmpty(f"{new}: not empty")
-                await self.rmdir(new_parent, new_name)
-            await self._rename_dir(old, new)
-            return
-        if dst is not None and dst[0]:
-            raise IsADirectory(f"{new} is a directory")
-        expect = "" if dst is None else (dst[1].version if dst[1] is not None else None)
-        dst_sf = await self._settled(new)
-        if dst_sf is not None:  # replacing a staged file: its upload is moot
-            dst_sf.unlinked = True
-            self.staging.detach(dst_sf)
-            expect = (dst_sf.rec.base_version
-                      if dst_sf.rec.base_key == new and dst_sf.rec.base_version else "")
-            if dst_sf.handles == 0:
-                await threads.run_sync(self.staging.remove, dst_sf)
-        sent = self.fs.clock()
-        new_info = await self._rename_file(old, new, expect)
-        self.fs.move_path(old, new)
-        if new_info is not None:  # the same bytes under a new name: the kernel's pages stay
-            self.fs.observed(new, new_info, sent, same_bytes=True)
-
-    async def _rename_file(self, old: str, new: str, expect: str | None
-                           ) -> ObjectInfo | None:
-        """Move a file's name in the store (its new info), or retarget its staged upload
-        (None)."""
-        sf = await self._settled(old)
-        if sf is not None:
-            rec = sf.rec
-            if rec.base_key == old and rec.base_version and not rec.then_delete:
-                rec.then_delete = old  # the object at the old name goes once uploaded
-            rec.expect = expect
-            self.staging.rekey(sf, new)
-            sf.touch(rec.mtime)
-            self.fs.folders.note(old, False)
-            if sf.writers == 0:
-                await self.uploads.sync(sf)
-                self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
-            return None
-        found = await self.exists(old)
-        assert found is not None and found[1] is not None
-        info = found[1]
-        cond = condition_for(expect)
-        new_info = await threads.run_sync(
-            lambda: self.store.copy(old, info.version, new, condition=cond),
-            limiter=self.fs.folders.meta_limiter)
-        await self._delete_object(old)
-        if new_info.meta_mtime is None and (info.meta_mtime is not None or info.mode is not None):
-            new_info = dataclasses.replace(new_info, meta_mtime=info.meta_mtime, mode=info.mode)
-        self.fs.folders.attrs.remember(new_info)
-        self.fs.folders.note(old, False)
-        self.fs.folders.note(new, new_info)
-        return new_info
-
-    async def _rename_dir(self, old: str, new: str) -> None:
-        keys, folders = await threads.run_sync(self._walk, old + "/",
-                                               limiter=self.fs.folders.meta_limiter)
-        if len(keys) > self.settings.rename_limit:
-            raise CrossDevice(f"{old}: {len(keys)} objects, more than rename_limit "
-                              f"({self.settings.rename_limit}); mv copies instead")
-        for sf in self.staging.under(old + "/"):
-            await self._rename_file(sf.key, new + sf.key[len(old):], "")
-        for info in keys:
-            dst = new + info.key[len(old):]
-            if info.key.endswith("/"):
-                await threads.run_sync(self.store.put, dst, b"",
-                                       limiter=self.fs.folders.meta_limiter)
-                await self._delete_object(info.key)
-                continue
-            await threads.run_sync(
-                lambda info=info, dst=dst: self.store.copy(info.key, info.version, dst),
-                limiter=self.fs.folders.meta_limiter)
-            await self._delete_object(info.key)
-        if not any(k.key == old + "/" for k in keys):
-            await threads.run_sync(self.store.put, new + "/", b"",
-                                   limiter=self.fs.folders.meta_limiter)
-        # Folders listed without a marker object: on S3 nothing is left of them, but a local
-        # bucket's are directories, which would stay behind empty (deepest first).
-        markers = {k.key for k in keys}
-        for p in sorted(folders, key=len, reverse=True):
-            if p not in markers:
-                await self._delete_object(p)
-        self.fs.folders.forget_tree(old)
-        self.fs.folders.forget_tree(new)
-        self.fs.folders.note(old + "/", False)
-        self.fs.folders.note(new + "/", None)
-        self.fs.move_path(old, new)
-
-    def _walk(self, prefix: str) -> tuple[list[ObjectInfo], list[str]]:
-        """Worker thread: every object under ``prefix`` (markers included), recursively, and
-        the folders (``prefix`` and those below it)."""
-        out: list[ObjectInfo] = []
-        todo = [prefix]
-        folders = []
-        while todo:
-            p = todo.pop()
-            folders.append(p)
-            for page in self.store.list(p):
-                out.extend(page.objects)
-                todo.extend(page.prefixes)
-            if len(out) > self.settings.rename_limit:
-                break
-        return out, folders
 
     # --- chown --------------------------------------------------------------------------
 
