@@ -27,6 +27,7 @@ from conftest import (
     Bucket,
     MountProc,
     blob,
+    make_azure_bucket,
     make_gcs_bucket,
     make_local_bucket,
     make_s3_bucket,
@@ -55,6 +56,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Bucket:
         b.kind = "seaweed"
     elif kind == "gcs":
         b = make_gcs_bucket(request.getfixturevalue("gcs_server"))
+    elif kind == "azure":
+        b = make_azure_bucket(request.getfixturevalue("azure_server"))
     else:
         b = make_local_bucket(tmp_path / "objects")
     if b.proxy is not None:
@@ -72,7 +75,7 @@ def on(*kinds: str) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("store", kinds, indirect=True)
 
 
-EVERY = ("local", "s3", "gcs", "seaweed")
+EVERY = ("local", "s3", "gcs", "seaweed", "azure")
 
 
 def run(*cmd: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None,
@@ -115,6 +118,9 @@ def stored(b: Bucket, prefix: str = "") -> dict[str, int]:
     elif b.kind == "gcs":
         for bl in b.extra["client"].list_blobs(b.extra["name"], prefix=prefix):
             out[bl.name] = bl.size
+    elif b.kind == "azure":
+        for props in b.extra["client"].list_blobs(name_starts_with=prefix):
+            out[props.name] = props.size
     else:
         pages = b.extra["client"].get_paginator("list_objects_v2").paginate(
             Bucket=b.extra["name"], Prefix=prefix)
@@ -132,6 +138,8 @@ def stored_attrs(b: Bucket, key: str) -> tuple[float | None, int | None]:
     if b.kind == "gcs":
         bl = b.extra["client"].bucket(b.extra["name"]).get_blob(key)
         meta = bl.metadata
+    elif b.kind == "azure":
+        meta = b.extra["client"].get_blob_client(key).get_blob_properties().metadata
     else:
         meta = b.extra["client"].head_object(Bucket=b.extra["name"], Key=key)["Metadata"]
     return meta_attrs.decode(meta)
@@ -147,9 +155,10 @@ def requests(b: Bucket) -> list[Request]:
 
 
 def is_copy(r: Request) -> bool:
-    """A server-side copy (S3 CopyObject / UploadPartCopy, GCS rewrite or copyTo)."""
+    """A server-side copy (S3 CopyObject / UploadPartCopy, GCS rewrite or copyTo, Azure Copy
+    Blob or Put Block From URL)."""
     return r.header("x-amz-copy-source") is not None or "/rewriteTo/" in r.path or \
-        "/copyTo/" in r.path
+        "/copyTo/" in r.path or r.header("x-ms-copy-source") is not None
 
 
 def is_upload(r: Request) -> bool:
@@ -263,7 +272,7 @@ def test_tar_x_keeps_bytes_mtimes_and_modes(store: Bucket, mount: Mount, tmp_pat
         assert mtime == meta[name][0] and mode == meta[name][1], name
     assert {k for k in stored(b, "x/") if not k.endswith("/")} == {f"x/{n}" for n in files}
     m2 = remount(m, mount, b, tmp_path / "cache2")
-    if b.kind in ("local", "gcs"):
+    if b.kind in ("local", "gcs", "azure"):
         # tar itself compares every member's bytes, size, mode and mtime
         run("tar", "--compare", "-f", tmp_path / "a.tar", "-C", m2.path / "x")
     else:  # S3 listings carry no metadata: a fresh cache shows LastModified (see rsync's)
@@ -305,11 +314,11 @@ def test_rsync_a_twice_transfers_nothing_the_second_time(store: Bucket, mount: M
     assert b.get("r/d1/x") == b"changed"
 
 
-@on("local", "gcs")
+@on("local", "gcs", "azure")
 @needs("rsync")
 def test_rsync_a_after_a_remount_transfers_nothing(store: Bucket, mount: Mount, tmp_path: Path):
     """The mtimes and modes rsync set come back from the store's metadata (listings carry it
-    on GCS; a local bucket keeps them on its files)."""
+    on GCS and Azure; a local bucket keeps them on its files)."""
     b = store
     files = make_tree(tmp_path / "src", seed=4)
     m = mount(b)
@@ -463,6 +472,28 @@ def test_sqlite3_thousands_of_inserts_then_integrity_check_after_a_remount(
     assert data is not None and data.startswith(b"SQLite format 3\x00")
     assert m2.stats()["upload_bytes"] == 0  # reading wrote nothing
     assert count > 4000
+
+
+@on("local", "s3")
+@needs("sqlite3")
+def test_sqlite3_in_wal_mode_through_its_shared_memory_map(store: Bucket, mount: Mount,
+                                                            tmp_path: Path):
+    """WAL mode maps ``DB-shm`` shared and writable (its pages reach the daemon as writes) and
+    keeps ``DB-wal`` beside the database; both go at the last close (checkpointed)."""
+    b = store
+    script, count, total = sqlite_script(6, 300, 11)
+    m = mount(b)
+    db = m.path / "wal.sqlite"
+    assert run("sqlite3", db, "pragma journal_mode=wal;") == "wal\n"
+    run("sqlite3", db, input=SQL_SCHEMA + script)
+    expected = f"ok\n{count}|{total}\n"
+    check = "pragma integrity_check; select count(*), sum(n) from t;"
+    assert run("sqlite3", db, check) == expected
+    sync(m)
+    assert {k for k in stored(b) if not k.endswith("/")} == {"wal.sqlite"}
+    m2 = remount(m, mount, b, tmp_path / "cache2")
+    assert run("sqlite3", m2.path / "wal.sqlite", "pragma journal_mode;") == "wal\n"
+    assert run("sqlite3", m2.path / "wal.sqlite", check) == expected
 
 
 # --- dd of 2 GiB --------------------------------------------------------------------------------
@@ -804,7 +835,7 @@ def test_mv_within_into_and_out_of_the_mount_and_rm_rf(store: Bucket, mount: Mou
 # --- a server that fails for a while ----------------------------------------------------------
 
 
-@on("s3", "gcs")
+@on("s3", "gcs", "azure")
 def test_cp_r_while_the_server_fails_uploads_for_a_while(store: Bucket, mount: Mount,
                                                          tmp_path: Path):
     """Errors, resets and cut-short answers on a share of uploads while `cp -r` runs: retried,
