@@ -303,6 +303,19 @@ class HintingSampler:
             if not done:  # abandoned mid-epoch (break, exception): drop its queued hints
                 hints.cancel()
 
+    def close(self) -> None:
+        """Close the hint stream's control file (its queued hints are dropped); the next
+        epoch opens a new one. A mount cannot be unmounted while it is open."""
+        hints, self._hints = self._hints, None
+        if hints is not None:
+            hints.close()
+
+    def __enter__(self) -> HintingSampler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_hints"] = None  # an open control file does not travel to another process

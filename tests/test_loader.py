@@ -5,8 +5,10 @@ gate holds selected GETs at the server where a test needs work to stay queued. N
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib.util
+import os
 import random
 import threading
 from pathlib import Path
@@ -276,6 +278,19 @@ def test_torch_dataloader_with_hinting_sampler(s3_bucket: Bucket, mount) -> None
     assert seen == 64
     assert len(gets(s3_bucket, "t/")) == 64
     assert data
+    control = str(m.path / ".fusefs")
+    assert control in open_files()  # the stream's control file, until closed
+    sampler.close()
+    assert control not in open_files()  # the mount can be unmounted now
+
+
+def open_files() -> set[str]:
+    """Paths this process holds open."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            out.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return out
 
 
 def test_hint_stream_window_without_a_mount(tmp_path: Path) -> None:

@@ -441,7 +441,10 @@ def _same(cur_mtime: float, cur_mode: int, mtime: float | None, mode: int | None
 
 
 def file_mode(settings: Settings, info: ObjectInfo | None) -> int:
-    """Permission bits of a file: from its metadata if it has them."""
+    """Permission bits a file has in the store: from its metadata if it has them, else the
+    default. (What ``stat`` shows may differ: an explicit ``--file-mode`` overrides metadata in
+    ``FileSystem.attr``; a chmod is compared with what is stored, so it is skipped only when
+    it would store nothing new.)"""
     if info is not None and info.mode is not None:
         return info.mode & 0o7777
     return settings.file_mode
