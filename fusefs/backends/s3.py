@@ -546,8 +546,7 @@ class S3Store:
 
     def put(self, key: str, data: bytes) -> ObjectInfo:
         """One PutObject (a ``dir/`` folder marker is an empty one)."""
-        r = self._call(self._name(key), self.client.put_object, Bucket=self.bucket, Key=key,
-                       Body=data)
+        r = self.put_object(key, data, hashlib.md5(data, usedforsecurity=False).digest(), {}, {})
         return ObjectInfo(key, len(data), time.time(), etag_version(r.get("ETag", "")))
 
     def put_object(self, key: str, body: bytes, digest: bytes, meta: Mapping[str, str],
