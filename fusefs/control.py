@@ -269,6 +269,9 @@ class Control:
         return {
             "synced": w.uploads.done - before,
             "failed": [{"path": sf.key, "error": sf.rec.error} for sf in failed],
+            # removed names whose object is still in the store (an open handle reads it,
+            # or its delete failed and is retried)
+            "deletes_pending": await w.deletes.wait_idle(prefix),
         }
 
     def upload_state(self, path: str) -> dict[str, Any]:
@@ -566,7 +569,8 @@ class Control:
         w = self.fs.writes
         if w is None:
             return {"staged_bytes": 0, "uploads_pending": 0, "uploads_done": 0,
-                    "uploads_failed": 0, "upload_bytes": 0, "conflicts": 0}
+                    "uploads_failed": 0, "upload_bytes": 0, "conflicts": 0,
+                    "deletes_pending": 0}
         u = w.uploads
         return {
             "staged_bytes": w.staging.staged_bytes(),
@@ -576,4 +580,5 @@ class Control:
             "uploads_failed": len(u.failed),
             "upload_bytes": u.bytes,
             "conflicts": u.conflicts,
+            "deletes_pending": len(w.deletes.entries),
         }

@@ -262,7 +262,7 @@ class FileSystem:
             info = node.info
             assert info is not None
             if self.writes is not None:
-                sf = self.writes.staged(node.path)
+                sf = self.writes.file_of(node)
                 if sf is not None:
                     info = self.writes.info_of(sf)
             # a mode kept in metadata (chmod, rsync -a) shows, unless --file-mode was given
@@ -332,6 +332,8 @@ class FileSystem:
             raise InvalidArgument("control file attributes come from the control layer")
         node = self.node(ino)
         if node.ino != ROOT_INO and not self._fresh(node.confirmed, self.clock()):
+            if self._by_path.get(node.path) is not node:
+                return node  # unlinked or replaced while held: it keeps what it was
             if self.writes is not None and self.writes.overlay(node.path) is not None:
                 return node  # this mount's own version: nothing to ask the store
             await self._revalidate(node)
@@ -475,7 +477,9 @@ class FileSystem:
             raise FusefsError(f"unknown file handle {fh}")
         node = handle.node
         if self.writes is not None:
-            sf = handle.staged or self.writes.staged(node.path)
+            # a handle reads the file it opened: its staged file, or (once this node is
+            # being written by another handle) the node's own, never another file's
+            sf = handle.staged or self.writes.file_of(node)
             if sf is not None:
                 return await self.writes.read(sf, offset, size)
         if node.info is not None and node.info.version != handle.info.version:
@@ -496,8 +500,8 @@ class FileSystem:
         if self.writes is not None:
             if handle.staged is not None:
                 await self.writes.release(handle.staged, handle.writable)
-            if not self._is_open(node):
-                await self.writes.namespace.closed_hidden(node.path)
+            if self.writes.deletes.entries:
+                self.writes.deletes.kick()  # a delete may have waited for this handle
         if node.lookups == 0 and not self._is_open(node):
             if self._nodes[node.ino] is node:
                 self._free(node)
@@ -506,6 +510,24 @@ class FileSystem:
 
     def is_open(self, node: Node) -> bool:
         return self._is_open(node)
+
+    def reading(self, key: str, version: str) -> bool:
+        """Does an open handle read version ``version`` of object ``key`` from the store?"""
+        return any(h.staged is None and h.info.key == key and h.info.version == version
+                   for h in self._handles.values())
+
+    def staged_of(self, node: Node) -> StagedFile | None:
+        """The staged file an open handle of ``node`` holds, if any."""
+        for h in self._handles.values():
+            if h.node is node and h.staged is not None:
+                return h.staged
+        return None
+
+    def retarget_handles(self, old: ObjectInfo, new: ObjectInfo) -> None:
+        """Object ``old`` was copied to ``new`` (a rename): handles reading it read the copy."""
+        for h in self._handles.values():
+            if h.staged is None and h.info.key == old.key and h.info.version == old.version:
+                h.info = new
 
     def file_node(self, path: str, info: ObjectInfo | None) -> Node:
         """The node of a file at ``path`` (made if needed) with ``info``."""

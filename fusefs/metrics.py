@@ -224,9 +224,9 @@ class InstrumentedStore:
         with self._t["put"].time():
             return self.inner.put(key, data)
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, condition: Condition = Condition()) -> None:
         with self._t["delete"].time():
-            self.inner.delete(key)
+            self.inner.delete(key, condition=condition)
 
     def put_file(
         self, key: str, upload: Upload, *, condition: Condition = Condition(),

@@ -556,6 +556,9 @@ async def _serve(m: Mount, ready: Any, pending: list[int], daemon: bool) -> None
             log.info("waiting up to %.0f s for %d pending upload(s)", m.settings.upload_grace,
                      m.writes.uploads.pending)
             await m.writes.uploads.drain(m.settings.upload_grace)
+        if m.writes is not None and m.writes.deletes.entries:
+            with trio.move_on_after(m.settings.upload_grace):
+                await m.writes.deletes.wait_idle()  # what is left stays journaled
         nursery.cancel_scope.cancel()
 
 

@@ -23,6 +23,8 @@ from .base import Attrs
 
 MTIME = "mtime"
 MODE = "mode"
+#: fusefs's own: a token unique to one upload (tells a landed upload from another writer's)
+TOKEN = "fusefs_upload"  # a C# identifier: Azure allows no "-"
 GCSFUSE_MTIME = "gcsfuse_mtime"
 GSUTIL_MTIME = "goog-reserved-file-mtime"
 GSUTIL_MODE = "goog-reserved-posix-mode"
@@ -44,13 +46,23 @@ def encode(attrs: Attrs | None) -> dict[str, str]:
         out[MTIME] = f"{attrs.mtime:.9f}".rstrip("0").rstrip(".")
     if attrs.mode is not None:
         out[MODE] = "0%o" % (stat.S_IFREG | (attrs.mode & 0o7777))
+    if attrs.token is not None:
+        out[TOKEN] = attrs.token
     return out
+
+
+def token(meta: Mapping[str, str] | None) -> str | None:
+    """The upload token in an object's metadata (keys in any case), if any."""
+    for k, v in (meta or {}).items():
+        if str(k).lower() == TOKEN and v is not None:
+            return str(v)
+    return None
 
 
 def merged(meta: Mapping[str, str] | None, attrs: Attrs) -> dict[str, str]:
     """``meta`` with the attribute entries replaced by ``attrs``'s (a field left None keeps
     the value already there, in whatever form; a set field drops the peers' forms of it)."""
-    out = {k: v for k, v in (meta or {}).items()}
+    out = {k: v for k, v in (meta or {}).items() if str(k).lower() != TOKEN}
     if attrs.mtime is not None:
         for k in list(out):
             if k.lower() in (MTIME, GCSFUSE_MTIME, GSUTIL_MTIME):

@@ -35,6 +35,7 @@ from urllib3.util.retry import Retry
 from ..errors import (
     AccessDenied,
     BackendError,
+    Conflict,
     FusefsError,
     NotFound,
     StaleVersion,
@@ -86,7 +87,7 @@ def _info(key: str, p: Any) -> ObjectInfo:
     """A blob's info from its properties (HEAD or a listing item), metadata included."""
     meta_mtime, mode = meta_attrs.decode(p.metadata)
     return ObjectInfo(key, int(p.size or 0), _epoch(p.last_modified), etag_version(p.etag),
-                      meta_mtime, mode)
+                      meta_mtime, mode, meta_attrs.token(p.metadata))
 
 
 def _first_line(text: str) -> str:
@@ -587,13 +588,22 @@ class AzureStore:
             raise map_azure_error(exc, self._name(key)) from exc
         return ObjectInfo(key, len(data), _epoch(r.get("last_modified")), etag_version(r["etag"]))
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, condition: Condition = Condition()) -> None:
+        kw: dict[str, Any] = {}
+        if condition.version:
+            kw = {"etag": f'"{condition.version}"',
+                  "match_condition": MatchConditions.IfNotModified}
         try:
-            self.client.delete_blob(key)
+            self.client.delete_blob(key, **kw)
         except aexc.ResourceNotFoundError:
             return  # already absent
         except Exception as exc:
-            raise map_azure_error(exc, self._name(key)) from exc
+            err = map_azure_error(exc, self._name(key))
+            if isinstance(err, StaleVersion):
+                raise Conflict(f"{self._name(key)}: changed", cause=exc) from exc
+            if isinstance(err, NotFound):
+                return
+            raise err from exc
 
     def put_file(
         self, key: str, upload: Upload, *, condition: Condition = Condition(),

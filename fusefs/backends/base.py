@@ -32,6 +32,9 @@ class ObjectInfo:
     #: ``mode`` holds permission bits only (``& 0o7777``).
     meta_mtime: float | None = None
     mode: int | None = None
+    #: The upload token a fusefs mount wrote with the object (``fusefs_upload`` metadata), when
+    #: the answer carried metadata: tells an upload that landed from another writer's object.
+    token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,8 @@ class Attrs:
 
     mtime: float | None = None
     mode: int | None = None
+    #: A token unique to one upload (see ``ObjectInfo.token``); None: none written.
+    token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +132,10 @@ class ObjectStore(Protocol):
     def put(self, key: str, data: bytes) -> ObjectInfo:
         """Store ``data`` as the object ``key`` (replacing it); its new metadata."""
 
-    def delete(self, key: str) -> None:
-        """Remove the object ``key``; an absent object is not an error (as on S3)."""
+    def delete(self, key: str, *, condition: Condition = Condition()) -> None:
+        """Remove the object ``key``; an absent object is not an error (as on S3). With a
+        ``condition`` (``version`` only), Conflict if the object has another version (and
+        nothing is deleted); stores that may ignore it say so (``enforces_conditions``)."""
 
     # --- writes (the staged-upload path) -------------------------------------------------
 
@@ -188,7 +195,7 @@ class PrefixedStore:
             raise
 
     def _rekey(self, info: ObjectInfo, key: str) -> ObjectInfo:
-        return ObjectInfo(key, info.size, info.mtime, info.version, info.meta_mtime, info.mode)
+        return dataclasses.replace(info, key=key)
 
     def head(self, key: str) -> ObjectInfo:
         return self._rekey(self.inner.head(self.prefix + key), key)
@@ -210,8 +217,8 @@ class PrefixedStore:
     def put(self, key: str, data: bytes) -> ObjectInfo:
         return self._rekey(self.inner.put(self.prefix + key, data), key)
 
-    def delete(self, key: str) -> None:
-        self.inner.delete(self.prefix + key)
+    def delete(self, key: str, *, condition: Condition = Condition()) -> None:
+        self.inner.delete(self.prefix + key, condition=condition)
 
     def put_file(
         self, key: str, upload: Upload, *, condition: Condition = Condition(),

@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover - google-cloud-storage 2.x
 from ..errors import (
     AccessDenied,
     BackendError,
+    Conflict,
     FusefsError,
     NotFound,
     StaleVersion,
@@ -150,7 +151,7 @@ def _info(key: str, blob: Any) -> ObjectInfo:
     mtime = _mtime(blob.updated, blob.time_created)
     version = str(blob.generation) if blob.generation else f"~{size:x}-{int(mtime):x}"
     meta_mtime, mode = meta_attrs.decode(blob.metadata)
-    return ObjectInfo(key, size, mtime, version, meta_mtime, mode)
+    return ObjectInfo(key, size, mtime, version, meta_mtime, mode, meta_attrs.token(blob.metadata))
 
 
 def _make_client(project: str | None, emulator: str | None) -> Any:
@@ -466,12 +467,16 @@ class GCSStore:
             data, content_type=_BINARY, timeout=self._patient_timeout, retry=None))
         return _info(key, blob)
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, condition: Condition = Condition()) -> None:
+        match = (int(condition.version) if condition.version and condition.version.isdigit()
+                 else None)
         try:
-            self._call(self._name(key),
-                       lambda: self.bucket.blob(key).delete(timeout=self._timeout, retry=None))
+            self._call(self._name(key), lambda: self.bucket.blob(key).delete(
+                timeout=self._timeout, retry=None, if_generation_match=match))
         except NotFound:
             return  # already absent
+        except StaleVersion as exc:
+            raise Conflict(f"{self._name(key)}: changed", cause=exc) from exc
 
     def put_file(
         self, key: str, upload: Upload, *, condition: Condition = Condition(),

@@ -418,9 +418,23 @@ class LocalStore:
         finally:
             os.close(fd)
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, condition: Condition = Condition()) -> None:
         """Remove the file; ``dir/`` removes the empty folder (one with entries stays, as a
-        prefix with objects stays on S3 when its marker goes)."""
+        prefix with objects stays on S3 when its marker goes). A ``condition`` is checked
+        under the store's lock (Conflict if the file has another version)."""
+        if condition.version:
+            with self._lock:
+                try:
+                    now = self.head(key).version
+                except NotFound:
+                    return
+                if now != condition.version:
+                    raise Conflict(f"{key}: changed")
+                self._delete(key)
+            return
+        self._delete(key)
+
+    def _delete(self, key: str) -> None:
         parts = self._parts(key)
         if not parts:
             return

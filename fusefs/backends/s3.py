@@ -35,6 +35,7 @@ from urllib3.util.retry import Retry
 from ..errors import (
     AccessDenied,
     BackendError,
+    Conflict,
     FusefsError,
     NotFound,
     StaleVersion,
@@ -443,7 +444,8 @@ class S3Store:
         etag = etag_version(r.get("ETag", ""))
         version = etag or weak_version(size, r.get("LastModified"))
         mtime, mode = meta_attrs.decode(r.get("Metadata"))
-        return ObjectInfo(key, size, epoch(r.get("LastModified", "")), version, mtime, mode)
+        return ObjectInfo(key, size, epoch(r.get("LastModified", "")), version, mtime, mode,
+                          meta_attrs.token(r.get("Metadata")))
 
     def list(
         self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
@@ -580,8 +582,24 @@ class S3Store:
             self._fast.refused_but_boto3_worked()
         return r
 
-    def delete(self, key: str) -> None:
-        self._call(self._name(key), self.client.delete_object, Bucket=self.bucket, Key=key)
+    def delete(self, key: str, *, condition: Condition = Condition()) -> None:
+        """DeleteObject (``If-Match`` with a version: AWS honours it on general-purpose buckets
+        since 2025; many compatible servers ignore it, see ``enforces_conditions``)."""
+        cond = ({"IfMatch": f'"{condition.version}"'}
+                if condition.version and not is_weak(condition.version) else {})
+        if condition.version and not cond:
+            try:
+                if self.head(key).version != condition.version:
+                    raise Conflict(f"{self._name(key)}: changed")
+            except NotFound:
+                return
+        try:
+            self._call(self._name(key), self.client.delete_object, Bucket=self.bucket, Key=key,
+                       **cond)
+        except StaleVersion as exc:
+            raise Conflict(f"{self._name(key)}: changed", cause=exc) from exc
+        except NotFound:
+            return  # AWS answers a failed If-Match on a missing key with 404
 
     def put_file(
         self, key: str, upload: Upload, *, condition: Condition = Condition(),

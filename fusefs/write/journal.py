@@ -1,10 +1,15 @@
 """The journal of staged files: one SQLite row per staged file of one staging directory.
 
-A row is written when a file is staged (state ``open``) and again, with the data already
-synced, each time the file is closed or fsynced (state ``pending``), so after ``kill -9``, a
-crash or a reboot the next mount of the same source finds every closed file and uploads it. A
-file whose writer never closed it (state ``open`` at start) is not uploaded: it is kept, as
-failed, for the user to look at. Rows are removed once their upload succeeded.
+A row is written when a file is staged (state ``open``), again at its first change after each
+close (``open``: being changed), and each time the file is closed or fsynced (state
+``pending``), so after ``kill -9``, a crash or a reboot the next mount of the same source finds
+every closed file and uploads it. A file being changed when the daemon died (state ``open`` at
+start) is not uploaded, never a mix of two versions: it is kept, as failed, for the user to look
+at. Rows are removed once their upload succeeded.
+
+The ``deletes`` table holds deletes this mount decided on and has not done yet (a key and the
+version to delete): written before the name disappears, removed once the store no longer has
+that version there.
 
 SQLite in WAL mode with ``synchronous=NORMAL``: a committed row survives the daemon being
 killed at once, and a power loss once the WAL is synced (at the next durable sync before an
@@ -17,13 +22,17 @@ import json
 import os
 import sqlite3
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS staged (
     id TEXT PRIMARY KEY,
     record TEXT NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS deletes (
+    key TEXT PRIMARY KEY,
+    version TEXT NOT NULL
+);
 """
 
 
@@ -34,7 +43,8 @@ class Record:
     ``base_key``/``base_version``: the object whose bytes fill the ranges not written
     (``[0, base_limit)`` minus ``dirty``), or "" for none. ``expect``: the version the object at
     ``key`` must have for the upload to go ahead ("" absent, None: no condition).
-    ``then_delete``: a key to delete once uploaded (a staged file renamed away from its base).
+    ``token``: unique to the change being uploaded, sent in the object's metadata: after a
+    lost answer or a crash, the object at ``key`` is this upload only if it carries it.
     """
 
     id: str
@@ -49,7 +59,7 @@ class Record:
     base_limit: int = 0
     dirty: list[tuple[int, int]] = field(default_factory=list)
     expect: str | None = ""
-    then_delete: str = ""
+    token: str = ""
     state: str = "open"  # open | pending | failed | conflict
     error: str = ""
     created: float = 0.0
@@ -66,7 +76,7 @@ class Journal:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
+        self._db.executescript(_SCHEMA)
 
     def save(self, rec: Record) -> None:
         data = json.dumps(asdict(rec), separators=(",", ":"))
@@ -78,12 +88,27 @@ class Journal:
         with self._lock:
             self._db.execute("DELETE FROM staged WHERE id = ?", (id_,))
 
+    def save_delete(self, key: str, version: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO deletes (key, version) VALUES (?, ?)",
+                             (key, version))
+
+    def remove_delete(self, key: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM deletes WHERE key = ?", (key,))
+
+    def load_deletes(self) -> dict[str, str]:
+        with self._lock:
+            rows = self._db.execute("SELECT key, version FROM deletes").fetchall()
+        return {str(k): str(v) for k, v in rows}
+
     def load(self) -> list[Record]:
         with self._lock:
             rows = self._db.execute("SELECT record FROM staged").fetchall()
+        known = {f.name for f in fields(Record)}
         out = []
         for (data,) in rows:
-            d = json.loads(data)
+            d = {k: v for k, v in json.loads(data).items() if k in known}
             d["dirty"] = [tuple(x) for x in d.get("dirty", [])]
             out.append(Record(**d))
         out.sort(key=lambda r: r.created)

@@ -5,13 +5,21 @@ while open) and writes what the store now shows into the listed ranges at once
 (``Folders.note``), so a lookup after it needs no request. Costs: ``mkdir`` one PUT of a
 ``dir/`` marker; ``rmdir`` a LIST (is it empty?) and a DELETE; ``unlink`` a DELETE (at the last
 close if the file is open); ``rename`` of a file a server-side copy and a DELETE, or nothing if
-it is still staged (its pending upload is retargeted); of a folder the same for each object
-under it, up to ``rename_limit`` (above: EXDEV, and ``mv`` copies by itself).
+it is still staged with all its bytes (its pending upload moves with it; one with unchanged
+ranges of its object gets them copied to the new name first); of a folder the same for each
+object under it, up to ``rename_limit`` (above: EXDEV, and ``mv`` copies by itself).
+
+Deletes go through :class:`~.deletes.PendingDeletes`: journaled, conditional on the version
+this mount saw, held while an open handle still reads it. A name another file takes (rename
+over it, a new file) is "claimed" first: an upload of it in flight ends, and the taker's
+condition is the version the store then holds there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from .. import threads
@@ -30,6 +38,7 @@ from ..folders import join
 from .uploads import WRITE_BACK_DELAY, condition_for
 
 if TYPE_CHECKING:
+    from .staging import StagedFile
     from .writes import Writes
 
 
@@ -84,36 +93,61 @@ class Namespace:
         if not parent.path and name == self.w.control_name:
             raise NotPermitted(f"{name} is the control file")
         sf = await self.w.settled(path)
-        node = self.w.fs.node_by_path(path)
         if sf is not None:
-            sf.unlinked = True
-            self.w.staging.detach(sf)
-            in_store = sf.rec.base_key == path and bool(sf.rec.base_version)
-            if sf.handles == 0:
-                await self.w.drop(sf)
-            elif in_store:
-                self.w.hidden[path] = sf.base_info()  # deleted at the last close (_drop)
-            if not in_store or sf.handles == 0:
-                self.w.fs.folders.note(path, False)
+            stored = sf.rec.expect or ""  # the version the store holds at its name
+            await self._unstage(sf)
+            await self.w.deletes.delete(path, stored)
         else:
             found = await self.w.exists(path)
             if found is None:
                 raise NotFound(f"{path}: no such file")
             if found[0]:
                 raise IsADirectory(f"{path} is a directory")
-            if node is not None and self.w.fs.is_open(node):
-                assert found[1] is not None
-                self.w.hidden[path] = found[1]  # deleted at the last close
-            else:
-                await self.w.delete_object(path)
-                self.w.fs.folders.note(path, False)
+            assert found[1] is not None
+            # done now, or once no open handle reads it (it keeps its bytes); journaled first
+            await self.w.deletes.delete(path, found[1].version)
+        self.w.fs.folders.note(path, False)
         self.w.fs.drop_path(path)
 
-    async def closed_hidden(self, path: str) -> None:
-        """The last handle of a file unlinked while open closed: delete its object."""
-        if self.w.hidden.pop(path, None) is not None:
-            await self.w.delete_object(path)
-            self.w.fs.folders.note(path, False)
+    async def _unstage(self, sf: StagedFile) -> None:
+        """``sf`` loses its name (unlinked, or replaced by a rename): nothing of it is
+        uploaded; its data goes once no handle reads it."""
+        sf.unlinked = True
+        self.w.staging.detach(sf)
+        sf.signal()
+        if sf.handles == 0:
+            await threads.run_sync(self.w.staging.remove, sf)
+
+    @contextlib.asynccontextmanager
+    async def _claim(self, path: str) -> AsyncIterator[str]:
+        """Take the name ``path`` for another file: yields the version the store holds there
+        as this mount knows it ("" none: the taker's condition). An upload of a staged file
+        there ends first and none starts; a pending delete there is absorbed. If the body
+        fails, everything is as it was; else that staged file has lost the name."""
+        sf = await self.w.settled(path)
+        if sf is not None:
+            sf.unlinked = True  # no upload of it starts now
+            try:
+                yield sf.rec.expect or ""
+            except BaseException:
+                sf.unlinked = False
+                if sf.needs_upload and sf.writers == 0:
+                    self.w.uploads.queue(sf)
+                raise
+            await self._unstage(sf)
+            return
+        taken = await self.w.deletes.take(path)
+        if taken is not None:
+            try:
+                yield taken
+            except BaseException:
+                await self.w.deletes.delete(path, taken)
+                raise
+            return
+        found = await self.w.exists(path)
+        if found is not None and found[0]:
+            raise IsADirectory(f"{path} is a directory")
+        yield found[1].version if found is not None and found[1] is not None else ""
 
     async def rename(self, old_parent: int, old_name: str, new_parent: int, new_name: str,
                      flags: int) -> None:
@@ -145,52 +179,60 @@ class Namespace:
             return
         if dst is not None and dst[0]:
             raise IsADirectory(f"{new} is a directory")
-        expect = "" if dst is None else (dst[1].version if dst[1] is not None else None)
-        dst_sf = await self.w.settled(new)
-        if dst_sf is not None:  # replacing a staged file: its upload is moot
-            dst_sf.unlinked = True
-            self.w.staging.detach(dst_sf)
-            expect = (dst_sf.rec.base_version
-                      if dst_sf.rec.base_key == new and dst_sf.rec.base_version else "")
-            if dst_sf.handles == 0:
-                await threads.run_sync(self.w.staging.remove, dst_sf)
         sent = self.w.fs.clock()
-        new_info = await self._rename_file(old, new, expect)
+        async with self._claim(new) as expect:
+            new_info = await self._rename_file(old, new, expect)
         self.w.fs.move_path(old, new)
         if new_info is not None:  # the same bytes under a new name: the kernel's pages stay
             self.w.fs.observed(new, new_info, sent, same_bytes=True)
 
-    async def _rename_file(self, old: str, new: str, expect: str | None
-                           ) -> ObjectInfo | None:
-        """Move a file's name in the store (its new info), or retarget its staged upload
-        (None)."""
+    async def _rename_file(self, old: str, new: str, expect: str) -> ObjectInfo | None:
+        """Move a file's name in the store (its new info), or move its staged file (None).
+        ``expect``: what the store holds at ``new`` (the copy's or upload's condition)."""
         sf = await self.w.settled(old)
         if sf is not None:
-            rec = sf.rec
-            if rec.base_key == old and rec.base_version and not rec.then_delete:
-                rec.then_delete = old  # the object at the old name goes once uploaded
-            rec.expect = expect
-            self.w.staging.rekey(sf, new)
-            sf.touch(rec.mtime)
-            self.w.fs.folders.note(old, False)
-            if sf.writers == 0:
-                await self.w.uploads.sync(sf)
-                self.w.uploads.queue(sf, delay=WRITE_BACK_DELAY)
+            await self._move_staged(sf, old, new, expect)
             return None
         found = await self.w.exists(old)
-        assert found is not None and found[1] is not None
+        if found is None or found[1] is None:
+            raise NotFound(f"{old}: no such file")
         info = found[1]
-        cond = condition_for(expect)
         new_info = await threads.run_sync(
-            lambda: self.w.store.copy(old, info.version, new, condition=cond),
+            lambda: self.w.store.copy(old, info.version, new, condition=condition_for(expect)),
             limiter=self.w.fs.folders.meta_limiter)
-        await self.w.delete_object(old)
         if new_info.meta_mtime is None and (info.meta_mtime is not None or info.mode is not None):
             new_info = dataclasses.replace(new_info, meta_mtime=info.meta_mtime, mode=info.mode)
+        # handles open on the old name read the same bytes under the new one
+        self.w.fs.retarget_handles(info, new_info)
+        await self.w.deletes.delete(old, info.version)
         self.w.fs.folders.attrs.remember(new_info)
         self.w.fs.folders.note(old, False)
         self.w.fs.folders.note(new, new_info)
         return new_info
+
+    async def _move_staged(self, sf: StagedFile, old: str, new: str, expect: str) -> None:
+        """A staged file takes the name ``new``. Its unchanged ranges, if any, are copied
+        server-side to ``new`` first (it then depends on no name it left); it is journaled
+        under its new name before the object at ``old`` is deleted (a crash in between
+        leaves a duplicate, never a loss)."""
+        rec = sf.rec
+        left = rec.expect or ""  # what the store holds at the old name
+        if rec.base_key == old and rec.base_version and sf.copy_ranges():
+            copied = await threads.run_sync(
+                lambda: self.w.store.copy(old, rec.base_version, new,
+                                          condition=condition_for(expect)),
+                limiter=self.w.fs.folders.meta_limiter)
+            rec.base_key, rec.base_version = new, copied.version
+            rec.base_size, rec.base_mtime = copied.size, copied.mtime
+            expect = copied.version
+        self.w.staging.rekey(sf, new)
+        rec.expect = expect
+        sf.touch(rec.mtime)  # a change: it must reach the store under its new name
+        await self.w.uploads.sync(sf)
+        await self.w.deletes.delete(old, left)
+        self.w.fs.folders.note(old, False)
+        if sf.writers == 0:
+            self.w.uploads.queue(sf, delay=WRITE_BACK_DELAY)
 
     async def _rename_dir(self, old: str, new: str) -> None:
         keys, folders = await threads.run_sync(self._walk, old + "/",
@@ -198,9 +240,16 @@ class Namespace:
         if len(keys) > self.w.settings.rename_limit:
             raise CrossDevice(f"{old}: {len(keys)} objects, more than rename_limit "
                               f"({self.w.settings.rename_limit}); mv copies instead")
+        moved: set[str] = set()  # keys whose staged file moved (with its object)
         for sf in self.w.staging.under(old + "/"):
-            await self._rename_file(sf.key, new + sf.key[len(old):], "")
+            src = sf.key
+            await self._move_staged(sf, src, new + src[len(old):], "")
+            moved.add(src)
+        for key in self.w.deletes.pending_under(old + "/"):
+            moved.add(key)  # removed by this mount already: not carried along
         for info in keys:
+            if info.key in moved:
+                continue
             dst = new + info.key[len(old):]
             if info.key.endswith("/"):
                 await threads.run_sync(self.w.store.put, dst, b"",
@@ -210,7 +259,7 @@ class Namespace:
             await threads.run_sync(
                 lambda info=info, dst=dst: self.w.store.copy(info.key, info.version, dst),
                 limiter=self.w.fs.folders.meta_limiter)
-            await self.w.delete_object(info.key)
+            await self.w.deletes.delete(info.key, info.version)
         if not any(k.key == old + "/" for k in keys):
             await threads.run_sync(self.w.store.put, new + "/", b"",
                                    limiter=self.w.fs.folders.meta_limiter)

@@ -15,6 +15,11 @@ the source adopts directories no live mount holds (a crashed mount's work).
 Concurrency: the trio thread changes staged files (``pwrite``/``ftruncate`` run inline: page
 cache writes, no SQLite); ``sync`` (fdatasync + journal row) runs in a worker thread on a
 record snapshot. An upload reading a staged file sets ``busy``; changes wait for it.
+
+Ownership: a staged file is one file's state (the kernel's inode, whatever its name now); its
+data file (descriptor and path) lives until it is removed AND no worker holds it
+(:meth:`StagedFile.hold`): unlink, rename and the end of an upload never close what another
+task is reading.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import threading
 import time
 import uuid
 
@@ -74,6 +80,45 @@ class StagedFile:
         self.attempts = 0  # upload attempts finished (either way)
         #: upload even while write handles are open (fsync, flush); else wait for the last
         self.flush_requested = False
+        self.token_gen = -1  # the change ``rec.token`` was made for
+        self.changing = False  # journaled as being changed (state open) since the last close
+        self.conflict_gen = -1  # the last change that went to a conflict name
+        self._users = 0  # workers using the data file (``hold``)
+        self._removed = False
+        self._lock = threading.Lock()
+
+    # --- the data file's lifetime (any thread) --------------------------------------------
+
+    def hold(self) -> bool:
+        """Keep the data file open for a worker (``unhold`` after); False if it is gone."""
+        with self._lock:
+            if self._removed or self.fd < 0:
+                return False
+            self._users += 1
+            return True
+
+    def unhold(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._users == 0 and self._removed
+        if last:
+            self._discard()
+
+    def remove_data(self) -> None:
+        """The data file goes: now, or when the last worker holding it lets go."""
+        with self._lock:
+            self._removed = True
+            now = self._users == 0
+        if now:
+            self._discard()
+
+    def _discard(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:  # never twice: the number may already be another file's
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
     @property
     def key(self) -> str:
@@ -188,7 +233,6 @@ class StagedFile:
         rec.base_limit = rec.size
         rec.dirty = ranges.clip(local, rec.size)
         rec.expect = info.version
-        rec.then_delete = ""
         rec.state = "done"
 
 
@@ -252,6 +296,8 @@ class Staging:
         self.files = StagedIndex()
         #: staged files not reachable by key (unlinked while open, or failed and replaced)
         self.detached: set[StagedFile] = set()
+        #: pending deletes found by :meth:`recover` (key -> version)
+        self.recovered_deletes: dict[str, str] = {}
 
     def _open(self) -> None:
         """Claim a directory (made on the first write: a mount that only reads leaves the
@@ -304,6 +350,7 @@ class Staging:
                 n.startswith(self.tag) for n in os.listdir(self.top)):
             return []
         self._adopt_siblings()
+        self.recovered_deletes = self.journal.load_deletes()
         out = []
         for rec in self.journal.load():
             path = os.path.join(self.dir, rec.id + ".data")
@@ -316,7 +363,8 @@ class Staging:
                 continue
             if rec.state == "open":
                 rec.state = "failed"
-                rec.error = "the program writing it never closed it (crash?): not uploaded"
+                rec.error = ("the program writing it never closed it (crash?): not uploaded; "
+                             "its data is in " + path)
             sf = StagedFile(rec, path, fd)
             sf.gen = 1
             sf.synced_gen = sf.durable_gen = 1
@@ -346,6 +394,9 @@ class Staging:
                 journal_path = os.path.join(d, "journal.db")
                 if os.path.exists(journal_path):
                     other = Journal(journal_path)
+                    for key, version in other.load_deletes().items():
+                        self.journal.save_delete(key, version)
+                        other.remove_delete(key)
                     for rec in other.load():
                         src = os.path.join(d, rec.id + ".data")
                         if os.path.exists(src):
@@ -362,7 +413,7 @@ class Staging:
                mode: int | None = None) -> StagedFile:
         """A new staged file for ``key`` replacing ``base`` (None: a new file), whose upload
         requires the object to have version ``expect`` ("": absent; None: no condition).
-        Not journaled yet (see :meth:`sync`)."""
+        Not journaled yet (the caller journals it, state ``open``, see :meth:`sync`)."""
         id_ = uuid.uuid4().hex
         path = os.path.join(self.dir, id_ + ".data")
         try:
@@ -387,6 +438,10 @@ class Staging:
     def get(self, key: str) -> StagedFile | None:
         return self.files.get(key)
 
+    def all(self) -> list[StagedFile]:
+        """Every staged file, by name or detached."""
+        return list(self.files.values()) + list(self.detached)
+
     def under(self, prefix: str) -> list[StagedFile]:
         """Staged files whose key starts with ``prefix`` ("" for all)."""
         return [sf for k, sf in self.files.items() if k.startswith(prefix)]
@@ -407,8 +462,10 @@ class Staging:
         self.detached.add(sf)
 
     def snapshot(self, sf: StagedFile, state: str = "pending") -> tuple[Record, int]:
-        """A copy of ``sf``'s record (with ``state``) and the change it describes."""
-        sf.rec.state = state if sf.rec.state not in ("failed", "conflict") else sf.rec.state
+        """A copy of ``sf``'s record (with ``state``; ``open`` always, else a failed or
+        conflict state is kept) and the change it describes."""
+        if state == "open" or sf.rec.state not in ("failed", "conflict"):
+            sf.rec.state = state
         return dataclasses.replace(sf.rec, dirty=list(sf.rec.dirty)), sf.gen
 
     def sync(self, sf: StagedFile, rec: Record, durable: bool = True) -> None:
@@ -418,10 +475,14 @@ class Staging:
         the data is in the page cache, as a local file's is after ``close``; the data is
         synced before its upload starts, which bounds what a power loss can take."""
         if durable:
+            if not sf.hold():
+                return  # removed meanwhile: nothing to journal
             try:
                 os.fdatasync(sf.fd)
             except OSError as exc:
                 raise _os_error(exc, sf.key) from None
+            finally:
+                sf.unhold()
         try:
             self.journal.save(rec)
         except sqlite3.Error as exc:
@@ -434,12 +495,7 @@ class Staging:
         if self.files.get(sf.key) is sf:
             del self.files[sf.key]
         self.detached.discard(sf)
-        fd, sf.fd = sf.fd, -1
-        if fd >= 0:  # never twice: the number may already be another file's
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(sf.path)
+        sf.remove_data()
         self.journal.remove(sf.rec.id)
 
     def staged_bytes(self) -> int:

@@ -47,10 +47,21 @@ class UploadFailed(FusefsError):
     """The file's upload failed (its data is kept and retried): EIO for the caller."""
 
 
-def conflict_key(key: str, when: float | None = None) -> str:
-    """Where this mount's version of ``key`` goes when another writer changed ``key``."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
-    return f"{key}.conflict-{stamp}"
+#: Longest key S3 and GCS accept, in UTF-8 bytes.
+MAX_KEY_BYTES = 1024
+
+
+def conflict_key(key: str, when: float | None = None, limit: int = MAX_KEY_BYTES) -> str:
+    """Where this mount's version of ``key`` goes when another writer changed ``key``: the
+    name with a time stamp, its last segment shortened if the key would pass ``limit``
+    bytes (or a component 255)."""
+    suffix = ".conflict-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
+    folder, sep, name = key.rpartition("/")
+    room = min(255, limit - len(os.fsencode(folder + sep))) - len(suffix)
+    raw = os.fsencode(name)
+    if len(raw) > room:
+        name = raw[:max(1, room)].decode("utf-8", "ignore")
+    return f"{folder}{sep}{name}{suffix}"
 
 
 def condition_for(expect: str | None) -> Condition:
@@ -140,6 +151,8 @@ class Uploads:
                 if sf.durable_gen != sf.gen:  # on disk and journaled before it goes
                     await self.sync(sf, durable=True)
                 wait = await self._attempt(sf)
+                if sf.rec.state == "conflict":
+                    break  # kept and reported; only a new change or ``sync`` tries again
                 if wait is None:
                     continue
                 with trio.move_on_after(wait if wait != math.inf else delay):
@@ -151,8 +164,13 @@ class Uploads:
             sf.signal()
 
     async def sync(self, sf: StagedFile, durable: bool = False) -> None:
-        """Journal ``sf`` (state pending); ``durable``: its data synced to disk first."""
+        """Journal ``sf`` (state pending); ``durable``: its data synced to disk first, and a
+        new upload token for a new change (journaled before it is sent)."""
         await sf.idle()
+        if durable and sf.token_gen != sf.gen:
+            sf.rec.token = uuid.uuid4().hex
+            sf.token_gen = sf.gen
+        sf.changing = False
         rec, gen = self.staging.snapshot(sf)
         await threads.run_sync(self.staging.sync, sf, rec, durable)
         sf.synced_gen = max(sf.synced_gen, gen)
@@ -166,6 +184,8 @@ class Uploads:
             if not sf.needs_upload:
                 return None
             await sf.idle()
+            if not sf.hold():  # removed meanwhile (unlinked): nothing to upload
+                return None
             sf.busy = trio.Event()
             gen = sf.gen
             rec = Record(**{**sf.rec.__dict__, "dirty": list(sf.rec.dirty)})
@@ -176,7 +196,11 @@ class Uploads:
                       gen, len(copy))
             try:
                 info = await threads.run_sync(self._put, sf, rec, copy)
-            except (Conflict, StaleVersion) as exc:
+            except (Conflict, StaleVersion, NotFound) as exc:
+                # NotFound: AWS answers an If-Match on a key another writer deleted with 404,
+                # and a copy range whose base is gone likewise; else (the bucket) a failure
+                if isinstance(exc, NotFound) and not (copy or condition_for(rec.expect).version):
+                    return self._failed(sf, gen, exc)
                 mine = await self._already_there(rec)
                 if mine is None:
                     return await self._conflict(sf, rec, copy, exc)
@@ -184,6 +208,7 @@ class Uploads:
             except Exception as exc:  # noqa: BLE001 - kept and retried, whatever it was
                 return self._failed(sf, gen, exc)
             finally:
+                sf.unhold()
                 self.in_flight -= 1
                 sf.attempts += 1
                 busy, sf.busy = sf.busy, None
@@ -203,30 +228,28 @@ class Uploads:
 
     async def _already_there(self, rec: Record) -> ObjectInfo | None:
         """The object at ``rec.key`` if it is this very upload (the store has it, but the
-        answer was lost, or the daemon died before journaling it): same size and the exact
-        ``mtime`` metadata this file was sent with."""
+        answer was lost, or the daemon died before journaling it): it carries this upload's
+        token. Size and time prove nothing (two writers can agree on both)."""
+        if not rec.token:
+            return None
         try:
             now = await threads.run_sync(self.store.head, rec.key)
         except Exception:  # noqa: BLE001 - then it is a conflict
             return None
-        if (now.size == rec.size and now.meta_mtime is not None
-                and abs(now.meta_mtime - rec.mtime) < 1e-6):
-            log.info("%s: already in the store (an earlier attempt got through)", rec.key)
+        if now.token == rec.token and now.size == rec.size:
+            log.info("%r: already in the store (an earlier attempt got through)", rec.key)
             return now
         return None
 
     def _put(self, sf: StagedFile, rec: Record, copy: tuple[tuple[int, int], ...]
              ) -> ObjectInfo:
-        """Worker thread: check, upload, and delete what the file was renamed from."""
+        """Worker thread: check, then upload."""
         cond = condition_for(rec.expect)
         if rec.expect is not None and (rec.expect.startswith("~")
                                        or not self._enforced(rec.size, bool(copy))):
             self._check(rec.key, rec.expect)
-        info = self.store.put_file(rec.key, self._upload(sf, rec, copy), condition=cond,
-                                   attrs=Attrs(rec.mtime, rec.mode))
-        if rec.then_delete and rec.then_delete != rec.key:
-            self.store.delete(rec.then_delete)
-        return info
+        return self.store.put_file(rec.key, self._upload(sf, rec, copy), condition=cond,
+                                   attrs=Attrs(rec.mtime, rec.mode, rec.token or None))
 
     def _upload(self, sf: StagedFile, rec: Record, copy: tuple[tuple[int, int], ...]
                 ) -> Upload:
@@ -311,17 +334,27 @@ class Uploads:
     async def _conflict(self, sf: StagedFile, rec: Record, copy: tuple[tuple[int, int], ...],
                         exc: BaseException) -> float | None:
         """Another writer changed ``rec.key``: keep both (this version under a conflict
-        name), never overwrite theirs."""
-        self.conflicts += 1
-        target = conflict_key(rec.key)
-        if isinstance(exc, StaleVersion) and copy:
-            # the object this file was partly made of is gone: its unchanged bytes too
-            sf.rec.state = "conflict"
-            sf.rec.error = f"{rec.key} changed meanwhile; local changes kept in the staging area"
-            log.warning("%s", sf.rec.error)
-            self.failed.add(sf)
-            sf.signal()
-            return REFUSED_RETRY
+        name), never overwrite theirs. A file partly made of the overwritten object takes
+        those bytes from the block cache; where it cannot, it stays in the staging area as a
+        conflict (reported, not retried: nothing it could send would be right)."""
+        if sf.conflict_gen != sf.gen:
+            self.conflicts += 1
+        sf.conflict_gen = sf.gen
+        target = conflict_key(rec.key, limit=MAX_KEY_BYTES
+                              - len(os.fsencode(getattr(self.store, "prefix", ""))))
+        if copy:
+            try:
+                await self._materialize(sf, rec, copy)
+            except Exception as exc2:  # noqa: BLE001 - the base's bytes are gone
+                sf.rec.state = "conflict"
+                sf.rec.error = (f"{rec.key} changed meanwhile and the bytes this file kept from "
+                                f"it are gone ({exc2}); local changes kept in "
+                                f"{sf.path}")
+                log.warning("%s", sf.rec.error)
+                self.failed.add(sf)
+                sf.signal()
+                return None
+            copy = ()
         log.warning("%s changed in the store since this mount read it: this mount's version "
                     "goes to %s", rec.key, target)
         try:
@@ -336,6 +369,20 @@ class Uploads:
         sf.signal()
         return None
 
+    async def _materialize(self, sf: StagedFile, rec: Record,
+                           copy: tuple[tuple[int, int], ...]) -> None:
+        """Put the base's bytes of the ``copy`` ranges into the data file (through the block
+        cache: cached blocks of the old version are still right), so it depends on no object
+        (the file is busy: no change interleaves)."""
+        if self._read_base is None:
+            raise FusefsError("no reader for the base")
+        base = ObjectInfo(rec.base_key, rec.base_size, rec.base_mtime, rec.base_version)
+        step = 8 << 20
+        for a, b in copy:
+            for pos in range(a, b, step):
+                n = min(step, b - pos)
+                sf.fill(pos, await self._read_base(base, pos, n))
+
     async def wait_file(self, sf: StagedFile) -> None:
         """Until the store holds ``sf`` as it is now (a failed file is tried again at once);
         UploadFailed if that attempt fails."""
@@ -345,6 +392,9 @@ class Uploads:
             sf.nudge.set()
             self.queue(sf)
         while True:
+            if sf.conflict_gen >= target:  # its bytes are under a conflict name, not its own
+                raise UploadFailed(f"{sf.key}: another writer changed it; this version was "
+                                   "kept under a conflict name")
             if sf.uploaded_gen >= target or sf.unlinked or not sf.needs_upload:
                 return
             if sf.rec.state == "conflict" or (sf.attempts > mark and sf.failed_gen >= target):

@@ -2,9 +2,18 @@
 
 The namespace a program sees is the store's (through :class:`fusefs.fs.FileSystem` and its
 listed ranges) overlaid with this mount's own changes that the store does not show yet:
-staged files (shown with their local size and time, listed in their folder) and names unlinked
-while still open (hidden; their object is deleted at the last close, so an open handle keeps
-reading its bytes). mkdir, rmdir, unlink and rename are in :mod:`.namespace`.
+staged files (shown with their local size and time, listed in their folder) and names with a
+pending delete (hidden; see :mod:`.deletes`: an open handle keeps reading its bytes). mkdir,
+rmdir, unlink and rename are in :mod:`.namespace`.
+
+Identity: a staged file is one file (the inode the kernel knows), its key only its current
+name. Handles hold the staged file (or the object version) they opened; a handle never reads
+another file that took its name.
+
+Every change of the bucket carries a condition on the version this mount last saw at that key
+(``StagedFile.rec.expect`` for a staged file, the object's version otherwise, a pending
+delete's version when the name is re-created): a failed condition is a conflict, and both
+versions are kept.
 
 What each operation costs the store: ``create``/``write``/``truncate``: nothing until the file
 is closed (one upload then; :mod:`.uploads`); ``utimens``/``chmod``: a metadata update (or
@@ -37,14 +46,13 @@ from ..errors import (
 )
 from ..folders import join, valid_name
 from ..reader import SeqState
+from .deletes import PendingDeletes
 from .namespace import Namespace
 from .staging import StagedFile, Staging
-from .uploads import WRITE_BACK_DELAY, Uploads
+from .uploads import MAX_KEY_BYTES, WRITE_BACK_DELAY, Uploads
 
 log = logging.getLogger(__name__)
 
-#: Longest key S3 and GCS accept, in UTF-8 bytes.
-MAX_KEY_BYTES = 1024
 #: Files at most this big are put into the block cache after their upload (reading them back
 #: then makes no request); bigger ones are fetched again when read.
 SEED_MAX = 256 * 1024 * 1024
@@ -70,17 +78,44 @@ class Writes:
                                on_uploaded=self._uploaded, on_conflict=self._conflicted,
                                read_base=self._read_base,
                                single_put_max=settings.upload_part_size)
-        #: paths unlinked while open: hidden; their object is deleted at the last close
-        self.hidden: dict[str, ObjectInfo] = {}
+        #: deletes decided and not done yet (their names are hidden)
+        self.deletes = PendingDeletes(
+            store, save=lambda k, v: staging.journal.save_delete(k, v),
+            forget=lambda k: staging.journal.remove_delete(k), needed=self._needed,
+            limiter=fs.folders.meta_limiter)
         self.namespace = Namespace(self)
         fs.writes = self
         fs.folders.attrs = AttrMemory(staging.attrs_path)
 
     def start(self, nursery: object) -> None:
         for sf in self.staging.recover():
-            log.info("resuming the upload of %s (%d bytes) left by an earlier mount",
+            log.info("resuming the upload of %r (%d bytes) left by an earlier mount",
                      sf.key, sf.size)
+        self.deletes.load(self.staging.recovered_deletes)
         self.uploads.start(nursery)  # type: ignore[arg-type]
+        nursery.start_soon(self.deletes.run)  # type: ignore[attr-defined]
+
+    def _needed(self, key: str, version: str) -> bool:
+        """Does something still read version ``version`` of ``key`` (an open handle, or a
+        staged file whose unchanged ranges come from it)? Its delete waits."""
+        if self.fs.reading(key, version):
+            return True
+        for sf in self.staging.all():
+            rec = sf.rec
+            if (rec.base_key == key and rec.base_version == version
+                    and (sf.handles or (sf.needs_upload and sf.copy_ranges()))):
+                return True
+        return False
+
+    def file_of(self, node: object) -> StagedFile | None:
+        """The staged file of ``node`` (by identity: a node that lost its name to another
+        file keeps its own, through its open handles)."""
+        from ..fs import Node
+
+        assert isinstance(node, Node)
+        if self.fs.node_by_path(node.path) is node:
+            return self.staging.files.get(node.path)
+        return self.fs.staged_of(node)
 
     # --- the overlay ---------------------------------------------------------------------
 
@@ -114,12 +149,12 @@ class Writes:
             for sf in files:
                 name = sf.key.rpartition("/")[2]
                 extra[name] = (name, False, self.info_of(sf))
-        if not extra and not self.hidden:
+        if not extra and not self.deletes.entries:
             return entries
         out = []
         for e in entries:
             name = e[0]
-            if join(dir_path, name) in self.hidden:
+            if not e[1] and join(dir_path, name) in self.deletes:
                 continue
             if name in extra:
                 if e[1] and extra[name][1]:
@@ -137,7 +172,7 @@ class Writes:
         sf = self.staging.files.get(path)
         if sf is not None:
             return False, self.info_of(sf)
-        if path in self.hidden:
+        if path in self.deletes:
             raise NotFound(f"{path}: no such file or directory")
         if self.staging.files.has_under(path):
             return True, None
@@ -197,14 +232,19 @@ class Writes:
             node.lookups += 1
             fh = await self.open(node, flags | os.O_TRUNC if flags & os.O_TRUNC else flags)
             return fh, node
-        expect: str | None = ""
-        if path in self.hidden:  # re-created over a name unlinked while open
-            expect = None
-            self.hidden.pop(path)
+        # re-created over a name this mount removed and the store still has: the new file
+        # replaces that version (its upload's condition), the pending delete is absorbed
+        taken = await self.deletes.take(path)
         perm = mode & 0o7777
-        sf = self.staging.create(path, None, expect,
-                                 perm if perm != self.settings.file_mode else None)
-        sf.touch()  # an empty new file is a change to upload
+        try:
+            sf = self.staging.create(path, None, taken or "",
+                                     perm if perm != self.settings.file_mode else None)
+            sf.touch()  # an empty new file is a change to upload
+            await self.changing(sf)
+        except BaseException:
+            if taken:
+                await self.deletes.delete(path, taken)
+            raise
         node = self.fs.file_node(path, self.info_of(sf))
         node.lookups += 1
         fh = self.fs.new_handle(node, self.info_of(sf), sf, writable=True)
@@ -242,6 +282,7 @@ class Writes:
         try:
             if writing and flags & os.O_TRUNC and sf.size:
                 await sf.idle()
+                await self.changing(sf)
                 sf.truncate(0)
         except BaseException:
             sf.handles -= 1
@@ -249,6 +290,20 @@ class Writes:
                 sf.writers -= 1
             raise
         return self.fs.new_handle(node, self.info_of(sf), sf, writable=writing)
+
+    async def changing(self, sf: StagedFile) -> None:
+        """Before the first change after a close: journal the file as being changed (state
+        ``open``), so a crash from here on leaves it failed and reported, never uploaded as a
+        mix of two versions."""
+        if sf.changing:
+            return
+        sf.changing = True
+        rec, _ = self.staging.snapshot(sf, "open")
+        try:
+            await threads.run_sync(self.staging.sync, sf, rec, False)
+        except BaseException:
+            sf.changing = False
+            raise
 
     async def read(self, sf: StagedFile, offset: int, size: int) -> bytes:
         parts = []
@@ -268,6 +323,7 @@ class Writes:
 
     async def write(self, sf: StagedFile, offset: int, data: bytes) -> int:
         await sf.idle()
+        await self.changing(sf)
         return sf.write(offset, data)
 
     async def flush(self, sf: StagedFile) -> None:
@@ -299,7 +355,8 @@ class Writes:
         if sf.handles > 0:
             return
         if sf.unlinked:
-            await self.drop(sf)
+            await threads.run_sync(self.staging.remove, sf)
+            self.deletes.kick()  # a delete may have waited for this file
         elif not sf.needs_upload and not sf.queued and sf.rec.state not in ("failed",
                                                                              "conflict"):
             await self._retire(sf, seed=True)
@@ -322,8 +379,10 @@ class Writes:
             if size == base.size:
                 return
             sf = self.staging.create(node.path, base, base.version)
+        await self.changing(sf)
         sf.truncate(size)
-        if sf.writers == 0:
+        if sf.writers == 0:  # journaled now: a crash within the write-back delay keeps it
+            await self.uploads.sync(sf)
             self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
 
     async def set_times(self, node: object, mtime: float | None, mode: int | None) -> None:
@@ -338,10 +397,12 @@ class Writes:
         if sf is not None:
             if _same(sf.rec.mtime, file_mode(self.settings, self.info_of(sf)), mtime, mode):
                 return  # vim's fchmod of its new file to the old mode: no second upload
+            await self.changing(sf)
             if mode is not None:
                 sf.rec.mode = mode & 0o7777
             sf.touch(mtime if mtime is not None else sf.rec.mtime)
             if sf.writers == 0:
+                await self.uploads.sync(sf)
                 self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
             return
         info = node.info
@@ -365,6 +426,7 @@ class Writes:
         if info.meta_mtime is None:  # what was sent, if the answer did not say
             info = dataclasses.replace(info, meta_mtime=sf.rec.mtime, mode=sf.rec.mode)
         self.fs.folders.attrs.remember(info)
+        self.deletes.kick()  # a delete may have waited for this file's base
         if sf.unlinked:
             return
         self.fs.observed(info.key, info, self.fs.clock(), same_bytes=True)
@@ -376,6 +438,7 @@ class Writes:
         if info is not None:
             self.fs.folders.note(target, info)
         self.fs.mark_stale(sf.key)
+        sf.conflict_gen = sf.gen
         sf.uploaded_gen = sf.gen
         if self.staging.files.get(sf.key) is sf:
             self.staging.detach(sf)
@@ -392,11 +455,21 @@ class Writes:
         # finds the store's object, never this file whose descriptor the worker closes below
         # (nor its bytes while they are copied into the block cache).
         self.staging.detach(sf)
-        if seed and sf.rec.base_key == sf.key and 0 < sf.size <= SEED_MAX:
-            await threads.run_sync(self._seed, sf)
+        if seed and sf.rec.base_key == sf.key and 0 < sf.size <= SEED_MAX and sf.hold():
+            try:
+                await threads.run_sync(self._seed, sf)
+            finally:
+                sf.unhold()
         await threads.run_sync(self.staging.remove, sf)
 
     def _seed(self, sf: StagedFile) -> None:
+        """Worker thread (``sf`` held): its bytes into the block cache."""
+        try:
+            self._seed_blocks(sf)
+        except OSError as exc:  # a cache that cannot take them: they are fetched when read
+            log.warning("%r: not put into the block cache: %s", sf.key, exc)
+
+    def _seed_blocks(self, sf: StagedFile) -> None:
         reader = self.fs.reader
         info = sf.base_info()
         if sf.rec.base_limit != sf.size:
@@ -410,16 +483,6 @@ class Writes:
             if len(data) != end - start:
                 return
             reader.blocks.put(reader.block_key(info, idx), data)
-
-    async def drop(self, sf: StagedFile) -> None:
-        """An unlinked staged file's last handle closed: the store must not show its name
-        (nor the one it was renamed from), and its staged data goes."""
-        rec = sf.rec
-        if rec.base_key == rec.key and rec.base_version:
-            await self.delete_object(rec.key)
-        if rec.then_delete:
-            await self.delete_object(rec.then_delete)
-        await threads.run_sync(self.staging.remove, sf)
 
     async def delete_object(self, key: str) -> None:
         await threads.run_sync(self.store.delete, key, limiter=self.fs.folders.meta_limiter)
