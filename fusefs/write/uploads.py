@@ -405,9 +405,12 @@ class Uploads:
                        progress: Callable[[int, int], Awaitable[None] | None] | None = None,
                        ) -> list[StagedFile]:
         """Until every upload under ``prefix`` is done or has been tried once more (failed
-        and delayed ones are tried now); returns those that failed."""
+        and delayed ones are tried now); returns those that failed, and those a crash left
+        half-changed (kept, never uploaded)."""
+        kept = [sf for sf in self._files(prefix) if sf.needs_upload
+                and sf.rec.error.startswith("the program")]
         todo = [sf for sf in self._files(prefix) if sf.needs_upload and sf.writers == 0
-                and not sf.rec.error.startswith("the program")]
+                and sf not in kept]
         marks = {id(sf): sf.attempts for sf in todo}
         for sf in todo:
             sf.nudge.set()
@@ -421,7 +424,7 @@ class Uploads:
                 if r is not None:
                     await r
             if not left:
-                return [sf for sf in todo if sf.needs_upload]
+                return kept + [sf for sf in todo if sf.needs_upload]
             await trio.sleep(0.05)
 
     def _files(self, prefix: str) -> list[StagedFile]:

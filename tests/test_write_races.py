@@ -1,0 +1,354 @@
+"""Writes under races and crashes (issue 17): descriptors held across renames and unlinks, a
+request held in the middle of an upload, ``kill -9`` between two steps, two mounts on one
+bucket. S3 on SeaweedFS (conditions enforced as on AWS) and moto (conditions ignored: the
+mount checks with a HEAD); what the bucket holds is read with boto3, never through the mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import Bucket, blob, make_s3_bucket
+from test_writes import sync, wait_for
+
+
+@pytest.fixture(params=["seaweed", "s3"])
+def store(request: pytest.FixtureRequest) -> Bucket:
+    server = request.getfixturevalue("seaweed_server" if request.param == "seaweed"
+                                     else "s3_server")
+    b = make_s3_bucket(server)
+    b.kind = request.param
+    return b
+
+
+def keys(b: Bucket) -> list[str]:
+    client, name = b.extra["client"], b.extra["name"]
+    out: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+        out.extend(o["Key"] for o in page.get("Contents", []))
+    return sorted(out)
+
+
+def synced(m) -> None:
+    r = sync(m)
+    assert r.returncode == 0, r.stderr
+
+
+def held(proxy, method: str, key: str, seconds: float):
+    """Hold requests ``method`` on a path ending in ``/key`` for ``seconds`` (the proxy's
+    one slow rule); returns a function that tells whether one is in flight now."""
+    proxy.slow(lambda meth, path: meth == method and path.split("?")[0].endswith("/" + key),
+               seconds)
+
+    def in_flight() -> bool:
+        return any(r.method == method and r.path.endswith("/" + key) and r.finished is None
+                   for r in proxy.requests())
+
+    return in_flight
+
+
+# --- item 1, 17, 18: descriptors held across rename and unlink -------------------------------
+
+
+def test_closing_an_old_descriptor_never_deletes_the_new_file(store: Bucket, mount):
+    m = mount(store)
+    old = open(m.path / "a", "wb")
+    old.write(b"old writer")
+    (m.path / "tmp").write_bytes(b"new")
+    os.rename(m.path / "tmp", m.path / "a")
+    synced(m)
+    assert store.get("a") == b"new"
+    old.close()  # the file it wrote lost its name: nothing of it may touch "a"
+    synced(m)
+    assert store.get("a") == b"new"
+    assert keys(store) == ["a"]
+    assert (m.path / "a").read_bytes() == b"new"
+
+
+def test_rm_while_open_then_recreate_keeps_the_new_file(store: Bucket, mount):
+    store.put("a", b"stored")
+    m = mount(store)
+    reader = open(m.path / "a", "rb")
+    writer = open(m.path / "w", "wb")
+    writer.write(b"pending")
+    os.unlink(m.path / "a")
+    os.unlink(m.path / "w")
+    (m.path / "a").write_bytes(b"new a")  # item 18: right after, the old one still open
+    (m.path / "w").write_bytes(b"new w")
+    assert reader.read() == b"stored"  # item 17: the unlinked file keeps its bytes
+    assert os.fstat(reader.fileno()).st_size == 6
+    writer.close()
+    reader.close()
+    synced(m)
+    assert store.get("a") == b"new a" and store.get("w") == b"new w"
+    assert keys(store) == ["a", "w"], "no conflict copy, nothing deleted"
+    assert m.stats()["conflicts"] == 0
+
+
+def test_a_read_only_descriptor_on_a_replaced_file(store: Bucket, mount):
+    m = mount(store)
+    (m.path / "b").write_bytes(b"first b")
+    synced(m)
+    held_fd = open(m.path / "b", "rb")
+    (m.path / "tmp").write_bytes(b"second b")
+    os.rename(m.path / "tmp", m.path / "b")
+    held_fd.close()
+    synced(m)
+    assert store.get("b") == b"second b" and keys(store) == ["b"]
+
+
+def test_unlinked_open_file_stat_and_read_and_removal_survives_kill_9(store: Bucket, mount,
+                                                                       tmp_path):
+    data = blob(200_000, 3)
+    store.put("u.bin", data)
+    m = mount(store, cache_dir=tmp_path / "c")
+    f = open(m.path / "u.bin", "rb")
+    os.unlink(m.path / "u.bin")
+    assert os.fstat(f.fileno()).st_size == len(data)  # pjdfstest unlink/14.t
+    assert os.pread(f.fileno(), 1000, 100_000) == data[100_000:101_000]
+    assert not (m.path / "u.bin").exists()
+    assert store.get("u.bin") == data  # still read by the open handle
+    assert m.proc is not None
+    m.proc.send_signal(signal.SIGKILL)  # item 7: the pending delete is journaled
+    m.proc.wait()
+    with contextlib.suppress(OSError):  # the mount is gone
+        f.close()
+    m.stop()
+    m2 = mount(store, cache_dir=tmp_path / "c")
+    synced(m2)
+    assert store.get("u.bin") is None
+    assert not (m2.path / "u.bin").exists()
+
+
+# --- items 2, 3: rm / mv over a file whose upload is in flight -------------------------------
+
+
+@pytest.mark.parametrize("action", ["rm", "mv-over"])
+def test_rm_or_mv_over_while_the_upload_is_in_flight(store: Bucket, mount, action: str):
+    assert store.proxy is not None
+    m = mount(store)
+    in_flight = held(store.proxy, "PUT", "a", 1.5)
+    try:
+        (m.path / "a").write_bytes(b"version 1")
+        bg = subprocess.Popen([sys.executable, "-m", "fusefs", "sync", str(m.path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(in_flight, 20)
+        if action == "rm":
+            os.unlink(m.path / "a")
+        else:  # an editor's atomic save while the previous save uploads
+            (m.path / "a.tmp").write_bytes(b"version 2")
+            os.rename(m.path / "a.tmp", m.path / "a")
+        bg.wait(60)
+    finally:
+        store.proxy.slow(None, 0)
+    synced(m)
+    assert m.proc is not None and m.proc.poll() is None, "the daemon must keep serving"
+    if action == "rm":
+        assert store.get("a") is None and keys(store) == []
+        assert not (m.path / "a").exists()
+    else:
+        assert store.get("a") == b"version 2"
+        assert keys(store) == ["a"], "no conflict copy"
+        assert (m.path / "a").read_bytes() == b"version 2"
+    assert m.stats()["conflicts"] == 0
+
+
+# --- item 6, 16: log rotation, rename back, folder rename with unsaved changes ---------------
+
+
+def test_log_rotation_rename_back_and_folder_rename_keep_the_change(store: Bucket, mount):
+    store.put("log", b"line 1\n")
+    store.put("x", b"old x")
+    store.put("d/f", b"old f")
+    m = mount(store)
+    with open(m.path / "log", "ab") as f:
+        f.write(b"line 2\n")
+    os.rename(m.path / "log", m.path / "log.1")
+    (m.path / "log").write_bytes(b"fresh\n")
+    with open(m.path / "x", "ab") as f:
+        f.write(b" changed")
+    os.rename(m.path / "x", m.path / "y")
+    os.rename(m.path / "y", m.path / "x")
+    with open(m.path / "d/f", "ab") as f:
+        f.write(b" changed")
+    os.rename(m.path / "d", m.path / "e")
+    synced(m)
+    assert store.get("log.1") == b"line 1\nline 2\n"
+    assert store.get("log") == b"fresh\n"
+    assert store.get("x") == b"old x changed"
+    assert store.get("e/f") == b"old f changed"
+    assert [k for k in keys(store) if not k.endswith("/")] == ["e/f", "log", "log.1", "x"]
+    assert m.stats()["conflicts"] == 0
+
+
+# --- item 5: deletes are conditional ---------------------------------------------------------
+
+
+def test_a_delayed_delete_never_removes_another_writers_object(store: Bucket, mount, tmp_path):
+    store.put("a", b"original")
+    ma = mount(store, cache_dir=tmp_path / "ca")
+    reader = open(ma.path / "a", "rb")
+    os.unlink(ma.path / "a")  # deleted once the reader closes
+    store.put("a", b"theirs")  # mount B (here: the SDK) writes "a" meanwhile
+    reader.close()
+    synced(ma)
+    assert store.get("a") == b"theirs"
+
+
+# --- item 4: conflicts judged exactly --------------------------------------------------------
+
+
+def test_two_mounts_same_size_and_mtime_keep_both_versions(store: Bucket, mount, tmp_path):
+    ma = mount(store, cache_dir=tmp_path / "ca")
+    mb = mount(store, cache_dir=tmp_path / "cb")
+    when = 1_700_000_000
+    for m, body in ((ma, b"A" * 1000), (mb, b"B" * 1000)):
+        with open(m.path / "same", "wb") as f:
+            f.write(body)
+        os.utime(m.path / "same", (when, when))
+    synced(ma)
+    synced(mb)
+    ks = keys(store)
+    conflict = [k for k in ks if k.startswith("same.conflict-")]
+    assert len(conflict) == 1, ks
+    assert {store.get("same"), store.get(conflict[0])} == {b"A" * 1000, b"B" * 1000}
+    assert ma.stats()["conflicts"] + mb.stats()["conflicts"] == 1
+
+
+# --- item 8: a handle reads the file it opened -----------------------------------------------
+
+
+def test_a_handle_reads_the_file_it_opened(store: Bucket, mount):
+    old = blob(600_000, 4)
+    store.put("d", old)
+    store.put("a", b"content of a")
+    m = mount(store, "--block-size", "65536", "--readahead", "0")
+    h = open(m.path / "d", "rb", buffering=0)
+    assert h.read(1000) == old[:1000]
+    (m.path / "d.tmp").write_bytes(b"N" * 100)
+    os.rename(m.path / "d.tmp", m.path / "d")
+    try:
+        got = os.pread(h.fileno(), 1000, 500_000)
+        assert got == old[500_000:501_000], "never the replacement's bytes"
+    except OSError as e:  # the old version left the store: an error, not wrong bytes
+        assert e.errno == errno.ESTALE
+    assert os.fstat(h.fileno()).st_size == len(old)
+    h.close()
+    ha = open(m.path / "a", "rb", buffering=0)
+    os.rename(m.path / "a", m.path / "b")
+    assert ha.read() == b"content of a"  # not ENOENT after mv a b
+    ha.close()
+    synced(m)
+    assert store.get("d") == b"N" * 100 and store.get("b") == b"content of a"
+
+
+# --- item 9: kill -9 while a program writes --------------------------------------------------
+
+
+def test_kill_9_while_writing_reports_and_never_uploads_a_mix(store: Bucket, mount, tmp_path):
+    m = mount(store, cache_dir=tmp_path / "c")
+    (m.path / "closed").write_bytes(b"A" * 10_000)
+    synced(m)
+    (m.path / "twice").write_bytes(b"1" * 10_000)  # closed once, pending
+    f = open(m.path / "twice", "r+b")
+    f.write(b"2" * 5_000)  # half rewritten, never closed
+    f.flush()
+    g = open(m.path / "never-closed", "wb")
+    g.write(b"data")
+    g.flush()
+    os.truncate(m.path / "closed", 10)  # within the write-back second
+    assert m.proc is not None
+    m.proc.send_signal(signal.SIGKILL)
+    m.proc.wait()
+    for h in (f, g):
+        with contextlib.suppress(OSError):  # the mount is gone
+            h.close()
+    m.stop()
+    m2 = mount(store, cache_dir=tmp_path / "c")
+    r = sync(m2)
+    assert r.returncode == 1, "files being written at the crash are reported"
+    assert "never-closed" in r.stderr and "twice" in r.stderr
+    assert store.get("closed") == b"A" * 10
+    assert store.get("twice") != b"2" * 5_000 + b"1" * 5_000, "never a mix of two versions"
+    assert store.get("never-closed") is None
+    assert m2.stats()["uploads_failed"] == 2
+
+
+# --- items 13, 14: a conflict is never a silent success --------------------------------------
+
+
+def test_sync_uploads_close_of_a_conflicted_file_fails(store: Bucket, mount):
+    store.put("c", b"original")
+    m = mount(store, "--sync-uploads")
+    with pytest.raises(OSError) as e:
+        with open(m.path / "c", "r+b") as f:
+            f.write(b"MINE")
+            store.put("c", b"theirs")
+    assert e.value.errno == errno.EIO
+    assert store.get("c") == b"theirs"
+    assert any(k.startswith("c.conflict-") for k in keys(store))
+
+
+def test_a_key_deleted_by_another_writer_is_a_conflict_not_a_retry(store: Bucket, mount):
+    store.put("g", b"original")
+    m = mount(store)
+    with open(m.path / "g", "r+b") as f:
+        f.write(b"MINE")
+        store.delete("g")
+    synced(m)
+    ks = keys(store)
+    assert len([k for k in ks if k.startswith("g.conflict-")]) == 1, ks
+    assert m.stats()["uploads_failed"] == 0 and m.stats()["conflicts"] == 1
+
+
+def test_a_conflict_name_fits_the_key_limit(store: Bucket, mount):
+    name = "n" * 250  # a component of 250 bytes: +26 for the conflict suffix is too long
+    store.put(name, b"original")
+    m = mount(store)
+    with open(m.path / name, "r+b") as f:
+        f.write(b"MINE")
+        store.put(name, b"theirs")
+    synced(m)
+    conflict = [k for k in keys(store) if ".conflict-" in k]
+    assert len(conflict) == 1 and len(conflict[0]) <= 255
+    assert store.get(conflict[0]) == b"MINEinal"
+
+
+def test_two_mounts_writing_one_bucket_concurrently(store: Bucket, mount, tmp_path):
+    """Two mounts write the same names at once: each name holds a version written to it,
+    both daemons keep serving."""
+    ma = mount(store, cache_dir=tmp_path / "ca")
+    mb = mount(store, cache_dir=tmp_path / "cb")
+    versions: dict[str, set[bytes]] = {}
+    lock = threading.Lock()
+
+    def writer(m, tag: str) -> None:
+        for i in range(8):
+            name = f"k{i % 3}"
+            body = f"{tag}-{i}".encode() * 50
+            (m.path / name).write_bytes(body)
+            with lock:
+                versions.setdefault(name, set()).add(body)
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=writer, args=(m, t)) for m, t in ((ma, "A"), (mb, "B"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    synced(ma)
+    synced(mb)
+    stored = {store.get(k) for k in keys(store)}
+    for name, vs in versions.items():
+        assert store.get(name) in vs  # the name holds one of the versions written to it
+    assert all(s is not None for s in stored)
+    assert ma.proc is not None and ma.proc.poll() is None
+    assert mb.proc is not None and mb.proc.poll() is None
