@@ -246,3 +246,8 @@ class InstrumentedStore:
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
         with self._t["set_attrs"].time():
             return self.inner.set_attrs(key, version, attrs)
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        abort = getattr(self.inner, "abort_upload", None)
+        if abort is not None:
+            abort(key, upload_id)

@@ -352,3 +352,32 @@ def test_two_mounts_writing_one_bucket_concurrently(store: Bucket, mount, tmp_pa
     assert all(s is not None for s in stored)
     assert ma.proc is not None and ma.proc.poll() is None
     assert mb.proc is not None and mb.proc.poll() is None
+
+
+# --- item 11: a multipart upload cut by kill -9 is aborted at the next mount -----------------
+
+
+def test_a_multipart_upload_cut_by_kill_9_is_aborted(store: Bucket, mount, tmp_path):
+    assert store.proxy is not None
+    client, name = store.extra["client"], store.extra["name"]
+    data = blob(12 << 20, 5)
+    m = mount(store, "--upload-part-size", "5M", cache_dir=tmp_path / "c")
+    store.proxy.slow(lambda meth, path: meth == "PUT" and "uploadId=" in path, 30)
+    try:
+        (m.path / "big").write_bytes(data)
+        bg = subprocess.Popen([sys.executable, "-m", "fusefs", "sync", str(m.path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: client.list_multipart_uploads(Bucket=name).get("Uploads"), 30)
+        assert m.proc is not None
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait()
+        bg.wait(30)
+        m.stop()
+    finally:
+        store.proxy.slow(None, 0)
+    assert len(client.list_multipart_uploads(Bucket=name)["Uploads"]) == 1
+    m2 = mount(store, "--upload-part-size", "5M", cache_dir=tmp_path / "c")
+    synced(m2)
+    assert store.get("big") == data
+    assert not client.list_multipart_uploads(Bucket=name).get("Uploads"), "none left to bill"
+    assert "aborted a multipart upload" in m2.log_text()

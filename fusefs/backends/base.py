@@ -83,6 +83,9 @@ class Upload:
     #: not copy server-side (the mount reads them through its block cache, from any thread);
     #: None: the store's own ``get_range`` at ``base_version``.
     read_base: Callable[[int, int], bytes] | None = None
+    #: ``started(upload_id)``: called once a multipart upload exists (S3), before any part
+    #: is sent, so the caller can journal it and abort it after a crash.
+    started: Callable[[str], None] | None = None
 
 
 @dataclass(slots=True)
@@ -239,3 +242,8 @@ class PrefixedStore:
 
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
         return self._rekey(self.inner.set_attrs(self.prefix + key, version, attrs), key)
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        abort = getattr(self.inner, "abort_upload", None)
+        if abort is not None:
+            abort(self.prefix + key, upload_id)

@@ -614,3 +614,7 @@ class S3Store:
 
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
         return s3_write.set_attrs(self, key, version, attrs)
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort multipart upload ``upload_id`` of ``key`` (one a crash cut short)."""
+        s3_write.abort(self, key, upload_id)

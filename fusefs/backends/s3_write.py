@@ -105,6 +105,15 @@ def _multipart_etag(etags: list[str]) -> str | None:
     return f"{digest.hexdigest()}-{len(etags)}"
 
 
+def abort(store: S3Store, key: str, upload_id: str) -> None:
+    """Abort a multipart upload a crash left behind (gone already: nothing to do)."""
+    try:
+        store._call(store._name(key), store._writer.abort_multipart_upload,
+                    Bucket=store.bucket, Key=key, UploadId=upload_id)
+    except NotFound:
+        pass
+
+
 def _abort(store: S3Store, key: str, upload_id: str) -> None:
     try:
         store._call(store._name(key), store._writer.abort_multipart_upload,
@@ -120,6 +129,7 @@ def _multipart(
     store: S3Store, key: str, plan: list[tuple[int, int]],
     part: Callable[[str, int, int, int], str], create: dict[str, Any], cond: dict[str, str],
     check: Callable[[], None] | None = None,
+    started: Callable[[str], None] | None = None,
 ) -> tuple[Any, str | None]:
     """Create a multipart upload, send every part of ``plan`` with ``part(upload_id, number,
     start, end)`` (parallel), run ``check()`` (it raises to refuse), complete it under
@@ -130,6 +140,8 @@ def _multipart(
                     Bucket=store.bucket, Key=key, **create)
     upload_id = r["UploadId"]
     try:
+        if started is not None:
+            started(upload_id)
         jobs = [functools.partial(part, upload_id, n, s, e) for n, (s, e) in enumerate(plan, 1)]
         etags = run_parts(store.parts, jobs)
         if check is not None:
@@ -202,7 +214,7 @@ def put_file(store: S3Store, key: str, upload: Upload, condition: Condition,
             plan = plan_parts(upload.size, max(store.part_size, MIN_PART), MAX_PARTS)
             r, _ = _multipart(store, key, plan, part, {"Metadata": meta}, cond,
                               _base_unchanged(store, upload.base_key, upload.base_version)
-                              if can_copy else None)
+                              if can_copy else None, upload.started)
     mtime, mode = meta_attrs.decode(meta)
     return ObjectInfo(key, upload.size, time.time(), etag_version(r.get("ETag", "")), mtime, mode)
 

@@ -60,6 +60,8 @@ class Record:
     dirty: list[tuple[int, int]] = field(default_factory=list)
     expect: str | None = ""
     token: str = ""
+    #: an S3 multipart upload in progress (aborted at the next mount if a crash cut it)
+    multipart: str = ""
     state: str = "open"  # open | pending | failed | conflict
     error: str = ""
     created: float = 0.0

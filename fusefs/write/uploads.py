@@ -15,6 +15,7 @@ a staged file leaves the staging area only once the store holds its bytes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -111,12 +112,26 @@ class Uploads:
         """Begin uploading; files recovered from the journal are queued now."""
         self._nursery = nursery
         self._token = trio.lowlevel.current_trio_token()
+        for sf in self.staging.all():
+            if sf.rec.multipart:  # cut by a crash: never completed, billed until aborted
+                nursery.start_soon(self._abort_orphan, sf.rec.key, sf.rec.multipart)
+                sf.rec.multipart = ""
         for sf in list(self.staging.files.values()) + list(self.staging.detached):
             if sf.rec.state == "failed" and sf.rec.error.startswith("the program"):
                 self.failed.add(sf)  # never closed: kept for the user, not uploaded
                 continue
             if sf.needs_upload:
                 self.queue(sf)
+
+    async def _abort_orphan(self, key: str, upload_id: str) -> None:
+        abort = getattr(self.store, "abort_upload", None)
+        if abort is None:
+            return
+        try:
+            await threads.run_sync(abort, key, upload_id)
+            log.info("%r: aborted a multipart upload an earlier mount left unfinished", key)
+        except Exception as exc:  # noqa: BLE001 - S3 lifecycle rules remain the backstop
+            log.warning("%r: could not abort an unfinished multipart upload: %s", key, exc)
 
     @property
     def pending(self) -> int:
@@ -255,8 +270,11 @@ class Uploads:
                 ) -> Upload:
         """What to send; bytes of the base that the store does not copy server-side are read
         through the mount's block cache (cached blocks cost no request)."""
+        def started(upload_id: str) -> None:  # worker thread; the file is busy
+            self.staging.journal.save(dataclasses.replace(rec, multipart=upload_id))
+
         if not copy:
-            return Upload(sf.path, rec.size)
+            return Upload(sf.path, rec.size, started=started)
         read_base = None
         if self._read_base is not None and self._token is not None:
             base = ObjectInfo(rec.base_key, rec.base_size, rec.base_mtime, rec.base_version)
@@ -265,7 +283,8 @@ class Uploads:
             def read_base(start: int, length: int) -> bytes:
                 return trio.from_thread.run(read, base, start, length, trio_token=token)
 
-        return Upload(sf.path, rec.size, copy, rec.base_key, rec.base_version, read_base)
+        return Upload(sf.path, rec.size, copy, rec.base_key, rec.base_version, read_base,
+                      started)
 
     def _enforced(self, size: int, copies: bool) -> bool:
         """Does the store itself enforce the condition of this upload? Stores that say so
