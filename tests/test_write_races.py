@@ -381,3 +381,26 @@ def test_a_multipart_upload_cut_by_kill_9_is_aborted(store: Bucket, mount, tmp_p
     assert store.get("big") == data
     assert not client.list_multipart_uploads(Bucket=name).get("Uploads"), "none left to bill"
     assert "aborted a multipart upload" in m2.log_text()
+
+
+# --- item 12: staging found under any spelling of the endpoint -------------------------------
+
+
+def test_pending_uploads_are_found_under_another_spelling_of_the_endpoint(store: Bucket, mount,
+                                                                          tmp_path):
+    assert store.proxy is not None
+    store.proxy.faults(1.0, ["503"], predicate=lambda r: r.method in ("PUT", "POST"))
+    try:
+        m = mount(store, cache_dir=tmp_path / "c")
+        (m.path / "p.txt").write_bytes(b"pending")
+        assert m.proc is not None
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait()
+        m.stop()
+    finally:
+        store.proxy.faults(0)
+    other = store.proxy.url.replace("127.0.0.1", "localhost") + "/"
+    m2 = mount(store, "--endpoint-url", other, cache_dir=tmp_path / "c")
+    assert m2.stats()["uploads_pending"] == 1
+    synced(m2)
+    assert store.get("p.txt") == b"pending"

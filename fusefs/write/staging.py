@@ -32,11 +32,13 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import threading
 import time
 import uuid
+from urllib.parse import urlsplit
 
 import trio
 
@@ -54,6 +56,38 @@ def _os_error(exc: OSError, what: str) -> FusefsError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"{what}: the staging area (cache disk) is full")
     return FusefsError(f"{what}: {exc.strerror}", cause=exc)
+
+
+def _tag(source_id: str) -> str:
+    return hashlib.sha256(source_id.encode()).hexdigest()[:16]
+
+
+_LOOPBACK = {"localhost", "::1", "ip6-localhost", "localhost.localdomain"}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def canonical_source(source_id: str) -> str:
+    """``source_id`` with its endpoint URL (``s3+URL/bucket``) in one spelling: scheme and
+    host in lower case, no user info, no default port, loopback names as 127.0.0.1, no
+    trailing slash. Staging is found by this, not by the text the user typed (pending
+    uploads of ``--endpoint-url http://localhost:9000`` are this mount's under
+    ``http://127.0.0.1:9000/`` too)."""
+    scheme, plus, rest = source_id.partition("+")
+    if not plus or "://" not in rest:
+        return source_id
+    url = urlsplit(rest)
+    host = (url.hostname or "").lower()
+    if host in _LOOPBACK:
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = url.port
+    except ValueError:
+        return source_id
+    netloc = host if port in (None, _DEFAULT_PORTS.get(url.scheme.lower())) else f"{host}:{port}"
+    path = re.sub("/+", "/", url.path).rstrip("/")
+    return f"{scheme.lower()}+{url.scheme.lower()}://{netloc}{path}"
 
 
 class StagedFile:
@@ -287,7 +321,9 @@ class Staging:
     def __init__(self, cache_dir: str, source_id: str) -> None:
         self.cache_dir = cache_dir
         self.top = os.path.join(cache_dir, STAGING)
-        self.tag = hashlib.sha256(source_id.encode()).hexdigest()[:16]
+        self.tag = _tag(canonical_source(source_id))
+        #: where earlier versions kept this source's staging (the id as the user typed it)
+        self._tags = (self.tag, _tag(source_id))
         #: where this source's attributes memory lives (see fusefs.attrmemory)
         self.attrs_path = os.path.join(self.top, self.tag, "attrs.json")
         self._dir: str | None = None
@@ -347,7 +383,7 @@ class Staging:
         """Staged files left by an earlier mount of this source (ours and unlocked
         siblings'), loaded into this directory. A file never closed is kept as failed."""
         if not os.path.isdir(self.top) or not any(
-                n.startswith(self.tag) for n in os.listdir(self.top)):
+                n.startswith(self._tags) for n in os.listdir(self.top)):
             return []
         self._adopt_siblings()
         self.recovered_deletes = self.journal.load_deletes()
@@ -383,7 +419,7 @@ class Staging:
     def _adopt_siblings(self) -> None:
         for name in sorted(os.listdir(self.top)):
             d = os.path.join(self.top, name)
-            if d == self.dir or not name.startswith(self.tag) or not os.path.isdir(d):
+            if d == self.dir or not name.startswith(self._tags) or not os.path.isdir(d):
                 continue
             fd = os.open(os.path.join(d, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
