@@ -544,9 +544,15 @@ class FileSystem:
         node = self._by_path.get(path)
         if node is None or node.is_dir:
             return
-        if same_bytes and node.ino in self._kernel_version:
-            self._kernel_version[node.ino] = info.version
-            node.info = info  # no invalidation: the bytes did not change
+        if same_bytes:
+            if node.ino in self._kernel_version:
+                self._kernel_version[node.ino] = info.version
+                node.info = info  # no invalidation: the bytes did not change
+            # handles of this file read what it now holds, which is this version (an old
+            # handle reading the file this mount just wrote is no stale reader)
+            for h in self._handles.values():
+                if h.node is node and h.staged is None:
+                    h.info = info
         self._observe(node, info, max(sent, node.confirmed))
 
     def drop_path(self, path: str) -> None:

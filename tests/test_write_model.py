@@ -1,0 +1,276 @@
+"""A model-based test of the write path (Hypothesis ``RuleBasedStateMachine``) on a real mount.
+
+Rules are syscalls on a mount of SeaweedFS (create, write at an offset, truncate, rename of
+files and of a folder, unlink, descriptors held open, read through them, ``fusefs sync``,
+``kill -9`` and a remount, pauses that let the write-back delay pass while the proxy
+holds every PUT and DELETE a moment, so uploads are in flight during the next rules). The
+model is a POSIX directory: names point at inodes, an inode
+holds bytes. Invariants: the daemon never exits; a descriptor reads the bytes of the file it
+opened (or ESTALE once that file left every name and the store); after ``fusefs sync`` the
+bucket equals the model, with no conflict copy (one writer).
+
+CI runs it with a fixed seed and a small budget; ``scripts/soak-writes.sh`` runs it for as
+long as asked, with new seeds (``FUSEFS_MODEL_EXAMPLES``, ``FUSEFS_MODEL_STEPS``,
+``FUSEFS_MODEL_SEED``), and prints the seed of any failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Bucket, make_s3_bucket
+from hypothesis import HealthCheck, Phase, seed, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from test_writes import sync
+
+EXAMPLES = int(os.environ.get("FUSEFS_MODEL_EXAMPLES", "6"))
+STEPS = int(os.environ.get("FUSEFS_MODEL_STEPS", "30"))
+SEED = int(os.environ.get("FUSEFS_MODEL_SEED", "17"))
+
+NAMES = ["a", "b", "c"]
+SUB = ["x", "y"]
+data_st = st.binary(min_size=0, max_size=3000)
+
+
+def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
+    b: Bucket = make_s3_bucket(seaweed_server)
+    client, bucket = b.extra["client"], b.extra["name"]
+    cache = tmp_path / "model-cache"
+    current = {"m": mount(b, "--block-size", "65536", cache_dir=cache)}
+    counter = itertools.count()
+
+    def bucket_files(prefix: str) -> dict[str, bytes]:
+        out = {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                     Prefix=prefix):
+            for o in page.get("Contents", []):
+                if not o["Key"].endswith("/"):
+                    body = client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+                    out[o["Key"][len(prefix):]] = body
+        return out
+
+    class WriteModel(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.top = f"ex{next(counter)}"
+            self.inodes: dict[int, bytearray] = {}
+            self.names: dict[str, int] = {}  # path below top -> inode
+            self.handles: list[tuple[int, int]] = []  # (fd, inode)
+            self.writers: list[tuple[int, int]] = []  # (fd, inode) open for writing
+            self.folder = "d"
+            self.ids = itertools.count()
+
+        @property
+        def m(self) -> Any:
+            return current["m"]
+
+        def p(self, rel: str) -> Path:
+            return self.m.path / self.top / rel
+
+        def paths(self) -> list[str]:
+            return NAMES + [f"{self.folder}/{n}" for n in SUB]
+
+        @initialize()
+        def setup(self) -> None:
+            os.makedirs(self.p(self.folder))
+
+        # --- file contents ------------------------------------------------------------
+
+        @rule(i=st.integers(0, 4), data=data_st, truncate=st.booleans())
+        def write_file(self, i: int, data: bytes, truncate: bool) -> None:
+            rel = self.paths()[i]
+            with open(self.p(rel), "wb" if truncate else "ab") as f:
+                f.write(data)
+            ino = self.names.get(rel)
+            if ino is None:
+                ino = self.names[rel] = next(self.ids)
+                self.inodes[ino] = bytearray()
+            if truncate:
+                self.inodes[ino][:] = data
+            else:
+                self.inodes[ino] += data
+
+        @precondition(lambda self: self.names)
+        @rule(pick=st.integers(0, 100), offset=st.integers(0, 5000), data=data_st)
+        def pwrite(self, pick: int, offset: int, data: bytes) -> None:
+            rel = sorted(self.names)[pick % len(self.names)]
+            fd = os.open(self.p(rel), os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, offset)
+            finally:
+                os.close(fd)
+            content = self.inodes[self.names[rel]]
+            if data:  # a write of nothing past the end does not extend the file
+                if len(content) < offset:
+                    content += bytes(offset - len(content))
+                content[offset:offset + len(data)] = data
+
+        @precondition(lambda self: self.names)
+        @rule(pick=st.integers(0, 100), size=st.integers(0, 6000))
+        def truncate(self, pick: int, size: int) -> None:
+            rel = sorted(self.names)[pick % len(self.names)]
+            os.truncate(self.p(rel), size)
+            content = self.inodes[self.names[rel]]
+            if size < len(content):
+                del content[size:]
+            else:
+                content += bytes(size - len(content))
+
+        # --- names --------------------------------------------------------------------
+
+        @precondition(lambda self: self.names)
+        @rule(pick=st.integers(0, 100), j=st.integers(0, 4))
+        def rename(self, pick: int, j: int) -> None:
+            src = sorted(self.names)[pick % len(self.names)]
+            dst = self.paths()[j]
+            os.rename(self.p(src), self.p(dst))
+            if src != dst:
+                self.names[dst] = self.names.pop(src)
+
+        @precondition(lambda self: self.names)
+        @rule(pick=st.integers(0, 100))
+        def unlink(self, pick: int) -> None:
+            rel = sorted(self.names)[pick % len(self.names)]
+            os.unlink(self.p(rel))
+            del self.names[rel]
+
+        @rule()
+        def rename_folder(self) -> None:
+            other = "e" if self.folder == "d" else "d"
+            os.rename(self.p(self.folder), self.p(other))
+            for rel in [r for r in self.names if r.startswith(self.folder + "/")]:
+                self.names[other + rel[1:]] = self.names.pop(rel)
+            self.folder = other
+
+        # --- descriptors ----------------------------------------------------------------
+
+        @precondition(lambda self: self.names and len(self.handles) < 4)
+        @rule(pick=st.integers(0, 100))
+        def open_handle(self, pick: int) -> None:
+            rel = sorted(self.names)[pick % len(self.names)]
+            self.handles.append((os.open(self.p(rel), os.O_RDONLY), self.names[rel]))
+
+        @precondition(lambda self: self.handles)
+        @rule(pick=st.integers(0, 100), offset=st.integers(0, 6000))
+        def read_handle(self, pick: int, offset: int) -> None:
+            fd, ino = self.handles[pick % len(self.handles)]
+            expected = bytes(self.inodes[ino][offset:offset + 4096])
+            try:
+                got = os.pread(fd, 4096, offset)
+            except OSError as e:
+                # only a file that lost every name may be gone from the store
+                assert e.errno == errno.ESTALE and ino not in self.names.values(), e
+                return
+            assert got == expected, f"a descriptor read other bytes than its file's at {offset}"
+
+        @precondition(lambda self: self.handles)
+        @rule(pick=st.integers(0, 100))
+        def close_handle(self, pick: int) -> None:
+            fd, _ = self.handles.pop(pick % len(self.handles))
+            os.close(fd)
+
+        @precondition(lambda self: self.names and len(self.writers) < 3)
+        @rule(pick=st.integers(0, 100))
+        def open_writer(self, pick: int) -> None:
+            rel = sorted(self.names)[pick % len(self.names)]
+            self.writers.append((os.open(self.p(rel), os.O_RDWR), self.names[rel]))
+
+        @precondition(lambda self: self.writers)
+        @rule(pick=st.integers(0, 100), offset=st.integers(0, 5000), data=data_st,
+              fsync=st.booleans())
+        def write_through_writer(self, pick: int, offset: int, data: bytes, fsync: bool) -> None:
+            fd, ino = self.writers[pick % len(self.writers)]
+            os.pwrite(fd, data, offset)
+            content = self.inodes[ino]
+            if data:  # a write of nothing past the end does not extend the file
+                if len(content) < offset:
+                    content += bytes(offset - len(content))
+                content[offset:offset + len(data)] = data
+            if fsync and ino in self.names.values():
+                os.fsync(fd)  # in the store now: its version changes under the other rules
+
+        @precondition(lambda self: self.writers)
+        @rule(pick=st.integers(0, 100))
+        def close_writer(self, pick: int) -> None:
+            fd, _ = self.writers.pop(pick % len(self.writers))
+            os.close(fd)
+
+        # --- durability -------------------------------------------------------------------
+
+        @precondition(lambda self: not self.writers)
+        @rule()
+        def sync_and_compare(self) -> None:
+            r = sync(self.m)
+            assert r.returncode == 0, r.stderr
+            want = {rel: bytes(self.inodes[ino]) for rel, ino in self.names.items()}
+            got = bucket_files(self.top + "/")
+            assert got == want, (sorted(got), sorted(want))
+
+        @rule()
+        def kill_9_and_remount(self) -> None:
+            for fd, _ in self.handles + self.writers:
+                os.close(fd)
+            self.handles.clear()
+            self.writers.clear()
+            m = self.m
+            assert m.proc is not None
+            m.proc.send_signal(signal.SIGKILL)
+            m.proc.wait()
+            m.stop()
+            current["m"] = mount(b, "--block-size", "65536", cache_dir=cache)
+            for rel, ino in self.names.items():
+                assert self.p(rel).read_bytes() == bytes(self.inodes[ino]), rel
+
+        @rule(seconds=st.sampled_from([0.4, 1.2]))
+        def pause(self, seconds: float) -> None:
+            """Let the write-back delay pass: uploads start (and, held by the proxy, are in
+            flight during the next rules)."""
+            time.sleep(seconds)
+
+        @invariant()
+        def daemon_alive(self) -> None:
+            m = self.m
+            assert m.proc is not None and m.proc.poll() is None, "the daemon exited"
+
+        def teardown(self) -> None:
+            for fd, _ in self.handles + self.writers:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.writers.clear()
+            if self.m.proc is not None and self.m.proc.poll() is None:
+                self.sync_and_compare()
+
+    machine_settings = settings(
+        max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+        suppress_health_check=list(HealthCheck), database=None,
+        phases=[Phase.generate, Phase.shrink] if os.environ.get("FUSEFS_MODEL_SHRINK")
+        else [Phase.generate], print_blob=True)
+    assert b.proxy is not None
+    # every change of the bucket takes a while: uploads and deletes overlap the next rules
+    b.proxy.slow(lambda method, path: method in ("PUT", "POST", "DELETE"), 0.3)
+    try:
+        run_state_machine_as_test(seed(SEED)(WriteModel), settings=machine_settings)
+    except BaseException:
+        print(f"FUSEFS_MODEL_SEED={SEED} reproduces this failure")
+        raise
+    finally:
+        b.proxy.slow(None, 0)
+
+
+pytestmark = pytest.mark.timeout(1800)
