@@ -37,7 +37,7 @@ import trio
 from ..backends.base import ObjectInfo
 from ..errors import FusefsError, NoSpace
 from . import ranges
-from .journal import Journal, Record
+from .journal import Journal, Record, problem
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,18 @@ def _os_error(exc: OSError, what: str) -> FusefsError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"{what}: the staging area (cache disk) is full")
     return FusefsError(f"{what}: {exc.strerror}", cause=exc)
+
+
+def _sound(rec: Record, journal: Journal) -> bool:
+    """Is a recovered journal row fit to act on (:func:`.journal.problem`)? A row that is not
+    is logged and dropped: no file is opened, uploaded or deleted for it."""
+    why = problem(rec)
+    if why is None:
+        return True
+    log.error("journal %s: a row is ignored and dropped: %s", journal.path, why)
+    if isinstance(rec.id, str):
+        journal.remove(rec.id)
+    return False
 
 
 class StagedFile:
@@ -306,6 +318,8 @@ class Staging:
         self._adopt_siblings()
         out = []
         for rec in self.journal.load():
+            if not _sound(rec, self.journal):
+                continue
             path = os.path.join(self.dir, rec.id + ".data")
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -347,6 +361,8 @@ class Staging:
                 if os.path.exists(journal_path):
                     other = Journal(journal_path)
                     for rec in other.load():
+                        if not _sound(rec, other):
+                            continue
                         src = os.path.join(d, rec.id + ".data")
                         if os.path.exists(src):
                             os.replace(src, os.path.join(self.dir, rec.id + ".data"))
