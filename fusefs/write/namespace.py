@@ -12,6 +12,7 @@ under it, up to ``rename_limit`` (above: EXDEV, and ``mv`` copies by itself).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING
 
 from .. import threads
@@ -27,10 +28,13 @@ from ..errors import (
     NotPermitted,
 )
 from ..folders import join
+from ..safety import clean_key
 from .uploads import WRITE_BACK_DELAY, condition_for
 
 if TYPE_CHECKING:
     from .writes import Writes
+
+log = logging.getLogger(__name__)
 
 
 class Namespace:
@@ -202,7 +206,7 @@ class Namespace:
             await self._rename_file(sf.key, new + sf.key[len(old):], "")
         for info in keys:
             dst = new + info.key[len(old):]
-            if info.key.endswith("/"):
+            if info.key.endswith("/") and info.size == 0:  # a marker (with content: copied)
                 await threads.run_sync(self.w.store.put, dst, b"",
                                        limiter=self.w.fs.folders.meta_limiter)
                 await self.w.delete_object(info.key)
@@ -228,16 +232,30 @@ class Namespace:
 
     def _walk(self, prefix: str) -> tuple[list[ObjectInfo], list[str]]:
         """Worker thread: every object under ``prefix`` (markers included), recursively, and
-        the folders (``prefix`` and those below it)."""
+        the folders (``prefix`` and those below it). Keys that are not clean names (``.``,
+        ``..`` or empty segments) are skipped, as listings skip them: a request for one could
+        reach a key outside the folder (an HTTP library removes dot segments)."""
         out: list[ObjectInfo] = []
         todo = [prefix]
         folders = []
+        skipped: list[str] = []
         while todo:
             p = todo.pop()
             folders.append(p)
             for page in self.w.store.list(p):
-                out.extend(page.objects)
-                todo.extend(page.prefixes)
+                for o in page.objects:
+                    if clean_key(o.key):
+                        out.append(o)
+                    else:
+                        skipped.append(o.key)
+                for sub in page.prefixes:
+                    if clean_key(sub):
+                        todo.append(sub)
+                    else:
+                        skipped.append(sub)
             if len(out) > self.w.settings.rename_limit:
                 break
+        if skipped:
+            log.warning("rename of %r: skipped %d key(s) that are not valid file names, e.g. %r",
+                        prefix, len(skipped), skipped[0])
         return out, folders
