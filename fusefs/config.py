@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import UserError
+from .safety import redact_url
 
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
 #: Background listings one level ahead of a tree walker that run at once.
@@ -375,8 +376,9 @@ class Settings:
                 v = human_size(v)
             elif f.name in ("file_mode", "dir_mode"):
                 v = oct(v)
-            elif f.name == "endpoint_url" and v and "?" in v:
-                v = v.split("?", 1)[0] + "?..."  # a query string may carry a SAS token
+            elif f.name == "endpoint_url" and v:
+                # user info or a query string (a SAS token) are secrets
+                v = f"{redact_url(v)}{'?...' if '?' in v else ''}"
             shown.append(f"{f.name}={v}")
         return " ".join(shown)
 

@@ -10,7 +10,8 @@ Protocol (one handle = one conversation):
   a shell does (:func:`shlex.split`), so paths with spaces can be quoted;
 - a failed command fails the ``write`` (or ``close``) with its errno, and the next read returns
   ``{"error": ..., "errno": ..., "code": ...}``. The mount keeps serving.
-Only the user who mounted (or root) may open the file for writing.
+Only the user who mounted (or root) may open the file for writing; other users read the
+counters only (no paths, prefetch requests or hint streams).
 
 Paths are relative to the mount root, or absolute paths inside the mount point; ``..`` may not
 leave the mount. Concurrency: everything runs on the trio thread; commands await listings
@@ -158,7 +159,8 @@ class Control:
         h = self._handles[fh]
         rel = -1 if h.origin is None else offset - h.origin
         if rel < 0 or (rel == 0 and h.result is None):
-            h.doc = h.result if h.result is not None else self.render(self.stats_dict())
+            h.doc = h.result if h.result is not None else self.render(
+                self.stats_dict() if self.may_write(h.uid) else self.counters())
             h.origin, rel = offset, 0
         return h.doc[rel : rel + size]
 
@@ -564,6 +566,14 @@ class Control:
             "hint_streams": streams,
             **self.write_stats(),
         }
+
+    def counters(self) -> dict[str, Any]:
+        """The statistics another user (not the mounting user, not root) may read: counters
+        and sizes only, no path, prefetch request or hint stream (they may not be allowed to
+        list them), no cache directory."""
+        out = {k: v for k, v in self.stats_dict().items()
+               if not isinstance(v, (list, dict)) and k != "hint_window_limited"}
+        return {**out, "cache_dir": None}
 
     def write_stats(self) -> dict[str, Any]:
         w = self.fs.writes

@@ -54,6 +54,14 @@ CONTROL_NAME = ".fusefs"
 MAX_KERNEL_TIMEOUT = 365 * 86400.0
 
 
+def capped_mode(mode: int, settings: Settings) -> int:
+    """A file mode from the bucket (metadata, a local file's mode) as the mount shows it: the
+    owner's bits as they are; group and others get a bit only if ``--file-mode`` (read, write)
+    or ``--dir-mode`` (execute) grants it to them; never setuid, setgid or sticky. So a bucket
+    cannot make a file writable by every user of an ``--allow-other`` mount."""
+    return mode & (0o700 | (settings.file_mode & 0o066) | (settings.dir_mode & 0o011))
+
+
 class Node:
     """A file or directory the kernel holds (or an open handle refers to).
 
@@ -267,7 +275,7 @@ class FileSystem:
                     info = self.writes.info_of(sf)
             # a mode kept in metadata (chmod, rsync -a) shows, unless --file-mode was given
             perm = (self.settings.file_mode if info.mode is None or self._file_mode_forced
-                    else info.mode)
+                    else capped_mode(info.mode, self.settings))
             mode = stat.S_IFREG | (perm & ro)
             mtime = info.meta_mtime if info.meta_mtime is not None else info.mtime
             mtime_ns, size, nlink = int(mtime * 1e9), info.size, 1

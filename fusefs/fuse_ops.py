@@ -141,6 +141,9 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         count = await self.fs.readdir(fh, start_id)
         for i in range(start_id, count):
             name, node = self.fs.dir_entry(fh, i)
+            if node.path == CONTROL_NAME:  # an object under the control name: never shown
+                self.fs.unused(node)
+                continue
             if not pyfuse3.readdir_reply(
                 token, os.fsencode(name), self._entry(self.fs.attr(node)), i + 1
             ):
@@ -289,13 +292,17 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         if fh is not None:
             h = self.fs.handle(fh) if not self.control.owns(fh) else None
             staged = h.staged if h is not None else None
+        if node.is_dir and fields.update_mode and (
+                attr.st_mode & 0o7777) != self.fs.attr(node).mode & 0o7777:
+            # folders are prefixes: no mode is kept, so a change would be a silent no-op
+            raise NotPermitted(f"{node.path or '/'}: folders show --dir-mode; it cannot change")
         if fields.update_size:
             if node.is_dir:
                 raise IsADirectory(f"{node.path} is a directory")
             await w.truncate(node, attr.st_size, staged)
         if fields.update_mtime or fields.update_mode:
             mtime = attr.st_mtime_ns / 1e9 if fields.update_mtime else None
-            mode = attr.st_mode & 0o7777 if fields.update_mode else None
+            mode = attr.st_mode & 0o777 if fields.update_mode else None  # no setuid/gid/sticky
             await w.set_times(node, mtime, mode)
         return self._entry(self.fs.attr(node))
 
@@ -326,23 +333,18 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
         return True
 
+    # Objects carry no extended attributes: answered as a filesystem without them (ext4
+    # without user_xattr): an empty list, ENODATA for a name, ENOTSUP for a change. `getfattr
+    # -d`, `cp -p`, `rsync -X` and `tar --xattrs` take that as "none" and go on.
+
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        # Objects carry no extended attributes. ENOSYS makes the kernel stop asking (it
-        # answers EOPNOTSUPP itself): `ls -l` asks for two per file otherwise.
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        raise pyfuse3.FUSEError(errno.ENODATA)
 
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        return []
 
-    @_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        # ENOSYS: the kernel answers EOPNOTSUPP itself from then on, which `cp -p` (setting
-        # an ACL before falling back to chmod) and `rsync -X` take as "not supported" and go
-        # on; EROFS they report as a failure.
-        self._writes()
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
 
-    @_errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        self._writes()
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        raise pyfuse3.FUSEError(errno.ENOTSUP)

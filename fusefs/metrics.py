@@ -10,15 +10,17 @@ the mounted URL without any user-info part. Metric names are the constants below
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from .backends.base import Attrs, Condition, ListPage, ObjectInfo, ObjectStore, Upload
@@ -35,6 +37,12 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+
+#: Connections served at once (a thread each); more are answered 503 and closed at once.
+MAX_CONNECTIONS = 8
+#: Seconds a connection may take to send its request (and to take the answer) before it is
+#: closed: idle connections cannot pile up.
+IDLE_TIMEOUT = 5.0
 
 #: stats key -> (metric name without prefix, help); counters get ``_total`` from the library.
 COUNTERS = {
@@ -121,6 +129,70 @@ class StatsCollector(Collector):
                 yield g
 
 
+class _Handler(BaseHTTPRequestHandler):
+    """``GET /metrics`` (and ``HEAD``); 404 for any other path. One request per connection."""
+
+    timeout = IDLE_TIMEOUT  # the socket's: a silent client is dropped after this long
+    server: _Server
+
+    def _reply(self, head_only: bool) -> None:
+        path = self.path.split("?", 1)[0]
+        if path != "/metrics":
+            self.send_error(404, "only /metrics is served here")
+            return
+        body = generate_latest(self.server.registry)
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head_only:
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self._reply(False)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._reply(True)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # no line per scrape
+
+
+class _Server(ThreadingHTTPServer):
+    """At most MAX_CONNECTIONS connections served at once, each in a daemon thread; the
+    accept loop answers any more with 503 and closes them without starting a thread."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], registry: CollectorRegistry) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, _Handler)
+        self.registry = registry
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(0)
+                request.send(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class Metrics:
     """A mount's registry: the stats collector and the two latency histograms."""
 
@@ -162,10 +234,12 @@ class Metrics:
         except ValueError as exc:
             raise UserError(f"--metrics: {exc}") from None
         try:
-            self._server, _thread = start_http_server(port, host, registry=self.registry)
+            self._server = _Server((host, port), self.registry)
         except OSError as exc:
             raise UserError(
                 f"--metrics {address}: cannot listen there ({exc.strerror or exc})") from None
+        threading.Thread(target=self._server.serve_forever, name="fusefs-metrics",
+                         daemon=True).start()
         log.info("metrics on http://%s:%d/metrics", host, port)
 
     def close(self) -> None:

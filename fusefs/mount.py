@@ -34,6 +34,7 @@ from .errors import FusefsError, UserError
 from .fs import CONTROL_NAME, FileSystem
 from .fuse_ops import FuseOperations
 from .reader import Reader
+from .safety import SafeFormatter, check_cache_dir
 from .stats import Stats
 from .write.staging import Staging
 from .write.writes import Writes
@@ -79,6 +80,8 @@ def build(
     With ``--metrics``, the store is wrapped to time its requests, the adapter reports each
     request's duration, and ``/metrics`` is served from here on (UserError if it cannot be).
     """
+    if settings.cache_enabled or not settings.read_only:
+        check_cache_dir(settings.cache_dir)  # never trust what another user prepared there
     store = store or open_store(source, settings)
     metrics = None
     if settings.metrics:
@@ -286,7 +289,7 @@ _PRIORITY = {
 }
 
 
-class _JournalFormatter(logging.Formatter):
+class _JournalFormatter(SafeFormatter):
     """``<6>INFO fusefs.mount: ...``: journald reads the priority and adds the time itself."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -315,18 +318,18 @@ def _log_handler(settings: Settings, daemon: bool) -> logging.Handler:
             handler = logging.handlers.WatchedFileHandler(settings.log_file)
         except OSError as exc:
             raise UserError(f"cannot open log file {settings.log_file}: {exc.strerror}") from None
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(SafeFormatter(LOG_FORMAT))
     elif daemon and os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler(address="/dev/log")
         handler.setFormatter(
-            logging.Formatter("fusefs[%(process)d]: %(levelname)s %(name)s: %(message)s")
+            SafeFormatter("fusefs[%(process)d]: %(levelname)s %(name)s: %(message)s")
         )
     elif not daemon and _stderr_is_journal():
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_JournalFormatter("%(levelname)s %(name)s: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(SafeFormatter(LOG_FORMAT))
     return handler
 
 

@@ -450,6 +450,16 @@ def test_fstab_mount_a(helper: Path, world: WorldDir) -> None:
         assert wait_gone(daemons, STOP_BOUND)
 
 
+def _has_autofs() -> bool:
+    try:
+        with open("/proc/filesystems") as f:
+            return any(line.split()[-1:] == ["autofs"] for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_autofs(), reason="the kernel has no autofs filesystem "
+                    "(/proc/filesystems; load it with modprobe autofs4)")
 def test_mounts_over_an_automount_point(world: WorldDir) -> None:
     """``x-systemd.automount``: systemd puts an autofs trigger on the mount point and, on first
     access, runs the mount on top of it. Here this process plays systemd (its process group

@@ -75,4 +75,4 @@ def open_store(source: str, settings: Settings) -> ObjectStore:
             part_size=settings.upload_part_size,
             parts=settings.upload_parts,
         )
-    return PrefixedStore(store, prefix) if prefix else store
+    return PrefixedStore(store, prefix)  # also for no prefix: it refuses unclean keys

@@ -45,7 +45,7 @@ def encode(attrs: Attrs | None) -> dict[str, str]:
     if attrs.mtime is not None:
         out[MTIME] = f"{attrs.mtime:.9f}".rstrip("0").rstrip(".")
     if attrs.mode is not None:
-        out[MODE] = "0%o" % (stat.S_IFREG | (attrs.mode & 0o7777))
+        out[MODE] = "0%o" % (stat.S_IFREG | (attrs.mode & 0o777))  # never setuid/gid/sticky
     if attrs.token is not None:
         out[TOKEN] = attrs.token
     return out
@@ -116,7 +116,7 @@ def _mode(text: str, *, octal: bool = False) -> int | None:
         return None
     if value >= 1 << 32:
         return None
-    return value & 0o7777
+    return value & 0o777  # setuid, setgid and sticky bits are never taken from a bucket
 
 
 def decode(meta: Mapping[str, str] | None) -> tuple[float | None, int | None]:

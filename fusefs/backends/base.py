@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from ..errors import NotFound
+from ..safety import check_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +30,7 @@ class ObjectInfo:
     version: str
     #: What a writer kept in the object's metadata (rclone/s3fs ``mtime`` and ``mode``), when
     #: the answer carried it (HEAD always; GCS and Azure listings too; S3 listings never).
-    #: ``mode`` holds permission bits only (``& 0o7777``).
+    #: ``mode`` holds permission bits only (``& 0o777``: never setuid, setgid or sticky).
     meta_mtime: float | None = None
     mode: int | None = None
     #: The upload token a fusefs mount wrote with the object (``fusefs_upload`` metadata), when
@@ -177,7 +178,10 @@ class ObjectStore(Protocol):
 
 
 class PrefixedStore:
-    """Wraps a store so that keys are relative to ``prefix`` (``datasets/`` in s3://b/datasets)."""
+    """Wraps a store so that keys are relative to ``prefix`` (``datasets/`` in s3://b/datasets),
+    and so that no request is ever made for a key that is not clean (:func:`check_key`: an
+    HTTP library would turn ``a/../../b`` into ``b``, outside the prefix). Every mount's store
+    is one (``prefix`` "" for a whole bucket)."""
 
     def __init__(self, inner: ObjectStore, prefix: str) -> None:
         self.inner = inner
@@ -186,11 +190,17 @@ class PrefixedStore:
         self.lists_after: bool = getattr(inner, "lists_after", True)
         self.enforces_conditions: bool = getattr(inner, "enforces_conditions", True)
 
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
     def _strip(self, key: str) -> str:
         return key[len(self.prefix) :]
 
     def check(self) -> None:
         """List the prefix, not the bucket root: a policy may allow only ``prefix/``."""
+        if not self.prefix:
+            self.inner.check()
+            return
         try:
             next(iter(self.inner.list(self.prefix, max_keys=1)), None)
         except NotFound:
@@ -198,16 +208,22 @@ class PrefixedStore:
             raise
 
     def _rekey(self, info: ObjectInfo, key: str) -> ObjectInfo:
+        if not self.prefix:
+            return info
         return dataclasses.replace(info, key=key)
 
     def head(self, key: str) -> ObjectInfo:
-        return self._rekey(self.inner.head(self.prefix + key), key)
+        return self._rekey(self.inner.head(self._key(key)), key)
 
     def list(
         self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
     ) -> Iterator[ListPage]:
         after = self.prefix + start_after if start_after else ""
-        for page in self.inner.list(self.prefix + prefix, max_keys=max_keys, start_after=after):
+        pages = self.inner.list(self._key(prefix), max_keys=max_keys, start_after=after)
+        if not self.prefix:
+            yield from pages
+            return
+        for page in pages:
             yield ListPage(
                 [self._rekey(o, self._strip(o.key)) for o in page.objects],
                 [self._strip(p) for p in page.prefixes],
@@ -215,35 +231,34 @@ class PrefixedStore:
             )
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
-        return self.inner.get_range(self.prefix + key, start, length, version)
+        return self.inner.get_range(self._key(key), start, length, version)
 
     def put(self, key: str, data: bytes) -> ObjectInfo:
-        return self._rekey(self.inner.put(self.prefix + key, data), key)
+        return self._rekey(self.inner.put(self._key(key), data), key)
 
     def delete(self, key: str, *, condition: Condition = Condition()) -> None:
-        self.inner.delete(self.prefix + key, condition=condition)
+        self.inner.delete(self._key(key), condition=condition)
 
     def put_file(
         self, key: str, upload: Upload, *, condition: Condition = Condition(),
         attrs: Attrs | None = None, progress: Callable[[int], None] | None = None,
     ) -> ObjectInfo:
         if upload.base_key:
-            upload = dataclasses.replace(upload, base_key=self.prefix + upload.base_key)
-        info = self.inner.put_file(self.prefix + key, upload, condition=condition, attrs=attrs,
+            upload = dataclasses.replace(upload, base_key=self._key(upload.base_key))
+        info = self.inner.put_file(self._key(key), upload, condition=condition, attrs=attrs,
                                    progress=progress)
         return self._rekey(info, key)
 
     def copy(
         self, src: str, version: str, dst: str, *, condition: Condition = Condition(),
     ) -> ObjectInfo:
-        info = self.inner.copy(self.prefix + src, version, self.prefix + dst,
-                               condition=condition)
+        info = self.inner.copy(self._key(src), version, self._key(dst), condition=condition)
         return self._rekey(info, dst)
 
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
-        return self._rekey(self.inner.set_attrs(self.prefix + key, version, attrs), key)
+        return self._rekey(self.inner.set_attrs(self._key(key), version, attrs), key)
 
     def abort_upload(self, key: str, upload_id: str) -> None:
         abort = getattr(self.inner, "abort_upload", None)
         if abort is not None:
-            abort(self.prefix + key, upload_id)
+            abort(self._key(key), upload_id)

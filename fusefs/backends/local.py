@@ -300,7 +300,7 @@ class LocalStore:
             try:
                 fill(fd)
                 if attrs is not None and attrs.mode is not None:
-                    os.fchmod(fd, attrs.mode & 0o7777)
+                    os.fchmod(fd, attrs.mode & 0o777)  # never setuid/setgid/sticky
                 if attrs is not None and attrs.mtime is not None:
                     os.utime(fd, ns=(time.time_ns(), _ns(attrs.mtime)))
                 os.fsync(fd)
@@ -395,7 +395,7 @@ class LocalStore:
 
             def fill(out: int) -> None:
                 _copy_range(fd, out, 0, st.st_size, dst)
-                os.fchmod(out, stat.S_IMODE(st.st_mode))  # the metadata is kept
+                os.fchmod(out, st.st_mode & 0o777)  # the metadata is kept (never setuid/gid)
                 os.utime(out, ns=(time.time_ns(), st.st_mtime_ns))
 
             return self._write_new(dst, fill, condition, None)
@@ -409,7 +409,7 @@ class LocalStore:
                 if _version(os.fstat(fd)) != version:
                     raise Conflict(f"{key}: changed")
                 if attrs.mode is not None:
-                    os.fchmod(fd, attrs.mode & 0o7777)
+                    os.fchmod(fd, attrs.mode & 0o777)  # never setuid/setgid/sticky
                 if attrs.mtime is not None:
                     os.utime(fd, ns=(time.time_ns(), _ns(attrs.mtime)))
                 return _info(key, os.fstat(fd))

@@ -41,6 +41,7 @@ from ..errors import (
     StaleVersion,
     TransientError,
 )
+from ..safety import redact_url
 from . import attrs as meta_attrs
 from . import s3_write
 from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
@@ -361,7 +362,9 @@ class S3Store:
         parts: int = 8,
     ) -> None:
         self.bucket = bucket
-        self.source_id = f"s3://{bucket}" if not endpoint_url else f"s3+{endpoint_url}/{bucket}"
+        # never the endpoint's user info: the id is in logs, stats and the cache index
+        self.source_id = (f"s3://{bucket}" if not endpoint_url
+                          else f"s3+{redact_url(endpoint_url)}/{bucket}")
         self.enforces_conditions = _is_aws(endpoint_url)
         self.part_size = part_size
         self.parts = parts

@@ -19,10 +19,16 @@ upload, or a checkpoint). Every call takes the journal's lock, so worker threads
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import sqlite3
 import threading
 from dataclasses import asdict, dataclass, field, fields
+
+from ..safety import clean_key
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS staged (
@@ -72,6 +78,7 @@ class Journal:
 
     def __init__(self, path: str) -> None:
         self._lock = threading.Lock()
+        self.path = path
         # private whatever the umask (SQLite gives its -wal and -shm files the same mode)
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         os.chmod(path, 0o600)
@@ -110,12 +117,55 @@ class Journal:
         known = {f.name for f in fields(Record)}
         out = []
         for (data,) in rows:
-            d = {k: v for k, v in json.loads(data).items() if k in known}
-            d["dirty"] = [tuple(x) for x in d.get("dirty", [])]
-            out.append(Record(**d))
-        out.sort(key=lambda r: r.created)
+            try:
+                d = {k: v for k, v in json.loads(data).items() if k in known}
+                d["dirty"] = [tuple(x) for x in d.get("dirty", [])]
+                out.append(Record(**d))
+            except (ValueError, TypeError, AttributeError) as exc:  # not a row we wrote
+                log.error("journal %s: a row that is not a record is ignored (%s)",
+                          self.path, exc)
+        out.sort(key=lambda r: r.created if isinstance(r.created, (int, float)) else 0.0)
         return out
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+_ID = re.compile(r"[0-9a-f]{32}")
+_STATES = ("open", "pending", "failed", "conflict", "done")
+
+
+def problem(rec: Record) -> str | None:
+    """Why a journal row must not be acted on, or None if it is sound.
+
+    Rows are read back from disk, so each field is checked before it names a file or a key:
+    ``id`` is the UUID hex this module writes (the data file's name: never a path), keys are
+    clean and relative to the mount (so inside its prefix), numbers are numbers."""
+    if not isinstance(rec.id, str) or not _ID.fullmatch(rec.id):
+        return "its id is not a staged file's"
+    for name in ("key", "base_key"):
+        value = getattr(rec, name)
+        if not isinstance(value, str) or (name == "key" and not value):
+            return f"its {name} is not a key"
+        if value and (value.startswith("/") or value.endswith("/") or not clean_key(value)):
+            return f"its {name} {value!r} is not a key inside the mount"
+    for name in ("base_version", "error"):
+        if not isinstance(getattr(rec, name), str):
+            return f"its {name} is not text"
+    if rec.expect is not None and not isinstance(rec.expect, str):
+        return "its expected version is not text"
+    if rec.mode is not None and (type(rec.mode) is not int or not 0 <= rec.mode <= 0o7777):
+        return "its mode is not a mode"
+    for f in fields(Record):
+        if f.type in ("int", "float"):
+            v = getattr(rec, f.name)
+            if type(v) not in ((int,) if f.type == "int" else (int, float)) or (
+                    f.type == "int" and v < 0):
+                return f"its {f.name} is not a number"
+    if not all(isinstance(r, tuple) and len(r) == 2 and all(type(x) is int and x >= 0 for x in r)
+               for r in rec.dirty):
+        return "its written ranges are not ranges"
+    if rec.state not in _STATES:
+        return "its state is unknown"
+    return None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -35,11 +36,14 @@ from ..errors import (
     NotPermitted,
 )
 from ..folders import join
+from ..safety import clean_key
 from .uploads import WRITE_BACK_DELAY, condition_for
 
 if TYPE_CHECKING:
     from .staging import StagedFile
     from .writes import Writes
+
+log = logging.getLogger(__name__)
 
 
 class Namespace:
@@ -251,7 +255,7 @@ class Namespace:
             if info.key in moved:
                 continue
             dst = new + info.key[len(old):]
-            if info.key.endswith("/"):
+            if info.key.endswith("/") and info.size == 0:  # a marker (with content: copied)
                 await threads.run_sync(self.w.store.put, dst, b"",
                                        limiter=self.w.fs.folders.meta_limiter)
                 await self.w.delete_object(info.key)
@@ -277,16 +281,30 @@ class Namespace:
 
     def _walk(self, prefix: str) -> tuple[list[ObjectInfo], list[str]]:
         """Worker thread: every object under ``prefix`` (markers included), recursively, and
-        the folders (``prefix`` and those below it)."""
+        the folders (``prefix`` and those below it). Keys that are not clean names (``.``,
+        ``..`` or empty segments) are skipped, as listings skip them: a request for one could
+        reach a key outside the folder (an HTTP library removes dot segments)."""
         out: list[ObjectInfo] = []
         todo = [prefix]
         folders = []
+        skipped: list[str] = []
         while todo:
             p = todo.pop()
             folders.append(p)
             for page in self.w.store.list(p):
-                out.extend(page.objects)
-                todo.extend(page.prefixes)
+                for o in page.objects:
+                    if clean_key(o.key):
+                        out.append(o)
+                    else:
+                        skipped.append(o.key)
+                for sub in page.prefixes:
+                    if clean_key(sub):
+                        todo.append(sub)
+                    else:
+                        skipped.append(sub)
             if len(out) > self.w.settings.rename_limit:
                 break
+        if skipped:
+            log.warning("rename of %r: skipped %d key(s) that are not valid file names, e.g. %r",
+                        prefix, len(skipped), skipped[0])
         return out, folders

@@ -44,8 +44,9 @@ import trio
 
 from ..backends.base import ObjectInfo
 from ..errors import FusefsError, NoSpace
+from ..safety import clean_key
 from . import ranges
-from .journal import Journal, Record
+from .journal import Journal, Record, problem
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,18 @@ def canonical_source(source_id: str) -> str:
     netloc = host if port in (None, _DEFAULT_PORTS.get(url.scheme.lower())) else f"{host}:{port}"
     path = re.sub("/+", "/", url.path).rstrip("/")
     return f"{scheme.lower()}+{url.scheme.lower()}://{netloc}{path}"
+
+
+def _sound(rec: Record, journal: Journal) -> bool:
+    """Is a recovered journal row fit to act on (:func:`.journal.problem`)? A row that is not
+    is logged and dropped: no file is opened, uploaded or deleted for it."""
+    why = problem(rec)
+    if why is None:
+        return True
+    log.error("journal %s: a row is ignored and dropped: %s", journal.path, why)
+    if isinstance(rec.id, str):
+        journal.remove(rec.id)
+    return False
 
 
 class StagedFile:
@@ -386,9 +399,17 @@ class Staging:
                 n.startswith(self._tags) for n in os.listdir(self.top)):
             return []
         self._adopt_siblings()
-        self.recovered_deletes = self.journal.load_deletes()
+        self.recovered_deletes = {}
+        for key, version in self.journal.load_deletes().items():
+            if key and not key.startswith("/") and clean_key(key) and version:
+                self.recovered_deletes[key] = version
+            else:  # never a request for a key that is not a clean name inside the mount
+                log.error("journal: a pending delete of %r is ignored and dropped", key)
+                self.journal.remove_delete(key)
         out = []
         for rec in self.journal.load():
+            if not _sound(rec, self.journal):
+                continue
             path = os.path.join(self.dir, rec.id + ".data")
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -434,6 +455,8 @@ class Staging:
                         self.journal.save_delete(key, version)
                         other.remove_delete(key)
                     for rec in other.load():
+                        if not _sound(rec, other):
+                            continue
                         src = os.path.join(d, rec.id + ".data")
                         if os.path.exists(src):
                             os.replace(src, os.path.join(self.dir, rec.id + ".data"))

@@ -235,7 +235,7 @@ class Writes:
         # re-created over a name this mount removed and the store still has: the new file
         # replaces that version (its upload's condition), the pending delete is absorbed
         taken = await self.deletes.take(path)
-        perm = mode & 0o7777
+        perm = mode & 0o777  # never setuid, setgid or sticky
         try:
             sf = self.staging.create(path, None, taken or "",
                                      perm if perm != self.settings.file_mode else None)
@@ -399,7 +399,7 @@ class Writes:
                 return  # vim's fchmod of its new file to the old mode: no second upload
             await self.changing(sf)
             if mode is not None:
-                sf.rec.mode = mode & 0o7777
+                sf.rec.mode = mode & 0o777
             sf.touch(mtime if mtime is not None else sf.rec.mtime)
             if sf.writers == 0:
                 await self.uploads.sync(sf)
@@ -410,7 +410,7 @@ class Writes:
         if _same(info.meta_mtime or info.mtime, file_mode(self.settings, info), mtime, mode):
             return
         attrs = Attrs(mtime if mtime is not None else (info.meta_mtime or info.mtime),
-                      (mode & 0o7777) if mode is not None else info.mode)
+                      (mode & 0o777) if mode is not None else info.mode)
         sent = self.fs.clock()
         new = await threads.run_sync(self.store.set_attrs, node.path, info.version, attrs,
                                      limiter=self.fs.folders.meta_limiter)
@@ -500,7 +500,7 @@ class Writes:
 def _same(cur_mtime: float, cur_mode: int, mtime: float | None, mode: int | None) -> bool:
     """``utimens``/``chmod`` to what the file already has (nothing to store)."""
     return ((mtime is None or mtime == cur_mtime)
-            and (mode is None or mode & 0o7777 == cur_mode))
+            and (mode is None or mode & 0o777 == cur_mode))
 
 
 def file_mode(settings: Settings, info: ObjectInfo | None) -> int:
@@ -509,7 +509,7 @@ def file_mode(settings: Settings, info: ObjectInfo | None) -> int:
     ``FileSystem.attr``; a chmod is compared with what is stored, so it is skipped only when
     it would store nothing new.)"""
     if info is not None and info.mode is not None:
-        return info.mode & 0o7777
+        return info.mode & 0o777
     return settings.file_mode
 
 
