@@ -159,7 +159,7 @@ def _staging_dir(cache: Path) -> Path:
 def _plant(journal: Path, **rec: Any) -> None:
     row = {"id": uuid.uuid4().hex, "size": 0, "mtime": time.time(), "mode": None,
            "base_key": "", "base_version": "", "base_size": 0, "base_mtime": 0.0,
-           "base_limit": 0, "dirty": [], "expect": None, "then_delete": "",
+           "base_limit": 0, "dirty": [], "expect": None,
            "state": "pending", "error": "", "created": time.time(), **rec}
     db = sqlite3.connect(journal)
     db.execute("INSERT INTO staged (id, record) VALUES (?, ?)", (row["id"], json.dumps(row)))
