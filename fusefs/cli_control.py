@@ -109,6 +109,18 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _requests(d: dict[str, Any]) -> str:
+    by_kind = d.get("fuse_requests") or {}
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(by_kind.items(), key=lambda kv: -kv[1]))
+    return f"{d.get('fuse_requests_total', 0)}" + (f" ({kinds})" if kinds else "")
+
+
+def _cpu(d: dict[str, Any]) -> str:
+    loop = d.get("cpu_loop_s")
+    return f"{d.get('cpu_s', 0):.2f}s" + (f" ({loop:.2f}s answering FUSE)" if loop is not None
+                                          else "")
+
+
 def format_stats(d: dict[str, Any]) -> str:
     """The mount's statistics as a human table."""
     if "path" in d:  # stats of a file or folder
@@ -161,6 +173,8 @@ def format_stats(d: dict[str, Any]) -> str:
                 f"{d.get('uploads_failed', 0)} failed, {d.get('conflicts', 0)} conflicts",
             ),
             ("errors", str(d["errors"])),
+            ("fuse requests", _requests(d)),
+            ("cpu", _cpu(d)),
             ("open files", str(d["open_files"])),
             ("uptime", f"{d['uptime_s']}s"),
         ]

@@ -556,10 +556,23 @@ class Control:
             "errors": c[S.ERRORS],
             "open_files": self.fs.open_handles,
             "uptime_s": round(time.monotonic() - self.stats.started, 1),
+            **self.request_stats(),
             "prefetch_requests": self.prefetcher.requests(),
             "hint_window_limited": any(st["limited_by_cache"] for st in streams),
             "hint_streams": streams,
             **self.write_stats(),
+        }
+
+    def request_stats(self) -> dict[str, Any]:
+        """FUSE requests by kind and the daemon's CPU time (a reader of the stats sees its own
+        LOOKUP/OPEN/READ of the control file counted)."""
+        requests = self.stats.request_counts()
+        cpu, loop = self.stats.cpu()
+        return {
+            "fuse_requests": requests,
+            "fuse_requests_total": sum(requests.values()),
+            "cpu_s": round(cpu, 4),
+            "cpu_loop_s": None if loop is None else round(loop, 4),
         }
 
     def write_stats(self) -> dict[str, Any]:

@@ -27,13 +27,16 @@ P = ParamSpec("P")
 
 
 def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Turn every exception into a FUSEError through :func:`fusefs.errors.to_errno`; report
-    the request's duration to the adapter's ``observe`` hook, if one is set (metrics)."""
+    """Turn every exception into a FUSEError through :func:`fusefs.errors.to_errno`; count
+    the request by kind (``Stats.requests``) and report its duration to the adapter's
+    ``observe`` hook, if one is set (metrics)."""
     name = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        observe = args[0].observe  # type: ignore[attr-defined]
+        ops = args[0]
+        ops.requests[name] += 1  # type: ignore[attr-defined]
+        observe = ops.observe  # type: ignore[attr-defined]
         start = time.perf_counter() if observe is not None else 0.0
         try:
             return await fn(*args, **kwargs)
@@ -66,6 +69,8 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         super().__init__()
         self.fs = fs
         self.control = control
+        #: FUSE requests by kind (counted by :func:`_errors`), shown in the statistics
+        self.requests = control.stats.requests
         fs.on_changed = self.invalidate
 
     @property
@@ -120,6 +125,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         return self._entry(self.fs.attr(node))
 
     async def forget(self, inode_list: Any) -> None:
+        self.requests["forget"] += 1
         try:
             for ino, n in inode_list:
                 self.fs.forget(ino, n)
@@ -326,11 +332,13 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
         return True
 
+    @_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         # Objects carry no extended attributes. ENOSYS makes the kernel stop asking (it
         # answers EOPNOTSUPP itself): `ls -l` asks for two per file otherwise.
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
+    @_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         raise pyfuse3.FUSEError(errno.ENOSYS)
 

@@ -537,6 +537,7 @@ async def _serve(m: Mount, ready: Any, pending: list[int], daemon: bool) -> None
                 notify.send("WATCHDOG=1")
                 await trio.sleep(interval)
 
+        m.stats.loop_thread = threading.get_ident()  # its CPU time is shown in the stats
         m.reader.start(nursery)
         if m.writes is not None:
             m.writes.start(nursery)
