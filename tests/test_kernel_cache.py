@@ -6,18 +6,40 @@ statistics), never a clock.
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Bucket, MountProc, blob
+
+from fusefs.ctlclient import ControlConnection
+from fusefs.loader import MountHints
 
 KiB = 1024
 FILES = 50
 
 
+def settled(read_stats: Any) -> dict[str, Any]:
+    """Statistics once every file closed has been released: the kernel sends RELEASE after
+    close() returned (waited for by state, never by time)."""
+    deadline = time.monotonic() + 60
+    while (s := read_stats())["open_files"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert s["open_files"] == 0, s
+    return s  # type: ignore[no-any-return]
+
+
 def requests(m: MountProc) -> Counter[str]:
-    return Counter(m.stats()["fuse_requests"])
+    return Counter(settled(m.stats)["fuse_requests"])
 
 
 def read_all(m: MountProc, names: list[str]) -> None:
@@ -59,3 +81,120 @@ def test_request_counter_counts_by_kind(local_bucket: Bucket, mount) -> None:
     s = m.stats()
     assert s["fuse_requests_total"] == sum(s["fuse_requests"].values())
     assert s["cpu_s"] > 0 and s["cpu_loop_s"] is not None and 0 < s["cpu_loop_s"] <= s["cpu_s"]
+
+
+def mount_options(m: MountProc) -> list[str]:
+    with open("/proc/mounts") as f:
+        return next(line.split()[3] for line in f if line.split()[1] == str(m.path)).split(",")
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_cached_epoch_on_a_read_only_forever_mount_costs_open_and_release(
+        kind: str, request: pytest.FixtureRequest, mount) -> None:
+    """Per cached file: OPEN and RELEASE, nothing else (the reader's IOCTL from CPython's
+    isatty() is answered by libfuse and never reaches fusefs)."""
+    bucket: Bucket = request.getfixturevalue(f"{kind}_bucket")
+    names = seed(bucket)
+    m = mount(bucket, "--read-only", "--metadata-ttl", "forever")
+    assert "ro" in mount_options(m)  # the kernel side: no atime GETATTR after a read
+    with ControlConnection(str(m.path)) as conn:  # stats through the socket: no FUSE request
+        assert conn.via_socket
+
+        def counts() -> Counter[str]:
+            return Counter(settled(lambda: conn.run(["stats"]))["fuse_requests"])
+
+        c0 = counts()
+        read_all(m, names)
+        c1 = counts()
+        read_all(m, names)
+        c2 = counts()
+    first, second = +(c1 - c0), +(c2 - c1)
+    report(f"{kind} ro forever pass 1", first)
+    report(f"{kind} ro forever pass 2", second)
+    assert first["open"] == FILES and first["read"] >= FILES and first["flush"] <= 1
+    assert second == Counter({"open": FILES, "release": FILES})  # no LOOKUP/GETATTR/READ/FLUSH
+    assert sum(second.values()) <= 3 * FILES
+
+
+def test_read_write_mount_keeps_pages_and_counts_flush(local_bucket: Bucket, mount) -> None:
+    """The same second pass on a read-write mount: OPEN, GETATTR (atime), FLUSH, RELEASE --
+    what a read-only mount saves. Pages are kept (no READ) while the version is unchanged."""
+    names = seed(local_bucket)
+    m = mount(local_bucket)
+    assert "rw" in mount_options(m)
+    pass_cost(m, names)
+    second = pass_cost(m, names)
+    report("rw pass 2", second)
+    assert second == Counter({"open": FILES, "getattr": FILES, "flush": FILES,
+                              "release": FILES})
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fusefs", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_control_commands_go_through_the_socket_on_a_read_only_mount(
+        s3_bucket: Bucket, mount) -> None:
+    names = seed(s3_bucket)
+    m = mount(s3_bucket, "--read-only")
+    stats = m.stats()  # the control file stays readable
+    sock = Path(stats["control_socket"])
+    assert sock.parent.parent == m.cache_dir
+    assert stat.S_ISSOCK(sock.lstat().st_mode) and sock.lstat().st_mode & 0o777 == 0o600
+    assert sock.parent.lstat().st_mode & 0o777 == 0o700
+    with pytest.raises(OSError) as ei:
+        os.open(m.path / ".fusefs", os.O_RDWR)
+    assert ei.value.errno == errno.EROFS  # the kernel refuses; commands take the socket
+    mp = str(m.path)
+
+    r = cli("prefetch", "--wait", mp, "d")
+    assert r.returncode == 0, r.stderr
+    assert m.stats()["current_count"] == FILES
+    r = cli("stats", mp, "d", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["fraction_cached"] == 1.0, r
+    r = cli("clear", mp, "d/f000.bin")
+    assert r.returncode == 0 and "cleared 1 blocks" in r.stdout, r
+    r = cli("cancel-prefetch", mp)
+    assert r.returncode == 0, r.stderr
+    r = cli("sync", mp)
+    assert r.returncode == 0, r.stderr
+    r = cli("clear", mp, "nope")  # an error keeps its message and exit code
+    assert r.returncode == 1 and r.stderr.startswith("fusefs: ") and "nope" in r.stderr, r
+    r = cli("clear", mp)
+    assert r.returncode == 0 and f"cleared {FILES - 1} blocks" in r.stdout, r
+    assert m.stats()["current_count"] == 0
+
+    # the loader's hints: files enter the window and are fetched, through the socket
+    with MountHints(m.path, window_files=8) as hints:
+        hints.start(names[:16])
+        assert hints._control().via_socket
+        deadline = time.monotonic() + 120
+        while (st := hints.stats()) is None or st["files_done"] < 8:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.05)
+        hints.advance(8)  # the window moves on to the next 8
+        while (st := hints.stats()) is None or st["files_done"] < 16:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.05)
+    assert m.stats()["current_count"] == 16
+    assert m.stats()["hint_streams"] == []  # close() cancelled the stream
+    m.stop()
+    assert not sock.exists()  # removed at unmount
+
+
+def test_socket_protocol_answers_each_line(s3_bucket: Bucket, mount) -> None:
+    """One JSON line per command line, errors with their errno; a blank line: the stats."""
+    seed(s3_bucket)
+    m = mount(s3_bucket, "--read-only")
+    path = m.stats()["control_socket"]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(path)
+        s.sendall(b"stats 'd'\nbogus\n\nclear d/f001.bin")
+        s.shutdown(socket.SHUT_WR)  # the last line has no newline: it runs at the end
+        replies = [json.loads(line) for line in s.makefile("rb")]
+    assert [sorted(r)[:2] for r in replies[:2]] == [["blocks", "cached_blocks"],
+                                                    ["code", "command"]]
+    assert replies[1]["errno"] == errno.EINVAL and replies[1]["command"] == "bogus"
+    assert "fuse_requests" in replies[2] and replies[2]["control_socket"] == path
+    assert replies[3]["cleared"] == "file" and len(replies) == 4
