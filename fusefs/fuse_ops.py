@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 P = ParamSpec("P")
 
+#: The control file's name as the kernel sends it (encoded once, not per LOOKUP).
+_CONTROL_NAME = CONTROL_NAME.encode()
+
 
 def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Turn every exception into a FUSEError through :func:`fusefs.errors.to_errno`; count
@@ -111,7 +114,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: Any = None
     ) -> pyfuse3.EntryAttributes:
-        if parent_inode == ROOT_INO and name == CONTROL_NAME.encode():
+        if parent_inode == ROOT_INO and name == _CONTROL_NAME:
             return self._entry(self.control.attr(), 0)
         try:
             node = await self.fs.lookup(parent_inode, os.fsdecode(name))
@@ -195,7 +198,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     @_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        if parent_inode == ROOT_INO and name == CONTROL_NAME.encode():
+        if parent_inode == ROOT_INO and name == _CONTROL_NAME:
             raise pyfuse3.FUSEError(errno.EEXIST)
         fh, node = await self._writes().create(
             parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), flags)
@@ -215,7 +218,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     @_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any
                     ) -> pyfuse3.EntryAttributes:
-        if parent_inode == ROOT_INO and name == CONTROL_NAME.encode():
+        if parent_inode == ROOT_INO and name == _CONTROL_NAME:
             raise pyfuse3.FUSEError(errno.EEXIST)
         node = await self._writes().namespace.mkdir(parent_inode, os.fsdecode(name))
         return self._entry(self.fs.attr(node))  # type: ignore[arg-type]

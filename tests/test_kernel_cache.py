@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyfuse3
 import pytest
 from conftest import Bucket, MountProc, blob
 
@@ -198,3 +199,71 @@ def test_socket_protocol_answers_each_line(s3_bucket: Bucket, mount) -> None:
     assert replies[1]["errno"] == errno.EINVAL and replies[1]["command"] == "bogus"
     assert "fuse_requests" in replies[2] and replies[2]["control_socket"] == path
     assert replies[3]["cleared"] == "file" and len(replies) == 4
+
+
+# --- the hit path, without a kernel mount ----------------------------------------------------
+
+
+def completes_at_once(coro: Any) -> Any:
+    """Run a request handler's coroutine one step: it must finish without suspending (it
+    awaited nothing that yields to trio: no thread, no lock, no task). Returns its result."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise AssertionError(f"{coro.__qualname__} suspended on the hit path")
+
+
+def test_hit_path_handlers_answer_without_suspending(tmp_path: Path) -> None:
+    import trio
+
+    from fusefs.config import load_settings
+    from fusefs.mount import build
+
+    (tmp_path / "objects/d").mkdir(parents=True)
+    (tmp_path / "objects/d/f.bin").write_bytes(blob(10 * KiB, seed=1))
+    settings = load_settings({"cache_dir": str(tmp_path / "cache"), "read_only": "true",
+                              "metadata_ttl": "forever"}, env={}, config_path=os.devnull)
+    m = build(f"file://{tmp_path}/objects", str(tmp_path / "mnt"), settings)
+    ops = m.ops
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            m.reader.start(nursery)
+            d = await ops.lookup(1, b"d")  # cold: lists the folder, fetches the block
+            f = await ops.lookup(d.st_ino, b"f.bin")
+            fi = await ops.open(f.st_ino, os.O_RDONLY, None)
+            assert bytes(await ops.read(fi.fh, 0, 1 << 20)) == blob(10 * KiB, seed=1)
+            await ops.release(fi.fh)
+            before = dict(m.stats.requests)
+            # cached: every answer is in memory
+            e = completes_at_once(ops.lookup(d.st_ino, b"f.bin", None))
+            assert e.st_ino == f.st_ino and e.attr_timeout > 86400
+            assert completes_at_once(ops.getattr(f.st_ino, None)).st_size == 10 * KiB
+            fi = completes_at_once(ops.open(f.st_ino, os.O_RDONLY, None))
+            assert fi.keep_cache  # same version: the kernel keeps its pages
+            data = completes_at_once(ops.read(fi.fh, 4096, 4096))
+            assert bytes(data) == blob(10 * KiB, seed=1)[4096:8192]
+            # not in memory: the block's file is opened once, asking the cache's index (SQLite)
+            # in a worker thread; the cache then holds it open and reads are answered inline
+            m.reader.forget_recent()
+            assert bytes(await ops.read(fi.fh, 0, 4096)) == blob(10 * KiB, seed=1)[:4096]
+            m.reader.forget_recent()
+            data = completes_at_once(ops.read(fi.fh, 4096, 4096))
+            assert bytes(data) == blob(10 * KiB, seed=1)[4096:8192]
+            with pytest.raises(pyfuse3.FUSEError) as ei:  # read-only: nothing to flush
+                completes_at_once(ops.flush(fi.fh))
+            assert ei.value.errno == errno.ENOSYS
+            completes_at_once(ops.release(fi.fh))
+            after = m.stats.requests
+            assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {
+                "lookup": 1, "getattr": 1, "open": 1, "read": 3, "flush": 1, "release": 1}
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        assert m.control_socket is not None
+        m.control_socket.close()
+        m.blocks.close()
