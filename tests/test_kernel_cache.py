@@ -21,7 +21,9 @@ from typing import Any
 import pyfuse3
 import pytest
 from conftest import Bucket, MountProc, blob
+from svc_support import STRANGER, WorldDir
 
+from fusefs.cli_control import send_command
 from fusefs.ctlclient import ControlConnection
 from fusefs.loader import MountHints
 
@@ -267,3 +269,38 @@ def test_hit_path_handlers_answer_without_suspending(tmp_path: Path) -> None:
         assert m.control_socket is not None
         m.control_socket.close()
         m.blocks.close()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="switching users needs root")
+def test_control_socket_takes_commands_from_the_mounting_user_only(
+        local_bucket: Bucket, mount, world: WorldDir) -> None:
+    from test_control import _as_user
+
+    from fusefs import cli as fusefs_cli
+
+    local_bucket.put("f.txt", b"data")
+    m = mount(local_bucket, "--read-only", "--allow-other", cache_dir=world.path / "cache")
+    assert (m.path / "f.txt").read_bytes() == b"data"
+    sock = Path(m.stats()["control_socket"])
+
+    def clear() -> int:
+        return fusefs_cli.main(["clear", "/proc/self/cwd"])
+
+    # the children cannot read an interpreter installed under /root: what main() imports
+    # lazily is imported here first
+    assert fusefs_cli.main(["stats", str(m.path)]) == 0
+
+    # another user reads the statistics, but the socket's folder (0700) keeps it out
+    code, out = _as_user(STRANGER, m.path, lambda: fusefs_cli.main(["stats", "/proc/self/cwd"]))
+    assert code == 0 and "hits / misses" in out, out
+    code, out = _as_user(STRANGER, m.path, clear)
+    assert code == 1 and out.strip().splitlines() == [
+        "fusefs: /proc/self/cwd: only the user who mounted it (or root) may send commands"]
+    # were the folder and the socket open to everyone, the peer's uid is checked too
+    for p in (m.cache_dir, sock.parent):
+        os.chmod(p, 0o755)
+    os.chmod(sock, 0o666)
+    code, out = _as_user(STRANGER, m.path, clear)
+    assert code == 1 and "may not write commands" in out, out
+    assert m.stats()["current_count"] == 1  # nothing was cleared
+    assert send_command(str(m.path), ["clear"])["blocks_removed"] == 1  # the owner may
