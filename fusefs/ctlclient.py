@@ -58,7 +58,11 @@ class ControlConnection:
         except OSError as exc:
             if exc.errno != errno.EROFS:
                 raise
-            self._connect(read_stats(mountpoint).get("control_socket"))
+            try:
+                stats = read_stats(mountpoint)
+            except ValueError:
+                raise OSError(errno.ENOENT, f"{path} is not a fusefs control file") from None
+            self._connect(stats.get("control_socket"))
 
     @property
     def via_socket(self) -> bool:
