@@ -1,5 +1,6 @@
 """``fusefs stats|clear|prefetch|cancel-prefetch|sync``: commands that talk to a running mount
-through its control file ``MOUNTPOINT/.fusefs``."""
+through its control file ``MOUNTPOINT/.fusefs`` (statistics are read from it on every mount;
+commands go through it, or, on a read-only mount, through the control socket it names)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import human_size
+from .ctlclient import ControlConnection, ControlError
 from .errors import UserError
 from .fs import CONTROL_NAME
 
@@ -72,10 +74,11 @@ def _mount_relative(mountpoint: str, path: str) -> str:
 
 
 def send_command(mountpoint: str, words: Sequence[str]) -> dict[str, Any]:
-    """Write one command line to the control file and return the JSON it answers."""
+    """Run one command on the mount (its control file, or on a read-only mount its control
+    socket) and return the JSON it answers."""
     path = os.path.join(mountpoint, CONTROL_NAME)
     try:
-        fd = os.open(path, os.O_RDWR)
+        conn = ControlConnection(mountpoint)
     except FileNotFoundError:
         raise UserError(f"{mountpoint} is not a fusefs mount (no {CONTROL_NAME})") from None
     except PermissionError:
@@ -84,29 +87,30 @@ def send_command(mountpoint: str, words: Sequence[str]) -> dict[str, Any]:
         ) from None
     except OSError as exc:
         raise UserError(f"{path}: {exc.strerror}") from None
-    failed: OSError | None = None
     try:
-        try:
-            os.write(fd, (shlex.join(words) + "\n").encode())
-        except OSError as exc:
-            failed = exc
-        chunks, off = [], 0
-        while chunk := os.pread(fd, 1 << 20, off):
-            chunks.append(chunk)
-            off += len(chunk)
+        return conn.run([shlex.join(words)])
+    except ControlError as exc:
+        raise UserError(str(exc.strerror)) from None
+    except OSError as exc:
+        raise UserError(f"{path}: {exc.strerror}") from None
     finally:
-        os.close(fd)
-    try:
-        data: dict[str, Any] = json.loads(b"".join(chunks))
-    except ValueError:
-        data = {}
-    if failed is not None:
-        raise UserError(str(data.get("error") or failed.strerror))
-    return data
+        conn.close()
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
+
+
+def _requests(d: dict[str, Any]) -> str:
+    by_kind = d.get("fuse_requests") or {}
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(by_kind.items(), key=lambda kv: -kv[1]))
+    return f"{d.get('fuse_requests_total', 0)}" + (f" ({kinds})" if kinds else "")
+
+
+def _cpu(d: dict[str, Any]) -> str:
+    loop = d.get("cpu_loop_s")
+    return f"{d.get('cpu_s', 0):.2f}s" + (f" ({loop:.2f}s answering FUSE)" if loop is not None
+                                          else "")
 
 
 def format_stats(d: dict[str, Any]) -> str:
@@ -161,6 +165,8 @@ def format_stats(d: dict[str, Any]) -> str:
                 f"{d.get('uploads_failed', 0)} failed, {d.get('conflicts', 0)} conflicts",
             ),
             ("errors", str(d["errors"])),
+            ("fuse requests", _requests(d)),
+            ("cpu", _cpu(d)),
             ("open files", str(d["open_files"])),
             ("uptime", f"{d['uptime_s']}s"),
         ]

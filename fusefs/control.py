@@ -77,6 +77,7 @@ class _CtlHandle:
     uid: int
     lines: CommandLines = field(default_factory=CommandLines)  # bytes written, not yet run
     result: bytes | None = None  # the last command's JSON; None -> fresh stats on read
+    answer: dict[str, Any] = field(default_factory=dict)  # the last command's result
     doc: bytes = b""  # the document being read
     origin: int | None = None  # file offset where ``doc`` starts; None: the next read starts one
 
@@ -119,6 +120,8 @@ class Control:
         self._handles: dict[int, _CtlHandle] = {}
         self._next = 1 << 40  # distinct from file handles
         self._cleared = 0  # blocks removed by ``clear``: not evictions
+        #: The mount's control socket (read-only mounts), shown in the statistics
+        self.socket_path: str | None = None
 
     def attr(self) -> Attr:
         return Attr(
@@ -201,7 +204,22 @@ class Control:
             result = await self.execute(words)
         except Exception as exc:
             self._fail(h, exc, words[0])
+        h.answer = result
         h.result, h.origin = self.render(result), None
+
+    async def answer(self, fh: int, raw: bytes) -> dict[str, Any]:
+        """Run one command line (without its newline) on handle ``fh``, as the control socket
+        does for each line it receives: the command's result, or its error document
+        (``error``, ``errno``, ``code``). A blank line is answered with the statistics."""
+        h = self._handles[fh]
+        if not raw.strip():
+            return self.stats_dict()
+        h.answer = {}
+        try:
+            await self._run(h, raw)
+        except Exception:  # noqa: BLE001 - _fail recorded it in h.answer (and logged a bug)
+            pass
+        return h.answer
 
     def _fail(self, h: _CtlHandle, exc: BaseException, command: str) -> NoReturn:
         """Record the error for the next read on this handle, then fail the write with it.
@@ -219,15 +237,13 @@ class Control:
             log.error("control command %r failed", command, exc_info=err)
             code, message = errno.EIO, f"internal error: {err!r}"
             err = FusefsError(message)  # EIO; the traceback is logged once, here
-        h.result = self.render(
-            {
-                "command": command,
-                "error": message,
-                "errno": code,
-                "code": errno.errorcode.get(code, str(code)),
-            }
-        )
-        h.origin = None
+        h.answer = {
+            "command": command,
+            "error": message,
+            "errno": code,
+            "code": errno.errorcode.get(code, str(code)),
+        }
+        h.result, h.origin = self.render(h.answer), None
         raise err
 
     @staticmethod
@@ -540,6 +556,7 @@ class Control:
         return {
             "source": self.source,
             "cache_dir": self.blocks.directory or None,
+            "control_socket": self.socket_path,
             "cache_size": size_limit,
             "cache_size_str": human_size(size_limit),
             "current_size": volume,
@@ -561,6 +578,7 @@ class Control:
             "errors": c[S.ERRORS],
             "open_files": self.fs.open_handles,
             "uptime_s": round(time.monotonic() - self.stats.started, 1),
+            **self.request_stats(),
             "prefetch_requests": self.prefetcher.requests(),
             "hint_window_limited": any(st["limited_by_cache"] for st in streams),
             "hint_streams": streams,
@@ -574,6 +592,18 @@ class Control:
         out = {k: v for k, v in self.stats_dict().items()
                if not isinstance(v, (list, dict)) and k != "hint_window_limited"}
         return {**out, "cache_dir": None}
+
+    def request_stats(self) -> dict[str, Any]:
+        """FUSE requests by kind and the daemon's CPU time (a reader of the stats sees its own
+        LOOKUP/OPEN/READ of the control file counted)."""
+        requests = self.stats.request_counts()
+        cpu, loop = self.stats.cpu()
+        return {
+            "fuse_requests": requests,
+            "fuse_requests_total": sum(requests.values()),
+            "cpu_s": round(cpu, 4),
+            "cpu_loop_s": None if loop is None else round(loop, 4),
+        }
 
     def write_stats(self) -> dict[str, Any]:
         w = self.fs.writes

@@ -25,15 +25,21 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 P = ParamSpec("P")
 
+#: The control file's name as the kernel sends it (encoded once, not per LOOKUP).
+_CONTROL_NAME = CONTROL_NAME.encode()
+
 
 def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Turn every exception into a FUSEError through :func:`fusefs.errors.to_errno`; report
-    the request's duration to the adapter's ``observe`` hook, if one is set (metrics)."""
+    """Turn every exception into a FUSEError through :func:`fusefs.errors.to_errno`; count
+    the request by kind (``Stats.requests``) and report its duration to the adapter's
+    ``observe`` hook, if one is set (metrics)."""
     name = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        observe = args[0].observe  # type: ignore[attr-defined]
+        ops = args[0]
+        ops.requests[name] += 1  # type: ignore[attr-defined]
+        observe = ops.observe  # type: ignore[attr-defined]
         start = time.perf_counter() if observe is not None else 0.0
         try:
             return await fn(*args, **kwargs)
@@ -66,6 +72,8 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         super().__init__()
         self.fs = fs
         self.control = control
+        #: FUSE requests by kind (counted by :func:`_errors`), shown in the statistics
+        self.requests = control.stats.requests
         fs.on_changed = self.invalidate
 
     @property
@@ -106,7 +114,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: Any = None
     ) -> pyfuse3.EntryAttributes:
-        if parent_inode == ROOT_INO and name == CONTROL_NAME.encode():
+        if parent_inode == ROOT_INO and name == _CONTROL_NAME:
             return self._entry(self.control.attr(), 0)
         try:
             node = await self.fs.lookup(parent_inode, os.fsdecode(name))
@@ -120,6 +128,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         return self._entry(self.fs.attr(node))
 
     async def forget(self, inode_list: Any) -> None:
+        self.requests["forget"] += 1
         try:
             for ino, n in inode_list:
                 self.fs.forget(ino, n)
@@ -192,7 +201,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     @_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        if parent_inode == ROOT_INO and name == CONTROL_NAME.encode():
+        if parent_inode == ROOT_INO and name == _CONTROL_NAME:
             raise pyfuse3.FUSEError(errno.EEXIST)
         fh, node = await self._writes().create(
             parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), flags)
@@ -212,7 +221,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     @_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any
                     ) -> pyfuse3.EntryAttributes:
-        if parent_inode == ROOT_INO and name == CONTROL_NAME.encode():
+        if parent_inode == ROOT_INO and name == _CONTROL_NAME:
             raise pyfuse3.FUSEError(errno.EEXIST)
         node = await self._writes().namespace.mkdir(parent_inode, os.fsdecode(name))
         return self._entry(self.fs.attr(node))  # type: ignore[arg-type]
@@ -336,10 +345,11 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     # Objects carry no extended attributes: answered as a filesystem without them (ext4
     # without user_xattr): an empty list, ENODATA for a name, ENOTSUP for a change. `getfattr
     # -d`, `cp -p`, `rsync -X` and `tar --xattrs` take that as "none" and go on.
-
+    @_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         raise pyfuse3.FUSEError(errno.ENODATA)
 
+    @_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         return []
 

@@ -29,9 +29,12 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from .ctlclient import CONTROL_NAME, ControlConnection, ControlError
+
 log = logging.getLogger(__name__)
 
-CONTROL_NAME = ".fusefs"
+__all__ = ["CONTROL_NAME", "HintError", "HintWindowWarning", "HintingSampler", "MountHints"]
+
 #: Bytes of paths sent in one command (the control file accepts lines up to 1 MiB).
 _CHUNK_BYTES = 256 * 1024
 
@@ -73,7 +76,7 @@ class MountHints:
         self._reported = 0  # the last position sent
         self._active = False
         self._warned = False  # the window was found limited by the cache (warned once)
-        self._fd: int | None = None
+        self._conn: ControlConnection | None = None
         self._pid = 0
 
     # --- the stream ------------------------------------------------------------------------
@@ -123,18 +126,18 @@ class MountHints:
 
     def close(self) -> None:
         self.cancel()
-        if self._fd is not None and self._pid == os.getpid():
-            os.close(self._fd)
-        self._fd = None
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
 
     def __del__(self) -> None:
         # dropped without close() (a failed start, a sampler never closed): the control file
         # must not stay open, or the mount cannot be unmounted while this process lives
-        fd = getattr(self, "_fd", None)
-        if fd is not None and getattr(self, "_pid", 0) == os.getpid():
+        conn = getattr(self, "_conn", None)
+        if conn is not None and getattr(self, "_pid", 0) == os.getpid():
             with contextlib.suppress(OSError):
-                os.close(fd)
-            self._fd = None
+                conn.close()
+            self._conn = None
 
     def __enter__(self) -> MountHints:
         return self
@@ -164,70 +167,43 @@ class MountHints:
         if not lines:
             return
         try:
-            self._write(lines)
-            if position is not None and not self._warned:
-                state = self._result(self._control())  # hint-at answers the stream's state
-                if state.get("limited_by_cache"):
-                    self._warned = True
-                    warnings.warn(
-                        f"fusefs hints on {self.mountpoint}: the cache holds only "
-                        f"{state.get('files_in_window')} of the {self.window_files} files asked "
-                        "for ahead without evicting hinted files not read yet",
-                        HintWindowWarning,
-                        stacklevel=3,
-                    )
+            want = position is not None and not self._warned
+            state = self._control().run(lines, result=want)  # hint-at: the stream's state
+            if want and state.get("limited_by_cache"):
+                self._warned = True
+                warnings.warn(
+                    f"fusefs hints on {self.mountpoint}: the cache holds only "
+                    f"{state.get('files_in_window')} of the {self.window_files} files asked "
+                    "for ahead without evicting hinted files not read yet",
+                    HintWindowWarning,
+                    stacklevel=3,
+                )
         except (OSError, ValueError) as exc:
             self._active = False
             warnings.warn(
                 f"fusefs hints on {self.mountpoint} stopped: {exc}", RuntimeWarning, stacklevel=3
             )
 
-    # --- the control file ------------------------------------------------------------------
+    # --- the control file (or, on a read-only mount, the control socket) -----------------
 
-    def _control(self) -> int:
-        if self._fd is None or self._pid != os.getpid():  # a fork does not share the handle
-            path = os.path.join(self.mountpoint, CONTROL_NAME)
+    def _control(self) -> ControlConnection:
+        if self._conn is None or self._pid != os.getpid():  # a fork does not share it
             try:
-                self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                self._conn = ControlConnection(self.mountpoint)
             except FileNotFoundError:
                 raise HintError(
                     errno.ENOENT, f"{self.mountpoint} is not a fusefs mount (no {CONTROL_NAME})"
                 ) from None
             self._pid = os.getpid()
-        return self._fd
-
-    def _write(self, lines: list[str]) -> None:
-        """Write command lines; several per write while they stay under the line limit."""
-        fd = self._control()
-        batch: list[bytes] = []
-        size = 0
-        for line in lines:
-            data = (line + "\n").encode()
-            if batch and size + len(data) > 4 * _CHUNK_BYTES:
-                os.write(fd, b"".join(batch))
-                batch, size = [], 0
-            batch.append(data)
-            size += len(data)
-        if batch:
-            os.write(fd, b"".join(batch))
+        return self._conn
 
     def _command(self, words: list[str]) -> dict[str, Any]:
         """Run one command and return its JSON result; :class:`HintError` if refused."""
-        fd = self._control()
         try:
-            os.write(fd, (shlex.join(words) + "\n").encode())
-        except OSError as exc:
-            detail = self._result(fd).get("error", exc.strerror)
-            raise HintError(exc.errno, f"{words[0]} on {self.mountpoint}: {detail}") from None
-        return self._result(fd)
-
-    @staticmethod
-    def _result(fd: int) -> dict[str, Any]:
-        out = b""
-        while chunk := os.pread(fd, 1 << 20, len(out)):
-            out += chunk
-        result: dict[str, Any] = json.loads(out) if out else {}
-        return result
+            return self._control().run([shlex.join(words)])
+        except ControlError as exc:
+            raise HintError(exc.errno, f"{words[0]} on {self.mountpoint}: {exc.strerror}"
+                            ) from None
 
     def _read_stats(self) -> bytes:
         with open(os.path.join(self.mountpoint, CONTROL_NAME), "rb") as f:

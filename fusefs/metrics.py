@@ -65,6 +65,10 @@ COUNTERS = {
     "uploads_done": ("uploads_done_files", "files uploaded to the store"),
     "upload_bytes": ("uploaded_bytes", "bytes of the files uploaded"),
     "conflicts": ("upload_conflicts", "uploads that found the object changed by another writer"),
+    "fuse_requests_total": ("fuse_requests", "FUSE requests answered (by kind: the latency "
+                            "histogram's _count, or fuse_requests in the statistics)"),
+    "cpu_s": ("cpu_seconds", "CPU seconds (user + system) of the mount daemon, all threads"),
+    "cpu_loop_s": ("fuse_loop_cpu_seconds", "CPU seconds of the thread answering FUSE requests"),
 }
 GAUGES = {
     "fetches_in_flight": ("fetches_in_flight", "GETs running now"),
@@ -118,12 +122,12 @@ class StatsCollector(Collector):
         info.add_metric([self._source, str(stats.get("cache_dir") or "")], 1)
         yield info
         for key, (name, doc) in COUNTERS.items():
-            if key in stats:
+            if stats.get(key) is not None:
                 c = CounterMetricFamily(PREFIX + name, doc, labels=labels)
                 c.add_metric([self._source], float(stats[key]))
                 yield c
         for key, (name, doc) in GAUGES.items():
-            if key in stats:
+            if stats.get(key) is not None:
                 g = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
                 g.add_metric([self._source], float(stats[key]))
                 yield g

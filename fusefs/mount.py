@@ -30,6 +30,7 @@ from .backends import ObjectStore, open_store
 from .cache.blocks import BlockStore, DiskBlockStore, NullBlockStore
 from .config import SETTING_NAMES, Settings, human_size
 from .control import Control
+from .ctlsocket import ControlSocket, socket_path
 from .errors import FusefsError, UserError
 from .fs import CONTROL_NAME, FileSystem
 from .fuse_ops import FuseOperations
@@ -68,6 +69,8 @@ class Mount:
     reload_settings: Callable[[], Settings] | None = None
     #: The write side; None on a read-only mount.
     writes: Writes | None = None
+    #: The control socket (read-only mounts: the kernel refuses writes to the control file).
+    control_socket: ControlSocket | None = None
     #: The FUSE session was closed (unmounted) already.
     closed: bool = False
 
@@ -119,6 +122,11 @@ def build(
                             f"{exc.strerror} (mount with --read-only to only read)") from None
         writes = Writes(fs, store, settings, staging, CONTROL_NAME)
     control = Control(fs, reader, blocks, stats, settings, source, mountpoint=mountpoint)
+    ctl_socket = None
+    if settings.read_only:
+        ctl_socket = ControlSocket(control, socket_path(settings.cache_dir, mountpoint))
+        ctl_socket.bind()
+        control.socket_path = ctl_socket.path
     ops = FuseOperations(fs, control)
     if metrics is not None and settings.metrics:
         metrics.add_stats(control.stats_dict)
@@ -137,6 +145,7 @@ def build(
         ops,
         metrics=metrics,
         writes=writes,
+        control_socket=ctl_socket,
     )
 
 
@@ -271,8 +280,11 @@ def fuse_options(m: Mount) -> set[str]:
     opts = {f"fsname={fsname}", "subtype=fusefs", "default_permissions", "noatime"}
     if s.allow_other:
         opts.add("allow_other")
-    # --read-only is enforced by fusefs (EROFS for every change, no write bits shown), not by
-    # the kernel's ``ro``: a kernel-side ro mount would refuse the control file's commands too.
+    if s.read_only:
+        # The kernel side is ``ro`` too: it then never invalidates atime after a read, so a
+        # cached file costs no GETATTR. It refuses writes to the control file as well: commands
+        # come through the control socket (fusefs/ctlsocket.py).
+        opts.add("ro")
     opts.update(o for o in m.extra_fuse_options if o != "ro")
     return opts
 
@@ -540,9 +552,12 @@ async def _serve(m: Mount, ready: Any, pending: list[int], daemon: bool) -> None
                 notify.send("WATCHDOG=1")
                 await trio.sleep(interval)
 
+        m.stats.loop_thread = threading.get_ident()  # its CPU time is shown in the stats
         m.reader.start(nursery)
         if m.writes is not None:
             m.writes.start(nursery)
+        if m.control_socket is not None:
+            await nursery.start(m.control_socket.serve)
         await nursery.start(signals)
         nursery.start_soon(readiness)
         if (wd := notify.watchdog_interval()) is not None:
@@ -605,6 +620,8 @@ def run(m: Mount, ready: Any, *, daemon: bool = False) -> None:
                 human_size(m.blocks.volume()) if unmounted_cleanly else "?",
             )
     finally:
+        if m.control_socket is not None:
+            m.control_socket.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
