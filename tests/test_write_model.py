@@ -268,6 +268,9 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
         run_state_machine_as_test(seed(SEED)(WriteModel), settings=machine_settings)
     except BaseException:
         print(f"FUSEFS_MODEL_SEED={SEED} reproduces this failure")
+        with contextlib.suppress(Exception):
+            print("--- the mount's log (last 200 lines)")
+            print("\n".join(current["m"].log_text().splitlines()[-200:]))
         raise
     finally:
         b.proxy.slow(None, 0)
