@@ -531,6 +531,14 @@ class FileSystem:
                 return h.staged
         return None
 
+    def attach_handles(self, node: Node, staged: StagedFile) -> None:
+        """``node`` is staged now: its handles opened before read the staged file (the file's
+        bytes as changed by its writers, which is what POSIX readers see), and hold it."""
+        for h in self._handles.values():
+            if h.node is node and h.staged is None:
+                h.staged = staged
+                staged.handles += 1
+
     def retarget_handles(self, old: ObjectInfo, new: ObjectInfo) -> None:
         """Object ``old`` was copied to ``new`` (a rename): handles reading it read the copy."""
         for h in self._handles.values():

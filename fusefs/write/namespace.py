@@ -128,16 +128,17 @@ class Namespace:
         as this mount knows it ("" none: the taker's condition). An upload of a staged file
         there ends first and none starts; a pending delete there is absorbed. If the body
         fails, everything is as it was; else that staged file has lost the name."""
-        sf = await self.w.settled(path)
+        async with self.w.held(path) as sf:
+            if sf is not None:
+                sf.unlinked = True  # no upload of it starts now
+                try:
+                    yield sf.rec.expect or ""
+                except BaseException:
+                    sf.unlinked = False
+                    if sf.needs_upload and sf.writers == 0:
+                        self.w.uploads.queue(sf)
+                    raise
         if sf is not None:
-            sf.unlinked = True  # no upload of it starts now
-            try:
-                yield sf.rec.expect or ""
-            except BaseException:
-                sf.unlinked = False
-                if sf.needs_upload and sf.writers == 0:
-                    self.w.uploads.queue(sf)
-                raise
             await self._unstage(sf)
             return
         taken = await self.w.deletes.take(path)
@@ -193,10 +194,10 @@ class Namespace:
     async def _rename_file(self, old: str, new: str, expect: str) -> ObjectInfo | None:
         """Move a file's name in the store (its new info), or move its staged file (None).
         ``expect``: what the store holds at ``new`` (the copy's or upload's condition)."""
-        sf = await self.w.settled(old)
-        if sf is not None:
-            await self._move_staged(sf, old, new, expect)
-            return None
+        async with self.w.held(old) as sf:
+            if sf is not None:
+                await self._move_staged(sf, old, new, expect)
+                return None
         found = await self.w.exists(old)
         if found is None or found[1] is None:
             raise NotFound(f"{old}: no such file")
@@ -245,10 +246,11 @@ class Namespace:
             raise CrossDevice(f"{old}: {len(keys)} objects, more than rename_limit "
                               f"({self.w.settings.rename_limit}); mv copies instead")
         moved: set[str] = set()  # keys whose staged file moved (with its object)
-        for sf in self.w.staging.under(old + "/"):
-            src = sf.key
-            await self._move_staged(sf, src, new + src[len(old):], "")
-            moved.add(src)
+        for src in [sf.key for sf in self.w.staging.under(old + "/")]:
+            async with self.w.held(src) as sf:
+                if sf is not None:
+                    await self._move_staged(sf, src, new + src[len(old):], "")
+                    moved.add(src)
         for key in self.w.deletes.pending_under(old + "/"):
             moved.add(key)  # removed by this mount already: not carried along
         for info in keys:

@@ -86,6 +86,7 @@ class Uploads:
         parallel: int,
         on_uploaded: Callable[[StagedFile, ObjectInfo, int], None],
         on_conflict: Callable[[StagedFile, str, ObjectInfo | None], None],
+        on_idle: Callable[[StagedFile], None] | None = None,
         read_base: Callable[[ObjectInfo, int, int], Awaitable[bytes]] | None = None,
         single_put_max: int = 8 << 20,
     ) -> None:
@@ -94,6 +95,8 @@ class Uploads:
         self.limiter = trio.CapacityLimiter(parallel)
         self.on_uploaded = on_uploaded
         self.on_conflict = on_conflict
+        #: called when no task uploads ``sf`` any more (it may leave the staging area)
+        self.on_idle = on_idle
         #: reads a base object's bytes (through the block cache) for copy ranges
         self._read_base = read_base
         self._token: trio.lowlevel.TrioToken | None = None
@@ -177,6 +180,8 @@ class Uploads:
         finally:
             sf.queued = False
             sf.signal()
+            if self.on_idle is not None:
+                self.on_idle(sf)
 
     async def sync(self, sf: StagedFile, durable: bool = False) -> None:
         """Journal ``sf`` (state pending); ``durable``: its data synced to disk first, and a

@@ -25,9 +25,11 @@ staged file wait while an upload reads it (``StagedFile.idle``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import AsyncIterator
 
 from .. import threads
 from ..attrmemory import AttrMemory
@@ -76,6 +78,7 @@ class Writes:
         self.control_name = control_name
         self.uploads = Uploads(store, staging, parallel=settings.uploads,
                                on_uploaded=self._uploaded, on_conflict=self._conflicted,
+                               on_idle=self.maybe_retire,
                                read_base=self._read_base,
                                single_put_max=settings.upload_part_size)
         #: deletes decided and not done yet (their names are hidden)
@@ -103,7 +106,7 @@ class Writes:
         for sf in self.staging.all():
             rec = sf.rec
             if (rec.base_key == key and rec.base_version == version
-                    and (sf.handles or (sf.needs_upload and sf.copy_ranges()))):
+                    and (sf.handles or sf.needs_upload) and sf.copy_ranges()):
                 return True
         return False
 
@@ -130,6 +133,28 @@ class Writes:
             if self.staging.files.get(path) is sf:
                 return sf
         return None
+
+    @contextlib.asynccontextmanager
+    async def held(self, path: str) -> AsyncIterator[StagedFile | None]:
+        """``path``'s staged file (as :meth:`settled`), kept from leaving the staging area while
+        the caller works on it across awaits (counted as a handle: ``_retire`` leaves it)."""
+        sf = await self.settled(path)
+        if sf is None:
+            yield None
+            return
+        sf.handles += 1
+        try:
+            yield sf
+        finally:
+            sf.handles -= 1
+            self.maybe_retire(sf)
+
+    def maybe_retire(self, sf: StagedFile) -> None:
+        """Let an uploaded staged file nobody uses leave the staging area (in the background)."""
+        if (sf.handles == 0 and not sf.needs_upload and not sf.queued and not sf.unlinked
+                and sf.rec.state not in ("failed", "conflict")):
+            with contextlib.suppress(FusefsError):  # not serving (unmount): it stays staged
+                self.fs.reader.start_soon(lambda: self._retire(sf, seed=True))
 
     def info_of(self, sf: StagedFile) -> ObjectInfo:
         """What a staged file looks like to ``stat``."""
@@ -265,6 +290,7 @@ class Writes:
             base = node.info
             assert base is not None
             sf = self.staging.create(node.path, base, base.version)
+            self.fs.attach_handles(node, sf)
             if not flags & os.O_TRUNC and 0 < base.size <= self.settings.block_size:
                 # a small file is read whole now (one block, through the cache): were it
                 # changed by another writer before this one uploads, this mount still has
@@ -357,9 +383,8 @@ class Writes:
         if sf.unlinked:
             await threads.run_sync(self.staging.remove, sf)
             self.deletes.kick()  # a delete may have waited for this file
-        elif not sf.needs_upload and not sf.queued and sf.rec.state not in ("failed",
-                                                                             "conflict"):
-            await self._retire(sf, seed=True)
+        else:
+            self.maybe_retire(sf)
 
     async def truncate(self, node: object, size: int, sf: StagedFile | None) -> None:
         """``truncate``/``ftruncate``: through the open handle's staged file, or a staged copy
@@ -371,14 +396,19 @@ class Writes:
         self.check_writable()
         if sf is not None:
             await sf.idle()
-        else:
-            sf = await self.settled(node.path)
-        if sf is None:
-            base = node.info
-            assert base is not None
-            if size == base.size:
-                return
-            sf = self.staging.create(node.path, base, base.version)
+            await self._truncate(sf, size)
+            return
+        async with self.held(node.path) as sf:
+            if sf is None:
+                base = node.info
+                assert base is not None
+                if size == base.size:
+                    return
+                sf = self.staging.create(node.path, base, base.version)
+                self.fs.attach_handles(node, sf)
+            await self._truncate(sf, size)
+
+    async def _truncate(self, sf: StagedFile, size: int) -> None:
         await self.changing(sf)
         sf.truncate(size)
         if sf.writers == 0:  # journaled now: a crash within the write-back delay keeps it
@@ -393,18 +423,18 @@ class Writes:
         self.check_writable()
         if node.is_dir:
             return  # folders are prefixes: no attributes to keep
-        sf = await self.settled(node.path)
-        if sf is not None:
-            if _same(sf.rec.mtime, file_mode(self.settings, self.info_of(sf)), mtime, mode):
-                return  # vim's fchmod of its new file to the old mode: no second upload
-            await self.changing(sf)
-            if mode is not None:
-                sf.rec.mode = mode & 0o777
-            sf.touch(mtime if mtime is not None else sf.rec.mtime)
-            if sf.writers == 0:
-                await self.uploads.sync(sf)
-                self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
-            return
+        async with self.held(node.path) as sf:
+            if sf is not None:
+                if _same(sf.rec.mtime, file_mode(self.settings, self.info_of(sf)), mtime, mode):
+                    return  # vim's fchmod of its new file to the old mode: no second upload
+                await self.changing(sf)
+                if mode is not None:
+                    sf.rec.mode = mode & 0o777
+                sf.touch(mtime if mtime is not None else sf.rec.mtime)
+                if sf.writers == 0:
+                    await self.uploads.sync(sf)
+                    self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
+                return
         info = node.info
         assert info is not None
         if _same(info.meta_mtime or info.mtime, file_mode(self.settings, info), mtime, mode):
@@ -431,8 +461,7 @@ class Writes:
             return
         self.fs.observed(info.key, info, self.fs.clock(), same_bytes=True)
         self.fs.folders.note(info.key, info)
-        if sf.handles == 0 and not sf.needs_upload:
-            self.fs.reader.start_soon(lambda: self._retire(sf, seed=True))
+        self.maybe_retire(sf)
 
     def _conflicted(self, sf: StagedFile, target: str, info: ObjectInfo | None) -> None:
         if info is not None:
