@@ -121,6 +121,8 @@ class Namespace:
         sf.signal()
         if sf.handles == 0:
             await threads.run_sync(self.w.staging.remove, sf)
+        else:  # its journal row goes now: after a crash it must not come back
+            await threads.run_sync(self.w.staging.journal.remove, sf.rec.id)
 
     @contextlib.asynccontextmanager
     async def _claim(self, path: str) -> AsyncIterator[str]:

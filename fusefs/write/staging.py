@@ -435,6 +435,12 @@ class Staging:
                 self.detached.add(self.files[rec.key])
             self.files[rec.key] = sf
             out.append(sf)
+        # data files no row describes: unlinked while open when the daemon died
+        known = {sf.rec.id + ".data" for sf in out}
+        for name in os.listdir(self.dir):
+            if name.endswith(".data") and name not in known:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.dir, name))
         return out
 
     def _adopt_siblings(self) -> None:
