@@ -20,6 +20,7 @@ import contextlib
 import errno
 import itertools
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -273,6 +274,10 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
     except BaseException:
         print(f"FUSEFS_MODEL_SEED={SEED} reproduces this failure")
         with contextlib.suppress(Exception):
+            keep = os.environ.get("FUSEFS_MODEL_KEEP_LOGS")
+            if keep:  # every mount's log of this run, for the post-mortem
+                shutil.copytree(tmp_path, keep, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("mnt*", "model-cache"))
             print("--- the mount's log (last 200 lines)")
             print("\n".join(current["m"].log_text().splitlines()[-200:]))
         raise

@@ -404,3 +404,31 @@ def test_pending_uploads_are_found_under_another_spelling_of_the_endpoint(store:
     assert m2.stats()["uploads_pending"] == 1
     synced(m2)
     assert store.get("p.txt") == b"pending"
+
+
+# --- item 10: a change to part of a big object that another writer replaced ------------------
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_partial_change_to_a_replaced_big_object(store: Bucket, mount, cached: bool):
+    base = blob(3 << 20, 6)
+    store.put("big", base)
+    m = mount(store, "--block-size", str(256 << 10))
+    if cached:
+        assert (m.path / "big").read_bytes() == base  # its blocks are in the cache
+    with open(m.path / "big", "r+b") as f:
+        f.write(b"MINE")
+        store.put("big", b"theirs")
+    first = sync(m)
+    second = sync(m)
+    assert store.get("big") == b"theirs"
+    assert m.stats()["conflicts"] == 1, "counted once, not at every retry"
+    conflict = [k for k in keys(store) if k.startswith("big.conflict-")]
+    if cached:  # the bytes it did not rewrite come from the block cache
+        assert first.returncode == 0, first.stderr
+        assert len(conflict) == 1 and store.get(conflict[0]) == b"MINE" + base[4:]
+    else:  # they are gone: kept in the staging area and reported, never half a file
+        assert first.returncode == 1 and second.returncode == 1
+        assert "changed meanwhile" in second.stderr
+        assert conflict == []
+        assert m.stats()["uploads_failed"] == 1
