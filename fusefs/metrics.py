@@ -83,6 +83,8 @@ GAUGES = {
     "staged_bytes": ("staged_bytes", "bytes the staging area holds (written, not yet uploaded)"),
     "uploads_pending": ("uploads_pending_files", "files waiting for their upload"),
     "uploads_failed": ("uploads_failed_files", "files whose last upload attempt failed (kept)"),
+    "deletes_pending": ("deletes_pending", "removed names whose object is still in the store "
+                        "(a descriptor reads it, or its delete is retried)"),
     "uptime_s": ("uptime_seconds", "seconds since the mount started"),
 }
 
