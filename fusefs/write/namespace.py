@@ -242,8 +242,11 @@ class Namespace:
             self.w.uploads.queue(sf, delay=WRITE_BACK_DELAY)
 
     async def _rename_dir(self, old: str, new: str) -> None:
-        keys, folders = await threads.run_sync(self._walk, old + "/",
-                                               limiter=self.w.fs.folders.meta_limiter)
+        """Staged files first (an upload in flight ends first), then what the store lists
+        (listed after them: a staged file whose upload ended meanwhile left the staging area
+        for the store, and is moved from there)."""
+        keys, _ = await threads.run_sync(self._walk, old + "/",
+                                         limiter=self.w.fs.folders.meta_limiter)
         if len(keys) > self.w.settings.rename_limit:
             raise CrossDevice(f"{old}: {len(keys)} objects, more than rename_limit "
                               f"({self.w.settings.rename_limit}); mv copies instead")
@@ -253,6 +256,8 @@ class Namespace:
                 if sf is not None:
                     await self._move_staged(sf, src, new + src[len(old):], "")
                     moved.add(src)
+        keys, folders = await threads.run_sync(self._walk, old + "/",
+                                               limiter=self.w.fs.folders.meta_limiter)
         for key in self.w.deletes.pending_under(old + "/"):
             moved.add(key)  # removed by this mount already: not carried along
         for info in keys:
