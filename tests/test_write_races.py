@@ -432,3 +432,26 @@ def test_a_partial_change_to_a_replaced_big_object(store: Bucket, mount, cached:
         assert "changed meanwhile" in second.stderr
         assert conflict == []
         assert m.stats()["uploads_failed"] == 1
+
+
+# --- item 19: the only writer never gets ESTALE ----------------------------------------------
+
+
+def test_the_only_writer_reads_back_what_it_wrote_across_close_and_reopen(local_bucket: Bucket,
+                                                                          mount):
+    m = mount(local_bucket, "--block-size", "65536")
+    p = m.path / "f.bin"
+    model = bytearray()
+    for i in range(40):  # fsx-style: change, close, reopen, read it all, with uploads between
+        chunk = blob(70_000 + 997 * i, i)
+        offset = (i * 37_001) % (len(model) + 1)
+        with open(p, "r+b" if model else "wb") as f:
+            f.seek(offset)
+            f.write(chunk)
+        model[offset:offset + len(chunk)] = chunk
+        if i % 5 == 4:
+            synced(m)
+        with open(p, "rb") as f:  # a descriptor held while the next change uploads
+            assert f.read() == bytes(model), i
+    synced(m)
+    assert local_bucket.get("f.bin") == bytes(model)
