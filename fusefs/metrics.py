@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -26,6 +25,7 @@ from prometheus_client.registry import Collector
 from .backends.base import Attrs, Condition, ListPage, ObjectInfo, ObjectStore, Upload
 from .config import parse_host_port
 from .errors import UserError
+from .safety import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,7 @@ GAUGES = {
 
 def source_label(source: str) -> str:
     """The source URL without user-info (``s3://key:secret@b`` -> ``s3://b``) or query."""
-    try:
-        parts = urlsplit(source)
-    except ValueError:
-        return "?"
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return redact_url(source) or ""
 
 
 class StatsCollector(Collector):

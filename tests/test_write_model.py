@@ -2,8 +2,9 @@
 
 Rules are syscalls on a mount of SeaweedFS (create, write at an offset, truncate, rename of
 files and of a folder, unlink, descriptors held open, read through them, ``fusefs sync``,
-``kill -9`` and a remount, pauses that let the write-back delay pass while the proxy
-holds every PUT and DELETE a moment, so uploads are in flight during the next rules). The
+``kill -9`` and a remount, a store that refuses or cuts a share of the changes, pauses that
+let the write-back delay pass while the proxy holds every PUT and DELETE a moment, so uploads
+are in flight during the next rules). The
 model is a POSIX directory: names point at inodes, an inode
 holds bytes. Invariants: the daemon never exits; a descriptor reads the bytes of the file it
 opened (or ESTALE once that file left every name and the store); after ``fusefs sync`` the
@@ -217,6 +218,8 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
         @precondition(lambda self: not self.writers)
         @rule()
         def sync_and_compare(self) -> None:
+            assert b.proxy is not None
+            b.proxy.faults(0)  # the store takes changes again: sync must then succeed
             r = sync(self.m)
             assert r.returncode == 0, r.stderr
             want = {rel: bytes(self.inodes[ino]) for rel, ino in self.names.items()}
@@ -241,6 +244,14 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
             current["m"] = mount(b, "--block-size", "65536", cache_dir=cache)
             for rel, ino in self.names.items():
                 assert self.p(rel).read_bytes() == bytes(self.inodes[ino]), rel
+
+        @rule(rate=st.sampled_from([0.0, 0.3, 1.0]), reset=st.booleans())
+        def store_refuses(self, rate: float, reset: bool) -> None:
+            """The store refuses (503) or cuts (a reset connection) a share of the changes
+            from now on: they stay staged and are retried."""
+            assert b.proxy is not None
+            b.proxy.faults(rate, ["reset"] if reset else ["503"], seed=next(self.ids),
+                           predicate=lambda r: r.method in ("PUT", "POST", "DELETE"))
 
         @rule(seconds=st.sampled_from([0.4, 1.2]))
         def pause(self, seconds: float) -> None:
@@ -283,6 +294,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
         raise
     finally:
         b.proxy.slow(None, 0)
+        b.proxy.faults(0)
 
 
 pytestmark = pytest.mark.timeout(1800)

@@ -37,6 +37,14 @@ def keys(b: Bucket) -> list[str]:
     return sorted(out)
 
 
+def kill_9(m) -> None:
+    """``kill -9`` the daemon and detach its dead mount."""
+    assert m.proc is not None
+    m.proc.send_signal(signal.SIGKILL)
+    m.proc.wait()
+    m.stop()
+
+
 def synced(m) -> None:
     r = sync(m)
     assert r.returncode == 0, r.stderr
@@ -116,12 +124,9 @@ def test_unlinked_open_file_stat_and_read_and_removal_survives_kill_9(store: Buc
     assert os.pread(f.fileno(), 1000, 100_000) == data[100_000:101_000]
     assert not (m.path / "u.bin").exists()
     assert store.get("u.bin") == data  # still read by the open handle
-    assert m.proc is not None
-    m.proc.send_signal(signal.SIGKILL)  # item 7: the pending delete is journaled
-    m.proc.wait()
+    kill_9(m)  # item 7: the pending delete is journaled
     with contextlib.suppress(OSError):  # the mount is gone
         f.close()
-    m.stop()
     m2 = mount(store, cache_dir=tmp_path / "c")
     synced(m2)
     assert store.get("u.bin") is None
@@ -265,13 +270,10 @@ def test_kill_9_while_writing_reports_and_never_uploads_a_mix(store: Bucket, mou
     g.write(b"data")
     g.flush()
     os.truncate(m.path / "closed", 10)  # within the write-back second
-    assert m.proc is not None
-    m.proc.send_signal(signal.SIGKILL)
-    m.proc.wait()
+    kill_9(m)
     for h in (f, g):
         with contextlib.suppress(OSError):  # the mount is gone
             h.close()
-    m.stop()
     m2 = mount(store, cache_dir=tmp_path / "c")
     r = sync(m2)
     assert r.returncode == 1, "files being written at the crash are reported"
@@ -368,11 +370,8 @@ def test_a_multipart_upload_cut_by_kill_9_is_aborted(store: Bucket, mount, tmp_p
         bg = subprocess.Popen([sys.executable, "-m", "fusefs", "sync", str(m.path)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: client.list_multipart_uploads(Bucket=name).get("Uploads"), 30)
-        assert m.proc is not None
-        m.proc.send_signal(signal.SIGKILL)
-        m.proc.wait()
+        kill_9(m)
         bg.wait(30)
-        m.stop()
     finally:
         store.proxy.slow(None, 0)
     assert len(client.list_multipart_uploads(Bucket=name)["Uploads"]) == 1
@@ -393,10 +392,7 @@ def test_pending_uploads_are_found_under_another_spelling_of_the_endpoint(store:
     try:
         m = mount(store, cache_dir=tmp_path / "c")
         (m.path / "p.txt").write_bytes(b"pending")
-        assert m.proc is not None
-        m.proc.send_signal(signal.SIGKILL)
-        m.proc.wait()
-        m.stop()
+        kill_9(m)
     finally:
         store.proxy.faults(0)
     other = store.proxy.url.replace("127.0.0.1", "localhost") + "/"

@@ -95,7 +95,11 @@ class PendingDeletes:
             for key, version in list(self.entries.items()):
                 if key in self._running or self._needed(key, version):
                     continue
-                if not await self._delete(key, version):
+                try:
+                    if not await self._delete(key, version):
+                        failed = True
+                except Exception as exc:  # noqa: BLE001 - the journal (a full disk): retried
+                    log.warning("pending delete of %r: %s (kept, retried)", key, exc)
                     failed = True
             self.changed.set()
             self.changed = trio.Event()

@@ -136,6 +136,11 @@ class StagedFile:
 
     # --- the data file's lifetime (any thread) --------------------------------------------
 
+    @property
+    def removed(self) -> bool:
+        """Its data file is gone (or going): nothing of it can be read or uploaded."""
+        return self._removed
+
     def hold(self) -> bool:
         """Keep the data file open for a worker (``unhold`` after); False if it is gone."""
         with self._lock:
@@ -539,6 +544,8 @@ class Staging:
         Without it (at ``close``) the row survives the daemon being killed (SQLite WAL) and
         the data is in the page cache, as a local file's is after ``close``; the data is
         synced before its upload starts, which bounds what a power loss can take."""
+        if sf.removed:
+            return  # removed meanwhile: its row must not come back
         if durable:
             if not sf.hold():
                 return  # removed meanwhile: nothing to journal

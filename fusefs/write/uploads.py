@@ -156,32 +156,47 @@ class Uploads:
         self._nursery.start_soon(self._run, sf, delay)
 
     async def _run(self, sf: StagedFile, first_delay: float) -> None:
-        delay = 1.0
         try:
             if first_delay:  # write-back: changes made right after close join this upload
                 with trio.move_on_after(first_delay):
                     await sf.nudge.wait()
                 sf.nudge = trio.Event()
-            while sf.needs_upload:
-                if sf.writers and not sf.flush_requested:
-                    break  # still being written: its flush or last close queues it again
-                sf.flush_requested = False
-                if sf.durable_gen != sf.gen:  # on disk and journaled before it goes
-                    await self.sync(sf, durable=True)
-                wait = await self._attempt(sf)
-                if sf.rec.state == "conflict":
-                    break  # kept and reported; only a new change or ``sync`` tries again
-                if wait is None:
-                    continue
-                with trio.move_on_after(wait if wait != math.inf else delay):
-                    await sf.nudge.wait()
-                sf.nudge = trio.Event()
-                delay = min(MAX_BACKOFF, delay * 2)
+            await self._loop(sf)
+        except Exception as exc:  # noqa: BLE001 - a background task must not end the mount
+            log.error("upload of %r stopped (kept in the staging area; sync retries it): %s",
+                      sf.key, exc)
+            self._failed(sf, sf.gen, exc)
         finally:
             sf.queued = False
             sf.signal()
             if self.on_idle is not None:
                 self.on_idle(sf)
+
+    async def _loop(self, sf: StagedFile) -> None:
+        """Attempts until the store holds the file, it is being written again, or it became
+        a conflict (backoff between failures; a full disk while journaling is a failure)."""
+        delay = 1.0
+        while sf.needs_upload and not sf.removed:
+            if sf.writers and not sf.flush_requested:
+                break  # still being written: its flush or last close queues it again
+            sf.flush_requested = False
+            wait: float | None
+            if sf.durable_gen != sf.gen:  # on disk and journaled before it goes
+                try:
+                    await self.sync(sf, durable=True)
+                    wait = await self._attempt(sf)
+                except Exception as exc:  # noqa: BLE001 - a full disk: kept, retried
+                    wait = self._failed(sf, sf.gen, exc)
+            else:
+                wait = await self._attempt(sf)
+            if sf.rec.state == "conflict":
+                break  # kept and reported; only a new change or ``sync`` tries again
+            if wait is None:
+                continue
+            with trio.move_on_after(wait if wait != math.inf else delay):
+                await sf.nudge.wait()
+            sf.nudge = trio.Event()
+            delay = min(MAX_BACKOFF, delay * 2)
 
     async def sync(self, sf: StagedFile, durable: bool = False) -> None:
         """Journal ``sf`` (state pending); ``durable``: its data synced to disk first, and a

@@ -154,7 +154,15 @@ class Writes:
         if (sf.handles == 0 and not sf.needs_upload and not sf.queued and not sf.unlinked
                 and sf.rec.state not in ("failed", "conflict")):
             with contextlib.suppress(FusefsError):  # not serving (unmount): it stays staged
-                self.fs.reader.start_soon(lambda: self._retire(sf, seed=True))
+                self.fs.reader.start_soon(lambda: self._retire_logged(sf))
+
+    async def _retire_logged(self, sf: StagedFile) -> None:
+        """A background ``_retire``: a failure (a full disk) is logged, never the mount's end
+        (the file stays staged and leaves at the next chance)."""
+        try:
+            await self._retire(sf, seed=True)
+        except Exception as exc:  # noqa: BLE001 - background: nobody to answer
+            log.warning("%r: could not leave the staging area yet: %s", sf.key, exc)
 
     def info_of(self, sf: StagedFile) -> ObjectInfo:
         """What a staged file looks like to ``stat``."""
