@@ -411,7 +411,7 @@ class Staging:
             else:  # never a request for a key that is not a clean name inside the mount
                 log.error("journal: a pending delete of %r is ignored and dropped", key)
                 self.journal.remove_delete(key)
-        out = []
+        out: list[StagedFile] = []
         for rec in self.journal.load():
             if not _sound(rec, self.journal):
                 continue
@@ -436,8 +436,15 @@ class Staging:
                     rec.state = "failed"
                     rec.error = (f"the staged data is {size} bytes, {rec.size} were written "
                                  "(lost in a crash?): not uploaded")
-            if rec.key in self.files:  # two versions of one key: the newer wins the name
-                self.detached.add(self.files[rec.key])
+            older = self.files.get(rec.key)
+            if older is not None:  # two versions of one key: the newer wins the name
+                if older.rec.state in ("failed", "conflict"):
+                    self.detached.add(older)  # kept for the user
+                else:  # superseded by a later change of the name (a crash in between)
+                    log.info("%r: an older staged version is superseded and dropped", rec.key)
+                    out.remove(older)
+                    older.remove_data()
+                    self.journal.remove(older.rec.id)
             self.files[rec.key] = sf
             out.append(sf)
         # data files no row describes: unlinked while open when the daemon died

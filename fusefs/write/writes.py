@@ -479,8 +479,12 @@ class Writes:
         sf.uploaded_gen = sf.gen
         if self.staging.files.get(sf.key) is sf:
             self.staging.detach(sf)
-        if sf.handles == 0:
-            self.fs.reader.start_soon(lambda: threads.run_sync(self.staging.remove, sf))
+        # in the store under the conflict name: its row goes now (a crash must not send it
+        # again), its data once nothing reads it
+        remove = self.staging.remove if sf.handles == 0 else self.staging.journal.remove
+        arg = sf if sf.handles == 0 else sf.rec.id
+        with contextlib.suppress(FusefsError):
+            self.fs.reader.start_soon(lambda: threads.run_sync(remove, arg))
 
     async def _retire(self, sf: StagedFile, seed: bool = False) -> None:
         """A staged file the store holds and nobody has open leaves the staging area (its
@@ -492,6 +496,9 @@ class Writes:
         # finds the store's object, never this file whose descriptor the worker closes below
         # (nor its bytes while they are copied into the block cache).
         self.staging.detach(sf)
+        # its row goes at once: a crash from here on must not upload it again over a newer
+        # change of the same name (the data file left behind is swept at the next mount)
+        await threads.run_sync(self.staging.journal.remove, sf.rec.id)
         if seed and sf.rec.base_key == sf.key and 0 < sf.size <= SEED_MAX and sf.hold():
             try:
                 await threads.run_sync(self._seed, sf)
