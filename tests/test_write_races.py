@@ -479,3 +479,25 @@ def test_sync_with_a_full_cache_disk_keeps_the_daemon(local_bucket: Bucket, moun
         m.stop()
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_a_folder_rename_keeps_big_files_readable_and_writable(local_bucket: Bucket, mount):
+    """A local source's copy is a new file (a new version): the mount follows it (fsstress
+    found ESTALE here, and then an upload that failed for good)."""
+    m = mount(local_bucket)
+    data = blob(9 << 20, 7)
+    (m.path / "sh1/a").mkdir(parents=True)
+    with open(m.path / "sh1/a/f", "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    os.rename(m.path / "sh1/a", m.path / "sh1/z")
+    drop = os.open(m.path / "sh1/z/f", os.O_RDONLY)
+    try:
+        assert os.pread(drop, 1 << 20, 8 << 20) == data[8 << 20:9 << 20]
+    finally:
+        os.close(drop)
+    with open(m.path / "sh1/z/f", "ab") as f:
+        f.write(b"more")
+    synced(m)
+    assert local_bucket.get("sh1/z/f") == data + b"more"
+    assert local_bucket.get("sh1/a/f") is None

@@ -34,6 +34,7 @@ from ..errors import (
     NotEmpty,
     NotFound,
     NotPermitted,
+    StaleVersion,
 )
 from ..folders import join
 from ..safety import clean_key
@@ -251,6 +252,8 @@ class Namespace:
             raise CrossDevice(f"{old}: {len(keys)} objects, more than rename_limit "
                               f"({self.w.settings.rename_limit}); mv copies instead")
         moved: set[str] = set()  # keys whose staged file moved (with its object)
+        copied: list[tuple[ObjectInfo, ObjectInfo]] = []  # (old, new) objects
+        sent = self.w.fs.clock()
         for src in [sf.key for sf in self.w.staging.under(old + "/")]:
             async with self.w.held(src) as sf:
                 if sf is not None:
@@ -269,10 +272,11 @@ class Namespace:
                                        limiter=self.w.fs.folders.meta_limiter)
                 await self.w.delete_object(info.key)
                 continue
-            await threads.run_sync(
-                lambda info=info, dst=dst: self.w.store.copy(info.key, info.version, dst),
-                limiter=self.w.fs.folders.meta_limiter)
-            await self.w.deletes.delete(info.key, info.version)
+            done = await threads.run_sync(self._copy_current, info, dst,
+                                          limiter=self.w.fs.folders.meta_limiter)
+            if done is not None:
+                copied.append(done)
+                await self.w.deletes.delete(done[0].key, done[0].version)
         if not any(k.key == old + "/" for k in keys):
             await threads.run_sync(self.w.store.put, new + "/", b"",
                                    limiter=self.w.fs.folders.meta_limiter)
@@ -287,6 +291,26 @@ class Namespace:
         self.w.fs.folders.note(old + "/", False)
         self.w.fs.folders.note(new + "/", None)
         self.w.fs.move_path(old, new)
+        for was, now in copied:  # the same bytes, maybe another version (local: a new inode)
+            if now.meta_mtime is None and (was.meta_mtime is not None or was.mode is not None):
+                now = dataclasses.replace(now, meta_mtime=was.meta_mtime, mode=was.mode)
+            self.w.fs.folders.attrs.remember(now)
+            self.w.fs.retarget_handles(was, now)
+            self.w.fs.observed(now.key, now, sent, same_bytes=True)
+
+    def _copy_current(self, info: ObjectInfo, dst: str
+                      ) -> tuple[ObjectInfo, ObjectInfo] | None:
+        """Worker thread: copy ``info`` to ``dst``; if it changed since it was listed (an
+        upload of this mount ended meanwhile), the version it has now; None if it is gone.
+        Returns (the object copied, its copy)."""
+        try:
+            return info, self.w.store.copy(info.key, info.version, dst)
+        except (StaleVersion, NotFound):
+            try:
+                now = self.w.store.head(info.key)
+            except NotFound:
+                return None
+            return now, self.w.store.copy(now.key, now.version, dst)
 
     def _walk(self, prefix: str) -> tuple[list[ObjectInfo], list[str]]:
         """Worker thread: every object under ``prefix`` (markers included), recursively, and
