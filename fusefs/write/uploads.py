@@ -165,6 +165,7 @@ class Uploads:
         except Exception as exc:  # noqa: BLE001 - a background task must not end the mount
             log.error("upload of %r stopped (kept in the staging area; sync retries it): %s",
                       sf.key, exc)
+            sf.attempts += 1
             self._failed(sf, sf.gen, exc)
         finally:
             sf.queued = False
@@ -186,6 +187,7 @@ class Uploads:
                     await self.sync(sf, durable=True)
                     wait = await self._attempt(sf)
                 except Exception as exc:  # noqa: BLE001 - a full disk: kept, retried
+                    sf.attempts += 1  # an attempt that failed (``sync`` waits for one)
                     wait = self._failed(sf, sf.gen, exc)
             else:
                 wait = await self._attempt(sf)
