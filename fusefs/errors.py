@@ -88,6 +88,12 @@ class NotPermitted(FusefsError):
     errno = errno.EPERM
 
 
+class FileTooBig(FusefsError):
+    """A size past what the staging area's file system can hold (EFBIG, as ext4 answers)."""
+
+    errno = errno.EFBIG
+
+
 class NameTooLong(FusefsError):
     errno = errno.ENAMETOOLONG
 

@@ -32,6 +32,7 @@ from .errors import (
     FusefsError,
     InvalidArgument,
     IsADirectory,
+    NameTooLong,
     NotADirectory,
     NotFound,
     ReadOnly,
@@ -50,6 +51,8 @@ ROOT_INO = 1
 #: The control file's inode; never handed out to an object.
 CONTROL_INO = 2
 CONTROL_NAME = ".fusefs"
+#: Longest file name, in bytes (as on ext4).
+NAME_MAX = 255
 #: Longest entry/attribute timeout given to the kernel (a "forever" TTL becomes this).
 MAX_KERNEL_TIMEOUT = 365 * 86400.0
 
@@ -278,7 +281,9 @@ class FileSystem:
                     else capped_mode(info.mode, self.settings))
             mode = stat.S_IFREG | (perm & ro)
             mtime = info.meta_mtime if info.meta_mtime is not None else info.mtime
-            mtime_ns, size, nlink = int(mtime * 1e9), info.size, 1
+            # a file that lost its name (unlinked while open) has no link left
+            nlink = 1 if self._by_path.get(node.path) is node else 0
+            mtime_ns, size = int(mtime * 1e9), info.size
         return Attr(node.ino, mode, size, mtime_ns, (size + 511) // 512, 128 * 1024, nlink,
                     self.uid, self.gid)
 
@@ -320,6 +325,8 @@ class FileSystem:
         if not parent.is_dir:
             raise NotADirectory(f"{parent.path} is not a directory")
         if not valid_name(name):
+            if len(os.fsencode(name)) > NAME_MAX:
+                raise NameTooLong(f"{name[:40]!r}...: a name longer than {NAME_MAX} bytes")
             raise NotFound(f"{name!r}: not a valid name")
         path = join(parent.path, name)
         known = self._by_path.get(path)

@@ -506,3 +506,26 @@ def test_a_folder_rename_keeps_big_files_readable_and_writable(local_bucket: Buc
     synced(m)
     assert local_bucket.get("sh1/z/f") == data + b"more"
     assert local_bucket.get("sh1/a/f") is None
+
+
+# --- pjdfstest's finds: errnos as ext4 gives them --------------------------------------------
+
+
+def test_errnos_of_long_names_huge_sizes_and_unlinked_files(local_bucket: Bucket, mount):
+    m = mount(local_bucket)
+    long = "x" * 256
+    for call in (lambda: open(m.path / long, "w"), lambda: os.stat(m.path / long),
+                 lambda: os.rename(m.path / "f", m.path / long)):
+        (m.path / "f").write_bytes(b"f")
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(OSError) as e:
+        os.truncate(m.path / "f", 999_999_999_999_999)
+    assert e.value.errno in (errno.EFBIG, errno.EINVAL)  # ext4: EFBIG
+    fd = os.open(m.path / "f", os.O_RDONLY)
+    try:
+        os.unlink(m.path / "f")
+        assert os.fstat(fd).st_nlink == 0  # pjdfstest unlink/14.t
+    finally:
+        os.close(fd)

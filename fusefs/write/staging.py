@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 import trio
 
 from ..backends.base import ObjectInfo
-from ..errors import FusefsError, NoSpace
+from ..errors import FileTooBig, FusefsError, NoSpace
 from ..safety import clean_key
 from . import ranges
 from .journal import Journal, Record, problem
@@ -56,6 +56,8 @@ STAGING = ".staging"
 def _os_error(exc: OSError, what: str) -> FusefsError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"{what}: the staging area (cache disk) is full")
+    if exc.errno == errno.EFBIG:
+        return FileTooBig(f"{what}: bigger than a file may be")
     return FusefsError(f"{what}: {exc.strerror}", cause=exc)
 
 

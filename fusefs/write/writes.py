@@ -220,6 +220,8 @@ class Writes:
     def check_name(self, parent_path: str, name: str) -> str:
         if not parent_path and name == self.control_name:
             raise NotPermitted(f"{name} is the control file")
+        if len(os.fsencode(name)) > 255:
+            raise NameTooLong(f"{name[:40]!r}...: a name longer than 255 bytes")
         if not valid_name(name) or "/" in name:
             raise InvalidArgument(f"{name!r} cannot be an object name")
         path = join(parent_path, name)
