@@ -529,3 +529,25 @@ def test_errnos_of_long_names_huge_sizes_and_unlinked_files(local_bucket: Bucket
         assert os.fstat(fd).st_nlink == 0  # pjdfstest unlink/14.t
     finally:
         os.close(fd)
+
+
+def test_a_renamed_away_name_whose_delete_fails_never_comes_back(store: Bucket, mount,
+                                                                 tmp_path):
+    """Item 7: the old name's delete is refused for a while, then the daemon is killed: the
+    journaled delete runs at the next mount; the old name never reappears."""
+    assert store.proxy is not None
+    store.put("old", b"content")
+    m = mount(store, cache_dir=tmp_path / "c")
+    store.proxy.faults(1.0, ["503"], predicate=lambda r: r.method == "DELETE")
+    try:
+        os.rename(m.path / "old", m.path / "new")
+        assert not (m.path / "old").exists()
+        assert store.get("old") == b"content"  # its delete is refused, kept
+        assert m.stats()["deletes_pending"] == 1
+        kill_9(m)
+    finally:
+        store.proxy.faults(0)
+    m2 = mount(store, cache_dir=tmp_path / "c")
+    synced(m2)
+    assert store.get("old") is None and store.get("new") == b"content"
+    assert sorted(os.listdir(m2.path)) == ["new"]
