@@ -81,12 +81,14 @@ class Namespace:
             raise NotADirectory(f"{path} is not a directory")
         if self.w.staging.files.has_under(path):
             raise NotEmpty(f"{path}: not empty")
+        # enough entries to see past the marker and the names this mount removed
+        n = 2 + len(self.w.deletes.pending_under(path + "/"))
         page = await threads.run_sync(
-            lambda: next(iter(self.w.store.list(path + "/", max_keys=2)), None),
+            lambda: next(iter(self.w.store.list(path + "/", max_keys=n)), None),
             limiter=self.w.fs.folders.meta_limiter)
-        if page is not None and (page.prefixes or any(o.key != path + "/"
-                                                      for o in page.objects)):
-            raise NotEmpty(f"{path}: not empty")
+        if page is not None and (page.prefixes or any(
+                o.key != path + "/" and o.key not in self.w.deletes for o in page.objects)):
+            raise NotEmpty(f"{path}: not empty")  # (names this mount removed do not count)
         await self.w.delete_object(path + "/")
         self.w.fs.folders.note(path + "/", False)
         self.w.fs.drop_path(path)
@@ -257,7 +259,9 @@ class Namespace:
         for src in [sf.key for sf in self.w.staging.under(old + "/")]:
             async with self.w.held(src) as sf:
                 if sf is not None:
-                    await self._move_staged(sf, src, new + src[len(old):], "")
+                    dst = new + src[len(old):]
+                    # a name this mount removed there (its delete pending): replaced
+                    await self._move_staged(sf, src, dst, await self.w.deletes.take(dst) or "")
                     moved.add(src)
         keys, folders = await threads.run_sync(self._walk, old + "/",
                                                limiter=self.w.fs.folders.meta_limiter)
@@ -272,6 +276,9 @@ class Namespace:
                                        limiter=self.w.fs.folders.meta_limiter)
                 await self.w.delete_object(info.key)
                 continue
+            # a pending delete there is absorbed: the copy replaces that version (a delete
+            # left to run could remove the copy, which may have the same ETag)
+            await self.w.deletes.take(dst)
             done = await threads.run_sync(self._copy_current, info, dst,
                                           limiter=self.w.fs.folders.meta_limiter)
             if done is not None:
