@@ -432,6 +432,10 @@ class Staging:
             sf = StagedFile(rec, path, fd)
             sf.gen = 1
             sf.synced_gen = sf.durable_gen = 1
+            if rec.token:  # the token an upload cut by the crash carried: kept
+                sf.token_gen = 1
+            else:  # journaled again, with one, before it is sent
+                sf.durable_gen = 0
             if rec.state != "failed":
                 size = os.fstat(fd).st_size
                 if size != rec.size:  # a power loss took data the journal row describes

@@ -201,10 +201,11 @@ class Uploads:
             delay = min(MAX_BACKOFF, delay * 2)
 
     async def sync(self, sf: StagedFile, durable: bool = False) -> None:
-        """Journal ``sf`` (state pending); ``durable``: its data synced to disk first, and a
-        new upload token for a new change (journaled before it is sent)."""
+        """Journal ``sf`` (state pending) with a token unique to this change (so the token a
+        crash leaves in the journal is the one its upload carries); ``durable``: its data
+        synced to disk first."""
         await sf.idle()
-        if durable and sf.token_gen != sf.gen:
+        if sf.token_gen != sf.gen:
             sf.rec.token = uuid.uuid4().hex
             sf.token_gen = sf.gen
         sf.changing = False
