@@ -63,7 +63,7 @@ def check_private_dir(path: str, what: str = "cache directory") -> None:
     if stat.S_ISLNK(st.st_mode):
         st = os.stat(path)  # a link the user made to a cache elsewhere: judge its target
     if not stat.S_ISDIR(st.st_mode):
-        raise UserError(f"{what} {path} is not a directory")
+        raise UserError(f"{what} {path}: not a directory")
     if st.st_uid != os.geteuid():
         raise UserError(f"{what} {path} is owned by uid {st.st_uid}, not by this user "
                         f"(uid {os.geteuid()}): refusing to trust it")
