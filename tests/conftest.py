@@ -341,6 +341,24 @@ _counter = itertools.count()
 
 
 @pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (a cache disk that fills up); unmounted at teardown (the mount
+    fixture's daemons, stopped first, may still be letting go of it: retried)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+    yield small
+    for _ in range(5):
+        subprocess.run(["umount", "-l", str(small)], check=False, capture_output=True)
+        with open("/proc/mounts") as mounts:
+            if f" {small} " not in mounts.read():
+                break
+        time.sleep(0.5)
+
+
+@pytest.fixture
 def mount(tmp_path: Path) -> Iterator[Callable[..., MountProc]]:
     """``mount(bucket, *args, cache_dir=None)`` -> a started MountProc; all stopped at teardown."""
     mounts: list[MountProc] = []
