@@ -261,6 +261,8 @@ class InstrumentedStore:
         self.source_id = inner.source_id
         self.lists_after: bool = getattr(inner, "lists_after", True)
         self.enforces_conditions: bool = getattr(inner, "enforces_conditions", True)
+        self.enforces_delete_conditions: bool = getattr(
+            inner, "enforces_delete_conditions", self.enforces_conditions)
         self.prefix: str = getattr(inner, "prefix", "")
         self._t = {op: metrics.store_timer(op)
                    for op in ("check", "head", "list", "get", "put", "delete", "put_file",

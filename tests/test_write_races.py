@@ -538,3 +538,21 @@ def test_a_renamed_away_name_whose_delete_fails_never_comes_back(store: Bucket, 
     synced(m2)
     assert store.get("old") is None and store.get("new") == b"content"
     assert sorted(os.listdir(m2.path)) == ["new"]
+
+
+def test_deletes_are_conditional_on_every_store(bucket: Bucket, mount, tmp_path):
+    """Item 5 on GCS (ifGenerationMatch), Azure (If-Match) and local sources too."""
+    bucket.put("a", b"original")
+    m = mount(bucket, cache_dir=tmp_path / "ca")
+    reader = open(m.path / "a", "rb")
+    os.unlink(m.path / "a")  # deleted once the reader closes
+    time.sleep(1.1)  # another version: a local source's mtime and ctime move on
+    bucket.put("a", b"theirs, meanwhile")
+    reader.close()
+    synced(m)
+    assert bucket.get("a") == b"theirs, meanwhile"
+    (m.path / "b").write_bytes(b"mine")
+    synced(m)
+    os.unlink(m.path / "b")  # nobody reads it: deleted at once, conditionally
+    synced(m)
+    assert bucket.get("b") is None

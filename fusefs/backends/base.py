@@ -189,6 +189,8 @@ class PrefixedStore:
         self.source_id = inner.source_id + ("/" + self.prefix.rstrip("/") if self.prefix else "")
         self.lists_after: bool = getattr(inner, "lists_after", True)
         self.enforces_conditions: bool = getattr(inner, "enforces_conditions", True)
+        self.enforces_delete_conditions: bool = getattr(
+            inner, "enforces_delete_conditions", self.enforces_conditions)
 
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)

@@ -264,6 +264,9 @@ class GCSStore:
         emulator = (os.environ.get(EMULATOR_ENV) or "").strip().rstrip("/") or None
         if emulator and "://" not in emulator:
             emulator = "http://" + emulator
+        #: GCS honours ifGenerationMatch on deletes; an emulator may not (fake-gcs-server
+        #: deletes anyway): the caller checks with a HEAD first there
+        self.enforces_delete_conditions = not emulator
         self.source_id = f"gs+{emulator}/{bucket}" if emulator else f"gs://{bucket}"
         try:
             self.client: Any = _make_client(project, emulator)

@@ -133,7 +133,9 @@ class PendingDeletes:
 
     def _conditional_delete(self, key: str, version: str) -> None:
         """Worker thread: delete ``key`` if it still has ``version``."""
-        if not self.store.enforces_conditions or version.startswith("~"):
+        enforced = getattr(self.store, "enforces_delete_conditions",
+                           self.store.enforces_conditions)
+        if not enforced or version.startswith("~"):
             try:
                 now = self.store.head(key).version
             except NotFound:
