@@ -32,7 +32,7 @@ from . import threads
 from .attrmemory import AttrMemory
 from .backends.base import ObjectInfo, ObjectStore
 from .config import LIST_AHEAD_PARALLEL, Settings
-from .errors import FusefsError, NotFound, single_error
+from .errors import FusefsError, NameTooLong, NotFound, single_error
 from .listing import PAGE, DirListing, Flight, Range, page_items, range_end
 
 log = logging.getLogger(__name__)
@@ -52,14 +52,24 @@ Found = tuple[bool, ObjectInfo | None, float]
 """(is_dir, info, seen): what a name is, and the time of the observation."""
 
 
+#: Longest file name, in bytes (as on ext4).
+NAME_MAX = 255
+
+
 def valid_name(name: str) -> bool:
-    """Can this key segment be a file name? (no empty, '.', '..', NUL, or > 255 bytes)."""
+    """Can this key segment be a file name? (no empty, '.', '..', NUL, or > NAME_MAX bytes)."""
     return (
         bool(name)
         and name not in (".", "..")
         and "\x00" not in name
-        and len(os.fsencode(name)) <= 255
+        and len(os.fsencode(name)) <= NAME_MAX
     )
+
+
+def check_length(name: str) -> None:
+    """NameTooLong (ENAMETOOLONG, as ext4 answers) for a name over NAME_MAX bytes."""
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise NameTooLong(f"{name[:40]!r}...: a name longer than {NAME_MAX} bytes")
 
 
 def prefix_of(path: str) -> str:

@@ -32,13 +32,12 @@ from .errors import (
     FusefsError,
     InvalidArgument,
     IsADirectory,
-    NameTooLong,
     NotADirectory,
     NotFound,
     ReadOnly,
     StaleVersion,
 )
-from .folders import Folders, join, valid_name
+from .folders import Folders, check_length, join, valid_name
 from .reader import Reader, SeqState
 
 if TYPE_CHECKING:
@@ -51,8 +50,6 @@ ROOT_INO = 1
 #: The control file's inode; never handed out to an object.
 CONTROL_INO = 2
 CONTROL_NAME = ".fusefs"
-#: Longest file name, in bytes (as on ext4).
-NAME_MAX = 255
 #: Longest entry/attribute timeout given to the kernel (a "forever" TTL becomes this).
 MAX_KERNEL_TIMEOUT = 365 * 86400.0
 
@@ -325,8 +322,7 @@ class FileSystem:
         if not parent.is_dir:
             raise NotADirectory(f"{parent.path} is not a directory")
         if not valid_name(name):
-            if len(os.fsencode(name)) > NAME_MAX:
-                raise NameTooLong(f"{name[:40]!r}...: a name longer than {NAME_MAX} bytes")
+            check_length(name)
             raise NotFound(f"{name!r}: not a valid name")
         path = join(parent.path, name)
         known = self._by_path.get(path)

@@ -17,6 +17,7 @@ import trio
 from . import threads
 from .control import Control
 from .errors import IsADirectory, NotPermitted, ReadOnly, to_errno
+from .folders import NAME_MAX
 from .fs import CONTROL_INO, CONTROL_NAME, ROOT_INO, Attr, FileSystem
 from .write.writes import Writes
 
@@ -335,7 +336,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
             s.f_blocks = max(total, used + free)
             s.f_files = self.fs.node_count + (1 << 30)
             s.f_ffree = s.f_favail = 1 << 30
-        s.f_namemax = 255
+        s.f_namemax = NAME_MAX
         return s
 
     @_errors

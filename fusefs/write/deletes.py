@@ -49,8 +49,6 @@ class PendingDeletes:
         self.entries: dict[str, str] = {}
         self._wake = trio.Event()
         self._running: set[str] = set()
-        self.done = 0
-        self.failures = 0
         self.changed = trio.Event()
 
     def load(self, entries: dict[str, str]) -> None:
@@ -120,7 +118,6 @@ class PendingDeletes:
             log.info("%r: not deleted: another writer replaced it meanwhile (theirs is kept)",
                      key)
         except Exception as exc:  # noqa: BLE001 - kept and retried, whatever it was
-            self.failures += 1
             log.warning("delete of %r failed (kept, retried): %s", key, exc)
             return False
         finally:
@@ -128,7 +125,6 @@ class PendingDeletes:
         if self.entries.get(key) == version:  # not taken or replaced meanwhile
             del self.entries[key]
             await threads.run_sync(self._forget, key)
-        self.done += 1
         return True
 
     def _conditional_delete(self, key: str, version: str) -> None:

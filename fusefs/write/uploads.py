@@ -29,6 +29,7 @@ import trio
 from .. import threads
 from ..backends.base import Attrs, Condition, ObjectInfo, ObjectStore, Upload
 from ..errors import AccessDenied, Conflict, FusefsError, NotFound, StaleVersion
+from ..folders import NAME_MAX
 from .journal import Record
 from .staging import StagedFile, Staging
 
@@ -55,10 +56,10 @@ MAX_KEY_BYTES = 1024
 def conflict_key(key: str, when: float | None = None, limit: int = MAX_KEY_BYTES) -> str:
     """Where this mount's version of ``key`` goes when another writer changed ``key``: the
     name with a time stamp, its last segment shortened if the key would pass ``limit``
-    bytes (or a component 255)."""
+    bytes (or a component NAME_MAX)."""
     suffix = ".conflict-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
     folder, sep, name = key.rpartition("/")
-    room = min(255, limit - len(os.fsencode(folder + sep))) - len(suffix)
+    room = min(NAME_MAX, limit - len(os.fsencode(folder + sep))) - len(suffix)
     raw = os.fsencode(name)
     if len(raw) > room:
         name = raw[:max(1, room)].decode("utf-8", "ignore")

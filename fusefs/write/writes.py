@@ -46,7 +46,7 @@ from ..errors import (
     NotPermitted,
     ReadOnly,
 )
-from ..folders import join, valid_name
+from ..folders import check_length, join, valid_name
 from ..reader import SeqState
 from .deletes import PendingDeletes
 from .namespace import Namespace
@@ -220,8 +220,7 @@ class Writes:
     def check_name(self, parent_path: str, name: str) -> str:
         if not parent_path and name == self.control_name:
             raise NotPermitted(f"{name} is the control file")
-        if len(os.fsencode(name)) > 255:
-            raise NameTooLong(f"{name[:40]!r}...: a name longer than 255 bytes")
+        check_length(name)
         if not valid_name(name) or "/" in name:
             raise InvalidArgument(f"{name!r} cannot be an object name")
         path = join(parent_path, name)
