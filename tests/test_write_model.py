@@ -50,6 +50,14 @@ SUB = ["x", "y"]
 data_st = st.binary(min_size=0, max_size=3000)
 
 
+def _write_at(content: bytearray, offset: int, data: bytes) -> None:
+    """The model of ``pwrite``: a write of nothing past the end does not extend the file."""
+    if data:
+        if len(content) < offset:
+            content += bytes(offset - len(content))
+        content[offset:offset + len(data)] = data
+
+
 def _upload_or_delete(r: Any) -> bool:
     """Uploads and deletes (retried in the background), not the copies and folder markers
     a rename makes at once (a refused one fails the rename: EIO, as it should)."""
@@ -127,11 +135,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
                 os.pwrite(fd, data, offset)
             finally:
                 os.close(fd)
-            content = self.inodes[self.names[rel]]
-            if data:  # a write of nothing past the end does not extend the file
-                if len(content) < offset:
-                    content += bytes(offset - len(content))
-                content[offset:offset + len(data)] = data
+            _write_at(self.inodes[self.names[rel]], offset, data)
 
         @precondition(lambda self: self.names)
         @rule(pick=st.integers(0, 100), size=st.integers(0, 6000))
@@ -209,11 +213,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
         def write_through_writer(self, pick: int, offset: int, data: bytes, fsync: bool) -> None:
             fd, ino = self.writers[pick % len(self.writers)]
             os.pwrite(fd, data, offset)
-            content = self.inodes[ino]
-            if data:  # a write of nothing past the end does not extend the file
-                if len(content) < offset:
-                    content += bytes(offset - len(content))
-                content[offset:offset + len(data)] = data
+            _write_at(self.inodes[ino], offset, data)
             if fsync and ino in self.names.values():
                 try:  # in the store now: its version changes under the other rules
                     os.fsync(fd)
