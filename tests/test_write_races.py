@@ -369,7 +369,10 @@ def test_a_multipart_upload_cut_by_kill_9_is_aborted(store: Bucket, mount, tmp_p
         (m.path / "big").write_bytes(data)
         bg = subprocess.Popen([sys.executable, "-m", "fusefs", "sync", str(m.path)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: client.list_multipart_uploads(Bucket=name).get("Uploads"), 30)
+        # the upload id is journaled before the first part goes out: wait for a part (an
+        # upload listed by the server may not have reached the daemon's journal yet)
+        wait_for(lambda: any(r.method == "PUT" and "uploadId" in r.query and name in r.path
+                             for r in store.proxy.requests()), 30)
         kill_9(m)
         bg.wait(30)
     finally:
