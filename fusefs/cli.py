@@ -55,6 +55,7 @@ _SETTING_FLAGS: dict[str, dict[str, Any]] = {
     "dir_mode": {"metavar": "OCTAL"},
     "metrics": {"metavar": "HOST:PORT"},
     "uploads": {"metavar": "N"},
+    "fetch_workers": {"metavar": "N"},
     "upload_part_size": {"metavar": "BYTES"},
     "upload_parts": {"metavar": "N"},
     "upload_grace": {"metavar": "SECONDS"},

@@ -178,6 +178,15 @@ def _meta(parse: Callable[[Any], Any], env: str | None, help: str) -> dict[str, 
     return {"parse": parse, "env": env, "help": help}
 
 
+def default_fetch_workers() -> int:
+    """One fetch worker per core this process may run on, beyond the first."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(0, cores - 1)
+
+
 @dataclass
 class Settings:
     """Every tunable of a mount. Field metadata: parser, environment variable, help text."""
@@ -200,6 +209,15 @@ class Settings:
     workers: int = field(
         default=16,
         metadata=_meta(_positive_int, "FUSEFS_NUM_WORKERS", "parallel requests to the store"),
+    )
+    fetch_workers: int = field(
+        default_factory=lambda: default_fetch_workers(),
+        metadata=_meta(
+            _non_negative_int,
+            "FUSEFS_FETCH_WORKERS",
+            "worker processes that fetch, check and cache blocks (default: one per core beyond "
+            "the first); 0 fetches in the FUSE process",
+        ),
     )
     stall_timeout: float = field(
         default=2.0,

@@ -579,6 +579,7 @@ class Control:
             "open_files": self.fs.open_handles,
             "uptime_s": round(time.monotonic() - self.stats.started, 1),
             **self.request_stats(),
+            **self.worker_stats(),
             "prefetch_requests": self.prefetcher.requests(),
             "hint_window_limited": any(st["limited_by_cache"] for st in streams),
             "hint_streams": streams,
@@ -603,6 +604,25 @@ class Control:
             "fuse_requests_total": sum(requests.values()),
             "cpu_s": round(cpu, 4),
             "cpu_loop_s": None if loop is None else round(loop, 4),
+        }
+
+    def worker_stats(self) -> dict[str, Any]:
+        """The fetch worker processes (``--fetch-workers``): how many serve, their pids, the
+        blocks they fetched or found cached, restarts, requests sent again after a worker
+        died, and their CPU seconds (as of each one's last reply)."""
+        pool = self.reader.pool
+        if pool is None:
+            return {"fetch_workers": 0, "worker_pids": [], "worker_fetches": 0,
+                    "worker_hits": 0, "worker_restarts": 0, "worker_retries": 0,
+                    "worker_cpu_s": 0.0}
+        return {
+            "fetch_workers": 0 if pool.broken else pool.count,
+            "worker_pids": pool.pids(),
+            "worker_fetches": pool.fetches,
+            "worker_hits": pool.hits,
+            "worker_restarts": pool.restarts,
+            "worker_retries": pool.retries,
+            "worker_cpu_s": round(pool.cpu_s(), 4),
         }
 
     def write_stats(self) -> dict[str, Any]:

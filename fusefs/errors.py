@@ -116,6 +116,37 @@ class UserError(FusefsError):
     errno = errno.EINVAL
 
 
+def error_kind(exc: BaseException) -> str:
+    """The name another process sends for ``exc`` (see :func:`error_from_kind`): the class
+    name of a fusefs error, ``OSError:<errno>`` for an OS error, else ``BackendError``."""
+    if isinstance(exc, FusefsError):
+        return type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno:
+        return f"OSError:{exc.errno}"
+    return "BackendError"
+
+
+def _error_classes() -> dict[str, type[FusefsError]]:
+    out: dict[str, type[FusefsError]] = {}
+    todo: list[type[FusefsError]] = [FusefsError]
+    while todo:
+        cls = todo.pop()
+        out[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+def error_from_kind(kind: str, message: str) -> Exception:
+    """The exception :func:`error_kind` named, rebuilt with ``message``: it maps to the same
+    errno as the original (a worker process's failure reads as an in-process one)."""
+    if kind.startswith("OSError:"):
+        try:
+            return OSError(int(kind[8:]), message)
+        except ValueError:
+            return BackendError(message)
+    return _error_classes().get(kind, BackendError)(message)
+
+
 def first_error(exc: BaseException) -> BaseException:
     """The error that decides the errno of a (possibly nested) exception group.
 

@@ -37,6 +37,7 @@ from .fuse_ops import FuseOperations
 from .reader import Reader
 from .safety import SafeFormatter, check_cache_dir
 from .stats import Stats
+from .workers.pool import FetchPool
 from .write.staging import Staging
 from .write.writes import Writes
 
@@ -85,6 +86,7 @@ def build(
     """
     if settings.cache_enabled or not settings.read_only:
         check_cache_dir(settings.cache_dir)  # never trust what another user prepared there
+    explicit_store = store is not None
     store = store or open_store(source, settings)
     metrics = None
     if settings.metrics:
@@ -103,6 +105,11 @@ def build(
     else:
         blocks = NullBlockStore()
         recent = settings.readahead_max + 2 * settings.block_size
+    pool = None
+    if settings.fetch_workers > 0 and not explicit_store:
+        # the workers build their own store from the source and settings: not for a store
+        # handed in (tests, tools), which they could not rebuild
+        pool = FetchPool(source, settings, settings.fetch_workers)
     reader = Reader(
         store,
         blocks,
@@ -111,6 +118,7 @@ def build(
         workers=settings.workers,
         readahead_max=settings.readahead_max,
         recent_bytes=recent,
+        pool=pool,
     )
     fs = FileSystem(store, reader, settings)
     writes = None
@@ -608,6 +616,8 @@ def run(m: Mount, ready: Any, *, daemon: bool = False) -> None:
         finally:
             if not m.closed:
                 pyfuse3.close(unmount=True)
+            if m.reader.pool is not None:
+                m.reader.pool.close()  # no worker process outlives the mount
             if m.metrics is not None:
                 m.metrics.close()
             if m.writes is not None:

@@ -3,8 +3,9 @@
 Concurrency rules (all on the trio thread unless stated):
 - ``_inflight`` maps a block's cache key to its one running or queued fetch; a second reader of
   the same block waits on that fetch (boosting its priority) instead of starting another.
-- Store calls and cache writes run in worker threads (``_fetch_sync``), at most ``workers`` at
-  once, admitted by the :class:`~fusefs.scheduler.Scheduler` in priority order.
+- Store calls and cache writes run in fetch worker processes (``pool``, see
+  :mod:`fusefs.workers`) or, without them, in worker threads (``_fetch_sync``), at most
+  ``workers`` at once, admitted by the :class:`~fusefs.scheduler.Scheduler` in priority order.
 - Cache hits on blocks the store holds open run inline (a ``pread``, no SQLite); opening a
   cached block (which asks the cache's SQLite index) runs in a worker thread, as do warming a
   block ahead of a reader and every cache write: SQLite never runs on the event loop.
@@ -25,8 +26,10 @@ from . import stats as S
 from . import threads
 from .backends.base import ObjectInfo, ObjectStore
 from .cache.blocks import BlockKey, BlockStore
-from .errors import BackendError, FusefsError, StaleVersion, single_error
+from .cache.fetch import fetch_block
+from .errors import FusefsError, StaleVersion, single_error
 from .scheduler import FOREGROUND, READAHEAD, Scheduler, Ticket
+from .workers.pool import FetchPool, PoolBroken
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +107,11 @@ class Reader:
         readahead_max: int,
         recent_bytes: int = 0,
         on_stale: Callable[[str], None] | None = None,
+        pool: FetchPool | None = None,
     ) -> None:
         self.store = store
+        #: Worker processes that fetch blocks (``--fetch-workers``); None: worker threads here.
+        self.pool = pool
         self.blocks = blocks
         self.stats = stats
         self.block_size = block_size
@@ -307,9 +313,7 @@ class Reader:
             async with self.scheduler.slot(flight.ticket):
                 self.stats.in_flight(+1)
                 try:
-                    data, hit = await threads.run_sync(  # abandoned on shutdown, never waited
-                        self._fetch_sync, obj, idx, bkey, priority, limiter=self._limiter
-                    )
+                    data, hit = await self._fetch(obj, idx, bkey, priority)
                 finally:
                     self.stats.in_flight(-1)
             flight.data = data
@@ -329,6 +333,31 @@ class Reader:
             del self._inflight[ck]
             flight.done.set()
 
+    async def _fetch(
+        self, obj: ObjectInfo, idx: int, bkey: BlockKey, priority: int
+    ) -> tuple[bytes, bool]:
+        """The block from a fetch worker process, or (no workers, or they cannot run) from
+        :meth:`_fetch_sync` in a worker thread."""
+        pool = self.pool
+        if pool is not None and pool.usable:
+            start = idx * bkey.block_size
+            length = min(bkey.block_size, obj.size - start)
+            try:
+                data, hit = await pool.fetch(bkey, obj.key, obj.version, start, length)
+            except PoolBroken:
+                pass
+            except Exception:
+                self.stats.add(S.ERRORS)
+                raise
+            else:
+                if not hit:
+                    self.stats.add(S.FETCHES)
+                    self.stats.add(S.BYTES_FETCHED, len(data))
+                return data, hit
+        return await threads.run_sync(  # abandoned on shutdown, never waited
+            self._fetch_sync, obj, idx, bkey, priority, limiter=self._limiter
+        )
+
     def _fetch_sync(
         self, obj: ObjectInfo, idx: int, bkey: BlockKey, priority: int
     ) -> tuple[bytes, bool]:
@@ -339,22 +368,13 @@ class Reader:
         and a fetch of the same block may have stored it since a reader last looked."""
         start = idx * bkey.block_size
         length = min(bkey.block_size, obj.size - start)
-        cached = self.blocks.read(bkey, 0, length)
-        if cached is not None and len(cached) == length:
-            return cached, True
         try:
-            data = self.store.get_range(obj.key, start, length, obj.version)
+            data, hit = fetch_block(self.store, self.blocks, obj.key, obj.version, bkey, start,
+                                    length)
         except Exception:
             self.stats.add(S.ERRORS)
             raise
-        self.stats.add(S.FETCHES)
-        self.stats.add(S.BYTES_FETCHED, len(data))
-        if len(data) != length:
-            self.stats.add(S.ERRORS)
-            raise BackendError(
-                f"{obj.key}: short read at {start} ({len(data)} of {length} bytes); "
-                "the object may have changed"
-            )
-        self.blocks.put(bkey, data)
-        self.blocks.maybe_touch()
-        return data, False
+        if not hit:
+            self.stats.add(S.FETCHES)
+            self.stats.add(S.BYTES_FETCHED, len(data))
+        return data, hit

@@ -100,7 +100,10 @@ class DiskBlockStore:
         max_open: int = 256,
         touch_interval: float = 10.0,
         on_corrupt: Callable[[], None] | None = None,
+        maintain: bool = True,
     ) -> None:
+        """``maintain``: run the maintenance thread (orphan sweep, usage snapshot, batched
+        access times); a fetch worker process leaves that to its mount's own store."""
         self.directory = directory
         self.size_limit = size_limit
         self._cache = open_index(directory, lambda: diskcache.Cache(
@@ -134,7 +137,8 @@ class DiskBlockStore:
         self._stop = threading.Event()
         self._maintenance = threading.Thread(
             target=self._maintain, name="fusefs-cache", daemon=True)
-        self._maintenance.start()
+        if maintain:
+            self._maintenance.start()
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -497,7 +501,8 @@ class DiskBlockStore:
         """Stop the maintenance thread, flush the bookkeeping, close the open blocks and the
         cache (at unmount)."""
         self._stop.set()
-        self._maintenance.join(timeout=5)
+        if self._maintenance.is_alive():
+            self._maintenance.join(timeout=5)
         self.flush()
         with self._lock:
             to_close = [self._retire_locked(ck) for ck in list(self._open)]

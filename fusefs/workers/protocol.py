@@ -1,0 +1,108 @@
+"""Frames between the FUSE process and a fetch worker, over two pipes.
+
+Request (FUSE process -> worker): ``REQUEST`` header (request id, payload length), then a
+pickle of :class:`Request`. The first frame a worker reads is its :class:`Init` instead.
+Reply (worker -> FUSE process): ``REPLY`` header (request id, status, the worker's CPU seconds
+so far, payload length), then the payload: the block's bytes (``FETCHED``, ``HIT``) or
+``kind NUL message`` (``FAILED``; ``kind`` from :func:`fusefs.errors.error_kind`).
+
+Both sides are the same fusefs install (the worker is started with the FUSE process's own
+interpreter), so pickle is safe here: nothing else writes to these pipes.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+REQUEST = struct.Struct("<QI")
+REPLY = struct.Struct("<QBdQ")
+
+FETCHED, HIT, FAILED = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class Init:
+    """What a worker needs to build its own store and cache (never an SDK client)."""
+
+    source: str
+    settings: Any  # fusefs.config.Settings
+    number: int
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Fetch bytes ``[start, start+length)`` of ``key`` at ``version`` as the block ``bkey``
+    (BlockKey fields: source, key, version, block size, index)."""
+
+    key: str
+    version: str
+    start: int
+    length: int
+    bkey: tuple[str, str, str, int, int]
+
+
+def write_all(fd: int, *parts: bytes | memoryview) -> None:
+    """Write every byte of ``parts`` to ``fd`` (a pipe may take fewer at a time)."""
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        n = os.writev(fd, views)
+        while n and views:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+
+
+def read_exact(fd: int, n: int) -> bytes | None:
+    """Exactly ``n`` bytes from ``fd``; None at end of file (the other side is gone)."""
+    if n == 0:
+        return b""
+    first = os.read(fd, n)
+    if len(first) == n:
+        return first
+    if not first:
+        return None
+    buf = bytearray(n)
+    buf[: len(first)] = first
+    view, got = memoryview(buf), len(first)
+    while got < n:
+        k = os.readv(fd, [view[got:]])
+        if k == 0:
+            return None
+        got += k
+    return bytes(buf)
+
+
+def send_frame(fd: int, rid: int, obj: Any) -> None:
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    write_all(fd, REQUEST.pack(rid, len(payload)), payload)
+
+
+def read_frame(fd: int) -> tuple[int, Any] | None:
+    """(request id, object) of the next request frame; None at end of file."""
+    head = read_exact(fd, REQUEST.size)
+    if head is None:
+        return None
+    rid, n = REQUEST.unpack(head)
+    payload = read_exact(fd, n)
+    if payload is None:
+        return None
+    return rid, pickle.loads(payload)
+
+
+def read_reply(fd: int) -> tuple[int, int, float, bytes] | None:
+    """(request id, status, worker CPU seconds, payload) of the next reply; None at EOF."""
+    head = read_exact(fd, REPLY.size)
+    if head is None:
+        return None
+    rid, status, cpu, n = REPLY.unpack(head)
+    payload = read_exact(fd, n)
+    if payload is None:
+        return None
+    return rid, status, cpu, payload

@@ -1,0 +1,118 @@
+"""The program of one fetch worker process: ``python -m fusefs.workers.worker REQ_FD REP_FD``.
+
+It reads an :class:`~.protocol.Init` and then requests from ``REQ_FD``, builds its own store
+(its own SDK clients) and block cache from the mount's source and settings, and answers each
+request on ``REP_FD`` with the block (fetched, verified and stored in the cache directory by
+:func:`fusefs.cache.fetch.fetch_block`) or the kind of error it met.
+
+Invariants: requests run in up to ``settings.workers`` threads; a reply is written whole under
+one lock (replies never interleave). End of file on ``REQ_FD`` (the FUSE process closed it or
+died) ends the worker at once, abandoning requests in flight (their cache writes are
+crash-safe: diskcache records a block only once its file is complete). SIGINT and SIGHUP are
+ignored: the FUSE process decides when its workers stop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import logging.handlers
+import os
+import resource
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from ..backends import open_store
+from ..cache.blocks import BlockStore, DiskBlockStore, NullBlockStore
+from ..cache.fetch import fetch_block
+from ..cache.keys import BlockKey
+from ..config import Settings
+from ..errors import error_kind
+from . import protocol as P
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel for SIGKILL when the FUSE process dies (EOF would tell us too, unless a
+    request thread is stuck)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _setup_logging(settings: Settings, number: int) -> None:
+    handler: logging.Handler
+    if settings.log_file:
+        handler = logging.handlers.WatchedFileHandler(settings.log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)s fetch-worker-{number}[%(process)d] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(settings.log_level)
+    for noisy in ("botocore", "boto3", "urllib3", "google", "s3transfer", "azure"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def serve(req_fd: int, rep_fd: int) -> None:
+    """Answer requests until end of file on ``req_fd``."""
+    first = P.read_frame(req_fd)
+    if first is None:
+        return
+    init = first[1]
+    assert isinstance(init, P.Init)
+    settings: Settings = init.settings
+    _setup_logging(settings, init.number)
+    store = open_store(init.source, settings)
+    blocks: BlockStore
+    if settings.cache_enabled:
+        blocks = DiskBlockStore(settings.cache_dir, settings.cache_size, maintain=False)
+    else:
+        blocks = NullBlockStore()
+    lock = threading.Lock()
+
+    def one(rid: int, req: P.Request) -> None:
+        payload: bytes
+        try:
+            data, hit = fetch_block(store, blocks, req.key, req.version, BlockKey(*req.bkey),
+                                    req.start, req.length)
+            status, payload = (P.HIT if hit else P.FETCHED), data
+        except Exception as exc:  # noqa: BLE001 - every failure is answered, by kind
+            log.debug("fetch of %s at %d failed: %r", req.key, req.start, exc)
+            status = P.FAILED
+            payload = f"{error_kind(exc)}\0{exc}".encode("utf-8", "replace")
+        try:
+            with lock:
+                P.write_all(rep_fd, P.REPLY.pack(rid, status, _cpu(), len(payload)), payload)
+        except OSError:
+            os._exit(0)  # the FUSE process is gone
+
+    log.debug("fetch worker %d serving %s", init.number, store.source_id)
+    with ThreadPoolExecutor(settings.workers, thread_name_prefix="fetch") as pool:
+        while (frame := P.read_frame(req_fd)) is not None:
+            pool.submit(one, *frame)
+        os._exit(0)  # end of requests: abandon what is in flight, at once
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _die_with_parent()
+    serve(int(argv[1]), int(argv[2]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,180 @@
+"""Fetch worker processes (``--fetch-workers``): reads through them on every store, a worker
+killed in the middle of a fetch, a changed object, ``--fetch-workers 0``, and that no worker
+outlives its mount. Real mounts, real servers; requests and bytes are counted, never timed."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+import time
+
+import pytest
+from conftest import Bucket, MountProc, blob, drop_page_cache
+
+from fusefs.errors import (
+    BackendError,
+    NotFound,
+    StaleVersion,
+    error_from_kind,
+    error_kind,
+    to_errno,
+)
+from fusefs.testing.proxy import Request, is_object_get
+
+KiB = 1024
+
+
+def _alive(pid: int) -> bool:
+    """True if ``pid`` is a live (not zombie) process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(p) for p in f.read().split()]
+    return out
+
+
+def _wait_until(cond, what: str, limit: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll ``cond`` (a deadline only so a broken build fails instead of hanging)."""
+    deadline = time.monotonic() + limit
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.05)
+
+
+def test_errors_from_a_worker_map_to_the_same_errno() -> None:
+    for exc in (StaleVersion("x"), NotFound("y"), BackendError("z"), OSError(errno.ENOSPC, "d"),
+                ValueError("v")):
+        back = error_from_kind(error_kind(exc), str(exc))
+        expected = to_errno(exc) if not isinstance(exc, ValueError) else errno.EIO
+        assert to_errno(back) == expected
+    assert isinstance(error_from_kind("StaleVersion", "m"), StaleVersion)
+    assert isinstance(error_from_kind("NoSuchKind", "m"), BackendError)
+
+
+def test_reads_through_workers_on_every_store(bucket: Bucket, mount) -> None:
+    files = {"small.bin": blob(100 * KiB, 1), "multi.bin": blob(200 * KiB + 7, 2),
+             "empty": b"", "sub/tiny.txt": b"hello"}
+    for k, v in files.items():
+        bucket.put(k, v)
+    m = mount(bucket, "--fetch-workers", "2", "--block-size", "64K")
+    for k, v in files.items():
+        assert (m.path / k).read_bytes() == v
+    st = m.stats()
+    assert st["fetch_workers"] == 2
+    pids = st["worker_pids"]
+    assert len(pids) == 2 and all(_parent(p) == m.proc.pid for p in pids)  # type: ignore[union-attr]
+    assert st["worker_fetches"] == 2 + 4 + 1  # 64 KiB blocks: 2 + 4 + 1
+    assert st["fetches"] == st["worker_fetches"]
+    assert st["worker_restarts"] == 0 and st["errors"] == 0
+    # the cache the workers wrote serves the FUSE process (and the workers) again
+    for k, v in files.items():
+        drop_page_cache(m.path / k)
+        assert (m.path / k).read_bytes() == v
+    assert m.stats()["worker_fetches"] == 7
+    m.stop()
+    assert not [p for p in pids if _alive(p)]
+
+
+def test_fetch_workers_0_fetches_in_the_fuse_process(s3_bucket: Bucket, mount) -> None:
+    s3_bucket.put("a.bin", blob(100 * KiB, 3))
+    m = mount(s3_bucket, "--fetch-workers", "0")
+    assert (m.path / "a.bin").read_bytes() == blob(100 * KiB, 3)
+    st = m.stats()
+    assert (st["fetch_workers"], st["worker_pids"], st["worker_fetches"]) == (0, [], 0)
+    assert st["fetches"] == 1
+    assert _children(m.proc.pid) == []  # type: ignore[union-attr]
+
+
+def test_a_worker_killed_mid_fetch_is_restarted_and_the_read_is_right(s3_bucket: Bucket,
+                                                                      mount) -> None:
+    data = blob(100 * KiB, 4)
+    s3_bucket.put("held.bin", data)
+    proxy = s3_bucket.proxy
+    assert proxy is not None
+
+    def held(req: Request) -> bool:
+        return is_object_get(req) and req.path.endswith("/held.bin")
+
+    m = mount(s3_bucket, "--fetch-workers", "1", "--stall-timeout", "60")
+    # the first GET of held.bin waits in the proxy (cut short when the test ends)
+    proxy.slow(lambda method, path: method == "GET" and "/held.bin" in path
+               and "list-type" not in path, 30)
+    got: list[bytes | BaseException] = []
+
+    def read() -> None:
+        try:
+            got.append((m.path / "held.bin").read_bytes())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            got.append(exc)
+
+    before = proxy.count(predicate=held)
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        _wait_until(lambda: proxy.count(predicate=held) > before, "the worker's GET")
+        (pid,) = m.stats()["worker_pids"]
+        os.kill(pid, signal.SIGKILL)
+        proxy.slow(None, 0)  # the retry goes through
+        t.join(60)
+    finally:
+        proxy.slow(None, 0)
+    assert got == [data]
+    st = m.stats()
+    assert st["worker_restarts"] == 1 and st["worker_retries"] >= 1
+    assert st["worker_pids"] and pid not in st["worker_pids"]
+    assert proxy.count(predicate=held) == before + 2  # the held GET, then one retry
+    assert not _alive(pid)
+
+
+def test_a_changed_object_never_yields_mixed_bytes(s3_bucket: Bucket, mount) -> None:
+    old, new = blob(4096 * KiB, 5), blob(4096 * KiB, 6)
+    s3_bucket.put("c.bin", old)
+    m = mount(s3_bucket, "--fetch-workers", "1", "--block-size", "64K",
+              "--metadata-ttl", "3600")
+    path = m.path / "c.bin"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4 * KiB, 0) == old[: 4 * KiB]  # the old version, partly cached
+        s3_bucket.put("c.bin", new)
+        far = 3584 * KiB  # past any readahead of the first read: fetched only now
+        with pytest.raises(OSError) as ei:  # the worker's GET names the old version
+            os.pread(fd, 4 * KiB, far)
+        assert ei.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+    drop_page_cache(path)
+    os.close(os.open(path, os.O_RDONLY))  # reopening sees the new version
+    assert path.read_bytes() == new  # all new: never an old block mixed in
+    st = m.stats()
+    assert st["worker_fetches"] >= 4096 // 64 and st["worker_restarts"] == 0
+
+
+def test_no_worker_outlives_a_killed_daemon(s3_bucket: Bucket, mount) -> None:
+    s3_bucket.put("k.bin", blob(10 * KiB, 7))
+    m: MountProc = mount(s3_bucket, "--fetch-workers", "2")
+    assert (m.path / "k.bin").read_bytes() == blob(10 * KiB, 7)
+    pids = m.stats()["worker_pids"]
+    assert len(pids) == 2
+    assert m.proc is not None
+    m.proc.kill()  # SIGKILL: no cleanup code runs; the workers must still go
+    m.proc.wait()
+    _wait_until(lambda: not [p for p in pids if _alive(p)], "the workers exit")
+    m.stop()
+
+
