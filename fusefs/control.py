@@ -612,11 +612,12 @@ class Control:
         died, and their CPU seconds (as of each one's last reply)."""
         pool = self.reader.pool
         if pool is None:
-            return {"fetch_workers": 0, "worker_pids": [], "worker_fetches": 0,
+            return {"fetch_workers": 0, "workers_ready": 0, "worker_pids": [], "worker_fetches": 0,
                     "worker_hits": 0, "worker_restarts": 0, "worker_retries": 0,
                     "worker_cpu_s": 0.0}
         return {
             "fetch_workers": 0 if pool.broken else pool.count,
+            "workers_ready": pool.ready(),
             "worker_pids": pool.pids(),
             "worker_fetches": pool.fetches,
             "worker_hits": pool.hits,

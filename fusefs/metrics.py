@@ -69,6 +69,9 @@ COUNTERS = {
                             "histogram's _count, or fuse_requests in the statistics)"),
     "cpu_s": ("cpu_seconds", "CPU seconds (user + system) of the mount daemon, all threads"),
     "cpu_loop_s": ("fuse_loop_cpu_seconds", "CPU seconds of the thread answering FUSE requests"),
+    "worker_fetches": ("worker_fetches", "blocks fetch worker processes fetched from the store"),
+    "worker_restarts": ("worker_restarts", "fetch worker processes restarted after dying"),
+    "worker_cpu_s": ("worker_cpu_seconds", "CPU seconds of the fetch worker processes"),
 }
 GAUGES = {
     "fetches_in_flight": ("fetches_in_flight", "GETs running now"),
@@ -86,6 +89,7 @@ GAUGES = {
     "deletes_pending": ("deletes_pending", "removed names whose object is still in the store "
                         "(a descriptor reads it, or its delete is retried)"),
     "uptime_s": ("uptime_seconds", "seconds since the mount started"),
+    "fetch_workers": ("fetch_workers", "fetch worker processes (0: fetches in the daemon)"),
 }
 
 

@@ -29,7 +29,7 @@ from .cache.blocks import BlockKey, BlockStore
 from .cache.fetch import fetch_block
 from .errors import FusefsError, StaleVersion, single_error
 from .scheduler import FOREGROUND, READAHEAD, Scheduler, Ticket
-from .workers.pool import FetchPool, PoolBroken
+from .workers.pool import FetchPool, PoolUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -343,8 +343,9 @@ class Reader:
             start = idx * bkey.block_size
             length = min(bkey.block_size, obj.size - start)
             try:
-                data, hit = await pool.fetch(bkey, obj.key, obj.version, start, length)
-            except PoolBroken:
+                data, hit, stored = await pool.fetch(bkey, obj.key, obj.version, start,
+                                                     length)
+            except PoolUnavailable:
                 pass
             except Exception:
                 self.stats.add(S.ERRORS)
@@ -353,6 +354,8 @@ class Reader:
                 if not hit:
                     self.stats.add(S.FETCHES)
                     self.stats.add(S.BYTES_FETCHED, len(data))
+                if stored:
+                    self.blocks.stored_elsewhere()
                 return data, hit
         return await threads.run_sync(  # abandoned on shutdown, never waited
             self._fetch_sync, obj, idx, bkey, priority, limiter=self._limiter
@@ -369,8 +372,8 @@ class Reader:
         start = idx * bkey.block_size
         length = min(bkey.block_size, obj.size - start)
         try:
-            data, hit = fetch_block(self.store, self.blocks, obj.key, obj.version, bkey, start,
-                                    length)
+            data, hit, _ = fetch_block(self.store, self.blocks, obj.key, obj.version, bkey,
+                                       start, length)
         except Exception:
             self.stats.add(S.ERRORS)
             raise

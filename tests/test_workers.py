@@ -57,6 +57,13 @@ def _wait_until(cond, what: str, limit: float = 30.0) -> None:  # type: ignore[n
         time.sleep(0.05)
 
 
+def _start_workers(m: MountProc, n: int, first: str) -> None:
+    """Read ``first`` (a cold read starts the workers; it is served in-process while they
+    start), then wait until ``n`` workers take requests."""
+    (m.path / first).read_bytes()
+    _wait_until(lambda: m.stats()["workers_ready"] == n, f"{n} workers ready")
+
+
 def test_errors_from_a_worker_map_to_the_same_errno() -> None:
     for exc in (StaleVersion("x"), NotFound("y"), BackendError("z"), OSError(errno.ENOSPC, "d"),
                 ValueError("v")):
@@ -72,7 +79,10 @@ def test_reads_through_workers_on_every_store(bucket: Bucket, mount) -> None:
              "empty": b"", "sub/tiny.txt": b"hello"}
     for k, v in files.items():
         bucket.put(k, v)
+    bucket.put("first", b"1")
     m = mount(bucket, "--fetch-workers", "2", "--block-size", "64K")
+    _start_workers(m, 2, "first")
+    fetches = m.stats()["fetches"]
     for k, v in files.items():
         assert (m.path / k).read_bytes() == v
     st = m.stats()
@@ -80,7 +90,7 @@ def test_reads_through_workers_on_every_store(bucket: Bucket, mount) -> None:
     pids = st["worker_pids"]
     assert len(pids) == 2 and all(_parent(p) == m.proc.pid for p in pids)  # type: ignore[union-attr]
     assert st["worker_fetches"] == 2 + 4 + 1  # 64 KiB blocks: 2 + 4 + 1
-    assert st["fetches"] == st["worker_fetches"]
+    assert st["fetches"] == fetches + st["worker_fetches"]
     assert st["worker_restarts"] == 0 and st["errors"] == 0
     # the cache the workers wrote serves the FUSE process (and the workers) again
     for k, v in files.items():
@@ -105,6 +115,7 @@ def test_a_worker_killed_mid_fetch_is_restarted_and_the_read_is_right(s3_bucket:
                                                                       mount) -> None:
     data = blob(100 * KiB, 4)
     s3_bucket.put("held.bin", data)
+    s3_bucket.put("first", b"1")
     proxy = s3_bucket.proxy
     assert proxy is not None
 
@@ -112,6 +123,7 @@ def test_a_worker_killed_mid_fetch_is_restarted_and_the_read_is_right(s3_bucket:
         return is_object_get(req) and req.path.endswith("/held.bin")
 
     m = mount(s3_bucket, "--fetch-workers", "1", "--stall-timeout", "60")
+    _start_workers(m, 1, "first")
     # the first GET of held.bin waits in the proxy (cut short when the test ends)
     proxy.slow(lambda method, path: method == "GET" and "/held.bin" in path
                and "list-type" not in path, 30)
@@ -145,8 +157,10 @@ def test_a_worker_killed_mid_fetch_is_restarted_and_the_read_is_right(s3_bucket:
 def test_a_changed_object_never_yields_mixed_bytes(s3_bucket: Bucket, mount) -> None:
     old, new = blob(4096 * KiB, 5), blob(4096 * KiB, 6)
     s3_bucket.put("c.bin", old)
+    s3_bucket.put("first", b"1")
     m = mount(s3_bucket, "--fetch-workers", "1", "--block-size", "64K",
               "--metadata-ttl", "3600")
+    _start_workers(m, 1, "first")
     path = m.path / "c.bin"
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -168,7 +182,7 @@ def test_a_changed_object_never_yields_mixed_bytes(s3_bucket: Bucket, mount) -> 
 def test_no_worker_outlives_a_killed_daemon(s3_bucket: Bucket, mount) -> None:
     s3_bucket.put("k.bin", blob(10 * KiB, 7))
     m: MountProc = mount(s3_bucket, "--fetch-workers", "2")
-    assert (m.path / "k.bin").read_bytes() == blob(10 * KiB, 7)
+    _start_workers(m, 2, "k.bin")
     pids = m.stats()["worker_pids"]
     assert len(pids) == 2
     assert m.proc is not None

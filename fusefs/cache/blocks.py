@@ -100,22 +100,29 @@ class DiskBlockStore:
         max_open: int = 256,
         touch_interval: float = 10.0,
         on_corrupt: Callable[[], None] | None = None,
-        maintain: bool = True,
+        owner: bool = True,
     ) -> None:
-        """``maintain``: run the maintenance thread (orphan sweep, usage snapshot, batched
-        access times); a fetch worker process leaves that to its mount's own store."""
+        """``owner``: the mount's own store, which prepares and checks the directory (a broken
+        cache is moved aside, an open mode warned about) and runs the maintenance thread
+        (orphan sweep, usage snapshot, batched access times). A fetch worker process's store
+        (``owner=False``) attaches to the directory its mount prepared and leaves all that
+        to it."""
         self.directory = directory
         self.size_limit = size_limit
-        self._cache = open_index(directory, lambda: diskcache.Cache(
-            directory,
-            size_limit=size_limit,
-            eviction_policy="least-recently-used",
-            cull_limit=0,  # diskcache's cull in ``set`` stops after N items: ``put`` culls
-            tag_index=True,
-            statistics=False,
-            disk_min_file_size=MIN_FILE_SIZE,
-            disk=PrivateDisk,
-        ))
+
+        def open_cache() -> diskcache.Cache:
+            return diskcache.Cache(
+                directory,
+                size_limit=size_limit,
+                eviction_policy="least-recently-used",
+                cull_limit=0,  # diskcache's cull in ``set`` stops after N items: ``put`` culls
+                tag_index=True,
+                statistics=False,
+                disk_min_file_size=MIN_FILE_SIZE,
+                disk=PrivateDisk,
+            )
+
+        self._cache = open_index(directory, open_cache) if owner else open_cache()
         self._lock = threading.Lock()
         self._open: OrderedDict[str, _Open] = OrderedDict()
         self._touched: set[str] = set()
@@ -137,7 +144,7 @@ class DiskBlockStore:
         self._stop = threading.Event()
         self._maintenance = threading.Thread(
             target=self._maintain, name="fusefs-cache", daemon=True)
-        if maintain:
+        if owner:
             self._maintenance.start()
 
     # --- reading ---------------------------------------------------------------------------
@@ -347,8 +354,9 @@ class DiskBlockStore:
 
     # --- writing ---------------------------------------------------------------------------
 
-    def put(self, bkey: BlockKey, data: bytes) -> None:
-        """Store a block; failures (disk full...) are logged and the block simply not cached."""
+    def put(self, bkey: BlockKey, data: bytes) -> bool:
+        """Store a block; True if stored. Failures (disk full...) are logged and the block
+        simply not cached."""
         try:
             trailer = integrity.trailer(data)
             if len(data) >= MIN_FILE_SIZE:
@@ -364,9 +372,16 @@ class DiskBlockStore:
                 self._reported.discard(bkey.cache_key)
             self.puts += 1
             self._cull()
+            return True
         except Exception as exc:
             self._write_failures.warning("could not store block in cache %s: %s",
                                          self.directory, exc)
+            return False
+
+    def stored_elsewhere(self) -> None:
+        """Count a block a fetch worker process of this mount stored (for ``evictions``)."""
+        with self._lock:
+            self.puts += 1
 
     def refresh_usage(self) -> int:
         """Read the volume and item count from the index into the snapshot; returns the
@@ -585,7 +600,10 @@ class NullBlockStore:
     def warm(self, bkey: BlockKey) -> bool:
         return False
 
-    def put(self, bkey: BlockKey, data: bytes) -> None:
+    def put(self, bkey: BlockKey, data: bytes) -> bool:
+        return False
+
+    def stored_elsewhere(self) -> None:
         return None
 
     def maybe_touch(self) -> None:

@@ -17,18 +17,19 @@ from .keys import BlockKey
 def fetch_block(
     store: ObjectStore, blocks: BlockStore, key: str, version: str, bkey: BlockKey,
     start: int, length: int,
-) -> tuple[bytes, bool]:
-    """(the block, True) if the cache holds it, else (the block, False) from the store, put
-    into the cache. Blocking (SQLite, the network): worker threads or processes only."""
+) -> tuple[bytes, bool, bool]:
+    """(the block, True, False) if the cache holds it, else (the block, False, stored) from
+    the store, put into the cache (``stored``: the cache took it). Blocking (SQLite, the
+    network): worker threads or processes only."""
     cached = blocks.read(bkey, 0, length)
     if cached is not None and len(cached) == length:
-        return cached, True
+        return cached, True, False
     data = store.get_range(key, start, length, version)
     if len(data) != length:
         raise BackendError(
             f"{key}: short read at {start} ({len(data)} of {length} bytes); "
             "the object may have changed"
         )
-    blocks.put(bkey, data)
+    stored = blocks.put(bkey, data)
     blocks.maybe_touch()
-    return data, False
+    return data, False, stored

@@ -11,7 +11,9 @@ Concurrency rules:
   its reply pipe) is reaped by its reply thread and replaced; the requests it held are sent
   again to a live worker, each at most ``MAX_TRIES`` times in all (then EIO). No reply is
   ever matched to another request: ids are never reused.
-- Workers start at the first fetch (a mount that never reads cold data starts none).
+- Workers start at the first fetch (a mount that never reads cold data starts none); until
+  one has built its store and said READY, fetches run in-process (no read waits for a start).
+  Requests sent again after a death may wait in a new worker's pipe for its start.
   ``MAX_BAD_STARTS`` deaths in a row with no reply at all mark the pool broken: the reader
   then fetches in-process, as with ``--fetch-workers 0``.
 """
@@ -43,8 +45,9 @@ MAX_BAD_STARTS = 5
 EXIT_GRACE = 2.0
 
 
-class PoolBroken(Exception):
-    """The workers cannot run (they die as they start): fetch in-process instead."""
+class PoolUnavailable(Exception):
+    """No worker takes requests (none has started yet, or they die as they start): fetch
+    in-process instead."""
 
 
 @dataclass
@@ -65,6 +68,7 @@ class _Worker:
         self.rep_r = rep_r
         self.inflight: dict[int, _Pending] = {}
         self.replied = False
+        self.ready = False  # it has built its store: new requests may go to it
         self.alive = True
         self.cpu = 0.0
 
@@ -98,6 +102,10 @@ class FetchPool:
 
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers if w.alive]
+
+    def ready(self) -> int:
+        """Workers that take requests now."""
+        return sum(1 for w in self._workers if w.alive and w.ready)
 
     def cpu_s(self) -> float:
         """CPU seconds of the workers, as each last reported it with a reply."""
@@ -178,11 +186,14 @@ class FetchPool:
         worker.cpu = max(worker.cpu, cpu)
         worker.replied = True
         self._bad_starts = 0
+        if status == P.READY:
+            worker.ready = True
+            return
         pending = worker.inflight.pop(rid, None)
         if pending is None:
             return  # its waiter was cancelled and the request forgotten
         pending.status, pending.payload = status, payload
-        if status == P.FETCHED:
+        if status in (P.STORED, P.FETCHED):
             self.fetches += 1
         elif status == P.HIT:
             self.hits += 1
@@ -234,7 +245,7 @@ class FetchPool:
             pending.done.set()
             return
         live = [w for w in self._workers if w.alive]
-        worker = min(live, key=lambda w: len(w.inflight))
+        worker = min([w for w in live if w.ready] or live, key=lambda w: len(w.inflight))
         worker.inflight[rid] = pending
         try:
             P.send_frame(worker.req_w, rid, pending.req)
@@ -242,12 +253,15 @@ class FetchPool:
             pass  # it died: its reply thread reports that, and the request is sent again
 
     async def fetch(self, bkey: BlockKey, key: str, version: str, start: int,
-                    length: int) -> tuple[bytes, bool]:
-        """(the block, found in the cache) from a worker. Raises the error the worker met,
-        rebuilt (same errno); PoolBroken if the workers cannot run."""
+                    length: int) -> tuple[bytes, bool, bool]:
+        """(the block, found in the cache, stored in the cache by the worker) from a worker.
+        Raises the error the worker met, rebuilt (same errno); PoolUnavailable if the workers
+        cannot run."""
         if not self.usable:
-            raise PoolBroken()
+            raise PoolUnavailable()
         self._ensure_started()
+        if not any(w.ready for w in self._workers):
+            raise PoolUnavailable()  # starting (about half a second): no read waits for it
         pending = _Pending(P.Request(key, version, start, length, (
             bkey.source, bkey.key, bkey.version, bkey.block_size, bkey.index)))
         rid = next(self._ids)
@@ -258,15 +272,15 @@ class FetchPool:
             if not pending.done.is_set():  # cancelled: a late reply is dropped
                 for w in self._workers:
                     w.inflight.pop(rid, None)
-        if pending.status in (P.FETCHED, P.HIT):
+        if pending.status in (P.STORED, P.HIT, P.FETCHED):
             if len(pending.payload) != length:  # never serve a block of the wrong size
                 raise BackendError(f"{key}: a fetch worker answered {len(pending.payload)} "
                                    f"of {length} bytes")
-            return pending.payload, pending.status == P.HIT
+            return pending.payload, pending.status == P.HIT, pending.status == P.STORED
         if pending.status == P.FAILED:
             kind, _, message = pending.payload.decode("utf-8", "replace").partition("\0")
             raise error_from_kind(kind, message)
-        raise PoolBroken()
+        raise PoolUnavailable()
 
 
 def _close(fd: int) -> None:

@@ -3,7 +3,7 @@
 Request (FUSE process -> worker): ``REQUEST`` header (request id, payload length), then a
 pickle of :class:`Request`. The first frame a worker reads is its :class:`Init` instead.
 Reply (worker -> FUSE process): ``REPLY`` header (request id, status, the worker's CPU seconds
-so far, payload length), then the payload: the block's bytes (``FETCHED``, ``HIT``) or
+so far, payload length), then the payload: the block's bytes (``STORED``, ``HIT``, ``FETCHED``) or
 ``kind NUL message`` (``FAILED``; ``kind`` from :func:`fusefs.errors.error_kind`).
 
 Both sides are the same fusefs install (the worker is started with the FUSE process's own
@@ -21,7 +21,11 @@ from typing import Any
 REQUEST = struct.Struct("<QI")
 REPLY = struct.Struct("<QBdQ")
 
-FETCHED, HIT, FAILED = 0, 1, 2
+#: Reply statuses: fetched and stored in the cache; found in the cache; failed; fetched but
+#: not stored (the cache is off, or refused it).
+STORED, HIT, FAILED, FETCHED = 0, 1, 2, 3
+#: The worker has built its store and cache and takes requests (request id 0, no payload).
+READY = 4
 
 
 @dataclass(frozen=True, slots=True)

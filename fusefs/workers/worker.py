@@ -78,7 +78,7 @@ def serve(req_fd: int, rep_fd: int) -> None:
     store = open_store(init.source, settings)
     blocks: BlockStore
     if settings.cache_enabled:
-        blocks = DiskBlockStore(settings.cache_dir, settings.cache_size, maintain=False)
+        blocks = DiskBlockStore(settings.cache_dir, settings.cache_size, owner=False)
     else:
         blocks = NullBlockStore()
     lock = threading.Lock()
@@ -86,9 +86,10 @@ def serve(req_fd: int, rep_fd: int) -> None:
     def one(rid: int, req: P.Request) -> None:
         payload: bytes
         try:
-            data, hit = fetch_block(store, blocks, req.key, req.version, BlockKey(*req.bkey),
-                                    req.start, req.length)
-            status, payload = (P.HIT if hit else P.FETCHED), data
+            data, hit, stored = fetch_block(store, blocks, req.key, req.version,
+                                            BlockKey(*req.bkey), req.start, req.length)
+            status = P.HIT if hit else P.STORED if stored else P.FETCHED
+            payload = data
         except Exception as exc:  # noqa: BLE001 - every failure is answered, by kind
             log.debug("fetch of %s at %d failed: %r", req.key, req.start, exc)
             status = P.FAILED
@@ -99,6 +100,7 @@ def serve(req_fd: int, rep_fd: int) -> None:
         except OSError:
             os._exit(0)  # the FUSE process is gone
 
+    P.write_all(rep_fd, P.REPLY.pack(0, P.READY, _cpu(), 0))
     log.debug("fetch worker %d serving %s", init.number, store.source_id)
     with ThreadPoolExecutor(settings.workers, thread_name_prefix="fetch") as pool:
         while (frame := P.read_frame(req_fd)) is not None:
