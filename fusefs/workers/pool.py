@@ -20,6 +20,7 @@ Concurrency rules:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -127,6 +128,7 @@ class FetchPool:
             raise
         os.close(req_r)
         os.close(rep_w)
+        P.widen_pipe(rep_r)
         worker = _Worker(proc, req_w, rep_r)
         try:
             P.send_frame(req_w, 0, P.Init(self.source, self.settings, next(self._numbers)))
@@ -240,7 +242,7 @@ class FetchPool:
         pending.tries += 1
         if pending.tries > MAX_TRIES:
             pending.status = P.FAILED
-            pending.payload = (f"BackendError\0{pending.req.key}: the fetch worker died "
+            pending.payload = (f"BackendError\0{pending.req[0]}: the fetch worker died "
                                f"{MAX_TRIES} times fetching it").encode()
             pending.done.set()
             return
@@ -250,7 +252,10 @@ class FetchPool:
         try:
             P.send_frame(worker.req_w, rid, pending.req)
         except OSError:
-            pass  # it died: its reply thread reports that, and the request is sent again
+            # it died, or its pipe is full (stuck): either way it ends, its reply thread
+            # reports that, and its requests (this one too) are sent again
+            with contextlib.suppress(OSError):
+                worker.proc.kill()
 
     async def fetch(self, bkey: BlockKey, key: str, version: str, start: int,
                     length: int) -> tuple[bytes, bool, bool]:
@@ -262,8 +267,8 @@ class FetchPool:
         self._ensure_started()
         if not any(w.ready for w in self._workers):
             raise PoolUnavailable()  # starting (about half a second): no read waits for it
-        pending = _Pending(P.Request(key, version, start, length, (
-            bkey.source, bkey.key, bkey.version, bkey.block_size, bkey.index)))
+        pending = _Pending((key, version, start, length, bkey.source, bkey.block_size,
+                            bkey.index))
         rid = next(self._ids)
         self._send(rid, pending)
         try:

@@ -1,7 +1,7 @@
 """Frames between the FUSE process and a fetch worker, over two pipes.
 
 Request (FUSE process -> worker): ``REQUEST`` header (request id, payload length), then a
-pickle of :class:`Request`. The first frame a worker reads is its :class:`Init` instead.
+pickle of a :data:`Request` tuple. The first frame a worker reads is its :class:`Init` instead.
 Reply (worker -> FUSE process): ``REPLY`` header (request id, status, the worker's CPU seconds
 so far, payload length), then the payload: the block's bytes (``STORED``, ``HIT``, ``FETCHED``) or
 ``kind NUL message`` (``FAILED``; ``kind`` from :func:`fusefs.errors.error_kind`).
@@ -12,6 +12,7 @@ interpreter), so pickle is safe here: nothing else writes to these pipes.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
 import struct
@@ -37,16 +38,23 @@ class Init:
     number: int
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """Fetch bytes ``[start, start+length)`` of ``key`` at ``version`` as the block ``bkey``
-    (BlockKey fields: source, key, version, block size, index)."""
+#: A request: fetch bytes ``[start, start+length)`` of ``key`` at ``version`` as the block
+#: ``BlockKey(source, key, version, block_size, index)``. A plain tuple: it pickles in C (a
+#: dataclass would cost the FUSE process a Python-level ``__getstate__`` per request).
+Request = tuple[str, str, int, int, str, int, int]  # key, version, start, length, source,
+#                                                     block_size, index
 
-    key: str
-    version: str
-    start: int
-    length: int
-    bkey: tuple[str, str, str, int, int]
+#: Pipe buffer asked for (``F_SETPIPE_SZ``; Linux allows unprivileged processes up to 1 MiB):
+#: a reply up to this size is read in one ``read``, never pieced together and copied.
+PIPE_SIZE = 1024 * 1024
+
+
+def widen_pipe(fd: int) -> None:
+    """Ask for a ``PIPE_SIZE`` buffer on the pipe ``fd`` (best effort)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except (OSError, AttributeError):
+        pass
 
 
 def write_all(fd: int, *parts: bytes | memoryview) -> None:
@@ -85,7 +93,9 @@ def read_exact(fd: int, n: int) -> bytes | None:
 
 def send_frame(fd: int, rid: int, obj: Any) -> None:
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    write_all(fd, REQUEST.pack(rid, len(payload)), payload)
+    frame = REQUEST.pack(rid, len(payload)) + payload
+    if os.write(fd, frame) < len(frame):  # a small frame goes in one write, unless the pipe
+        raise OSError("request pipe full")  # is full: the worker is stuck (it is replaced)
 
 
 def read_frame(fd: int) -> tuple[int, Any] | None:

@@ -85,13 +85,15 @@ def serve(req_fd: int, rep_fd: int) -> None:
 
     def one(rid: int, req: P.Request) -> None:
         payload: bytes
+        key, version, start, length, source, block_size, index = req
         try:
-            data, hit, stored = fetch_block(store, blocks, req.key, req.version,
-                                            BlockKey(*req.bkey), req.start, req.length)
+            data, hit, stored = fetch_block(store, blocks, key, version,
+                                            BlockKey(source, key, version, block_size, index),
+                                            start, length)
             status = P.HIT if hit else P.STORED if stored else P.FETCHED
             payload = data
         except Exception as exc:  # noqa: BLE001 - every failure is answered, by kind
-            log.debug("fetch of %s at %d failed: %r", req.key, req.start, exc)
+            log.debug("fetch of %s at %d failed: %r", key, start, exc)
             status = P.FAILED
             payload = f"{error_kind(exc)}\0{exc}".encode("utf-8", "replace")
         try:
@@ -100,6 +102,7 @@ def serve(req_fd: int, rep_fd: int) -> None:
         except OSError:
             os._exit(0)  # the FUSE process is gone
 
+    P.widen_pipe(rep_fd)
     P.write_all(rep_fd, P.REPLY.pack(0, P.READY, _cpu(), 0))
     log.debug("fetch worker %d serving %s", init.number, store.source_id)
     with ThreadPoolExecutor(settings.workers, thread_name_prefix="fetch") as pool:
