@@ -101,6 +101,17 @@ def test_reads_through_workers_on_every_store(bucket: Bucket, mount) -> None:
     assert not [p for p in pids if _alive(p)]
 
 
+def test_workers_without_a_disk_cache(local_bucket: Bucket, mount) -> None:
+    data = blob(300 * KiB, 8)
+    local_bucket.put("first", b"1")
+    local_bucket.put("a.bin", data)
+    m = mount(local_bucket, "--fetch-workers", "1", "--cache-size", "0", "--block-size", "64K")
+    _start_workers(m, 1, "first")
+    assert (m.path / "a.bin").read_bytes() == data
+    st = m.stats()
+    assert st["worker_fetches"] == 5 and st["current_count"] == 0
+
+
 def test_fetch_workers_0_fetches_in_the_fuse_process(s3_bucket: Bucket, mount) -> None:
     s3_bucket.put("a.bin", blob(100 * KiB, 3))
     m = mount(s3_bucket, "--fetch-workers", "0")
