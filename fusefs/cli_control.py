@@ -113,6 +113,15 @@ def _cpu(d: dict[str, Any]) -> str:
                                           else "")
 
 
+def _workers(d: dict[str, Any]) -> str:
+    n = d.get("fetch_workers", 0)
+    if not n:
+        return "none (fetches run in the daemon)"
+    return (f"{n} ({d.get('workers_ready', 0)} ready), {d.get('worker_fetches', 0)} fetched, "
+            f"{d.get('worker_hits', 0)} found cached, {d.get('worker_restarts', 0)} restarts, "
+            f"{d.get('worker_cpu_s', 0):.2f}s cpu")
+
+
 def format_stats(d: dict[str, Any]) -> str:
     """The mount's statistics as a human table."""
     if "path" in d:  # stats of a file or folder
@@ -167,6 +176,7 @@ def format_stats(d: dict[str, Any]) -> str:
             ("errors", str(d["errors"])),
             ("fuse requests", _requests(d)),
             ("cpu", _cpu(d)),
+            ("fetch workers", _workers(d)),
             ("open files", str(d["open_files"])),
             ("uptime", f"{d['uptime_s']}s"),
         ]
