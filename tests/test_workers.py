@@ -203,3 +203,20 @@ def test_no_worker_outlives_a_killed_daemon(s3_bucket: Bucket, mount) -> None:
     m.stop()
 
 
+
+
+def test_sigterm_stops_the_daemon_and_its_workers(s3_bucket: Bucket, mount) -> None:
+    s3_bucket.put("t.bin", blob(10 * KiB, 9))
+    s3_bucket.put("t2.bin", b"2")
+    m: MountProc = mount(s3_bucket, "--fetch-workers", "1")
+    _start_workers(m, 1, "t.bin")
+    (pid,) = m.stats()["worker_pids"]
+    assert m.proc is not None
+    os.kill(pid, signal.SIGTERM)  # ignored: only the daemon stops its workers
+    assert (m.path / "t2.bin").read_bytes() == b"2"  # through the same worker
+    st = m.stats()
+    assert st["worker_pids"] == [pid] and st["worker_restarts"] == 0
+    m.proc.send_signal(signal.SIGTERM)
+    assert m.proc.wait(30) == 0
+    assert not _alive(pid)
+    m.stop()

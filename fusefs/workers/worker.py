@@ -8,8 +8,9 @@ request on ``REP_FD`` with the block (fetched, verified and stored in the cache 
 Invariants: requests run in up to ``settings.workers`` threads; a reply is written whole under
 one lock (replies never interleave). End of file on ``REQ_FD`` (the FUSE process closed it or
 died) ends the worker at once, abandoning requests in flight (their cache writes are
-crash-safe: diskcache records a block only once its file is complete). SIGINT and SIGHUP are
-ignored: the FUSE process decides when its workers stop.
+crash-safe: diskcache records a block only once its file is complete). SIGINT, SIGHUP and
+SIGTERM are ignored (a terminal's Ctrl-C or a ``kill`` of the process group reach the FUSE
+process, which stops gracefully): the FUSE process decides when its workers stop.
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def serve(req_fd: int, rep_fd: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     _die_with_parent()
     serve(int(argv[1]), int(argv[2]))
     return 0
