@@ -354,8 +354,8 @@ class Reader:
                 if not hit:
                     self.stats.add(S.FETCHES)
                     self.stats.add(S.BYTES_FETCHED, len(data))
-                if stored:
-                    self.blocks.stored_elsewhere()
+                if stored is not None:
+                    self.blocks.stored_elsewhere(*stored)
                 return data, hit
         return await threads.run_sync(  # abandoned on shutdown, never waited
             self._fetch_sync, obj, idx, bkey, priority, limiter=self._limiter

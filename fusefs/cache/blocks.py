@@ -378,10 +378,13 @@ class DiskBlockStore:
                                          self.directory, exc)
             return False
 
-    def stored_elsewhere(self) -> None:
-        """Count a block a fetch worker process of this mount stored (for ``evictions``)."""
+    def stored_elsewhere(self, volume: int, items: int) -> None:
+        """Count a block a fetch worker process of this mount stored (for ``evictions``), and
+        take the index's figures it read just after (``volume``/``count`` then follow the
+        worker's puts at once, as they follow this store's own; no SQLite here)."""
         with self._lock:
             self.puts += 1
+        self._usage = (volume, items)
 
     def refresh_usage(self) -> int:
         """Read the volume and item count from the index into the snapshot; returns the
@@ -603,7 +606,7 @@ class NullBlockStore:
     def put(self, bkey: BlockKey, data: bytes) -> bool:
         return False
 
-    def stored_elsewhere(self) -> None:
+    def stored_elsewhere(self, volume: int, items: int) -> None:
         return None
 
     def maybe_touch(self) -> None:

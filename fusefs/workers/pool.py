@@ -58,6 +58,7 @@ class _Pending:
     tries: int = 0
     status: int = -1
     payload: bytes = b""
+    usage: tuple[int, int] = (0, 0)
 
 
 class _Worker:
@@ -184,7 +185,7 @@ class FetchPool:
                 pass
 
     def _deliver(self, worker: _Worker, rid: int, status: int, cpu: float,
-                 payload: bytes) -> None:
+                 usage: tuple[int, int], payload: bytes) -> None:
         worker.cpu = max(worker.cpu, cpu)
         worker.replied = True
         self._bad_starts = 0
@@ -194,7 +195,7 @@ class FetchPool:
         pending = worker.inflight.pop(rid, None)
         if pending is None:
             return  # its waiter was cancelled and the request forgotten
-        pending.status, pending.payload = status, payload
+        pending.status, pending.payload, pending.usage = status, payload, usage
         if status in (P.STORED, P.FETCHED):
             self.fetches += 1
         elif status == P.HIT:
@@ -258,8 +259,9 @@ class FetchPool:
                 worker.proc.kill()
 
     async def fetch(self, bkey: BlockKey, key: str, version: str, start: int,
-                    length: int) -> tuple[bytes, bool, bool]:
-        """(the block, found in the cache, stored in the cache by the worker) from a worker.
+                    length: int) -> tuple[bytes, bool, tuple[int, int] | None]:
+        """(the block, found in the cache, and if the worker stored it in the cache: the
+        cache's (volume, items) just after) from a worker.
         Raises the error the worker met, rebuilt (same errno); PoolUnavailable if the workers
         cannot run."""
         if not self.usable:
@@ -281,7 +283,8 @@ class FetchPool:
             if len(pending.payload) != length:  # never serve a block of the wrong size
                 raise BackendError(f"{key}: a fetch worker answered {len(pending.payload)} "
                                    f"of {length} bytes")
-            return pending.payload, pending.status == P.HIT, pending.status == P.STORED
+            return (pending.payload, pending.status == P.HIT,
+                    pending.usage if pending.status == P.STORED else None)
         if pending.status == P.FAILED:
             kind, _, message = pending.payload.decode("utf-8", "replace").partition("\0")
             raise error_from_kind(kind, message)

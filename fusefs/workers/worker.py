@@ -93,18 +93,21 @@ def serve(req_fd: int, rep_fd: int) -> None:
                                             start, length)
             status = P.HIT if hit else P.STORED if stored else P.FETCHED
             payload = data
+            blocks.maybe_touch()  # access times of hits too (no maintenance thread here)
         except Exception as exc:  # noqa: BLE001 - every failure is answered, by kind
             log.debug("fetch of %s at %d failed: %r", key, start, exc)
             status = P.FAILED
             payload = f"{error_kind(exc)}\0{exc}".encode("utf-8", "replace")
         try:
-            with lock:
-                P.write_all(rep_fd, P.REPLY.pack(rid, status, _cpu(), len(payload)), payload)
+            with lock:  # the cache's figures as of this reply: replies carry them in order
+                head = P.REPLY.pack(rid, status, _cpu(), blocks.volume(), blocks.count(),
+                                    len(payload))
+                P.write_all(rep_fd, head, payload)
         except OSError:
             os._exit(0)  # the FUSE process is gone
 
     P.widen_pipe(rep_fd)
-    P.write_all(rep_fd, P.REPLY.pack(0, P.READY, _cpu(), 0))
+    P.write_all(rep_fd, P.REPLY.pack(0, P.READY, _cpu(), 0, 0, 0))
     log.debug("fetch worker %d serving %s", init.number, store.source_id)
     with ThreadPoolExecutor(settings.workers, thread_name_prefix="fetch") as pool:
         while (frame := P.read_frame(req_fd)) is not None:
