@@ -109,7 +109,8 @@ def build(
     if settings.fetch_workers > 0 and not explicit_store:
         # the workers build their own store from the source and settings: not for a store
         # handed in (tests, tools), which they could not rebuild
-        pool = FetchPool(source, settings, settings.fetch_workers)
+        pool = FetchPool(source, settings, settings.fetch_workers,
+                         on_corrupt=lambda n: stats.add(S.CORRUPT_BLOCKS, n))
     reader = Reader(
         store,
         blocks,

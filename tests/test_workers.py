@@ -220,3 +220,26 @@ def test_sigterm_stops_the_daemon_and_its_workers(s3_bucket: Bucket, mount) -> N
     assert m.proc.wait(30) == 0
     assert not _alive(pid)
     m.stop()
+
+
+def test_a_damaged_cached_block_found_by_a_worker_is_refetched_and_counted(
+        s3_bucket: Bucket, mount, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = blob(100 * KiB, 10)
+    s3_bucket.put("first", b"1")
+    s3_bucket.put("s.bin", data)
+    m = mount(s3_bucket, "--fetch-workers", "1")
+    assert (m.path / "s.bin").read_bytes() == data
+    m.stop()
+    (victim,) = sorted((tmp_path / "cache").rglob("*.val"))  # the one block file
+    with open(victim, "r+b") as f:  # flip one bit of the cached data
+        f.seek(5000)
+        b = f.read(1)
+        f.seek(5000)
+        f.write(bytes([b[0] ^ 0x40]))
+    gets = s3_bucket.object_gets()
+    m = mount(s3_bucket, "--fetch-workers", "1")
+    _start_workers(m, 1, "first")
+    assert (m.path / "s.bin").read_bytes() == data  # the worker refused it and fetched again
+    st = m.stats()
+    assert st["corrupt_blocks"] == 1 and st["worker_fetches"] == 1
+    assert s3_bucket.object_gets() == gets + 2  # "first" and the damaged block

@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -73,12 +74,16 @@ class _Worker:
         self.ready = False  # it has built its store: new requests may go to it
         self.alive = True
         self.cpu = 0.0
+        self.corrupt = 0
 
 
 class FetchPool:
     """``count`` worker processes fetching blocks of ``source`` into the cache directory."""
 
-    def __init__(self, source: str, settings: Settings, count: int) -> None:
+    def __init__(self, source: str, settings: Settings, count: int,
+                 on_corrupt: Callable[[int], None] | None = None) -> None:
+        """``on_corrupt(n)``: workers found ``n`` more damaged cached blocks (trio thread)."""
+        self._on_corrupt = on_corrupt
         self.source = source
         self.settings = settings
         self.count = count
@@ -185,8 +190,12 @@ class FetchPool:
                 pass
 
     def _deliver(self, worker: _Worker, rid: int, status: int, cpu: float,
-                 usage: tuple[int, int], payload: bytes) -> None:
+                 usage: tuple[int, int], corrupt: int, payload: bytes) -> None:
         worker.cpu = max(worker.cpu, cpu)
+        if corrupt > worker.corrupt:  # damaged cached blocks it found (and dropped) since
+            if self._on_corrupt is not None:
+                self._on_corrupt(corrupt - worker.corrupt)
+            worker.corrupt = corrupt
         worker.replied = True
         self._bad_starts = 0
         if status == P.READY:

@@ -3,9 +3,10 @@
 Request (FUSE process -> worker): ``REQUEST`` header (request id, payload length), then a
 pickle of a :data:`Request` tuple. The first frame a worker reads is its :class:`Init` instead.
 Reply (worker -> FUSE process): ``REPLY`` header (request id, status, the worker's CPU seconds
-so far, the cache's volume and item count as the worker last read them, payload length), then
-the payload: the block's bytes (``STORED``, ``HIT``, ``FETCHED``) or
-``kind NUL message`` (``FAILED``; ``kind`` from :func:`fusefs.errors.error_kind`).
+so far, the cache's volume and item count as the worker last read them, damaged cached blocks
+the worker found so far, payload length), then the payload: the block's bytes (``STORED``,
+``HIT``, ``FETCHED``) or ``kind NUL message`` (``FAILED``; ``kind`` from
+:func:`fusefs.errors.error_kind`).
 
 Both sides are the same fusefs install (the worker is started with the FUSE process's own
 interpreter), so pickle is safe here: nothing else writes to these pipes.
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 REQUEST = struct.Struct("<QI")
-REPLY = struct.Struct("<QBdQQQ")
+REPLY = struct.Struct("<QBdQQQQ")
 
 #: Reply statuses: fetched and stored in the cache; found in the cache; failed; fetched but
 #: not stored (the cache is off, or refused it).
@@ -111,14 +112,14 @@ def read_frame(fd: int) -> tuple[int, Any] | None:
     return rid, pickle.loads(payload)
 
 
-def read_reply(fd: int) -> tuple[int, int, float, tuple[int, int], bytes] | None:
-    """(request id, status, worker CPU seconds, (cache volume, cache items), payload) of the
-    next reply; None at EOF."""
+def read_reply(fd: int) -> tuple[int, int, float, tuple[int, int], int, bytes] | None:
+    """(request id, status, worker CPU seconds, (cache volume, cache items), damaged blocks
+    found, payload) of the next reply; None at EOF."""
     head = read_exact(fd, REPLY.size)
     if head is None:
         return None
-    rid, status, cpu, volume, items, n = REPLY.unpack(head)
+    rid, status, cpu, volume, items, corrupt, n = REPLY.unpack(head)
     payload = read_exact(fd, n)
     if payload is None:
         return None
-    return rid, status, cpu, (volume, items), payload
+    return rid, status, cpu, (volume, items), corrupt, payload

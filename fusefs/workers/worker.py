@@ -78,8 +78,10 @@ def serve(req_fd: int, rep_fd: int) -> None:
     _setup_logging(settings, init.number)
     store = open_store(init.source, settings)
     blocks: BlockStore
+    corrupt: list[int] = []  # one item per damaged block found (list.append is atomic)
     if settings.cache_enabled:
-        blocks = DiskBlockStore(settings.cache_dir, settings.cache_size, owner=False)
+        blocks = DiskBlockStore(settings.cache_dir, settings.cache_size, owner=False,
+                                on_corrupt=lambda: corrupt.append(1))
     else:
         blocks = NullBlockStore()
     lock = threading.Lock()
@@ -101,13 +103,13 @@ def serve(req_fd: int, rep_fd: int) -> None:
         try:
             with lock:  # the cache's figures as of this reply: replies carry them in order
                 head = P.REPLY.pack(rid, status, _cpu(), blocks.volume(), blocks.count(),
-                                    len(payload))
+                                    len(corrupt), len(payload))
                 P.write_all(rep_fd, head, payload)
         except OSError:
             os._exit(0)  # the FUSE process is gone
 
     P.widen_pipe(rep_fd)
-    P.write_all(rep_fd, P.REPLY.pack(0, P.READY, _cpu(), 0, 0, 0))
+    P.write_all(rep_fd, P.REPLY.pack(0, P.READY, _cpu(), 0, 0, 0, 0))
     log.debug("fetch worker %d serving %s", init.number, store.source_id)
     with ThreadPoolExecutor(settings.workers, thread_name_prefix="fetch") as pool:
         while (frame := P.read_frame(req_fd)) is not None:
