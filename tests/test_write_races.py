@@ -476,6 +476,23 @@ def test_sync_with_a_full_cache_disk_keeps_the_daemon(local_bucket: Bucket, moun
     m.stop()
 
 
+def test_a_renamed_folder_keeps_listing_its_sub_folders_after_the_uploads(bucket: Bucket, mount):
+    """Staged files moved by a folder rename upload afterwards: the folder listed before
+    (showing them from staging) must go on listing the sub-folders their uploads made."""
+    m = mount(bucket)
+    (m.path / "a/b/c").mkdir(parents=True)
+    (m.path / "a/b/c/f").write_bytes(b"x")
+    (m.path / "a/g").write_bytes(b"y")
+    os.rename(m.path / "a", m.path / "z")
+    assert sorted(os.listdir(m.path / "z")) == ["b", "g"]  # listed while still staged
+    synced(m)
+    assert sorted(os.listdir(m.path / "z")) == ["b", "g"]
+    assert os.listdir(m.path / "z/b") == ["c"]
+    assert (m.path / "z/b/c/f").read_bytes() == b"x"
+    assert os.listdir(m.path) == ["z"]
+    assert bucket.get("z/b/c/f") == b"x" and bucket.get("a/g") is None
+
+
 def test_a_folder_rename_keeps_big_files_readable_and_writable(local_bucket: Bucket, mount):
     """A local source's copy is a new file (a new version): the mount follows it (fsstress
     found ESTALE here, and then an upload that failed for good)."""
