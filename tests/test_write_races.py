@@ -476,6 +476,42 @@ def test_sync_with_a_full_cache_disk_keeps_the_daemon(local_bucket: Bucket, moun
     m.stop()
 
 
+def test_an_upload_never_starts_under_a_folder_rename(store: Bucket, mount):
+    """A folder rename moves a staged file (copying the bytes it keeps from its object to the
+    new name first); an upload forced meanwhile (``fusefs sync``) must wait for the move, not
+    upload under the old name (fsstress: the old name stayed, the new one became a conflict)."""
+    assert store.proxy is not None
+    data = blob(12 << 20, 11)
+    store.put("d/f", data)
+    m = mount(store, "--upload-part-size", "5M")  # parts the upload can copy server-side
+    with open(m.path / "d/f", "r+b") as f:  # a change at the start: the rest stays the base's
+        f.write(b"NEW")
+    in_copy = held(store.proxy, "PUT", "e/f", 3)  # the move's server-side copy to the new name
+    try:
+        failed: list[OSError] = []
+
+        def move() -> None:
+            try:
+                os.rename(m.path / "d", m.path / "e")
+            except OSError as exc:
+                failed.append(exc)
+
+        mover = threading.Thread(target=move)
+        mover.start()
+        wait_for(in_copy, 20)
+        forced = subprocess.Popen([sys.executable, "-m", "fusefs", "sync", str(m.path)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        mover.join(30)
+        assert forced.wait(60) == 0
+        assert not failed
+    finally:
+        store.proxy.slow(None, 0)
+    synced(m)
+    assert store.get("e/f") == b"NEW" + data[3:]
+    assert [k for k in keys(store) if not k.endswith("/")] == ["e/f"], "no old name, no conflict"
+    assert m.stats()["conflicts"] == 0
+
+
 def test_a_renamed_folder_keeps_listing_its_sub_folders_after_the_uploads(bucket: Bucket, mount):
     """Staged files moved by a folder rename upload afterwards: the folder listed before
     (showing them from staging) must go on listing the sub-folders their uploads made."""
