@@ -284,6 +284,55 @@ def test_torch_dataloader_with_hinting_sampler(s3_bucket: Bucket, mount) -> None
     assert control not in open_files()  # the mount can be unmounted now
 
 
+def test_demand_reads_are_not_queued_behind_held_hints(s3_bucket: Bucket, mount) -> None:
+    """The hinted GETs are held at the server, the window queued behind them: programs' reads
+    still get all ``--workers`` slots (3 reads reach the server at once beside the held hint)
+    and complete while the hints stay held; no further hint starts while they wait."""
+    proxy = s3_bucket.proxy
+    assert proxy is not None
+    hinted = [f"h/{i:02d}.bin" for i in range(20)]
+    demand = [f"d/{i}.bin" for i in range(3)]
+    data = seed(s3_bucket, hinted + demand)
+    m = mount(s3_bucket, "--block-size", str(BLOCK), "--workers", "3")
+    hint_gate, demand_gate = threading.Event(), threading.Event()
+    name = s3_bucket.extra["name"]
+
+    def hold(method: str, path: str) -> bool:
+        if method == "GET" and path.startswith(f"/{name}/h/"):
+            hint_gate.wait(60)
+        elif method == "GET" and path.startswith(f"/{name}/d/"):
+            demand_gate.wait(60)
+        return False  # the wait is the hold; no delay on top
+
+    proxy.slow(hold, 0.001)
+    got: dict[str, bytes] = {}
+    readers = [threading.Thread(target=lambda k=k: got.update({k: (m.path / k).read_bytes()}))
+               for k in demand]  # fmt: skip
+    try:
+        hints = MountHints(m.path, window_files=64, stream="held")
+        hints.start(hinted)
+        wait(lambda: len(gets(s3_bucket, "h/")) >= 1, "the first hinted GET (held)")
+        wait(lambda: (stream_state(m, "held") or {}).get("files_queued") == 20, "the window")
+        held = len(gets(s3_bucket, "h/"))  # the background pool: 1 slot with --workers 3
+        for t in readers:
+            t.start()
+        # all three demand GETs are at the server at once: no demand slot went to a hint
+        wait(lambda: len(gets(s3_bucket, "d/")) == 3, "3 demand GETs at once")
+        demand_gate.set()
+        for t in readers:
+            t.join(60)
+        assert got == {k: data[k] for k in demand}  # done while every hint is still held
+        assert len(gets(s3_bucket, "h/")) == held  # and no other hint started meanwhile
+        assert (stream_state(m, "held") or {}).get("files_done") == 0
+    finally:
+        hint_gate.set()
+        demand_gate.set()
+        proxy.slow(None, 0)
+    wait(lambda: (stream_state(m, "held") or {}).get("files_done") == 20, "the hints")
+    assert sorted(get_keys(s3_bucket, "h/")) == hinted  # each fetched once, after the reads
+    hints.close()
+
+
 def open_files() -> set[str]:
     """Paths this process holds open."""
     out = set()
