@@ -205,7 +205,9 @@ class Settings:
     )
     workers: int = field(
         default=16,
-        metadata=_meta(_positive_int, "FUSEFS_NUM_WORKERS", "parallel requests to the store"),
+        metadata=_meta(_positive_int, "FUSEFS_NUM_WORKERS",
+                       "programs' block fetches in parallel (prefetch and hints run beside "
+                       "them, only while no read waits)"),
     )
     stall_timeout: float = field(
         default=2.0,
