@@ -117,6 +117,7 @@ class Control:
             self._list_folder,
             cache_size=settings.cache_size,
             metadata_ttl=settings.metadata_ttl,
+            resolve_slots=settings.metadata_workers // 4,  # <= 2 store calls each: half
         )
         self._handles: dict[int, _CtlHandle] = {}
         self._next = 1 << 40  # distinct from file handles

@@ -389,6 +389,48 @@ def test_demand_reads_are_not_queued_behind_held_hints(s3_bucket: Bucket, mount)
     hints.close()
 
 
+def test_hint_lookups_leave_metadata_slots_to_programs(s3_bucket: Bucket, mount) -> None:
+    """Every metadata request about the hinted folders (one file in each of 20: a lookup
+    each) is held at the server; the hints' lookups hold at most half the mount's metadata
+    slots (``--workers 4``: 4 slots, 1 lookup of the hints at once), so a program's lookup
+    and read elsewhere still complete."""
+    from urllib.parse import unquote
+
+    proxy = s3_bucket.proxy
+    assert proxy is not None
+    hinted = [f"m{i:02d}/f.bin" for i in range(20)]
+    data = seed(s3_bucket, [*hinted, "other/x.bin"], 4 * KiB)
+    # a long stall timeout: a held request is not abandoned and sent again meanwhile
+    m = mount(s3_bucket, "--block-size", str(BLOCK), "--workers", "4", "--stall-timeout", "300")
+    gate = threading.Event()
+    name = s3_bucket.extra["name"]
+
+    def about_m(method: str, pq: str) -> bool:
+        path, _, query = pq.partition("?")
+        return path.startswith(f"/{name}/m") or "prefix=m" in unquote(query)
+
+    def hold(method: str, pq: str) -> bool:
+        if method in ("GET", "HEAD") and about_m(method, pq):
+            gate.wait(60)
+        return False
+
+    def held() -> int:
+        return sum(1 for r in proxy.requests() if about_m(r.method, r.target))
+
+    proxy.slow(hold, 0.001)
+    try:
+        hints = MountHints(m.path, window_files=64, stream="meta", list_folders=False)
+        hints.start(hinted)
+        wait(lambda: held() >= 1, "a lookup of the hints held at the server")
+        assert (m.path / "other/x.bin").read_bytes() == data["other/x.bin"]  # not behind them
+        assert held() <= 2  # one lookup of the hints at once: at most a HEAD and a LIST
+    finally:
+        gate.set()
+        proxy.slow(None, 0)
+    wait(lambda: (stream_state(m, "meta") or {}).get("files_done") == 20, "the hints")
+    hints.close()
+
+
 def open_files() -> set[str]:
     """Paths this process holds open."""
     out = set()
