@@ -5,12 +5,13 @@ It reads an :class:`~.protocol.Init` and then requests from ``REQ_FD``, builds i
 request on ``REP_FD`` with the block (fetched, verified and stored in the cache directory by
 :func:`fusefs.cache.fetch.fetch_block`) or the kind of error it met.
 
-Invariants: requests run in up to ``settings.workers`` threads; a reply is written whole under
-one lock (replies never interleave). End of file on ``REQ_FD`` (the FUSE process closed it or
-died) ends the worker at once, abandoning requests in flight (their cache writes are
-crash-safe: diskcache records a block only once its file is complete). SIGINT, SIGHUP and
-SIGTERM are ignored (a terminal's Ctrl-C or a ``kill`` of the process group reach the FUSE
-process, which stops gracefully): the FUSE process decides when its workers stop.
+Invariants: requests run in up to ``workers + prefetch_concurrency(workers)`` threads (as
+many as the mount admits fetches at once, so none waits here behind another); a reply is
+written whole under one lock (replies never interleave). End of file on ``REQ_FD`` (the FUSE
+process closed it or died) ends the worker at once, abandoning requests in flight (their cache
+writes are crash-safe: diskcache records a block only once its file is complete). SIGINT,
+SIGHUP and SIGTERM are ignored (a terminal's Ctrl-C or a ``kill`` of the process group reach
+the FUSE process, which stops gracefully): the FUSE process decides when its workers stop.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ..backends import open_store
 from ..cache.blocks import BlockStore, DiskBlockStore, NullBlockStore
 from ..cache.fetch import fetch_block
 from ..cache.keys import BlockKey
-from ..config import Settings
+from ..config import Settings, prefetch_concurrency
 from ..errors import error_kind
 from . import protocol as P
 
@@ -111,7 +112,10 @@ def serve(req_fd: int, rep_fd: int) -> None:
     P.widen_pipe(rep_fd)
     P.write_all(rep_fd, P.REPLY.pack(0, P.READY, _cpu(), 0, 0, 0, 0))
     log.debug("fetch worker %d serving %s", init.number, store.source_id)
-    with ThreadPoolExecutor(settings.workers, thread_name_prefix="fetch") as pool:
+    # as many threads as the mount admits fetches (demand and background pools): a read never
+    # waits in this process behind held prefetches
+    threads = settings.workers + prefetch_concurrency(settings.workers)
+    with ThreadPoolExecutor(threads, thread_name_prefix="fetch") as pool:
         while (frame := P.read_frame(req_fd)) is not None:
             pool.submit(one, *frame)
         os._exit(0)  # end of requests: abandon what is in flight, at once
