@@ -6,7 +6,7 @@ Concurrency rules:
   ``TrioToken.run_sync_soon``: ``_inflight`` of each worker and ``_workers`` are touched by
   the trio thread only.
 - Requests are written on the trio thread. They are small and the reader's scheduler bounds
-  how many are in flight (``settings.workers``), so a pipe never fills.
+  how many are in flight (``workers`` plus the background pool), so a pipe never fills.
 - A request belongs to one worker until its reply arrives. A worker that dies (end of file on
   its reply pipe) is reaped by its reply thread and replaced; the requests it held are sent
   again to a live worker, each at most ``MAX_TRIES`` times in all (then EIO). No reply is
