@@ -36,17 +36,24 @@ class AttrMemory:
         if path:
             self._load(path)
 
-    def remember(self, info: ObjectInfo) -> None:
-        if info.meta_mtime is None and info.mode is None:
+    def remember(self, info: ObjectInfo, *, checked: bool = False) -> None:
+        """Keep ``info``'s attributes for its version; ``checked``: also when it has none
+        (a HEAD said so: :meth:`known` then spares the next HEAD)."""
+        if info.meta_mtime is None and info.mode is None and not checked:
             return
         self._d[info.key] = (info.version, info.meta_mtime, info.mode)
         self._d.move_to_end(info.key)
         while len(self._d) > MAX_ENTRIES:
             self._d.popitem(last=False)
 
+    def known(self, info: ObjectInfo) -> bool:
+        """Are the attributes of this version of ``info.key`` known (maybe none)?"""
+        got = self._d.get(info.key)
+        return got is not None and got[0] == info.version
+
     def apply(self, info: ObjectInfo) -> ObjectInfo:
         """``info`` with the remembered attributes of its version, if it lacks them."""
-        if info.meta_mtime is not None or not self._d:
+        if info.meta_mtime is not None or info.mode is not None or not self._d:
             return info
         got = self._d.get(info.key)
         if got is None or got[0] != info.version:

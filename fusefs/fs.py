@@ -38,6 +38,7 @@ from .errors import (
     StaleVersion,
 )
 from .folders import Folders, check_length, join, valid_name
+from .kinds import file_type, is_link
 from .reader import Reader, SeqState
 
 if TYPE_CHECKING:
@@ -60,6 +61,15 @@ def capped_mode(mode: int, settings: Settings) -> int:
     or ``--dir-mode`` (execute) grants it to them; never setuid, setgid or sticky. So a bucket
     cannot make a file writable by every user of an ``--allow-other`` mount."""
     return mode & (0o700 | (settings.file_mode & 0o066) | (settings.dir_mode & 0o011))
+
+
+def _seen_type(node: Node, is_dir: bool, info: ObjectInfo | None) -> int:
+    """The file type an observation says ``node`` has (a listing without metadata of the
+    version the node has says nothing new: the node's own)."""
+    if (not is_dir and info is not None and info.mode is None and info.meta_mtime is None
+            and node.info is not None and node.info.version == info.version):
+        return file_type(node.info)
+    return file_type(None if is_dir else info)
 
 
 class Node:
@@ -176,6 +186,7 @@ class FileSystem:
         self.on_changed: Callable[[int], Awaitable[None]] | None = None
         self.folders = Folders(store, settings, clock, reader.start_soon)
         reader._on_stale = self.mark_stale
+        self.folders.seed = self._seed
         #: The write side (set by :class:`fusefs.write.writes.Writes`); None: read-only core.
         self.writes: Writes | None = None
 
@@ -215,9 +226,9 @@ class FileSystem:
     def _node(self, path: str, is_dir: bool, info: ObjectInfo | None, seen: float) -> Node:
         """The node of ``path``, made or updated with an observation made at ``seen``."""
         node = self._by_path.get(path)
-        if node is not None and node.is_dir != is_dir:
-            # a file became a folder or the other way round: a new inode; the kernel may still
-            # hold the old one until it forgets it
+        if node is not None and file_type(node.info) != _seen_type(node, is_dir, info):
+            # a file became a folder, a link... or the other way round: a new inode (the
+            # kernel refuses a type change); it may still hold the old one until it forgets
             del self._by_path[path]
             node = None
         if node is None:
@@ -241,7 +252,8 @@ class FileSystem:
         if not node.is_dir and info is not None:
             old = node.info
             if (old is not None and old.version == info.version and info.meta_mtime is None
-                    and old.meta_mtime is not None):
+                    and info.mode is None and (old.meta_mtime is not None
+                                               or old.mode is not None)):
                 info = ObjectInfo(info.key, info.size, info.mtime, info.version,
                                   old.meta_mtime, old.mode)  # a listing without metadata
             node.info = info
@@ -261,6 +273,12 @@ class FileSystem:
         except FusefsError:
             pass  # not serving
 
+    def _seed(self, info: ObjectInfo, data: bytes) -> None:
+        """Worker thread: a small object's whole bytes, fetched to learn its type, into the
+        block cache (a read then makes no request)."""
+        if 0 < info.size == len(data) <= self.reader.block_size:
+            self.reader.blocks.put(self.reader.block_key(info, 0), data)
+
     def attr(self, node: Node) -> Attr:
         ro = ~0o222 if self.settings.read_only else ~0
         if node.is_dir:
@@ -276,7 +294,8 @@ class FileSystem:
             # a mode kept in metadata (chmod, rsync -a) shows, unless --file-mode was given
             perm = (self.settings.file_mode if info.mode is None or self._file_mode_forced
                     else capped_mode(info.mode, self.settings))
-            mode = stat.S_IFREG | (perm & ro)
+            kind = file_type(info)
+            mode = kind | (perm & ro if kind != stat.S_IFLNK else 0o777)  # as links show
             mtime = info.meta_mtime if info.meta_mtime is not None else info.mtime
             # a file that lost its name (unlinked while open) has no link left
             nlink = 1 if self._by_path.get(node.path) is node else 0
@@ -359,7 +378,7 @@ class FileSystem:
         except NotFound:
             node.confirmed = -math.inf
             raise
-        if is_dir != node.is_dir:
+        if _seen_type(node, is_dir, info) != file_type(node.info):
             raise NotFound(f"{node.path}: replaced by a {'folder' if is_dir else 'file'}")
         self._observe(node, info, seen)
 
@@ -374,6 +393,22 @@ class FileSystem:
             node.confirmed = -math.inf
             raise
         self._observe(node, info, sent)
+
+    async def readlink(self, ino: int) -> bytes:
+        """A link's target: its object's content (staged, or through the block cache)."""
+        node = await self.getattr(ino)
+        info = node.info
+        sf = self.writes.file_of(node) if self.writes is not None else None
+        if sf is not None:
+            assert self.writes is not None
+            info = self.writes.info_of(sf)
+        if not is_link(info):
+            raise InvalidArgument(f"{node.path or '/'} is not a symbolic link")
+        assert info is not None
+        if sf is not None:
+            assert self.writes is not None
+            return bytes(await self.writes.read(sf, 0, info.size))
+        return bytes(await self.reader.read(info, 0, info.size, SeqState()))
 
     async def opendir(self, ino: int) -> int:
         node = self.node(ino)

@@ -16,9 +16,10 @@ import trio
 
 from . import threads
 from .control import Control
-from .errors import IsADirectory, NotPermitted, ReadOnly, to_errno
+from .errors import IsADirectory, NameTooLong, NotPermitted, ReadOnly, to_errno
 from .folders import NAME_MAX
 from .fs import CONTROL_INO, CONTROL_NAME, ROOT_INO, Attr, FileSystem
+from .kinds import LINK_MAX
 from .write.writes import Writes
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,11 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
                     ) -> pyfuse3.EntryAttributes:
         if not stat.S_ISREG(mode):
-            raise NotPermitted("only regular files and folders can be stored")
+            if stat.S_IFMT(mode) not in (stat.S_IFIFO, stat.S_IFSOCK):
+                raise NotPermitted("only files, folders, links, FIFOs and sockets are stored")
+            node = await self._writes().special(
+                parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), b"")
+            return self._entry(self.fs.attr(node))  # type: ignore[arg-type]
         fh, node = await self._writes().create(
             parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), os.O_EXCL)
         await self.fs.release(fh)
@@ -247,9 +252,19 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         raise NotPermitted("hard links cannot be stored in a bucket")
 
     @_errors
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
-        self._writes()
-        raise NotPermitted("symbolic links cannot be stored in a bucket")
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+                      ) -> pyfuse3.EntryAttributes:
+        if parent_inode == ROOT_INO and name == _CONTROL_NAME:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if len(target) > LINK_MAX:
+            raise NameTooLong(f"a link target of {len(target)} bytes (at most {LINK_MAX})")
+        node = await self._writes().special(parent_inode, os.fsdecode(name),
+                                            stat.S_IFLNK | 0o777, target)
+        return self._entry(self.fs.attr(node))  # type: ignore[arg-type]
+
+    @_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return await self.fs.readlink(inode)
 
     @_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

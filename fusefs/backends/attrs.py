@@ -29,6 +29,11 @@ GCSFUSE_MTIME = "gcsfuse_mtime"
 GSUTIL_MTIME = "goog-reserved-file-mtime"
 GSUTIL_MODE = "goog-reserved-posix-mode"
 
+#: File types other than a regular file's that an object's ``mode`` may name (as s3fs does):
+#: a symbolic link (its target is the object's content), a FIFO, a socket, a device node.
+SPECIAL_TYPES = frozenset({stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR,
+                           stat.S_IFBLK})
+
 #: Names this module reads (lower case); a store replacing attributes drops all of them, so an
 #: old peer's value cannot outlive a new one.
 ATTR_KEYS = frozenset({MTIME, MODE, GCSFUSE_MTIME, GSUTIL_MTIME, GSUTIL_MODE})
@@ -44,8 +49,8 @@ def encode(attrs: Attrs | None) -> dict[str, str]:
         return out
     if attrs.mtime is not None:
         out[MTIME] = f"{attrs.mtime:.9f}".rstrip("0").rstrip(".")
-    if attrs.mode is not None:
-        out[MODE] = "0%o" % (stat.S_IFREG | (attrs.mode & 0o777))  # never setuid/gid/sticky
+    if attrs.mode is not None:  # never setuid/gid/sticky; a link, FIFO... keeps its type
+        out[MODE] = "0%o" % ((stat.S_IFMT(attrs.mode) or stat.S_IFREG) | (attrs.mode & 0o777))
     if attrs.token is not None:
         out[TOKEN] = attrs.token
     return out
@@ -116,7 +121,10 @@ def _mode(text: str, *, octal: bool = False) -> int | None:
         return None
     if value >= 1 << 32:
         return None
-    return value & 0o777  # setuid, setgid and sticky bits are never taken from a bucket
+    kind = stat.S_IFMT(value)
+    # setuid, setgid and sticky bits are never taken from a bucket; a type other than a
+    # regular file's (s3fs's links, FIFOs, sockets, device nodes) is kept with the bits
+    return (value & 0o777) | (kind if kind in SPECIAL_TYPES else 0)
 
 
 def decode(meta: Mapping[str, str] | None) -> tuple[float | None, int | None]:

@@ -30,7 +30,8 @@ class ObjectInfo:
     version: str
     #: What a writer kept in the object's metadata (rclone/s3fs ``mtime`` and ``mode``), when
     #: the answer carried it (HEAD always; GCS and Azure listings too; S3 listings never).
-    #: ``mode`` holds permission bits only (``& 0o777``: never setuid, setgid or sticky).
+    #: ``mode`` holds permission bits (``& 0o777``: never setuid, setgid or sticky), plus the
+    #: file type when it is not a regular file (``S_IFLNK``...: see ``attrs.SPECIAL_TYPES``).
     meta_mtime: float | None = None
     mode: int | None = None
     #: The upload token a fusefs mount wrote with the object (``fusefs_upload`` metadata), when
@@ -41,9 +42,10 @@ class ObjectInfo:
 @dataclass(frozen=True, slots=True)
 class Attrs:
     """File attributes kept in object metadata: ``mtime`` (epoch seconds) and ``mode``
-    (permission bits). Stored as rclone does (``mtime`` float seconds, ``mode`` octal with a
-    leading 0, e.g. ``0100644``) and read back also in s3fs's (decimal ``mode``, integer
-    ``mtime``) and gcsfuse's (``gcsfuse_mtime`` RFC 3339) forms."""
+    (permission bits, and the file type of a link, FIFO, socket or device node). Stored as
+    rclone does (``mtime`` float seconds, ``mode`` octal with a leading 0, e.g. ``0100644``)
+    and read back also in s3fs's (decimal ``mode``, integer ``mtime``) and gcsfuse's
+    (``gcsfuse_mtime`` RFC 3339) forms."""
 
     mtime: float | None = None
     mode: int | None = None
@@ -188,6 +190,12 @@ class PrefixedStore:
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.source_id = inner.source_id + ("/" + self.prefix.rstrip("/") if self.prefix else "")
         self.lists_after: bool = getattr(inner, "lists_after", True)
+        #: listings carry each object's metadata (GCS, Azure, local); S3's never do
+        self.lists_metadata: bool = getattr(inner, "lists_metadata", True)
+        #: the store has ``get_small`` (S3): a small object's metadata and bytes in one GET
+        self.gets_small: bool = hasattr(inner, "get_small")
+        #: links must not lead out of the source (local sources)
+        self.links_inside: bool = getattr(inner, "links_inside", False)
         self.enforces_conditions: bool = getattr(inner, "enforces_conditions", True)
         self.enforces_delete_conditions: bool = getattr(
             inner, "enforces_delete_conditions", self.enforces_conditions)
@@ -237,6 +245,11 @@ class PrefixedStore:
 
     def put(self, key: str, data: bytes) -> ObjectInfo:
         return self._rekey(self.inner.put(self._key(key), data), key)
+
+    def get_small(self, key: str, version: str) -> tuple[ObjectInfo, bytes]:
+        """See ``S3Store.get_small`` (only when ``gets_small``)."""
+        info, data = self.inner.get_small(self._key(key), version)  # type: ignore[attr-defined]
+        return self._rekey(info, key), data
 
     def delete(self, key: str, *, condition: Condition = Condition()) -> None:
         self.inner.delete(self._key(key), condition=condition)

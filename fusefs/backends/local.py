@@ -1,7 +1,10 @@
 """A local directory served as a bucket: files are objects, sub-directories are prefixes.
 
-Symbolic links are never followed, wherever they point (like rclone's default): a listing
-leaves them out (one warning per store, then debug lines), and a key whose path crosses a link
+Symbolic links are never followed, wherever they point (like rclone's default). A link whose
+target stays inside the source (:func:`inside`) is an object of its own: ``mode`` ``S_IFLNK``,
+its target as content (the convention links have on every store); one that could leave it is
+left out of listings (one warning per store, then debug lines) and cannot be made. FIFOs and
+sockets are listed as such (size 0); device nodes are not. A key whose path crosses a link
 is not found. Every path is opened one component at a time, relative to an open descriptor of
 the parent, with ``O_NOFOLLOW`` (``O_DIRECTORY`` for folders), so a link swapped in between a
 check and an open is refused by the kernel: there is no check-then-open window. The root
@@ -28,6 +31,7 @@ from ..errors import (
     FusefsError,
     NoSpace,
     NotFound,
+    NotPermitted,
     StaleVersion,
 )
 from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
@@ -40,6 +44,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # a link met while walking (ELOOP), or a file where a folder was expected: no such key
 _ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+# types other than files and folders that a listing shows (device nodes never are)
+_SHOWN = (stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK)
 # a file system without hard links
 _NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
 #: Files being written are named so, in their destination folder; listings skip them.
@@ -54,10 +60,26 @@ def _version(st: os.stat_result) -> str:
 
 def _info(key: str, st: os.stat_result) -> ObjectInfo:
     """A file's info; its metadata attributes are its own mtime (int / int: rounded once) and
-    permission bits (a folder, for a ``dir/`` marker, has size 0)."""
-    size = st.st_size if stat.S_ISREG(st.st_mode) else 0
-    return ObjectInfo(key, size, st.st_mtime, _version(st), st.st_mtime_ns / 10**9,
-                      stat.S_IMODE(st.st_mode))
+    permission bits, with the type of a link, FIFO or socket (a link's size is its target's
+    length; a folder, for a ``dir/`` marker, and a FIFO have size 0)."""
+    kind = stat.S_IFMT(st.st_mode)
+    size = st.st_size if kind in (stat.S_IFREG, stat.S_IFLNK) else 0
+    mode = (stat.S_IFLNK | 0o777 if kind == stat.S_IFLNK else
+            stat.S_IMODE(st.st_mode) & 0o777 | (kind if kind in _SHOWN else 0))
+    return ObjectInfo(key, size, st.st_mtime, _version(st), st.st_mtime_ns / 10**9, mode)
+
+
+def inside(key: str, target: str) -> bool:
+    """May a link at ``key`` with ``target`` be shown (or made)? Only a relative target whose
+    ``..`` all come first and climb no higher than the source's root: then every link it
+    passes through on its way is inside too, so it cannot lead out of the mount."""
+    if not target or target.startswith("/") or "\x00" in target:
+        return False
+    parts = [p for p in target.split("/") if p and p != "."]
+    ups = 0
+    while ups < len(parts) and parts[ups] == "..":
+        ups += 1
+    return ".." not in parts[ups:] and ups <= key.count("/")
 
 
 def _ns(seconds: float) -> int:
@@ -88,6 +110,8 @@ class LocalStore:
     """Objects in ``root``; a key ``a/b.txt`` is the file ``root/a/b.txt`` (never via a link)."""
 
     enforces_conditions = True
+    #: links must stay inside (:func:`inside`): the write path refuses others at ``symlink``
+    links_inside = True
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
@@ -162,12 +186,35 @@ class LocalStore:
             except OSError as exc:
                 raise _map_os_error(exc, key) from exc
         else:
-            fd = self._open_file(key)
+            try:
+                fd = self._open_file(key)
+            except NotFound:
+                return _info(key, self._special(key)[0])
         try:
             st = os.fstat(fd)
         finally:
             os.close(fd)
         return _info(key, st)
+
+    def _special(self, key: str) -> tuple[os.stat_result, str]:
+        """The link (inside the source), FIFO or socket at ``key``: its lstat and a link's
+        target ("" for others); NotFound for anything else."""
+        parts = self._parts(key)
+        if not parts or key.endswith("/"):
+            raise NotFound(f"{key}: not a file")
+        try:
+            dfd = self._open_dir(parts[:-1])
+            try:
+                st = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+                target = os.readlink(parts[-1], dir_fd=dfd) if stat.S_ISLNK(st.st_mode) else ""
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            raise _map_os_error(exc, key) from exc
+        kind = stat.S_IFMT(st.st_mode)
+        if kind not in _SHOWN or (kind == stat.S_IFLNK and not inside(key, target)):
+            raise NotFound(f"{key}: not a file")
+        return st, target
 
     def list(
         self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
@@ -186,7 +233,8 @@ class LocalStore:
             with os.scandir(fd) as it:
                 for entry in it:
                     try:
-                        if entry.is_symlink():
+                        if entry.is_symlink() and not inside(
+                                prefix + entry.name, os.readlink(entry.name, dir_fd=fd)):
                             links.append(entry.name)
                             continue
                         if entry.name.startswith(TMP_PREFIX):
@@ -206,9 +254,10 @@ class LocalStore:
                 try:
                     if key.endswith("/"):
                         page.prefixes.append(key)
-                    elif entry.is_file(follow_symlinks=False):
+                    else:
                         st = entry.stat(follow_symlinks=False)  # fstatat on the open folder
-                        page.objects.append(_info(key, st))
+                        if stat.S_ISREG(st.st_mode) or stat.S_IFMT(st.st_mode) in _SHOWN:
+                            page.objects.append(_info(key, st))
                 except OSError:
                     continue  # vanished or unreadable entry: skip it
         except OSError as exc:
@@ -220,7 +269,13 @@ class LocalStore:
         yield page
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
-        fd = self._open_file(key)
+        try:
+            fd = self._open_file(key)
+        except NotFound:
+            st, target = self._special(key)  # a link's content is its target
+            if _version(st) != version:
+                raise StaleVersion(f"{key}: changed since it was listed") from None
+            return os.fsencode(target)[start:start + max(length, 0)]
         try:
             if _version(os.fstat(fd)) != version:
                 raise StaleVersion(f"{key}: changed since it was listed")
@@ -281,7 +336,7 @@ class LocalStore:
                         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                     except FileNotFoundError:
                         raise Conflict(f"{key}: gone") from None
-                    if not stat.S_ISREG(st.st_mode) or _version(st) != condition.version:
+                    if stat.S_ISDIR(st.st_mode) or _version(st) != condition.version:
                         raise Conflict(f"{key}: changed")
                 os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
@@ -357,7 +412,15 @@ class LocalStore:
         attrs: Attrs | None = None, progress: Callable[[int], None] | None = None,
     ) -> ObjectInfo:
         """The staged file's bytes and the base file's copy ranges, copied in the kernel
-        (``copy_file_range``) into a temporary file, then committed (see above)."""
+        (``copy_file_range``) into a temporary file, then committed (see above). A link,
+        FIFO or socket (``attrs.mode``) is made as one (a link from the staged target)."""
+        kind = stat.S_IFMT(attrs.mode) if attrs is not None and attrs.mode else 0
+        if kind in _SHOWN:
+            assert attrs is not None and attrs.mode is not None
+            with open(upload.path, "rb") as f:
+                target = os.fsdecode(f.read(upload.size)) if kind == stat.S_IFLNK else ""
+            return self._put_special(key, kind, attrs.mode & 0o777, target, attrs.mtime,
+                                     condition)
         base = self._open_version(upload.base_key, upload.base_version) if any(
             b > a for a, b in upload.copy) else None
         try:
@@ -386,10 +449,47 @@ class LocalStore:
             if base is not None:
                 os.close(base)
 
+    def _put_special(self, key: str, kind: int, perm: int, target: str, mtime: float | None,
+                     condition: Condition) -> ObjectInfo:
+        """Make a link (to ``target``), FIFO or socket under a temporary name, commit it."""
+        if kind == stat.S_IFLNK and not inside(key, target):
+            raise NotPermitted(f"{key}: a link to {target!r} could lead out of the source")
+        parts, dfd = self._dest(key)
+        tmp = f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        made = False
+        try:
+            if kind == stat.S_IFLNK:
+                os.symlink(target, tmp, dir_fd=dfd)
+            else:
+                os.mknod(tmp, kind | 0o600, dir_fd=dfd)
+            made = True
+            if kind != stat.S_IFLNK:
+                os.chmod(tmp, perm, dir_fd=dfd)  # ours, just made: not a link
+            if mtime is not None:
+                os.utime(tmp, ns=(time.time_ns(), _ns(mtime)), dir_fd=dfd,
+                         follow_symlinks=False)
+            info = self._commit(key, dfd, tmp, parts[-1], condition)
+            made = False
+            return info
+        except OSError as exc:
+            raise _map_os_error(exc, key) from exc
+        finally:
+            if made:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+            os.close(dfd)
+
     def copy(
         self, src: str, version: str, dst: str, *, condition: Condition = Condition(),
     ) -> ObjectInfo:
-        fd = self._open_version(src, version)
+        try:
+            fd = self._open_version(src, version)
+        except NotFound:
+            st, target = self._special(src)  # a link, FIFO or socket: made anew at dst
+            if _version(st) != version:
+                raise StaleVersion(f"{src}: changed since it was read") from None
+            return self._put_special(dst, stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
+                                     target, st.st_mtime_ns / 10**9, condition)
         try:
             st = os.fstat(fd)
 
@@ -403,7 +503,10 @@ class LocalStore:
             os.close(fd)
 
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
-        fd = self._open_file(key)
+        try:
+            fd = self._open_file(key)
+        except NotFound:
+            return self._set_special_attrs(key, version, attrs)
         try:
             with self._lock:
                 if _version(os.fstat(fd)) != version:
@@ -417,6 +520,33 @@ class LocalStore:
             raise _map_os_error(exc, key) from exc
         finally:
             os.close(fd)
+
+    def _set_special_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
+        """``set_attrs`` of a link (its mtime only, as ``touch -h``), FIFO or socket."""
+        parts = self._parts(key)
+        with self._lock:
+            st, _ = self._special(key)
+            if _version(st) != version:
+                raise Conflict(f"{key}: changed")
+            try:
+                dfd = self._open_dir(parts[:-1])
+                try:
+                    if attrs.mode is not None and stat.S_ISFIFO(st.st_mode):
+                        # by descriptor, never by name: a link swapped in is not followed
+                        fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dfd)
+                        try:
+                            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                                os.fchmod(fd, attrs.mode & 0o777)
+                        finally:
+                            os.close(fd)
+                    if attrs.mtime is not None:
+                        os.utime(parts[-1], ns=(time.time_ns(), _ns(attrs.mtime)), dir_fd=dfd,
+                                 follow_symlinks=False)
+                finally:
+                    os.close(dfd)
+            except OSError as exc:
+                raise _map_os_error(exc, key) from exc
+            return _info(key, self._special(key)[0])
 
     def delete(self, key: str, *, condition: Condition = Condition()) -> None:
         """Remove the file; ``dir/`` removes the empty folder (one with entries stays, as a

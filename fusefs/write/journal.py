@@ -155,7 +155,7 @@ def problem(rec: Record) -> str | None:
             return f"its {name} is not text"
     if rec.expect is not None and not isinstance(rec.expect, str):
         return "its expected version is not text"
-    if rec.mode is not None and (type(rec.mode) is not int or not 0 <= rec.mode <= 0o7777):
+    if rec.mode is not None and (type(rec.mode) is not int or not 0 <= rec.mode <= 0o177777):
         return "its mode is not a mode"
     for f in fields(Record):
         if f.type in ("int", "float"):

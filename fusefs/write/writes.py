@@ -29,11 +29,14 @@ import contextlib
 import dataclasses
 import logging
 import os
+import stat
 from collections.abc import AsyncIterator
 
 from .. import threads
 from ..attrmemory import AttrMemory
+from ..backends.attrs import SPECIAL_TYPES
 from ..backends.base import Attrs, ObjectInfo, ObjectStore
+from ..backends.local import inside
 from ..config import Settings
 from ..errors import (
     Exists,
@@ -270,9 +273,12 @@ class Writes:
         # replaces that version (its upload's condition), the pending delete is absorbed
         taken = await self.deletes.take(path)
         perm = mode & 0o777  # never setuid, setgid or sticky
+        kind = stat.S_IFMT(mode)
+        keep: int | None = perm if perm != self.settings.file_mode else None
+        if kind in SPECIAL_TYPES:  # a link, FIFO...: its type is in its metadata, always
+            keep = kind | perm
         try:
-            sf = self.staging.create(path, None, taken or "",
-                                     perm if perm != self.settings.file_mode else None)
+            sf = self.staging.create(path, None, taken or "", keep)
             sf.touch()  # an empty new file is a change to upload
             await self.changing(sf)
         except BaseException:
@@ -285,6 +291,27 @@ class Writes:
         sf.writers += 1
         sf.handles += 1
         return fh, node
+
+    async def special(self, parent_ino: int, name: str, mode: int, content: bytes
+                      ) -> object:
+        """``symlink`` (``S_IFLNK``, ``content`` the target) or ``mknod`` of a FIFO, socket
+        or device node: a new object whose ``mode`` metadata names the type (s3fs's
+        convention), staged and uploaded as any new file; its node. On a local source a
+        link that could lead out of it is refused (NotPermitted), as it is never shown."""
+        if stat.S_ISLNK(mode) and getattr(self.store, "links_inside", False):
+            parent = self.fs.node(parent_ino)
+            if not inside(join(parent.path, name), os.fsdecode(content)):
+                raise NotPermitted(f"{name}: a link to {os.fsdecode(content)!r} could lead "
+                                   "out of the source")
+        fh, node = await self.create(parent_ino, name, mode, os.O_EXCL)
+        try:
+            if content:
+                h = self.fs.handle(fh)
+                assert h.staged is not None
+                await self.write(h.staged, 0, content)
+        finally:
+            await self.fs.release(fh)
+        return node
 
     async def open(self, node: object, flags: int) -> int:
         """Open a file for writing (or reading, if it is staged)."""
@@ -437,8 +464,8 @@ class Writes:
                 if _same(sf.rec.mtime, file_mode(self.settings, self.info_of(sf)), mtime, mode):
                     return  # vim's fchmod of its new file to the old mode: no second upload
                 await self.changing(sf)
-                if mode is not None:
-                    sf.rec.mode = mode & 0o777
+                if mode is not None:  # a FIFO... keeps its type
+                    sf.rec.mode = _type_of(sf.rec.mode) | (mode & 0o777)
                 sf.touch(mtime if mtime is not None else sf.rec.mtime)
                 if sf.writers == 0:
                     await self.uploads.sync(sf)
@@ -449,7 +476,7 @@ class Writes:
         if _same(info.meta_mtime or info.mtime, file_mode(self.settings, info), mtime, mode):
             return
         attrs = Attrs(mtime if mtime is not None else (info.meta_mtime or info.mtime),
-                      (mode & 0o777) if mode is not None else info.mode)
+                      _type_of(info.mode) | (mode & 0o777) if mode is not None else info.mode)
         sent = self.fs.clock()
         new = await threads.run_sync(self.store.set_attrs, node.path, info.version, attrs,
                                      limiter=self.fs.folders.meta_limiter)
@@ -540,6 +567,12 @@ class Writes:
             raise NotPermitted("files in a bucket cannot change owner")
         if gid is not None and gid not in (-1, 0xFFFFFFFF, self.fs.gid):
             raise NotPermitted("files in a bucket cannot change group")
+
+
+def _type_of(mode: int | None) -> int:
+    """The special file type kept in a ``mode`` (0 for a regular file's)."""
+    kind = stat.S_IFMT(mode or 0)
+    return kind if kind in SPECIAL_TYPES else 0
 
 
 def _same(cur_mtime: float, cur_mode: int, mtime: float | None, mode: int | None) -> bool:
