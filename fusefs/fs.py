@@ -16,6 +16,7 @@ requests may interleave at each ``await``. Node fields are replaced whole, never
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from . import stats as S
 from . import threads
 from .backends.base import ObjectInfo, ObjectStore
 from .config import Settings
@@ -254,8 +256,8 @@ class FileSystem:
             if (old is not None and old.version == info.version and info.meta_mtime is None
                     and info.mode is None and (old.meta_mtime is not None
                                                or old.mode is not None)):
-                info = ObjectInfo(info.key, info.size, info.mtime, info.version,
-                                  old.meta_mtime, old.mode)  # a listing without metadata
+                info = dataclasses.replace(  # a listing without metadata
+                    info, meta_mtime=old.meta_mtime, mode=old.mode, uid=old.uid, gid=old.gid)
             node.info = info
             if old is not None and old.version != info.version:
                 self._changed(node)
@@ -275,12 +277,15 @@ class FileSystem:
 
     def _seed(self, info: ObjectInfo, data: bytes) -> None:
         """Worker thread: a small object's whole bytes, fetched to learn its type, into the
-        block cache (a read then makes no request)."""
+        block cache (a read then makes no request); counted as the reader's fetch it saves."""
+        self.reader.stats.add(S.FETCHES)
+        self.reader.stats.add(S.BYTES_FETCHED, len(data))
         if 0 < info.size == len(data) <= self.reader.block_size:
             self.reader.blocks.put(self.reader.block_key(info, 0), data)
 
     def attr(self, node: Node) -> Attr:
         ro = ~0o222 if self.settings.read_only else ~0
+        info: ObjectInfo | None = None
         if node.is_dir:
             mode = stat.S_IFDIR | (self.settings.dir_mode & ro)
             mtime_ns, size, nlink = self.mount_time_ns, 0, 2
@@ -300,8 +305,10 @@ class FileSystem:
             # a file that lost its name (unlinked while open) has no link left
             nlink = 1 if self._by_path.get(node.path) is node else 0
             mtime_ns, size = int(mtime * 1e9), info.size
+        uid = self.uid if info is None or info.uid is None else info.uid
+        gid = self.gid if info is None or info.gid is None else info.gid
         return Attr(node.ino, mode, size, mtime_ns, (size + 511) // 512, 128 * 1024, nlink,
-                    self.uid, self.gid)
+                    uid, gid)
 
     def mark_stale(self, key: str) -> None:
         """The store said ``key`` changed: distrust what we know of it and of its folder."""
@@ -625,8 +632,7 @@ class FileSystem:
             if gone is not None:
                 gone.confirmed = -math.inf
             if node.info is not None:
-                i = node.info
-                node.info = ObjectInfo(moved, i.size, i.mtime, i.version, i.meta_mtime, i.mode)
+                node.info = dataclasses.replace(node.info, key=moved, token=None)
                 node._path = None
             else:
                 node._path = moved

@@ -56,6 +56,12 @@ def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[An
     return wrapper
 
 
+def _owner(ctx: Any) -> tuple[int, int] | None:
+    """The (uid, gid) of the process a request comes from (a new file's owner)."""
+    uid, gid = getattr(ctx, "uid", None), getattr(ctx, "gid", None)
+    return (uid, gid) if isinstance(uid, int) and isinstance(gid, int) else None
+
+
 class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     """Maps kernel requests onto :class:`FileSystem` and :class:`Control`.
 
@@ -206,7 +212,8 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         if parent_inode == ROOT_INO and name == _CONTROL_NAME:
             raise pyfuse3.FUSEError(errno.EEXIST)
         fh, node = await self._writes().create(
-            parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), flags)
+            parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), flags,
+            _owner(ctx))
         return (pyfuse3.FileInfo(fh=fh, keep_cache=False),
                 self._entry(self.fs.attr(node)))  # type: ignore[arg-type]
 
@@ -217,10 +224,12 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
             if stat.S_IFMT(mode) not in (stat.S_IFIFO, stat.S_IFSOCK):
                 raise NotPermitted("only files, folders, links, FIFOs and sockets are stored")
             node = await self._writes().special(
-                parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), b"")
+                parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), b"",
+                _owner(ctx))
             return self._entry(self.fs.attr(node))  # type: ignore[arg-type]
         fh, node = await self._writes().create(
-            parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), os.O_EXCL)
+            parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), os.O_EXCL,
+            _owner(ctx))
         await self.fs.release(fh)
         return self._entry(self.fs.attr(node))  # type: ignore[arg-type]
 
@@ -259,7 +268,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         if len(target) > LINK_MAX:
             raise NameTooLong(f"a link target of {len(target)} bytes (at most {LINK_MAX})")
         node = await self._writes().special(parent_inode, os.fsdecode(name),
-                                            stat.S_IFLNK | 0o777, target)
+                                            stat.S_IFLNK | 0o777, target, _owner(ctx))
         return self._entry(self.fs.attr(node))  # type: ignore[arg-type]
 
     @_errors
@@ -311,8 +320,8 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         w = self._writes()
         node = self.fs.node(inode)
         if fields.update_uid or fields.update_gid:
-            w.chown(attr.st_uid if fields.update_uid else None,
-                    attr.st_gid if fields.update_gid else None)
+            await w.chown(node, attr.st_uid if fields.update_uid else None,
+                          attr.st_gid if fields.update_gid else None)
         staged = None
         if fh is not None:
             h = self.fs.handle(fh) if not self.control.owns(fh) else None

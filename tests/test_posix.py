@@ -207,3 +207,69 @@ def test_local_links_inside_shown_outside_refused(local_bucket: Bucket, mount,
 
 def test_unused_socket_module_guard() -> None:
     assert socket.AF_UNIX  # sockets are made with mknod above, never bound
+
+
+# --- owners ----------------------------------------------------------------------------------
+
+
+def stored_owner(b: Bucket, key: str) -> tuple[int | None, int | None]:
+    """``uid``/``gid`` metadata of an object, read with the SDK (lstat's, locally)."""
+    if b.kind in ("s3", "seaweed"):
+        meta = b.extra["client"].head_object(Bucket=b.extra["name"], Key=key)["Metadata"]
+    elif b.kind == "gcs":
+        meta = b.extra["client"].bucket(b.extra["name"]).get_blob(key).metadata or {}
+    elif b.kind == "azure":
+        meta = b.extra["client"].get_blob_client(key).get_blob_properties().metadata
+    else:
+        st = os.lstat(Path(b.source[len("file://"):]) / key)
+        return st.st_uid, st.st_gid
+    return (int(meta["uid"]) if "uid" in meta else None,
+            int(meta["gid"]) if "gid" in meta else None)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another owner needs root")
+def test_chown_is_stored_and_survives_a_remount(anystore: Bucket, mount, tmp_path: Path) -> None:
+    b = anystore
+    m = mount(b)
+    (m.path / "f").write_bytes(b"owned")
+    os.symlink("f", m.path / "ln")
+    os.chown(m.path / "f", 1234, 5678)
+    os.chown(m.path / "ln", 4321, 8765, follow_symlinks=False)  # lchown: the link itself
+    st = os.stat(m.path / "f")
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    assert (os.lstat(m.path / "ln").st_uid, os.lstat(m.path / "ln").st_gid) == (4321, 8765)
+    os.chmod(m.path / "f", 0o6755)  # setuid/setgid are never stored
+    assert stat.S_IMODE(os.stat(m.path / "f").st_mode) & 0o6000 == 0
+    assert sync(m).returncode == 0
+    assert stored_owner(b, "f") == (1234, 5678)
+    assert stored_owner(b, "ln") == (4321, 8765)
+    # a rewrite keeps the owner; a fresh mount (another cache) shows it
+    with open(m.path / "f", "ab") as f:
+        f.write(b"!")
+    assert sync(m).returncode == 0
+    assert stored_owner(b, "f") == (1234, 5678)
+    m2 = mount(b, cache_dir=tmp_path / "cache2")
+    st = os.stat(m2.path / "f")
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    assert os.lstat(m2.path / "ln").st_uid == 4321
+    os.rename(m2.path / "f", m2.path / "g")  # a rename keeps it
+    assert os.stat(m2.path / "g").st_uid == 1234
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another owner needs root")
+def test_default_owner_and_objects_owned_in_s3fs_metadata(s3_bucket: Bucket, mount) -> None:
+    """s3fs's decimal ``uid``/``gid``/``mode`` are read; ``--uid``/``--gid`` are the owner of
+    objects without; a file a user creates is theirs."""
+    client, name = s3_bucket.extra["client"], s3_bucket.extra["name"]
+    client.put_object(Bucket=name, Key="theirs", Body=b"small",
+                      Metadata={"uid": "1001", "gid": "1002", "mode": "33261"})
+    client.put_object(Bucket=name, Key="nobody-said", Body=b"y")
+    m = mount(s3_bucket, "--uid", "2000", "--gid", "3000")
+    st = os.stat(m.path / "nobody-said")
+    assert (st.st_uid, st.st_gid) == (2000, 3000)
+    st = os.stat(m.path / "theirs")  # a small object: its metadata came with its bytes
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1001, 1002, 0o755)
+    (m.path / "mine").write_bytes(b"m")  # root made it, and root is not the default owner
+    assert os.stat(m.path / "mine").st_uid == 0
+    assert sync(m).returncode == 0
+    assert stored_owner(s3_bucket, "mine") == (0, 0)

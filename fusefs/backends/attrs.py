@@ -23,6 +23,9 @@ from .base import Attrs
 
 MTIME = "mtime"
 MODE = "mode"
+#: s3fs's owner and group (decimal ids)
+UID = "uid"
+GID = "gid"
 #: fusefs's own: a token unique to one upload (tells a landed upload from another writer's)
 TOKEN = "fusefs_upload"  # a C# identifier: Azure allows no "-"
 GCSFUSE_MTIME = "gcsfuse_mtime"
@@ -36,7 +39,7 @@ SPECIAL_TYPES = frozenset({stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFC
 
 #: Names this module reads (lower case); a store replacing attributes drops all of them, so an
 #: old peer's value cannot outlive a new one.
-ATTR_KEYS = frozenset({MTIME, MODE, GCSFUSE_MTIME, GSUTIL_MTIME, GSUTIL_MODE})
+ATTR_KEYS = frozenset({MTIME, MODE, GCSFUSE_MTIME, GSUTIL_MTIME, GSUTIL_MODE, UID, GID})
 
 # Times outside year 1..9999 are garbage (and datetime cannot hold them).
 _MIN_TIME, _MAX_TIME = -62135596800.0, 253402300799.0
@@ -53,7 +56,24 @@ def encode(attrs: Attrs | None) -> dict[str, str]:
         out[MODE] = "0%o" % ((stat.S_IFMT(attrs.mode) or stat.S_IFREG) | (attrs.mode & 0o777))
     if attrs.token is not None:
         out[TOKEN] = attrs.token
+    if attrs.uid is not None:
+        out[UID] = str(attrs.uid)
+    if attrs.gid is not None:
+        out[GID] = str(attrs.gid)
     return out
+
+
+def owner(meta: Mapping[str, str] | None) -> tuple[int | None, int | None]:
+    """``(uid, gid)`` from an object's metadata (s3fs's decimal ``uid``/``gid``); None where
+    absent or not an id (at most 2**32-2: -1 means "unchanged" to chown)."""
+    out: list[int | None] = [None, None]
+    for k, v in (meta or {}).items():
+        name = str(k).lower()
+        if name in (UID, GID) and v is not None and str(v).strip().isdigit():
+            n = int(str(v).strip())
+            if n < 0xFFFFFFFF:
+                out[name == GID] = n
+    return out[0], out[1]
 
 
 def token(meta: Mapping[str, str] | None) -> str | None:
@@ -76,6 +96,11 @@ def merged(meta: Mapping[str, str] | None, attrs: Attrs) -> dict[str, str]:
         for k in list(out):
             if k.lower() in (MODE, GSUTIL_MODE):
                 del out[k]
+    for name, value in ((UID, attrs.uid), (GID, attrs.gid)):
+        if value is not None:
+            for k in list(out):
+                if k.lower() == name:
+                    del out[k]
     out.update(encode(attrs))
     return out
 

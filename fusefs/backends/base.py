@@ -37,6 +37,10 @@ class ObjectInfo:
     #: The upload token a fusefs mount wrote with the object (``fusefs_upload`` metadata), when
     #: the answer carried metadata: tells an upload that landed from another writer's object.
     token: str | None = None
+    #: Owner and group kept in metadata (s3fs's ``uid``/``gid``; a local file's own when it
+    #: is not the mounting user's); None: the mount's ``--uid``/``--gid``.
+    uid: int | None = None
+    gid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,9 @@ class Attrs:
     mode: int | None = None
     #: A token unique to one upload (see ``ObjectInfo.token``); None: none written.
     token: str | None = None
+    #: Owner and group (s3fs's ``uid``/``gid`` metadata, decimal); None: none written.
+    uid: int | None = None
+    gid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,10 +180,11 @@ class ObjectStore(Protocol):
         object's metadata. Multipart copy above 5 GiB on S3; GCS rewrite."""
 
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
-        """Replace the ``mtime``/``mode`` metadata of ``key`` at ``version`` (Conflict if it has
-        another; a field left None is kept); its metadata afterwards. The version may change
-        (Azure: a new ETag; local: the ctime moves; S3: a copy in place, a new ETag for a
-        multipart object; GCS and a single-part S3 object keep it); the bytes never do."""
+        """Replace the ``mtime``/``mode``/``uid``/``gid`` metadata of ``key`` at ``version``
+        (Conflict if it has another; a field left None is kept); its metadata afterwards.
+        The version may change (Azure: a new ETag; local: the ctime moves; S3: a copy in
+        place, a new ETag for a multipart object; GCS and a single-part S3 object keep it);
+        the bytes never do."""
 
 
 class PrefixedStore:

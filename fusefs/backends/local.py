@@ -66,7 +66,18 @@ def _info(key: str, st: os.stat_result) -> ObjectInfo:
     size = st.st_size if kind in (stat.S_IFREG, stat.S_IFLNK) else 0
     mode = (stat.S_IFLNK | 0o777 if kind == stat.S_IFLNK else
             stat.S_IMODE(st.st_mode) & 0o777 | (kind if kind in _SHOWN else 0))
-    return ObjectInfo(key, size, st.st_mtime, _version(st), st.st_mtime_ns / 10**9, mode)
+    # an owner other than the mounting user's is the file's own (theirs: the mount's default)
+    uid = st.st_uid if st.st_uid != os.geteuid() else None
+    gid = st.st_gid if st.st_gid != os.getegid() else None
+    return ObjectInfo(key, size, st.st_mtime, _version(st), st.st_mtime_ns / 10**9, mode,
+                      None, uid, gid)
+
+
+def _chown(fd: int, attrs: Attrs | None) -> None:
+    """The owner and group ``attrs`` name, if any (the kernel refuses unless root)."""
+    if attrs is not None and (attrs.uid is not None or attrs.gid is not None):
+        os.fchown(fd, -1 if attrs.uid is None else attrs.uid,
+                  -1 if attrs.gid is None else attrs.gid)
 
 
 def inside(key: str, target: str) -> bool:
@@ -354,6 +365,7 @@ class LocalStore:
             tmp, fd = self._temp(dfd)
             try:
                 fill(fd)
+                _chown(fd, attrs)
                 if attrs is not None and attrs.mode is not None:
                     os.fchmod(fd, attrs.mode & 0o777)  # never setuid/setgid/sticky
                 if attrs is not None and attrs.mtime is not None:
@@ -420,7 +432,7 @@ class LocalStore:
             with open(upload.path, "rb") as f:
                 target = os.fsdecode(f.read(upload.size)) if kind == stat.S_IFLNK else ""
             return self._put_special(key, kind, attrs.mode & 0o777, target, attrs.mtime,
-                                     condition)
+                                     condition, attrs)
         base = self._open_version(upload.base_key, upload.base_version) if any(
             b > a for a, b in upload.copy) else None
         try:
@@ -450,7 +462,7 @@ class LocalStore:
                 os.close(base)
 
     def _put_special(self, key: str, kind: int, perm: int, target: str, mtime: float | None,
-                     condition: Condition) -> ObjectInfo:
+                     condition: Condition, attrs: Attrs | None = None) -> ObjectInfo:
         """Make a link (to ``target``), FIFO or socket under a temporary name, commit it."""
         if kind == stat.S_IFLNK and not inside(key, target):
             raise NotPermitted(f"{key}: a link to {target!r} could lead out of the source")
@@ -465,6 +477,10 @@ class LocalStore:
             made = True
             if kind != stat.S_IFLNK:
                 os.chmod(tmp, perm, dir_fd=dfd)  # ours, just made: not a link
+            if attrs is not None and (attrs.uid is not None or attrs.gid is not None):
+                os.chown(tmp, -1 if attrs.uid is None else attrs.uid,
+                         -1 if attrs.gid is None else attrs.gid, dir_fd=dfd,
+                         follow_symlinks=False)
             if mtime is not None:
                 os.utime(tmp, ns=(time.time_ns(), _ns(mtime)), dir_fd=dfd,
                          follow_symlinks=False)
@@ -496,6 +512,9 @@ class LocalStore:
             def fill(out: int) -> None:
                 _copy_range(fd, out, 0, st.st_size, dst)
                 os.fchmod(out, st.st_mode & 0o777)  # the metadata is kept (never setuid/gid)
+                if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                    with contextlib.suppress(PermissionError):  # only root may give it
+                        os.fchown(out, st.st_uid, st.st_gid)
                 os.utime(out, ns=(time.time_ns(), st.st_mtime_ns))
 
             return self._write_new(dst, fill, condition, None)
@@ -511,6 +530,7 @@ class LocalStore:
             with self._lock:
                 if _version(os.fstat(fd)) != version:
                     raise Conflict(f"{key}: changed")
+                _chown(fd, attrs)
                 if attrs.mode is not None:
                     os.fchmod(fd, attrs.mode & 0o777)  # never setuid/setgid/sticky
                 if attrs.mtime is not None:
@@ -539,6 +559,10 @@ class LocalStore:
                                 os.fchmod(fd, attrs.mode & 0o777)
                         finally:
                             os.close(fd)
+                    if attrs.uid is not None or attrs.gid is not None:
+                        os.chown(parts[-1], -1 if attrs.uid is None else attrs.uid,
+                                 -1 if attrs.gid is None else attrs.gid, dir_fd=dfd,
+                                 follow_symlinks=False)
                     if attrs.mtime is not None:
                         os.utime(parts[-1], ns=(time.time_ns(), _ns(attrs.mtime)), dir_fd=dfd,
                                  follow_symlinks=False)

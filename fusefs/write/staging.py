@@ -510,6 +510,7 @@ class Staging:
             base_key=base.key if base else "", base_version=base.version if base else "",
             base_size=base.size if base else 0, base_mtime=base.mtime if base else 0.0,
             base_limit=base.size if base else 0, expect=expect, created=time.time(),
+            uid=base.uid if base else None, gid=base.gid if base else None,  # owners stay
         )
         sf = StagedFile(rec, path, fd)
         old = self.files.get(key)

@@ -171,7 +171,8 @@ class Writes:
         """What a staged file looks like to ``stat``."""
         rec = sf.rec
         return ObjectInfo(rec.key, rec.size, rec.mtime, rec.base_version if
-                          rec.base_key == rec.key else "", rec.mtime, rec.mode)
+                          rec.base_key == rec.key else "", rec.mtime, rec.mode, None,
+                          rec.uid, rec.gid)
 
     def merge(self, dir_path: str,
               entries: list[tuple[str, bool, ObjectInfo | None]]
@@ -252,8 +253,10 @@ class Writes:
 
     # --- files -----------------------------------------------------------------------------
 
-    async def create(self, parent_ino: int, name: str, mode: int, flags: int) -> tuple[int, object]:
-        """Create (or, without O_EXCL, open) ``name``; returns (fh, node)."""
+    async def create(self, parent_ino: int, name: str, mode: int, flags: int,
+                     owner: tuple[int, int] | None = None) -> tuple[int, object]:
+        """Create (or, without O_EXCL, open) ``name``; returns (fh, node). ``owner``: the
+        creator's (uid, gid), kept in metadata where it is not the mount's default."""
         self.check_writable()
         parent = self.fs.node(parent_ino)
         if not parent.is_dir:
@@ -279,6 +282,9 @@ class Writes:
             keep = kind | perm
         try:
             sf = self.staging.create(path, None, taken or "", keep)
+            if owner is not None:
+                sf.rec.uid = owner[0] if owner[0] != self.fs.uid else None
+                sf.rec.gid = owner[1] if owner[1] != self.fs.gid else None
             sf.touch()  # an empty new file is a change to upload
             await self.changing(sf)
         except BaseException:
@@ -292,8 +298,8 @@ class Writes:
         sf.handles += 1
         return fh, node
 
-    async def special(self, parent_ino: int, name: str, mode: int, content: bytes
-                      ) -> object:
+    async def special(self, parent_ino: int, name: str, mode: int, content: bytes,
+                      owner: tuple[int, int] | None = None) -> object:
         """``symlink`` (``S_IFLNK``, ``content`` the target) or ``mknod`` of a FIFO, socket
         or device node: a new object whose ``mode`` metadata names the type (s3fs's
         convention), staged and uploaded as any new file; its node. On a local source a
@@ -303,7 +309,7 @@ class Writes:
             if not inside(join(parent.path, name), os.fsdecode(content)):
                 raise NotPermitted(f"{name}: a link to {os.fsdecode(content)!r} could lead "
                                    "out of the source")
-        fh, node = await self.create(parent_ino, name, mode, os.O_EXCL)
+        fh, node = await self.create(parent_ino, name, mode, os.O_EXCL, owner)
         try:
             if content:
                 h = self.fs.handle(fh)
@@ -477,11 +483,22 @@ class Writes:
             return
         attrs = Attrs(mtime if mtime is not None else (info.meta_mtime or info.mtime),
                       _type_of(info.mode) | (mode & 0o777) if mode is not None else info.mode)
+        await self._store_attrs(node, info, attrs)
+
+    async def _store_attrs(self, node: object, info: ObjectInfo, attrs: Attrs) -> None:
+        """``set_attrs`` of a file not staged, and what this mount then knows of it."""
+        from ..fs import Node
+
+        assert isinstance(node, Node)
         sent = self.fs.clock()
         new = await threads.run_sync(self.store.set_attrs, node.path, info.version, attrs,
                                      limiter=self.fs.folders.meta_limiter)
-        if new.meta_mtime is None:
-            new = dataclasses.replace(new, meta_mtime=attrs.mtime, mode=attrs.mode)
+        if new.meta_mtime is None and new.uid is None and new.gid is None:
+            new = dataclasses.replace(  # what was sent, if the answer did not say
+                new, meta_mtime=attrs.mtime if attrs.mtime is not None else info.meta_mtime,
+                mode=attrs.mode if attrs.mode is not None else info.mode,
+                uid=attrs.uid if attrs.uid is not None else info.uid,
+                gid=attrs.gid if attrs.gid is not None else info.gid)
         self.fs.folders.attrs.remember(new)
         self.fs.folders.note(new.key, new)
         self.fs.observed(node.path, new, sent, same_bytes=True)
@@ -490,7 +507,8 @@ class Writes:
 
     def _uploaded(self, sf: StagedFile, info: ObjectInfo, gen: int) -> None:
         if info.meta_mtime is None:  # what was sent, if the answer did not say
-            info = dataclasses.replace(info, meta_mtime=sf.rec.mtime, mode=sf.rec.mode)
+            info = dataclasses.replace(info, meta_mtime=sf.rec.mtime, mode=sf.rec.mode,
+                                       uid=sf.rec.uid, gid=sf.rec.gid)
         self.fs.folders.attrs.remember(info)
         self.deletes.kick()  # a delete may have waited for this file's base
         if sf.unlinked:
@@ -561,12 +579,38 @@ class Writes:
 
     # --- chown --------------------------------------------------------------------------
 
-    def chown(self, uid: int | None, gid: int | None) -> None:
-        """Only to the mount's own owner (no effect): objects have no owners."""
-        if uid is not None and uid not in (-1, 0xFFFFFFFF, self.fs.uid):
-            raise NotPermitted("files in a bucket cannot change owner")
-        if gid is not None and gid not in (-1, 0xFFFFFFFF, self.fs.gid):
-            raise NotPermitted("files in a bucket cannot change group")
+    async def chown(self, node: object, uid: int | None, gid: int | None) -> None:
+        """Keep a file's owner and group in its metadata (s3fs's ``uid``/``gid``); the
+        kernel (``default_permissions``) has checked the caller may (root, or its own
+        group). Folders keep none: only to the mount's owner (no effect), else EPERM."""
+        from ..fs import Node
+
+        assert isinstance(node, Node)
+        self.check_writable()
+        uid = None if uid in (-1, 0xFFFFFFFF) else uid
+        gid = None if gid in (-1, 0xFFFFFFFF) else gid
+        if node.is_dir:
+            if uid not in (None, self.fs.uid) or gid not in (None, self.fs.gid):
+                raise NotPermitted("folders are prefixes: they keep no owner")
+            return
+        async with self.held(node.path) as sf:
+            if sf is not None:
+                await self.changing(sf)
+                if uid is not None:
+                    sf.rec.uid = uid
+                if gid is not None:
+                    sf.rec.gid = gid
+                sf.touch(sf.rec.mtime)
+                if sf.writers == 0:
+                    await self.uploads.sync(sf)
+                    self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
+                return
+        info = node.info
+        assert info is not None
+        if (uid is None or uid == (info.uid if info.uid is not None else self.fs.uid)) and (
+                gid is None or gid == (info.gid if info.gid is not None else self.fs.gid)):
+            return  # nothing new to store
+        await self._store_attrs(node, info, Attrs(uid=uid, gid=gid))
 
 
 def _type_of(mode: int | None) -> int:
