@@ -320,8 +320,8 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         w = self._writes()
         node = self.fs.node(inode)
         if fields.update_uid or fields.update_gid:
-            await w.chown(node, attr.st_uid if fields.update_uid else None,
-                          attr.st_gid if fields.update_gid else None)
+            await w.attributes.chown(node, attr.st_uid if fields.update_uid else None,
+                                     attr.st_gid if fields.update_gid else None)
         staged = None
         if fh is not None:
             h = self.fs.handle(fh) if not self.control.owns(fh) else None
@@ -337,7 +337,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         if fields.update_mtime or fields.update_mode:
             mtime = attr.st_mtime_ns / 1e9 if fields.update_mtime else None
             mode = attr.st_mode & 0o777 if fields.update_mode else None  # no setuid/gid/sticky
-            await w.set_times(node, mtime, mode)
+            await w.attributes.set_times(node, mtime, mode)
         return self._entry(self.fs.attr(node))
 
     @_errors

@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator
 from .. import threads
 from ..attrmemory import AttrMemory
 from ..backends.attrs import SPECIAL_TYPES
-from ..backends.base import Attrs, ObjectInfo, ObjectStore
+from ..backends.base import ObjectInfo, ObjectStore
 from ..backends.local import inside
 from ..config import Settings
 from ..errors import (
@@ -51,6 +51,7 @@ from ..errors import (
 )
 from ..folders import check_length, join, valid_name
 from ..reader import SeqState
+from .attributes import Attributes
 from .deletes import PendingDeletes
 from .namespace import Namespace
 from .staging import StagedFile, Staging
@@ -90,6 +91,7 @@ class Writes:
             forget=lambda k: staging.journal.remove_delete(k), needed=self._needed,
             limiter=fs.folders.meta_limiter)
         self.namespace = Namespace(self)
+        self.attributes = Attributes(self)
         fs.writes = self
         fs.folders.attrs = AttrMemory(staging.attrs_path)
 
@@ -457,52 +459,6 @@ class Writes:
             await self.uploads.sync(sf)
             self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
 
-    async def set_times(self, node: object, mtime: float | None, mode: int | None) -> None:
-        """``utimens``/``chmod``: kept in the object's metadata."""
-        from ..fs import Node
-
-        assert isinstance(node, Node)
-        self.check_writable()
-        if node.is_dir:
-            return  # folders are prefixes: no attributes to keep
-        async with self.held(node.path) as sf:
-            if sf is not None:
-                if _same(sf.rec.mtime, file_mode(self.settings, self.info_of(sf)), mtime, mode):
-                    return  # vim's fchmod of its new file to the old mode: no second upload
-                await self.changing(sf)
-                if mode is not None:  # a FIFO... keeps its type
-                    sf.rec.mode = _type_of(sf.rec.mode) | (mode & 0o777)
-                sf.touch(mtime if mtime is not None else sf.rec.mtime)
-                if sf.writers == 0:
-                    await self.uploads.sync(sf)
-                    self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
-                return
-        info = node.info
-        assert info is not None
-        if _same(info.meta_mtime or info.mtime, file_mode(self.settings, info), mtime, mode):
-            return
-        attrs = Attrs(mtime if mtime is not None else (info.meta_mtime or info.mtime),
-                      _type_of(info.mode) | (mode & 0o777) if mode is not None else info.mode)
-        await self._store_attrs(node, info, attrs)
-
-    async def _store_attrs(self, node: object, info: ObjectInfo, attrs: Attrs) -> None:
-        """``set_attrs`` of a file not staged, and what this mount then knows of it."""
-        from ..fs import Node
-
-        assert isinstance(node, Node)
-        sent = self.fs.clock()
-        new = await threads.run_sync(self.store.set_attrs, node.path, info.version, attrs,
-                                     limiter=self.fs.folders.meta_limiter)
-        if new.meta_mtime is None and new.uid is None and new.gid is None:
-            new = dataclasses.replace(  # what was sent, if the answer did not say
-                new, meta_mtime=attrs.mtime if attrs.mtime is not None else info.meta_mtime,
-                mode=attrs.mode if attrs.mode is not None else info.mode,
-                uid=attrs.uid if attrs.uid is not None else info.uid,
-                gid=attrs.gid if attrs.gid is not None else info.gid)
-        self.fs.folders.attrs.remember(new)
-        self.fs.folders.note(new.key, new)
-        self.fs.observed(node.path, new, sent, same_bytes=True)
-
     # --- after an upload -----------------------------------------------------------------
 
     def _uploaded(self, sf: StagedFile, info: ObjectInfo, gen: int) -> None:
@@ -576,62 +532,3 @@ class Writes:
 
     async def delete_object(self, key: str) -> None:
         await threads.run_sync(self.store.delete, key, limiter=self.fs.folders.meta_limiter)
-
-    # --- chown --------------------------------------------------------------------------
-
-    async def chown(self, node: object, uid: int | None, gid: int | None) -> None:
-        """Keep a file's owner and group in its metadata (s3fs's ``uid``/``gid``); the
-        kernel (``default_permissions``) has checked the caller may (root, or its own
-        group). Folders keep none: only to the mount's owner (no effect), else EPERM."""
-        from ..fs import Node
-
-        assert isinstance(node, Node)
-        self.check_writable()
-        uid = None if uid in (-1, 0xFFFFFFFF) else uid
-        gid = None if gid in (-1, 0xFFFFFFFF) else gid
-        if node.is_dir:
-            if uid not in (None, self.fs.uid) or gid not in (None, self.fs.gid):
-                raise NotPermitted("folders are prefixes: they keep no owner")
-            return
-        async with self.held(node.path) as sf:
-            if sf is not None:
-                await self.changing(sf)
-                if uid is not None:
-                    sf.rec.uid = uid
-                if gid is not None:
-                    sf.rec.gid = gid
-                sf.touch(sf.rec.mtime)
-                if sf.writers == 0:
-                    await self.uploads.sync(sf)
-                    self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
-                return
-        info = node.info
-        assert info is not None
-        if (uid is None or uid == (info.uid if info.uid is not None else self.fs.uid)) and (
-                gid is None or gid == (info.gid if info.gid is not None else self.fs.gid)):
-            return  # nothing new to store
-        await self._store_attrs(node, info, Attrs(uid=uid, gid=gid))
-
-
-def _type_of(mode: int | None) -> int:
-    """The special file type kept in a ``mode`` (0 for a regular file's)."""
-    kind = stat.S_IFMT(mode or 0)
-    return kind if kind in SPECIAL_TYPES else 0
-
-
-def _same(cur_mtime: float, cur_mode: int, mtime: float | None, mode: int | None) -> bool:
-    """``utimens``/``chmod`` to what the file already has (nothing to store)."""
-    return ((mtime is None or mtime == cur_mtime)
-            and (mode is None or mode & 0o777 == cur_mode))
-
-
-def file_mode(settings: Settings, info: ObjectInfo | None) -> int:
-    """Permission bits a file has in the store: from its metadata if it has them, else the
-    default. (What ``stat`` shows may differ: an explicit ``--file-mode`` overrides metadata in
-    ``FileSystem.attr``; a chmod is compared with what is stored, so it is skipped only when
-    it would store nothing new.)"""
-    if info is not None and info.mode is not None:
-        return info.mode & 0o777
-    return settings.file_mode
-
-
