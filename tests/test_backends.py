@@ -1466,7 +1466,7 @@ def test_local_put_file_without_hard_links_and_on_a_full_disk(
     def full(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(local, "_copy_range", full)
+    monkeypatch.setattr(local, "copy_range", full)
     with pytest.raises(NoSpace):
         store.put_file("a/g", upload)
     assert sorted(p.name for p in (root / "a").iterdir()) == ["f"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import math
 import os
 import stat
 import threading
@@ -35,6 +34,7 @@ from ..errors import (
     StaleVersion,
 )
 from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
+from .local_meta import SHOWN, chown_fd, copy_range, info_of, inside, ns, version_of
 from .upload_io import pieces
 
 log = logging.getLogger(__name__)
@@ -44,59 +44,10 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # a link met while walking (ELOOP), or a file where a folder was expected: no such key
 _ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
-# types other than files and folders that a listing shows (device nodes never are)
-_SHOWN = (stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK)
 # a file system without hard links
 _NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
 #: Files being written are named so, in their destination folder; listings skip them.
 TMP_PREFIX = ".fusefs-tmp-"
-
-
-def _version(st: os.stat_result) -> str:
-    """Changes whenever the file's bytes may have: a rewrite in place that keeps size and mtime
-    (``rsync --inplace -t``) still moves the ctime."""
-    return f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}-{st.st_ctime_ns:x}"
-
-
-def _info(key: str, st: os.stat_result) -> ObjectInfo:
-    """A file's info; its metadata attributes are its own mtime (int / int: rounded once) and
-    permission bits, with the type of a link, FIFO or socket (a link's size is its target's
-    length; a folder, for a ``dir/`` marker, and a FIFO have size 0)."""
-    kind = stat.S_IFMT(st.st_mode)
-    size = st.st_size if kind in (stat.S_IFREG, stat.S_IFLNK) else 0
-    mode = (stat.S_IFLNK | 0o777 if kind == stat.S_IFLNK else
-            stat.S_IMODE(st.st_mode) & 0o777 | (kind if kind in _SHOWN else 0))
-    # an owner other than the mounting user's is the file's own (theirs: the mount's default)
-    uid = st.st_uid if st.st_uid != os.geteuid() else None
-    gid = st.st_gid if st.st_gid != os.getegid() else None
-    return ObjectInfo(key, size, st.st_mtime, _version(st), st.st_mtime_ns / 10**9, mode,
-                      None, uid, gid)
-
-
-def _chown(fd: int, attrs: Attrs | None) -> None:
-    """The owner and group ``attrs`` name, if any (the kernel refuses unless root)."""
-    if attrs is not None and (attrs.uid is not None or attrs.gid is not None):
-        os.fchown(fd, -1 if attrs.uid is None else attrs.uid,
-                  -1 if attrs.gid is None else attrs.gid)
-
-
-def inside(key: str, target: str) -> bool:
-    """May a link at ``key`` with ``target`` be shown (or made)? Only a relative target whose
-    ``..`` all come first and climb no higher than the source's root: then every link it
-    passes through on its way is inside too, so it cannot lead out of the mount."""
-    if not target or target.startswith("/") or "\x00" in target:
-        return False
-    parts = [p for p in target.split("/") if p and p != "."]
-    ups = 0
-    while ups < len(parts) and parts[ups] == "..":
-        ups += 1
-    return ".." not in parts[ups:] and ups <= key.count("/")
-
-
-def _ns(seconds: float) -> int:
-    """Epoch seconds as nanoseconds, without the float product's rounding (1e18 > 2**53)."""
-    whole = math.floor(seconds)
-    return whole * 1_000_000_000 + round((seconds - whole) * 1e9)
 
 
 def _exists(name: str, dfd: int) -> bool:
@@ -200,12 +151,12 @@ class LocalStore:
             try:
                 fd = self._open_file(key)
             except NotFound:
-                return _info(key, self._special(key)[0])
+                return info_of(key, self._special(key)[0])
         try:
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        return _info(key, st)
+        return info_of(key, st)
 
     def _special(self, key: str) -> tuple[os.stat_result, str]:
         """The link (inside the source), FIFO or socket at ``key``: its lstat and a link's
@@ -223,7 +174,7 @@ class LocalStore:
         except OSError as exc:
             raise _map_os_error(exc, key) from exc
         kind = stat.S_IFMT(st.st_mode)
-        if kind not in _SHOWN or (kind == stat.S_IFLNK and not inside(key, target)):
+        if kind not in SHOWN or (kind == stat.S_IFLNK and not inside(key, target)):
             raise NotFound(f"{key}: not a file")
         return st, target
 
@@ -267,8 +218,8 @@ class LocalStore:
                         page.prefixes.append(key)
                     else:
                         st = entry.stat(follow_symlinks=False)  # fstatat on the open folder
-                        if stat.S_ISREG(st.st_mode) or stat.S_IFMT(st.st_mode) in _SHOWN:
-                            page.objects.append(_info(key, st))
+                        if stat.S_ISREG(st.st_mode) or stat.S_IFMT(st.st_mode) in SHOWN:
+                            page.objects.append(info_of(key, st))
                 except OSError:
                     continue  # vanished or unreadable entry: skip it
         except OSError as exc:
@@ -284,11 +235,11 @@ class LocalStore:
             fd = self._open_file(key)
         except NotFound:
             st, target = self._special(key)  # a link's content is its target
-            if _version(st) != version:
+            if version_of(st) != version:
                 raise StaleVersion(f"{key}: changed since it was listed") from None
             return os.fsencode(target)[start:start + max(length, 0)]
         try:
-            if _version(os.fstat(fd)) != version:
+            if version_of(os.fstat(fd)) != version:
                 raise StaleVersion(f"{key}: changed since it was listed")
             return os.pread(fd, length, start) if length > 0 else b""
         except OSError as exc:
@@ -347,12 +298,12 @@ class LocalStore:
                         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                     except FileNotFoundError:
                         raise Conflict(f"{key}: gone") from None
-                    if stat.S_ISDIR(st.st_mode) or _version(st) != condition.version:
+                    if stat.S_ISDIR(st.st_mode) or version_of(st) != condition.version:
                         raise Conflict(f"{key}: changed")
                 os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         os.fsync(dfd)
-        return _info(key, st)
+        return info_of(key, st)
 
     def _write_new(
         self, key: str, fill: Callable[[int], None], condition: Condition,
@@ -365,11 +316,11 @@ class LocalStore:
             tmp, fd = self._temp(dfd)
             try:
                 fill(fd)
-                _chown(fd, attrs)
+                chown_fd(fd, attrs)
                 if attrs is not None and attrs.mode is not None:
                     os.fchmod(fd, attrs.mode & 0o777)  # never setuid/setgid/sticky
                 if attrs is not None and attrs.mtime is not None:
-                    os.utime(fd, ns=(time.time_ns(), _ns(attrs.mtime)))
+                    os.utime(fd, ns=(time.time_ns(), ns(attrs.mtime)))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -387,7 +338,7 @@ class LocalStore:
     def _open_version(self, key: str, version: str) -> int:
         """The file at ``key``, which must have ``version`` (StaleVersion otherwise)."""
         fd = self._open_file(key)
-        if _version(os.fstat(fd)) != version:
+        if version_of(os.fstat(fd)) != version:
             os.close(fd)
             raise StaleVersion(f"{key}: changed since it was read")
         return fd
@@ -417,7 +368,7 @@ class LocalStore:
                 os.close(fd)
         except OSError as exc:
             raise _map_os_error(exc, key) from exc
-        return _info(key, st)
+        return info_of(key, st)
 
     def put_file(
         self, key: str, upload: Upload, *, condition: Condition = Condition(),
@@ -427,7 +378,7 @@ class LocalStore:
         (``copy_file_range``) into a temporary file, then committed (see above). A link,
         FIFO or socket (``attrs.mode``) is made as one (a link from the staged target)."""
         kind = stat.S_IFMT(attrs.mode) if attrs is not None and attrs.mode else 0
-        if kind in _SHOWN:
+        if kind in SHOWN:
             assert attrs is not None and attrs.mode is not None
             with open(upload.path, "rb") as f:
                 target = os.fsdecode(f.read(upload.size)) if kind == stat.S_IFLNK else ""
@@ -448,9 +399,9 @@ class LocalStore:
             for a, b, from_base in pieces(upload, 0, upload.size):
                 if from_base:
                     assert base is not None
-                    _copy_range(base, fd, a, b, key)
+                    copy_range(base, fd, a, b, key)
                 elif a < staged:
-                    _copy_range(src, fd, a, min(b, staged), key)
+                    copy_range(src, fd, a, min(b, staged), key)
                 if progress is not None:
                     progress(b - a)
 
@@ -482,7 +433,7 @@ class LocalStore:
                          -1 if attrs.gid is None else attrs.gid, dir_fd=dfd,
                          follow_symlinks=False)
             if mtime is not None:
-                os.utime(tmp, ns=(time.time_ns(), _ns(mtime)), dir_fd=dfd,
+                os.utime(tmp, ns=(time.time_ns(), ns(mtime)), dir_fd=dfd,
                          follow_symlinks=False)
             info = self._commit(key, dfd, tmp, parts[-1], condition)
             made = False
@@ -502,7 +453,7 @@ class LocalStore:
             fd = self._open_version(src, version)
         except NotFound:
             st, target = self._special(src)  # a link, FIFO or socket: made anew at dst
-            if _version(st) != version:
+            if version_of(st) != version:
                 raise StaleVersion(f"{src}: changed since it was read") from None
             return self._put_special(dst, stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
                                      target, st.st_mtime_ns / 10**9, condition)
@@ -510,7 +461,7 @@ class LocalStore:
             st = os.fstat(fd)
 
             def fill(out: int) -> None:
-                _copy_range(fd, out, 0, st.st_size, dst)
+                copy_range(fd, out, 0, st.st_size, dst)
                 os.fchmod(out, st.st_mode & 0o777)  # the metadata is kept (never setuid/gid)
                 if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
                     with contextlib.suppress(PermissionError):  # only root may give it
@@ -528,14 +479,14 @@ class LocalStore:
             return self._set_special_attrs(key, version, attrs)
         try:
             with self._lock:
-                if _version(os.fstat(fd)) != version:
+                if version_of(os.fstat(fd)) != version:
                     raise Conflict(f"{key}: changed")
-                _chown(fd, attrs)
+                chown_fd(fd, attrs)
                 if attrs.mode is not None:
                     os.fchmod(fd, attrs.mode & 0o777)  # never setuid/setgid/sticky
                 if attrs.mtime is not None:
-                    os.utime(fd, ns=(time.time_ns(), _ns(attrs.mtime)))
-                return _info(key, os.fstat(fd))
+                    os.utime(fd, ns=(time.time_ns(), ns(attrs.mtime)))
+                return info_of(key, os.fstat(fd))
         except OSError as exc:
             raise _map_os_error(exc, key) from exc
         finally:
@@ -546,7 +497,7 @@ class LocalStore:
         parts = self._parts(key)
         with self._lock:
             st, _ = self._special(key)
-            if _version(st) != version:
+            if version_of(st) != version:
                 raise Conflict(f"{key}: changed")
             try:
                 dfd = self._open_dir(parts[:-1])
@@ -564,13 +515,13 @@ class LocalStore:
                                  -1 if attrs.gid is None else attrs.gid, dir_fd=dfd,
                                  follow_symlinks=False)
                     if attrs.mtime is not None:
-                        os.utime(parts[-1], ns=(time.time_ns(), _ns(attrs.mtime)), dir_fd=dfd,
+                        os.utime(parts[-1], ns=(time.time_ns(), ns(attrs.mtime)), dir_fd=dfd,
                                  follow_symlinks=False)
                 finally:
                     os.close(dfd)
             except OSError as exc:
                 raise _map_os_error(exc, key) from exc
-            return _info(key, self._special(key)[0])
+            return info_of(key, self._special(key)[0])
 
     def delete(self, key: str, *, condition: Condition = Condition()) -> None:
         """Remove the file; ``dir/`` removes the empty folder (one with entries stays, as a
@@ -609,22 +560,3 @@ class LocalStore:
             raise _map_os_error(exc, key) from exc
         finally:
             os.close(dfd)
-
-
-def _copy_range(src: int, dst: int, start: int, end: int, what: str) -> None:
-    """Bytes ``[start, end)`` of ``src`` to the same offsets of ``dst``, in the kernel where
-    it can (``copy_file_range``), else through a 1 MiB buffer."""
-    pos = start
-    while pos < end:
-        try:
-            n = os.copy_file_range(src, dst, min(end - pos, 1 << 30), pos, pos)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            n = -1
-        if n < 0:
-            data = os.pread(src, min(end - pos, 1 << 20), pos)
-            n = len(data) and os.pwrite(dst, data, pos)
-        if n == 0:
-            raise BackendError(f"{what}: source shorter than expected")
-        pos += n

@@ -36,7 +36,7 @@ from .. import threads
 from ..attrmemory import AttrMemory
 from ..backends.attrs import SPECIAL_TYPES
 from ..backends.base import ObjectInfo, ObjectStore
-from ..backends.local import inside
+from ..backends.local_meta import inside
 from ..config import Settings
 from ..errors import (
     Exists,
