@@ -446,10 +446,12 @@ class Folders:
                     nursery.start_soon(one, i)
 
     async def listing(
-        self, path: str
+        self, path: str, *, typed: bool = True
     ) -> tuple[list[tuple[str, bool, ObjectInfo | None]], float]:
         """All entries of folder ``path`` as (name, is_dir, info), from a fresh complete range
-        or one complete listing (shared by concurrent callers); and when it was listed."""
+        or one complete listing (shared by concurrent callers); and when it was listed.
+        ``typed``: each entry's file type known (:meth:`typed`; internal users that only
+        need names and sizes pass False: no request per small object)."""
         while True:
             d = self._dir(path)
             r = d.complete(self.clock() - self.ttl)
@@ -480,7 +482,7 @@ class Folders:
                 log.warning("%s is both an object and a prefix; showing the directory", key)
             else:
                 out.append((key[n:], False, info))
-        if self.probe_size >= 0:
+        if typed and self.probe_size >= 0:
             await self._typed_all(out)
         return out, r.listed
 

@@ -364,7 +364,7 @@ class FileSystem:
     async def entries(self, path: str) -> list[Entry]:
         """The entries of folder ``path`` for internal users (no nodes are made)."""
         return [Entry(join(path, name), is_dir, info)
-                for name, is_dir, info in (await self.folders.listing(path))[0]]
+                for name, is_dir, info in (await self.folders.listing(path, typed=False))[0]]
 
     async def resolve_path(self, path: str) -> Entry:
         """The file or folder at ``path`` (relative to the root) for internal users."""

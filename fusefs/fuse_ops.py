@@ -221,6 +221,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
                     ) -> pyfuse3.EntryAttributes:
         if not stat.S_ISREG(mode):
+            self._writes()  # EROFS first, on a read-only mount
             if stat.S_IFMT(mode) not in (stat.S_IFIFO, stat.S_IFSOCK):
                 raise NotPermitted("only files, folders, links, FIFOs and sockets are stored")
             node = await self._writes().special(

@@ -273,3 +273,25 @@ def test_default_owner_and_objects_owned_in_s3fs_metadata(s3_bucket: Bucket, mou
     assert os.stat(m.path / "mine").st_uid == 0
     assert sync(m).returncode == 0
     assert stored_owner(s3_bucket, "mine") == (0, 0)
+
+
+def test_links_written_with_each_sdk_are_links(anystore: Bucket, mount) -> None:
+    """An object written with the store's own SDK in s3fs's convention (decimal ``mode``
+    with S_IFLNK, the target as content) is a link on a fresh mount, on every store."""
+    b = anystore
+    if b.kind == "local":
+        pytest.skip("a local source keeps real links (test_local_links_inside_...)")
+    meta = {"mode": str(stat.S_IFLNK | 0o777)}
+    if b.kind in ("s3", "seaweed"):
+        b.extra["client"].put_object(Bucket=b.extra["name"], Key="l", Body=b"t/x", Metadata=meta)
+    elif b.kind == "gcs":
+        blob = b.extra["client"].bucket(b.extra["name"]).blob("l")
+        blob.metadata = meta
+        blob.upload_from_string(b"t/x")
+    else:
+        b.extra["client"].upload_blob("l", b"t/x", metadata=meta)
+    b.put("t/x", b"through the link")
+    m = mount(b)
+    assert [e.name for e in os.scandir(m.path) if e.is_symlink()] == ["l"]
+    assert os.readlink(m.path / "l") == "t/x"
+    assert (m.path / "l").read_bytes() == b"through the link"
