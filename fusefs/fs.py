@@ -361,10 +361,11 @@ class FileSystem:
     def releasedir(self, fh: int) -> None:
         self._dir_handles.pop(fh, None)
 
-    async def entries(self, path: str) -> list[Entry]:
-        """The entries of folder ``path`` for internal users (no nodes are made)."""
+    async def entries(self, path: str, *, typed: bool = False) -> list[Entry]:
+        """The entries of folder ``path`` for internal users (no nodes are made); ``typed``:
+        see :meth:`Folders.listing`."""
         return [Entry(join(path, name), is_dir, info)
-                for name, is_dir, info in (await self.folders.listing(path, typed=False))[0]]
+                for name, is_dir, info in (await self.folders.listing(path, typed=typed))[0]]
 
     async def resolve_path(self, path: str) -> Entry:
         """The file or folder at ``path`` (relative to the root) for internal users."""
