@@ -24,6 +24,12 @@ LIST_AHEAD_PARALLEL = 8
 _UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
 
 
+def prefetch_concurrency(workers: int) -> int:
+    """Background fetches (prefetch, hints) at once beside ``workers`` demand fetches: all but
+    a reserve (2, or an eighth of the workers if more), and at least one."""
+    return max(1, workers - max(2, workers // 8))
+
+
 def parse_size(text: str | int) -> int:
     """``32G`` -> bytes. Accepts K/M/G/T with optional ``i``/``B`` (binary units), and -1."""
     if isinstance(text, int) and not isinstance(text, bool):
@@ -199,7 +205,9 @@ class Settings:
     )
     workers: int = field(
         default=16,
-        metadata=_meta(_positive_int, "FUSEFS_NUM_WORKERS", "parallel requests to the store"),
+        metadata=_meta(_positive_int, "FUSEFS_NUM_WORKERS",
+                       "programs' block fetches in parallel (prefetch and hints run beside "
+                       "them, only while no read waits)"),
     )
     stall_timeout: float = field(
         default=2.0,
@@ -362,8 +370,10 @@ class Settings:
     @property
     def store_connections(self) -> int:
         """HTTP connections the store may hold at once: one per thread that can be in a store
-        call (data fetches, metadata calls, list-ahead), plus a few for the control file."""
-        return self.workers + self.metadata_workers + LIST_AHEAD_PARALLEL + 4
+        call (data fetches of reads and of prefetch/hints, metadata calls, list-ahead), plus a
+        few for the control file."""
+        return (self.workers + prefetch_concurrency(self.workers) + self.metadata_workers
+                + LIST_AHEAD_PARALLEL + 4)  # fmt: skip
 
     @property
     def cache_enabled(self) -> bool:

@@ -50,7 +50,7 @@ from .errors import (
 )
 from .fs import CONTROL_INO, Attr, Entry, FileSystem
 from .hints import HintStreams
-from .prefetch import Prefetcher, prefetch_concurrency
+from .prefetch import Prefetcher
 from .reader import Reader
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,9 @@ class Control:
         self.owner_gid = os.getgid() if owner_gid is None else owner_gid
         mp = posixpath.normpath(mountpoint) if mountpoint else ""
         self._mountpoints = sorted({mp, os.path.realpath(mp)} if mp else set(), key=len)[::-1]
+        # one prefetch task per background slot of the reader's scheduler
         self.prefetcher = Prefetcher(
-            reader, blocks, stats, concurrency=prefetch_concurrency(settings.workers)
+            reader, blocks, stats, concurrency=reader.scheduler.background_slots
         )
         self.hints = HintStreams(
             self.prefetcher,
@@ -116,6 +117,7 @@ class Control:
             self._list_folder,
             cache_size=settings.cache_size,
             metadata_ttl=settings.metadata_ttl,
+            resolve_slots=settings.metadata_workers // 4,  # <= 2 store calls each: half
         )
         self._handles: dict[int, _CtlHandle] = {}
         self._next = 1 << 40  # distinct from file handles

@@ -133,13 +133,19 @@ class Folders:
     def note(self, key: str, value: ObjectInfo | None | bool) -> None:
         """This mount changed ``key`` (see :meth:`DirListing.note`): the listed ranges say
         so at once, without a request. A sub-folder's key ends with ``/``."""
-        parent = key.rstrip("/").rpartition("/")[0]
-        d = self._dirs.get(parent)
-        if d is not None:
-            before = d.entries()
-            d.note(key, value)
-            self._listed_entries += d.entries() - before
-        self._negative.pop(key.rstrip("/"), None)
+        while True:
+            parent = key.rstrip("/").rpartition("/")[0]
+            d = self._dirs.get(parent)
+            if d is not None:
+                before = d.entries()
+                d.note(key, value)
+                self._listed_entries += d.entries() - before
+            self._negative.pop(key.rstrip("/"), None)
+            # something exists below ``parent``: so does ``parent`` itself, in its own parent
+            # (an upload of a/b/c/f makes a/b/ appear in a listing of a taken before it)
+            if value is False or not parent:
+                return
+            key, value = parent + "/", None
 
     def note_empty(self, path: str) -> None:
         """Folder ``path`` was just made: it is known to be empty (no LIST needed)."""

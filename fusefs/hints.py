@@ -25,6 +25,9 @@ then never wait on the network, even in epochs longer than the TTL).
 
 Concurrency: everything runs on the trio thread; one pump task per stream does the lookups and
 cache checks (worker threads) and queues files; commands only update the stream and wake it.
+The streams' lookups together run at most ``resolve_slots`` at once (a quarter of the mount's
+metadata slots; at most two store calls each): half the slots are never held by hints. The
+files' blocks are fetched in the scheduler's background pool, behind programs' reads.
 A pump contains its errors: a path that cannot be resolved is counted as missing; anything
 else is logged, shown in ``stats`` and ends that stream's hinting, never the mount.
 """
@@ -143,10 +146,15 @@ class HintStreams:
         *,
         cache_size: int,
         metadata_ttl: float,
+        resolve_slots: int = RESOLVE_PARALLEL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``resolve_slots``: lookups all streams together run at once (the mount passes a
+        quarter of its metadata slots: a lookup makes at most two store calls at once, so the
+        hints never hold more than half of them)."""
         self.prefetcher, self.reader, self.blocks = prefetcher, reader, blocks
         self.resolve, self.list_folder = resolve, list_folder
+        self._resolving = trio.CapacityLimiter(max(1, resolve_slots))
         self.cache_size, self.ttl, self.clock = cache_size, metadata_ttl, clock
         self._streams: dict[str, HintStream] = {}
         self._listed: dict[str, float] = {}  # folder -> when the hints last listed it
@@ -329,7 +337,8 @@ class HintStreams:
 
         async def one(i: int) -> None:
             try:
-                infos[i] = await self.resolve(paths[i])
+                async with self._resolving:
+                    infos[i] = await self.resolve(paths[i])
             except FusefsError as exc:
                 log.info("hint stream %s: %s: %s", st.id, paths[i], exc)
 

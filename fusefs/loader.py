@@ -12,8 +12,16 @@ Pure Python, no torch needed (and it works with torch's ``DataLoader``):
   indices are handed out. Hinting happens in ONE place -- the process that iterates the
   sampler (a ``DataLoader``'s main process) -- however many worker processes read the files.
 
+Each epoch (each :meth:`~MountHints.start`), the process that holds the stream also lists every
+folder of the order once (``os.scandir``, ``list_folders=True``): the kernel answers that with
+READDIRPLUS, which fills its dentries and attributes, so the opens of the files -- in this
+process or in a ``DataLoader``'s worker processes -- find them without a LOOKUP each while the
+mount's entry timeout (``--metadata-ttl``) holds. The mount fetches hinted files in its
+background pool, behind programs' reads: a hint never holds a slot a read waits for.
+
 Hints are an optimisation: once a stream is open, a failure to send a later hint is logged
-(one warning) and hinting stops; the program's reads go on unaffected.
+(one warning) and hinting stops; the program's reads go on unaffected; a folder that cannot be
+listed is skipped (logged).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import errno
 import json
 import logging
 import os
+import posixpath
 import shlex
 import uuid
 import warnings
@@ -53,7 +62,8 @@ class MountHints:
     ``window_files``/``window_bytes``: how far ahead of the reader files are kept hinted
     (``window_bytes`` None: as much as the cache holds without evicting hinted files not read
     yet; a larger value is cut to that, with a :class:`HintWindowWarning`). ``stream``: the
-    stream's name (unique per reader; default random).
+    stream's name (unique per reader; default random). ``list_folders``: list each folder of
+    an order once when it starts (fills the kernel's dentries; see the module's doc).
     """
 
     def __init__(
@@ -63,6 +73,7 @@ class MountHints:
         window_files: int = 256,
         window_bytes: int | None = None,
         stream: str | None = None,
+        list_folders: bool = True,
     ) -> None:
         if window_files < 1:
             raise ValueError("window_files must be at least 1")
@@ -70,6 +81,8 @@ class MountHints:
         self.window_files = window_files
         self.window_bytes = window_bytes
         self.stream = stream or uuid.uuid4().hex[:16]
+        self.list_folders = list_folders
+        self.folders_listed = 0  # folders the last start() listed
         self.window: dict[str, Any] = {}  # what hint-open answered (the effective window)
         self._order: Sequence[str] = ()
         self._sent = 0  # paths of the order sent so far
@@ -83,7 +96,9 @@ class MountHints:
 
     def start(self, paths: Sequence[str]) -> dict[str, Any]:
         """A new order (an epoch): replaces the previous one, whose queued hints are dropped.
-        ``paths`` are relative to the mount root, in the order they will be read."""
+        ``paths`` are relative to the mount root, in the order they will be read. Sends the
+        first hints, then (``list_folders``) lists each folder of the order once, in the order
+        the paths first name them, before returning."""
         words = ["hint-open", self.stream, str(self.window_files)]
         if self.window_bytes is not None:
             words.append(str(self.window_bytes))
@@ -97,7 +112,25 @@ class MountHints:
                 stacklevel=2,
             )
         self._send(self._ahead(0), None)
+        if self.list_folders:
+            self.folders_listed = self.list_order_folders(paths)
         return self.window
+
+    def list_order_folders(self, paths: Iterable[str]) -> int:
+        """List each folder of ``paths`` once (``os.scandir`` to the end): the kernel fills its
+        dentries from the READDIRPLUS answers. Returns the folders listed; one that cannot be
+        listed is logged and skipped."""
+        listed = 0
+        for folder in dict.fromkeys(posixpath.dirname(p) for p in paths):
+            try:
+                with os.scandir(os.path.join(self.mountpoint, folder)) as entries:
+                    for _ in entries:
+                        pass
+            except OSError as exc:
+                log.info("fusefs hints: listing %r failed: %s", folder or ".", exc)
+                continue
+            listed += 1
+        return listed
 
     def advance(self, position: int) -> None:
         """The reader has consumed the first ``position`` files of the order."""
@@ -218,8 +251,10 @@ class HintingSampler:
     ``DataLoader`` ``prefetch_factor * num_workers * batch_size`` -- so the window starts where
     reading is, not where handing out is; it is added to ``window_files``. Use it as the
     ``sampler=`` of a ``DataLoader``: it is iterated in the main process only, so one stream
-    serves every worker. Ending an epoch early (``break``) cancels its queued hints; the next
-    epoch's order replaces the previous stream.
+    serves every worker. Each epoch it lists every folder of the order once, in this process
+    (``list_folders``), so the workers' opens find the kernel's dentries. Ending an epoch
+    early (``break``) cancels its queued hints; the next epoch's order replaces the previous
+    stream.
     """
 
     def __init__(
@@ -232,6 +267,7 @@ class HintingSampler:
         window_bytes: int | None = None,
         lookahead: int = 0,
         stream: str | None = None,
+        list_folders: bool = True,
     ) -> None:
         self.sampler = sampler
         self.paths = paths
@@ -240,6 +276,7 @@ class HintingSampler:
         self.window_bytes = window_bytes
         self.lookahead = max(0, lookahead)
         self.stream = stream or uuid.uuid4().hex[:16]
+        self.list_folders = list_folders
         self._hints: MountHints | None = None
 
     def __len__(self) -> int:
@@ -258,6 +295,7 @@ class HintingSampler:
                 window_files=self.window_files + self.lookahead,
                 window_bytes=self.window_bytes,
                 stream=self.stream,
+                list_folders=self.list_folders,
             )
         return self._hints
 

@@ -1,11 +1,13 @@
 """Background prefetch: a cancellable queue of files, drained block by block at low priority.
 
-A ``prefetch`` command hands :meth:`Prefetcher.submit` the files it resolved and, per file, the
-blocks not yet cached; it returns at once. At most ``concurrency`` tasks (see
-:func:`prefetch_concurrency`) take blocks from the head of the queue and fetch them through
-:meth:`~fusefs.reader.Reader.fetch_block` at ``PREFETCH`` priority. So some store connections are
-always free for programs' reads, and the scheduler admits every waiting foreground read and
-readahead before a prefetch block. Queued blocks are not tasks: ``cancel`` simply drops them.
+A ``prefetch`` command (or a hint stream) hands :meth:`Prefetcher.submit` the files it resolved
+and, per file, the blocks not yet cached; it returns at once. At most ``concurrency`` tasks
+(:func:`~fusefs.config.prefetch_concurrency`) take blocks from the head of the queue and fetch
+them through :meth:`~fusefs.reader.Reader.fetch_block` at ``PREFETCH`` priority: the scheduler
+runs them in
+its background pool, besides the ``workers`` slots of programs' reads, and starts one only while
+no program's read waits for a slot (see :mod:`fusefs.scheduler`). So a prefetch never holds a
+slot a read needs. Queued blocks are not tasks: ``cancel`` simply drops them.
 
 Concurrency: every method runs on the trio thread. Queue and counter updates happen between
 awaits, never across one; a worker awaits only the fetch of one block, and the file it works on
@@ -37,12 +39,6 @@ KEEP_FINISHED = 16
 #: Error messages kept per request, and paths shown per request.
 KEEP_ERRORS = 5
 SHOW_PATHS = 10
-
-
-def prefetch_concurrency(workers: int) -> int:
-    """Prefetch tasks for ``workers`` store connections: all but a reserve kept free for
-    programs' reads (2, or an eighth of the workers if more), and at least one."""
-    return max(1, workers - max(2, workers // 8))
 
 
 @dataclass

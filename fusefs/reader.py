@@ -3,12 +3,15 @@
 Concurrency rules (all on the trio thread unless stated):
 - ``_inflight`` maps a block's cache key to its one running or queued fetch; a second reader of
   the same block waits on that fetch (boosting its priority) instead of starting another.
-- Store calls and cache writes run in worker threads (``_fetch_sync``), at most ``workers`` at
-  once, admitted by the :class:`~fusefs.scheduler.Scheduler` in priority order.
+- Store calls and cache writes run in worker threads (``_fetch_sync``), admitted by the
+  :class:`~fusefs.scheduler.Scheduler`: at most ``workers`` demand fetches (reads, readahead) in
+  priority order, and besides them at most ``prefetch_workers`` background fetches (prefetch,
+  hints), which start only while no demand fetch waits and never hold a demand slot.
 - Cache hits on blocks the store holds open run inline (a ``pread``, no SQLite); opening a
   cached block (which asks the cache's SQLite index) runs in a worker thread, as do warming a
   block ahead of a reader and every cache write: SQLite never runs on the event loop.
-Memory: at most ``workers`` blocks are held by running fetches; queued fetches hold none.
+Memory: at most ``workers + prefetch_workers`` blocks are held by running fetches; queued
+fetches hold none.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from . import stats as S
 from . import threads
 from .backends.base import ObjectInfo, ObjectStore
 from .cache.blocks import BlockKey, BlockStore
+from .config import prefetch_concurrency
 from .errors import BackendError, FusefsError, StaleVersion, single_error
 from .scheduler import FOREGROUND, READAHEAD, Scheduler, Ticket
 
@@ -102,15 +106,20 @@ class Reader:
         block_size: int,
         workers: int,
         readahead_max: int,
+        prefetch_workers: int | None = None,
         recent_bytes: int = 0,
         on_stale: Callable[[str], None] | None = None,
     ) -> None:
+        """``prefetch_workers``: background fetches at once, besides the ``workers`` demand
+        fetches (None: :func:`~fusefs.config.prefetch_concurrency` of ``workers``)."""
         self.store = store
         self.blocks = blocks
         self.stats = stats
         self.block_size = block_size
-        self.scheduler = Scheduler(workers)
-        self._limiter = trio.CapacityLimiter(workers)
+        if prefetch_workers is None:
+            prefetch_workers = prefetch_concurrency(workers)
+        self.scheduler = Scheduler(workers, prefetch_workers)
+        self._limiter = trio.CapacityLimiter(workers + self.scheduler.background_slots)
         self._max_window = max(1, readahead_max // block_size)
         self._inflight: dict[str, _Flight] = {}
         #: Blocks whose fetch just failed after all its retries, and when: the kernel retries a

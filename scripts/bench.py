@@ -49,6 +49,7 @@ from benchlib.report import (
 from benchlib.run import build_rows, run_groups
 from benchlib.stores import make_store
 from benchlib.stores import unavailable as store_unavailable
+from benchlib.training import model_checks, render_checks
 from benchlib.util import STARTED, fuse_mounts_under, log, timed, unmount
 
 # --------------------------------------------------------------------------------- main
@@ -157,6 +158,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         finally:
             b.cleanup.close()  # the write rows' server and proxy
             b.monitor.close()
+        st["model_checks"] = model_checks(rows)  # also marks loader_hinted vs no hints
         st.update(observed=b.observed, rss_per_mount=b.rss,
                   elapsed_s=round(time.monotonic() - started, 1))  # fmt: skip
         info["stores"][store.name] = st
@@ -174,6 +176,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         print(render_table(rows, names))
         print()
         print(render_notes(rows, names))
+        print()
+        print(render_checks(st["model_checks"]))
     print(f"\nelapsed: {info['elapsed_s']:.0f}s")
     return info
 

@@ -6,6 +6,7 @@ and ratio) and that nothing is left behind; never a timing.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -23,7 +24,11 @@ WORKLOADS = {
     "seq_hot", "seq_warm", "seq_cold", "small_cold", "small_warm", "prefetch", "find", "ls_lR",
     "random_4k", "rss", "seq_cold_latency", "open_by_path", "loader_cold", "loader_hinted",
     "loader_epoch2", "loader_small_cache", "write_1g", "tar_x", "write_rss",
+    "small_cold_cores", "loader_epoch2_forever", "loader_torch_hinted", "loader_torch_epoch2",
 }  # fmt: skip
+#: Rows through torch's DataLoader: "not available" where torch is not installed.
+TORCH_ROWS = {"loader_torch_hinted", "loader_torch_epoch2"}
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
@@ -45,6 +50,7 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
+@pytest.mark.timeout(600)  # every row, the torch DataLoader's included
 def test_bench_tiny_reports_every_workload_and_cleans_up(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     work = tmp_path / "work"
@@ -52,7 +58,7 @@ def test_bench_tiny_reports_every_workload_and_cleans_up(tmp_path: Path) -> None
     r = subprocess.run(
         [sys.executable, str(BENCH), "--tiny", "--latency-ms", "5", "--json", str(out),
          "--workdir", str(work), "--fusefs-src", str(REPO)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        capture_output=True, text=True, timeout=540, cwd=REPO,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-4000:]
     assert "| workload |" in r.stdout
@@ -64,11 +70,28 @@ def test_bench_tiny_reports_every_workload_and_cleans_up(tmp_path: Path) -> None
     assert set(rows) == WORKLOADS
     for wid, row in rows.items():
         fusefs = row["results"]["fusefs"]
+        if wid in TORCH_ROWS and not HAVE_TORCH:
+            assert fusefs["error"].startswith("not available: torch"), fusefs["error"]
+            continue
         assert fusefs["error"] is None, f"{wid}: {fusefs['error']}"
         for name, value in (("figure", fusefs["value"]), ("baseline", row["baseline"]),
                             ("ratio", fusefs["ratio"])):  # fmt: skip
             assert isinstance(value, int | float), f"{wid}: {name} is {value!r}"
         assert fusefs["status"] in ("PASS", "MISS"), wid
+    # the scaling model of every training row: requests per file by kind, CPU, ceilings
+    for wid in WORKLOADS & {"small_cold_cores", "loader_cold", "loader_hinted",
+                            "loader_epoch2", "loader_epoch2_forever", "loader_small_cache",
+                            *(TORCH_ROWS if HAVE_TORCH else ())}:  # fmt: skip
+        model = rows[wid]["results"]["fusefs"]["notes"]["model"]
+        assert set(model["requests_per_file"]) == {
+            "lookup", "getattr", "open", "read", "flush", "release", "ioctl"}, wid
+        assert model["requests_per_file"]["open"] >= 1, (wid, model)  # every file opened
+        assert set(model["predicted_files_per_s"]) == {"2", "16", "64"}, wid
+    assert rows["small_cold_cores"]["results"]["fusefs"]["notes"]["cpus"] == "0,1"
+    assert rows["small_cold_cores"]["baseline_notes"]["cpus"] == "0"
+    checks = data["stores"]["s3"]["model_checks"]
+    assert len(checks) == 4 and all(c["status"] in ("PASS", "MISS") for c in checks), checks
+    assert "| model check |" in r.stdout
     assert "gets_during_read" in rows["prefetch"]["results"]["fusefs"]["notes"]
     for wid in ("open_by_path", "loader_cold", "loader_hinted", "loader_small_cache"):
         per_file = rows[wid]["results"]["fusefs"]["notes"]["requests_per_file"]

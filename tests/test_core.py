@@ -75,35 +75,42 @@ def make_reader(store: CountingStore, cache: Path, block: int = 64 * KiB) -> Rea
 # --- scheduler ---------------------------------------------------------------------------
 
 
-def test_scheduler_admits_foreground_before_background() -> None:
+def test_scheduler_demand_first_and_background_never_holds_a_demand_slot() -> None:
+    """One demand slot and one background slot: a held background fetch never delays a
+    read; a freed background slot stays unused while a read waits; reads go in priority order."""
     order: list[str] = []
 
     async def main() -> None:
-        sched = Scheduler(1)
-        release = trio.Event()
+        import trio.testing
+
+        sched = Scheduler(1, 1)
+        gates = {name: trio.Event() for name in ("bg1", "d1")}
 
         async def job(name: str, prio: int) -> None:
             async with sched.slot(Ticket(prio)):
                 order.append(name)
-                if name == "first":
-                    await release.wait()
+                if name in gates:
+                    await gates[name].wait()
 
         async with trio.open_nursery() as n:
-            n.start_soon(job, "first", PREFETCH)
+            n.start_soon(job, "bg1", PREFETCH)  # holds the background slot
             await trio.testing.wait_all_tasks_blocked()
-            for i in range(3):  # trio randomises start order: let each queue up in turn
-                n.start_soon(job, f"prefetch{i}", PREFETCH)
+            n.start_soon(job, "d1", FOREGROUND)  # not behind it: its own pool
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == ["bg1", "d1"] and sched.running == 2
+            for name, prio in (("bg2", PREFETCH), ("ra", READAHEAD), ("d2", FOREGROUND)):
+                n.start_soon(job, name, prio)  # trio randomises start order: one at a time
                 await trio.testing.wait_all_tasks_blocked()
-            n.start_soon(job, "readahead", READAHEAD)
+            gates["bg1"].set()  # the background slot is free, but reads wait: it stays free
             await trio.testing.wait_all_tasks_blocked()
-            n.start_soon(job, "foreground", FOREGROUND)
-            await trio.testing.wait_all_tasks_blocked()
-            release.set()
-
-    import trio.testing  # noqa: F401
+            assert order == ["bg1", "d1"] and sched.running == 1
+            assert sched.waiting(PREFETCH) == 1 and sched.waiting() == 3
+            gates["d1"].set()
+        assert sched.running == 0
 
     trio.run(main)
-    assert order == ["first", "foreground", "readahead", "prefetch0", "prefetch1", "prefetch2"]
+    # d2 before ra (priority); bg2 only once no read waited (with ra: the pools are separate)
+    assert order[:3] == ["bg1", "d1", "d2"] and sorted(order[3:]) == ["bg2", "ra"]
 
 
 def test_scheduler_boost_and_cancel_pass_the_slot_on() -> None:
@@ -372,6 +379,6 @@ def test_s3_timestamps_parse_as_listed_and_as_headers(text: str) -> None:
 
 @pytest.mark.parametrize(("workers", "tasks"), [(1, 1), (2, 1), (4, 2), (16, 14), (64, 56)])
 def test_prefetch_leaves_connections_to_programs(workers: int, tasks: int) -> None:
-    from fusefs.prefetch import prefetch_concurrency
+    from fusefs.config import prefetch_concurrency
 
     assert prefetch_concurrency(workers) == tasks

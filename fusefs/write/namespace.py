@@ -237,6 +237,9 @@ class Namespace:
             rec.base_size, rec.base_mtime = copied.size, copied.mtime
             expect = copied.version
         self.w.staging.rekey(sf, new)
+        # the file's node takes the new name with it, now: its upload may end before a folder
+        # rename is done, and what it reports must reach this node (not the old name's)
+        self.w.fs.move_path(old, new)
         rec.expect = expect
         sf.touch(rec.mtime)  # a change: it must reach the store under its new name
         await self.w.uploads.sync(sf)

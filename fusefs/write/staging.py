@@ -119,6 +119,9 @@ class StagedFile:
         self.writers = 0  # open write handles
         self.handles = 0  # open handles of any kind
         self.busy: trio.Event | None = None  # an upload is reading the data file
+        #: operations working on it across awaits (``Writes.held``): no upload starts meanwhile
+        self.pins = 0
+        self.unpinned = trio.Event()
         self.changed = trio.Event()  # set (and replaced) whenever the upload state changes
         self.queued = False  # an upload task owns this file
         self.retiring = False  # leaving the staging area (``Writes._retire``)
@@ -194,6 +197,24 @@ class StagedFile:
         """Wait until no upload is reading the data file."""
         while self.busy is not None:
             await self.busy.wait()
+
+    def pin(self) -> None:
+        self.pins += 1
+
+    def unpin(self) -> None:
+        self.pins -= 1
+        if self.pins == 0:
+            self.unpinned.set()
+            self.unpinned = trio.Event()
+
+    async def ready_to_upload(self) -> None:
+        """Wait until no upload reads it and no operation holds it (a rename that rekeys and
+        rebases it must not meet an upload ending under the old name and base)."""
+        while self.busy is not None or self.pins:
+            if self.busy is not None:
+                await self.busy.wait()
+            else:
+                await self.unpinned.wait()
 
     # --- content (trio thread) -----------------------------------------------------------
 

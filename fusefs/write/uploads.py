@@ -219,10 +219,11 @@ class Uploads:
     async def _attempt(self, sf: StagedFile) -> float | None:
         """One upload of ``sf``; None when done (or nothing to do), else seconds to wait
         before the next (``inf``: the backoff)."""
+        await sf.ready_to_upload()  # before a slot: a pinned file holds none
         async with self.limiter:
             if not sf.needs_upload:
                 return None
-            await sf.idle()
+            await sf.ready_to_upload()
             if not sf.hold():  # removed meanwhile (unlinked): nothing to upload
                 return None
             sf.busy = trio.Event()

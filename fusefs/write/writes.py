@@ -142,15 +142,19 @@ class Writes:
     @contextlib.asynccontextmanager
     async def held(self, path: str) -> AsyncIterator[StagedFile | None]:
         """``path``'s staged file (as :meth:`settled`), kept from leaving the staging area while
-        the caller works on it across awaits (counted as a handle: ``_retire`` leaves it)."""
+        the caller works on it across awaits (counted as a handle: ``_retire`` leaves it), and
+        pinned: no upload starts until the caller is done (its key, base and condition are
+        the caller's to change)."""
         sf = await self.settled(path)
         if sf is None:
             yield None
             return
         sf.handles += 1
+        sf.pin()
         try:
             yield sf
         finally:
+            sf.unpin()
             sf.handles -= 1
             self.maybe_retire(sf)
 

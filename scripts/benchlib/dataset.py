@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import scaling
 from .harness import Bench, check_size, observe, prime_local, prime_server
 from .model import (
     BIG_BUCKET,
@@ -207,23 +208,27 @@ def baselines_loader(b: Bench) -> dict[str, Measure]:
             lambda: run_epoch(pool, epoch_order(n, 2), lambda i: ("file", local, keys[i]))
         )
         check_size(got, n * size, "local loader epoch")
-        out["loader_epoch2"] = Measure(n / secs, {"page_cache": "warm", "files": n})
+        local_epoch = Measure(n / secs, {"page_cache": "warm", "files": n})
+        out["loader_epoch2"] = out["loader_epoch2_forever"] = local_epoch
     return out
 
 
+LOADER_ROWS = ("loader_cold", "loader_hinted", "loader_epoch2", "loader_epoch2_forever",
+               "loader_small_cache")  # fmt: skip
+
+
 def group_loader(b: Bench, system: System) -> dict[str, Measure]:
-    """Each wanted figure on its own fresh mount (``--metadata-ttl 5``): epoch 1 without hints;
-    epoch 1 with hints, then epoch 2 after the TTL; and, with a cache of a third of the data,
-    every epoch with hints."""
+    """Each wanted figure on its own fresh ``--read-only`` mount (``--metadata-ttl 5``): epoch 1
+    without hints; epoch 1 with hints, then epoch 2 after the TTL; epochs 1 and 2 with hints
+    and ``--metadata-ttl forever``; and, with a cache of a third of the data, every epoch with
+    hints. Each figure carries the scaling model (``notes["model"]``)."""
     if not isinstance(system, Fusefs):
-        return {rid: Measure(None, error="not available: fusefs only")
-                for rid in ("loader_cold", "loader_hinted", "loader_epoch2",
-                            "loader_small_cache")}  # fmt: skip
+        return {rid: Measure(None, error="not available: fusefs only") for rid in LOADER_ROWS}
     from fusefs.loader import HintingSampler
 
     keys = train_keys(b)
     n, size = len(keys), b.sizes.small_size
-    ttl = ["--metadata-ttl", f"{LOADER_TTL:g}"]
+    ttl = ["--read-only", "--metadata-ttl", f"{LOADER_TTL:g}"]
     out: dict[str, Measure] = {}
     lookahead = LOADER_PREFETCH * LOADER_WORKERS * LOADER_BATCH
 
@@ -240,6 +245,7 @@ def group_loader(b: Bench, system: System) -> dict[str, Measure]:
         )  # fmt: skip
         check_size(got, n * size, f"loader {label}")
         notes.update(files=n, requests_per_file=per_file(notes, n))
+        notes["model"] = scaling.model(notes, n)
         if hinted:
             notes["hints"] = hint_state(m.path)
         return got, secs, notes
@@ -258,6 +264,13 @@ def group_loader(b: Bench, system: System) -> dict[str, Measure]:
                 _, secs, notes = epoch(m, 2, True, "loader_epoch2")
                 notes["waited_past_ttl_s"] = LOADER_TTL + 1
                 out["loader_epoch2"] = Measure(n / secs, notes)
+        if "loader_epoch2_forever" in b.wanted:
+            forever = ["--read-only", "--metadata-ttl", "forever"]
+            with b.mount(system.with_args(forever), DATASET_BUCKET, b.latency.url,
+                         "forever") as m:  # fmt: skip
+                epoch(m, 1, True, "loader_forever_1")
+                _, secs, notes = epoch(m, 2, True, "loader_epoch2_forever")
+                out["loader_epoch2_forever"] = Measure(n / secs, notes)
         if "loader_small_cache" in b.wanted:
             cache = max(4 * MiB, n * size // 3)
             args = [*ttl, "--cache-size", str(cache), "--block-size", "1M"]

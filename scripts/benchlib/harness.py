@@ -36,6 +36,7 @@ from .model import (
     wanted_specs,
 )
 from .peers import Fusefs, Mounted, System
+from .scaling import request_delta
 from .stores import Client, Store
 from .util import (
     kernel_tunables,
@@ -288,15 +289,40 @@ _COUNTERS = ("hits", "misses", "fetches", "bytes_fetched", "bytes_served", "read
              "errors")  # fmt: skip
 
 
-def fusefs_counters(m: Mounted) -> dict[str, int]:
-    """The counters of a fusefs mount's control file (empty for peers, or if unreadable)."""
+def fusefs_stats(m: Mounted) -> dict[str, Any]:
+    """A fusefs mount's statistics (empty for peers, or if unreadable)."""
     if m.system != "fusefs":
         return {}
     try:
-        data = json.loads((m.path / ".fusefs").read_bytes())
+        data: dict[str, Any] = json.loads((m.path / ".fusefs").read_bytes())
     except (OSError, ValueError):
         return {}
+    return data
+
+
+def fusefs_counters(m: Mounted, data: dict[str, Any] | None = None) -> dict[str, int]:
+    """The counters of a fusefs mount's control file (empty for peers, or if unreadable)."""
+    data = fusefs_stats(m) if data is None else data
     return {k: int(data[k]) for k in _COUNTERS if isinstance(data.get(k), int)}
+
+
+def children_cpu(pid: int | None) -> dict[int, float]:
+    """CPU seconds (user + system) of each live child process of ``pid`` (a mount's worker
+    processes, where it has any)."""
+    out: dict[int, float] = {}
+    if pid is None:
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rpartition(")")[2].split()
+            if int(fields[1]) == pid:
+                out[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 def cpu_and_faults(pid: int | None) -> tuple[float, int] | None:
@@ -372,19 +398,28 @@ def observe(
     the daemon's CPU seconds, the fusefs counters it moved (with the mean size of a kernel read
     request and of a fetch), and the requests that reached the server through the proxy.
     ``label`` names the py-spy profile taken with ``--profile``."""
-    before, cpu0 = fusefs_counters(m), cpu_and_faults(m.pid)
+    stats0 = fusefs_stats(m)
+    before, cpu0, kids0 = fusefs_counters(m, stats0), cpu_and_faults(m.pid), children_cpu(m.pid)
     if proxy is not None:
         proxy.reset()
     with profiled(b, m, label):
         out, secs = timed(fn)
-    cpu1 = cpu_and_faults(m.pid)
+    cpu1, kids1 = cpu_and_faults(m.pid), children_cpu(m.pid)
+    stats1 = fusefs_stats(m)
     notes: dict[str, Any] = {"wall_s": round(secs, 3)}
     if cpu0 is not None and cpu1 is not None:
-        notes["daemon_cpu_s"] = round(cpu1[0] - cpu0[0], 2)
+        notes["daemon_cpu_s"] = round(cpu1[0] - cpu0[0], 3)
         notes["daemon_minor_faults"] = cpu1[1] - cpu0[1]
+        notes["workers_cpu_s"] = round(sum(v - kids0.get(k, 0.0) for k, v in kids1.items()), 3)
+    if stats0 and stats1:
+        notes["fuse_requests"] = request_delta(stats0, stats1)
+        if stats0.get("cpu_s") is not None and stats1.get("cpu_s") is not None:  # getrusage
+            notes["fuse_cpu_s"] = round(stats1["cpu_s"] - stats0["cpu_s"], 4)
+        if stats0.get("cpu_loop_s") is not None and stats1.get("cpu_loop_s") is not None:
+            notes["cpu_loop_s"] = round(stats1["cpu_loop_s"] - stats0["cpu_loop_s"], 3)
     if proxy is not None:
         notes["requests"] = proxy.counts()
-    after = fusefs_counters(m)
+    after = fusefs_counters(m, stats1)
     if after:
         d: dict[str, float] = {k: after[k] - before.get(k, 0) for k in after}
         calls = d.get("hits", 0) + d.get("misses", 0)

@@ -95,17 +95,30 @@ SPECS = [
     Spec("open_by_path", "open", "open {open_reads} random names of a flat folder of "
          "{open_files} x {fsize} by path (no listing), 16 threads, cold, {lat} ms", "files/s",
          "{sdk} GETs of the same keys, 16 threads", 1.0, True, "open", ("rclone", 2.0)),
+    Spec("small_cold_cores", "cores", "cold read of {files} x {fsize} files, 16 readers, "
+         "{lat} ms, daemon pinned to 2 cores (taskset -c 0,1)", "files/s",
+         "the same, daemon pinned to 1 core (taskset -c 0)", 1.7, True, "cores"),
     Spec("loader_cold", "loader_cold", "loader epoch 1, no hints: {loader_files} x {fsize} "
          "shuffled, 16 worker processes, batches of 32, {lat} ms", "files/s",
-         "{sdk} GET in __getitem__, 16 processes", 0.9, True, "loader"),
-    Spec("loader_hinted", "loader_hinted", "loader epoch 1 with fusefs.loader hints", "files/s",
-         "{sdk} GET in __getitem__, 16 processes", 1.5, True, "loader"),
+         "{sdk} GET in __getitem__, 16 processes", 1.0, True, "loader"),
+    Spec("loader_hinted", "loader_hinted", "loader epoch 1 with fusefs.loader hints (and "
+         ">= the no-hint figure)", "files/s", "{sdk} GET in __getitem__, 16 processes", 1.5,
+         True, "loader"),
     Spec("loader_epoch2", "loader_epoch2", "loader epoch 2, all cached, after the "
          "metadata TTL ({ttl} s)", "files/s",
-         "same reader on local disk, page cache warm", 0.5, True, "loader"),
+         "same reader on local disk, page cache warm", 0.4, True, "loader"),
+    Spec("loader_epoch2_forever", "loader_forever", "loader epoch 2, all cached, "
+         "--metadata-ttl forever", "files/s",
+         "same reader on local disk, page cache warm", 0.6, True, "loader"),
     Spec("loader_small_cache", "loader_small_cache", "loader with hints, cache a third of the "
          "data: slowest of {epochs} epochs", "files/s",
          "{sdk} GET in __getitem__, 16 processes", 1.2, True, "loader"),
+    Spec("loader_torch_hinted", "loader_torch", "torch DataLoader + HintingSampler, epoch 1: "
+         "{loader_files} x {fsize}, 16 workers, batches of 32, {lat} ms", "files/s",
+         "{sdk} GET in __getitem__, the same DataLoader", 1.5, True, "loader_torch"),
+    Spec("loader_torch_epoch2", "loader_torch_epoch2", "torch DataLoader + HintingSampler, "
+         "epoch 2 after the metadata TTL ({ttl} s)", "files/s",
+         "the same DataLoader on local disk, page cache warm", 0.4, True, "loader_torch"),
     Spec("rss", "rss", "peak RSS of the daemon (flat: {medium} vs {big} file)", "MiB",
          f"budget {RSS_BUDGET_MIB} MiB", 1.0, False, "rss"),
     # the write rows (issue 11): SeaweedFS behind its own latency proxy, see writes.py
@@ -118,8 +131,12 @@ SPECS = [
     Spec("write_rss", "write_rss", "write: peak RSS of the daemon writing {wrss} (dd bs=1M, "
          "then sync)", "MiB", f"budget {RSS_BUDGET_MIB} MiB", 1.0, False, "write"),
 ]  # fmt: skip
-GROUP_ORDER = ["medium", "big", "big_latency", "random", "small", "prefetch", "list", "open",
-               "loader", "write"]  # fmt: skip
+GROUP_ORDER = ["medium", "big", "big_latency", "random", "small", "cores", "prefetch", "list",
+               "open", "loader", "loader_torch", "write"]  # fmt: skip
+#: The rows the scaling model (benchlib.scaling) is reported for.
+MODEL_ROWS = ("small_cold_cores", "loader_cold", "loader_hinted", "loader_epoch2",
+              "loader_epoch2_forever", "loader_small_cache", "loader_torch_hinted",
+              "loader_torch_epoch2")  # fmt: skip
 GROUPS_NEEDED = {"rss": ["medium", "big"]}
 
 

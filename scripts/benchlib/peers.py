@@ -90,22 +90,29 @@ class Fusefs(System):
     name = "fusefs"
 
     def __init__(self, extra: Sequence[str] = (), src: str | None = None,
-                 store: Store | None = None) -> None:
+                 store: Store | None = None, cpus: str | None = None) -> None:
         self.extra = list(extra)
         self.src = src
         self.store = store or S3()
+        self.cpus = cpus  # pinned to these CPUs (``taskset -c``), workers included
 
     def env(self) -> dict[str, str]:
         return fusefs_env(self.src)
 
     def with_args(self, args: Sequence[str]) -> Fusefs:
         """The same fusefs, mounted with ``args`` added (e.g. ``--metadata-ttl 5``)."""
-        return Fusefs([*self.extra, *args], self.src, self.store)
+        return Fusefs([*self.extra, *args], self.src, self.store, self.cpus)
+
+    def pinned(self, cpus: str) -> Fusefs:
+        """The same fusefs, its daemon (and any process it starts) pinned to ``cpus``."""
+        return Fusefs(self.extra, self.src, self.store, cpus)
 
     def start(self, bucket: str, url: str, mp: Path, cache: Path, logfile: Path) -> None:
         source, args, env = self.store.mount_spec(bucket, url)
         cmd = [sys.executable, "-m", "fusefs", "mount", source, str(mp), *args,
                "--cache-dir", str(cache), "--log-file", str(logfile), *self.extra]  # fmt: skip
+        if self.cpus is not None:
+            cmd = ["taskset", "-c", self.cpus, *cmd]
         _run_checked(cmd, {**self.env(), **env}, "fusefs mount", logfile)
 
 

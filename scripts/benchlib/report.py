@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import writes
+from . import scaling, writes
 from .harness import Bench
 from .model import REPO, GiB, KiB, Measure, Row
 from .peers import Fusefs
@@ -124,6 +124,8 @@ def evidence(n: dict[str, Any], group: str) -> list[str]:
         bits.append(f"hints {n['hints']}")
     if "epochs_files_per_s" in n:
         bits.append(f"epochs {n['epochs_files_per_s']} files/s, cache {n['cache_size']:,} B")
+    if n.get("model"):
+        bits.append(scaling.summary(n["model"]))
     return bits
 
 

@@ -26,6 +26,7 @@ from .model import (
     Spec,
 )
 from .peers import System
+from .training import baselines_cores, baselines_loader_torch, group_cores, group_loader_torch
 from .util import human, log
 from .workloads import (
     baselines_big,
@@ -49,6 +50,8 @@ GROUPS: dict[str, tuple[Callable[[Bench, System], dict[str, Measure]],
     "big_latency": (group_big_latency, baselines_big_latency),
     "open": (group_open, baselines_open),
     "loader": (group_loader, baselines_loader),
+    "loader_torch": (group_loader_torch, baselines_loader_torch),
+    "cores": (group_cores, baselines_cores),
     "random": (group_random, baselines_random),
     "small": (group_small, baselines_small),
     "prefetch": (group_prefetch, baselines_prefetch),
