@@ -32,9 +32,9 @@ MAX_ENTRIES = 200_000
 class AttrMemory:
     def __init__(self, path: str | None = None) -> None:
         self.path = path
-        #: key -> (version, mtime, mode, uid, gid)
+        #: key -> (version, mtime, mode, uid, gid, rdev)
         self._d: OrderedDict[str, tuple[str, float | None, int | None, int | None,
-                                        int | None]] = OrderedDict()
+                                        int | None, int | None]] = OrderedDict()
         if path:
             self._load(path)
 
@@ -44,7 +44,8 @@ class AttrMemory:
         if (info.meta_mtime is None and info.mode is None and info.uid is None
                 and info.gid is None and not checked):
             return
-        self._d[info.key] = (info.version, info.meta_mtime, info.mode, info.uid, info.gid)
+        self._d[info.key] = (info.version, info.meta_mtime, info.mode, info.uid, info.gid,
+                             info.rdev)
         self._d.move_to_end(info.key)
         while len(self._d) > MAX_ENTRIES:
             self._d.popitem(last=False)
@@ -62,7 +63,7 @@ class AttrMemory:
         if got is None or got[0] != info.version:
             return info
         return dataclasses.replace(info, meta_mtime=got[1], mode=got[2], uid=got[3],
-                                   gid=got[4])
+                                   gid=got[4], rdev=got[5])
 
     def save(self) -> None:
         if not self.path or (not self._d and not os.path.exists(self.path)):
@@ -84,9 +85,9 @@ class AttrMemory:
         try:
             with open(path) as f:
                 rows = json.load(f)
-            for key, version, mtime, mode, *owner in rows:  # no owner: an older file
-                uid, gid = (owner + [None, None])[:2]
-                self._d[str(key)] = (str(version), mtime, mode, uid, gid)
+            for key, version, mtime, mode, *more in rows:  # no owner: an older file
+                uid, gid, rdev = (more + [None, None, None])[:3]
+                self._d[str(key)] = (str(version), mtime, mode, uid, gid, rdev)
         except FileNotFoundError:
             return
         except (OSError, ValueError, TypeError) as exc:

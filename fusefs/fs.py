@@ -212,7 +212,7 @@ class FileSystem:
         uid = self.uid if info is None or info.uid is None else info.uid
         gid = self.gid if info is None or info.gid is None else info.gid
         return Attr(node.ino, mode, size, mtime_ns, (size + 511) // 512, 128 * 1024, nlink,
-                    uid, gid)
+                    uid, gid, info.rdev or 0 if info is not None else 0)
 
     def mark_stale(self, key: str) -> None:
         """The store said ``key`` changed: distrust what we know of it and of its folder."""

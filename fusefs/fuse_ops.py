@@ -15,6 +15,7 @@ import pyfuse3
 import trio
 
 from . import threads
+from .backends.attrs import SPECIAL_TYPES
 from .control import Control
 from .errors import IsADirectory, NameTooLong, NotPermitted, ReadOnly, to_errno
 from .folders import NAME_MAX
@@ -111,7 +112,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         e.st_mode = a.mode
         e.st_nlink = a.nlink
         e.st_uid, e.st_gid = a.uid, a.gid
-        e.st_rdev = 0
+        e.st_rdev = a.rdev
         e.st_size = a.size
         e.st_blksize = a.blksize
         e.st_blocks = a.blocks
@@ -222,11 +223,12 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
                     ) -> pyfuse3.EntryAttributes:
         if not stat.S_ISREG(mode):
             self._writes()  # EROFS first, on a read-only mount
-            if stat.S_IFMT(mode) not in (stat.S_IFIFO, stat.S_IFSOCK):
-                raise NotPermitted("only files, folders, links, FIFOs and sockets are stored")
+            if stat.S_IFMT(mode) not in SPECIAL_TYPES or stat.S_ISLNK(mode):
+                raise NotPermitted("only files, folders, links, FIFOs, sockets and device "
+                                   "nodes are stored")
             node = await self._writes().special(
                 parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), b"",
-                _owner(ctx))
+                _owner(ctx), rdev)
             return self._entry(self.fs.attr(node))  # type: ignore[arg-type]
         fh, node = await self._writes().create(
             parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), os.O_EXCL,

@@ -90,6 +90,8 @@ class Attr:
     nlink: int
     uid: int
     gid: int
+    #: a device node's number (0 for anything else)
+    rdev: int = 0
 
 
 @dataclass

@@ -170,8 +170,31 @@ def test_fifo_and_socket_are_metadata_only_objects(anystore: Bucket, mount) -> N
     assert mode is not None and stat.S_ISFIFO(mode)
     if b.kind != "local":
         assert b.get("pipe") == b""
-    with pytest.raises(PermissionError):  # device nodes are not stored
-        os.mknod(m.path / "dev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod of a device node needs root")
+def test_device_nodes_are_metadata_only_objects(anystore: Bucket, mount, tmp_path: Path
+                                                ) -> None:
+    """A device node keeps its type in ``mode`` and its number in ``rdev`` (s3fs's names);
+    the mount is ``nodev``: it cannot be opened as a device there."""
+    b = anystore
+    m = mount(b)
+    os.mknod(m.path / "null", stat.S_IFCHR | 0o640, os.makedev(1, 3))
+    os.mknod(m.path / "blk", stat.S_IFBLK | 0o600, os.makedev(7, 9))
+    st = os.lstat(m.path / "null")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    with pytest.raises(PermissionError):  # nodev
+        open(m.path / "null", "rb")
+    assert sync(m).returncode == 0
+    mode = stored_mode(b, "null")
+    assert mode is not None and stat.S_ISCHR(mode)
+    m2 = mount(b, cache_dir=tmp_path / "cache2")
+    st = os.lstat(m2.path / "blk")
+    assert stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(7, 9)
+    os.rename(m2.path / "blk", m2.path / "blk2")
+    assert os.lstat(m2.path / "blk2").st_rdev == os.makedev(7, 9)
 
 
 def test_hard_links_stay_refused(local_bucket: Bucket, mount) -> None:

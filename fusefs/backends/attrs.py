@@ -26,6 +26,8 @@ MODE = "mode"
 #: s3fs's owner and group (decimal ids)
 UID = "uid"
 GID = "gid"
+#: s3fs's device number of a device node (decimal)
+RDEV = "rdev"
 #: fusefs's own: a token unique to one upload (tells a landed upload from another writer's)
 TOKEN = "fusefs_upload"  # a C# identifier: Azure allows no "-"
 GCSFUSE_MTIME = "gcsfuse_mtime"
@@ -39,7 +41,8 @@ SPECIAL_TYPES = frozenset({stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFC
 
 #: Names this module reads (lower case); a store replacing attributes drops all of them, so an
 #: old peer's value cannot outlive a new one.
-ATTR_KEYS = frozenset({MTIME, MODE, GCSFUSE_MTIME, GSUTIL_MTIME, GSUTIL_MODE, UID, GID})
+ATTR_KEYS = frozenset({MTIME, MODE, GCSFUSE_MTIME, GSUTIL_MTIME, GSUTIL_MODE, UID, GID,
+                       RDEV})
 
 # Times outside year 1..9999 are garbage (and datetime cannot hold them).
 _MIN_TIME, _MAX_TIME = -62135596800.0, 253402300799.0
@@ -60,7 +63,18 @@ def encode(attrs: Attrs | None) -> dict[str, str]:
         out[UID] = str(attrs.uid)
     if attrs.gid is not None:
         out[GID] = str(attrs.gid)
+    if attrs.rdev is not None:
+        out[RDEV] = str(attrs.rdev)
     return out
+
+
+def rdev(meta: Mapping[str, str] | None) -> int | None:
+    """A device node's number from its metadata (s3fs's decimal ``rdev``), if any."""
+    for k, v in (meta or {}).items():
+        if str(k).lower() == RDEV and v is not None and str(v).strip().isdigit():
+            n = int(str(v).strip())
+            return n if n < 1 << 64 else None
+    return None
 
 
 def owner(meta: Mapping[str, str] | None) -> tuple[int | None, int | None]:

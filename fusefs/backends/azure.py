@@ -88,7 +88,8 @@ def _info(key: str, p: Any) -> ObjectInfo:
     meta_mtime, mode = meta_attrs.decode(p.metadata)
     uid, gid = meta_attrs.owner(p.metadata)
     return ObjectInfo(key, int(p.size or 0), _epoch(p.last_modified), etag_version(p.etag),
-                      meta_mtime, mode, meta_attrs.token(p.metadata), uid, gid)
+                      meta_mtime, mode, meta_attrs.token(p.metadata), uid, gid,
+                      meta_attrs.rdev(p.metadata))
 
 
 def _first_line(text: str) -> str:
@@ -469,6 +470,7 @@ class AzureStore:
                 name, int(props.findtext("Content-Length") or 0),
                 parsedate_to_datetime(modified).timestamp() if modified else 0.0,
                 etag_version(props.findtext("Etag")), meta_mtime, mode, None, uid, gid,
+                meta_attrs.rdev(pairs),
             ))  # fmt: skip
         return objects, prefixes, root.findtext("NextMarker") or None
 

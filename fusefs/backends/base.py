@@ -41,6 +41,8 @@ class ObjectInfo:
     #: is not the mounting user's); None: the mount's ``--uid``/``--gid``.
     uid: int | None = None
     gid: int | None = None
+    #: A device node's device number (s3fs's ``rdev``), None for anything else.
+    rdev: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,8 @@ class Attrs:
     #: Owner and group (s3fs's ``uid``/``gid`` metadata, decimal); None: none written.
     uid: int | None = None
     gid: int | None = None
+    #: A device node's device number (s3fs's ``rdev``, decimal); None: none written.
+    rdev: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

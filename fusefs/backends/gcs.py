@@ -153,7 +153,7 @@ def _info(key: str, blob: Any) -> ObjectInfo:
     meta_mtime, mode = meta_attrs.decode(blob.metadata)
     uid, gid = meta_attrs.owner(blob.metadata)
     return ObjectInfo(key, size, mtime, version, meta_mtime, mode, meta_attrs.token(blob.metadata),
-                      uid, gid)
+                      uid, gid, meta_attrs.rdev(blob.metadata))
 
 
 def _make_client(project: str | None, emulator: str | None) -> Any:

@@ -113,6 +113,11 @@ class LocalStore:
         try:
             parent = self._open_dir(parts[:-1])
             try:
+                # a device node is never opened (opening one may act: a tape rewinds)
+                kind = stat.S_IFMT(os.stat(parts[-1], dir_fd=parent,
+                                           follow_symlinks=False).st_mode)
+                if kind in (stat.S_IFCHR, stat.S_IFBLK):
+                    raise NotFound(f"{key}: not a file")
                 fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=parent)
             finally:
                 os.close(parent)
@@ -383,7 +388,7 @@ class LocalStore:
             with open(upload.path, "rb") as f:
                 target = os.fsdecode(f.read(upload.size)) if kind == stat.S_IFLNK else ""
             return self._put_special(key, kind, attrs.mode & 0o777, target, attrs.mtime,
-                                     condition, attrs)
+                                     condition, attrs, attrs.rdev)
         base = self._open_version(upload.base_key, upload.base_version) if any(
             b > a for a, b in upload.copy) else None
         try:
@@ -413,7 +418,8 @@ class LocalStore:
                 os.close(base)
 
     def _put_special(self, key: str, kind: int, perm: int, target: str, mtime: float | None,
-                     condition: Condition, attrs: Attrs | None = None) -> ObjectInfo:
+                     condition: Condition, attrs: Attrs | None = None,
+                     rdev: int | None = None) -> ObjectInfo:
         """Make a link (to ``target``), FIFO or socket under a temporary name, commit it."""
         if kind == stat.S_IFLNK and not inside(key, target):
             raise NotPermitted(f"{key}: a link to {target!r} could lead out of the source")
@@ -424,7 +430,7 @@ class LocalStore:
             if kind == stat.S_IFLNK:
                 os.symlink(target, tmp, dir_fd=dfd)
             else:
-                os.mknod(tmp, kind | 0o600, dir_fd=dfd)
+                os.mknod(tmp, kind | 0o600, rdev or 0, dir_fd=dfd)  # a device: root only
             made = True
             if kind != stat.S_IFLNK:
                 os.chmod(tmp, perm, dir_fd=dfd)  # ours, just made: not a link
@@ -456,7 +462,8 @@ class LocalStore:
             if version_of(st) != version:
                 raise StaleVersion(f"{src}: changed since it was read") from None
             return self._put_special(dst, stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
-                                     target, st.st_mtime_ns / 10**9, condition)
+                                     target, st.st_mtime_ns / 10**9, condition,
+                                     rdev=st.st_rdev)
         try:
             st = os.fstat(fd)
 

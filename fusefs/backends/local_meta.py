@@ -12,8 +12,8 @@ import stat
 from ..errors import BackendError
 from .base import Attrs, ObjectInfo
 
-# types other than files and folders that a listing shows (device nodes never are)
-SHOWN = (stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK)
+# types other than files and folders that a listing shows (never opened: see _open_file)
+SHOWN = (stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
 
 
 def version_of(st: os.stat_result) -> str:
@@ -34,7 +34,8 @@ def info_of(key: str, st: os.stat_result) -> ObjectInfo:
     uid = st.st_uid if st.st_uid != os.geteuid() else None
     gid = st.st_gid if st.st_gid != os.getegid() else None
     return ObjectInfo(key, size, st.st_mtime, version_of(st), st.st_mtime_ns / 10**9, mode,
-                      None, uid, gid)
+                      None, uid, gid,
+                      st.st_rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else None)
 
 
 def chown_fd(fd: int, attrs: Attrs | None) -> None:

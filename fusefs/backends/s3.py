@@ -451,7 +451,8 @@ class S3Store:
         version = etag or weak_version(size, r.get("LastModified"))
         mtime, mode = meta_attrs.decode(r.get("Metadata"))
         return ObjectInfo(key, size, epoch(r.get("LastModified", "")), version, mtime, mode,
-                          meta_attrs.token(r.get("Metadata")), *meta_attrs.owner(r.get("Metadata")))
+                          meta_attrs.token(r.get("Metadata")), *meta_attrs.owner(r.get("Metadata")),
+                          meta_attrs.rdev(r.get("Metadata")))
 
     def get_small(self, key: str, version: str) -> tuple[ObjectInfo, bytes]:
         """One GET of a whole small object at ``version``: its metadata (what a HEAD tells:
@@ -470,7 +471,8 @@ class S3Store:
         mtime, mode = meta_attrs.decode(r.get("Metadata"))
         return ObjectInfo(key, int(r["ContentLength"]), epoch(r.get("LastModified", "")),
                           etag or version, mtime, mode, meta_attrs.token(r.get("Metadata")),
-                          *meta_attrs.owner(r.get("Metadata"))), body
+                          *meta_attrs.owner(r.get("Metadata")),
+                          meta_attrs.rdev(r.get("Metadata"))), body
 
     def list(
         self, prefix: str, *, max_keys: int | None = None, start_after: str = ""

@@ -70,7 +70,7 @@ class Attributes:
                 new, meta_mtime=attrs.mtime if attrs.mtime is not None else info.meta_mtime,
                 mode=attrs.mode if attrs.mode is not None else info.mode,
                 uid=attrs.uid if attrs.uid is not None else info.uid,
-                gid=attrs.gid if attrs.gid is not None else info.gid)
+                gid=attrs.gid if attrs.gid is not None else info.gid, rdev=info.rdev)
         self.w.fs.folders.attrs.remember(new)
         self.w.fs.folders.note(new.key, new)
         self.w.fs.observed(node.path, new, sent, same_bytes=True)

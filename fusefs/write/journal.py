@@ -61,6 +61,8 @@ class Record:
     #: owner and group kept in metadata (None: the mount's default, nothing written)
     uid: int | None = None
     gid: int | None = None
+    #: a device node's number (its type is in ``mode``)
+    rdev: int | None = None
     base_key: str = ""
     base_version: str = ""
     base_size: int = 0
@@ -163,6 +165,8 @@ def problem(rec: Record) -> str | None:
     for v in (rec.uid, rec.gid):
         if v is not None and (type(v) is not int or not 0 <= v < 0xFFFFFFFF):
             return "its owner is not an id"
+    if rec.rdev is not None and (type(rec.rdev) is not int or not 0 <= rec.rdev < 1 << 64):
+        return "its device number is not a number"
     for f in fields(Record):
         if f.type in ("int", "float"):
             v = getattr(rec, f.name)

@@ -290,7 +290,7 @@ class Uploads:
             self._check(rec.key, rec.expect)
         return self.store.put_file(rec.key, self._upload(sf, rec, copy), condition=cond,
                                    attrs=Attrs(rec.mtime, rec.mode, rec.token or None,
-                                               rec.uid, rec.gid))
+                                               rec.uid, rec.gid, rec.rdev))
 
     def _upload(self, sf: StagedFile, rec: Record, copy: tuple[tuple[int, int], ...]
                 ) -> Upload:
@@ -407,7 +407,7 @@ class Uploads:
                 lambda: self.store.put_file(
                     target, self._upload(sf, rec, copy),
                     condition=Condition(absent=True),
-                    attrs=Attrs(rec.mtime, rec.mode, None, rec.uid, rec.gid)))
+                    attrs=Attrs(rec.mtime, rec.mode, None, rec.uid, rec.gid, rec.rdev)))
         except Exception as exc2:  # noqa: BLE001 - kept and retried
             return self._failed(sf, sf.gen, exc2)
         self.failed.discard(sf)

@@ -178,7 +178,7 @@ class Writes:
         rec = sf.rec
         return ObjectInfo(rec.key, rec.size, rec.mtime, rec.base_version if
                           rec.base_key == rec.key else "", rec.mtime, rec.mode, None,
-                          rec.uid, rec.gid)
+                          rec.uid, rec.gid, rec.rdev)
 
     def merge(self, dir_path: str,
               entries: list[tuple[str, bool, ObjectInfo | None]]
@@ -305,7 +305,7 @@ class Writes:
         return fh, node
 
     async def special(self, parent_ino: int, name: str, mode: int, content: bytes,
-                      owner: tuple[int, int] | None = None) -> object:
+                      owner: tuple[int, int] | None = None, rdev: int = 0) -> object:
         """``symlink`` (``S_IFLNK``, ``content`` the target) or ``mknod`` of a FIFO, socket
         or device node: a new object whose ``mode`` metadata names the type (s3fs's
         convention), staged and uploaded as any new file; its node. On a local source a
@@ -317,6 +317,11 @@ class Writes:
                                    "out of the source")
         fh, node = await self.create(parent_ino, name, mode, os.O_EXCL, owner)
         try:
+            if stat.S_IFMT(mode) in (stat.S_IFCHR, stat.S_IFBLK):
+                h = self.fs.handle(fh)
+                assert h.staged is not None
+                h.staged.rec.rdev = rdev
+                h.staged.touch()  # a change: its journal row is saved again at release
             if content:
                 h = self.fs.handle(fh)
                 assert h.staged is not None
@@ -468,7 +473,7 @@ class Writes:
     def _uploaded(self, sf: StagedFile, info: ObjectInfo, gen: int) -> None:
         if info.meta_mtime is None:  # what was sent, if the answer did not say
             info = dataclasses.replace(info, meta_mtime=sf.rec.mtime, mode=sf.rec.mode,
-                                       uid=sf.rec.uid, gid=sf.rec.gid)
+                                       uid=sf.rec.uid, gid=sf.rec.gid, rdev=sf.rec.rdev)
         self.fs.folders.attrs.remember(info)
         self.deletes.kick()  # a delete may have waited for this file's base
         if sf.unlinked:
