@@ -114,6 +114,8 @@ class Folders:
         #: thread); set by the filesystem. With it, a store that ``gets_small`` (S3) learns
         #: a type with the GET a read would send anyway, instead of a HEAD.
         self.seed: Callable[[ObjectInfo, bytes], None] | None = None
+        #: typed() fetches in flight, by (key, version): one per object version at a time
+        self._typing: dict[tuple[str, str], trio.Event] = {}
 
     def set_ttls(self, metadata_ttl: float, negative_ttl: float) -> None:
         self.ttl = metadata_ttl
@@ -413,6 +415,20 @@ class Folders:
         info = self.attrs.apply(info)
         if not may_be_special(info, self.probe_size) or self.attrs.known(info):
             return info
+        flight = (info.key, info.version)
+        running = self._typing.get(flight)
+        if running is not None:  # a listing and a lookup of the same object: one fetch
+            await running.wait()
+            return self.attrs.apply(info)
+        self._typing[flight] = done = trio.Event()
+        try:
+            return await self._fetch_typed(info)
+        finally:
+            del self._typing[flight]
+            done.set()
+
+    async def _fetch_typed(self, info: ObjectInfo) -> ObjectInfo:
+        """The fetch behind :meth:`typed` (one at a time per object version)."""
         self.type_heads += 1
         seed, key, version = self.seed, info.key, info.version
 

@@ -33,12 +33,16 @@ def stream_state(m: MountProc, sid: str) -> dict[str, Any] | None:
     return next((s for s in m.stats()["hint_streams"] if s["id"] == sid), None)
 
 
-def done_or_cached(m: MountProc, sid: str) -> int:
+def settled(state: dict[str, Any] | None) -> int:
     """Files of a stream fetched, or found cached: on S3 a hinted file of at most
     --link-probe-size bytes is fetched whole by its lookup (which learns whether it is a link:
     fusefs.kinds), so the prefetcher finds it cached."""
-    s = stream_state(m, sid) or {}
+    s = state or {}
     return int(s.get("files_done", 0)) + int(s.get("files_cached", 0))
+
+
+def done_or_cached(m: MountProc, sid: str) -> int:
+    return settled(stream_state(m, sid))
 
 
 def get_keys(bucket: Bucket, under: str = "") -> list[str]:
@@ -70,7 +74,9 @@ def test_hinted_files_are_fetched_in_order_then_read_without_gets(
 ) -> None:
     names = [f"ds/{i:03d}.bin" for i in range(30)]
     data = seed(s3_bucket, names)
-    s3_bucket.put("ds/other.bin", b"x")
+    # not hinted, never fetched: above --link-probe-size (a listing of the folder fetches
+    # objects up to that size whole on S3, to learn whether they are links: fusefs.kinds)
+    s3_bucket.put("ds/other.bin", b"x" * 5000)
     # --workers 3: one prefetch task, so GETs reach the server exactly in the stream's order
     m = mount(s3_bucket, "--block-size", str(BLOCK), "--workers", "3")
     order = names[:]
@@ -335,7 +341,9 @@ def test_listing_the_folders_of_an_order_spares_a_lookup_per_open(
         with MountHints(m.path, window_files=64, list_folders=list_folders) as hints:
             hints.start(order)
             assert hints.folders_listed == (1 if list_folders else 0)
-            wait(lambda h=hints: (h.stats() or {}).get("files_done") == 40, "hints")
+            # files of at most --link-probe-size are fetched whole by the listing or the
+            # lookup (S3: learning their type, fusefs.kinds): the prefetcher finds them cached
+            wait(lambda h=hints: settled(h.stats()) == 40, "hints")
             before = fuse_counts(m)
             for k in order:
                 assert (m.path / k).read_bytes() == data[k]
@@ -435,7 +443,7 @@ def test_hint_lookups_leave_metadata_slots_to_programs(s3_bucket: Bucket, mount)
     finally:
         gate.set()
         proxy.slow(None, 0)
-    wait(lambda: (stream_state(m, "meta") or {}).get("files_done") == 20, "the hints")
+    wait(lambda: done_or_cached(m, "meta") == 20, "the hints")
     hints.close()
 
 
