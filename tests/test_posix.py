@@ -318,3 +318,18 @@ def test_links_written_with_each_sdk_are_links(anystore: Bucket, mount) -> None:
     assert [e.name for e in os.scandir(m.path) if e.is_symlink()] == ["l"]
     assert os.readlink(m.path / "l") == "t/x"
     assert (m.path / "l").read_bytes() == b"through the link"
+
+
+def test_a_rewrite_keeps_mode_and_owner(anystore: Bucket, mount) -> None:
+    """Changing a file's bytes keeps the mode (and owner) kept in its metadata: an
+    executable stays executable after an edit (it lost its mode in the store before)."""
+    b = anystore
+    m = mount(b)
+    (m.path / "run.sh").write_bytes(b"#!/bin/sh\n")
+    os.chmod(m.path / "run.sh", 0o750)
+    assert sync(m).returncode == 0
+    with open(m.path / "run.sh", "ab") as f:
+        f.write(b"echo hi\n")
+    assert sync(m).returncode == 0
+    mode = stored_mode(b, "run.sh")
+    assert mode is not None and stat.S_IMODE(mode) == 0o750
