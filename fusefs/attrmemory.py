@@ -32,26 +32,38 @@ MAX_ENTRIES = 200_000
 class AttrMemory:
     def __init__(self, path: str | None = None) -> None:
         self.path = path
-        self._d: OrderedDict[str, tuple[str, float | None, int | None]] = OrderedDict()
+        #: key -> (version, mtime, mode, uid, gid, rdev)
+        self._d: OrderedDict[str, tuple[str, float | None, int | None, int | None,
+                                        int | None, int | None]] = OrderedDict()
         if path:
             self._load(path)
 
-    def remember(self, info: ObjectInfo) -> None:
-        if info.meta_mtime is None and info.mode is None:
+    def remember(self, info: ObjectInfo, *, checked: bool = False) -> None:
+        """Keep ``info``'s attributes for its version; ``checked``: also when it has none
+        (a HEAD said so: :meth:`known` then spares the next HEAD)."""
+        if (info.meta_mtime is None and info.mode is None and info.uid is None
+                and info.gid is None and not checked):
             return
-        self._d[info.key] = (info.version, info.meta_mtime, info.mode)
+        self._d[info.key] = (info.version, info.meta_mtime, info.mode, info.uid, info.gid,
+                             info.rdev)
         self._d.move_to_end(info.key)
         while len(self._d) > MAX_ENTRIES:
             self._d.popitem(last=False)
 
+    def known(self, info: ObjectInfo) -> bool:
+        """Are the attributes of this version of ``info.key`` known (maybe none)?"""
+        got = self._d.get(info.key)
+        return got is not None and got[0] == info.version
+
     def apply(self, info: ObjectInfo) -> ObjectInfo:
         """``info`` with the remembered attributes of its version, if it lacks them."""
-        if info.meta_mtime is not None or not self._d:
+        if info.meta_mtime is not None or info.mode is not None or not self._d:
             return info
         got = self._d.get(info.key)
         if got is None or got[0] != info.version:
             return info
-        return dataclasses.replace(info, meta_mtime=got[1], mode=got[2])
+        return dataclasses.replace(info, meta_mtime=got[1], mode=got[2], uid=got[3],
+                                   gid=got[4], rdev=got[5])
 
     def save(self) -> None:
         if not self.path or (not self._d and not os.path.exists(self.path)):
@@ -73,8 +85,9 @@ class AttrMemory:
         try:
             with open(path) as f:
                 rows = json.load(f)
-            for key, version, mtime, mode in rows:
-                self._d[str(key)] = (str(version), mtime, mode)
+            for key, version, mtime, mode, *more in rows:  # no owner: an older file
+                uid, gid, rdev = (more + [None, None, None])[:3]
+                self._d[str(key)] = (str(version), mtime, mode, uid, gid, rdev)
         except FileNotFoundError:
             return
         except (OSError, ValueError, TypeError) as exc:

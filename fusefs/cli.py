@@ -60,6 +60,7 @@ _SETTING_FLAGS: dict[str, dict[str, Any]] = {
     "upload_parts": {"metavar": "N"},
     "upload_grace": {"metavar": "SECONDS"},
     "rename_limit": {"metavar": "N"},
+    "link_probe_size": {"metavar": "BYTES"},
 }
 _BOOL_FLAGS = ("allow_other", "read_only", "sync_uploads")
 

@@ -342,6 +342,14 @@ class Settings:
             "most objects a folder rename moves; above it EXDEV (mv then copies)",
         ),
     )
+    link_probe_size: int = field(
+        default=4096,
+        metadata=_meta(
+            _size, "FUSEFS_LINK_PROBE_SIZE",
+            "S3: listed objects up to this size whose metadata is unknown get one HEAD "
+            "(could be an s3fs symlink or special file); 0: never (they show as files)",
+        ),
+    )
     uid: int | None = field(
         default=None,
         metadata=_meta(_opt_int, "FUSEFS_UID", "owner of files (default: the mounting user)"),

@@ -385,7 +385,7 @@ class Control:
         seen: set[str] = set()
         files: list[Entry] = []
         for node in nodes:
-            for f in await self.walk(node):
+            for f in await self.walk(node, typed=True):
                 if f.path not in seen and f.info is not None:
                     seen.add(f.path)
                     files.append(f)
@@ -498,8 +498,10 @@ class Control:
         """The file or directory at ``rel`` (from :meth:`relative`); NotFound if missing."""
         return await self.fs.resolve_path(rel)
 
-    async def walk(self, node: Entry) -> list[Entry]:
-        """Every file at or under ``node`` (listing folders fills the metadata cache)."""
+    async def walk(self, node: Entry, *, typed: bool = False) -> list[Entry]:
+        """Every file at or under ``node`` (listing folders fills the metadata cache).
+        ``typed``: learn each small S3 object's type as a lookup would (one GET each, whose
+        bytes are then cached: a prefetch's business anyway)."""
         if not node.is_dir:
             return [node]
         files: list[Entry] = []
@@ -507,7 +509,7 @@ class Control:
 
         async def visit(d: Entry, nursery: trio.Nursery) -> None:
             async with limit:
-                entries = await self.fs.entries(d.path)
+                entries = await self.fs.entries(d.path, typed=typed)
             for child in entries:
                 if child.is_dir:
                     nursery.start_soon(visit, child, nursery)

@@ -32,7 +32,8 @@ from . import threads
 from .attrmemory import AttrMemory
 from .backends.base import ObjectInfo, ObjectStore
 from .config import LIST_AHEAD_PARALLEL, Settings
-from .errors import FusefsError, NameTooLong, NotFound, single_error
+from .errors import Conflict, FusefsError, NameTooLong, NotFound, StaleVersion, single_error
+from .kinds import may_be_special
 from .listing import PAGE, DirListing, Flight, Range, page_items, range_end
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,16 @@ class Folders:
         self.negative_ttl = min(settings.negative_ttl, settings.metadata_ttl)
         #: mtime/mode of versions whose listings lack them (S3); see fusefs.attrmemory
         self.attrs = AttrMemory()
+        #: listed objects up to this size with unknown metadata are HEADed (fusefs.kinds)
+        self.probe_size = (settings.link_probe_size
+                           if not getattr(store, "lists_metadata", True) else -1)
+        self.type_heads = 0  # requests sent to learn a listed object's type (stats, tests)
+        #: ``seed(info, data)``: a small object's whole bytes into the block cache (worker
+        #: thread); set by the filesystem. With it, a store that ``gets_small`` (S3) learns
+        #: a type with the GET a read would send anyway, instead of a HEAD.
+        self.seed: Callable[[ObjectInfo, bytes], None] | None = None
+        #: typed() fetches in flight, by (key, version): one per object version at a time
+        self._typing: dict[tuple[str, str], trio.Event] = {}
 
     def set_ttls(self, metadata_ttl: float, negative_ttl: float) -> None:
         self.ttl = metadata_ttl
@@ -353,7 +364,7 @@ class Folders:
         async def head() -> None:
             try:
                 info = await threads.run_sync(self.store.head, path, limiter=self.meta_limiter)
-                self.attrs.remember(info)
+                self.attrs.remember(info, checked=True)
                 result["file"] = info
             except NotFound:
                 pass
@@ -385,20 +396,84 @@ class Folders:
     async def resolve(
         self, dir_path: str, name: str
     ) -> Found:
+        """(is_dir, info, seen) of ``name`` in ``dir_path``, its type known (:meth:`typed`)."""
         try:
-            return await self._resolve(dir_path, name)
+            is_dir, info, seen = await self._resolve(dir_path, name)
         except NotFound:
             raise
         except FusefsError as exc:  # e.g. listing not allowed: ask about the name itself
             log.debug("listing %r for a lookup failed: %s", dir_path, exc)
             return await self._probe(join(dir_path, name))
+        if info is not None:
+            info = await self.typed(info)
+        return is_dir, info, seen
 
+    async def typed(self, info: ObjectInfo) -> ObjectInfo:
+        """``info`` with its metadata when a listing lacked it and it may be a link or
+        special file (:func:`fusefs.kinds.may_be_special`): one HEAD per version, remembered
+        (also when it has none). Another version by now: the listed ``info`` stays."""
+        info = self.attrs.apply(info)
+        if not may_be_special(info, self.probe_size) or self.attrs.known(info):
+            return info
+        flight = (info.key, info.version)
+        running = self._typing.get(flight)
+        if running is not None:  # a listing and a lookup of the same object: one fetch
+            await running.wait()
+            return self.attrs.apply(info)
+        self._typing[flight] = done = trio.Event()
+        try:
+            return await self._fetch_typed(info)
+        finally:
+            del self._typing[flight]
+            done.set()
+
+    async def _fetch_typed(self, info: ObjectInfo) -> ObjectInfo:
+        """The fetch behind :meth:`typed` (one at a time per object version)."""
+        self.type_heads += 1
+        seed, key, version = self.seed, info.key, info.version
+
+        def fetch() -> ObjectInfo:
+            if seed is None or not getattr(self.store, "gets_small", False):
+                return self.store.head(key)
+            got, data = self.store.get_small(key, version)  # type: ignore[attr-defined]
+            if len(data) == got.size and got.version == version:
+                seed(got, data)
+            return got
+
+        try:
+            got = await threads.run_sync(fetch, limiter=self.meta_limiter)
+        except (NotFound, StaleVersion, Conflict):
+            return info
+        if got.version != info.version:
+            return info
+        self.attrs.remember(got, checked=True)
+        return got
+
+    async def _typed_all(self, out: list[tuple[str, bool, ObjectInfo | None]]) -> None:
+        """:meth:`typed` for every entry of a listing that needs it, in parallel (bounded by
+        the metadata limiter), replaced in place."""
+        todo = [i for i, (_, _, info) in enumerate(out) if info is not None
+                and may_be_special(self.attrs.apply(info), self.probe_size)]
+        if not todo:
+            return
+
+        async def one(i: int) -> None:
+            name, is_dir, info = out[i]
+            assert info is not None
+            out[i] = (name, is_dir, await self.typed(info))
+
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                for i in todo:
+                    nursery.start_soon(one, i)
 
     async def listing(
-        self, path: str
+        self, path: str, *, typed: bool = True
     ) -> tuple[list[tuple[str, bool, ObjectInfo | None]], float]:
         """All entries of folder ``path`` as (name, is_dir, info), from a fresh complete range
-        or one complete listing (shared by concurrent callers); and when it was listed."""
+        or one complete listing (shared by concurrent callers); and when it was listed.
+        ``typed``: each entry's file type known (:meth:`typed`; internal users that only
+        need names and sizes pass False: no request per small object)."""
         while True:
             d = self._dir(path)
             r = d.complete(self.clock() - self.ttl)
@@ -429,6 +504,8 @@ class Folders:
                 log.warning("%s is both an object and a prefix; showing the directory", key)
             else:
                 out.append((key[n:], False, info))
+        if typed and self.probe_size >= 0:
+            await self._typed_all(out)
         return out, r.listed
 
 

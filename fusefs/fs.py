@@ -16,15 +16,16 @@ requests may interleave at each ``await``. Node fields are replaced whole, never
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from . import stats as S
 from . import threads
 from .backends.base import ObjectInfo, ObjectStore
 from .config import Settings
@@ -38,6 +39,8 @@ from .errors import (
     StaleVersion,
 )
 from .folders import Folders, check_length, join, valid_name
+from .kinds import file_type, is_link
+from .nodes import Attr, DirHandle, Entry, Handle, Node, capped_mode, seen_type
 from .reader import Reader, SeqState
 
 if TYPE_CHECKING:
@@ -52,93 +55,6 @@ CONTROL_INO = 2
 CONTROL_NAME = ".fusefs"
 #: Longest entry/attribute timeout given to the kernel (a "forever" TTL becomes this).
 MAX_KERNEL_TIMEOUT = 365 * 86400.0
-
-
-def capped_mode(mode: int, settings: Settings) -> int:
-    """A file mode from the bucket (metadata, a local file's mode) as the mount shows it: the
-    owner's bits as they are; group and others get a bit only if ``--file-mode`` (read, write)
-    or ``--dir-mode`` (execute) grants it to them; never setuid, setgid or sticky. So a bucket
-    cannot make a file writable by every user of an ``--allow-other`` mount."""
-    return mode & (0o700 | (settings.file_mode & 0o066) | (settings.dir_mode & 0o011))
-
-
-class Node:
-    """A file or directory the kernel holds (or an open handle refers to).
-
-    Small on purpose (a walk of a million objects keeps a million nodes while the kernel
-    holds them): a file's path is its info's key (the same string), a directory is a node
-    without info."""
-
-    __slots__ = ("ino", "_path", "info", "confirmed", "lookups")
-
-    def __init__(self, ino: int, path: str, is_dir: bool, info: ObjectInfo | None,
-                 confirmed: float) -> None:
-        self.ino = ino
-        # key relative to the mount root, no trailing slash ("" for the root): a file's is
-        # ``info.key``, only folders keep their own
-        self._path = path if is_dir or info is None or info.key != path else None
-        self.info = None if is_dir else info
-        self.confirmed = confirmed  # monotonic time of the observation ``info`` comes from
-        self.lookups = 0
-
-    @property
-    def is_dir(self) -> bool:
-        return self.info is None
-
-    @property
-    def path(self) -> str:
-        if self._path is not None:
-            return self._path
-        assert self.info is not None
-        return self.info.key
-
-    @property
-    def size(self) -> int:
-        return self.info.size if self.info else 0
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A path resolved for an internal user (the control file): not a node, holds nothing."""
-
-    path: str
-    is_dir: bool
-    info: ObjectInfo | None = None
-
-
-@dataclass
-class Attr:
-    """Attributes as the kernel sees them; converted to pyfuse3's type in fuse_ops."""
-
-    ino: int
-    mode: int
-    size: int
-    mtime_ns: int
-    blocks: int
-    blksize: int
-    nlink: int
-    uid: int
-    gid: int
-
-
-@dataclass
-class Handle:
-    node: Node
-    info: ObjectInfo
-    seq: SeqState = field(default_factory=SeqState)
-    #: the staged file this handle writes (or reads: a file being written is read from it)
-    staged: StagedFile | None = None
-    writable: bool = False
-
-
-@dataclass
-class DirHandle:
-    """An open directory: a snapshot of its entries, so readdir offsets stay stable and a big
-    folder is listed and sorted once per ``opendir``, not once per kernel request."""
-
-    node: Node
-    entries: list[tuple[str, bool, ObjectInfo | None]] | None = None
-    listed: float = 0.0
 
 
 class FileSystem:
@@ -176,6 +92,7 @@ class FileSystem:
         self.on_changed: Callable[[int], Awaitable[None]] | None = None
         self.folders = Folders(store, settings, clock, reader.start_soon)
         reader._on_stale = self.mark_stale
+        self.folders.seed = self._seed
         #: The write side (set by :class:`fusefs.write.writes.Writes`); None: read-only core.
         self.writes: Writes | None = None
 
@@ -215,9 +132,9 @@ class FileSystem:
     def _node(self, path: str, is_dir: bool, info: ObjectInfo | None, seen: float) -> Node:
         """The node of ``path``, made or updated with an observation made at ``seen``."""
         node = self._by_path.get(path)
-        if node is not None and node.is_dir != is_dir:
-            # a file became a folder or the other way round: a new inode; the kernel may still
-            # hold the old one until it forgets it
+        if node is not None and file_type(node.info) != seen_type(node, is_dir, info):
+            # a file became a folder, a link... or the other way round: a new inode (the
+            # kernel refuses a type change); it may still hold the old one until it forgets
             del self._by_path[path]
             node = None
         if node is None:
@@ -241,9 +158,10 @@ class FileSystem:
         if not node.is_dir and info is not None:
             old = node.info
             if (old is not None and old.version == info.version and info.meta_mtime is None
-                    and old.meta_mtime is not None):
-                info = ObjectInfo(info.key, info.size, info.mtime, info.version,
-                                  old.meta_mtime, old.mode)  # a listing without metadata
+                    and info.mode is None and (old.meta_mtime is not None
+                                               or old.mode is not None)):
+                info = dataclasses.replace(  # a listing without metadata
+                    info, meta_mtime=old.meta_mtime, mode=old.mode, uid=old.uid, gid=old.gid)
             node.info = info
             if old is not None and old.version != info.version:
                 self._changed(node)
@@ -261,8 +179,17 @@ class FileSystem:
         except FusefsError:
             pass  # not serving
 
+    def _seed(self, info: ObjectInfo, data: bytes) -> None:
+        """Worker thread: a small object's whole bytes, fetched to learn its type, into the
+        block cache (a read then makes no request); counted as the reader's fetch it saves."""
+        self.reader.stats.add(S.FETCHES)
+        self.reader.stats.add(S.BYTES_FETCHED, len(data))
+        if 0 < info.size == len(data) <= self.reader.block_size:
+            self.reader.blocks.put(self.reader.block_key(info, 0), data)
+
     def attr(self, node: Node) -> Attr:
         ro = ~0o222 if self.settings.read_only else ~0
+        info: ObjectInfo | None = None
         if node.is_dir:
             mode = stat.S_IFDIR | (self.settings.dir_mode & ro)
             mtime_ns, size, nlink = self.mount_time_ns, 0, 2
@@ -276,13 +203,16 @@ class FileSystem:
             # a mode kept in metadata (chmod, rsync -a) shows, unless --file-mode was given
             perm = (self.settings.file_mode if info.mode is None or self._file_mode_forced
                     else capped_mode(info.mode, self.settings))
-            mode = stat.S_IFREG | (perm & ro)
+            kind = file_type(info)
+            mode = kind | (perm & ro if kind != stat.S_IFLNK else 0o777)  # as links show
             mtime = info.meta_mtime if info.meta_mtime is not None else info.mtime
             # a file that lost its name (unlinked while open) has no link left
             nlink = 1 if self._by_path.get(node.path) is node else 0
             mtime_ns, size = int(mtime * 1e9), info.size
+        uid = self.uid if info is None or info.uid is None else info.uid
+        gid = self.gid if info is None or info.gid is None else info.gid
         return Attr(node.ino, mode, size, mtime_ns, (size + 511) // 512, 128 * 1024, nlink,
-                    self.uid, self.gid)
+                    uid, gid, info.rdev or 0 if info is not None else 0)
 
     def mark_stale(self, key: str) -> None:
         """The store said ``key`` changed: distrust what we know of it and of its folder."""
@@ -359,7 +289,7 @@ class FileSystem:
         except NotFound:
             node.confirmed = -math.inf
             raise
-        if is_dir != node.is_dir:
+        if seen_type(node, is_dir, info) != file_type(node.info):
             raise NotFound(f"{node.path}: replaced by a {'folder' if is_dir else 'file'}")
         self._observe(node, info, seen)
 
@@ -374,6 +304,22 @@ class FileSystem:
             node.confirmed = -math.inf
             raise
         self._observe(node, info, sent)
+
+    async def readlink(self, ino: int) -> bytes:
+        """A link's target: its object's content (staged, or through the block cache)."""
+        node = await self.getattr(ino)
+        info = node.info
+        sf = self.writes.file_of(node) if self.writes is not None else None
+        if sf is not None:
+            assert self.writes is not None
+            info = self.writes.info_of(sf)
+        if not is_link(info):
+            raise InvalidArgument(f"{node.path or '/'} is not a symbolic link")
+        assert info is not None
+        if sf is not None:
+            assert self.writes is not None
+            return bytes(await self.writes.read(sf, 0, info.size))
+        return bytes(await self.reader.read(info, 0, info.size, SeqState()))
 
     async def opendir(self, ino: int) -> int:
         node = self.node(ino)
@@ -415,10 +361,11 @@ class FileSystem:
     def releasedir(self, fh: int) -> None:
         self._dir_handles.pop(fh, None)
 
-    async def entries(self, path: str) -> list[Entry]:
-        """The entries of folder ``path`` for internal users (no nodes are made)."""
+    async def entries(self, path: str, *, typed: bool = False) -> list[Entry]:
+        """The entries of folder ``path`` for internal users (no nodes are made); ``typed``:
+        see :meth:`Folders.listing`."""
         return [Entry(join(path, name), is_dir, info)
-                for name, is_dir, info in (await self.folders.listing(path))[0]]
+                for name, is_dir, info in (await self.folders.listing(path, typed=typed))[0]]
 
     async def resolve_path(self, path: str) -> Entry:
         """The file or folder at ``path`` (relative to the root) for internal users."""
@@ -590,8 +537,7 @@ class FileSystem:
             if gone is not None:
                 gone.confirmed = -math.inf
             if node.info is not None:
-                i = node.info
-                node.info = ObjectInfo(moved, i.size, i.mtime, i.version, i.meta_mtime, i.mode)
+                node.info = dataclasses.replace(node.info, key=moved, token=None)
                 node._path = None
             else:
                 node._path = moved

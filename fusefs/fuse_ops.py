@@ -15,10 +15,12 @@ import pyfuse3
 import trio
 
 from . import threads
+from .backends.attrs import SPECIAL_TYPES
 from .control import Control
-from .errors import IsADirectory, NotPermitted, ReadOnly, to_errno
+from .errors import IsADirectory, NameTooLong, NotPermitted, ReadOnly, to_errno
 from .folders import NAME_MAX
 from .fs import CONTROL_INO, CONTROL_NAME, ROOT_INO, Attr, FileSystem
+from .kinds import LINK_MAX
 from .write.writes import Writes
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,12 @@ def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[An
                 observe(name, time.perf_counter() - start)
 
     return wrapper
+
+
+def _owner(ctx: Any) -> tuple[int, int] | None:
+    """The (uid, gid) of the process a request comes from (a new file's owner)."""
+    uid, gid = getattr(ctx, "uid", None), getattr(ctx, "gid", None)
+    return (uid, gid) if isinstance(uid, int) and isinstance(gid, int) else None
 
 
 class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
@@ -104,7 +112,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         e.st_mode = a.mode
         e.st_nlink = a.nlink
         e.st_uid, e.st_gid = a.uid, a.gid
-        e.st_rdev = 0
+        e.st_rdev = a.rdev
         e.st_size = a.size
         e.st_blksize = a.blksize
         e.st_blocks = a.blocks
@@ -205,7 +213,8 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         if parent_inode == ROOT_INO and name == _CONTROL_NAME:
             raise pyfuse3.FUSEError(errno.EEXIST)
         fh, node = await self._writes().create(
-            parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), flags)
+            parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), flags,
+            _owner(ctx))
         return (pyfuse3.FileInfo(fh=fh, keep_cache=False),
                 self._entry(self.fs.attr(node)))  # type: ignore[arg-type]
 
@@ -213,9 +222,17 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
                     ) -> pyfuse3.EntryAttributes:
         if not stat.S_ISREG(mode):
-            raise NotPermitted("only regular files and folders can be stored")
+            self._writes()  # EROFS first, on a read-only mount
+            if stat.S_IFMT(mode) not in SPECIAL_TYPES or stat.S_ISLNK(mode):
+                raise NotPermitted("only files, folders, links, FIFOs, sockets and device "
+                                   "nodes are stored")
+            node = await self._writes().special(
+                parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), b"",
+                _owner(ctx), rdev)
+            return self._entry(self.fs.attr(node))  # type: ignore[arg-type]
         fh, node = await self._writes().create(
-            parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), os.O_EXCL)
+            parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), os.O_EXCL,
+            _owner(ctx))
         await self.fs.release(fh)
         return self._entry(self.fs.attr(node))  # type: ignore[arg-type]
 
@@ -247,9 +264,19 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         raise NotPermitted("hard links cannot be stored in a bucket")
 
     @_errors
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
-        self._writes()
-        raise NotPermitted("symbolic links cannot be stored in a bucket")
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+                      ) -> pyfuse3.EntryAttributes:
+        if parent_inode == ROOT_INO and name == _CONTROL_NAME:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if len(target) > LINK_MAX:
+            raise NameTooLong(f"a link target of {len(target)} bytes (at most {LINK_MAX})")
+        node = await self._writes().special(parent_inode, os.fsdecode(name),
+                                            stat.S_IFLNK | 0o777, target, _owner(ctx))
+        return self._entry(self.fs.attr(node))  # type: ignore[arg-type]
+
+    @_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return await self.fs.readlink(inode)
 
     @_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -296,8 +323,8 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         w = self._writes()
         node = self.fs.node(inode)
         if fields.update_uid or fields.update_gid:
-            w.chown(attr.st_uid if fields.update_uid else None,
-                    attr.st_gid if fields.update_gid else None)
+            await w.attributes.chown(node, attr.st_uid if fields.update_uid else None,
+                                     attr.st_gid if fields.update_gid else None)
         staged = None
         if fh is not None:
             h = self.fs.handle(fh) if not self.control.owns(fh) else None
@@ -313,7 +340,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         if fields.update_mtime or fields.update_mode:
             mtime = attr.st_mtime_ns / 1e9 if fields.update_mtime else None
             mode = attr.st_mode & 0o777 if fields.update_mode else None  # no setuid/gid/sticky
-            await w.set_times(node, mtime, mode)
+            await w.attributes.set_times(node, mtime, mode)
         return self._entry(self.fs.attr(node))
 
     @_errors

@@ -38,6 +38,7 @@ COUNTERS = (
 #: handler), so it cannot be counted here.
 FUSE_REQUESTS = (
     "lookup", "forget", "getattr", "setattr", "mknod", "mkdir", "unlink", "rmdir", "symlink",
+    "readlink",
     "rename", "link", "open", "read", "write", "flush", "release", "fsync", "opendir",
     "readdir", "releasedir", "statfs", "setxattr", "getxattr", "listxattr", "removexattr",
     "access", "create",

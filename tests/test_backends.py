@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -718,7 +719,9 @@ def test_s3_fast_get_path_turns_off_when_the_server_refuses_it(
 
 
 def test_local_never_follows_symlinks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Links out of the source (or inside it) are not listed, not found, never read."""
+    """Links that could lead out of the source (absolute, or climbing above it) are not
+    listed, not found, never read; a relative link inside is an object of its own (its
+    target as content, S_IFLNK in its mode), and so is a FIFO (size 0, never opened)."""
     from fusefs.backends.local import LocalStore
 
     secret = tmp_path / "secret"
@@ -730,18 +733,25 @@ def test_local_never_follows_symlinks(tmp_path: Path, caplog: pytest.LogCaptureF
     (root / "ok.txt").write_bytes(b"fine")
     (root / "x").symlink_to(secret)
     (root / "dirlink").symlink_to(tmp_path / "secret_dir")
-    (root / "d" / "inner").symlink_to(root / "ok.txt")  # inside the source: skipped as well
+    (root / "d" / "inner").symlink_to(root / "ok.txt")  # absolute, even inside: skipped
+    (root / "d" / "up").symlink_to("../../secret")  # climbs above the root: skipped
+    (root / "d" / "rel").symlink_to("../ok.txt")  # stays inside: shown as a link
     os.mkfifo(root / "fifo")
     store = LocalStore(str(root))
     with caplog.at_level("DEBUG", logger="fusefs.backends.local"):
         objects, prefixes = collect(store, "")
-        assert sorted(objects) == ["ok.txt"] and prefixes == ["d/"]
-        assert collect(store, "d/") == ({}, [])
+        assert sorted(objects) == ["fifo", "ok.txt"] and prefixes == ["d/"]
+        assert sorted(collect(store, "d/")[0]) == ["d/rel"]
+    rel = store.head("d/rel")
+    assert rel.mode == stat.S_IFLNK | 0o777 and rel.size == len("../ok.txt")
+    assert store.get_range("d/rel", 0, 100, rel.version) == b"../ok.txt"
+    fifo = store.head("fifo")
+    assert fifo.mode is not None and stat.S_ISFIFO(fifo.mode) and fifo.size == 0
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "symbolic link" in warnings[0].getMessage()
     assert collect(store, "dirlink/") == ({}, [])  # a linked folder is not a prefix
     version = store.head("ok.txt").version
-    for key in ("x", "dirlink/s.txt", "d/inner", "dirlink", "fifo"):
+    for key in ("x", "dirlink/s.txt", "d/inner", "d/up", "dirlink"):
         with pytest.raises(NotFound):
             store.head(key)
         with pytest.raises(NotFound):
@@ -1456,7 +1466,7 @@ def test_local_put_file_without_hard_links_and_on_a_full_disk(
     def full(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(local, "_copy_range", full)
+    monkeypatch.setattr(local, "copy_range", full)
     with pytest.raises(NoSpace):
         store.put_file("a/g", upload)
     assert sorted(p.name for p in (root / "a").iterdir()) == ["f"]

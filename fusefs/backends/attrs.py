@@ -23,15 +23,26 @@ from .base import Attrs
 
 MTIME = "mtime"
 MODE = "mode"
+#: s3fs's owner and group (decimal ids)
+UID = "uid"
+GID = "gid"
+#: s3fs's device number of a device node (decimal)
+RDEV = "rdev"
 #: fusefs's own: a token unique to one upload (tells a landed upload from another writer's)
 TOKEN = "fusefs_upload"  # a C# identifier: Azure allows no "-"
 GCSFUSE_MTIME = "gcsfuse_mtime"
 GSUTIL_MTIME = "goog-reserved-file-mtime"
 GSUTIL_MODE = "goog-reserved-posix-mode"
 
+#: File types other than a regular file's that an object's ``mode`` may name (as s3fs does):
+#: a symbolic link (its target is the object's content), a FIFO, a socket, a device node.
+SPECIAL_TYPES = frozenset({stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR,
+                           stat.S_IFBLK})
+
 #: Names this module reads (lower case); a store replacing attributes drops all of them, so an
 #: old peer's value cannot outlive a new one.
-ATTR_KEYS = frozenset({MTIME, MODE, GCSFUSE_MTIME, GSUTIL_MTIME, GSUTIL_MODE})
+ATTR_KEYS = frozenset({MTIME, MODE, GCSFUSE_MTIME, GSUTIL_MTIME, GSUTIL_MODE, UID, GID,
+                       RDEV})
 
 # Times outside year 1..9999 are garbage (and datetime cannot hold them).
 _MIN_TIME, _MAX_TIME = -62135596800.0, 253402300799.0
@@ -44,11 +55,39 @@ def encode(attrs: Attrs | None) -> dict[str, str]:
         return out
     if attrs.mtime is not None:
         out[MTIME] = f"{attrs.mtime:.9f}".rstrip("0").rstrip(".")
-    if attrs.mode is not None:
-        out[MODE] = "0%o" % (stat.S_IFREG | (attrs.mode & 0o777))  # never setuid/gid/sticky
+    if attrs.mode is not None:  # never setuid/gid/sticky; a link, FIFO... keeps its type
+        out[MODE] = "0%o" % ((stat.S_IFMT(attrs.mode) or stat.S_IFREG) | (attrs.mode & 0o777))
     if attrs.token is not None:
         out[TOKEN] = attrs.token
+    if attrs.uid is not None:
+        out[UID] = str(attrs.uid)
+    if attrs.gid is not None:
+        out[GID] = str(attrs.gid)
+    if attrs.rdev is not None:
+        out[RDEV] = str(attrs.rdev)
     return out
+
+
+def rdev(meta: Mapping[str, str] | None) -> int | None:
+    """A device node's number from its metadata (s3fs's decimal ``rdev``), if any."""
+    for k, v in (meta or {}).items():
+        if str(k).lower() == RDEV and v is not None and str(v).strip().isdigit():
+            n = int(str(v).strip())
+            return n if n < 1 << 64 else None
+    return None
+
+
+def owner(meta: Mapping[str, str] | None) -> tuple[int | None, int | None]:
+    """``(uid, gid)`` from an object's metadata (s3fs's decimal ``uid``/``gid``); None where
+    absent or not an id (at most 2**32-2: -1 means "unchanged" to chown)."""
+    out: list[int | None] = [None, None]
+    for k, v in (meta or {}).items():
+        name = str(k).lower()
+        if name in (UID, GID) and v is not None and str(v).strip().isdigit():
+            n = int(str(v).strip())
+            if n < 0xFFFFFFFF:
+                out[name == GID] = n
+    return out[0], out[1]
 
 
 def token(meta: Mapping[str, str] | None) -> str | None:
@@ -71,6 +110,11 @@ def merged(meta: Mapping[str, str] | None, attrs: Attrs) -> dict[str, str]:
         for k in list(out):
             if k.lower() in (MODE, GSUTIL_MODE):
                 del out[k]
+    for name, value in ((UID, attrs.uid), (GID, attrs.gid)):
+        if value is not None:
+            for k in list(out):
+                if k.lower() == name:
+                    del out[k]
     out.update(encode(attrs))
     return out
 
@@ -116,7 +160,10 @@ def _mode(text: str, *, octal: bool = False) -> int | None:
         return None
     if value >= 1 << 32:
         return None
-    return value & 0o777  # setuid, setgid and sticky bits are never taken from a bucket
+    kind = stat.S_IFMT(value)
+    # setuid, setgid and sticky bits are never taken from a bucket; a type other than a
+    # regular file's (s3fs's links, FIFOs, sockets, device nodes) is kept with the bits
+    return (value & 0o777) | (kind if kind in SPECIAL_TYPES else 0)
 
 
 def decode(meta: Mapping[str, str] | None) -> tuple[float | None, int | None]:

@@ -86,8 +86,10 @@ def _epoch(when: datetime | None) -> float:
 def _info(key: str, p: Any) -> ObjectInfo:
     """A blob's info from its properties (HEAD or a listing item), metadata included."""
     meta_mtime, mode = meta_attrs.decode(p.metadata)
+    uid, gid = meta_attrs.owner(p.metadata)
     return ObjectInfo(key, int(p.size or 0), _epoch(p.last_modified), etag_version(p.etag),
-                      meta_mtime, mode, meta_attrs.token(p.metadata))
+                      meta_mtime, mode, meta_attrs.token(p.metadata), uid, gid,
+                      meta_attrs.rdev(p.metadata))
 
 
 def _first_line(text: str) -> str:
@@ -461,12 +463,14 @@ class AzureStore:
                 return None
             modified = props.findtext("Last-Modified")
             meta = item.find("Metadata")
-            meta_mtime, mode = meta_attrs.decode(
-                {m.tag: m.text or "" for m in meta} if meta is not None else None)
+            pairs = {m.tag: m.text or "" for m in meta} if meta is not None else None
+            meta_mtime, mode = meta_attrs.decode(pairs)
+            uid, gid = meta_attrs.owner(pairs)
             objects.append(ObjectInfo(
                 name, int(props.findtext("Content-Length") or 0),
                 parsedate_to_datetime(modified).timestamp() if modified else 0.0,
-                etag_version(props.findtext("Etag")), meta_mtime, mode,
+                etag_version(props.findtext("Etag")), meta_mtime, mode, None, uid, gid,
+                meta_attrs.rdev(pairs),
             ))  # fmt: skip
         return objects, prefixes, root.findtext("NextMarker") or None
 

@@ -62,9 +62,11 @@ def _info(store: AzureStore, key: str, size: int, r: Any, meta: dict[str, str] |
     from .azure import _epoch, etag_version
 
     mtime, mode = meta_attrs.decode(meta)
+    uid, gid = meta_attrs.owner(meta)
     when = r.get("last_modified")
     return ObjectInfo(key, size, _epoch(when) if when else time.time(),
-                      etag_version(r.get("etag")), mtime, mode)
+                      etag_version(r.get("etag")), mtime, mode, None, uid, gid,
+                      meta_attrs.rdev(meta))
 
 
 def put_file(store: AzureStore, key: str, upload: Upload, condition: Condition,

@@ -30,25 +30,38 @@ class ObjectInfo:
     version: str
     #: What a writer kept in the object's metadata (rclone/s3fs ``mtime`` and ``mode``), when
     #: the answer carried it (HEAD always; GCS and Azure listings too; S3 listings never).
-    #: ``mode`` holds permission bits only (``& 0o777``: never setuid, setgid or sticky).
+    #: ``mode`` holds permission bits (``& 0o777``: never setuid, setgid or sticky), plus the
+    #: file type when it is not a regular file (``S_IFLNK``...: see ``attrs.SPECIAL_TYPES``).
     meta_mtime: float | None = None
     mode: int | None = None
     #: The upload token a fusefs mount wrote with the object (``fusefs_upload`` metadata), when
     #: the answer carried metadata: tells an upload that landed from another writer's object.
     token: str | None = None
+    #: Owner and group kept in metadata (s3fs's ``uid``/``gid``; a local file's own when it
+    #: is not the mounting user's); None: the mount's ``--uid``/``--gid``.
+    uid: int | None = None
+    gid: int | None = None
+    #: A device node's device number (s3fs's ``rdev``), None for anything else.
+    rdev: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Attrs:
     """File attributes kept in object metadata: ``mtime`` (epoch seconds) and ``mode``
-    (permission bits). Stored as rclone does (``mtime`` float seconds, ``mode`` octal with a
-    leading 0, e.g. ``0100644``) and read back also in s3fs's (decimal ``mode``, integer
-    ``mtime``) and gcsfuse's (``gcsfuse_mtime`` RFC 3339) forms."""
+    (permission bits, and the file type of a link, FIFO, socket or device node). Stored as
+    rclone does (``mtime`` float seconds, ``mode`` octal with a leading 0, e.g. ``0100644``)
+    and read back also in s3fs's (decimal ``mode``, integer ``mtime``) and gcsfuse's
+    (``gcsfuse_mtime`` RFC 3339) forms."""
 
     mtime: float | None = None
     mode: int | None = None
     #: A token unique to one upload (see ``ObjectInfo.token``); None: none written.
     token: str | None = None
+    #: Owner and group (s3fs's ``uid``/``gid`` metadata, decimal); None: none written.
+    uid: int | None = None
+    gid: int | None = None
+    #: A device node's device number (s3fs's ``rdev``, decimal); None: none written.
+    rdev: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +184,11 @@ class ObjectStore(Protocol):
         object's metadata. Multipart copy above 5 GiB on S3; GCS rewrite."""
 
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
-        """Replace the ``mtime``/``mode`` metadata of ``key`` at ``version`` (Conflict if it has
-        another; a field left None is kept); its metadata afterwards. The version may change
-        (Azure: a new ETag; local: the ctime moves; S3: a copy in place, a new ETag for a
-        multipart object; GCS and a single-part S3 object keep it); the bytes never do."""
+        """Replace the ``mtime``/``mode``/``uid``/``gid`` metadata of ``key`` at ``version``
+        (Conflict if it has another; a field left None is kept); its metadata afterwards.
+        The version may change (Azure: a new ETag; local: the ctime moves; S3: a copy in
+        place, a new ETag for a multipart object; GCS and a single-part S3 object keep it);
+        the bytes never do."""
 
 
 class PrefixedStore:
@@ -188,6 +202,12 @@ class PrefixedStore:
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.source_id = inner.source_id + ("/" + self.prefix.rstrip("/") if self.prefix else "")
         self.lists_after: bool = getattr(inner, "lists_after", True)
+        #: listings carry each object's metadata (GCS, Azure, local); S3's never do
+        self.lists_metadata: bool = getattr(inner, "lists_metadata", True)
+        #: the store has ``get_small`` (S3): a small object's metadata and bytes in one GET
+        self.gets_small: bool = hasattr(inner, "get_small")
+        #: links must not lead out of the source (local sources)
+        self.links_inside: bool = getattr(inner, "links_inside", False)
         self.enforces_conditions: bool = getattr(inner, "enforces_conditions", True)
         self.enforces_delete_conditions: bool = getattr(
             inner, "enforces_delete_conditions", self.enforces_conditions)
@@ -237,6 +257,11 @@ class PrefixedStore:
 
     def put(self, key: str, data: bytes) -> ObjectInfo:
         return self._rekey(self.inner.put(self._key(key), data), key)
+
+    def get_small(self, key: str, version: str) -> tuple[ObjectInfo, bytes]:
+        """See ``S3Store.get_small`` (only when ``gets_small``)."""
+        info, data = self.inner.get_small(self._key(key), version)  # type: ignore[attr-defined]
+        return self._rekey(info, key), data
 
     def delete(self, key: str, *, condition: Condition = Condition()) -> None:
         self.inner.delete(self._key(key), condition=condition)

@@ -151,7 +151,9 @@ def _info(key: str, blob: Any) -> ObjectInfo:
     mtime = _mtime(blob.updated, blob.time_created)
     version = str(blob.generation) if blob.generation else f"~{size:x}-{int(mtime):x}"
     meta_mtime, mode = meta_attrs.decode(blob.metadata)
-    return ObjectInfo(key, size, mtime, version, meta_mtime, mode, meta_attrs.token(blob.metadata))
+    uid, gid = meta_attrs.owner(blob.metadata)
+    return ObjectInfo(key, size, mtime, version, meta_mtime, mode, meta_attrs.token(blob.metadata),
+                      uid, gid, meta_attrs.rdev(blob.metadata))
 
 
 def _make_client(project: str | None, emulator: str | None) -> Any:

@@ -1,7 +1,10 @@
 """A local directory served as a bucket: files are objects, sub-directories are prefixes.
 
-Symbolic links are never followed, wherever they point (like rclone's default): a listing
-leaves them out (one warning per store, then debug lines), and a key whose path crosses a link
+Symbolic links are never followed, wherever they point (like rclone's default). A link whose
+target stays inside the source (:func:`inside`) is an object of its own: ``mode`` ``S_IFLNK``,
+its target as content (the convention links have on every store); one that could leave it is
+left out of listings (one warning per store, then debug lines) and cannot be made. FIFOs and
+sockets are listed as such (size 0); device nodes are not. A key whose path crosses a link
 is not found. Every path is opened one component at a time, relative to an open descriptor of
 the parent, with ``O_NOFOLLOW`` (``O_DIRECTORY`` for folders), so a link swapped in between a
 check and an open is refused by the kernel: there is no check-then-open window. The root
@@ -13,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import math
 import os
 import stat
 import threading
@@ -28,9 +30,11 @@ from ..errors import (
     FusefsError,
     NoSpace,
     NotFound,
+    NotPermitted,
     StaleVersion,
 )
 from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
+from .local_meta import SHOWN, chown_fd, copy_range, info_of, inside, ns, version_of
 from .upload_io import pieces
 
 log = logging.getLogger(__name__)
@@ -44,26 +48,6 @@ _ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 _NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
 #: Files being written are named so, in their destination folder; listings skip them.
 TMP_PREFIX = ".fusefs-tmp-"
-
-
-def _version(st: os.stat_result) -> str:
-    """Changes whenever the file's bytes may have: a rewrite in place that keeps size and mtime
-    (``rsync --inplace -t``) still moves the ctime."""
-    return f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}-{st.st_ctime_ns:x}"
-
-
-def _info(key: str, st: os.stat_result) -> ObjectInfo:
-    """A file's info; its metadata attributes are its own mtime (int / int: rounded once) and
-    permission bits (a folder, for a ``dir/`` marker, has size 0)."""
-    size = st.st_size if stat.S_ISREG(st.st_mode) else 0
-    return ObjectInfo(key, size, st.st_mtime, _version(st), st.st_mtime_ns / 10**9,
-                      stat.S_IMODE(st.st_mode))
-
-
-def _ns(seconds: float) -> int:
-    """Epoch seconds as nanoseconds, without the float product's rounding (1e18 > 2**53)."""
-    whole = math.floor(seconds)
-    return whole * 1_000_000_000 + round((seconds - whole) * 1e9)
 
 
 def _exists(name: str, dfd: int) -> bool:
@@ -88,6 +72,8 @@ class LocalStore:
     """Objects in ``root``; a key ``a/b.txt`` is the file ``root/a/b.txt`` (never via a link)."""
 
     enforces_conditions = True
+    #: links must stay inside (:func:`inside`): the write path refuses others at ``symlink``
+    links_inside = True
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
@@ -127,6 +113,11 @@ class LocalStore:
         try:
             parent = self._open_dir(parts[:-1])
             try:
+                # a device node is never opened (opening one may act: a tape rewinds)
+                kind = stat.S_IFMT(os.stat(parts[-1], dir_fd=parent,
+                                           follow_symlinks=False).st_mode)
+                if kind in (stat.S_IFCHR, stat.S_IFBLK):
+                    raise NotFound(f"{key}: not a file")
                 fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=parent)
             finally:
                 os.close(parent)
@@ -162,12 +153,35 @@ class LocalStore:
             except OSError as exc:
                 raise _map_os_error(exc, key) from exc
         else:
-            fd = self._open_file(key)
+            try:
+                fd = self._open_file(key)
+            except NotFound:
+                return info_of(key, self._special(key)[0])
         try:
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        return _info(key, st)
+        return info_of(key, st)
+
+    def _special(self, key: str) -> tuple[os.stat_result, str]:
+        """The link (inside the source), FIFO or socket at ``key``: its lstat and a link's
+        target ("" for others); NotFound for anything else."""
+        parts = self._parts(key)
+        if not parts or key.endswith("/"):
+            raise NotFound(f"{key}: not a file")
+        try:
+            dfd = self._open_dir(parts[:-1])
+            try:
+                st = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+                target = os.readlink(parts[-1], dir_fd=dfd) if stat.S_ISLNK(st.st_mode) else ""
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            raise _map_os_error(exc, key) from exc
+        kind = stat.S_IFMT(st.st_mode)
+        if kind not in SHOWN or (kind == stat.S_IFLNK and not inside(key, target)):
+            raise NotFound(f"{key}: not a file")
+        return st, target
 
     def list(
         self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
@@ -186,7 +200,8 @@ class LocalStore:
             with os.scandir(fd) as it:
                 for entry in it:
                     try:
-                        if entry.is_symlink():
+                        if entry.is_symlink() and not inside(
+                                prefix + entry.name, os.readlink(entry.name, dir_fd=fd)):
                             links.append(entry.name)
                             continue
                         if entry.name.startswith(TMP_PREFIX):
@@ -206,9 +221,10 @@ class LocalStore:
                 try:
                     if key.endswith("/"):
                         page.prefixes.append(key)
-                    elif entry.is_file(follow_symlinks=False):
+                    else:
                         st = entry.stat(follow_symlinks=False)  # fstatat on the open folder
-                        page.objects.append(_info(key, st))
+                        if stat.S_ISREG(st.st_mode) or stat.S_IFMT(st.st_mode) in SHOWN:
+                            page.objects.append(info_of(key, st))
                 except OSError:
                     continue  # vanished or unreadable entry: skip it
         except OSError as exc:
@@ -220,9 +236,15 @@ class LocalStore:
         yield page
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
-        fd = self._open_file(key)
         try:
-            if _version(os.fstat(fd)) != version:
+            fd = self._open_file(key)
+        except NotFound:
+            st, target = self._special(key)  # a link's content is its target
+            if version_of(st) != version:
+                raise StaleVersion(f"{key}: changed since it was listed") from None
+            return os.fsencode(target)[start:start + max(length, 0)]
+        try:
+            if version_of(os.fstat(fd)) != version:
                 raise StaleVersion(f"{key}: changed since it was listed")
             return os.pread(fd, length, start) if length > 0 else b""
         except OSError as exc:
@@ -281,12 +303,12 @@ class LocalStore:
                         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                     except FileNotFoundError:
                         raise Conflict(f"{key}: gone") from None
-                    if not stat.S_ISREG(st.st_mode) or _version(st) != condition.version:
+                    if stat.S_ISDIR(st.st_mode) or version_of(st) != condition.version:
                         raise Conflict(f"{key}: changed")
                 os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         os.fsync(dfd)
-        return _info(key, st)
+        return info_of(key, st)
 
     def _write_new(
         self, key: str, fill: Callable[[int], None], condition: Condition,
@@ -299,10 +321,11 @@ class LocalStore:
             tmp, fd = self._temp(dfd)
             try:
                 fill(fd)
+                chown_fd(fd, attrs)
                 if attrs is not None and attrs.mode is not None:
                     os.fchmod(fd, attrs.mode & 0o777)  # never setuid/setgid/sticky
                 if attrs is not None and attrs.mtime is not None:
-                    os.utime(fd, ns=(time.time_ns(), _ns(attrs.mtime)))
+                    os.utime(fd, ns=(time.time_ns(), ns(attrs.mtime)))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -320,7 +343,7 @@ class LocalStore:
     def _open_version(self, key: str, version: str) -> int:
         """The file at ``key``, which must have ``version`` (StaleVersion otherwise)."""
         fd = self._open_file(key)
-        if _version(os.fstat(fd)) != version:
+        if version_of(os.fstat(fd)) != version:
             os.close(fd)
             raise StaleVersion(f"{key}: changed since it was read")
         return fd
@@ -350,14 +373,22 @@ class LocalStore:
                 os.close(fd)
         except OSError as exc:
             raise _map_os_error(exc, key) from exc
-        return _info(key, st)
+        return info_of(key, st)
 
     def put_file(
         self, key: str, upload: Upload, *, condition: Condition = Condition(),
         attrs: Attrs | None = None, progress: Callable[[int], None] | None = None,
     ) -> ObjectInfo:
         """The staged file's bytes and the base file's copy ranges, copied in the kernel
-        (``copy_file_range``) into a temporary file, then committed (see above)."""
+        (``copy_file_range``) into a temporary file, then committed (see above). A link,
+        FIFO or socket (``attrs.mode``) is made as one (a link from the staged target)."""
+        kind = stat.S_IFMT(attrs.mode) if attrs is not None and attrs.mode else 0
+        if kind in SHOWN:
+            assert attrs is not None and attrs.mode is not None
+            with open(upload.path, "rb") as f:
+                target = os.fsdecode(f.read(upload.size)) if kind == stat.S_IFLNK else ""
+            return self._put_special(key, kind, attrs.mode & 0o777, target, attrs.mtime,
+                                     condition, attrs, attrs.rdev)
         base = self._open_version(upload.base_key, upload.base_version) if any(
             b > a for a, b in upload.copy) else None
         try:
@@ -373,9 +404,9 @@ class LocalStore:
             for a, b, from_base in pieces(upload, 0, upload.size):
                 if from_base:
                     assert base is not None
-                    _copy_range(base, fd, a, b, key)
+                    copy_range(base, fd, a, b, key)
                 elif a < staged:
-                    _copy_range(src, fd, a, min(b, staged), key)
+                    copy_range(src, fd, a, min(b, staged), key)
                 if progress is not None:
                     progress(b - a)
 
@@ -386,16 +417,62 @@ class LocalStore:
             if base is not None:
                 os.close(base)
 
+    def _put_special(self, key: str, kind: int, perm: int, target: str, mtime: float | None,
+                     condition: Condition, attrs: Attrs | None = None,
+                     rdev: int | None = None) -> ObjectInfo:
+        """Make a link (to ``target``), FIFO or socket under a temporary name, commit it."""
+        if kind == stat.S_IFLNK and not inside(key, target):
+            raise NotPermitted(f"{key}: a link to {target!r} could lead out of the source")
+        parts, dfd = self._dest(key)
+        tmp = f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        made = False
+        try:
+            if kind == stat.S_IFLNK:
+                os.symlink(target, tmp, dir_fd=dfd)
+            else:
+                os.mknod(tmp, kind | 0o600, rdev or 0, dir_fd=dfd)  # a device: root only
+            made = True
+            if kind != stat.S_IFLNK:
+                os.chmod(tmp, perm, dir_fd=dfd)  # ours, just made: not a link
+            if attrs is not None and (attrs.uid is not None or attrs.gid is not None):
+                os.chown(tmp, -1 if attrs.uid is None else attrs.uid,
+                         -1 if attrs.gid is None else attrs.gid, dir_fd=dfd,
+                         follow_symlinks=False)
+            if mtime is not None:
+                os.utime(tmp, ns=(time.time_ns(), ns(mtime)), dir_fd=dfd,
+                         follow_symlinks=False)
+            info = self._commit(key, dfd, tmp, parts[-1], condition)
+            made = False
+            return info
+        except OSError as exc:
+            raise _map_os_error(exc, key) from exc
+        finally:
+            if made:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+            os.close(dfd)
+
     def copy(
         self, src: str, version: str, dst: str, *, condition: Condition = Condition(),
     ) -> ObjectInfo:
-        fd = self._open_version(src, version)
+        try:
+            fd = self._open_version(src, version)
+        except NotFound:
+            st, target = self._special(src)  # a link, FIFO or socket: made anew at dst
+            if version_of(st) != version:
+                raise StaleVersion(f"{src}: changed since it was read") from None
+            return self._put_special(dst, stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
+                                     target, st.st_mtime_ns / 10**9, condition,
+                                     rdev=st.st_rdev)
         try:
             st = os.fstat(fd)
 
             def fill(out: int) -> None:
-                _copy_range(fd, out, 0, st.st_size, dst)
+                copy_range(fd, out, 0, st.st_size, dst)
                 os.fchmod(out, st.st_mode & 0o777)  # the metadata is kept (never setuid/gid)
+                if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                    with contextlib.suppress(PermissionError):  # only root may give it
+                        os.fchown(out, st.st_uid, st.st_gid)
                 os.utime(out, ns=(time.time_ns(), st.st_mtime_ns))
 
             return self._write_new(dst, fill, condition, None)
@@ -403,20 +480,55 @@ class LocalStore:
             os.close(fd)
 
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
-        fd = self._open_file(key)
+        try:
+            fd = self._open_file(key)
+        except NotFound:
+            return self._set_special_attrs(key, version, attrs)
         try:
             with self._lock:
-                if _version(os.fstat(fd)) != version:
+                if version_of(os.fstat(fd)) != version:
                     raise Conflict(f"{key}: changed")
+                chown_fd(fd, attrs)
                 if attrs.mode is not None:
                     os.fchmod(fd, attrs.mode & 0o777)  # never setuid/setgid/sticky
                 if attrs.mtime is not None:
-                    os.utime(fd, ns=(time.time_ns(), _ns(attrs.mtime)))
-                return _info(key, os.fstat(fd))
+                    os.utime(fd, ns=(time.time_ns(), ns(attrs.mtime)))
+                return info_of(key, os.fstat(fd))
         except OSError as exc:
             raise _map_os_error(exc, key) from exc
         finally:
             os.close(fd)
+
+    def _set_special_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
+        """``set_attrs`` of a link (its mtime only, as ``touch -h``), FIFO or socket."""
+        parts = self._parts(key)
+        with self._lock:
+            st, _ = self._special(key)
+            if version_of(st) != version:
+                raise Conflict(f"{key}: changed")
+            try:
+                dfd = self._open_dir(parts[:-1])
+                try:
+                    if attrs.mode is not None and stat.S_ISFIFO(st.st_mode):
+                        # by descriptor, never by name: a link swapped in is not followed
+                        fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dfd)
+                        try:
+                            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                                os.fchmod(fd, attrs.mode & 0o777)
+                        finally:
+                            os.close(fd)
+                    if attrs.uid is not None or attrs.gid is not None:
+                        os.chown(parts[-1], -1 if attrs.uid is None else attrs.uid,
+                                 -1 if attrs.gid is None else attrs.gid, dir_fd=dfd,
+                                 follow_symlinks=False)
+                    if attrs.mtime is not None:
+                        os.utime(parts[-1], ns=(time.time_ns(), ns(attrs.mtime)), dir_fd=dfd,
+                                 follow_symlinks=False)
+                finally:
+                    os.close(dfd)
+            except OSError as exc:
+                raise _map_os_error(exc, key) from exc
+            return info_of(key, self._special(key)[0])
 
     def delete(self, key: str, *, condition: Condition = Condition()) -> None:
         """Remove the file; ``dir/`` removes the empty folder (one with entries stays, as a
@@ -455,22 +567,3 @@ class LocalStore:
             raise _map_os_error(exc, key) from exc
         finally:
             os.close(dfd)
-
-
-def _copy_range(src: int, dst: int, start: int, end: int, what: str) -> None:
-    """Bytes ``[start, end)`` of ``src`` to the same offsets of ``dst``, in the kernel where
-    it can (``copy_file_range``), else through a 1 MiB buffer."""
-    pos = start
-    while pos < end:
-        try:
-            n = os.copy_file_range(src, dst, min(end - pos, 1 << 30), pos, pos)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            n = -1
-        if n < 0:
-            data = os.pread(src, min(end - pos, 1 << 20), pos)
-            n = len(data) and os.pwrite(dst, data, pos)
-        if n == 0:
-            raise BackendError(f"{what}: source shorter than expected")
-        pos += n

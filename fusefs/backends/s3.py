@@ -348,6 +348,9 @@ class S3Store:
     server may ignore them (``enforces_conditions`` False: the caller checks with a HEAD).
     """
 
+    #: ListObjectsV2 carries no user metadata: a link's ``mode`` is only seen by a HEAD
+    lists_metadata = False
+
     def __init__(
         self,
         bucket: str,
@@ -448,7 +451,28 @@ class S3Store:
         version = etag or weak_version(size, r.get("LastModified"))
         mtime, mode = meta_attrs.decode(r.get("Metadata"))
         return ObjectInfo(key, size, epoch(r.get("LastModified", "")), version, mtime, mode,
-                          meta_attrs.token(r.get("Metadata")))
+                          meta_attrs.token(r.get("Metadata")), *meta_attrs.owner(r.get("Metadata")),
+                          meta_attrs.rdev(r.get("Metadata")))
+
+    def get_small(self, key: str, version: str) -> tuple[ObjectInfo, bytes]:
+        """One GET of a whole small object at ``version``: its metadata (what a HEAD tells:
+        a listed object's type, see :mod:`fusefs.kinds`) and its bytes (what a read fetches
+        next). StaleVersion (or Conflict) if it has another version by now."""
+        what = self._name(key)
+        cond = {"IfMatch": f'"{version}"'} if version and not is_weak(version) else {}
+        r = self._call(what, self.client.get_object, Bucket=self.bucket, Key=key, **cond)
+        try:
+            body: bytes = r["Body"].read()
+        except Exception as exc:  # a body cut short
+            raise map_s3_error(exc, what) from exc
+        etag = etag_version(r.get("ETag", ""))
+        if cond and etag and etag != version:
+            raise StaleVersion(f"{what}: changed (ETag {etag} != {version})")
+        mtime, mode = meta_attrs.decode(r.get("Metadata"))
+        return ObjectInfo(key, int(r["ContentLength"]), epoch(r.get("LastModified", "")),
+                          etag or version, mtime, mode, meta_attrs.token(r.get("Metadata")),
+                          *meta_attrs.owner(r.get("Metadata")),
+                          meta_attrs.rdev(r.get("Metadata"))), body
 
     def list(
         self, prefix: str, *, max_keys: int | None = None, start_after: str = ""

@@ -216,7 +216,9 @@ def put_file(store: S3Store, key: str, upload: Upload, condition: Condition,
                               _base_unchanged(store, upload.base_key, upload.base_version)
                               if can_copy else None, upload.started)
     mtime, mode = meta_attrs.decode(meta)
-    return ObjectInfo(key, upload.size, time.time(), etag_version(r.get("ETag", "")), mtime, mode)
+    uid, gid = meta_attrs.owner(meta)
+    return ObjectInfo(key, upload.size, time.time(), etag_version(r.get("ETag", "")), mtime, mode,
+                      None, uid, gid, meta_attrs.rdev(meta))
 
 
 def _info_after(store: S3Store, key: str, size: int, r: Any, meta: dict[str, str] | None,
@@ -225,9 +227,11 @@ def _info_after(store: S3Store, key: str, size: int, r: Any, meta: dict[str, str
 
     result = r.get("CopyObjectResult", r)
     mtime, mode = meta_attrs.decode(meta)
+    uid, gid = meta_attrs.owner(meta)
     when = result.get("LastModified")
     return ObjectInfo(key, size, epoch(when) if when else time.time(),
-                      etag_version(result.get("ETag", "") or etag), mtime, mode)
+                      etag_version(result.get("ETag", "") or etag), mtime, mode, None, uid, gid,
+                      meta_attrs.rdev(meta))
 
 
 def _source(store: S3Store, src: str, version: str) -> Any:

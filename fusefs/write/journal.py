@@ -58,6 +58,11 @@ class Record:
     size: int = 0
     mtime: float = 0.0
     mode: int | None = None
+    #: owner and group kept in metadata (None: the mount's default, nothing written)
+    uid: int | None = None
+    gid: int | None = None
+    #: a device node's number (its type is in ``mode``)
+    rdev: int | None = None
     base_key: str = ""
     base_version: str = ""
     base_size: int = 0
@@ -155,8 +160,13 @@ def problem(rec: Record) -> str | None:
             return f"its {name} is not text"
     if rec.expect is not None and not isinstance(rec.expect, str):
         return "its expected version is not text"
-    if rec.mode is not None and (type(rec.mode) is not int or not 0 <= rec.mode <= 0o7777):
+    if rec.mode is not None and (type(rec.mode) is not int or not 0 <= rec.mode <= 0o177777):
         return "its mode is not a mode"
+    for v in (rec.uid, rec.gid):
+        if v is not None and (type(v) is not int or not 0 <= v < 0xFFFFFFFF):
+            return "its owner is not an id"
+    if rec.rdev is not None and (type(rec.rdev) is not int or not 0 <= rec.rdev < 1 << 64):
+        return "its device number is not a number"
     for f in fields(Record):
         if f.type in ("int", "float"):
             v = getattr(rec, f.name)

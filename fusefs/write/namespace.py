@@ -211,7 +211,8 @@ class Namespace:
             lambda: self.w.store.copy(old, info.version, new, condition=condition_for(expect)),
             limiter=self.w.fs.folders.meta_limiter)
         if new_info.meta_mtime is None and (info.meta_mtime is not None or info.mode is not None):
-            new_info = dataclasses.replace(new_info, meta_mtime=info.meta_mtime, mode=info.mode)
+            new_info = dataclasses.replace(new_info, meta_mtime=info.meta_mtime, mode=info.mode,
+                                           uid=info.uid, gid=info.gid, rdev=info.rdev)
         # handles open on the old name read the same bytes under the new one
         self.w.fs.retarget_handles(info, new_info)
         await self.w.deletes.delete(old, info.version)
@@ -303,7 +304,8 @@ class Namespace:
         self.w.fs.move_path(old, new)
         for was, now in copied:  # the same bytes, maybe another version (local: a new inode)
             if now.meta_mtime is None and (was.meta_mtime is not None or was.mode is not None):
-                now = dataclasses.replace(now, meta_mtime=was.meta_mtime, mode=was.mode)
+                now = dataclasses.replace(now, meta_mtime=was.meta_mtime, mode=was.mode,
+                                          uid=was.uid, gid=was.gid, rdev=was.rdev)
             self.w.fs.folders.attrs.remember(now)
             self.w.fs.retarget_handles(was, now)
             self.w.fs.observed(now.key, now, sent, same_bytes=True)

@@ -531,7 +531,10 @@ class Staging:
             base_key=base.key if base else "", base_version=base.version if base else "",
             base_size=base.size if base else 0, base_mtime=base.mtime if base else 0.0,
             base_limit=base.size if base else 0, expect=expect, created=time.time(),
+            uid=base.uid if base else None, gid=base.gid if base else None,  # owners stay
         )
+        if mode is None and base is not None:
+            rec.mode = base.mode  # a rewrite keeps the mode (and a link's or FIFO's type)
         sf = StagedFile(rec, path, fd)
         old = self.files.get(key)
         if old is not None:

@@ -289,7 +289,8 @@ class Uploads:
                                        or not self._enforced(rec.size, bool(copy))):
             self._check(rec.key, rec.expect)
         return self.store.put_file(rec.key, self._upload(sf, rec, copy), condition=cond,
-                                   attrs=Attrs(rec.mtime, rec.mode, rec.token or None))
+                                   attrs=Attrs(rec.mtime, rec.mode, rec.token or None,
+                                               rec.uid, rec.gid, rec.rdev))
 
     def _upload(self, sf: StagedFile, rec: Record, copy: tuple[tuple[int, int], ...]
                 ) -> Upload:
@@ -405,7 +406,8 @@ class Uploads:
             info = await threads.run_sync(
                 lambda: self.store.put_file(
                     target, self._upload(sf, rec, copy),
-                    condition=Condition(absent=True), attrs=Attrs(rec.mtime, rec.mode)))
+                    condition=Condition(absent=True),
+                    attrs=Attrs(rec.mtime, rec.mode, None, rec.uid, rec.gid, rec.rdev)))
         except Exception as exc2:  # noqa: BLE001 - kept and retried
             return self._failed(sf, sf.gen, exc2)
         self.failed.discard(sf)

@@ -29,11 +29,14 @@ import contextlib
 import dataclasses
 import logging
 import os
+import stat
 from collections.abc import AsyncIterator
 
 from .. import threads
 from ..attrmemory import AttrMemory
-from ..backends.base import Attrs, ObjectInfo, ObjectStore
+from ..backends.attrs import SPECIAL_TYPES
+from ..backends.base import ObjectInfo, ObjectStore
+from ..backends.local_meta import inside
 from ..config import Settings
 from ..errors import (
     Exists,
@@ -48,6 +51,7 @@ from ..errors import (
 )
 from ..folders import check_length, join, valid_name
 from ..reader import SeqState
+from .attributes import Attributes
 from .deletes import PendingDeletes
 from .namespace import Namespace
 from .staging import StagedFile, Staging
@@ -87,6 +91,7 @@ class Writes:
             forget=lambda k: staging.journal.remove_delete(k), needed=self._needed,
             limiter=fs.folders.meta_limiter)
         self.namespace = Namespace(self)
+        self.attributes = Attributes(self)
         fs.writes = self
         fs.folders.attrs = AttrMemory(staging.attrs_path)
 
@@ -172,7 +177,8 @@ class Writes:
         """What a staged file looks like to ``stat``."""
         rec = sf.rec
         return ObjectInfo(rec.key, rec.size, rec.mtime, rec.base_version if
-                          rec.base_key == rec.key else "", rec.mtime, rec.mode)
+                          rec.base_key == rec.key else "", rec.mtime, rec.mode, None,
+                          rec.uid, rec.gid, rec.rdev)
 
     def merge(self, dir_path: str,
               entries: list[tuple[str, bool, ObjectInfo | None]]
@@ -253,8 +259,10 @@ class Writes:
 
     # --- files -----------------------------------------------------------------------------
 
-    async def create(self, parent_ino: int, name: str, mode: int, flags: int) -> tuple[int, object]:
-        """Create (or, without O_EXCL, open) ``name``; returns (fh, node)."""
+    async def create(self, parent_ino: int, name: str, mode: int, flags: int,
+                     owner: tuple[int, int] | None = None) -> tuple[int, object]:
+        """Create (or, without O_EXCL, open) ``name``; returns (fh, node). ``owner``: the
+        creator's (uid, gid), kept in metadata where it is not the mount's default."""
         self.check_writable()
         parent = self.fs.node(parent_ino)
         if not parent.is_dir:
@@ -274,9 +282,15 @@ class Writes:
         # replaces that version (its upload's condition), the pending delete is absorbed
         taken = await self.deletes.take(path)
         perm = mode & 0o777  # never setuid, setgid or sticky
+        kind = stat.S_IFMT(mode)
+        keep: int | None = perm if perm != self.settings.file_mode else None
+        if kind in SPECIAL_TYPES:  # a link, FIFO...: its type is in its metadata, always
+            keep = kind | perm
         try:
-            sf = self.staging.create(path, None, taken or "",
-                                     perm if perm != self.settings.file_mode else None)
+            sf = self.staging.create(path, None, taken or "", keep)
+            if owner is not None:
+                sf.rec.uid = owner[0] if owner[0] != self.fs.uid else None
+                sf.rec.gid = owner[1] if owner[1] != self.fs.gid else None
             sf.touch()  # an empty new file is a change to upload
             await self.changing(sf)
         except BaseException:
@@ -289,6 +303,32 @@ class Writes:
         sf.writers += 1
         sf.handles += 1
         return fh, node
+
+    async def special(self, parent_ino: int, name: str, mode: int, content: bytes,
+                      owner: tuple[int, int] | None = None, rdev: int = 0) -> object:
+        """``symlink`` (``S_IFLNK``, ``content`` the target) or ``mknod`` of a FIFO, socket
+        or device node: a new object whose ``mode`` metadata names the type (s3fs's
+        convention), staged and uploaded as any new file; its node. On a local source a
+        link that could lead out of it is refused (NotPermitted), as it is never shown."""
+        if stat.S_ISLNK(mode) and getattr(self.store, "links_inside", False):
+            parent = self.fs.node(parent_ino)
+            if not inside(join(parent.path, name), os.fsdecode(content)):
+                raise NotPermitted(f"{name}: a link to {os.fsdecode(content)!r} could lead "
+                                   "out of the source")
+        fh, node = await self.create(parent_ino, name, mode, os.O_EXCL, owner)
+        try:
+            if stat.S_IFMT(mode) in (stat.S_IFCHR, stat.S_IFBLK):
+                h = self.fs.handle(fh)
+                assert h.staged is not None
+                h.staged.rec.rdev = rdev
+                h.staged.touch()  # a change: its journal row is saved again at release
+            if content:
+                h = self.fs.handle(fh)
+                assert h.staged is not None
+                await self.write(h.staged, 0, content)
+        finally:
+            await self.fs.release(fh)
+        return node
 
     async def open(self, node: object, flags: int) -> int:
         """Open a file for writing (or reading, if it is staged)."""
@@ -428,46 +468,12 @@ class Writes:
             await self.uploads.sync(sf)
             self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
 
-    async def set_times(self, node: object, mtime: float | None, mode: int | None) -> None:
-        """``utimens``/``chmod``: kept in the object's metadata."""
-        from ..fs import Node
-
-        assert isinstance(node, Node)
-        self.check_writable()
-        if node.is_dir:
-            return  # folders are prefixes: no attributes to keep
-        async with self.held(node.path) as sf:
-            if sf is not None:
-                if _same(sf.rec.mtime, file_mode(self.settings, self.info_of(sf)), mtime, mode):
-                    return  # vim's fchmod of its new file to the old mode: no second upload
-                await self.changing(sf)
-                if mode is not None:
-                    sf.rec.mode = mode & 0o777
-                sf.touch(mtime if mtime is not None else sf.rec.mtime)
-                if sf.writers == 0:
-                    await self.uploads.sync(sf)
-                    self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
-                return
-        info = node.info
-        assert info is not None
-        if _same(info.meta_mtime or info.mtime, file_mode(self.settings, info), mtime, mode):
-            return
-        attrs = Attrs(mtime if mtime is not None else (info.meta_mtime or info.mtime),
-                      (mode & 0o777) if mode is not None else info.mode)
-        sent = self.fs.clock()
-        new = await threads.run_sync(self.store.set_attrs, node.path, info.version, attrs,
-                                     limiter=self.fs.folders.meta_limiter)
-        if new.meta_mtime is None:
-            new = dataclasses.replace(new, meta_mtime=attrs.mtime, mode=attrs.mode)
-        self.fs.folders.attrs.remember(new)
-        self.fs.folders.note(new.key, new)
-        self.fs.observed(node.path, new, sent, same_bytes=True)
-
     # --- after an upload -----------------------------------------------------------------
 
     def _uploaded(self, sf: StagedFile, info: ObjectInfo, gen: int) -> None:
         if info.meta_mtime is None:  # what was sent, if the answer did not say
-            info = dataclasses.replace(info, meta_mtime=sf.rec.mtime, mode=sf.rec.mode)
+            info = dataclasses.replace(info, meta_mtime=sf.rec.mtime, mode=sf.rec.mode,
+                                       uid=sf.rec.uid, gid=sf.rec.gid, rdev=sf.rec.rdev)
         self.fs.folders.attrs.remember(info)
         self.deletes.kick()  # a delete may have waited for this file's base
         if sf.unlinked:
@@ -535,30 +541,3 @@ class Writes:
 
     async def delete_object(self, key: str) -> None:
         await threads.run_sync(self.store.delete, key, limiter=self.fs.folders.meta_limiter)
-
-    # --- chown --------------------------------------------------------------------------
-
-    def chown(self, uid: int | None, gid: int | None) -> None:
-        """Only to the mount's own owner (no effect): objects have no owners."""
-        if uid is not None and uid not in (-1, 0xFFFFFFFF, self.fs.uid):
-            raise NotPermitted("files in a bucket cannot change owner")
-        if gid is not None and gid not in (-1, 0xFFFFFFFF, self.fs.gid):
-            raise NotPermitted("files in a bucket cannot change group")
-
-
-def _same(cur_mtime: float, cur_mode: int, mtime: float | None, mode: int | None) -> bool:
-    """``utimens``/``chmod`` to what the file already has (nothing to store)."""
-    return ((mtime is None or mtime == cur_mtime)
-            and (mode is None or mode & 0o777 == cur_mode))
-
-
-def file_mode(settings: Settings, info: ObjectInfo | None) -> int:
-    """Permission bits a file has in the store: from its metadata if it has them, else the
-    default. (What ``stat`` shows may differ: an explicit ``--file-mode`` overrides metadata in
-    ``FileSystem.attr``; a chmod is compared with what is stored, so it is skipped only when
-    it would store nothing new.)"""
-    if info is not None and info.mode is not None:
-        return info.mode & 0o777
-    return settings.file_mode
-
-
