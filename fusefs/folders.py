@@ -107,8 +107,10 @@ class Folders:
         #: mtime/mode of versions whose listings lack them (S3); see fusefs.attrmemory
         self.attrs = AttrMemory()
         #: listed objects up to this size with unknown metadata are HEADed (fusefs.kinds)
+        #: (-1: none; ``--link-probe-size 0`` turns it off, empty objects — FIFOs — included)
         self.probe_size = (settings.link_probe_size
-                           if not getattr(store, "lists_metadata", True) else -1)
+                           if settings.link_probe_size > 0
+                           and not getattr(store, "lists_metadata", True) else -1)
         self.type_heads = 0  # requests sent to learn a listed object's type (stats, tests)
         #: ``seed(info, data)``: a small object's whole bytes into the block cache (worker
         #: thread); set by the filesystem. With it, a store that ``gets_small`` (S3) learns

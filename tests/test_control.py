@@ -626,10 +626,10 @@ def test_command_errors_keep_their_errno_or_are_logged(
     ctl = m.control
     real_entries = m.fs.entries
 
-    async def entries(path: str) -> Any:
+    async def entries(path: str, **kw: Any) -> Any:
         if path == "d/e":
             raise AccessDenied("d/e: listing refused")
-        return await real_entries(path)
+        return await real_entries(path, **kw)
 
     m.fs.entries = entries  # type: ignore[method-assign]
 

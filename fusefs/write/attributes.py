@@ -17,7 +17,6 @@ from ..backends.attrs import SPECIAL_TYPES
 from ..backends.base import Attrs, ObjectInfo
 from ..config import Settings
 from ..errors import NotPermitted
-from .uploads import WRITE_BACK_DELAY
 
 if TYPE_CHECKING:
     from .writes import Writes
@@ -45,9 +44,7 @@ class Attributes:
                 if mode is not None:  # a FIFO... keeps its type
                     sf.rec.mode = _type_of(sf.rec.mode) | (mode & 0o777)
                 sf.touch(mtime if mtime is not None else sf.rec.mtime)
-                if sf.writers == 0:
-                    await self.w.uploads.sync(sf)
-                    self.w.uploads.queue(sf, delay=WRITE_BACK_DELAY)
+                await self.w.settle_change(sf)
                 return
         info = node.info
         assert info is not None
@@ -97,9 +94,7 @@ class Attributes:
                 if gid is not None:
                     sf.rec.gid = gid
                 sf.touch(sf.rec.mtime)
-                if sf.writers == 0:
-                    await self.w.uploads.sync(sf)
-                    self.w.uploads.queue(sf, delay=WRITE_BACK_DELAY)
+                await self.w.settle_change(sf)
                 return
         info = node.info
         assert info is not None

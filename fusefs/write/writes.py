@@ -464,7 +464,13 @@ class Writes:
     async def _truncate(self, sf: StagedFile, size: int) -> None:
         await self.changing(sf)
         sf.truncate(size)
-        if sf.writers == 0:  # journaled now: a crash within the write-back delay keeps it
+        await self.settle_change(sf)
+
+    async def settle_change(self, sf: StagedFile) -> None:
+        """A change made through no write handle (truncate, chmod, touch, chown): journaled
+        now (a crash within the write-back delay keeps it) and its upload queued. With a
+        writer open, its close does both."""
+        if sf.writers == 0:
             await self.uploads.sync(sf)
             self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
 
