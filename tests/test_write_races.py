@@ -539,6 +539,31 @@ def test_a_file_uploaded_during_its_folder_rename_keeps_its_size(store: Bucket, 
     assert m.stats()["conflicts"] == 0
 
 
+def test_recreating_a_name_while_its_delete_is_in_flight(store: Bucket, mount):
+    """A delete that waited for a reader is sent when the reader closes; a file created under
+    that name while the DELETE is in flight must not take the deleted version as its upload's
+    condition (the model test: the new file went to a conflict name, its own name empty)."""
+    assert store.proxy is not None
+    store.put("a", b"stored")
+    m = mount(store)
+    reader = open(m.path / "a", "rb")
+    os.unlink(m.path / "a")  # the delete waits for the reader
+    in_delete = held(store.proxy, "DELETE", "a", 1.5)  # (within the 2 s stall timeout)
+    try:
+        reader.close()  # the delete goes out now, and is held
+        wait_for(in_delete, 20)
+        with open(m.path / "a", "wb") as f:  # created while the DELETE is in flight
+            f.write(b"new a")
+            wait_for(lambda: not in_delete(), 20)  # uploaded only after it ended
+        synced(m)
+    finally:
+        store.proxy.slow(None, 0)
+    synced(m)
+    assert store.get("a") == b"new a"
+    assert keys(store) == ["a"], "no conflict copy"
+    assert m.stats()["conflicts"] == 0
+
+
 def test_a_renamed_folder_keeps_listing_its_sub_folders_after_the_uploads(bucket: Bucket, mount):
     """Staged files moved by a folder rename upload afterwards: the folder listed before
     (showing them from staging) must go on listing the sub-folders their uploads made."""

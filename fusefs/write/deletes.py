@@ -48,7 +48,8 @@ class PendingDeletes:
         self._limiter = limiter
         self.entries: dict[str, str] = {}
         self._wake = trio.Event()
-        self._running: set[str] = set()
+        #: deletes sent and not answered yet (set when done)
+        self._running: dict[str, trio.Event] = {}
         self.changed = trio.Event()
 
     def load(self, entries: dict[str, str]) -> None:
@@ -72,7 +73,10 @@ class PendingDeletes:
     async def take(self, key: str) -> str | None:
         """This mount re-creates ``key``: the pending delete is absorbed; returns the version
         the store still holds there (the new upload's condition), or None if none was
-        pending."""
+        pending. A delete of ``key`` already sent ends first (then the store has no version
+        of ours there, or another writer's: None)."""
+        while key in self._running:
+            await self._running[key].wait()
         version = self.entries.pop(key, None)
         if version is not None:
             await threads.run_sync(self._forget, key)
@@ -91,8 +95,9 @@ class PendingDeletes:
             self._wake = trio.Event()
             failed = False
             for key, version in list(self.entries.items()):
-                if key in self._running or self._needed(key, version):
-                    continue
+                if (key in self._running or self.entries.get(key) != version
+                        or self._needed(key, version)):
+                    continue  # (taken, or replaced, while an earlier delete ran)
                 try:
                     if not await self._delete(key, version):
                         failed = True
@@ -110,7 +115,8 @@ class PendingDeletes:
                 await self._wake.wait()
 
     async def _delete(self, key: str, version: str) -> bool:
-        self._running.add(key)
+        done = self._running[key] = trio.Event()
+        failed = gone = False
         try:
             await threads.run_sync(self._conditional_delete, key, version,
                                    limiter=self._limiter)
@@ -119,13 +125,16 @@ class PendingDeletes:
                      key)
         except Exception as exc:  # noqa: BLE001 - kept and retried, whatever it was
             log.warning("delete of %r failed (kept, retried): %s", key, exc)
-            return False
+            failed = True
         finally:
-            self._running.discard(key)
-        if self.entries.get(key) == version:  # not taken or replaced meanwhile
-            del self.entries[key]
+            del self._running[key]
+            gone = not failed and self.entries.get(key) == version  # not taken or replaced
+            if gone:
+                del self.entries[key]
+            done.set()  # a ``take`` waiting for this delete finds its entry gone, or kept
+        if gone:
             await threads.run_sync(self._forget, key)
-        return True
+        return not failed
 
     def _conditional_delete(self, key: str, version: str) -> None:
         """Worker thread: delete ``key`` if it still has ``version``."""
