@@ -23,6 +23,7 @@ from .cli_control import (
     send_command,
 )
 from .config import (
+    METADATA_PROBES,
     SETTING_NAMES,
     Settings,
     default_config_path,
@@ -61,6 +62,7 @@ _SETTING_FLAGS: dict[str, dict[str, Any]] = {
     "upload_grace": {"metavar": "SECONDS"},
     "rename_limit": {"metavar": "N"},
     "link_probe_size": {"metavar": "BYTES"},
+    "metadata_probe": {"metavar": "MODE", "choices": METADATA_PROBES},
 }
 _BOOL_FLAGS = ("allow_other", "read_only", "sync_uploads")
 

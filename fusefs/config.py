@@ -119,6 +119,17 @@ def _positive_seconds(v: Any) -> float:
     return n
 
 
+#: ``--metadata-probe`` modes (see :mod:`fusefs.folders`, ``docs/posix.md``)
+METADATA_PROBES = ("auto", "head", "off")
+
+
+def _metadata_probe(v: Any) -> str:
+    s = str(v).strip().lower()
+    if s not in METADATA_PROBES:
+        raise ValueError(f"must be one of {', '.join(METADATA_PROBES)}, got {v!r}")
+    return s
+
+
 def _log_level(v: Any) -> str:
     s = str(v).upper()
     if s not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -348,6 +359,16 @@ class Settings:
             _size, "FUSEFS_LINK_PROBE_SIZE",
             "S3: listed objects up to this size whose metadata is unknown get one HEAD "
             "(could be an s3fs symlink or special file); 0: never (they show as files)",
+        ),
+    )
+    metadata_probe: str = field(
+        default="auto",
+        metadata=_meta(
+            _metadata_probe, "FUSEFS_METADATA_PROBE",
+            "S3: how a file's mode, owner and mtime (object metadata, which S3 listings lack) "
+            "are learnt on its first stat: auto (one GET of an object up to 1 MiB, kept as "
+            "its first cached block; a HEAD for a larger one), head (a HEAD), off (never: "
+            "defaults until read)",
         ),
     )
     uid: int | None = field(

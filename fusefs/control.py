@@ -455,12 +455,19 @@ class Control:
 
     async def _file_info(self, rel: str) -> ObjectInfo:
         """A hinted path's object. Resolving it fills what the program's lookup will find, so
-        its ``open`` is answered from memory."""
+        its ``open`` is answered from memory. On S3 its metadata is learnt too (the first
+        stat's request, see :meth:`Folders.settle`: for an object up to 1 MiB the GET that
+        prefetches it), so the program's ``open`` asks nothing."""
         entry = await self.resolve(rel)
         if entry.is_dir:
             raise IsADirectory(f"{rel} is a directory")
         if entry.info is None:
             raise NotFound(f"{rel}: no such file")
+        if self.fs.folders.unsettled(entry.info):
+            try:
+                return await self.fs.folders.settle(entry.info)
+            except FusefsError as exc:  # the program's stat asks again
+                log.debug("metadata of hinted %s: %s", rel, exc)
         return entry.info
 
     async def _list_folder(self, rel: str) -> None:

@@ -53,6 +53,11 @@ Found = tuple[bool, ObjectInfo | None, float]
 """(is_dir, info, seen): what a name is, and the time of the observation."""
 
 
+#: ``--metadata-probe auto``: an object up to this size whose metadata a listing lacks is
+#: fetched whole on its first stat (the answer carries the metadata; the bytes are kept as its
+#: first block, so a read of it then makes no request); a larger one gets a HEAD.
+READ_PROBE_MAX = 1024 * 1024
+
 #: Longest file name, in bytes (as on ext4).
 NAME_MAX = 255
 
@@ -112,6 +117,12 @@ class Folders:
                            if settings.link_probe_size > 0
                            and not getattr(store, "lists_metadata", True) else -1)
         self.type_heads = 0  # requests sent to learn a listed object's type (stats, tests)
+        #: how a file's metadata a listing lacks is learnt on its first stat (``settle``):
+        #: "auto", "head" or "off" (always "off" where listings carry metadata)
+        self.settle_mode = (settings.metadata_probe
+                            if not getattr(store, "lists_metadata", True) else "off")
+        self.read_probe_max = min(READ_PROBE_MAX, settings.block_size)
+        self.settles = 0  # requests sent to learn a file's metadata on stat (stats, tests)
         #: ``seed(info, data)``: a small object's whole bytes into the block cache (worker
         #: thread); set by the filesystem. With it, a store that ``gets_small`` (S3) learns
         #: a type with the GET a read would send anyway, instead of a HEAD.
@@ -429,13 +440,48 @@ class Folders:
             del self._typing[flight]
             done.set()
 
-    async def _fetch_typed(self, info: ObjectInfo) -> ObjectInfo:
-        """The fetch behind :meth:`typed` (one at a time per object version)."""
-        self.type_heads += 1
+    def unsettled(self, info: ObjectInfo | None) -> bool:
+        """Does a file's stat need its metadata fetched first (:meth:`settle`)? Only where
+        listings lack it (S3), when the mount does not know it for this version (from a
+        fetch, its own upload, or ``attrs.json`` of an earlier mount on this cache)."""
+        return (self.settle_mode != "off" and info is not None and info.mode is None
+                and info.meta_mtime is None and info.uid is None and info.gid is None
+                and not self.attrs.known(info))
+
+    async def settle(self, info: ObjectInfo) -> ObjectInfo:
+        """``info`` with its metadata, fetched when :meth:`unsettled` (one request per object
+        version at a time, shared with :meth:`typed`; remembered, also when there is none):
+        ``auto``: a GET of an object of at most ``read_probe_max`` bytes (kept in the block
+        cache: a read then costs nothing more), else a HEAD; ``head``: a HEAD."""
+        info = self.attrs.apply(info)
+        if not self.unsettled(info):
+            return info
+        flight = (info.key, info.version)
+        running = self._typing.get(flight)
+        if running is not None:
+            await running.wait()
+            return self.attrs.apply(info)
+        self._typing[flight] = done = trio.Event()
+        try:
+            self.settles += 1
+            return await self._fetch_typed(
+                info, whole=self.settle_mode == "auto" and info.size <= self.read_probe_max,
+                count=False)
+        finally:
+            del self._typing[flight]
+            done.set()
+
+    async def _fetch_typed(self, info: ObjectInfo, *, whole: bool = True,
+                           count: bool = True) -> ObjectInfo:
+        """The fetch behind :meth:`typed` and :meth:`settle` (one at a time per object
+        version): the whole object (``whole``, where the store ``gets_small``: its bytes
+        seeded into the block cache) or a HEAD."""
+        if count:
+            self.type_heads += 1
         seed, key, version = self.seed, info.key, info.version
 
         def fetch() -> ObjectInfo:
-            if seed is None or not getattr(self.store, "gets_small", False):
+            if not whole or seed is None or not getattr(self.store, "gets_small", False):
                 return self.store.head(key)
             got, data = self.store.get_small(key, version)  # type: ignore[attr-defined]
             if len(data) == got.size and got.version == version:

@@ -17,11 +17,13 @@ requests may interleave at each ``await``. Node fields are replaced whole, never
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -48,6 +50,23 @@ if TYPE_CHECKING:
     from .write.writes import Writes
 
 log = logging.getLogger(__name__)
+
+#: Folders whose files :meth:`FileSystem.getattr` settles ahead of the program, at most.
+SETTLE_FOLDERS = 16
+
+
+class _SettleQueue:
+    """A listed folder's files whose metadata is unknown, in listing order (see
+    :meth:`FileSystem._settle_next`)."""
+
+    __slots__ = ("infos", "index", "started", "last")
+
+    def __init__(self, infos: list[ObjectInfo]) -> None:
+        self.infos = infos
+        self.index = {info.key: i for i, info in enumerate(infos)}
+        self.started: set[int] = set()  # indices whose fetch was started ahead
+        self.last = -1  # index of the file whose attributes the kernel asked for last
+
 
 ROOT_INO = 1
 #: The control file's inode; never handed out to an object.
@@ -95,6 +114,9 @@ class FileSystem:
         self.folders.seed = self._seed
         #: The write side (set by :class:`fusefs.write.writes.Writes`); None: read-only core.
         self.writes: Writes | None = None
+        #: Files of recently read folders whose metadata is unknown (S3), in listing order:
+        #: stats in that order learn the next few ahead of the program (``ls -l``)
+        self._to_settle: OrderedDict[str, _SettleQueue] = OrderedDict()
 
     def set_ttls(self, metadata_ttl: float, negative_ttl: float) -> None:
         self.folders.set_ttls(metadata_ttl, negative_ttl)
@@ -187,6 +209,64 @@ class FileSystem:
         if 0 < info.size == len(data) <= self.reader.block_size:
             self.reader.blocks.put(self.reader.block_key(info, 0), data)
 
+    def unsettled(self, node: Node) -> bool:
+        """Does ``node``'s stat wait for its metadata (S3: listings lack it; see
+        :meth:`Folders.settle`)? Until then the kernel may cache its attributes for no time
+        (:meth:`attr_timeout`), so that a ``stat`` asks (GETATTR) and gets them."""
+        if node.info is None or not self.folders.unsettled(node.info):
+            return False
+        return self.writes is None or self.writes.file_of(node) is None
+
+    def attr_timeout(self, node: Node) -> float:
+        """How long the kernel may cache ``node``'s attributes."""
+        return 0.0 if self.unsettled(node) else self.kernel_timeout
+
+    async def _settle(self, node: Node) -> None:
+        """Learn ``node``'s metadata (one request, or a share of one in flight). A failure
+        leaves the defaults (asked again at the next stat), never an error for a ``stat``."""
+        info = node.info
+        assert info is not None
+        sent = self.clock()
+        try:
+            got = await self.folders.settle(info)
+        except FusefsError as exc:
+            log.info("could not read the metadata of %s: %s", info.key, exc)
+            return
+        if node.info is info and got is not info and got.version == info.version:
+            node.info = got  # same version, its metadata now known
+            node.confirmed = max(node.confirmed, sent)
+
+    def _settle_next(self, node: Node) -> None:
+        """The kernel asks for the attributes of a file of a folder listed lately: if it walks
+        the listing in order (``ls -l``, ``rsync``: a stat per file, one at a time), start
+        learning the metadata of the next files (up to the metadata workers' limit ahead of
+        it, each once), so that their stats find it done instead of making a round trip each
+        in a row. Stats out of order (a training loop's random opens) start nothing."""
+        info = node.info
+        assert info is not None
+        q = self._to_settle.get(node.path.rpartition("/")[0])
+        i = q.index.get(info.key) if q is not None else None
+        if q is None or i is None:
+            return
+        last, q.last = q.last, i
+        window = self.settings.metadata_workers
+        if last >= 0 and not 0 < i - last <= window:
+            return
+        for j in range(i + 1, min(i + 1 + window, len(q.infos))):
+            if j in q.started or not self.folders.unsettled(q.infos[j]):
+                continue
+            q.started.add(j)
+            try:
+                self.reader.start_soon(functools.partial(self._settle_ahead, q.infos[j]))
+            except FusefsError:
+                return  # not serving: no background work
+
+    async def _settle_ahead(self, info: ObjectInfo) -> None:
+        try:
+            await self.folders.settle(info)
+        except Exception as exc:  # background: the file's own stat asks again
+            log.debug("reading the metadata of %s ahead failed: %s", info.key, exc)
+
     def attr(self, node: Node) -> Attr:
         ro = ~0o222 if self.settings.read_only else ~0
         info: ObjectInfo | None = None
@@ -200,6 +280,7 @@ class FileSystem:
                 sf = self.writes.file_of(node)
                 if sf is not None:
                     info = self.writes.info_of(sf)
+            info = self.folders.attrs.apply(info)  # learnt since the node's listing
             # a mode kept in metadata (chmod, rsync -a) shows, unless --file-mode was given
             perm = (self.settings.file_mode if info.mode is None or self._file_mode_forced
                     else capped_mode(info.mode, self.settings))
@@ -278,6 +359,10 @@ class FileSystem:
             if self.writes is not None and self.writes.overlay(node.path) is not None:
                 return node  # this mount's own version: nothing to ask the store
             await self._revalidate(node)
+        if self._to_settle and node.info is not None:
+            self._settle_next(node)
+        if self.unsettled(node):
+            await self._settle(node)
         return node
 
     async def _revalidate(self, node: Node) -> None:
@@ -340,8 +425,23 @@ class FileSystem:
             h.entries, h.listed = await self.folders.listing(h.node.path)
             if self.writes is not None:
                 h.entries = self.writes.merge(h.node.path, h.entries)
+            self._queue_settles(h.node.path, h.entries)
             self.folders.list_ahead(h.node.path, [name for name, is_dir, _ in h.entries if is_dir])
         return len(h.entries)
+
+    def _queue_settles(self, path: str, entries: list[tuple[str, bool, ObjectInfo | None]]
+                       ) -> None:
+        """Keep the files of a folder snapshot whose metadata is unknown, for :meth:`_settle_next`
+        (the last SETTLE_FOLDERS folders)."""
+        if self.folders.settle_mode == "off":
+            return
+        todo = [info for _, is_dir, info in entries
+                if not is_dir and info is not None and self.folders.unsettled(info)]
+        self._to_settle.pop(path, None)
+        if todo:
+            self._to_settle[path] = _SettleQueue(todo)
+            while len(self._to_settle) > SETTLE_FOLDERS:
+                self._to_settle.popitem(last=False)
 
     def dir_entry(self, fh: int, i: int) -> tuple[str, Node]:
         """Entry ``i`` of an open directory's snapshot and its node (the caller counts the

@@ -104,11 +104,14 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         with trio.move_on_after(5):
             await threads.run_sync(call)
 
-    def _entry(self, a: Attr, timeout: float | None = None) -> pyfuse3.EntryAttributes:
+    def _entry(self, a: Attr, timeout: float | None = None,
+               attr_timeout: float | None = None) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = a.ino
         e.generation = 0
         e.entry_timeout = e.attr_timeout = self.timeout if timeout is None else timeout
+        if attr_timeout is not None:  # a file whose metadata is not known yet (S3): 0
+            e.attr_timeout = min(e.attr_timeout, attr_timeout)
         e.st_mode = a.mode
         e.st_nlink = a.nlink
         e.st_uid, e.st_gid = a.uid, a.gid
@@ -134,7 +137,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
                 e.entry_timeout = self.fs.negative_ttl
                 return e
             raise
-        return self._entry(self.fs.attr(node))
+        return self._entry(self.fs.attr(node), attr_timeout=self.fs.attr_timeout(node))
 
     async def forget(self, inode_list: Any) -> None:
         self.requests["forget"] += 1
@@ -148,7 +151,8 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         if inode == CONTROL_INO:
             return self._entry(self.control.attr(), 0)
-        return self._entry(self.fs.attr(await self.fs.getattr(inode)))
+        node = await self.fs.getattr(inode)
+        return self._entry(self.fs.attr(node), attr_timeout=self.fs.attr_timeout(node))
 
     @_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
@@ -163,7 +167,8 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
                 self.fs.unused(node)
                 continue
             if not pyfuse3.readdir_reply(
-                token, os.fsencode(name), self._entry(self.fs.attr(node)), i + 1
+                token, os.fsencode(name),
+                self._entry(self.fs.attr(node), attr_timeout=self.fs.attr_timeout(node)), i + 1
             ):
                 self.fs.unused(node)
                 return

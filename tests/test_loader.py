@@ -539,3 +539,35 @@ def test_a_stream_in_a_big_folder_lists_it_instead_of_asking_per_file(
         wait(lambda: done_or_cached(m2, "coco") == 300, "hints")
         listed = mine(is_list)
         wait(lambda: mine(is_list) >= listed + 4, "the folder listed again, twice")
+
+
+def test_hinted_files_on_s3_are_opened_without_a_request_for_their_metadata(
+    s3_bucket: Bucket, mount, tmp_path: Path
+) -> None:
+    """S3 listings lack metadata; a file whose metadata is unknown has its attributes cached
+    by the kernel for no time, so the program's ``open`` asks for them (GETATTR). A hinted
+    file's metadata is learnt by the hint's own lookup, with the GET that prefetches it (an
+    object of at most 1 MiB): the program's opens and reads then reach the server not once,
+    and each file cost one GET in all."""
+    from fusefs.testing.proxy import is_head, is_object_get
+
+    proxy = s3_bucket.proxy
+    assert proxy is not None
+    names = [f"imgs/{i:04d}.jpg" for i in range(60)]
+    client, bname = s3_bucket.extra["client"], s3_bucket.extra["name"]
+    for i, k in enumerate(names):  # above the link probe size, below a block
+        client.put_object(Bucket=bname, Key=k, Body=blob(20 * KiB, i),
+                          Metadata={"mode": "0100640"})
+    m = mount(s3_bucket, "--block-size", str(BLOCK))
+    order = random.Random(5).sample(names, 40)
+    proxy.reset()
+    with MountHints(m.path, window_files=100, stream="imgs") as hints:
+        hints.start(order)
+        wait(lambda: done_or_cached(m, "imgs") == 40, "hints")
+        before = len(proxy.requests())
+        for k in order:
+            assert (m.path / k).read_bytes() == blob(20 * KiB, names.index(k))
+            assert os.stat(m.path / k).st_mode & 0o777 == 0o640
+        assert len(proxy.requests()) == before  # opens, reads, stats: nothing reached it
+    assert proxy.count(predicate=is_head) == 0
+    assert proxy.count(predicate=is_object_get) == 40

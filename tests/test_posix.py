@@ -333,3 +333,167 @@ def test_a_rewrite_keeps_mode_and_owner(anystore: Bucket, mount) -> None:
     assert sync(m).returncode == 0
     mode = stored_mode(b, "run.sh")
     assert mode is not None and stat.S_IMODE(mode) == 0o750
+
+
+# --- metadata after a remount on a fresh cache (issue 20 item 7) --------------------------
+
+#: attributes the SDK writes in s3fs's form: an executable, another owner, an old mtime
+EXEC_META = {"mode": "0100755", "uid": "1234", "gid": "2345", "mtime": "1600000000.5"}
+
+
+def put_with_meta(b: Bucket, key: str, data: bytes, meta: dict[str, str]) -> None:
+    """Write an object with user metadata through the store's own SDK."""
+    if b.kind in ("s3", "seaweed"):
+        b.extra["client"].put_object(Bucket=b.extra["name"], Key=key, Body=data, Metadata=meta)
+    elif b.kind == "gcs":
+        blob = b.extra["client"].bucket(b.extra["name"]).blob(key)
+        blob.metadata = meta
+        blob.upload_from_string(data)
+    else:
+        b.extra["client"].upload_blob(key, data, metadata=meta)
+
+
+def shows_exec_meta(st: os.stat_result) -> bool:
+    return (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime) == (
+        0o755, 1234, 2345, 1600000000.5)
+
+
+def ls_l(path: Path) -> dict[str, os.stat_result]:
+    """What ``ls -l`` asks: the folder's entries (READDIRPLUS), then an lstat of each, one
+    at a time."""
+    return {e.name: os.lstat(path / e.name) for e in sorted(os.scandir(path), key=lambda e: e.name)}
+
+
+@pytest.mark.parametrize("kind", ["s3", "seaweed"])
+@pytest.mark.parametrize("size", [100_000, 2_000_000])
+def test_ls_l_on_a_fresh_mount_shows_metadata_at_one_request_per_file(
+        kind: str, size: int, request, mount, tmp_path: Path) -> None:
+    """S3 listings lack user metadata: the first stat of a file above the link probe size
+    fetches it, once per object version: a GET of an object of at most 1 MiB (its bytes kept
+    in the block cache: reading it then costs nothing), a HEAD of a bigger one. Remembered
+    across a remount on the same cache (no request then)."""
+    server = request.getfixturevalue("seaweed_server" if kind == "seaweed" else "s3_server")
+    b = make_s3_bucket(server)
+    b.kind = kind
+    n = 12
+    for i in range(n):
+        put_with_meta(b, f"d/f{i:02d}", bytes([i]) * size, EXEC_META)
+    m = mount(b, cache_dir=tmp_path / "c")
+    b.proxy.reset()
+    got = ls_l(m.path / "d")
+    assert len(got) == n and all(shows_exec_meta(st) for st in got.values()), got
+    heads, gets = b.proxy.count(predicate=is_head), b.proxy.count(predicate=is_object_get)
+    assert (heads, gets) == ((0, n) if size <= 1 << 20 else (n, 0))
+    # stat again, and read: only what the read needs that the stat did not fetch
+    b.proxy.reset()
+    assert all(shows_exec_meta(st) for st in ls_l(m.path / "d").values())
+    assert (m.path / "d/f03").read_bytes() == bytes([3]) * size
+    assert b.proxy.count(predicate=is_head) == 0
+    assert b.proxy.count(predicate=is_object_get) == (0 if size <= 1 << 20 else 1)
+    m.stop()
+    m2 = mount(b, cache_dir=tmp_path / "c")  # the same cache: remembered (attrs.json)
+    b.proxy.reset()
+    assert all(shows_exec_meta(st) for st in ls_l(m2.path / "d").values())
+    assert b.proxy.count(predicate=is_head) == 0 and b.proxy.count(predicate=is_object_get) == 0
+
+
+@pytest.mark.parametrize("size", [100_000, 2_000_000])
+def test_ls_l_with_metadata_probe_head_and_off(s3_bucket: Bucket, mount, tmp_path: Path,
+                                                size: int) -> None:
+    """``--metadata-probe head``: a HEAD per file whatever its size; ``off``: no request,
+    the defaults shown (as before item 7)."""
+    b = s3_bucket
+    b.kind = "s3"
+    for i in range(5):
+        put_with_meta(b, f"f{i}", b"z" * size, EXEC_META)
+    m = mount(b, "--metadata-probe", "head", cache_dir=tmp_path / "c1")
+    b.proxy.reset()
+    assert all(shows_exec_meta(st) for st in ls_l(m.path).values())
+    assert (b.proxy.count(predicate=is_head), b.proxy.count(predicate=is_object_get)) == (5, 0)
+    m.stop()
+    m2 = mount(b, "--metadata-probe", "off", cache_dir=tmp_path / "c2")
+    b.proxy.reset()
+    got = ls_l(m2.path)
+    assert not any(shows_exec_meta(st) for st in got.values())
+    assert all(stat.S_IMODE(st.st_mode) == 0o644 for st in got.values())
+    assert b.proxy.count(predicate=is_head) == 0 and b.proxy.count(predicate=is_object_get) == 0
+
+
+@pytest.mark.parametrize("kind", ["s3", "seaweed"])
+def test_training_reads_by_path_gain_no_request(kind: str, request, mount, tmp_path: Path
+                                                ) -> None:
+    """A training loop opens files by path and reads them, never asking their mode. The
+    kernel's permission check (``default_permissions``) still asks for the attributes of a
+    file whose metadata is unknown, so the open's GETATTR fetches it: a GET of the whole
+    object (at most 1 MiB), which the read then takes from the cache. One GET per file, no
+    HEAD: what reading cost before item 7. And the file's mode is known after."""
+    server = request.getfixturevalue("seaweed_server" if kind == "seaweed" else "s3_server")
+    b = make_s3_bucket(server)
+    b.kind = kind
+    n = 20
+    for i in range(n):
+        put_with_meta(b, f"train/{i:03d}.jpg", bytes([i]) * 50_000, EXEC_META)
+    m = mount(b, cache_dir=tmp_path / "c")
+    b.proxy.reset()
+    for i in range(n):
+        with open(m.path / f"train/{i:03d}.jpg", "rb") as f:
+            assert f.read() == bytes([i]) * 50_000
+    assert b.proxy.count(predicate=is_head) == 0
+    assert b.proxy.count(predicate=is_object_get) == n
+    b.proxy.reset()
+    assert shows_exec_meta(os.stat(m.path / "train/007.jpg"))
+    assert len(b.proxy.requests()) == 0
+
+
+def test_gcs_and_azure_listings_need_no_request_for_metadata(anystore: Bucket, mount) -> None:
+    """GCS, Azure and local listings carry each object's metadata: ``ls -l`` of files written
+    by the SDK sends no request per file, and reading them only their GETs."""
+    b = anystore
+    if b.kind in ("s3", "seaweed"):
+        pytest.skip("S3 listings lack metadata (the tests above)")
+    n = 8
+    for i in range(n):
+        if b.kind == "local":
+            b.put(f"d/f{i}", b"q" * 100_000)
+            os.chmod(Path(b.source[len("file://"):]) / f"d/f{i}", 0o755)
+        else:
+            put_with_meta(b, f"d/f{i}", b"q" * 100_000, EXEC_META)
+    m = mount(b)
+    if b.proxy is not None:
+        b.proxy.reset()
+    got = ls_l(m.path / "d")
+    assert all(stat.S_IMODE(st.st_mode) == 0o755 for st in got.values())
+    if b.kind != "local":
+        assert all(shows_exec_meta(st) for st in got.values())
+        assert b.proxy.count(predicate=is_head) == 0
+        assert b.proxy.count(predicate=is_object_get) == 0
+        for i in range(n):
+            assert (m.path / f"d/f{i}").read_bytes() == b"q" * 100_000
+        assert b.proxy.count(predicate=is_head) == 0
+        assert b.proxy.count(predicate=is_object_get) == n
+
+
+def test_ls_l_learns_the_next_files_metadata_ahead(s3_bucket: Bucket, mount) -> None:
+    """``ls -l`` stats the listed files one at a time: the first stat of one starts fetching
+    the metadata of the next ones listed (up to the metadata workers' limit), so they are not
+    one round trip each in a row. Seen at the proxy: while the first file's HEAD is held,
+    the next files' HEADs arrive. Still one request per file in all."""
+    b = s3_bucket
+    b.kind = "s3"
+    n = 10
+    for i in range(n):
+        put_with_meta(b, f"d/f{i}", b"w" * 2_000_000, EXEC_META)  # above 1 MiB: HEADs
+    m = mount(b, "--stall-timeout", "60")  # the held HEAD must not be retried
+    assert b.proxy is not None
+    b.proxy.reset()
+    b.proxy.slow(lambda method, path: method == "HEAD" and path.endswith("/d/f0"), 3.0)
+    try:
+        got = ls_l(m.path / "d")
+    finally:
+        b.proxy.slow(None, 0)
+    assert all(shows_exec_meta(st) for st in got.values())
+    heads = [r for r in b.proxy.requests() if is_head(r)]
+    assert sorted(r.path.rsplit("/", 1)[1] for r in heads) == [f"f{i}" for i in range(n)]
+    first = next(r for r in heads if r.path.endswith("/d/f0"))
+    assert first.finished is not None
+    assert all(r.started < first.finished for r in heads)  # all asked while f0's was held
