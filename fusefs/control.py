@@ -119,6 +119,9 @@ class Control:
             metadata_ttl=settings.metadata_ttl,
             resolve_slots=settings.metadata_workers // 4,  # <= 2 store calls each: half
         )
+        # a hint stream prefetches what its program opens next, within the cache's bound:
+        # the filesystem's own metadata fetches ahead of a stat walk stay out of its way
+        fs.hinting = lambda: self.hints.active
         self._handles: dict[int, _CtlHandle] = {}
         self._next = 1 << 40  # distinct from file handles
         self._cleared = 0  # blocks removed by ``clear``: not evictions
@@ -455,19 +458,12 @@ class Control:
 
     async def _file_info(self, rel: str) -> ObjectInfo:
         """A hinted path's object. Resolving it fills what the program's lookup will find, so
-        its ``open`` is answered from memory. On S3 its metadata is learnt too (the first
-        stat's request, see :meth:`Folders.settle`: for an object up to 1 MiB the GET that
-        prefetches it), so the program's ``open`` asks nothing."""
+        its ``open`` is answered from memory."""
         entry = await self.resolve(rel)
         if entry.is_dir:
             raise IsADirectory(f"{rel} is a directory")
         if entry.info is None:
             raise NotFound(f"{rel}: no such file")
-        if self.fs.folders.unsettled(entry.info):
-            try:
-                return await self.fs.folders.settle(entry.info)
-            except FusefsError as exc:  # the program's stat asks again
-                log.debug("metadata of hinted %s: %s", rel, exc)
         return entry.info
 
     async def _list_folder(self, rel: str) -> None:

@@ -123,6 +123,8 @@ class Folders:
                             if not getattr(store, "lists_metadata", True) else "off")
         self.read_probe_max = min(READ_PROBE_MAX, settings.block_size)
         self.settles = 0  # requests sent to learn a file's metadata on stat (stats, tests)
+        #: the block cache keeps what ``seed`` gets (not without a disk cache): settle may GET
+        self.keeps_bytes = True
         #: ``seed(info, data)``: a small object's whole bytes into the block cache (worker
         #: thread); set by the filesystem. With it, a store that ``gets_small`` (S3) learns
         #: a type with the GET a read would send anyway, instead of a HEAD.
@@ -448,6 +450,16 @@ class Folders:
                 and info.meta_mtime is None and info.uid is None and info.gid is None
                 and not self.attrs.known(info))
 
+    def settles_whole(self, info: ObjectInfo) -> bool:
+        """Would :meth:`settle` fetch ``info`` whole (its bytes into the block cache)?"""
+        return (self._whole(info) and self.seed is not None
+                and getattr(self.store, "gets_small", False)
+                and self.unsettled(self.attrs.apply(info)))
+
+    def _whole(self, info: ObjectInfo) -> bool:
+        return (self.settle_mode == "auto" and info.size <= self.read_probe_max
+                and self.keeps_bytes)
+
     async def settle(self, info: ObjectInfo) -> ObjectInfo:
         """``info`` with its metadata, fetched when :meth:`unsettled` (one request per object
         version at a time, shared with :meth:`typed`; remembered, also when there is none):
@@ -465,8 +477,7 @@ class Folders:
         try:
             self.settles += 1
             return await self._fetch_typed(
-                info, whole=self.settle_mode == "auto" and info.size <= self.read_probe_max,
-                count=False)
+                info, whole=self._whole(info), count=False)
         finally:
             del self._typing[flight]
             done.set()
@@ -478,12 +489,13 @@ class Folders:
         seeded into the block cache) or a HEAD."""
         if count:
             self.type_heads += 1
-        seed, key, version = self.seed, info.key, info.version
+        seed, key, version, size = self.seed, info.key, info.version, info.size
 
         def fetch() -> ObjectInfo:
             if not whole or seed is None or not getattr(self.store, "gets_small", False):
                 return self.store.head(key)
-            got, data = self.store.get_small(key, version)  # type: ignore[attr-defined]
+            got, data = self.store.get_small(  # type: ignore[attr-defined]
+                key, version, size)
             if len(data) == got.size and got.version == version:
                 seed(got, data)
             return got

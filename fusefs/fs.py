@@ -112,8 +112,13 @@ class FileSystem:
         self.folders = Folders(store, settings, clock, reader.start_soon)
         reader._on_stale = self.mark_stale
         self.folders.seed = self._seed
+        reader.learn = self._learn
+        self.folders.keeps_bytes = reader.blocks.persistent
         #: The write side (set by :class:`fusefs.write.writes.Writes`); None: read-only core.
         self.writes: Writes | None = None
+        #: Is a hint stream open? (set by the control layer): then :meth:`_settle_next`
+        #: starts nothing (the stream prefetches, with the metadata, within its cache bound)
+        self.hinting: Callable[[], bool] = lambda: False
         #: Files of recently read folders whose metadata is unknown (S3), in listing order:
         #: stats in that order learn the next few ahead of the program (``ls -l``)
         self._to_settle: OrderedDict[str, _SettleQueue] = OrderedDict()
@@ -241,7 +246,10 @@ class FileSystem:
         the listing in order (``ls -l``, ``rsync``: a stat per file, one at a time), start
         learning the metadata of the next files (up to the metadata workers' limit ahead of
         it, each once), so that their stats find it done instead of making a round trip each
-        in a row. Stats out of order (a training loop's random opens) start nothing."""
+        in a row. Stats out of order (a training loop's random opens) start nothing: only a
+        stat of the first file listed, or of the one listed right after the last one asked;
+        nor while a hint stream is open (its prefetch learns the metadata of what it fetches,
+        within the cache's bound, which fetches ahead here would not respect)."""
         info = node.info
         assert info is not None
         q = self._to_settle.get(node.path.rpartition("/")[0])
@@ -249,9 +257,9 @@ class FileSystem:
         if q is None or i is None:
             return
         last, q.last = q.last, i
-        window = self.settings.metadata_workers
-        if last >= 0 and not 0 < i - last <= window:
+        if i != last + 1 or self.hinting():  # in order: the first listed, or the next one
             return
+        window = self.settings.metadata_workers
         for j in range(i + 1, min(i + 1 + window, len(q.infos))):
             if j in q.started or not self.folders.unsettled(q.infos[j]):
                 continue
@@ -260,6 +268,20 @@ class FileSystem:
                 self.reader.start_soon(functools.partial(self._settle_ahead, q.infos[j]))
             except FusefsError:
                 return  # not serving: no background work
+
+    async def _learn(self, info: ObjectInfo) -> bool:
+        """For the reader (:attr:`Reader.learn`): the first block of an object whose metadata
+        is unknown and which :meth:`Folders.settle` fetches whole (a GET that also brings the
+        metadata) is fetched that way, so a prefetch (hints) teaches the metadata and the
+        program's ``stat`` or ``open`` then asks nothing. False: fetch it as any block."""
+        if not self.folders.settles_whole(info):
+            return False
+        try:
+            await self.folders.settle(info)
+        except FusefsError as exc:
+            log.debug("reading %s with its metadata failed: %s", info.key, exc)
+            return False
+        return True
 
     async def _settle_ahead(self, info: ObjectInfo) -> None:
         try:

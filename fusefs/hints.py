@@ -165,6 +165,11 @@ class HintStreams:
 
     # --- commands --------------------------------------------------------------------------
 
+    @property
+    def active(self) -> bool:
+        """Is a stream open (a program reads what it hinted)?"""
+        return bool(self._streams)
+
     def open(self, sid: str, files: int | None, nbytes: int | None) -> dict[str, Any]:
         """A new stream ``sid`` (replacing one of that name: its queued work is cancelled)."""
         if not _STREAM_ID.fullmatch(sid):

@@ -136,6 +136,11 @@ class Reader:
         self._recent = RecentBlocks(recent_bytes) if recent_bytes > 0 else None
         self._nursery: trio.Nursery | None = None
         self._on_stale = on_stale
+        #: ``learn(obj)``: fetch an object's first block the way that also learns metadata a
+        #: listing lacked (S3, see :meth:`fusefs.folders.Folders.settle`), putting it into the
+        #: cache; False if that does not apply (then the block is fetched as any other). Set
+        #: by the filesystem.
+        self.learn: Callable[[ObjectInfo], Awaitable[bool]] | None = None
 
     def forget_recent(self) -> None:
         """Drop the in-memory window of just-fetched blocks (after a ``clear``)."""
@@ -324,7 +329,11 @@ class Reader:
             async with self.scheduler.slot(flight.ticket):
                 self.stats.in_flight(+1)
                 try:
-                    data, hit = await self._fetch(obj, idx, bkey, priority)
+                    got = (await self._learnt(obj, bkey)
+                           if idx == 0 and self.learn is not None
+                           and bkey.block_size == self.block_size else None)
+                    data, hit = got if got is not None else await self._fetch(
+                        obj, idx, bkey, priority)
                 finally:
                     self.stats.in_flight(-1)
             flight.data = data
@@ -343,6 +352,18 @@ class Reader:
         finally:
             del self._inflight[ck]
             flight.done.set()
+
+    async def _learnt(self, obj: ObjectInfo, bkey: BlockKey) -> tuple[bytes, bool] | None:
+        """Block 0 of ``obj`` fetched by :attr:`learn` (one GET that also brings the object's
+        metadata: a hint's prefetch teaches it, so the program's ``stat`` asks nothing), as
+        (the block, False); None if that does not apply or the block is not in the cache
+        after it."""
+        assert self.learn is not None
+        if not await self.learn(obj):
+            return None
+        length = min(bkey.block_size, obj.size)
+        data = await threads.run_sync(self.blocks.read, bkey, 0, length)
+        return (data, False) if data is not None and len(data) == length else None
 
     async def _fetch(
         self, obj: ObjectInfo, idx: int, bkey: BlockKey, priority: int

@@ -546,9 +546,9 @@ def test_hinted_files_on_s3_are_opened_without_a_request_for_their_metadata(
 ) -> None:
     """S3 listings lack metadata; a file whose metadata is unknown has its attributes cached
     by the kernel for no time, so the program's ``open`` asks for them (GETATTR). A hinted
-    file's metadata is learnt by the hint's own lookup, with the GET that prefetches it (an
-    object of at most 1 MiB): the program's opens and reads then reach the server not once,
-    and each file cost one GET in all."""
+    file's prefetch (an object of at most 1 MiB) fetches it whole with a GET that brings its
+    metadata too: the program's opens, stats and reads then reach the server not once, and
+    each file cost one GET in all."""
     from fusefs.testing.proxy import is_head, is_object_get
 
     proxy = s3_bucket.proxy
@@ -563,7 +563,7 @@ def test_hinted_files_on_s3_are_opened_without_a_request_for_their_metadata(
     proxy.reset()
     with MountHints(m.path, window_files=100, stream="imgs") as hints:
         hints.start(order)
-        wait(lambda: done_or_cached(m, "imgs") == 40, "hints")
+        wait(lambda: (stream_state(m, "imgs") or {}).get("files_done") == 40, "hints")
         before = len(proxy.requests())
         for k in order:
             assert (m.path / k).read_bytes() == blob(20 * KiB, names.index(k))

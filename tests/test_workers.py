@@ -80,8 +80,10 @@ def test_reads_through_workers_on_every_store(bucket: Bucket, mount) -> None:
     for k, v in files.items():
         bucket.put(k, v)
     bucket.put("first", b"1")
-    # no link probe: on S3 a lookup fetches objects of at most 4 KiB itself (docs/posix.md)
-    m = mount(bucket, "--fetch-workers", "2", "--block-size", "64K", "--link-probe-size", "0")
+    # no link or metadata probe: on S3 a lookup fetches objects of at most 4 KiB itself, and
+    # the first stat (or open) one of at most 1 MiB whose metadata is unknown (docs/posix.md)
+    m = mount(bucket, "--fetch-workers", "2", "--block-size", "64K", "--link-probe-size", "0",
+              "--metadata-probe", "off")
     _start_workers(m, 2, "first")
     fetches = m.stats()["fetches"]
     for k, v in files.items():
@@ -134,7 +136,9 @@ def test_a_worker_killed_mid_fetch_is_restarted_and_the_read_is_right(s3_bucket:
     def held(req: Request) -> bool:
         return is_object_get(req) and req.path.endswith("/held.bin")
 
-    m = mount(s3_bucket, "--fetch-workers", "1", "--stall-timeout", "60")
+    # no metadata probe: the open's GET would come from the FUSE process, not the worker
+    m = mount(s3_bucket, "--fetch-workers", "1", "--stall-timeout", "60",
+              "--metadata-probe", "off")
     _start_workers(m, 1, "first")
     # the first GET of held.bin waits in the proxy (cut short when the test ends)
     proxy.slow(lambda method, path: method == "GET" and "/held.bin" in path

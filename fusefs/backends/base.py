@@ -258,9 +258,11 @@ class PrefixedStore:
     def put(self, key: str, data: bytes) -> ObjectInfo:
         return self._rekey(self.inner.put(self._key(key), data), key)
 
-    def get_small(self, key: str, version: str) -> tuple[ObjectInfo, bytes]:
+    def get_small(self, key: str, version: str, size: int | None = None
+                  ) -> tuple[ObjectInfo, bytes]:
         """See ``S3Store.get_small`` (only when ``gets_small``)."""
-        info, data = self.inner.get_small(self._key(key), version)  # type: ignore[attr-defined]
+        info, data = self.inner.get_small(  # type: ignore[attr-defined]
+            self._key(key), version, size)
         return self._rekey(info, key), data
 
     def delete(self, key: str, *, condition: Condition = Condition()) -> None:

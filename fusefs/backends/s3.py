@@ -454,11 +454,19 @@ class S3Store:
                           meta_attrs.token(r.get("Metadata")), *meta_attrs.owner(r.get("Metadata")),
                           meta_attrs.rdev(r.get("Metadata")))
 
-    def get_small(self, key: str, version: str) -> tuple[ObjectInfo, bytes]:
+    def get_small(self, key: str, version: str, size: int | None = None
+                  ) -> tuple[ObjectInfo, bytes]:
         """One GET of a whole small object at ``version``: its metadata (what a HEAD tells:
-        a listed object's type, see :mod:`fusefs.kinds`) and its bytes (what a read fetches
-        next). StaleVersion (or Conflict) if it has another version by now."""
+        a listed object's type, see :mod:`fusefs.kinds`, its mode, owner and mtime) and its
+        bytes (what a read fetches next). StaleVersion (or Conflict) if it has another
+        version by now. ``size`` (listed): sent on the fast path (no boto3, as block fetches
+        are), checked as a block fetch is."""
         what = self._name(key)
+        if (self._fast.enabled and size is not None and size > 0 and version
+                and not is_weak(version)):
+            got = self._retry.call(lambda: self._get_small_fast(what, key, version, size), what)
+            if got is not None:
+                return got
         cond = {"IfMatch": f'"{version}"'} if version and not is_weak(version) else {}
         r = self._call(what, self.client.get_object, Bucket=self.bucket, Key=key, **cond)
         try:
@@ -473,6 +481,28 @@ class S3Store:
                           etag or version, mtime, mode, meta_attrs.token(r.get("Metadata")),
                           *meta_attrs.owner(r.get("Metadata")),
                           meta_attrs.rdev(r.get("Metadata"))), body
+
+    def _get_small_fast(self, what: str, key: str, version: str, size: int
+                        ) -> tuple[ObjectInfo, bytes] | None:
+        """:meth:`get_small` on the fast path; None: ask boto3 (no listing seen yet, or an
+        answer whose exact error boto3 gives)."""
+        answer = self._fast.get(what, key, 0, size, version)
+        if answer is None:
+            return None
+        if answer.status == 412:
+            raise StaleVersion(f"{what}: changed (If-Match {version} failed)")
+        if answer.status >= 500 or answer.status in (408, 429):
+            raise TransientError(f"{what}: HTTP {answer.status}")
+        if answer.status not in (200, 206):
+            return None
+        body = self._accept(what, 0, size, version, answer)
+        meta = {k[len("x-amz-meta-"):]: v for k, v in answer.headers.items()
+                if k.startswith("x-amz-meta-")}
+        mtime, mode = meta_attrs.decode(meta)
+        etag = etag_version(answer.headers.get("etag", ""))
+        return ObjectInfo(key, size, epoch(answer.headers.get("last-modified", "")),
+                          etag or version, mtime, mode, meta_attrs.token(meta),
+                          *meta_attrs.owner(meta), meta_attrs.rdev(meta)), body
 
     def list(
         self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
