@@ -24,6 +24,7 @@ ISSUE_ENV = {  # the variables the documentation promises, and the setting each 
     "FUSEFS_READAHEAD_MAX_BYTES": ("readahead_max", "16M", 16 * MiB),
     "FUSEFS_LOG_LEVEL": ("log_level", "debug", "DEBUG"),
     "FUSEFS_ALLOW_OTHER": ("allow_other", "yes", True),
+    "FUSEFS_METADATA_PROBE": ("metadata_probe", "HEAD", "head"),
 }
 
 
@@ -100,6 +101,8 @@ BAD = [  # (flags, env, config file text, the start of the one-line message)
     ({}, {}, "workers = true", "invalid workers=True in {cfg}: not a true/false setting"),
     ({}, {}, 'readahead_max = "-8M"', "invalid readahead_max='-8M' in {cfg}: must be a size"),
     ({}, {}, 'log_level = "loud"', "invalid log_level='loud' in {cfg}: must be one of"),
+    ({}, {}, 'metadata_probe = "get"', "invalid metadata_probe='get' in {cfg}: must be one of "
+     "auto, head, off"),
     ({}, {}, "cache_sise = 5", "config file {cfg}: unknown setting 'cache_sise'"),
     ({}, {}, "workers = [", "config file {cfg}: "),
     ({"cache_size": "1M"}, {}, "", "invalid --cache-size: 1.0MB is smaller than two blocks"),
