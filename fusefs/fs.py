@@ -51,8 +51,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Folders whose files :meth:`FileSystem.getattr` settles ahead of the program, at most.
+#: Folders whose files :meth:`FileSystem.getattr` settles ahead of the program, at most,
+#: and their files kept for that over all of them (about 150 bytes each; a bigger folder's
+#: first ones only).
 SETTLE_FOLDERS = 16
+SETTLE_FILES = 100_000
 
 
 class _SettleQueue:
@@ -457,13 +460,18 @@ class FileSystem:
         (the last SETTLE_FOLDERS folders)."""
         if self.folders.settle_mode == "off":
             return
-        todo = [info for _, is_dir, info in entries
-                if not is_dir and info is not None and self.folders.unsettled(info)]
+        todo: list[ObjectInfo] = []
+        for _, is_dir, info in entries:
+            if not is_dir and info is not None and self.folders.unsettled(info):
+                todo.append(info)
+                if len(todo) >= SETTLE_FILES:
+                    break
         self._to_settle.pop(path, None)
         if todo:
             self._to_settle[path] = _SettleQueue(todo)
-            while len(self._to_settle) > SETTLE_FOLDERS:
-                self._to_settle.popitem(last=False)
+            total = sum(len(q.infos) for q in self._to_settle.values())
+            while len(self._to_settle) > SETTLE_FOLDERS or total > SETTLE_FILES:
+                total -= len(self._to_settle.popitem(last=False)[1].infos)
 
     def dir_entry(self, fh: int, i: int) -> tuple[str, Node]:
         """Entry ``i`` of an open directory's snapshot and its node (the caller counts the
