@@ -460,22 +460,22 @@ class FileSystem:
         if handle is None:
             raise FusefsError(f"unknown file handle {fh}")
         node = handle.node
-        if self.writes is not None:
-            # a handle reads the file it opened: its staged file, or (once this node is
-            # being written by another handle) the node's own, never another file's
-            sf = handle.staged or self.writes.file_of(node)
-            if sf is not None:
-                return await self.writes.read(sf, offset, size)
-        if node.info is not None and node.info.version != handle.info.version:
-            # a newer version was seen: an old handle must not refill the kernel's pages of
-            # this inode with old bytes
-            raise StaleVersion(f"{node.path}: changed since it was opened")
         try:
+            if self.writes is not None:
+                # a handle reads the file it opened: its staged file, or (once this node is
+                # being written by another handle) the node's own, never another file's
+                sf = handle.staged or self.writes.file_of(node)
+                if sf is not None:  # (its unchanged ranges come from the object it is based on)
+                    return await self.writes.read(sf, offset, size)
+            if node.info is not None and node.info.version != handle.info.version:
+                # a newer version was seen: an old handle must not refill the kernel's pages of
+                # this inode with old bytes
+                raise StaleVersion(f"{node.path}: changed since it was opened")
             return await self.reader.read(handle.info, offset, size, handle.seq)
         except StaleVersion:
             self._kernel_version.pop(node.ino, None)  # the next open drops the kernel's pages
             raise
-        except NotFound as exc:  # another writer removed the file this handle opened
+        except NotFound as exc:  # another writer removed the object this handle reads
             self._kernel_version.pop(node.ino, None)
             raise StaleVersion(f"{node.path}: removed since it was opened") from exc
 

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import os
 import shutil
 import signal
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,27 @@ NAMES = ["a", "b", "c"]
 SUB = ["x", "y"]
 TTL = 1.0  # this mount's --metadata-ttl: how long it may show a name another mount changed
 data_st = st.binary(min_size=0, max_size=3000)
+
+
+FIRST_FAILURE: list[str] = []  # the first failure's traceback: Hypothesis's replay of a
+# failing example on a real mount may fail elsewhere (reported as flaky) and hide it
+
+
+def _recorded(fn: Any) -> Any:
+    """Keep the traceback of the first failing rule or invariant for the report."""
+    @functools.wraps(fn)
+    def wrapper(self: Any, **kwargs: Any) -> Any:
+        steps = self.__dict__.setdefault("steps", [])
+        if fn.__name__ != "daemon_alive":
+            steps.append(f"{fn.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})")
+        try:
+            return fn(self, **kwargs)
+        except BaseException:
+            if not FIRST_FAILURE:
+                FIRST_FAILURE.append(f"{fn.__name__}: {traceback.format_exc()}\nsteps of "
+                                     f"{self.__dict__.get('top')}:\n" + "\n".join(steps))
+            raise
+    return wrapper
 
 
 def _write_at(content: bytearray, offset: int, data: bytes) -> None:
@@ -125,6 +148,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
         # --- file contents ------------------------------------------------------------
 
         @rule(i=st.integers(0, 4), data=data_st, truncate=st.booleans())
+        @_recorded
         def write_file(self, i: int, data: bytes, truncate: bool) -> None:
             rel = self.paths()[i]
             with open(self.p(rel), "wb" if truncate else "ab") as f:
@@ -140,6 +164,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: self.names)
         @rule(pick=st.integers(0, 100), offset=st.integers(0, 5000), data=data_st)
+        @_recorded
         def pwrite(self, pick: int, offset: int, data: bytes) -> None:
             rel = sorted(self.names)[pick % len(self.names)]
             fd = os.open(self.p(rel), os.O_WRONLY)
@@ -151,6 +176,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: self.names)
         @rule(pick=st.integers(0, 100), size=st.integers(0, 6000))
+        @_recorded
         def truncate(self, pick: int, size: int) -> None:
             rel = sorted(self.names)[pick % len(self.names)]
             os.truncate(self.p(rel), size)
@@ -164,6 +190,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: self.names)
         @rule(pick=st.integers(0, 100), j=st.integers(0, 4))
+        @_recorded
         def rename(self, pick: int, j: int) -> None:
             src = sorted(self.names)[pick % len(self.names)]
             dst = self.paths()[j]
@@ -173,12 +200,14 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: self.names)
         @rule(pick=st.integers(0, 100))
+        @_recorded
         def unlink(self, pick: int) -> None:
             rel = sorted(self.names)[pick % len(self.names)]
             os.unlink(self.p(rel))
             del self.names[rel]
 
         @rule()
+        @_recorded
         def rename_folder(self) -> None:
             other = "e" if self.folder == "d" else "d"
             os.rename(self.p(self.folder), self.p(other))
@@ -190,12 +219,14 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: self.names and len(self.handles) < 4)
         @rule(pick=st.integers(0, 100))
+        @_recorded
         def open_handle(self, pick: int) -> None:
             rel = sorted(self.names)[pick % len(self.names)]
             self.handles.append((os.open(self.p(rel), os.O_RDONLY), self.names[rel]))
 
         @precondition(lambda self: self.handles)
         @rule(pick=st.integers(0, 100), offset=st.integers(0, 6000))
+        @_recorded
         def read_handle(self, pick: int, offset: int) -> None:
             fd, ino = self.handles[pick % len(self.handles)]
             expected = bytes(self.inodes[ino][offset:offset + 4096])
@@ -209,12 +240,14 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: self.handles)
         @rule(pick=st.integers(0, 100))
+        @_recorded
         def close_handle(self, pick: int) -> None:
             fd, _ = self.handles.pop(pick % len(self.handles))
             os.close(fd)
 
         @precondition(lambda self: self.names and len(self.writers) < 3)
         @rule(pick=st.integers(0, 100))
+        @_recorded
         def open_writer(self, pick: int) -> None:
             rel = sorted(self.names)[pick % len(self.names)]
             self.writers.append((os.open(self.p(rel), os.O_RDWR), self.names[rel]))
@@ -222,6 +255,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
         @precondition(lambda self: self.writers)
         @rule(pick=st.integers(0, 100), offset=st.integers(0, 5000), data=data_st,
               fsync=st.booleans())
+        @_recorded
         def write_through_writer(self, pick: int, offset: int, data: bytes, fsync: bool) -> None:
             fd, ino = self.writers[pick % len(self.writers)]
             os.pwrite(fd, data, offset)
@@ -234,6 +268,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: self.writers)
         @rule(pick=st.integers(0, 100))
+        @_recorded
         def close_writer(self, pick: int) -> None:
             fd, _ = self.writers.pop(pick % len(self.writers))
             os.close(fd)
@@ -242,6 +277,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: not self.writers)
         @rule()
+        @_recorded
         def sync_and_compare(self) -> None:
             assert b.proxy is not None
             b.proxy.faults(0)  # the store takes changes again: sync must then succeed
@@ -257,6 +293,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
             assert all(v in held for v in extra.values()), sorted(extra)
 
         @rule()
+        @_recorded
         def kill_9_and_remount(self) -> None:
             for fd, _ in self.handles + self.writers:
                 os.close(fd)
@@ -286,6 +323,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: not self.writers)
         @rule(i=st.integers(0, 4), data=data_st)
+        @_recorded
         def other_mount_replaces(self, i: int, data: bytes) -> None:
             """Another machine writes a name: this mount then shows its bytes (a new file: a
             descriptor held on the old one reads the old bytes or gets ESTALE), and its next
@@ -298,6 +336,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: self.names and not self.writers)
         @rule(pick=st.integers(0, 100))
+        @_recorded
         def other_mount_removes(self, pick: int) -> None:
             """Another machine removes a name: this mount then shows it absent."""
             rel = sorted(self.names)[pick % len(self.names)]
@@ -306,6 +345,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
             assert not self.p(rel).exists()
 
         @rule(rate=st.sampled_from([0.0, 0.3, 1.0]), reset=st.booleans())
+        @_recorded
         def store_refuses(self, rate: float, reset: bool) -> None:
             """The store refuses (503) or cuts (a reset connection) a share of the uploads and
             deletes from now on: they stay journaled and are retried."""
@@ -315,12 +355,14 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
             self.refusing = rate > 0
 
         @rule(seconds=st.sampled_from([0.4, 1.2]))
+        @_recorded
         def pause(self, seconds: float) -> None:
             """Let the write-back delay pass: uploads start (and, held by the proxy, are in
             flight during the next rules)."""
             time.sleep(seconds)
 
         @invariant()
+        @_recorded
         def daemon_alive(self) -> None:
             m = self.m
             assert m.proc is not None and m.proc.poll() is None, "the daemon exited"
@@ -345,6 +387,9 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
         run_state_machine_as_test(seed(SEED)(WriteModel), settings=machine_settings)
     except BaseException:
         print(f"FUSEFS_MODEL_SEED={SEED} reproduces this failure")
+        if FIRST_FAILURE:
+            print("--- the first failure (before Hypothesis replayed the example)")
+            print(FIRST_FAILURE[0])
         with contextlib.suppress(Exception):
             keep = os.environ.get("FUSEFS_MODEL_KEEP_LOGS")
             if keep:  # every mount's log of this run, for the post-mortem

@@ -722,3 +722,46 @@ def test_a_descriptor_on_a_file_another_mount_removed_gets_estale(store: Bucket,
     finally:
         os.close(fd)
     assert ma.proc is not None and ma.proc.poll() is None
+
+
+def test_a_write_open_that_changes_nothing_is_closed_not_crashed(store: Bucket, mount,
+                                                                 tmp_path):
+    """``open(O_TRUNC)`` of an empty file and ``close`` change nothing; a ``kill -9`` after
+    must not leave the file "never closed (crash?)" as failed (the journal kept the open
+    state: found by the write model)."""
+    m = mount(store, cache_dir=tmp_path / "c")
+    (m.path / "e").write_bytes(b"")
+    synced(m)
+    with open(m.path / "e", "wb"):
+        pass
+    kill_9(m)
+    m2 = mount(store, cache_dir=tmp_path / "c")
+    synced(m2)
+    assert store.get("e") == b""
+    assert m2.stats()["uploads_failed"] == 0
+
+
+def test_writing_through_a_descriptor_on_a_replaced_file_leaves_no_failed_upload(
+        store: Bucket, mount, tmp_path):
+    """A writer keeps writing to a file that ``mv`` replaced: nothing of it is uploaded, and a
+    ``kill -9`` after must not bring it back as a failed "never closed" upload (its journal
+    row, dropped at the rename, came back with the next write: found by the write model)."""
+    m = mount(store, cache_dir=tmp_path / "c")
+    (m.path / "a").write_bytes(b"old")
+    synced(m)
+    fd = os.open(m.path / "a", os.O_RDWR)
+    reader = os.open(m.path / "a", os.O_RDONLY)
+    try:
+        (m.path / "new").write_bytes(b"new")
+        os.rename(m.path / "new", m.path / "a")
+        os.pwrite(fd, b"written after the rename", 10)
+    finally:
+        os.close(fd)
+    kill_9(m)  # while the reader still holds the replaced file
+    with contextlib.suppress(OSError):
+        os.close(reader)  # ENOTCONN: its mount is gone
+    m2 = mount(store, cache_dir=tmp_path / "c")
+    synced(m2)
+    assert store.get("a") == b"new"
+    assert keys(store) == ["a"]
+    assert m2.stats()["uploads_failed"] == 0
