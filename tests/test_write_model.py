@@ -4,11 +4,14 @@ Rules are syscalls on a mount of SeaweedFS (create, write at an offset, truncate
 files and of a folder, unlink, descriptors held open, read through them, ``fusefs sync``,
 ``kill -9`` and a remount, a store that refuses or cuts a share of the changes, pauses that
 let the write-back delay pass while the proxy holds every PUT and DELETE a moment, so uploads
-are in flight during the next rules). The
+are in flight during the next rules, and a second mount of the bucket that replaces or removes
+a name). The
 model is a POSIX directory: names point at inodes, an inode
 holds bytes. Invariants: the daemon never exits; a descriptor reads the bytes of the file it
 opened (or ESTALE once that file left every name and the store); after ``fusefs sync`` the
-bucket equals the model, with no conflict copy (one writer).
+bucket equals the model, with no conflict copy (the second mount changes a name only after
+this one settled it, and this one sees the change once its metadata TTL has passed: concurrent
+writers to one name are ``tests/test_write_races.py``'s).
 
 CI runs it with a fixed seed and a small budget; ``scripts/soak-writes.sh`` runs it for as
 long as asked, with new seeds (``FUSEFS_MODEL_EXAMPLES``, ``FUSEFS_MODEL_STEPS``,
@@ -47,6 +50,7 @@ SEED = int(os.environ.get("FUSEFS_MODEL_SEED", "17"))
 
 NAMES = ["a", "b", "c"]
 SUB = ["x", "y"]
+TTL = 1.0  # this mount's --metadata-ttl: how long it may show a name another mount changed
 data_st = st.binary(min_size=0, max_size=3000)
 
 
@@ -71,7 +75,15 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
     b: Bucket = make_s3_bucket(seaweed_server)
     client, bucket = b.extra["client"], b.extra["name"]
     cache = tmp_path / "model-cache"
-    current = {"m": mount(b, "--block-size", "65536", cache_dir=cache)}
+    args = ("--block-size", "65536", "--metadata-ttl", str(TTL))
+    current = {"m": mount(b, *args, cache_dir=cache)}
+    others: list[Any] = []  # the second mount (another machine), started when first needed
+
+    def other() -> Any:
+        if not others:
+            others.append(mount(b, "--block-size", "65536", "--metadata-ttl", "0",
+                                cache_dir=tmp_path / "other-cache"))
+        return others[0]
     counter = itertools.count()
 
     def bucket_files(prefix: str) -> dict[str, bytes]:
@@ -255,9 +267,43 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
             m.proc.send_signal(signal.SIGKILL)
             m.proc.wait()
             m.stop()
-            current["m"] = mount(b, "--block-size", "65536", cache_dir=cache)
+            current["m"] = mount(b, *args, cache_dir=cache)
             for rel, ino in self.names.items():
                 assert self.p(rel).read_bytes() == bytes(self.inodes[ino]), rel
+
+        # --- another machine -------------------------------------------------------------
+
+        def _settled_then(self, change: Any) -> None:
+            """Settle this mount (sync, compared), let the other mount make ``change`` and sync
+            it (no conflict: it saw the settled version), then wait out this mount's TTL."""
+            self.sync_and_compare()
+            o = other()
+            change(o.path / self.top)
+            r = sync(o)
+            assert r.returncode == 0, r.stderr
+            assert o.stats()["conflicts"] == 0
+            time.sleep(TTL + 0.3)
+
+        @precondition(lambda self: not self.writers)
+        @rule(i=st.integers(0, 4), data=data_st)
+        def other_mount_replaces(self, i: int, data: bytes) -> None:
+            """Another machine writes a name: this mount then shows its bytes (a new file: a
+            descriptor held on the old one reads the old bytes or gets ESTALE), and its next
+            changes start from that version (no conflict copy)."""
+            rel = self.paths()[i]
+            self._settled_then(lambda top: (top / rel).write_bytes(data))
+            ino = self.names[rel] = next(self.ids)
+            self.inodes[ino] = bytearray(data)
+            assert self.p(rel).read_bytes() == data
+
+        @precondition(lambda self: self.names and not self.writers)
+        @rule(pick=st.integers(0, 100))
+        def other_mount_removes(self, pick: int) -> None:
+            """Another machine removes a name: this mount then shows it absent."""
+            rel = sorted(self.names)[pick % len(self.names)]
+            self._settled_then(lambda top: os.unlink(top / rel))
+            del self.names[rel]
+            assert not self.p(rel).exists()
 
         @rule(rate=st.sampled_from([0.0, 0.3, 1.0]), reset=st.booleans())
         def store_refuses(self, rate: float, reset: bool) -> None:
