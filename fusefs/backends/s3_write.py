@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import Conflict, FusefsError, NotFound, StaleVersion
 from . import attrs as meta_attrs
 from .base import Attrs, Condition, ObjectInfo, Upload
+from .s3_common import epoch, etag_version, is_weak, weak_version
 from .upload_io import UploadSource, inside_copy, plan_parts, run_parts
 
 if TYPE_CHECKING:
@@ -49,8 +50,6 @@ def _quoted(version: str) -> str:
 def _conditions(store: S3Store, key: str, condition: Condition) -> dict[str, str]:
     """The request headers for ``condition``. A weak version (no ETag known) cannot be sent:
     it is checked with a HEAD here instead."""
-    from .s3 import is_weak
-
     if condition.absent:
         return {"IfNoneMatch": "*"}
     if condition.version is None:
@@ -183,8 +182,6 @@ def _base_unchanged(store: S3Store, key: str, version: str) -> Callable[[], None
 
 def put_file(store: S3Store, key: str, upload: Upload, condition: Condition,
              attrs: Attrs | None, progress: Callable[[int], None] | None) -> ObjectInfo:
-    from .s3 import etag_version, is_weak
-
     what = store._name(key)
     meta = meta_attrs.encode(attrs)
     cond = _conditions(store, key, condition)
@@ -223,8 +220,6 @@ def put_file(store: S3Store, key: str, upload: Upload, condition: Condition,
 
 def _info_after(store: S3Store, key: str, size: int, r: Any, meta: dict[str, str] | None,
                 etag: str) -> ObjectInfo:
-    from .s3 import epoch, etag_version
-
     result = r.get("CopyObjectResult", r)
     mtime, mode = meta_attrs.decode(meta)
     uid, gid = meta_attrs.owner(meta)
@@ -236,8 +231,6 @@ def _info_after(store: S3Store, key: str, size: int, r: Any, meta: dict[str, str
 
 def _source(store: S3Store, src: str, version: str) -> Any:
     """HEAD of the copy source, which must have ``version`` (StaleVersion; NotFound)."""
-    from .s3 import etag_version, weak_version
-
     r = store._head_raw(src)
     size = int(r["ContentLength"])
     now = etag_version(r.get("ETag", "")) or weak_version(size, r.get("LastModified"))
