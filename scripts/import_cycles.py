@@ -12,7 +12,8 @@ packages: they have run before it (``from . import sibling`` is no edge to the p
 
 Prints each strongly connected component of more than one module (modules that import each
 other, directly or around a loop) and one shortest cycle through it. Exits 1 if there is a
-circle. ``--edges`` also prints every runtime edge.
+circle. ``--edges`` also prints every runtime edge; ``--as-written`` reads
+``from pkg import module`` as an import of ``pkg`` (see ``AS_WRITTEN``).
 """
 
 from __future__ import annotations
@@ -76,11 +77,16 @@ def imports(tree: ast.Module, module: str, is_pkg: bool) -> tuple[set[str], set[
     return runtime, typing_only
 
 
+#: ``--as-written``: read ``from pkg import name`` as an import of ``pkg`` even when ``name`` is
+#: a module (what simple tools do): then ``from . import sibling`` ties a module to its package.
+AS_WRITTEN = False
+
+
 def resolve(name: str, modules: set[str]) -> tuple[set[str], set[str]]:
     """(the fusefs module a name imports, the parent packages importing it runs)."""
     if "|" in name:
         full, prefix = name.split("|")
-        name = full if full in modules else prefix
+        name = full if full in modules and not AS_WRITTEN else prefix
     if name not in modules:
         return set(), set()
     parts = name.split(".")
@@ -168,6 +174,8 @@ def shortest_cycle(edges: dict[str, set[str]], comp: list[str]) -> list[str]:
 
 
 def main() -> int:
+    global AS_WRITTEN
+    AS_WRITTEN = "--as-written" in sys.argv
     runtime, typing_only = graph()
     if "--edges" in sys.argv:
         for mod in sorted(runtime):

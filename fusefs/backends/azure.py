@@ -38,8 +38,10 @@ from ..errors import (
     NotFound,
     StaleVersion,
 )
-from . import attrs as meta_attrs
-from . import azure_write
+from .attrs import decode as meta_decode
+from .attrs import owner as meta_owner
+from .attrs import rdev as meta_rdev
+from .attrs import token as meta_token
 from .azure_auth import (
     ACCOUNT_ENV,
     CONNECTION_STRING_ENV,
@@ -51,6 +53,9 @@ from .azure_auth import (
     resolve_credentials,
 )
 from .azure_common import epoch, etag_version, map_azure_error
+from .azure_write import copy as write_copy
+from .azure_write import put_file as write_put_file
+from .azure_write import set_attrs as write_set_attrs
 from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
 from .lean import Answer, SessionPool
 
@@ -84,11 +89,11 @@ _READ_CHUNK = 1 << 20
 
 def _info(key: str, p: Any) -> ObjectInfo:
     """A blob's info from its properties (HEAD or a listing item), metadata included."""
-    meta_mtime, mode = meta_attrs.decode(p.metadata)
-    uid, gid = meta_attrs.owner(p.metadata)
+    meta_mtime, mode = meta_decode(p.metadata)
+    uid, gid = meta_owner(p.metadata)
     return ObjectInfo(key, int(p.size or 0), epoch(p.last_modified), etag_version(p.etag),
-                      meta_mtime, mode, meta_attrs.token(p.metadata), uid, gid,
-                      meta_attrs.rdev(p.metadata))
+                      meta_mtime, mode, meta_token(p.metadata), uid, gid,
+                      meta_rdev(p.metadata))
 
 
 def _session(url: str, max_connections: int) -> requests.Session:
@@ -334,13 +339,13 @@ class AzureStore:
             modified = props.findtext("Last-Modified")
             meta = item.find("Metadata")
             pairs = {m.tag: m.text or "" for m in meta} if meta is not None else None
-            meta_mtime, mode = meta_attrs.decode(pairs)
-            uid, gid = meta_attrs.owner(pairs)
+            meta_mtime, mode = meta_decode(pairs)
+            uid, gid = meta_owner(pairs)
             objects.append(ObjectInfo(
                 name, int(props.findtext("Content-Length") or 0),
                 parsedate_to_datetime(modified).timestamp() if modified else 0.0,
                 etag_version(props.findtext("Etag")), meta_mtime, mode, None, uid, gid,
-                meta_attrs.rdev(pairs),
+                meta_rdev(pairs),
             ))  # fmt: skip
         return objects, prefixes, root.findtext("NextMarker") or None
 
@@ -483,12 +488,12 @@ class AzureStore:
         self, key: str, upload: Upload, *, condition: Condition = Condition(),
         attrs: Attrs | None = None, progress: Callable[[int], None] | None = None,
     ) -> ObjectInfo:
-        return azure_write.put_file(self, key, upload, condition, attrs, progress)
+        return write_put_file(self, key, upload, condition, attrs, progress)
 
     def copy(
         self, src: str, version: str, dst: str, *, condition: Condition = Condition(),
     ) -> ObjectInfo:
-        return azure_write.copy(self, src, version, dst, condition)
+        return write_copy(self, src, version, dst, condition)
 
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
-        return azure_write.set_attrs(self, key, version, attrs)
+        return write_set_attrs(self, key, version, attrs)

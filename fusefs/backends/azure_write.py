@@ -26,7 +26,11 @@ from azure.core import exceptions as aexc
 from azure.storage.blob import BlobBlock
 
 from ..errors import BackendError, Conflict, NotFound, StaleVersion
-from . import attrs as meta_attrs
+from .attrs import decode as meta_decode
+from .attrs import encode as meta_encode
+from .attrs import merged as meta_merged
+from .attrs import owner as meta_owner
+from .attrs import rdev as meta_rdev
 from .azure_common import epoch, etag_version, map_azure_error
 from .base import Attrs, Condition, ObjectInfo, Upload
 from .upload_io import UploadSource, plan_parts, run_parts
@@ -60,19 +64,19 @@ def _refused(exc: BaseException) -> bool:
 
 def _info(store: AzureStore, key: str, size: int, r: Any, meta: dict[str, str] | None
           ) -> ObjectInfo:
-    mtime, mode = meta_attrs.decode(meta)
-    uid, gid = meta_attrs.owner(meta)
+    mtime, mode = meta_decode(meta)
+    uid, gid = meta_owner(meta)
     when = r.get("last_modified")
     return ObjectInfo(key, size, epoch(when) if when else time.time(),
                       etag_version(r.get("etag")), mtime, mode, None, uid, gid,
-                      meta_attrs.rdev(meta))
+                      meta_rdev(meta))
 
 
 def put_file(store: AzureStore, key: str, upload: Upload, condition: Condition,
              attrs: Attrs | None, progress: Callable[[int], None] | None) -> ObjectInfo:
     what = store._name(key)
     blob = store.client.get_blob_client(key)
-    meta = meta_attrs.encode(attrs)
+    meta = meta_encode(attrs)
     cond = _conditions(condition)
     done = progress or (lambda n: None)
     with UploadSource(upload, store.get_range) as source:
@@ -205,7 +209,7 @@ def set_attrs(store: AzureStore, key: str, version: str, attrs: Attrs) -> Object
         props = _source(store, key, version)
     except StaleVersion as exc:
         raise Conflict(exc.message, cause=exc) from exc
-    meta = meta_attrs.merged(props.metadata, attrs)
+    meta = meta_merged(props.metadata, attrs)
     try:
         r = store.client.get_blob_client(key).set_blob_metadata(
             meta, etag=f'"{version}"', match_condition=MatchConditions.IfNotModified)

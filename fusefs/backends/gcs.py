@@ -37,9 +37,12 @@ from ..errors import (
     NotFound,
     StaleVersion,
 )
-from . import gcs_write
 from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
 from .gcs_common import map_gcs_error, object_info
+from .gcs_write import BINARY
+from .gcs_write import copy as write_copy
+from .gcs_write import put_file as write_put_file
+from .gcs_write import set_attrs as write_set_attrs
 from .lean import Answer, SessionPool
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .verify import refuse_whole, take_range, verify_goog_hash
@@ -377,7 +380,7 @@ class GCSStore:
         """One upload (a ``dir/`` folder marker is an empty object)."""
         blob = self.bucket.blob(key)
         self._call(self._name(key), lambda: blob.upload_from_string(
-            data, content_type=_BINARY, timeout=self._patient_timeout, retry=None))
+            data, content_type=BINARY, timeout=self._patient_timeout, retry=None))
         return object_info(key, blob)
 
     def delete(self, key: str, *, condition: Condition = Condition()) -> None:
@@ -395,15 +398,13 @@ class GCSStore:
         self, key: str, upload: Upload, *, condition: Condition = Condition(),
         attrs: Attrs | None = None, progress: Callable[[int], None] | None = None,
     ) -> ObjectInfo:
-        return gcs_write.put_file(self, key, upload, condition, attrs, progress)
+        return write_put_file(self, key, upload, condition, attrs, progress)
 
     def copy(
         self, src: str, version: str, dst: str, *, condition: Condition = Condition(),
     ) -> ObjectInfo:
-        return gcs_write.copy(self, src, version, dst, condition)
+        return write_copy(self, src, version, dst, condition)
 
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
-        return gcs_write.set_attrs(self, key, version, attrs)
+        return write_set_attrs(self, key, version, attrs)
 
-
-_BINARY = gcs_write.BINARY

@@ -27,7 +27,10 @@ from ..errors import (
     StaleVersion,
     TransientError,
 )
-from . import attrs as meta_attrs
+from .attrs import decode as meta_decode
+from .attrs import owner as meta_owner
+from .attrs import rdev as meta_rdev
+from .attrs import token as meta_token
 from .base import ObjectInfo
 
 _DENIED = (gexc.Forbidden, gexc.Unauthorized)
@@ -112,7 +115,7 @@ def object_info(key: str, blob: Any) -> ObjectInfo:
     size = int(blob.size or 0)
     mtime = _mtime(blob.updated, blob.time_created)
     version = str(blob.generation) if blob.generation else f"~{size:x}-{int(mtime):x}"
-    meta_mtime, mode = meta_attrs.decode(blob.metadata)
-    uid, gid = meta_attrs.owner(blob.metadata)
-    return ObjectInfo(key, size, mtime, version, meta_mtime, mode, meta_attrs.token(blob.metadata),
-                      uid, gid, meta_attrs.rdev(blob.metadata))
+    meta_mtime, mode = meta_decode(blob.metadata)
+    uid, gid = meta_owner(blob.metadata)
+    return ObjectInfo(key, size, mtime, version, meta_mtime, mode, meta_token(blob.metadata),
+                      uid, gid, meta_rdev(blob.metadata))

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import Conflict, FusefsError, NotFound, StaleVersion
-from . import attrs as meta_attrs
+from .attrs import encode as meta_encode
+from .attrs import merged as meta_merged
 from .base import Attrs, Condition, ObjectInfo, Upload
 from .gcs_common import map_gcs_error, object_info
 from .upload_io import UploadReader, UploadSource
@@ -68,7 +69,7 @@ def put_file(store: GCSStore, key: str, upload: Upload, condition: Condition,
              attrs: Attrs | None, progress: Callable[[int], None] | None) -> ObjectInfo:
     what = store._name(key)
     match = _generation_match(store, key, condition)
-    meta = meta_attrs.encode(attrs) or None
+    meta = meta_encode(attrs) or None
     with UploadSource(upload, store.get_range) as source:
         if upload.size <= store.part_size:
             data = source.read(0, upload.size)
@@ -154,7 +155,7 @@ def set_attrs(store: GCSStore, key: str, version: str, attrs: Attrs) -> ObjectIn
     if object_info(key, blob).version != version:
         raise Conflict(f"{what}: changed")
     old = dict(blob.metadata or {})
-    new = meta_attrs.merged(old, attrs)
+    new = meta_merged(old, attrs)
     # a patch merges: a key to drop is sent as null
     blob.metadata = {**{k: None for k in old if k not in new}, **new}
     try:

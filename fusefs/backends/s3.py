@@ -37,12 +37,18 @@ from ..errors import (
     TransientError,
 )
 from ..safety import redact_url
-from . import attrs as meta_attrs
-from . import s3_write
+from .attrs import decode as meta_decode
+from .attrs import owner as meta_owner
+from .attrs import rdev as meta_rdev
+from .attrs import token as meta_token
 from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .s3_common import epoch, etag_version, is_weak, map_s3_error, weak_version
 from .s3_fast import FastAnswer, FastPath, SigV4
+from .s3_write import abort as write_abort
+from .s3_write import copy as write_copy
+from .s3_write import put_file as write_put_file
+from .s3_write import set_attrs as write_set_attrs
 from .verify import Md5Etag, object_total, refuse_whole, take_range
 
 # SigV4 and the version helpers are imported from here by tests and tools
@@ -180,10 +186,10 @@ class S3Store:
         size = int(r["ContentLength"])
         etag = etag_version(r.get("ETag", ""))
         version = etag or weak_version(size, r.get("LastModified"))
-        mtime, mode = meta_attrs.decode(r.get("Metadata"))
+        mtime, mode = meta_decode(r.get("Metadata"))
         return ObjectInfo(key, size, epoch(r.get("LastModified", "")), version, mtime, mode,
-                          meta_attrs.token(r.get("Metadata")), *meta_attrs.owner(r.get("Metadata")),
-                          meta_attrs.rdev(r.get("Metadata")))
+                          meta_token(r.get("Metadata")), *meta_owner(r.get("Metadata")),
+                          meta_rdev(r.get("Metadata")))
 
     def get_small(self, key: str, version: str) -> tuple[ObjectInfo, bytes]:
         """One GET of a whole small object at ``version``: its metadata (what a HEAD tells:
@@ -199,11 +205,11 @@ class S3Store:
         etag = etag_version(r.get("ETag", ""))
         if cond and etag and etag != version:
             raise StaleVersion(f"{what}: changed (ETag {etag} != {version})")
-        mtime, mode = meta_attrs.decode(r.get("Metadata"))
+        mtime, mode = meta_decode(r.get("Metadata"))
         return ObjectInfo(key, int(r["ContentLength"]), epoch(r.get("LastModified", "")),
-                          etag or version, mtime, mode, meta_attrs.token(r.get("Metadata")),
-                          *meta_attrs.owner(r.get("Metadata")),
-                          meta_attrs.rdev(r.get("Metadata"))), body
+                          etag or version, mtime, mode, meta_token(r.get("Metadata")),
+                          *meta_owner(r.get("Metadata")),
+                          meta_rdev(r.get("Metadata"))), body
 
     def list(
         self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
@@ -363,16 +369,16 @@ class S3Store:
         self, key: str, upload: Upload, *, condition: Condition = Condition(),
         attrs: Attrs | None = None, progress: Callable[[int], None] | None = None,
     ) -> ObjectInfo:
-        return s3_write.put_file(self, key, upload, condition, attrs, progress)
+        return write_put_file(self, key, upload, condition, attrs, progress)
 
     def copy(
         self, src: str, version: str, dst: str, *, condition: Condition = Condition(),
     ) -> ObjectInfo:
-        return s3_write.copy(self, src, version, dst, condition)
+        return write_copy(self, src, version, dst, condition)
 
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
-        return s3_write.set_attrs(self, key, version, attrs)
+        return write_set_attrs(self, key, version, attrs)
 
     def abort_upload(self, key: str, upload_id: str) -> None:
         """Abort multipart upload ``upload_id`` of ``key`` (one a crash cut short)."""
-        s3_write.abort(self, key, upload_id)
+        write_abort(self, key, upload_id)
