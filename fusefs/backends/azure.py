@@ -8,29 +8,26 @@ sovereign clouds). Versions are ETags; ranged reads carry ``If-Match``. Keys, SA
 connection strings never reach a log line, an error message or ``source_id``.
 
 Parts: :class:`AzureStore` (the one store class) here; credentials and the Shared Key signer
-in :mod:`.azure_auth`; versions and error mapping in :mod:`.azure_common`; uploads, copies
-and metadata changes in :mod:`.azure_write`. Imports go one way: store -> write -> common.
+in :mod:`.azure_auth`; the lean GET path in :mod:`.azure_lean`; versions and error mapping in
+:mod:`.azure_common`; uploads, copies and metadata changes in :mod:`.azure_write`. Imports go
+one way: store -> write -> common, store -> lean -> auth.
 """
 
 from __future__ import annotations
 
 import builtins
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from email.utils import formatdate, parsedate_to_datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
 from xml.etree import ElementTree
 
-import requests
 from azure.core import MatchConditions
 from azure.core import exceptions as aexc
 from azure.core.pipeline.transport import RequestsTransport
 from azure.core.rest import HttpRequest
 from azure.storage.blob import BlobPrefix, ContainerClient, ExponentialRetry
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from ..errors import (
     Conflict,
@@ -53,11 +50,11 @@ from .azure_auth import (
     resolve_credentials,
 )
 from .azure_common import epoch, etag_version, map_azure_error
+from .azure_lean import SDK_STATUSES, LeanBlobGet, account_session
 from .azure_write import copy as write_copy
 from .azure_write import put_file as write_put_file
 from .azure_write import set_attrs as write_set_attrs
 from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
-from .lean import Answer, SessionPool
 
 # the credential helpers and map_azure_error are imported from here by tests and tools
 __all__ = [
@@ -95,71 +92,6 @@ def _info(key: str, p: Any) -> ObjectInfo:
                       meta_mtime, mode, meta_token(p.metadata), uid, gid,
                       meta_rdev(p.metadata))
 
-
-def _session(url: str, max_connections: int) -> requests.Session:
-    """A requests session for one account: a pooled connection per worker (the SDK's own
-    session keeps 10), and the environment's proxy and CA settings resolved once, here, for
-    this URL (requests would otherwise re-read the whole environment, and ~/.netrc, on every
-    request: a tenth of a small GET's CPU)."""
-    session = requests.Session()
-    session.trust_env = False
-    session.proxies = dict(requests.utils.get_environ_proxies(url))
-    ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    if ca_bundle:
-        session.verify = ca_bundle
-    # retries are the pipeline's (ExponentialRetry); urllib3 must not retry underneath it
-    adapter = HTTPAdapter(
-        pool_connections=4,
-        pool_maxsize=max_connections,
-        max_retries=Retry(total=False, redirect=False, raise_on_status=False),
-    )
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
-#: statuses of a lean GET that the SDK answers (and maps) instead; others (5xx, 408, 429, a
-#: connection failure) go to the pipeline, whose retry policy tries again
-_SDK_STATUSES = frozenset({301, 302, 303, 307, 308, 400, 401, 403, 404, 409, 412})
-
-
-class _LeanBlobGet:
-    """Ranged GETs without the pipeline and requests (policies, request and response objects,
-    requests' per-request work: about half of a small GET's CPU): signed by :class:`SharedKey`
-    (or a SAS token in the URL) and sent on the transport session's urllib3 pool
-    (:class:`.lean.SessionPool`). Not used with token credentials or a proxy.
-
-    An answer this path does not take is asked again through the pipeline or the SDK, which map
-    it exactly; if the SDK then succeeds where this path was refused, it is turned off for the
-    rest of the mount. ``enabled`` only ever goes from True to False; ``sent`` counts requests.
-    """
-
-    def __init__(self, session: requests.Session, url: str, credential: Any) -> None:
-        self.sent = 0
-        self._pool = SessionPool(session, url, (10.0, 60.0))
-        self._signer = (SharedKey(credential["account_name"], credential["account_key"])
-                        if isinstance(credential, dict) else None)  # fmt: skip
-        self.enabled = self._pool.usable and (self._signer is not None or isinstance(
-            credential, str))
-
-    def get(self, what: str, url: str, headers: dict[str, str], length: int) -> Answer | None:
-        """The answer (None: connection trouble or a huge 200; the pipeline retries it)."""
-        self.sent += 1
-        parts = urlsplit(url)
-        headers = {**headers, "x-ms-date": formatdate(usegmt=True)}
-        if self._signer is not None:
-            headers["Authorization"] = self._signer.sign(parts.path, headers)
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        try:
-            return self._pool.get(what, target, headers, length, map_azure_error)
-        except FusefsError as exc:
-            log.debug("lean GET of %s failed (%s); using the pipeline", what, exc.message)
-            return None
-
-    def refused_but_sdk_worked(self) -> None:
-        if self.enabled:
-            log.info("lean Azure GET path off for this mount: the service refused it, the SDK not")
-            self.enabled = False
 
 class AzureStore:
     """One Azure Blob container. Object versions are ETags.
@@ -200,7 +132,7 @@ class AzureStore:
         )
         if isinstance(credential, str):  # a SAS token: the SDK appends it to every URL
             url = account_url
-        session = _session(account_url, max_connections)
+        session = account_session(account_url, max_connections)
         transport = RequestsTransport(
             session=session,
             session_owner=False,
@@ -223,7 +155,7 @@ class AzureStore:
         self._blob_url = (base.rstrip("/") + "/", "?" + query if query else "")
         self._pipeline = getattr(self.client, "_pipeline", None)
         self._api_version = str(getattr(self.client, "api_version", "") or "")
-        self._lean = _LeanBlobGet(session, account_url, credential)
+        self._lean = LeanBlobGet(session, account_url, credential)
         self._lean.enabled = self._lean.enabled and bool(self._api_version)
         log.debug("azure %s with %s", self.source_id, kind)
 
@@ -388,7 +320,7 @@ class AzureStore:
         return data if at_end else None  # short only at the end of the object
 
     def _lean_get(self, key: str, start: int, length: int, version: str) -> bytes | bool:
-        """The bytes through :class:`_LeanBlobGet`, else whether the SDK must answer (True: an
+        """The bytes through :class:`LeanBlobGet`, else whether the SDK must answer (True: an
         answer this path does not map) or the pipeline (False: retried there)."""
         headers = {"x-ms-range": f"bytes={start}-{start + length - 1}",
                    "x-ms-version": self._api_version}
@@ -405,7 +337,7 @@ class AzureStore:
             data = self._accept(key, start, length, version, answer.status, answer.headers,
                                 answer.body)
             return False if data is None else data
-        return answer.status in _SDK_STATUSES
+        return answer.status in SDK_STATUSES
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
         if length <= 0:

@@ -88,7 +88,7 @@ def resolve_credentials(
 
 class SharedKey:
     """Shared Key authorization of a blob GET without a body or query (the ranged GET of
-    :class:`_LeanBlobGet`), to the rules of the SDK's ``SharedKeyCredentialPolicy``, at a
+    :class:`.azure_lean.LeanBlobGet`), to the rules of the SDK's ``SharedKeyCredentialPolicy``, at a
     fraction of its cost. Checked against the SDK's signer in the tests."""
 
     def __init__(self, account: str, key: str) -> None:
