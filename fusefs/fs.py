@@ -132,9 +132,12 @@ class FileSystem:
     def _node(self, path: str, is_dir: bool, info: ObjectInfo | None, seen: float) -> Node:
         """The node of ``path``, made or updated with an observation made at ``seen``."""
         node = self._by_path.get(path)
-        if node is not None and file_type(node.info) != seen_type(node, is_dir, info):
+        if node is not None and (file_type(node.info) != seen_type(node, is_dir, info)
+                                 or self._replaced_while_open(node, info, seen)):
             # a file became a folder, a link... or the other way round: a new inode (the
-            # kernel refuses a type change); it may still hold the old one until it forgets
+            # kernel refuses a type change); it may still hold the old one until it forgets.
+            # Also a new version of a file that is open: the kernel keeps pages per inode, so
+            # the descriptors must keep theirs while the name shows the new file
             del self._by_path[path]
             node = None
         if node is None:
@@ -150,6 +153,13 @@ class FileSystem:
             return node
         self._observe(node, info, seen)
         return node
+
+    def _replaced_while_open(self, node: Node, info: ObjectInfo | None, seen: float) -> bool:
+        """Another writer's version of an open file (a newer observation than the node's)."""
+        old = node.info
+        return (info is not None and old is not None and not node.is_dir
+                and seen >= node.confirmed and old.version != info.version
+                and self._is_open(node))
 
     def _observe(self, node: Node, info: ObjectInfo | None, seen: float) -> None:
         """Take a newer observation of a node; an older one than what it has is ignored."""
@@ -257,16 +267,25 @@ class FileSystem:
         path = join(parent.path, name)
         known = self._by_path.get(path)
         if self.writes is not None:
-            ov = self.writes.overlay(path)  # NotFound: unlinked while open
+            ov = self.writes.overlay(path)
             if ov is not None:
                 known = self._node(path, ov[0], ov[1], self.clock())
                 known.lookups += 1
                 return known
         if known is None or not self._fresh(known.confirmed, self.clock()):
-            is_dir, info, seen = await self.folders.resolve(parent.path, name)
+            is_dir, info, seen = await self.resolve(parent.path, name)
             known = self._node(path, is_dir, info, seen)
         known.lookups += 1
         return known
+
+    async def resolve(self, parent: str, name: str) -> tuple[bool, ObjectInfo | None, float]:
+        """(is_dir, info, seen) of ``name`` in folder ``parent`` as the store shows it, less
+        what this mount removed and has not deleted yet; NotFound if nothing is there."""
+        found = await self.folders.resolve(parent, name)
+        if self.writes is not None and self.writes.hides(join(parent, name), found[0],
+                                                         found[1]):
+            raise NotFound(f"{join(parent, name)}: no such file or directory")
+        return found
 
     async def getattr(self, ino: int) -> Node:
         if ino == CONTROL_INO:
@@ -277,7 +296,14 @@ class FileSystem:
                 return node  # unlinked or replaced while held: it keeps what it was
             if self.writes is not None and self.writes.overlay(node.path) is not None:
                 return node  # this mount's own version: nothing to ask the store
-            await self._revalidate(node)
+            try:
+                await self._revalidate(node)
+            except NotFound:
+                if not self._is_open(node):
+                    raise
+                # removed (or replaced by a folder) by another writer while open here: the
+                # name is gone, the descriptors keep the file they opened (nlink 0)
+                self.drop_path(node.path)
         return node
 
     async def _revalidate(self, node: Node) -> None:
@@ -285,7 +311,7 @@ class FileSystem:
         block, shared by its neighbours), never a request per file."""
         parent, _, name = node.path.rpartition("/")
         try:
-            is_dir, info, seen = await self.folders.resolve(parent, name)
+            is_dir, info, seen = await self.resolve(parent, name)
         except NotFound:
             node.confirmed = -math.inf
             raise
@@ -381,7 +407,7 @@ class FileSystem:
             up = await self.resolve_path(parent)
             if not up.is_dir:
                 raise NotFound(f"{path}: no such file or directory")
-        is_dir, info, seen = await self.folders.resolve(parent, name)
+        is_dir, info, seen = await self.resolve(parent, name)
         if node is not None and node.is_dir == is_dir:
             self._observe(node, info, seen)
         return Entry(path, is_dir, info)

@@ -664,3 +664,41 @@ def test_deletes_are_conditional_on_every_store(bucket: Bucket, mount, tmp_path)
     os.unlink(m.path / "b")  # nobody reads it: deleted at once, conditionally
     synced(m)
     assert bucket.get("b") is None
+
+
+@pytest.mark.parametrize("opened", ["before-upload", "after-upload"])
+@pytest.mark.parametrize("change", ["replace", "remove"])
+def test_a_name_another_mount_changed_shows_while_a_reader_holds_this_mounts_version(
+        store: Bucket, mount, tmp_path, change: str, opened: str):
+    """This mount wrote ``a`` and a reader still holds it when another mount replaces or
+    removes it: once the metadata TTL has passed the name shows the other's change, and the
+    reader keeps reading its own bytes (or gets ESTALE). Found by the model with a second
+    mount; before the fix a reader opened before the upload kept the staged file on the name
+    (the old bytes shown for as long as it was open), and one opened after shared the new
+    version's inode, so its reads came from the new file's pages."""
+    ma = mount(store, "--metadata-ttl", "1", cache_dir=tmp_path / "ca")
+    (ma.path / "a").write_bytes(b"mine")
+    if opened == "after-upload":
+        synced(ma)
+    with open(ma.path / "a", "rb", buffering=0) as reader:
+        if opened == "before-upload":
+            synced(ma)
+        mb = mount(store, "--metadata-ttl", "0", cache_dir=tmp_path / "cb")
+        if change == "replace":
+            (mb.path / "a").write_bytes(b"theirs, longer")
+        else:
+            os.unlink(mb.path / "a")
+        synced(mb)
+        time.sleep(1.5)  # this mount's TTL
+        if change == "replace":
+            assert (ma.path / "a").read_bytes() == b"theirs, longer"
+        else:
+            assert not (ma.path / "a").exists()
+            assert "a" not in os.listdir(ma.path)
+        try:
+            assert os.pread(reader.fileno(), 100, 0) == b"mine"
+        except OSError as e:
+            assert e.errno == errno.ESTALE
+    synced(ma)
+    assert store.get("a") == (b"theirs, longer" if change == "replace" else None)
+    assert ma.stats()["conflicts"] == 0

@@ -159,11 +159,24 @@ class Writes:
             self.maybe_retire(sf)
 
     def maybe_retire(self, sf: StagedFile) -> None:
-        """Let an uploaded staged file nobody uses leave the staging area (in the background)."""
-        if (sf.handles == 0 and not sf.needs_upload and not sf.queued and not sf.unlinked
-                and sf.rec.state not in ("failed", "conflict")):
+        """Let an uploaded staged file nobody uses leave the staging area (in the background).
+
+        One that only readers hold leaves its name at once: the name is the store's object
+        again (this version now, whatever another writer makes of it later, as for any file
+        this mount did not write), while the readers keep reading the staged bytes."""
+        if (sf.needs_upload or sf.queued or sf.unlinked
+                or sf.rec.state in ("failed", "conflict")):
+            return
+        if sf.handles == 0:
             with contextlib.suppress(FusefsError):  # not serving (unmount): it stays staged
                 self.fs.reader.start_soon(lambda: self._retire_logged(sf))
+        elif (sf.writers == 0 and sf.pins == 0 and sf.busy is None and not sf.retiring
+              and self.staging.files.get(sf.key) is sf):
+            self.staging.detach(sf)
+            # its row goes now, as in _retire: a crash must not upload it over a newer change
+            with contextlib.suppress(FusefsError):
+                self.fs.reader.start_soon(
+                    lambda: threads.run_sync(self.staging.journal.remove, sf.rec.id))
 
     async def _retire_logged(self, sf: StagedFile) -> None:
         """A background ``_retire``: a failure (a full disk) is logged, never the mount's end
@@ -197,7 +210,7 @@ class Writes:
         out = []
         for e in entries:
             name = e[0]
-            if not e[1] and join(dir_path, name) in self.deletes:
+            if self.hides(join(dir_path, name), e[1], e[2]):
                 continue
             if name in extra:
                 if e[1] and extra[name][1]:
@@ -211,15 +224,22 @@ class Writes:
 
     def overlay(self, path: str) -> tuple[bool, ObjectInfo | None] | None:
         """What this mount's own changes say ``path`` is: (is_dir, info), or None (ask the
-        store). NotFound if it is hidden."""
+        store, then :meth:`hides`)."""
         sf = self.staging.files.get(path)
         if sf is not None:
             return False, self.info_of(sf)
-        if path in self.deletes:
-            raise NotFound(f"{path}: no such file or directory")
         if self.staging.files.has_under(path):
             return True, None
         return None
+
+    def hides(self, path: str, is_dir: bool, info: ObjectInfo | None) -> bool:
+        """Is what the store shows at ``path`` the object this mount removed (a delete of it
+        is pending: it waits for a reader, or failed and is retried)? Another writer's newer
+        object there, or a folder, shows (the pending delete is conditional: it keeps theirs)."""
+        version = self.deletes.entries.get(path)
+        if version is None or is_dir or info is None:
+            return False
+        return version.startswith("~") or info.version == version
 
     # --- checks ----------------------------------------------------------------------------
 
@@ -244,15 +264,11 @@ class Writes:
     async def exists(self, path: str) -> tuple[bool, ObjectInfo | None] | None:
         """(is_dir, info) of ``path``, or None if nothing is there."""
         parent, _, name = path.rpartition("/")
-        ov = None
-        try:
-            ov = self.overlay(path)
-        except NotFound:
-            return None
+        ov = self.overlay(path)
         if ov is not None:
             return ov
         try:
-            is_dir, info, _ = await self.fs.folders.resolve(parent, name)
+            is_dir, info, _ = await self.fs.resolve(parent, name)
         except NotFound:
             return None
         return is_dir, info
