@@ -475,6 +475,9 @@ class FileSystem:
         except StaleVersion:
             self._kernel_version.pop(node.ino, None)  # the next open drops the kernel's pages
             raise
+        except NotFound as exc:  # another writer removed the file this handle opened
+            self._kernel_version.pop(node.ino, None)
+            raise StaleVersion(f"{node.path}: removed since it was opened") from exc
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

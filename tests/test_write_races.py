@@ -702,3 +702,23 @@ def test_a_name_another_mount_changed_shows_while_a_reader_holds_this_mounts_ver
     synced(ma)
     assert store.get("a") == (b"theirs, longer" if change == "replace" else None)
     assert ma.stats()["conflicts"] == 0
+
+
+def test_a_descriptor_on_a_file_another_mount_removed_gets_estale(store: Bucket, mount,
+                                                                    tmp_path):
+    """A file opened here and removed by another mount before its bytes were read: reading it
+    is ESTALE (the file this handle opened is gone), not ENOENT (found by the write model)."""
+    mb = mount(store, cache_dir=tmp_path / "cb")
+    (mb.path / "f").write_bytes(b"x" * 100_000)
+    synced(mb)
+    ma = mount(store, cache_dir=tmp_path / "ca")
+    fd = os.open(ma.path / "f", os.O_RDONLY)
+    try:
+        os.unlink(mb.path / "f")
+        synced(mb)
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, 0)
+        assert e.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+    assert ma.proc is not None and ma.proc.poll() is None
