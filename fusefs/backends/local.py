@@ -34,7 +34,16 @@ from ..errors import (
     StaleVersion,
 )
 from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
-from .local_meta import SHOWN, chown_fd, copy_range, info_of, inside, ns, version_of
+from .local_meta import (
+    SHOWN,
+    chown_fd,
+    copy_range,
+    folder_attrs,
+    info_of,
+    inside,
+    ns,
+    version_of,
+)
 from .upload_io import pieces
 
 log = logging.getLogger(__name__)
@@ -74,6 +83,8 @@ class LocalStore:
     enforces_conditions = True
     #: links must stay inside (:func:`inside`): the write path refuses others at ``symlink``
     links_inside = True
+    #: folders are directories: a marker is never listed as an object
+    folders_are_dirs = True
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
@@ -382,6 +393,8 @@ class LocalStore:
         """The staged file's bytes and the base file's copy ranges, copied in the kernel
         (``copy_file_range``) into a temporary file, then committed (see above). A link,
         FIFO or socket (``attrs.mode``) is made as one (a link from the staged target)."""
+        if key.endswith("/") and upload.size == 0 and self._parts(key):
+            return self._put_folder(key, condition, attrs)
         kind = stat.S_IFMT(attrs.mode) if attrs is not None and attrs.mode else 0
         if kind in SHOWN:
             assert attrs is not None and attrs.mode is not None
@@ -479,7 +492,45 @@ class LocalStore:
         finally:
             os.close(fd)
 
+    def _put_folder(self, key: str, condition: Condition, attrs: Attrs | None) -> ObjectInfo:
+        """A folder marker with attributes: the directory, made if missing (Conflict if it
+        exists and ``condition.absent``), with ``attrs``'s mode, owner and mtime."""
+        if not os.path.isdir(self.root):
+            raise NotFound(f"directory {self.root} does not exist")
+        parts = self._parts(key)
+        try:
+            with self._lock:
+                try:
+                    fd = self._open_dir(parts)
+                except FileNotFoundError:
+                    fd = self._open_dir(parts, create=True)
+                else:
+                    if condition.absent:
+                        os.close(fd)
+                        raise Conflict(f"{key}: exists")
+                try:
+                    folder_attrs(fd, attrs)
+                    return info_of(key, os.fstat(fd))
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            raise _map_os_error(exc, key) from exc
+
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
+        if key.endswith("/") and self._parts(key):
+            # a folder: changed in place, as chmod does (a directory's version moves with
+            # every entry added, so there is no version of it to compare)
+            try:
+                fd = self._open_dir(self._parts(key))
+            except OSError as exc:
+                raise _map_os_error(exc, key) from exc
+            try:
+                folder_attrs(fd, attrs)
+                return info_of(key, os.fstat(fd))
+            except OSError as exc:
+                raise _map_os_error(exc, key) from exc
+            finally:
+                os.close(fd)
         try:
             fd = self._open_file(key)
         except NotFound:
