@@ -566,3 +566,19 @@ def test_errnos_as_ext4(anystore: Bucket, mount) -> None:
     with pytest.raises(OSError) as e:
         deep.mkdir(parents=True)
     assert e.value.errno == errno.ENAMETOOLONG
+
+
+def test_local_socket_chmod_chown_and_unlink(local_bucket: Bucket, mount) -> None:
+    """A socket in a local source is never opened (ENXIO): chmod, chown and unlink of one
+    work (they were EIO, and its delete was retried for ever)."""
+    m = mount(local_bucket)
+    root = Path(local_bucket.source[len("file://"):])
+    os.mknod(m.path / "sock", stat.S_IFSOCK | 0o600)
+    assert sync(m).returncode == 0  # a real socket in the source now
+    os.chmod(m.path / "sock", 0o640)
+    assert sync(m).returncode == 0
+    assert stat.S_IMODE(os.lstat(root / "sock").st_mode) == 0o640
+    os.chown(m.path / "sock", os.getuid(), os.getgid())
+    os.unlink(m.path / "sock")
+    assert sync(m).returncode == 0
+    assert not os.path.lexists(root / "sock")

@@ -124,10 +124,12 @@ class LocalStore:
         try:
             parent = self._open_dir(parts[:-1])
             try:
-                # a device node is never opened (opening one may act: a tape rewinds)
+                # a device node is never opened (opening one may act: a tape rewinds), nor
+                # a socket (ENXIO: its head, chmod or delete failed with EIO, and its delete
+                # was retried for ever)
                 kind = stat.S_IFMT(os.stat(parts[-1], dir_fd=parent,
                                            follow_symlinks=False).st_mode)
-                if kind in (stat.S_IFCHR, stat.S_IFBLK):
+                if kind in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK):
                     raise NotFound(f"{key}: not a file")
                 fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=parent)
             finally:
@@ -551,7 +553,8 @@ class LocalStore:
             os.close(fd)
 
     def _set_special_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
-        """``set_attrs`` of a link (its mtime only, as ``touch -h``), FIFO or socket."""
+        """``set_attrs`` of a link (its mtime and owner, as ``touch -h``, ``chown -h``), FIFO,
+        socket or device node."""
         parts = self._parts(key)
         with self._lock:
             st, _ = self._special(key)
@@ -568,6 +571,11 @@ class LocalStore:
                                 os.fchmod(fd, attrs.mode & 0o777)
                         finally:
                             os.close(fd)
+                    elif attrs.mode is not None and not stat.S_ISLNK(st.st_mode):
+                        # a socket or device node is never opened: fchmodat without
+                        # following a link (a link swapped in keeps its mode)
+                        os.chmod(parts[-1], attrs.mode & 0o777, dir_fd=dfd,
+                                 follow_symlinks=False)
                     if attrs.uid is not None or attrs.gid is not None:
                         os.chown(parts[-1], -1 if attrs.uid is None else attrs.uid,
                                  -1 if attrs.gid is None else attrs.gid, dir_fd=dfd,
