@@ -15,7 +15,8 @@ In memory only (never stored, lost at unmount): a folder's mtime and ctime movin
 mount adds, removes or renames entries in it; ctime of files and folders (``chmod``,
 ``chown``, ``utimensat``, ``rename``, ``write``, ``truncate``); atime set by ``utimensat``.
 Without one, ctime and atime read as the mtime (the mount never updates atime on reads, as
-``noatime``). Bounded: ``MAX_TIMES`` paths (least recently set dropped first).
+``noatime``). Bounded: ``MAX_TIMES`` paths and ``MAX_FOLDERS`` markers (least recently set
+or seen dropped first).
 
 Concurrency: on the trio thread; the HEAD runs in a worker thread.
 """
@@ -36,6 +37,8 @@ from .errors import NotFound
 
 #: Paths whose in-memory ctime or atime is kept (each ~150 B).
 MAX_TIMES = 200_000
+#: Folders whose marker is kept (each ~400 B with its info).
+MAX_FOLDERS = 200_000
 
 
 @dataclass(slots=True)
@@ -55,7 +58,8 @@ class FolderMeta:
         self.clock = clock
         self.fresh = fresh
         self.limiter = limiter
-        self._markers: dict[str, FolderState] = {}
+        #: by path, least recently seen first (bounded: MAX_FOLDERS)
+        self._markers: OrderedDict[str, FolderState] = OrderedDict()
         self._loading: dict[str, trio.Event] = {}
         #: path -> (mtime, ctime, atime) set by this mount (wall-clock seconds, None: none)
         self._times: OrderedDict[str, tuple[float | None, float | None, float | None]] = (
@@ -113,11 +117,21 @@ class FolderMeta:
             old = self._times[path]
             self._set_times(path, mtime=None, ctime=old[1], atime=old[2])
         st = self._markers[path] = FolderState(info, sent)
+        self._markers.move_to_end(path)
+        self._bound()
         return st
+
+    def _bound(self) -> None:
+        """At most MAX_FOLDERS markers kept: the least recently seen go (read again when
+        asked; a folder's attributes kept in memory only are then lost: the defaults)."""
+        while len(self._markers) > MAX_FOLDERS:
+            self._markers.popitem(last=False)
 
     def keep(self, path: str, info: ObjectInfo) -> None:
         """A folder's attributes kept in memory only (``memory_only``): never read again."""
         self._markers[path] = FolderState(info, math.inf)
+        self._markers.move_to_end(path)
+        self._bound()
 
     def stale(self, path: str) -> None:
         st = self._markers.get(path)
