@@ -365,6 +365,7 @@ class Writes:
                 await sf.idle()
                 await self.changing(sf)
                 sf.truncate(0)
+                self.fs.folder_meta.changed(node.path)  # ctime moves with the mtime
         except BaseException:
             sf.handles -= 1
             if writing:
