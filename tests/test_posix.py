@@ -460,7 +460,8 @@ def test_folder_change_is_conditional_on_the_marker_read(anystore: Bucket, mount
     assert os.stat(m.path / "d").st_uid == 4242
 
 
-def test_folder_times_move_with_entries_and_ctime_apart(anystore: Bucket, mount) -> None:
+def test_folder_times_move_with_entries_and_ctime_apart(anystore: Bucket, mount,
+                                                         tmp_path: Path) -> None:
     """A folder's mtime and ctime move when this mount adds, removes or renames entries in
     it; a file's ctime moves on chmod/chown/rename/write/truncate while its mtime does not
     (but for write/truncate); utimensat's atime is kept."""
@@ -499,6 +500,12 @@ def test_folder_times_move_with_entries_and_ctime_apart(anystore: Bucket, mount)
     os.utime(f, (1_500_000_000, 1_600_000_000))
     st = os.stat(f)
     assert (st.st_atime, st.st_mtime) == (1_500_000_000, 1_600_000_000)
+    assert sync(m).returncode == 0
+    # ctime and atime are kept in memory only: a fresh mount shows the stored mtime for both
+    m2 = mount(b, cache_dir=tmp_path / "cache2")
+    st = os.stat(m2.path / "f")
+    assert st.st_mtime == 1_600_000_000
+    assert st.st_atime == st.st_ctime == 1_600_000_000  # (a local file's own are not shown)
 
 
 def test_folder_link_count_and_find(anystore: Bucket, mount) -> None:
