@@ -301,12 +301,23 @@ class FileSystem:
                 known = self._node(path, ov[0], ov[1], self.clock())
                 known.lookups += 1
                 return known
-        if known is None or not self._fresh(known.confirmed, self.clock()):
-            is_dir, info, seen = await self.folders.resolve(parent.path, name)
-            known = self._node(path, is_dir, info, seen)
-        if known.is_dir:
-            await self.folder_meta.load(path)  # its marker: mode, owner, times
-        known.lookups += 1
+        for attempt in range(2):
+            if known is None or not self._fresh(known.confirmed, self.clock()):
+                is_dir, info, seen = await self.folders.resolve(parent.path, name)
+                if is_dir:
+                    await self.folder_meta.load(path)  # its marker: mode, owner, times
+                known = self._node(path, is_dir, info, seen)
+                break
+            if not known.is_dir or attempt or self.folder_meta.known(path):
+                break
+            # Read the folder's marker before the reference is taken below, and take the
+            # node again after: while this waits, a node nobody holds may be freed (and its
+            # inode number given to another path), so one made or found before must not be
+            # handed to the kernel.
+            await self.folder_meta.load(path)
+            known = self._by_path.get(path)
+        assert known is not None
+        known.lookups += 1  # no await between the node's making (or finding) and this
         return known
 
     async def getattr(self, ino: int) -> Node:

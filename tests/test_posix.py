@@ -592,3 +592,23 @@ def test_local_socket_chmod_chown_and_unlink(local_bucket: Bucket, mount) -> Non
     os.unlink(m.path / "sock")
     assert sync(m).returncode == 0
     assert not os.path.lexists(root / "sock")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another owner needs root")
+def test_local_rename_of_a_fifo_or_link_keeps_its_owner(local_bucket: Bucket, mount) -> None:
+    """A local source's link, FIFO or socket renamed (made anew at the new name) keeps its
+    owner (it took the daemon's)."""
+    m = mount(local_bucket)
+    root = Path(local_bucket.source[len("file://"):])
+    os.mkfifo(m.path / "p", 0o644)
+    os.symlink("p", m.path / "l")
+    assert sync(m).returncode == 0
+    os.chown(m.path / "p", 65533, 65532)
+    os.chown(m.path / "l", 65531, 65530, follow_symlinks=False)
+    os.rename(m.path / "p", m.path / "p2")
+    os.rename(m.path / "l", m.path / "l2")
+    assert sync(m).returncode == 0
+    assert (os.lstat(root / "p2").st_uid, os.lstat(root / "p2").st_gid) == (65533, 65532)
+    assert (os.lstat(root / "l2").st_uid, os.lstat(root / "l2").st_gid) == (65531, 65530)
+    st = os.lstat(m.path / "p2")
+    assert (st.st_uid, st.st_gid) == (65533, 65532)

@@ -476,8 +476,12 @@ class LocalStore:
             st, target = self._special(src)  # a link, FIFO or socket: made anew at dst
             if version_of(st) != version:
                 raise StaleVersion(f"{src}: changed since it was read") from None
+            # the owner is kept (root only may give a file away: others' copies are theirs)
+            owner = ((st.st_uid, st.st_gid) != (os.geteuid(), os.getegid())
+                     and os.geteuid() == 0)
             return self._put_special(dst, stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
                                      target, st.st_mtime_ns / 10**9, condition,
+                                     Attrs(uid=st.st_uid, gid=st.st_gid) if owner else None,
                                      rdev=st.st_rdev)
         try:
             st = os.fstat(fd)
