@@ -38,9 +38,19 @@ from .errors import (
     ReadOnly,
     StaleVersion,
 )
+from .foldermeta import FolderMeta
 from .folders import Folders, check_length, join, valid_name
 from .kinds import file_type, is_link
-from .nodes import Attr, DirHandle, Entry, Handle, Node, capped_mode, seen_type
+from .nodes import (
+    Attr,
+    DirHandle,
+    Entry,
+    Handle,
+    Node,
+    capped_dir_mode,
+    capped_mode,
+    seen_type,
+)
 from .reader import Reader, SeqState
 
 if TYPE_CHECKING:
@@ -93,6 +103,8 @@ class FileSystem:
         self.folders = Folders(store, settings, clock, reader.start_soon)
         reader._on_stale = self.mark_stale
         self.folders.seed = self._seed
+        #: folders' markers (mode, owner, mtime) and the times kept in memory
+        self.folder_meta = FolderMeta(store, clock, self._fresh, self.folders.meta_limiter)
         #: The write side (set by :class:`fusefs.write.writes.Writes`); None: read-only core.
         self.writes: Writes | None = None
 
@@ -197,12 +209,34 @@ class FileSystem:
         if 0 < info.size == len(data) <= self.reader.block_size:
             self.reader.blocks.put(self.reader.block_key(info, 0), data)
 
+    def dir_mtime(self, path: str) -> float:
+        """A folder's mtime: set in memory by this mount (entries changed, utimensat), else
+        its marker's (metadata, else the marker's own time), else the mount time."""
+        mtime = self.folder_meta.times(path)[0]
+        if mtime is not None:
+            return mtime
+        st = self.folder_meta.state(path)
+        marker = st.marker if st is not None else None
+        if marker is not None:
+            return marker.meta_mtime if marker.meta_mtime is not None else marker.mtime
+        return self.mount_time_ns / 1e9
+
+    def attr_known(self, node: Node) -> bool:
+        """Are a node's attributes known (False: a folder whose marker was not read yet, whose
+        entry the kernel gets with the defaults and no attribute timeout)?"""
+        return not node.is_dir or node.ino == ROOT_INO or self.folder_meta.known(node.path)
+
     def attr(self, node: Node) -> Attr:
         ro = ~0o222 if self.settings.read_only else ~0
         info: ObjectInfo | None = None
         if node.is_dir:
-            mode = stat.S_IFDIR | (self.settings.dir_mode & ro)
-            mtime_ns, size, nlink = self.mount_time_ns, 0, 2
+            st = self.folder_meta.state(node.path)
+            info = st.marker if st is not None else None
+            perm = (capped_dir_mode(info.mode, self.settings)
+                    if info is not None and info.mode is not None else self.settings.dir_mode)
+            mode = stat.S_IFDIR | (perm & ro)
+            # one link (as btrfs): find and du take it as "count unknown" (no leaf shortcut)
+            mtime_ns, size, nlink = int(self.dir_mtime(node.path) * 1e9), 0, 1
         else:
             info = node.info
             assert info is not None
@@ -221,8 +255,11 @@ class FileSystem:
             mtime_ns, size = int(mtime * 1e9), info.size
         uid = self.uid if info is None or info.uid is None else info.uid
         gid = self.gid if info is None or info.gid is None else info.gid
+        _, ctime, atime = self.folder_meta.times(node.path)
         return Attr(node.ino, mode, size, mtime_ns, (size + 511) // 512, 128 * 1024, nlink,
-                    uid, gid, info.rdev or 0 if info is not None else 0)
+                    uid, gid, info.rdev or 0 if info is not None and not node.is_dir else 0,
+                    int(ctime * 1e9) if ctime is not None else -1,
+                    int(atime * 1e9) if atime is not None else -1)
 
     def mark_stale(self, key: str) -> None:
         """The store said ``key`` changed: distrust what we know of it and of its folder."""
@@ -269,13 +306,28 @@ class FileSystem:
         if self.writes is not None:
             ov = self.writes.overlay(path)
             if ov is not None:
+                if ov[0]:
+                    await self.folder_meta.load(path)
                 known = self._node(path, ov[0], ov[1], self.clock())
                 known.lookups += 1
                 return known
-        if known is None or not self._fresh(known.confirmed, self.clock()):
-            is_dir, info, seen = await self.resolve(parent.path, name)
-            known = self._node(path, is_dir, info, seen)
-        known.lookups += 1
+        for attempt in range(2):
+            if known is None or not self._fresh(known.confirmed, self.clock()):
+                is_dir, info, seen = await self.resolve(parent.path, name)
+                if is_dir:
+                    await self.folder_meta.load(path)  # its marker: mode, owner, times
+                known = self._node(path, is_dir, info, seen)
+                break
+            if not known.is_dir or attempt or self.folder_meta.known(path):
+                break
+            # Read the folder's marker before the reference is taken below, and take the
+            # node again after: while this waits, a node nobody holds may be freed (and its
+            # inode number given to another path), so one made or found before must not be
+            # handed to the kernel.
+            await self.folder_meta.load(path)
+            known = self._by_path.get(path)
+        assert known is not None
+        known.lookups += 1  # no await between the node's making (or finding) and this
         return known
 
     async def resolve(self, parent: str, name: str) -> tuple[bool, ObjectInfo | None, float]:
@@ -291,6 +343,8 @@ class FileSystem:
         if ino == CONTROL_INO:
             raise InvalidArgument("control file attributes come from the control layer")
         node = self.node(ino)
+        if node.is_dir and node.ino != ROOT_INO and self._by_path.get(node.path) is node:
+            await self.folder_meta.load(node.path)
         if node.ino != ROOT_INO and not self._fresh(node.confirmed, self.clock()):
             if self._by_path.get(node.path) is not node:
                 return node  # unlinked or replaced while held: it keeps what it was
@@ -556,9 +610,11 @@ class FileSystem:
         node = self._by_path.pop(path, None)
         if node is not None:
             node.confirmed = -math.inf
+        self.folder_meta.drop(path)
 
     def move_path(self, old: str, new: str) -> None:
         """``old`` (a file, or a folder and everything below it) is now ``new``."""
+        self.folder_meta.move(old, new)
         for path in [p for p in self._by_path if p == old or p.startswith(old + "/")]:
             node = self._by_path.pop(path)
             moved = new + path[len(old):]

@@ -315,6 +315,8 @@ class Writes:
             raise
         node = self.fs.file_node(path, self.info_of(sf))
         node.lookups += 1
+        self.fs.folder_meta.drop(path)  # a new file: no times of an older one
+        self.fs.folder_meta.entries_changed(parent.path)
         fh = self.fs.new_handle(node, self.info_of(sf), sf, writable=True)
         sf.writers += 1
         sf.handles += 1
@@ -379,6 +381,7 @@ class Writes:
                 await sf.idle()
                 await self.changing(sf)
                 sf.truncate(0)
+                self.fs.folder_meta.changed(node.path)  # ctime moves with the mtime
         except BaseException:
             sf.handles -= 1
             if writing:
@@ -560,6 +563,26 @@ class Writes:
             if len(data) != end - start:
                 return
             reader.blocks.put(reader.block_key(info, idx), data)
+
+    async def marker_metadata_dropped(self, key: str) -> bool:
+        """Does the store keep no metadata on folder markers (``key``: one just written with
+        a ``mode``, or one it refused to change though it lists it)? One HEAD; if so, the
+        mount keeps folders' attributes in memory from now on (``FolderMeta.memory_only``),
+        and says so once."""
+        fm = self.fs.folder_meta
+        if fm.memory_only:
+            return True
+        try:
+            info = await threads.run_sync(self.store.head, key,
+                                          limiter=self.fs.folders.meta_limiter)
+        except NotFound:
+            return False
+        if info.mode is not None:
+            return False
+        fm.memory_only = True
+        log.warning("this store keeps no metadata on folder markers (%r): folders' modes, "
+                    "owners and times are kept in memory until unmount", key)
+        return True
 
     async def delete_object(self, key: str) -> None:
         await threads.run_sync(self.store.delete, key, limiter=self.fs.folders.meta_limiter)
