@@ -198,7 +198,8 @@ def to_errno(exc: BaseException) -> int:
     """
     exc = first_error(exc)
     if isinstance(exc, FusefsError):
-        if exc.errno in (errno.ENOENT, errno.EROFS, errno.EISDIR, errno.ENOTDIR):
+        if exc.errno in (errno.ENOENT, errno.EROFS, errno.EISDIR, errno.ENOTDIR,
+                         errno.ENAMETOOLONG):  # a program's own (bad) input: not a warning
             log.debug("%s: %s", type(exc).__name__, exc)
         elif exc.errno == errno.EINVAL:  # a user's bad input (e.g. a control command)
             log.info("%s: %s", type(exc).__name__, exc)

@@ -40,9 +40,19 @@ from .errors import (
     ReadOnly,
     StaleVersion,
 )
+from .foldermeta import FolderMeta
 from .folders import Folders, check_length, join, valid_name
 from .kinds import file_type, is_link
-from .nodes import Attr, DirHandle, Entry, Handle, Node, capped_mode, seen_type
+from .nodes import (
+    Attr,
+    DirHandle,
+    Entry,
+    Handle,
+    Node,
+    capped_dir_mode,
+    capped_mode,
+    seen_type,
+)
 from .reader import Reader, SeqState
 
 if TYPE_CHECKING:
@@ -117,6 +127,8 @@ class FileSystem:
         self.folders.seed = self._seed
         reader.learn = self._learn
         self.folders.keeps_bytes = reader.blocks.persistent
+        #: folders' markers (mode, owner, mtime) and the times kept in memory
+        self.folder_meta = FolderMeta(store, clock, self._fresh, self.folders.meta_limiter)
         #: The write side (set by :class:`fusefs.write.writes.Writes`); None: read-only core.
         self.writes: Writes | None = None
         #: Is a hint stream open? (set by the control layer): then :meth:`_settle_next`
@@ -162,9 +174,12 @@ class FileSystem:
     def _node(self, path: str, is_dir: bool, info: ObjectInfo | None, seen: float) -> Node:
         """The node of ``path``, made or updated with an observation made at ``seen``."""
         node = self._by_path.get(path)
-        if node is not None and file_type(node.info) != seen_type(node, is_dir, info):
+        if node is not None and (file_type(node.info) != seen_type(node, is_dir, info)
+                                 or self._replaced_while_open(node, info, seen)):
             # a file became a folder, a link... or the other way round: a new inode (the
-            # kernel refuses a type change); it may still hold the old one until it forgets
+            # kernel refuses a type change); it may still hold the old one until it forgets.
+            # Also a new version of a file that is open: the kernel keeps pages per inode, so
+            # the descriptors must keep theirs while the name shows the new file
             del self._by_path[path]
             node = None
         if node is None:
@@ -180,6 +195,13 @@ class FileSystem:
             return node
         self._observe(node, info, seen)
         return node
+
+    def _replaced_while_open(self, node: Node, info: ObjectInfo | None, seen: float) -> bool:
+        """Another writer's version of an open file (a newer observation than the node's)."""
+        old = node.info
+        return (info is not None and old is not None and not node.is_dir
+                and seen >= node.confirmed and old.version != info.version
+                and self._is_open(node))
 
     def _observe(self, node: Node, info: ObjectInfo | None, seen: float) -> None:
         """Take a newer observation of a node; an older one than what it has is ignored."""
@@ -292,12 +314,34 @@ class FileSystem:
         except Exception as exc:  # background: the file's own stat asks again
             log.debug("reading the metadata of %s ahead failed: %s", info.key, exc)
 
+    def dir_mtime(self, path: str) -> float:
+        """A folder's mtime: set in memory by this mount (entries changed, utimensat), else
+        its marker's (metadata, else the marker's own time), else the mount time."""
+        mtime = self.folder_meta.times(path)[0]
+        if mtime is not None:
+            return mtime
+        st = self.folder_meta.state(path)
+        marker = st.marker if st is not None else None
+        if marker is not None:
+            return marker.meta_mtime if marker.meta_mtime is not None else marker.mtime
+        return self.mount_time_ns / 1e9
+
+    def attr_known(self, node: Node) -> bool:
+        """Are a node's attributes known (False: a folder whose marker was not read yet, whose
+        entry the kernel gets with the defaults and no attribute timeout)?"""
+        return not node.is_dir or node.ino == ROOT_INO or self.folder_meta.known(node.path)
+
     def attr(self, node: Node) -> Attr:
         ro = ~0o222 if self.settings.read_only else ~0
         info: ObjectInfo | None = None
         if node.is_dir:
-            mode = stat.S_IFDIR | (self.settings.dir_mode & ro)
-            mtime_ns, size, nlink = self.mount_time_ns, 0, 2
+            st = self.folder_meta.state(node.path)
+            info = st.marker if st is not None else None
+            perm = (capped_dir_mode(info.mode, self.settings)
+                    if info is not None and info.mode is not None else self.settings.dir_mode)
+            mode = stat.S_IFDIR | (perm & ro)
+            # one link (as btrfs): find and du take it as "count unknown" (no leaf shortcut)
+            mtime_ns, size, nlink = int(self.dir_mtime(node.path) * 1e9), 0, 1
         else:
             info = node.info
             assert info is not None
@@ -317,8 +361,11 @@ class FileSystem:
             mtime_ns, size = int(mtime * 1e9), info.size
         uid = self.uid if info is None or info.uid is None else info.uid
         gid = self.gid if info is None or info.gid is None else info.gid
+        _, ctime, atime = self.folder_meta.times(node.path)
         return Attr(node.ino, mode, size, mtime_ns, (size + 511) // 512, 128 * 1024, nlink,
-                    uid, gid, info.rdev or 0 if info is not None else 0)
+                    uid, gid, info.rdev or 0 if info is not None and not node.is_dir else 0,
+                    int(ctime * 1e9) if ctime is not None else -1,
+                    int(atime * 1e9) if atime is not None else -1)
 
     def mark_stale(self, key: str) -> None:
         """The store said ``key`` changed: distrust what we know of it and of its folder."""
@@ -363,27 +410,61 @@ class FileSystem:
         path = join(parent.path, name)
         known = self._by_path.get(path)
         if self.writes is not None:
-            ov = self.writes.overlay(path)  # NotFound: unlinked while open
+            ov = self.writes.overlay(path)
             if ov is not None:
+                if ov[0]:
+                    await self.folder_meta.load(path)
                 known = self._node(path, ov[0], ov[1], self.clock())
                 known.lookups += 1
                 return known
-        if known is None or not self._fresh(known.confirmed, self.clock()):
-            is_dir, info, seen = await self.folders.resolve(parent.path, name)
-            known = self._node(path, is_dir, info, seen)
-        known.lookups += 1
+        for attempt in range(2):
+            if known is None or not self._fresh(known.confirmed, self.clock()):
+                is_dir, info, seen = await self.resolve(parent.path, name)
+                if is_dir:
+                    await self.folder_meta.load(path)  # its marker: mode, owner, times
+                known = self._node(path, is_dir, info, seen)
+                break
+            if not known.is_dir or attempt or self.folder_meta.known(path):
+                break
+            # Read the folder's marker before the reference is taken below, and take the
+            # node again after: while this waits, a node nobody holds may be freed (and its
+            # inode number given to another path), so one made or found before must not be
+            # handed to the kernel.
+            await self.folder_meta.load(path)
+            known = self._by_path.get(path)
+        assert known is not None
+        known.lookups += 1  # no await between the node's making (or finding) and this
         return known
+
+    async def resolve(self, parent: str, name: str) -> tuple[bool, ObjectInfo | None, float]:
+        """(is_dir, info, seen) of ``name`` in folder ``parent`` as the store shows it, less
+        what this mount removed and has not deleted yet; NotFound if nothing is there."""
+        found = await self.folders.resolve(parent, name)
+        if self.writes is not None and self.writes.hides(join(parent, name), found[0],
+                                                         found[1]):
+            raise NotFound(f"{join(parent, name)}: no such file or directory")
+        return found
 
     async def getattr(self, ino: int) -> Node:
         if ino == CONTROL_INO:
             raise InvalidArgument("control file attributes come from the control layer")
         node = self.node(ino)
+        if node.is_dir and node.ino != ROOT_INO and self._by_path.get(node.path) is node:
+            await self.folder_meta.load(node.path)
         if node.ino != ROOT_INO and not self._fresh(node.confirmed, self.clock()):
             if self._by_path.get(node.path) is not node:
                 return node  # unlinked or replaced while held: it keeps what it was
             if self.writes is not None and self.writes.overlay(node.path) is not None:
                 return node  # this mount's own version: nothing to ask the store
-            await self._revalidate(node)
+            try:
+                await self._revalidate(node)
+            except NotFound:
+                if not self._is_open(node):
+                    raise
+                # removed (or replaced by a folder) by another writer while open here: the
+                # name is gone, the descriptors keep the file they opened (nlink 0)
+                self.drop_path(node.path)
+                return node
         if self._to_settle and node.info is not None:
             self._settle_next(node)
         if self.unsettled(node):
@@ -395,7 +476,7 @@ class FileSystem:
         block, shared by its neighbours), never a request per file."""
         parent, _, name = node.path.rpartition("/")
         try:
-            is_dir, info, seen = await self.folders.resolve(parent, name)
+            is_dir, info, seen = await self.resolve(parent, name)
         except NotFound:
             node.confirmed = -math.inf
             raise
@@ -511,7 +592,7 @@ class FileSystem:
             up = await self.resolve_path(parent)
             if not up.is_dir:
                 raise NotFound(f"{path}: no such file or directory")
-        is_dir, info, seen = await self.folders.resolve(parent, name)
+        is_dir, info, seen = await self.resolve(parent, name)
         if node is not None and node.is_dir == is_dir:
             self._observe(node, info, seen)
         return Entry(path, is_dir, info)
@@ -564,21 +645,24 @@ class FileSystem:
         if handle is None:
             raise FusefsError(f"unknown file handle {fh}")
         node = handle.node
-        if self.writes is not None:
-            # a handle reads the file it opened: its staged file, or (once this node is
-            # being written by another handle) the node's own, never another file's
-            sf = handle.staged or self.writes.file_of(node)
-            if sf is not None:
-                return await self.writes.read(sf, offset, size)
-        if node.info is not None and node.info.version != handle.info.version:
-            # a newer version was seen: an old handle must not refill the kernel's pages of
-            # this inode with old bytes
-            raise StaleVersion(f"{node.path}: changed since it was opened")
         try:
+            if self.writes is not None:
+                # a handle reads the file it opened: its staged file, or (once this node is
+                # being written by another handle) the node's own, never another file's
+                sf = handle.staged or self.writes.file_of(node)
+                if sf is not None:  # (its unchanged ranges come from the object it is based on)
+                    return await self.writes.read(sf, offset, size)
+            if node.info is not None and node.info.version != handle.info.version:
+                # a newer version was seen: an old handle must not refill the kernel's pages of
+                # this inode with old bytes
+                raise StaleVersion(f"{node.path}: changed since it was opened")
             return await self.reader.read(handle.info, offset, size, handle.seq)
         except StaleVersion:
             self._kernel_version.pop(node.ino, None)  # the next open drops the kernel's pages
             raise
+        except NotFound as exc:  # another writer removed the object this handle reads
+            self._kernel_version.pop(node.ino, None)
+            raise StaleVersion(f"{node.path}: removed since it was opened") from exc
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
@@ -657,9 +741,11 @@ class FileSystem:
         node = self._by_path.pop(path, None)
         if node is not None:
             node.confirmed = -math.inf
+        self.folder_meta.drop(path)
 
     def move_path(self, old: str, new: str) -> None:
         """``old`` (a file, or a folder and everything below it) is now ``new``."""
+        self.folder_meta.move(old, new)
         for path in [p for p in self._by_path if p == old or p.startswith(old + "/")]:
             node = self._by_path.pop(path)
             moved = new + path[len(old):]

@@ -119,7 +119,9 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         e.st_size = a.size
         e.st_blksize = a.blksize
         e.st_blocks = a.blocks
-        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = a.mtime_ns
+        e.st_mtime_ns = a.mtime_ns
+        e.st_ctime_ns = a.ctime_ns if a.ctime_ns >= 0 else a.mtime_ns
+        e.st_atime_ns = a.atime_ns if a.atime_ns >= 0 else a.mtime_ns
         return e
 
     @_errors
@@ -166,9 +168,12 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
             if node.path == CONTROL_NAME:  # an object under the control name: never shown
                 self.fs.unused(node)
                 continue
+            # a sub-folder whose marker was not read: the defaults, asked again at its stat
+            timeout = None if self.fs.attr_known(node) else 0
             if not pyfuse3.readdir_reply(
                 token, os.fsencode(name),
-                self._entry(self.fs.attr(node), attr_timeout=self.fs.attr_timeout(node)), i + 1
+                self._entry(self.fs.attr(node), timeout, attr_timeout=self.fs.attr_timeout(node)),
+                i + 1
             ):
                 self.fs.unused(node)
                 return
@@ -200,7 +205,9 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         h = self.fs.handle(fh)
         if h.staged is None or not h.writable or self.writes is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return await self.writes.write(h.staged, off, buf)
+        n = await self.writes.write(h.staged, off, buf)
+        self.fs.folder_meta.changed(h.node.path)  # a write moves the ctime too
+        return n
 
     @property
     def writes(self) -> Writes | None:
@@ -246,7 +253,8 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
                     ) -> pyfuse3.EntryAttributes:
         if parent_inode == ROOT_INO and name == _CONTROL_NAME:
             raise pyfuse3.FUSEError(errno.EEXIST)
-        node = await self._writes().namespace.mkdir(parent_inode, os.fsdecode(name))
+        node = await self._writes().namespace.mkdir(
+            parent_inode, os.fsdecode(name), mode & ~getattr(ctx, "umask", 0), _owner(ctx))
         return self._entry(self.fs.attr(node))  # type: ignore[arg-type]
 
     @_errors
@@ -327,25 +335,31 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
             raise NotPermitted("the control file's attributes cannot change")
         w = self._writes()
         node = self.fs.node(inode)
+        uid = attr.st_uid if fields.update_uid else None
+        gid = attr.st_gid if fields.update_gid else None
+        mtime = attr.st_mtime_ns / 1e9 if fields.update_mtime else None
+        atime = attr.st_atime_ns / 1e9 if fields.update_atime else None
+        if node.is_dir:
+            if fields.update_size:
+                raise IsADirectory(f"{node.path} is a directory")
+            # kept in the folder's marker (sticky kept: it only restricts; no setuid/gid)
+            mode = attr.st_mode & 0o1777 if fields.update_mode else None
+            await w.attributes.set_folder(node, mode=mode, uid=uid, gid=gid, mtime=mtime,
+                                          atime=atime)
+            return self._entry(self.fs.attr(node))
         if fields.update_uid or fields.update_gid:
-            await w.attributes.chown(node, attr.st_uid if fields.update_uid else None,
-                                     attr.st_gid if fields.update_gid else None)
+            await w.attributes.chown(node, uid, gid)
         staged = None
         if fh is not None:
             h = self.fs.handle(fh) if not self.control.owns(fh) else None
             staged = h.staged if h is not None else None
-        if node.is_dir and fields.update_mode and (
-                attr.st_mode & 0o7777) != self.fs.attr(node).mode & 0o7777:
-            # folders are prefixes: no mode is kept, so a change would be a silent no-op
-            raise NotPermitted(f"{node.path or '/'}: folders show --dir-mode; it cannot change")
         if fields.update_size:
-            if node.is_dir:
-                raise IsADirectory(f"{node.path} is a directory")
             await w.truncate(node, attr.st_size, staged)
         if fields.update_mtime or fields.update_mode:
-            mtime = attr.st_mtime_ns / 1e9 if fields.update_mtime else None
             mode = attr.st_mode & 0o777 if fields.update_mode else None  # no setuid/gid/sticky
             await w.attributes.set_times(node, mtime, mode)
+        # ctime: any change of attributes or size (kept in memory); atime as utimensat says
+        self.fs.folder_meta.changed(node.path, atime=atime)
         return self._entry(self.fs.attr(node))
 
     @_errors

@@ -1,286 +1,69 @@
-"""Wires a mount together in one place, and runs it: checks, daemon, readiness, signals."""
+"""Runs a mount: FUSE session, serving loop, signals, readiness, daemon, unmount.
+
+The parts: :mod:`fusefs.mount_build` builds a :class:`Mount` from the settings,
+:mod:`fusefs.mount_checks` checks the mount point, FUSE and the store first,
+:mod:`fusefs.mount_service` sets up the log, the status line and SIGHUP's reload. This module
+re-exports what the CLI and tools use of them, so ``fusefs.mount`` stays the one entry point.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import ctypes.util
-import errno
 import logging
-import logging.handlers
 import os
-import re
 import resource
-import shutil
 import signal
-import stat
-import subprocess
 import sys
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyfuse3
 import trio
 
 from . import kernel, notify, threads
-from . import stats as S
-from .backends import ObjectStore, open_store
-from .cache.blocks import BlockStore, DiskBlockStore, NullBlockStore
-from .config import SETTING_NAMES, Settings, human_size
-from .control import Control
-from .ctlsocket import ControlSocket, socket_path
-from .errors import FusefsError, UserError
-from .fs import CONTROL_NAME, FileSystem
-from .fuse_ops import FuseOperations
-from .reader import Reader
-from .safety import SafeFormatter, check_cache_dir
-from .stats import Stats
-from .workers.pool import FetchPool
-from .write.staging import Staging
-from .write.writes import Writes
+from .config import human_size
+from .errors import UserError
+from .mount_build import Mount, build
+from .mount_checks import (
+    check_fuse,
+    check_mountpoint,
+    check_store,
+    lazy_unmount,
+    mounted_fstype,
+)
+from .mount_service import (
+    reload,
+    reopen_logging,
+    safe_status_text,
+    setup_logging,
+    status_interval,
+    status_text,
+)
+
+__all__ = [
+    "Mount",
+    "build",
+    "check_fuse",
+    "check_mountpoint",
+    "check_store",
+    "daemonize_and_run",
+    "lazy_unmount",
+    "mounted_fstype",
+    "reload",
+    "reopen_logging",
+    "run",
+    "safe_status_text",
+    "setup_logging",
+    "status_text",
+]
 
 log = logging.getLogger(__name__)
 
-#: Just-fetched blocks kept in memory (32 MiB with the default 8 MiB blocks).
-RECENT_BLOCKS = 4
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-@dataclass
-class Mount:
-    """Everything one mount is made of."""
-
-    source: str
-    mountpoint: str
-    settings: Settings
-    store: ObjectStore
-    blocks: BlockStore
-    stats: Stats
-    reader: Reader
-    fs: FileSystem
-    control: Control
-    ops: FuseOperations
-    extra_fuse_options: list[str] = field(default_factory=list)
-    #: The Prometheus endpoint (``--metrics``), serving; None when off.
-    metrics: Any = None
-    #: Loads the settings again from the same layers (SIGHUP); None: nothing to re-read.
-    reload_settings: Callable[[], Settings] | None = None
-    #: The write side; None on a read-only mount.
-    writes: Writes | None = None
-    #: The control socket (read-only mounts: the kernel refuses writes to the control file).
-    control_socket: ControlSocket | None = None
-    #: The FUSE session was closed (unmounted) already.
-    closed: bool = False
-
-
-def build(
-    source: str, mountpoint: str, settings: Settings, store: ObjectStore | None = None
-) -> Mount:
-    """Construct the store, caches, reader, filesystem and FUSE adapter for one mount.
-
-    With ``--metrics``, the store is wrapped to time its requests, the adapter reports each
-    request's duration, and ``/metrics`` is served from here on (UserError if it cannot be).
-    """
-    if settings.cache_enabled or not settings.read_only:
-        check_cache_dir(settings.cache_dir)  # never trust what another user prepared there
-    explicit_store = store is not None
-    store = store or open_store(source, settings)
-    metrics = None
-    if settings.metrics:
-        from .metrics import InstrumentedStore, Metrics
-
-        metrics = Metrics(source)
-        store = InstrumentedStore(store, metrics)
-    blocks: BlockStore
-    stats = Stats()
-    if settings.cache_enabled:
-        blocks = DiskBlockStore(settings.cache_dir, settings.cache_size,
-                                on_corrupt=lambda: stats.add(S.CORRUPT_BLOCKS))
-        # just-fetched blocks stay in memory a little: a sequential reader consumes each in
-        # several requests, served without reading the block back from its cache file
-        recent = RECENT_BLOCKS * settings.block_size
-    else:
-        blocks = NullBlockStore()
-        recent = settings.readahead_max + 2 * settings.block_size
-    pool = None
-    if settings.fetch_workers > 0 and not explicit_store:
-        # the workers build their own store from the source and settings: not for a store
-        # handed in (tests, tools), which they could not rebuild
-        pool = FetchPool(source, settings, settings.fetch_workers,
-                         on_corrupt=lambda n: stats.add(S.CORRUPT_BLOCKS, n))
-    reader = Reader(
-        store,
-        blocks,
-        stats,
-        block_size=settings.block_size,
-        workers=settings.workers,
-        readahead_max=settings.readahead_max,
-        recent_bytes=recent,
-        pool=pool,
-    )
-    fs = FileSystem(store, reader, settings)
-    writes = None
-    if not settings.read_only:
-        try:
-            staging = Staging(settings.cache_dir, store.source_id)
-        except OSError as exc:
-            raise UserError(f"cannot use {settings.cache_dir} for staging writes: "
-                            f"{exc.strerror} (mount with --read-only to only read)") from None
-        writes = Writes(fs, store, settings, staging, CONTROL_NAME)
-    control = Control(fs, reader, blocks, stats, settings, source, mountpoint=mountpoint)
-    ctl_socket = None
-    if settings.read_only:
-        ctl_socket = ControlSocket(control, socket_path(settings.cache_dir, mountpoint))
-        ctl_socket.bind()
-        control.socket_path = ctl_socket.path
-    ops = FuseOperations(fs, control)
-    if metrics is not None and settings.metrics:
-        metrics.add_stats(control.stats_dict)
-        ops.observe = metrics.observe_fuse
-        metrics.serve(settings.metrics)
-    return Mount(
-        source,
-        mountpoint,
-        settings,
-        store,
-        blocks,
-        stats,
-        reader,
-        fs,
-        control,
-        ops,
-        metrics=metrics,
-        writes=writes,
-        control_socket=ctl_socket,
-    )
-
-
-# --- checks before mounting ------------------------------------------------------------------
-
-
-def lazy_unmount(mountpoint: str) -> None:
-    """Detach a mount even if busy or dead (``fusermount3 -uz``, or ``umount -l`` as root)."""
-    for cmd in (["fusermount3", "-uz", mountpoint], ["umount", "-l", mountpoint]):
-        if shutil.which(cmd[0]):
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode == 0:
-                return
-    raise UserError(f"mount point {mountpoint}: cannot detach the dead mount")
-
-
-def _unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes (``\\040`` is a space)."""
-    return re.sub(r"\\([0-7]{3})", lambda mo: chr(int(mo.group(1), 8)), field)
-
-
-def mounted_fstype(path: str) -> str | None:
-    """The type of the filesystem mounted exactly at ``path`` (the top one), or None."""
-    real = os.path.realpath(path)
-    fstype = None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                if len(fields) > 4 and _unescape(fields[4]) == real and right:
-                    fstype = right.split()[0]
-    except OSError:
-        return None
-    return fstype
-
-
-#: Seconds a FUSE mount already at the mount point gets to answer ``statfs``.
-PROBE_TIMEOUT = 5.0
-
-
-def _probe(mountpoint: str) -> int | None:
-    """``statfs`` the FUSE mount at ``mountpoint`` (always a request to its daemon, never
-    answered from the kernel's attribute cache): 0 if it answers, its errno (ENOTCONN: the
-    daemon is gone), or None if it hangs."""
-    result: dict[str, int] = {}
-
-    def probe() -> None:
-        try:
-            os.statvfs(mountpoint)
-            result["errno"] = 0
-        except OSError as exc:
-            result["errno"] = exc.errno or errno.EIO
-
-    t = threading.Thread(target=probe, name="fusefs-probe", daemon=True)
-    t.start()
-    t.join(PROBE_TIMEOUT)
-    return result.get("errno")
-
-
-def check_mountpoint(mountpoint: str, _depth: int = 0) -> None:
-    """One clear error if the mount point cannot be used; detaches a dead FUSE mount.
-
-    A dead FUSE mount (its daemon was killed: "Transport endpoint is not connected") is
-    detached lazily. A live FUSE mount there is refused (no accidental double mount). Other
-    mounts are fine if empty: in a container the mount point is often a volume (a bind
-    mount). An autofs mount point (``x-systemd.automount`` in fstab) is accepted as it is:
-    systemd asks for the real mount to go on top of it, and listing it would trigger it again.
-    """
-    st: os.stat_result | None
-    try:
-        st = os.stat(mountpoint)  # stat(2) never triggers an automount
-    except FileNotFoundError:
-        raise UserError(f"mount point {mountpoint} does not exist") from None
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            raise UserError(f"mount point {mountpoint}: {exc.strerror}") from None
-        st = None
-    fstype = mounted_fstype(mountpoint)
-    is_fuse = fstype is not None and (fstype == "fuse" or fstype.startswith("fuse."))
-    if st is None or is_fuse:
-        # a dead mount may still stat fine from the kernel's cache: ask its daemon
-        state = errno.ENOTCONN if st is None else _probe(mountpoint)
-        if state == errno.ENOTCONN and _depth < 4:
-            log.warning("%s is a dead FUSE mount (daemon gone); detaching it", mountpoint)
-            lazy_unmount(mountpoint)
-            return check_mountpoint(mountpoint, _depth + 1)
-        if state == 0:
-            raise UserError(f"mount point {mountpoint} is already mounted ({fstype})")
-        if state is None:
-            raise UserError(
-                f"mount point {mountpoint} is a FUSE mount that does not answer "
-                f"(detach it: fusermount3 -uz {mountpoint})"
-            )
-        raise UserError(f"mount point {mountpoint}: {os.strerror(state)}")
-    if not stat.S_ISDIR(st.st_mode):
-        raise UserError(f"mount point {mountpoint} is not a directory")
-    if fstype == "autofs":
-        log.info("%s is an automount point; mounting over it", mountpoint)
-        return
-    try:
-        if os.listdir(mountpoint):
-            raise UserError(f"mount point {mountpoint} is not empty")
-    except PermissionError:
-        raise UserError(f"mount point {mountpoint}: permission denied") from None
-
-
-def check_fuse() -> None:
-    if not os.path.exists("/dev/fuse"):
-        raise UserError(
-            "FUSE is unavailable: /dev/fuse is missing (load the fuse module, or give "
-            "the container --device /dev/fuse)"
-        )
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK) and not shutil.which("fusermount3"):
-        raise UserError(
-            "FUSE is unavailable: /dev/fuse is not accessible and fusermount3 is "
-            "missing (install the fuse3 package)"
-        )
-
-
-def check_store(store: ObjectStore) -> None:
-    """Fail early, with one line, if the bucket is missing or the credentials are refused."""
-    try:
-        store.check()
-    except FusefsError as exc:
-        raise UserError(str(exc)) from None
+#: Seconds the requests in flight at SIGTERM/SIGINT get to finish before they are cancelled.
+SHUTDOWN_GRACE = 2.0
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def fuse_options(m: Mount) -> set[str]:
@@ -296,84 +79,6 @@ def fuse_options(m: Mount) -> set[str]:
         opts.add("ro")
     opts.update(o for o in m.extra_fuse_options if o != "ro")
     return opts
-
-
-# --- logging ---------------------------------------------------------------------------------
-
-#: syslog priorities, for journald's ``<N>`` line prefix
-_PRIORITY = {
-    logging.DEBUG: 7,
-    logging.INFO: 6,
-    logging.WARNING: 4,
-    logging.ERROR: 3,
-    logging.CRITICAL: 2,
-}
-
-
-class _JournalFormatter(SafeFormatter):
-    """``<6>INFO fusefs.mount: ...``: journald reads the priority and adds the time itself."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return f"<{_PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
-
-
-def _stderr_is_journal() -> bool:
-    """True when systemd connected stderr to the journal (``$JOURNAL_STREAM`` is dev:inode)."""
-    js = os.environ.get("JOURNAL_STREAM", "")
-    try:
-        dev, ino = (int(x) for x in js.split(":"))
-        st = os.fstat(2)
-    except (ValueError, OSError):
-        return False
-    return (st.st_dev, st.st_ino) == (dev, ino)
-
-
-#: How the log was last set up, so that SIGHUP reopens it the same way.
-_log_daemon = False
-
-
-def _log_handler(settings: Settings, daemon: bool) -> logging.Handler:
-    handler: logging.Handler
-    if settings.log_file:
-        try:
-            handler = logging.handlers.WatchedFileHandler(settings.log_file)
-        except OSError as exc:
-            raise UserError(f"cannot open log file {settings.log_file}: {exc.strerror}") from None
-        handler.setFormatter(SafeFormatter(LOG_FORMAT))
-    elif daemon and os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(
-            SafeFormatter("fusefs[%(process)d]: %(levelname)s %(name)s: %(message)s")
-        )
-    elif not daemon and _stderr_is_journal():
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_JournalFormatter("%(levelname)s %(name)s: %(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(SafeFormatter(LOG_FORMAT))
-    return handler
-
-
-def setup_logging(settings: Settings, *, daemon: bool) -> None:
-    """One line per event with level and time: to ``--log-file``, the journal (a systemd
-    service's stderr), syslog (daemonized), or stderr. Raises UserError if the file can't open.
-    """
-    global _log_daemon
-    handler = _log_handler(settings, daemon)  # first, so a failure keeps the old handlers
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-        h.close()
-    root.addHandler(handler)
-    root.setLevel(settings.log_level)
-    for noisy in ("botocore", "boto3", "urllib3", "google", "s3transfer", "pyfuse3", "azure"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-    _log_daemon = daemon
-
-
-def reopen_logging(settings: Settings) -> None:
-    """Reopen the log (SIGHUP, after logrotate) the way it was set up, with ``settings``."""
-    setup_logging(settings, daemon=_log_daemon)
 
 
 def raise_fd_limit() -> None:
@@ -403,93 +108,6 @@ def bound_malloc() -> None:
 
 
 # --- running ---------------------------------------------------------------------------------
-
-#: Seconds the requests in flight at SIGTERM/SIGINT get to finish before they are cancelled.
-SHUTDOWN_GRACE = 2.0
-#: Seconds between ``STATUS=`` lines to systemd; ``$FUSEFS_STATUS_INTERVAL`` overrides (tests).
-STATUS_INTERVAL = 30.0
-#: What SIGHUP applies to a running mount; every other setting needs a remount.
-RELOADABLE = ("log_level", "log_file", "metadata_ttl", "negative_ttl")
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-def _status_interval() -> float:
-    try:
-        return max(0.05, float(os.environ.get("FUSEFS_STATUS_INTERVAL", STATUS_INTERVAL)))
-    except ValueError:
-        return STATUS_INTERVAL
-
-
-def status_text(m: Mount) -> str:
-    """One line of cache figures for systemd's ``STATUS=`` (blocking: asks diskcache)."""
-    c = m.stats.snapshot()
-    lookups = c[S.HITS] + c[S.MISSES]
-    if m.settings.cache_enabled:
-        cache = (
-            f"cache {human_size(m.blocks.volume())} of {human_size(m.settings.cache_size)} "
-            f"({m.blocks.count()} blocks)"
-        )
-    else:
-        cache = "cache off"
-    ratio = f"{c[S.HITS] / lookups:.0%}" if lookups else "-"
-    return (
-        f"{m.source} on {m.mountpoint}: {cache}, hit ratio {ratio}, "
-        f"{human_size(c[S.BYTES_SERVED])} served, {c[S.FETCHES]} fetches, {c[S.ERRORS]} errors"
-    )
-
-
-def safe_status_text(m: Mount) -> str:
-    """:func:`status_text`, or a short line if the cache cannot be asked (never raises: the
-    status loop runs beside the serving loop, and an error there would end the mount)."""
-    try:
-        return status_text(m)
-    except Exception as exc:  # noqa: BLE001 - e.g. a locked or damaged cache index
-        log.warning("status: cannot read cache figures: %s", exc)
-        return f"{m.source} on {m.mountpoint}: serving (cache figures unavailable)"
-
-
-def reload(m: Mount) -> None:
-    """SIGHUP: reopen the log file and apply what changed in the config file, if it can be.
-
-    Applied at once: ``RELOADABLE``. Anything else that changed is logged and kept as it was
-    until the next mount. A config file that no longer loads leaves everything as it was.
-    Credentials are not re-read here: see docs/service.md.
-    """
-    old = m.settings
-    new = old
-    if m.reload_settings is not None:
-        try:
-            new = m.reload_settings()
-        except UserError as exc:
-            log.error("SIGHUP: config not reloaded, keeping the running settings: %s", exc)
-    applied, ignored = [], []
-    for name in SETTING_NAMES:
-        before, after = getattr(old, name), getattr(new, name)
-        if before == after:
-            continue
-        if name in RELOADABLE:
-            applied.append(f"{name}={after}")
-        else:
-            ignored.append(name)
-    log_file = old.log_file
-    for name in RELOADABLE:  # old is the Settings object every part of the mount holds
-        setattr(old, name, getattr(new, name))
-    try:
-        reopen_logging(old)
-    except UserError as exc:
-        old.log_file = log_file
-        reopen_logging(old)
-        log.error("SIGHUP: %s; still logging to %s", exc, log_file or "the previous log")
-    m.fs.set_ttls(old.metadata_ttl, old.negative_ttl)
-    log.info(
-        "SIGHUP: log reopened; %s",
-        "applied " + " ".join(applied) if applied else "no run-time setting changed",
-    )
-    if ignored:
-        log.warning(
-            "SIGHUP: changed in the config file, takes effect at the next mount: %s",
-            ", ".join(ignored),
-        )
 
 
 async def _serve(m: Mount, ready: Any, pending: list[int], daemon: bool) -> None:
@@ -551,7 +169,7 @@ async def _serve(m: Mount, ready: Any, pending: list[int], daemon: bool) -> None
             status = await threads.run_sync(safe_status_text, m)
             ready(None)
             notify.send("READY=1", f"STATUS={status}", *([f"MAINPID={os.getpid()}"] * daemon))
-            interval = _status_interval()
+            interval = status_interval()
             while notify.enabled():
                 await trio.sleep(interval)
                 notify.send(f"STATUS={await threads.run_sync(safe_status_text, m)}")

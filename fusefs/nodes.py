@@ -24,6 +24,13 @@ def capped_mode(mode: int, settings: Settings) -> int:
     return mode & (0o700 | (settings.file_mode & 0o066) | (settings.dir_mode & 0o011))
 
 
+def capped_dir_mode(mode: int, settings: Settings) -> int:
+    """A folder's mode from its marker (or a local directory) as the mount shows it: the
+    owner's bits as they are, group and others only what ``--dir-mode`` grants them, and
+    the sticky bit (it only restricts: who may remove entries). Never setuid or setgid."""
+    return mode & (0o1700 | (settings.dir_mode & 0o077))
+
+
 def seen_type(node: Node, is_dir: bool, info: ObjectInfo | None) -> int:
     """The file type an observation says ``node`` has (a listing without metadata of the
     version the node has says nothing new: the node's own)."""
@@ -92,6 +99,9 @@ class Attr:
     gid: int
     #: a device node's number (0 for anything else)
     rdev: int = 0
+    #: status change and access times (see :mod:`fusefs.foldermeta`); -1: as the mtime
+    ctime_ns: int = -1
+    atime_ns: int = -1
 
 
 @dataclass

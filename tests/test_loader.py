@@ -524,7 +524,7 @@ def test_a_stream_in_a_big_folder_lists_it_instead_of_asking_per_file(
     with MountHints(m.path, window_files=400, stream="coco") as hints:
         hints.start(order)
         wait(lambda: done_or_cached(m, "coco") == 300, "hints")
-        assert mine(is_head) == heads  # no HEAD per name
+        assert mine(is_head) <= heads + 1  # no HEAD per name (one: the folder's marker)
         assert mine(is_list) - lists <= 6  # the folder's pages (and a root listing)
         before = len(proxy.requests())
         for k in order:

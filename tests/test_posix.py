@@ -133,7 +133,7 @@ def test_links_written_by_the_sdk_in_s3fs_convention(kind: str, request, mount) 
     assert os.readlink(m.path / "dir" / "link") == "../target"
     assert (m.path / "dir" / "link").read_bytes() == b"the target"
     assert (m.path / "dir" / "small.txt").read_bytes() == b"just text"
-    assert b.proxy.count(predicate=is_head) == 0
+    assert b.proxy.count(predicate=is_head) == 1  # the folder's marker "dir/", at its lookup
     # one GET each for the three small objects of dir/ (their bytes then cached), one for
     # "target" when the kernel follows the link; none for big.bin
     assert b.proxy.count(predicate=is_object_get) == 4
@@ -497,3 +497,282 @@ def test_ls_l_learns_the_next_files_metadata_ahead(s3_bucket: Bucket, mount) -> 
     first = next(r for r in heads if r.path.endswith("/d/f0"))
     assert first.finished is not None
     assert all(r.started < first.finished for r in heads)  # all asked while f0's was held
+
+
+# --- folders (item 4), times (item 5), errnos (item 6) ----------------------------------------
+
+
+def stored_meta(b: Bucket, key: str) -> dict[str, str]:
+    """An object's metadata read with the SDK (for a local source: the lstat's, by name)."""
+    if b.kind in ("s3", "seaweed"):
+        return b.extra["client"].head_object(Bucket=b.extra["name"], Key=key)["Metadata"]
+    if b.kind == "gcs":
+        return b.extra["client"].bucket(b.extra["name"]).get_blob(key).metadata or {}
+    if b.kind == "azure":
+        return b.extra["client"].get_blob_client(key).get_blob_properties().metadata
+    st = os.lstat(Path(b.source[len("file://"):]) / key)
+    return {"mode": f"0{st.st_mode:o}", "uid": str(st.st_uid), "gid": str(st.st_gid),
+            "mtime": str(st.st_mtime)}
+
+
+def put_marker(b: Bucket, key: str, meta: dict[str, str]) -> None:
+    """A folder marker ``key`` (ending in /) with ``meta``, written with the store's SDK."""
+    if b.kind in ("s3", "seaweed"):
+        b.extra["client"].put_object(Bucket=b.extra["name"], Key=key, Body=b"", Metadata=meta)
+    elif b.kind == "gcs":
+        blob = b.extra["client"].bucket(b.extra["name"]).blob(key)
+        blob.metadata = meta
+        blob.upload_from_string(b"")
+    else:
+        b.extra["client"].upload_blob(key, b"", metadata=meta, overwrite=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another owner needs root")
+def test_folder_mode_owner_times_kept_in_marker(anystore: Bucket, mount, tmp_path: Path
+                                                ) -> None:
+    """mkdir -m, chmod (the sticky bit kept), chown and utimensat of a folder are kept in
+    its marker ``dir/`` under s3fs's keys (``mode`` with S_IFDIR), and a fresh mount on
+    another cache shows them."""
+    b = anystore
+    m = mount(b)
+    os.mkdir(m.path / "d", 0o751)
+    st = os.stat(m.path / "d")
+    assert stat.S_IMODE(st.st_mode) == 0o751 and st.st_nlink == 1
+    os.mkdir(m.path / "d" / "sub")
+    os.chmod(m.path / "d", 0o1755)
+    os.chown(m.path / "d", 1234, 5678)
+    os.utime(m.path / "d", (1_500_000_000, 1_600_000_000))
+    st = os.stat(m.path / "d")
+    assert stat.S_IMODE(st.st_mode) == 0o1755
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    assert (st.st_atime, st.st_mtime) == (1_500_000_000, 1_600_000_000)
+    assert st.st_ctime > 1_600_000_000  # ctime: when it changed, not the mtime set
+    os.rename(m.path / "d", m.path / "e0")  # a rename keeps the folder's attributes
+    os.rename(m.path / "e0", m.path / "d")
+    st = os.stat(m.path / "d")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_mtime) == (0o1755, 1234, 1_600_000_000)
+    if b.kind == "seaweed":
+        # SeaweedFS keeps no metadata on folder markers (they are filer directories): kept
+        # in memory by the mount that made them, a fresh mount shows the defaults
+        assert stored_meta(b, "d/").get("mode") is None
+        m2 = mount(b, cache_dir=tmp_path / "cache2")
+        st = os.stat(m2.path / "d")
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o755, os.getuid())
+        return
+    meta = {k.lower(): v for k, v in stored_meta(b, "d/").items()}
+    mode = int(meta["mode"], 8) if meta["mode"].startswith("0") else int(meta["mode"])
+    assert stat.S_ISDIR(mode) and stat.S_IMODE(mode) == 0o1755  # read as s3fs reads it
+    assert (meta["uid"], meta["gid"]) == ("1234", "5678")
+    assert float(meta["mtime"]) == 1_600_000_000
+    m2 = mount(b, cache_dir=tmp_path / "cache2")
+    st = os.stat(m2.path / "d")
+    assert stat.S_IMODE(st.st_mode) == 0o1755 and stat.S_ISDIR(st.st_mode)
+    assert (st.st_uid, st.st_gid, st.st_mtime) == (1234, 5678, 1_600_000_000)
+    assert sorted(os.listdir(m2.path / "d")) == ["sub"]
+    # a rename in another mount keeps the folder's attributes (in the store)
+    os.rename(m2.path / "d", m2.path / "e")
+    st = os.stat(m2.path / "e")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o1755, 1234)
+    m3 = mount(b, cache_dir=tmp_path / "cache3")
+    st = os.stat(m3.path / "e")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o1755, 1234, 5678)
+
+
+def test_folder_without_marker_shows_defaults_and_gets_one(anystore: Bucket, mount,
+                                                           tmp_path: Path) -> None:
+    """A folder that is only a prefix shows --dir-mode/--uid/--gid; a chmod makes its marker
+    (on a local source every folder is a directory: its own mode)."""
+    b = anystore
+    if b.kind == "local":
+        root = Path(b.source[len("file://"):])
+        (root / "implied").mkdir()
+        os.chmod(root / "implied", 0o710)
+        (root / "implied" / "x").write_bytes(b"x")
+    else:
+        b.put("implied/x", b"x")
+    m = mount(b, "--dir-mode", "0750", "--uid", "2000", "--gid", "3000")
+    st = os.stat(m.path / "implied")
+    if b.kind == "local":
+        assert stat.S_IMODE(st.st_mode) == 0o710
+    else:
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o750, 2000, 3000)
+    os.chmod(m.path / "implied", 0o700)
+    assert stat.S_IMODE(os.stat(m.path / "implied").st_mode) == 0o700
+    m2 = mount(b, cache_dir=tmp_path / "cache2")
+    kept = 0o755 if b.kind == "seaweed" else 0o700  # SeaweedFS: no marker metadata
+    assert stat.S_IMODE(os.stat(m2.path / "implied").st_mode) == kept
+    assert (m2.path / "implied" / "x").read_bytes() == b"x"
+
+
+def test_folder_change_is_conditional_on_the_marker_read(anystore: Bucket, mount) -> None:
+    """A marker changed by another writer after the mount read it: the chmod's condition
+    fails, the mount reads the marker again and changes only the mode (the other writer's
+    owner stays)."""
+    b = anystore
+    if b.kind == "local":
+        pytest.skip("a local directory is changed in place (no version to compare)")
+    if b.kind == "seaweed":
+        pytest.skip("SeaweedFS keeps no metadata on folder markers")
+    put_marker(b, "d/", {"mode": str(stat.S_IFDIR | 0o755)})
+    m = mount(b)
+    assert stat.S_IMODE(os.stat(m.path / "d").st_mode) == 0o755  # marker read now
+    put_marker(b, "d/", {"mode": str(stat.S_IFDIR | 0o755), "uid": "4242"})
+    os.chmod(m.path / "d", 0o700)
+    meta = {k.lower(): v for k, v in stored_meta(b, "d/").items()}
+    assert meta["uid"] == "4242"
+    assert stat.S_IMODE(int(meta["mode"], 8)) == 0o700
+    assert os.stat(m.path / "d").st_uid == 4242
+
+
+def test_folder_times_move_with_entries_and_ctime_apart(anystore: Bucket, mount,
+                                                         tmp_path: Path) -> None:
+    """A folder's mtime and ctime move when this mount adds, removes or renames entries in
+    it; a file's ctime moves on chmod/chown/rename/write/truncate while its mtime does not
+    (but for write/truncate); utimensat's atime is kept."""
+    b = anystore
+    m = mount(b)
+    os.mkdir(m.path / "d")
+    old = 1_000_000_000
+    for op in (lambda: (m.path / "d" / "f").write_bytes(b"x"),
+               lambda: os.rename(m.path / "d" / "f", m.path / "d" / "g"),
+               lambda: os.mkdir(m.path / "d" / "s"),
+               lambda: os.rmdir(m.path / "d" / "s"),
+               lambda: os.unlink(m.path / "d" / "g")):
+        os.utime(m.path / "d", (old, old))
+        assert os.stat(m.path / "d").st_mtime == old
+        op()
+        st = os.stat(m.path / "d")
+        assert st.st_mtime > old and st.st_ctime > old
+    f = m.path / "f"
+    f.write_bytes(b"data")
+    checks = [(lambda: os.chmod(f, 0o600), False),
+              (lambda: os.chown(f, os.getuid(), os.getgid()), False),
+              (lambda: os.rename(f, m.path / "f2") or os.rename(m.path / "f2", f), False),
+              (lambda: f.open("ab").write(b"more"), True),
+              (lambda: os.truncate(f, 2), True),
+              (lambda: os.close(os.open(f, os.O_WRONLY | os.O_TRUNC)), True)]
+    for op, moves_mtime in checks:
+        os.utime(f, (old, old))
+        st = os.stat(f)
+        assert (st.st_atime, st.st_mtime) == (old, old)
+        op()
+        st = os.stat(f)
+        assert st.st_ctime > old
+        assert (st.st_mtime > old) == moves_mtime
+        if moves_mtime:  # the change moved both: the ctime is never before the mtime
+            assert st.st_ctime_ns >= st.st_mtime_ns
+    os.utime(f, (1_500_000_000, 1_600_000_000))
+    st = os.stat(f)
+    assert (st.st_atime, st.st_mtime) == (1_500_000_000, 1_600_000_000)
+    assert sync(m).returncode == 0
+    # ctime and atime are kept in memory only: a fresh mount shows the stored mtime for both
+    m2 = mount(b, cache_dir=tmp_path / "cache2")
+    st = os.stat(m2.path / "f")
+    assert st.st_mtime == 1_600_000_000
+    assert st.st_atime == st.st_ctime == 1_600_000_000  # (a local file's own are not shown)
+
+
+def test_folder_link_count_and_find(anystore: Bucket, mount) -> None:
+    """Folders have one link (as on btrfs): find and du walk every level."""
+    b = anystore
+    m = mount(b)
+    (m.path / "a" / "b" / "c").mkdir(parents=True)
+    for p in ("a/f", "a/b/f", "a/b/c/f"):
+        (m.path / p).write_bytes(b"x" * 1000)
+    assert os.stat(m.path / "a").st_nlink == 1
+    import subprocess
+    found = subprocess.run(["find", str(m.path / "a"), "-type", "f"], capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert len(found) == 3
+    du = subprocess.run(["du", "-a", str(m.path / "a")], capture_output=True, text=True,
+                        check=True).stdout.splitlines()
+    assert len(du) == 6  # three files, three folders
+
+
+def test_folder_marker_reads_cost(s3_bucket: Bucket, mount) -> None:
+    """On S3 a folder's marker is read with one HEAD when the folder is looked up; a listing
+    hands sub-folders out without reading theirs (a plain ls sends no HEAD), a stat of each
+    (ls -l) one HEAD each, once."""
+    for i in range(3):
+        s3_bucket.put(f"top/sub{i}/f", b"x")
+    m = mount(s3_bucket)
+    s3_bucket.proxy.reset()
+    assert sorted(os.listdir(m.path / "top")) == ["sub0", "sub1", "sub2"]
+    assert s3_bucket.proxy.count(predicate=is_head) == 1  # "top/" at its lookup
+    for i in range(3):
+        os.stat(m.path / "top" / f"sub{i}")
+        os.stat(m.path / "top" / f"sub{i}")
+    assert s3_bucket.proxy.count(predicate=is_head) == 4
+
+
+def _renameat2(old: Path, new: Path, flags: int) -> int:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd = -100
+    r = libc.renameat2(at_fdcwd, os.fsencode(old), at_fdcwd, os.fsencode(new),
+                       ctypes.c_uint(flags))
+    return 0 if r == 0 else ctypes.get_errno()
+
+
+def test_errnos_as_ext4(anystore: Bucket, mount) -> None:
+    b = anystore
+    m = mount(b)
+    (m.path / "f").write_bytes(b"x")
+    with pytest.raises(OSError) as e:
+        os.truncate(m.path / "f", 999_999_999_999_999)
+    assert e.value.errno == errno.EFBIG
+    long = "n" * 256
+    for op in (lambda: os.mkdir(m.path / long), lambda: (m.path / long).write_bytes(b""),
+               lambda: os.rename(m.path / "f", m.path / long), lambda: os.stat(m.path / long)):
+        with pytest.raises(OSError) as e:
+            op()
+        assert e.value.errno == errno.ENAMETOOLONG
+    (m.path / "g").write_bytes(b"g")
+    assert _renameat2(m.path / "f", m.path / "g", 1) == errno.EEXIST  # RENAME_NOREPLACE
+    assert (m.path / "g").read_bytes() == b"g"
+    assert _renameat2(m.path / "f", m.path / "h", 1) == 0
+    assert (m.path / "h").read_bytes() == b"x"
+    assert _renameat2(m.path / "h", m.path / "g", 2) == errno.EINVAL  # RENAME_EXCHANGE
+    # a key over the store's limit (1,024 bytes on S3, GCS, Azure): ENAMETOOLONG
+    deep = m.path
+    for i in range(5):
+        deep = deep / (f"{i}" * 250)
+    with pytest.raises(OSError) as e:
+        deep.mkdir(parents=True)
+    assert e.value.errno == errno.ENAMETOOLONG
+
+
+def test_local_socket_chmod_chown_and_unlink(local_bucket: Bucket, mount) -> None:
+    """A socket in a local source is never opened (ENXIO): chmod, chown and unlink of one
+    work (they were EIO, and its delete was retried for ever)."""
+    m = mount(local_bucket)
+    root = Path(local_bucket.source[len("file://"):])
+    os.mknod(m.path / "sock", stat.S_IFSOCK | 0o600)
+    assert sync(m).returncode == 0  # a real socket in the source now
+    os.chmod(m.path / "sock", 0o640)
+    assert sync(m).returncode == 0
+    assert stat.S_IMODE(os.lstat(root / "sock").st_mode) == 0o640
+    os.chown(m.path / "sock", os.getuid(), os.getgid())
+    os.unlink(m.path / "sock")
+    assert sync(m).returncode == 0
+    assert not os.path.lexists(root / "sock")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another owner needs root")
+def test_local_rename_of_a_fifo_or_link_keeps_its_owner(local_bucket: Bucket, mount) -> None:
+    """A local source's link, FIFO or socket renamed (made anew at the new name) keeps its
+    owner (it took the daemon's)."""
+    m = mount(local_bucket)
+    root = Path(local_bucket.source[len("file://"):])
+    os.mkfifo(m.path / "p", 0o644)
+    os.symlink("p", m.path / "l")
+    assert sync(m).returncode == 0
+    os.chown(m.path / "p", 65533, 65532)
+    os.chown(m.path / "l", 65531, 65530, follow_symlinks=False)
+    os.rename(m.path / "p", m.path / "p2")
+    os.rename(m.path / "l", m.path / "l2")
+    assert sync(m).returncode == 0
+    assert (os.lstat(root / "p2").st_uid, os.lstat(root / "p2").st_gid) == (65533, 65532)
+    assert (os.lstat(root / "l2").st_uid, os.lstat(root / "l2").st_gid) == (65531, 65530)
+    st = os.lstat(m.path / "p2")
+    assert (st.st_uid, st.st_gid) == (65533, 65532)

@@ -305,7 +305,8 @@ def test_rsync_a_twice_transfers_nothing_the_second_time(store: Bucket, mount: M
         assert b.get(f"r/{name}") == data, name
     # rsync writes `.NAME.XXXXXX` and renames it: the pending upload is retargeted, no copy
     assert {k for k in stored(b, "r/") if not k.endswith("/")} == {f"r/{n}" for n in files}
-    assert not [r for r in requests(b) if is_copy(r)]
+    # (the folders' attributes rsync sets are copies of their markers onto themselves)
+    assert not [r for r in requests(b) if is_copy(r) and not r.path.endswith("/")]
     assert m.stats()["uploads_done"] == len(files)
     # one changed file: exactly one transferred
     (tmp_path / "src/d1/x").write_bytes(b"changed")

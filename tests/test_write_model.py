@@ -4,11 +4,14 @@ Rules are syscalls on a mount of SeaweedFS (create, write at an offset, truncate
 files and of a folder, unlink, descriptors held open, read through them, ``fusefs sync``,
 ``kill -9`` and a remount, a store that refuses or cuts a share of the changes, pauses that
 let the write-back delay pass while the proxy holds every PUT and DELETE a moment, so uploads
-are in flight during the next rules). The
+are in flight during the next rules, and a second mount of the bucket that replaces or removes
+a name). The
 model is a POSIX directory: names point at inodes, an inode
 holds bytes. Invariants: the daemon never exits; a descriptor reads the bytes of the file it
 opened (or ESTALE once that file left every name and the store); after ``fusefs sync`` the
-bucket equals the model, with no conflict copy (one writer).
+bucket equals the model, with no conflict copy (the second mount changes a name only after
+this one settled it, and this one sees the change once its metadata TTL has passed: concurrent
+writers to one name are ``tests/test_write_races.py``'s).
 
 CI runs it with a fixed seed and a small budget; ``scripts/soak-writes.sh`` runs it for as
 long as asked, with new seeds (``FUSEFS_MODEL_EXAMPLES``, ``FUSEFS_MODEL_STEPS``,
@@ -19,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import os
 import shutil
 import signal
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +52,29 @@ SEED = int(os.environ.get("FUSEFS_MODEL_SEED", "17"))
 
 NAMES = ["a", "b", "c"]
 SUB = ["x", "y"]
+TTL = 1.0  # this mount's --metadata-ttl: how long it may show a name another mount changed
 data_st = st.binary(min_size=0, max_size=3000)
+
+
+FIRST_FAILURE: list[str] = []  # the first failure's traceback: Hypothesis's replay of a
+# failing example on a real mount may fail elsewhere (reported as flaky) and hide it
+
+
+def _recorded(fn: Any) -> Any:
+    """Keep the traceback of the first failing rule or invariant for the report."""
+    @functools.wraps(fn)
+    def wrapper(self: Any, **kwargs: Any) -> Any:
+        steps = self.__dict__.setdefault("steps", [])
+        if fn.__name__ != "daemon_alive":
+            steps.append(f"{fn.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})")
+        try:
+            return fn(self, **kwargs)
+        except BaseException:
+            if not FIRST_FAILURE:
+                FIRST_FAILURE.append(f"{fn.__name__}: {traceback.format_exc()}\nsteps of "
+                                     f"{self.__dict__.get('top')}:\n" + "\n".join(steps))
+            raise
+    return wrapper
 
 
 def _write_at(content: bytearray, offset: int, data: bytes) -> None:
@@ -71,7 +98,15 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
     b: Bucket = make_s3_bucket(seaweed_server)
     client, bucket = b.extra["client"], b.extra["name"]
     cache = tmp_path / "model-cache"
-    current = {"m": mount(b, "--block-size", "65536", cache_dir=cache)}
+    args = ("--block-size", "65536", "--metadata-ttl", str(TTL))
+    current = {"m": mount(b, *args, cache_dir=cache)}
+    others: list[Any] = []  # the second mount (another machine), started when first needed
+
+    def other() -> Any:
+        if not others:
+            others.append(mount(b, "--block-size", "65536", "--metadata-ttl", "0",
+                                cache_dir=tmp_path / "other-cache"))
+        return others[0]
     counter = itertools.count()
 
     def bucket_files(prefix: str) -> dict[str, bytes]:
@@ -113,6 +148,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
         # --- file contents ------------------------------------------------------------
 
         @rule(i=st.integers(0, 4), data=data_st, truncate=st.booleans())
+        @_recorded
         def write_file(self, i: int, data: bytes, truncate: bool) -> None:
             rel = self.paths()[i]
             with open(self.p(rel), "wb" if truncate else "ab") as f:
@@ -128,6 +164,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: self.names)
         @rule(pick=st.integers(0, 100), offset=st.integers(0, 5000), data=data_st)
+        @_recorded
         def pwrite(self, pick: int, offset: int, data: bytes) -> None:
             rel = sorted(self.names)[pick % len(self.names)]
             fd = os.open(self.p(rel), os.O_WRONLY)
@@ -139,6 +176,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: self.names)
         @rule(pick=st.integers(0, 100), size=st.integers(0, 6000))
+        @_recorded
         def truncate(self, pick: int, size: int) -> None:
             rel = sorted(self.names)[pick % len(self.names)]
             os.truncate(self.p(rel), size)
@@ -152,6 +190,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: self.names)
         @rule(pick=st.integers(0, 100), j=st.integers(0, 4))
+        @_recorded
         def rename(self, pick: int, j: int) -> None:
             src = sorted(self.names)[pick % len(self.names)]
             dst = self.paths()[j]
@@ -161,12 +200,14 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: self.names)
         @rule(pick=st.integers(0, 100))
+        @_recorded
         def unlink(self, pick: int) -> None:
             rel = sorted(self.names)[pick % len(self.names)]
             os.unlink(self.p(rel))
             del self.names[rel]
 
         @rule()
+        @_recorded
         def rename_folder(self) -> None:
             other = "e" if self.folder == "d" else "d"
             os.rename(self.p(self.folder), self.p(other))
@@ -178,12 +219,14 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: self.names and len(self.handles) < 4)
         @rule(pick=st.integers(0, 100))
+        @_recorded
         def open_handle(self, pick: int) -> None:
             rel = sorted(self.names)[pick % len(self.names)]
             self.handles.append((os.open(self.p(rel), os.O_RDONLY), self.names[rel]))
 
         @precondition(lambda self: self.handles)
         @rule(pick=st.integers(0, 100), offset=st.integers(0, 6000))
+        @_recorded
         def read_handle(self, pick: int, offset: int) -> None:
             fd, ino = self.handles[pick % len(self.handles)]
             expected = bytes(self.inodes[ino][offset:offset + 4096])
@@ -197,12 +240,14 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: self.handles)
         @rule(pick=st.integers(0, 100))
+        @_recorded
         def close_handle(self, pick: int) -> None:
             fd, _ = self.handles.pop(pick % len(self.handles))
             os.close(fd)
 
         @precondition(lambda self: self.names and len(self.writers) < 3)
         @rule(pick=st.integers(0, 100))
+        @_recorded
         def open_writer(self, pick: int) -> None:
             rel = sorted(self.names)[pick % len(self.names)]
             self.writers.append((os.open(self.p(rel), os.O_RDWR), self.names[rel]))
@@ -210,6 +255,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
         @precondition(lambda self: self.writers)
         @rule(pick=st.integers(0, 100), offset=st.integers(0, 5000), data=data_st,
               fsync=st.booleans())
+        @_recorded
         def write_through_writer(self, pick: int, offset: int, data: bytes, fsync: bool) -> None:
             fd, ino = self.writers[pick % len(self.writers)]
             os.pwrite(fd, data, offset)
@@ -222,6 +268,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: self.writers)
         @rule(pick=st.integers(0, 100))
+        @_recorded
         def close_writer(self, pick: int) -> None:
             fd, _ = self.writers.pop(pick % len(self.writers))
             os.close(fd)
@@ -230,6 +277,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
 
         @precondition(lambda self: not self.writers)
         @rule()
+        @_recorded
         def sync_and_compare(self) -> None:
             assert b.proxy is not None
             b.proxy.faults(0)  # the store takes changes again: sync must then succeed
@@ -245,6 +293,7 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
             assert all(v in held for v in extra.values()), sorted(extra)
 
         @rule()
+        @_recorded
         def kill_9_and_remount(self) -> None:
             for fd, _ in self.handles + self.writers:
                 os.close(fd)
@@ -255,11 +304,48 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
             m.proc.send_signal(signal.SIGKILL)
             m.proc.wait()
             m.stop()
-            current["m"] = mount(b, "--block-size", "65536", cache_dir=cache)
+            current["m"] = mount(b, *args, cache_dir=cache)
             for rel, ino in self.names.items():
                 assert self.p(rel).read_bytes() == bytes(self.inodes[ino]), rel
 
+        # --- another machine -------------------------------------------------------------
+
+        def _settled_then(self, change: Any) -> None:
+            """Settle this mount (sync, compared), let the other mount make ``change`` and sync
+            it (no conflict: it saw the settled version), then wait out this mount's TTL."""
+            self.sync_and_compare()
+            o = other()
+            change(o.path / self.top)
+            r = sync(o)
+            assert r.returncode == 0, r.stderr
+            assert o.stats()["conflicts"] == 0
+            time.sleep(TTL + 0.3)
+
+        @precondition(lambda self: not self.writers)
+        @rule(i=st.integers(0, 4), data=data_st)
+        @_recorded
+        def other_mount_replaces(self, i: int, data: bytes) -> None:
+            """Another machine writes a name: this mount then shows its bytes (a new file: a
+            descriptor held on the old one reads the old bytes or gets ESTALE), and its next
+            changes start from that version (no conflict copy)."""
+            rel = self.paths()[i]
+            self._settled_then(lambda top: (top / rel).write_bytes(data))
+            ino = self.names[rel] = next(self.ids)
+            self.inodes[ino] = bytearray(data)
+            assert self.p(rel).read_bytes() == data
+
+        @precondition(lambda self: self.names and not self.writers)
+        @rule(pick=st.integers(0, 100))
+        @_recorded
+        def other_mount_removes(self, pick: int) -> None:
+            """Another machine removes a name: this mount then shows it absent."""
+            rel = sorted(self.names)[pick % len(self.names)]
+            self._settled_then(lambda top: os.unlink(top / rel))
+            del self.names[rel]
+            assert not self.p(rel).exists()
+
         @rule(rate=st.sampled_from([0.0, 0.3, 1.0]), reset=st.booleans())
+        @_recorded
         def store_refuses(self, rate: float, reset: bool) -> None:
             """The store refuses (503) or cuts (a reset connection) a share of the uploads and
             deletes from now on: they stay journaled and are retried."""
@@ -269,12 +355,14 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
             self.refusing = rate > 0
 
         @rule(seconds=st.sampled_from([0.4, 1.2]))
+        @_recorded
         def pause(self, seconds: float) -> None:
             """Let the write-back delay pass: uploads start (and, held by the proxy, are in
             flight during the next rules)."""
             time.sleep(seconds)
 
         @invariant()
+        @_recorded
         def daemon_alive(self) -> None:
             m = self.m
             assert m.proc is not None and m.proc.poll() is None, "the daemon exited"
@@ -299,6 +387,9 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
         run_state_machine_as_test(seed(SEED)(WriteModel), settings=machine_settings)
     except BaseException:
         print(f"FUSEFS_MODEL_SEED={SEED} reproduces this failure")
+        if FIRST_FAILURE:
+            print("--- the first failure (before Hypothesis replayed the example)")
+            print(FIRST_FAILURE[0])
         with contextlib.suppress(Exception):
             keep = os.environ.get("FUSEFS_MODEL_KEEP_LOGS")
             if keep:  # every mount's log of this run, for the post-mortem

@@ -664,3 +664,104 @@ def test_deletes_are_conditional_on_every_store(bucket: Bucket, mount, tmp_path)
     os.unlink(m.path / "b")  # nobody reads it: deleted at once, conditionally
     synced(m)
     assert bucket.get("b") is None
+
+
+@pytest.mark.parametrize("opened", ["before-upload", "after-upload"])
+@pytest.mark.parametrize("change", ["replace", "remove"])
+def test_a_name_another_mount_changed_shows_while_a_reader_holds_this_mounts_version(
+        store: Bucket, mount, tmp_path, change: str, opened: str):
+    """This mount wrote ``a`` and a reader still holds it when another mount replaces or
+    removes it: once the metadata TTL has passed the name shows the other's change, and the
+    reader keeps reading its own bytes (or gets ESTALE). Found by the model with a second
+    mount; before the fix a reader opened before the upload kept the staged file on the name
+    (the old bytes shown for as long as it was open), and one opened after shared the new
+    version's inode, so its reads came from the new file's pages."""
+    ma = mount(store, "--metadata-ttl", "1", cache_dir=tmp_path / "ca")
+    (ma.path / "a").write_bytes(b"mine")
+    if opened == "after-upload":
+        synced(ma)
+    with open(ma.path / "a", "rb", buffering=0) as reader:
+        if opened == "before-upload":
+            synced(ma)
+        mb = mount(store, "--metadata-ttl", "0", cache_dir=tmp_path / "cb")
+        if change == "replace":
+            (mb.path / "a").write_bytes(b"theirs, longer")
+        else:
+            os.unlink(mb.path / "a")
+        synced(mb)
+        time.sleep(1.5)  # this mount's TTL
+        if change == "replace":
+            assert (ma.path / "a").read_bytes() == b"theirs, longer"
+        else:
+            assert not (ma.path / "a").exists()
+            assert "a" not in os.listdir(ma.path)
+        try:
+            assert os.pread(reader.fileno(), 100, 0) == b"mine"
+        except OSError as e:
+            assert e.errno == errno.ESTALE
+    synced(ma)
+    assert store.get("a") == (b"theirs, longer" if change == "replace" else None)
+    assert ma.stats()["conflicts"] == 0
+
+
+def test_a_descriptor_on_a_file_another_mount_removed_gets_estale(store: Bucket, mount,
+                                                                    tmp_path):
+    """A file opened here and removed by another mount before its bytes were read: reading it
+    is ESTALE (the file this handle opened is gone), not ENOENT (found by the write model)."""
+    mb = mount(store, cache_dir=tmp_path / "cb")
+    (mb.path / "f").write_bytes(b"x" * 100_000)
+    synced(mb)
+    ma = mount(store, cache_dir=tmp_path / "ca")
+    fd = os.open(ma.path / "f", os.O_RDONLY)
+    try:
+        os.unlink(mb.path / "f")
+        synced(mb)
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, 0)
+        assert e.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+    assert ma.proc is not None and ma.proc.poll() is None
+
+
+def test_a_write_open_that_changes_nothing_is_closed_not_crashed(store: Bucket, mount,
+                                                                 tmp_path):
+    """``open(O_TRUNC)`` of an empty file and ``close`` change nothing; a ``kill -9`` after
+    must not leave the file "never closed (crash?)" as failed (the journal kept the open
+    state: found by the write model)."""
+    m = mount(store, cache_dir=tmp_path / "c")
+    (m.path / "e").write_bytes(b"")
+    synced(m)
+    with open(m.path / "e", "wb"):
+        pass
+    kill_9(m)
+    m2 = mount(store, cache_dir=tmp_path / "c")
+    synced(m2)
+    assert store.get("e") == b""
+    assert m2.stats()["uploads_failed"] == 0
+
+
+def test_writing_through_a_descriptor_on_a_replaced_file_leaves_no_failed_upload(
+        store: Bucket, mount, tmp_path):
+    """A writer keeps writing to a file that ``mv`` replaced: nothing of it is uploaded, and a
+    ``kill -9`` after must not bring it back as a failed "never closed" upload (its journal
+    row, dropped at the rename, came back with the next write: found by the write model)."""
+    m = mount(store, cache_dir=tmp_path / "c")
+    (m.path / "a").write_bytes(b"old")
+    synced(m)
+    fd = os.open(m.path / "a", os.O_RDWR)
+    reader = os.open(m.path / "a", os.O_RDONLY)
+    try:
+        (m.path / "new").write_bytes(b"new")
+        os.rename(m.path / "new", m.path / "a")
+        os.pwrite(fd, b"written after the rename", 10)
+    finally:
+        os.close(fd)
+    kill_9(m)  # while the reader still holds the replaced file
+    with contextlib.suppress(OSError):
+        os.close(reader)  # ENOTCONN: its mount is gone
+    m2 = mount(store, cache_dir=tmp_path / "c")
+    synced(m2)
+    assert store.get("a") == b"new"
+    assert keys(store) == ["a"]
+    assert m2.stats()["uploads_failed"] == 0

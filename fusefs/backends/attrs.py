@@ -55,8 +55,9 @@ def encode(attrs: Attrs | None) -> dict[str, str]:
         return out
     if attrs.mtime is not None:
         out[MTIME] = f"{attrs.mtime:.9f}".rstrip("0").rstrip(".")
-    if attrs.mode is not None:  # never setuid/gid/sticky; a link, FIFO... keeps its type
-        out[MODE] = "0%o" % ((stat.S_IFMT(attrs.mode) or stat.S_IFREG) | (attrs.mode & 0o777))
+    if attrs.mode is not None:  # never setuid/gid; a link, FIFO... keeps its type
+        out[MODE] = "0%o" % ((stat.S_IFMT(attrs.mode) or stat.S_IFREG) | (attrs.mode & _bits(
+            attrs.mode)))
     if attrs.token is not None:
         out[TOKEN] = attrs.token
     if attrs.uid is not None:
@@ -66,6 +67,12 @@ def encode(attrs: Attrs | None) -> dict[str, str]:
     if attrs.rdev is not None:
         out[RDEV] = str(attrs.rdev)
     return out
+
+
+def _bits(mode: int) -> int:
+    """Permission bits kept in ``mode``: never setuid or setgid (issue 14); the sticky bit
+    of a folder only (``01777``: it restricts who may remove entries, it grants nothing)."""
+    return 0o1777 if stat.S_ISDIR(mode) else 0o777
 
 
 def rdev(meta: Mapping[str, str] | None) -> int | None:
@@ -161,6 +168,8 @@ def _mode(text: str, *, octal: bool = False) -> int | None:
     if value >= 1 << 32:
         return None
     kind = stat.S_IFMT(value)
+    if kind == stat.S_IFDIR:  # a folder marker's: the sticky bit too (it only restricts)
+        return stat.S_IFDIR | (value & 0o1777)
     # setuid, setgid and sticky bits are never taken from a bucket; a type other than a
     # regular file's (s3fs's links, FIFOs, sockets, device nodes) is kept with the bits
     return (value & 0o777) | (kind if kind in SPECIAL_TYPES else 0)

@@ -6,53 +6,72 @@ ID: environment, workload/managed identity, Azure CLI...) when azure-identity is
 ``endpoint_url`` replaces the account URL (Azurite ``http://127.0.0.1:10000/devstoreaccount1``,
 sovereign clouds). Versions are ETags; ranged reads carry ``If-Match``. Keys, SAS tokens and
 connection strings never reach a log line, an error message or ``source_id``.
+
+Parts: :class:`AzureStore` (the one store class) here; credentials and the Shared Key signer
+in :mod:`.azure_auth`; the lean GET path in :mod:`.azure_lean`; versions and error mapping in
+:mod:`.azure_common`; uploads, copies and metadata changes in :mod:`.azure_write`. Imports go
+one way: store -> write -> common, store -> lean -> auth.
 """
 
 from __future__ import annotations
 
-import base64
 import builtins
-import hashlib
-import hmac
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import datetime
-from email.utils import formatdate, parsedate_to_datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
 from xml.etree import ElementTree
 
-import requests
 from azure.core import MatchConditions
 from azure.core import exceptions as aexc
 from azure.core.pipeline.transport import RequestsTransport
 from azure.core.rest import HttpRequest
 from azure.storage.blob import BlobPrefix, ContainerClient, ExponentialRetry
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from ..errors import (
-    AccessDenied,
-    BackendError,
     Conflict,
     FusefsError,
     NotFound,
     StaleVersion,
-    TransientError,
-    UserError,
 )
-from . import attrs as meta_attrs
-from . import azure_write
+from .attrs import decode as meta_decode
+from .attrs import owner as meta_owner
+from .attrs import rdev as meta_rdev
+from .attrs import token as meta_token
+from .azure_auth import (
+    ACCOUNT_ENV,
+    CONNECTION_STRING_ENV,
+    KEY_ENV,
+    SAS_ENV,
+    SharedKey,
+    parse_connection_string,
+    redact_account_url,
+    resolve_credentials,
+)
+from .azure_common import epoch, etag_version, map_azure_error
+from .azure_lean import SDK_STATUSES, LeanBlobGet, account_session
+from .azure_write import copy as write_copy
+from .azure_write import put_file as write_put_file
+from .azure_write import set_attrs as write_set_attrs
 from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
-from .lean import Answer, SessionPool
+
+# the credential helpers and map_azure_error are imported from here by tests and tools
+__all__ = [
+    "ACCOUNT_ENV",
+    "CONNECTION_STRING_ENV",
+    "KEY_ENV",
+    "SAS_ENV",
+    "AzureStore",
+    "SharedKey",
+    "etag_version",
+    "map_azure_error",
+    "parse_connection_string",
+    "resolve_credentials",
+]
 
 log = logging.getLogger(__name__)
 
-CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
-ACCOUNT_ENV = "AZURE_STORAGE_ACCOUNT"
-KEY_ENV = "AZURE_STORAGE_KEY"
-SAS_ENV = "AZURE_STORAGE_SAS_TOKEN"
 PAGE_SIZE = 5000  # the service's maximum page of a listing
 #: 5 attempts, about 0.2, 1.7, 2.5 and 3.6 s apart (the SDK's default waits 15 s and more)
 _RETRY: dict[str, Any] = {
@@ -63,228 +82,16 @@ _RETRY: dict[str, Any] = {
 }
 #: socket reads of up to 1 MiB while streaming a body (the SDK's default is 4 KiB)
 _READ_CHUNK = 1 << 20
-_BAD_CREDENTIALS = {
-    "AuthenticationFailed",
-    "InvalidAuthenticationInfo",
-    "NoAuthenticationInformation",
-}
-_TRANSIENT_CODES = {"ServerBusy", "OperationTimedOut", "InternalError"}
-
-
-def etag_version(etag: str | None) -> str:
-    """An ETag as a version: without quotes or weak prefix (listings and HEAD differ)."""
-    etag = (etag or "").strip()
-    if etag.startswith("W/"):
-        etag = etag[2:]
-    return etag.strip('"')
-
-
-def _epoch(when: datetime | None) -> float:
-    return when.timestamp() if when is not None else 0.0
 
 
 def _info(key: str, p: Any) -> ObjectInfo:
     """A blob's info from its properties (HEAD or a listing item), metadata included."""
-    meta_mtime, mode = meta_attrs.decode(p.metadata)
-    uid, gid = meta_attrs.owner(p.metadata)
-    return ObjectInfo(key, int(p.size or 0), _epoch(p.last_modified), etag_version(p.etag),
-                      meta_mtime, mode, meta_attrs.token(p.metadata), uid, gid,
-                      meta_attrs.rdev(p.metadata))
+    meta_mtime, mode = meta_decode(p.metadata)
+    uid, gid = meta_owner(p.metadata)
+    return ObjectInfo(key, int(p.size or 0), epoch(p.last_modified), etag_version(p.etag),
+                      meta_mtime, mode, meta_token(p.metadata), uid, gid,
+                      meta_rdev(p.metadata))
 
-
-def _first_line(text: str) -> str:
-    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
-    return line[:200] + ("..." if len(line) > 200 else "")
-
-
-def map_azure_error(exc: BaseException, what: str) -> FusefsError:
-    """Translate an azure-core/azure-storage failure into the fusefs error family.
-
-    Only the service's error code and the first line of its message are kept: never a URL
-    (it may carry a SAS token) or a header.
-    """
-    if isinstance(exc, FusefsError):
-        return exc
-    if isinstance(exc, aexc.ServiceRequestError | aexc.ServiceResponseError):
-        return TransientError(
-            f"{what}: cannot reach the endpoint ({type(exc).__name__})", cause=exc
-        )
-    if isinstance(exc, aexc.HttpResponseError) and getattr(exc, "status_code", None):
-        status = int(exc.status_code or 0)
-        code_obj = getattr(exc, "error_code", None) or ""
-        code = str(getattr(code_obj, "value", code_obj))  # StorageErrorCode is an enum
-        reason = _first_line(str(getattr(exc, "reason", "") or ""))
-        msg = f"{what}: {code or status} {_first_line(str(exc.message or '')) or reason}".strip()
-        if status == 404:
-            return NotFound(msg, cause=exc)
-        if status in (401, 403) or code in _BAD_CREDENTIALS:
-            return AccessDenied(msg, cause=exc)
-        if status == 412 or code == "ConditionNotMet":
-            return StaleVersion(msg, cause=exc)
-        if status in (408, 429) or status >= 500 or code in _TRANSIENT_CODES:
-            return TransientError(msg, cause=exc)
-        return BackendError(msg, cause=exc)
-    if isinstance(exc, aexc.ClientAuthenticationError):  # no status: a token that failed
-        return AccessDenied(
-            f"{what}: authentication failed ({type(exc).__name__}: "
-            f"{_first_line(str(exc.message or ''))})",
-            cause=exc,
-        )
-    if isinstance(exc, aexc.AzureError):
-        return BackendError(f"{what}: {type(exc).__name__}", cause=exc)
-    return BackendError(f"{what}: {exc!r}"[:300], cause=exc)
-
-
-def parse_connection_string(text: str) -> dict[str, str]:
-    """``Key=Value;...`` -> dict (values may contain ``=``, as base64 keys do)."""
-    out: dict[str, str] = {}
-    for part in text.split(";"):
-        key, sep, value = part.strip().partition("=")
-        if sep and key:
-            out[key.strip()] = value.strip()
-    return out
-
-
-def _redact(url: str) -> str:
-    """An account URL without query string or user info (a SAS token must not leak)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}" + (
-        parts.path.rstrip("/")
-    )
-
-
-def resolve_credentials(
-    endpoint_url: str | None, env: dict[str, str] | None = None
-) -> tuple[str, Any, str]:
-    """(account URL, credential, what it is) from the environment, in the documented order.
-
-    Raises AccessDenied (one line, no secret) when nothing usable is found.
-    """
-    env = dict(os.environ) if env is None else env
-    conn = env.get(CONNECTION_STRING_ENV, "").strip()
-    account = env.get(ACCOUNT_ENV, "").strip()
-    if conn:
-        cs = parse_connection_string(conn)
-        name = cs.get("AccountName", "")
-        if cs.get("UseDevelopmentStorage", "").lower() == "true":
-            name = name or "devstoreaccount1"
-            cs.setdefault("BlobEndpoint", f"http://127.0.0.1:10000/{name}")
-        url = endpoint_url or cs.get("BlobEndpoint") or (
-            f"{cs.get('DefaultEndpointsProtocol', 'https')}://{name}.blob."
-            f"{cs.get('EndpointSuffix', 'core.windows.net')}"
-        )
-        if cs.get("AccountKey") and name:
-            return url, {"account_name": name, "account_key": cs["AccountKey"]}, "account key"
-        if cs.get("SharedAccessSignature"):
-            return url, cs["SharedAccessSignature"], "SAS token"
-        raise AccessDenied(
-            f"{CONNECTION_STRING_ENV} has neither AccountName+AccountKey nor SharedAccessSignature"
-        )
-    if account or endpoint_url:
-        url = endpoint_url or f"https://{account}.blob.core.windows.net"
-        if account and env.get(KEY_ENV, "").strip():
-            return url, {"account_name": account, "account_key": env[KEY_ENV].strip()}, "key"
-        if env.get(SAS_ENV, "").strip():
-            return url, env[SAS_ENV].strip().lstrip("?"), "SAS token"
-    try:
-        from azure.identity import DefaultAzureCredential
-    except ImportError:
-        raise AccessDenied(
-            f"no Azure credentials: set {CONNECTION_STRING_ENV}, or {ACCOUNT_ENV} with "
-            f"{KEY_ENV} or {SAS_ENV}, or install azure-identity (pip install "
-            "'fusefs[azure-identity]') for Entra ID sign-in"
-        ) from None
-    if not (account or endpoint_url):
-        raise UserError(f"az://: set {ACCOUNT_ENV} (or --endpoint-url) to name the account")
-    url = endpoint_url or f"https://{account}.blob.core.windows.net"
-    return url, DefaultAzureCredential(), "DefaultAzureCredential"
-
-
-def _session(url: str, max_connections: int) -> requests.Session:
-    """A requests session for one account: a pooled connection per worker (the SDK's own
-    session keeps 10), and the environment's proxy and CA settings resolved once, here, for
-    this URL (requests would otherwise re-read the whole environment, and ~/.netrc, on every
-    request: a tenth of a small GET's CPU)."""
-    session = requests.Session()
-    session.trust_env = False
-    session.proxies = dict(requests.utils.get_environ_proxies(url))
-    ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    if ca_bundle:
-        session.verify = ca_bundle
-    # retries are the pipeline's (ExponentialRetry); urllib3 must not retry underneath it
-    adapter = HTTPAdapter(
-        pool_connections=4,
-        pool_maxsize=max_connections,
-        max_retries=Retry(total=False, redirect=False, raise_on_status=False),
-    )
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
-class SharedKey:
-    """Shared Key authorization of a blob GET without a body or query (the ranged GET of
-    :class:`_LeanBlobGet`), to the rules of the SDK's ``SharedKeyCredentialPolicy``, at a
-    fraction of its cost. Checked against the SDK's signer in the tests."""
-
-    def __init__(self, account: str, key: str) -> None:
-        self.account = account
-        self._key = base64.b64decode(key)
-
-    def sign(self, path: str, headers: dict[str, str]) -> str:
-        """The ``Authorization`` value for ``GET path`` with ``headers`` (``If-Match`` and the
-        ``x-ms-*`` headers; names as sent)."""
-        lower = {k.lower(): v for k, v in headers.items()}
-        # content-encoding ... if-unmodified-since, and the SDK's "byte_range" (never set)
-        standard = [""] * 7 + [lower.get("if-match", "")] + [""] * 3
-        ms = "".join(f"{k}:{v}\n" for k, v in sorted(lower.items()) if k.startswith("x-ms-"))
-        to_sign = "GET\n" + "\n".join(standard) + "\n" + ms + f"/{self.account}{path}"
-        sig = hmac.new(self._key, to_sign.encode(), hashlib.sha256).digest()
-        return f"SharedKey {self.account}:{base64.b64encode(sig).decode()}"
-
-
-#: statuses of a lean GET that the SDK answers (and maps) instead; others (5xx, 408, 429, a
-#: connection failure) go to the pipeline, whose retry policy tries again
-_SDK_STATUSES = frozenset({301, 302, 303, 307, 308, 400, 401, 403, 404, 409, 412})
-
-
-class _LeanBlobGet:
-    """Ranged GETs without the pipeline and requests (policies, request and response objects,
-    requests' per-request work: about half of a small GET's CPU): signed by :class:`SharedKey`
-    (or a SAS token in the URL) and sent on the transport session's urllib3 pool
-    (:class:`.lean.SessionPool`). Not used with token credentials or a proxy.
-
-    An answer this path does not take is asked again through the pipeline or the SDK, which map
-    it exactly; if the SDK then succeeds where this path was refused, it is turned off for the
-    rest of the mount. ``enabled`` only ever goes from True to False; ``sent`` counts requests.
-    """
-
-    def __init__(self, session: requests.Session, url: str, credential: Any) -> None:
-        self.sent = 0
-        self._pool = SessionPool(session, url, (10.0, 60.0))
-        self._signer = (SharedKey(credential["account_name"], credential["account_key"])
-                        if isinstance(credential, dict) else None)  # fmt: skip
-        self.enabled = self._pool.usable and (self._signer is not None or isinstance(
-            credential, str))
-
-    def get(self, what: str, url: str, headers: dict[str, str], length: int) -> Answer | None:
-        """The answer (None: connection trouble or a huge 200; the pipeline retries it)."""
-        self.sent += 1
-        parts = urlsplit(url)
-        headers = {**headers, "x-ms-date": formatdate(usegmt=True)}
-        if self._signer is not None:
-            headers["Authorization"] = self._signer.sign(parts.path, headers)
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        try:
-            return self._pool.get(what, target, headers, length, map_azure_error)
-        except FusefsError as exc:
-            log.debug("lean GET of %s failed (%s); using the pipeline", what, exc.message)
-            return None
-
-    def refused_but_sdk_worked(self) -> None:
-        if self.enabled:
-            log.info("lean Azure GET path off for this mount: the service refused it, the SDK not")
-            self.enabled = False
 
 class AzureStore:
     """One Azure Blob container. Object versions are ETags.
@@ -317,7 +124,7 @@ class AzureStore:
         self.part_size = part_size
         self.parts = parts
         url, credential, kind = resolve_credentials(endpoint_url, env)
-        account_url = _redact(url)
+        account_url = redact_account_url(url)
         host = urlsplit(account_url).hostname or ""
         default = host.endswith(".blob.core.windows.net") and not endpoint_url
         self.source_id = (
@@ -325,7 +132,7 @@ class AzureStore:
         )
         if isinstance(credential, str):  # a SAS token: the SDK appends it to every URL
             url = account_url
-        session = _session(account_url, max_connections)
+        session = account_session(account_url, max_connections)
         transport = RequestsTransport(
             session=session,
             session_owner=False,
@@ -348,7 +155,7 @@ class AzureStore:
         self._blob_url = (base.rstrip("/") + "/", "?" + query if query else "")
         self._pipeline = getattr(self.client, "_pipeline", None)
         self._api_version = str(getattr(self.client, "api_version", "") or "")
-        self._lean = _LeanBlobGet(session, account_url, credential)
+        self._lean = LeanBlobGet(session, account_url, credential)
         self._lean.enabled = self._lean.enabled and bool(self._api_version)
         log.debug("azure %s with %s", self.source_id, kind)
 
@@ -464,13 +271,13 @@ class AzureStore:
             modified = props.findtext("Last-Modified")
             meta = item.find("Metadata")
             pairs = {m.tag: m.text or "" for m in meta} if meta is not None else None
-            meta_mtime, mode = meta_attrs.decode(pairs)
-            uid, gid = meta_attrs.owner(pairs)
+            meta_mtime, mode = meta_decode(pairs)
+            uid, gid = meta_owner(pairs)
             objects.append(ObjectInfo(
                 name, int(props.findtext("Content-Length") or 0),
                 parsedate_to_datetime(modified).timestamp() if modified else 0.0,
                 etag_version(props.findtext("Etag")), meta_mtime, mode, None, uid, gid,
-                meta_attrs.rdev(pairs),
+                meta_rdev(pairs),
             ))  # fmt: skip
         return objects, prefixes, root.findtext("NextMarker") or None
 
@@ -513,7 +320,7 @@ class AzureStore:
         return data if at_end else None  # short only at the end of the object
 
     def _lean_get(self, key: str, start: int, length: int, version: str) -> bytes | bool:
-        """The bytes through :class:`_LeanBlobGet`, else whether the SDK must answer (True: an
+        """The bytes through :class:`LeanBlobGet`, else whether the SDK must answer (True: an
         answer this path does not map) or the pipeline (False: retried there)."""
         headers = {"x-ms-range": f"bytes={start}-{start + length - 1}",
                    "x-ms-version": self._api_version}
@@ -530,7 +337,7 @@ class AzureStore:
             data = self._accept(key, start, length, version, answer.status, answer.headers,
                                 answer.body)
             return False if data is None else data
-        return answer.status in _SDK_STATUSES
+        return answer.status in SDK_STATUSES
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
         if length <= 0:
@@ -590,7 +397,7 @@ class AzureStore:
             )
         except Exception as exc:
             raise map_azure_error(exc, self._name(key)) from exc
-        return ObjectInfo(key, len(data), _epoch(r.get("last_modified")), etag_version(r["etag"]))
+        return ObjectInfo(key, len(data), epoch(r.get("last_modified")), etag_version(r["etag"]))
 
     def delete(self, key: str, *, condition: Condition = Condition()) -> None:
         kw: dict[str, Any] = {}
@@ -613,12 +420,12 @@ class AzureStore:
         self, key: str, upload: Upload, *, condition: Condition = Condition(),
         attrs: Attrs | None = None, progress: Callable[[int], None] | None = None,
     ) -> ObjectInfo:
-        return azure_write.put_file(self, key, upload, condition, attrs, progress)
+        return write_put_file(self, key, upload, condition, attrs, progress)
 
     def copy(
         self, src: str, version: str, dst: str, *, condition: Condition = Condition(),
     ) -> ObjectInfo:
-        return azure_write.copy(self, src, version, dst, condition)
+        return write_copy(self, src, version, dst, condition)
 
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
-        return azure_write.set_attrs(self, key, version, attrs)
+        return write_set_attrs(self, key, version, attrs)

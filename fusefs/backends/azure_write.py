@@ -26,7 +26,12 @@ from azure.core import exceptions as aexc
 from azure.storage.blob import BlobBlock
 
 from ..errors import BackendError, Conflict, NotFound, StaleVersion
-from . import attrs as meta_attrs
+from .attrs import decode as meta_decode
+from .attrs import encode as meta_encode
+from .attrs import merged as meta_merged
+from .attrs import owner as meta_owner
+from .attrs import rdev as meta_rdev
+from .azure_common import epoch, etag_version, map_azure_error
 from .base import Attrs, Condition, ObjectInfo, Upload
 from .upload_io import UploadSource, plan_parts, run_parts
 
@@ -59,23 +64,19 @@ def _refused(exc: BaseException) -> bool:
 
 def _info(store: AzureStore, key: str, size: int, r: Any, meta: dict[str, str] | None
           ) -> ObjectInfo:
-    from .azure import _epoch, etag_version
-
-    mtime, mode = meta_attrs.decode(meta)
-    uid, gid = meta_attrs.owner(meta)
+    mtime, mode = meta_decode(meta)
+    uid, gid = meta_owner(meta)
     when = r.get("last_modified")
-    return ObjectInfo(key, size, _epoch(when) if when else time.time(),
+    return ObjectInfo(key, size, epoch(when) if when else time.time(),
                       etag_version(r.get("etag")), mtime, mode, None, uid, gid,
-                      meta_attrs.rdev(meta))
+                      meta_rdev(meta))
 
 
 def put_file(store: AzureStore, key: str, upload: Upload, condition: Condition,
              attrs: Attrs | None, progress: Callable[[int], None] | None) -> ObjectInfo:
-    from .azure import map_azure_error
-
     what = store._name(key)
     blob = store.client.get_blob_client(key)
-    meta = meta_attrs.encode(attrs)
+    meta = meta_encode(attrs)
     cond = _conditions(condition)
     done = progress or (lambda n: None)
     with UploadSource(upload, store.get_range) as source:
@@ -146,8 +147,6 @@ def _committed(blob: Any) -> list[str] | None:
 
 def _source(store: AzureStore, src: str, version: str) -> Any:
     """Properties of ``src``, which must have ``version`` (StaleVersion; NotFound)."""
-    from .azure import etag_version, map_azure_error
-
     try:
         props = store.client.get_blob_client(src).get_blob_properties()
     except Exception as exc:
@@ -161,8 +160,6 @@ def copy(store: AzureStore, src: str, version: str, dst: str, condition: Conditi
          ) -> ObjectInfo:
     """Copy Blob within the account (metadata copied with it; the source's ETag pinned),
     then its state polled until it is done: within one account it usually already is."""
-    from .azure import map_azure_error
-
     what = store._name(dst)
     props = _source(store, src, version)
     base, query = store._blob_url
@@ -207,14 +204,12 @@ def _quote(key: str) -> str:
 def set_attrs(store: AzureStore, key: str, version: str, attrs: Attrs) -> ObjectInfo:
     """Set Blob Metadata under ``If-Match`` (it replaces the whole set: the others are kept
     by sending them again). The ETag changes."""
-    from .azure import map_azure_error
-
     what = store._name(key)
     try:
         props = _source(store, key, version)
     except StaleVersion as exc:
         raise Conflict(exc.message, cause=exc) from exc
-    meta = meta_attrs.merged(props.metadata, attrs)
+    meta = meta_merged(props.metadata, attrs)
     try:
         r = store.client.get_blob_client(key).set_blob_metadata(
             meta, etag=f'"{version}"', match_condition=MatchConditions.IfNotModified)

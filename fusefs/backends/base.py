@@ -208,6 +208,8 @@ class PrefixedStore:
         self.gets_small: bool = hasattr(inner, "get_small")
         #: links must not lead out of the source (local sources)
         self.links_inside: bool = getattr(inner, "links_inside", False)
+        #: folders are directories (local sources): a marker is never listed as an object
+        self.folders_are_dirs: bool = getattr(inner, "folders_are_dirs", False)
         self.enforces_conditions: bool = getattr(inner, "enforces_conditions", True)
         self.enforces_delete_conditions: bool = getattr(
             inner, "enforces_delete_conditions", self.enforces_conditions)

@@ -9,6 +9,10 @@ Ranged GETs are sent by this module through the client's authorized session (sto
 transcoding), so that the whole body is read under the stall timeout and checked: the right
 range and length, and for a whole object its ``x-goog-hash`` (CRC32C). A body cut short, reset
 or stalled is a transient failure, retried on a new request.
+
+Parts: :class:`GCSStore` (the one store class) here; object info and error mapping in
+:mod:`.gcs_common`; uploads, copies and metadata changes in :mod:`.gcs_write`. Imports go one
+way: store -> write -> common.
 """
 
 from __future__ import annotations
@@ -16,41 +20,35 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import google.auth
 import google.auth.exceptions
-import requests
-import urllib3.exceptions
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from requests.adapters import HTTPAdapter
 
-try:  # google-cloud-storage >= 3 vendors google-resumable-media
-    from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
-except ImportError:  # pragma: no cover - google-cloud-storage 2.x
-    from google.resumable_media.common import DataCorruption, InvalidResponse
-
 from ..errors import (
-    AccessDenied,
-    BackendError,
     Conflict,
     FusefsError,
     NotFound,
     StaleVersion,
-    TransientError,
 )
-from . import attrs as meta_attrs
-from . import gcs_write
 from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
+from .gcs_common import map_gcs_error, object_info
+from .gcs_write import BINARY
+from .gcs_write import copy as write_copy
+from .gcs_write import put_file as write_put_file
+from .gcs_write import set_attrs as write_set_attrs
 from .lean import Answer, SessionPool
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .verify import refuse_whole, take_range, verify_goog_hash
+
+# map_gcs_error is imported from here by tests and tools
+__all__ = ["EMULATOR_ENV", "GCSStore", "map_gcs_error"]
 
 T = TypeVar("T")
 
@@ -67,93 +65,6 @@ _PAGE_SIZE = 1000  # the API maximum
 # ``metadata``: the mtime/mode a writer kept (no extra request, a bigger answer only)
 _LIST_FIELDS = ("items(name,size,updated,timeCreated,generation,metadata),prefixes,"
                 "nextPageToken")
-
-_DENIED = (gexc.Forbidden, gexc.Unauthorized)
-_TRANSIENT = (
-    gexc.TooManyRequests,
-    gexc.InternalServerError,
-    gexc.BadGateway,
-    gexc.ServiceUnavailable,
-    gexc.GatewayTimeout,
-    gexc.RetryError,
-    gexc.DeadlineExceeded,
-)
-_NETWORK = (
-    requests.exceptions.ConnectionError,
-    requests.exceptions.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    urllib3.exceptions.HTTPError,
-    google.auth.exceptions.TransportError,
-    ConnectionError,
-    TimeoutError,
-)
-_HTTP_PREFIX = re.compile(r"^(GET|HEAD|POST|PUT|PATCH|DELETE) \S+: ")
-
-
-def _reason(exc: gexc.GoogleAPICallError) -> str:
-    """The server's message without the request line (URL) and clipped to one short line."""
-    text = _HTTP_PREFIX.sub("", str(exc.message or ""), count=1)
-    text = " ".join(text.split())
-    return text[:200] + ("..." if len(text) > 200 else "")
-
-
-def map_gcs_error(exc: BaseException, what: str) -> FusefsError:
-    """Translate a google-cloud-storage failure into the fusefs error family (no secrets)."""
-    if isinstance(exc, FusefsError):
-        return exc
-    if isinstance(exc, gexc.RetryError) and exc.cause is not None:
-        inner = map_gcs_error(exc.cause, what)  # retries ran out: report the last failure
-        return TransientError(f"{inner.message} (gave up retrying)", cause=exc)
-    if isinstance(exc, InvalidResponse):  # a raw media response the library did not wrap
-        status = getattr(getattr(exc, "response", None), "status_code", 0) or 0
-        exc = gexc.from_http_status(status, str(exc))
-    if isinstance(exc, gexc.GoogleAPICallError):
-        code = int(exc.code or 0)
-        msg = f"{what}: {code} {_reason(exc)}".strip()
-        if isinstance(exc, gexc.NotFound) or code == 404:
-            return NotFound(msg, cause=exc)
-        if isinstance(exc, _DENIED) or code in (401, 403):
-            return AccessDenied(msg, cause=exc)
-        if isinstance(exc, gexc.PreconditionFailed) or code == 412:
-            return StaleVersion(msg, cause=exc)
-        if isinstance(exc, _TRANSIENT) or code == 429 or code >= 500 or code == 408:
-            return TransientError(msg, cause=exc)
-        return BackendError(msg, cause=exc)
-    if isinstance(exc, google.auth.exceptions.DefaultCredentialsError):
-        return AccessDenied(
-            f"{what}: no Google credentials found (run `gcloud auth application-default login` "
-            "or set GOOGLE_APPLICATION_CREDENTIALS)",
-            cause=exc,
-        )
-    if isinstance(exc, google.auth.exceptions.RefreshError):
-        if exc.retryable:
-            return TransientError(f"{what}: could not refresh credentials (will retry)", cause=exc)
-        return AccessDenied(f"{what}: credentials were rejected when refreshed", cause=exc)
-    if isinstance(exc, _NETWORK):
-        return TransientError(
-            f"{what}: cannot reach the endpoint ({type(exc).__name__})", cause=exc
-        )
-    if isinstance(exc, DataCorruption):
-        return TransientError(f"{what}: corrupted download (checksum mismatch)", cause=exc)
-    if isinstance(exc, google.auth.exceptions.GoogleAuthError):
-        return AccessDenied(f"{what}: authentication failed ({type(exc).__name__})", cause=exc)
-    return BackendError(f"{what}: {exc!r}"[:300], cause=exc)
-
-
-def _mtime(updated: datetime | None, created: datetime | None) -> float:
-    when = updated or created
-    return when.timestamp() if when is not None else 0.0
-
-
-def _info(key: str, blob: Any) -> ObjectInfo:
-    """An object's info; its version is the generation (never empty: a size+time fallback)."""
-    size = int(blob.size or 0)
-    mtime = _mtime(blob.updated, blob.time_created)
-    version = str(blob.generation) if blob.generation else f"~{size:x}-{int(mtime):x}"
-    meta_mtime, mode = meta_attrs.decode(blob.metadata)
-    uid, gid = meta_attrs.owner(blob.metadata)
-    return ObjectInfo(key, size, mtime, version, meta_mtime, mode, meta_attrs.token(blob.metadata),
-                      uid, gid, meta_attrs.rdev(blob.metadata))
 
 
 def _make_client(project: str | None, emulator: str | None) -> Any:
@@ -325,7 +236,7 @@ class GCSStore:
             raise NotFound(f"{self._name(key)}: not an object")
         blob = self.bucket.blob(key)
         self._call(self._name(key), lambda: blob.reload(timeout=self._timeout, retry=None))
-        return _info(key, blob)
+        return object_info(key, blob)
 
     def list(
         self, prefix: str, *, max_keys: int | None = None, start_after: str = ""
@@ -378,7 +289,7 @@ class GCSStore:
         api_page = next(iter(iterator.pages), None)
         if api_page is None:
             return [], [], None
-        objects = [_info(b.name, b) for b in api_page]
+        objects = [object_info(b.name, b) for b in api_page]
         return objects, [str(p) for p in api_page.prefixes], iterator.next_page_token
 
     def get_range(self, key: str, start: int, length: int, version: str) -> bytes:
@@ -469,8 +380,8 @@ class GCSStore:
         """One upload (a ``dir/`` folder marker is an empty object)."""
         blob = self.bucket.blob(key)
         self._call(self._name(key), lambda: blob.upload_from_string(
-            data, content_type=_BINARY, timeout=self._patient_timeout, retry=None))
-        return _info(key, blob)
+            data, content_type=BINARY, timeout=self._patient_timeout, retry=None))
+        return object_info(key, blob)
 
     def delete(self, key: str, *, condition: Condition = Condition()) -> None:
         match = (int(condition.version) if condition.version and condition.version.isdigit()
@@ -487,15 +398,13 @@ class GCSStore:
         self, key: str, upload: Upload, *, condition: Condition = Condition(),
         attrs: Attrs | None = None, progress: Callable[[int], None] | None = None,
     ) -> ObjectInfo:
-        return gcs_write.put_file(self, key, upload, condition, attrs, progress)
+        return write_put_file(self, key, upload, condition, attrs, progress)
 
     def copy(
         self, src: str, version: str, dst: str, *, condition: Condition = Condition(),
     ) -> ObjectInfo:
-        return gcs_write.copy(self, src, version, dst, condition)
+        return write_copy(self, src, version, dst, condition)
 
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
-        return gcs_write.set_attrs(self, key, version, attrs)
+        return write_set_attrs(self, key, version, attrs)
 
-
-_BINARY = gcs_write.BINARY

@@ -17,8 +17,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import Conflict, FusefsError, NotFound, StaleVersion
-from . import attrs as meta_attrs
+from .attrs import encode as meta_encode
+from .attrs import merged as meta_merged
 from .base import Attrs, Condition, ObjectInfo, Upload
+from .gcs_common import map_gcs_error, object_info
 from .upload_io import UploadReader, UploadSource
 
 if TYPE_CHECKING:
@@ -65,11 +67,9 @@ def _conflict(store: GCSStore, key: str, exc: StaleVersion,
 
 def put_file(store: GCSStore, key: str, upload: Upload, condition: Condition,
              attrs: Attrs | None, progress: Callable[[int], None] | None) -> ObjectInfo:
-    from .gcs import _info, map_gcs_error
-
     what = store._name(key)
     match = _generation_match(store, key, condition)
-    meta = meta_attrs.encode(attrs) or None
+    meta = meta_encode(attrs) or None
     with UploadSource(upload, store.get_range) as source:
         if upload.size <= store.part_size:
             data = source.read(0, upload.size)
@@ -84,7 +84,7 @@ def put_file(store: GCSStore, key: str, upload: Upload, condition: Condition,
                 blob = _conflict(store, key, exc, lambda b: b.md5_hash == md5)
             if progress is not None:
                 progress(len(data))
-            return _info(key, blob)
+            return object_info(key, blob)
         chunk = -(-store.part_size // CHUNK_UNIT) * CHUNK_UNIT
         blob = store.bucket.blob(key, chunk_size=chunk)
         blob.metadata = meta
@@ -102,14 +102,12 @@ def put_file(store: GCSStore, key: str, upload: Upload, condition: Condition,
             if isinstance(err, StaleVersion):
                 raise Conflict(err.message, cause=exc) from exc
             raise err from exc
-        return _info(key, blob)
+        return object_info(key, blob)
 
 
 def copy(store: GCSStore, src: str, version: str, dst: str, condition: Condition) -> ObjectInfo:
     """A rewrite (looped until done: big objects take several calls), source generation
     pinned; metadata is copied with the object."""
-    from .gcs import _info
-
     what = store._name(dst)
     match = _generation_match(store, dst, condition)
     if version.startswith("~"):
@@ -145,21 +143,19 @@ def copy(store: GCSStore, src: str, version: str, dst: str, condition: Condition
         if isinstance(exc, NotFound):
             raise
         raise Conflict(f"{what}: {exc.message}", cause=exc) from exc
-    return _info(dst, target)
+    return object_info(dst, target)
 
 
 def set_attrs(store: GCSStore, key: str, version: str, attrs: Attrs) -> ObjectInfo:
     """A metadata patch under ``ifGenerationMatch`` (the generation, and so the version,
     stays: the bytes did not change)."""
-    from .gcs import _info
-
     what = store._name(key)
     blob = store.bucket.blob(key)
     store._call(what, lambda: blob.reload(timeout=store._timeout, retry=None))
-    if _info(key, blob).version != version:
+    if object_info(key, blob).version != version:
         raise Conflict(f"{what}: changed")
     old = dict(blob.metadata or {})
-    new = meta_attrs.merged(old, attrs)
+    new = meta_merged(old, attrs)
     # a patch merges: a key to drop is sent as null
     blob.metadata = {**{k: None for k in old if k not in new}, **new}
     try:
@@ -167,7 +163,7 @@ def set_attrs(store: GCSStore, key: str, version: str, attrs: Attrs) -> ObjectIn
             if_generation_match=int(version), timeout=store._timeout, retry=None))
     except StaleVersion as exc:
         raise Conflict(f"{what}: {exc.message}", cause=exc) from exc
-    return _info(key, blob)
+    return object_info(key, blob)
 
 
 def _resumable_retry() -> Any:

@@ -34,7 +34,16 @@ from ..errors import (
     StaleVersion,
 )
 from .base import Attrs, Condition, ListPage, ObjectInfo, Upload
-from .local_meta import SHOWN, chown_fd, copy_range, info_of, inside, ns, version_of
+from .local_meta import (
+    SHOWN,
+    chown_fd,
+    copy_range,
+    folder_attrs,
+    info_of,
+    inside,
+    ns,
+    version_of,
+)
 from .upload_io import pieces
 
 log = logging.getLogger(__name__)
@@ -74,6 +83,8 @@ class LocalStore:
     enforces_conditions = True
     #: links must stay inside (:func:`inside`): the write path refuses others at ``symlink``
     links_inside = True
+    #: folders are directories: a marker is never listed as an object
+    folders_are_dirs = True
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
@@ -113,10 +124,12 @@ class LocalStore:
         try:
             parent = self._open_dir(parts[:-1])
             try:
-                # a device node is never opened (opening one may act: a tape rewinds)
+                # a device node is never opened (opening one may act: a tape rewinds), nor
+                # a socket (ENXIO: its head, chmod or delete failed with EIO, and its delete
+                # was retried for ever)
                 kind = stat.S_IFMT(os.stat(parts[-1], dir_fd=parent,
                                            follow_symlinks=False).st_mode)
-                if kind in (stat.S_IFCHR, stat.S_IFBLK):
+                if kind in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK):
                     raise NotFound(f"{key}: not a file")
                 fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=parent)
             finally:
@@ -382,6 +395,8 @@ class LocalStore:
         """The staged file's bytes and the base file's copy ranges, copied in the kernel
         (``copy_file_range``) into a temporary file, then committed (see above). A link,
         FIFO or socket (``attrs.mode``) is made as one (a link from the staged target)."""
+        if key.endswith("/") and upload.size == 0 and self._parts(key):
+            return self._put_folder(key, condition, attrs)
         kind = stat.S_IFMT(attrs.mode) if attrs is not None and attrs.mode else 0
         if kind in SHOWN:
             assert attrs is not None and attrs.mode is not None
@@ -461,8 +476,12 @@ class LocalStore:
             st, target = self._special(src)  # a link, FIFO or socket: made anew at dst
             if version_of(st) != version:
                 raise StaleVersion(f"{src}: changed since it was read") from None
+            # the owner is kept (root only may give a file away: others' copies are theirs)
+            owner = ((st.st_uid, st.st_gid) != (os.geteuid(), os.getegid())
+                     and os.geteuid() == 0)
             return self._put_special(dst, stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
                                      target, st.st_mtime_ns / 10**9, condition,
+                                     Attrs(uid=st.st_uid, gid=st.st_gid) if owner else None,
                                      rdev=st.st_rdev)
         try:
             st = os.fstat(fd)
@@ -479,7 +498,45 @@ class LocalStore:
         finally:
             os.close(fd)
 
+    def _put_folder(self, key: str, condition: Condition, attrs: Attrs | None) -> ObjectInfo:
+        """A folder marker with attributes: the directory, made if missing (Conflict if it
+        exists and ``condition.absent``), with ``attrs``'s mode, owner and mtime."""
+        if not os.path.isdir(self.root):
+            raise NotFound(f"directory {self.root} does not exist")
+        parts = self._parts(key)
+        try:
+            with self._lock:
+                try:
+                    fd = self._open_dir(parts)
+                except FileNotFoundError:
+                    fd = self._open_dir(parts, create=True)
+                else:
+                    if condition.absent:
+                        os.close(fd)
+                        raise Conflict(f"{key}: exists")
+                try:
+                    folder_attrs(fd, attrs)
+                    return info_of(key, os.fstat(fd))
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            raise _map_os_error(exc, key) from exc
+
     def set_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
+        if key.endswith("/") and self._parts(key):
+            # a folder: changed in place, as chmod does (a directory's version moves with
+            # every entry added, so there is no version of it to compare)
+            try:
+                fd = self._open_dir(self._parts(key))
+            except OSError as exc:
+                raise _map_os_error(exc, key) from exc
+            try:
+                folder_attrs(fd, attrs)
+                return info_of(key, os.fstat(fd))
+            except OSError as exc:
+                raise _map_os_error(exc, key) from exc
+            finally:
+                os.close(fd)
         try:
             fd = self._open_file(key)
         except NotFound:
@@ -500,7 +557,8 @@ class LocalStore:
             os.close(fd)
 
     def _set_special_attrs(self, key: str, version: str, attrs: Attrs) -> ObjectInfo:
-        """``set_attrs`` of a link (its mtime only, as ``touch -h``), FIFO or socket."""
+        """``set_attrs`` of a link (its mtime and owner, as ``touch -h``, ``chown -h``), FIFO,
+        socket or device node."""
         parts = self._parts(key)
         with self._lock:
             st, _ = self._special(key)
@@ -517,6 +575,11 @@ class LocalStore:
                                 os.fchmod(fd, attrs.mode & 0o777)
                         finally:
                             os.close(fd)
+                    elif attrs.mode is not None and not stat.S_ISLNK(st.st_mode):
+                        # a socket or device node is never opened: fchmodat without
+                        # following a link (a link swapped in keeps its mode)
+                        os.chmod(parts[-1], attrs.mode & 0o777, dir_fd=dfd,
+                                 follow_symlinks=False)
                     if attrs.uid is not None or attrs.gid is not None:
                         os.chown(parts[-1], -1 if attrs.uid is None else attrs.uid,
                                  -1 if attrs.gid is None else attrs.gid, dir_fd=dfd,

@@ -29,6 +29,7 @@ def info_of(key: str, st: os.stat_result) -> ObjectInfo:
     kind = stat.S_IFMT(st.st_mode)
     size = st.st_size if kind in (stat.S_IFREG, stat.S_IFLNK) else 0
     mode = (stat.S_IFLNK | 0o777 if kind == stat.S_IFLNK else
+            stat.S_IFDIR | stat.S_IMODE(st.st_mode) & 0o1777 if kind == stat.S_IFDIR else
             stat.S_IMODE(st.st_mode) & 0o777 | (kind if kind in SHOWN else 0))
     # an owner other than the mounting user's is the file's own (theirs: the mount's default)
     uid = st.st_uid if st.st_uid != os.geteuid() else None
@@ -36,6 +37,18 @@ def info_of(key: str, st: os.stat_result) -> ObjectInfo:
     return ObjectInfo(key, size, st.st_mtime, version_of(st), st.st_mtime_ns / 10**9, mode,
                       None, uid, gid,
                       st.st_rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else None)
+
+
+def folder_attrs(fd: int, attrs: Attrs | None) -> None:
+    """A directory's owner, mode (sticky kept, never setuid/setgid) and mtime, as ``attrs``
+    name them (``fd``: the directory)."""
+    chown_fd(fd, attrs)
+    if attrs is None:
+        return
+    if attrs.mode is not None:
+        os.fchmod(fd, attrs.mode & 0o1777)
+    if attrs.mtime is not None:
+        os.utime(fd, ns=(os.fstat(fd).st_atime_ns, ns(attrs.mtime)))
 
 
 def chown_fd(fd: int, attrs: Attrs | None) -> None:

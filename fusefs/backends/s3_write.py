@@ -20,8 +20,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import Conflict, FusefsError, NotFound, StaleVersion
-from . import attrs as meta_attrs
+from .attrs import decode as meta_decode
+from .attrs import encode as meta_encode
+from .attrs import merged as meta_merged
+from .attrs import owner as meta_owner
+from .attrs import rdev as meta_rdev
 from .base import Attrs, Condition, ObjectInfo, Upload
+from .s3_common import epoch, etag_version, is_weak, weak_version
 from .upload_io import UploadSource, inside_copy, plan_parts, run_parts
 
 if TYPE_CHECKING:
@@ -49,8 +54,6 @@ def _quoted(version: str) -> str:
 def _conditions(store: S3Store, key: str, condition: Condition) -> dict[str, str]:
     """The request headers for ``condition``. A weak version (no ETag known) cannot be sent:
     it is checked with a HEAD here instead."""
-    from .s3 import is_weak
-
     if condition.absent:
         return {"IfNoneMatch": "*"}
     if condition.version is None:
@@ -183,10 +186,8 @@ def _base_unchanged(store: S3Store, key: str, version: str) -> Callable[[], None
 
 def put_file(store: S3Store, key: str, upload: Upload, condition: Condition,
              attrs: Attrs | None, progress: Callable[[int], None] | None) -> ObjectInfo:
-    from .s3 import etag_version, is_weak
-
     what = store._name(key)
-    meta = meta_attrs.encode(attrs)
+    meta = meta_encode(attrs)
     cond = _conditions(store, key, condition)
     done_cb = progress or (lambda n: None)
     can_copy = bool(upload.copy) and bool(upload.base_version) and not is_weak(
@@ -215,29 +216,25 @@ def put_file(store: S3Store, key: str, upload: Upload, condition: Condition,
             r, _ = _multipart(store, key, plan, part, {"Metadata": meta}, cond,
                               _base_unchanged(store, upload.base_key, upload.base_version)
                               if can_copy else None, upload.started)
-    mtime, mode = meta_attrs.decode(meta)
-    uid, gid = meta_attrs.owner(meta)
+    mtime, mode = meta_decode(meta)
+    uid, gid = meta_owner(meta)
     return ObjectInfo(key, upload.size, time.time(), etag_version(r.get("ETag", "")), mtime, mode,
-                      None, uid, gid, meta_attrs.rdev(meta))
+                      None, uid, gid, meta_rdev(meta))
 
 
 def _info_after(store: S3Store, key: str, size: int, r: Any, meta: dict[str, str] | None,
                 etag: str) -> ObjectInfo:
-    from .s3 import epoch, etag_version
-
     result = r.get("CopyObjectResult", r)
-    mtime, mode = meta_attrs.decode(meta)
-    uid, gid = meta_attrs.owner(meta)
+    mtime, mode = meta_decode(meta)
+    uid, gid = meta_owner(meta)
     when = result.get("LastModified")
     return ObjectInfo(key, size, epoch(when) if when else time.time(),
                       etag_version(result.get("ETag", "") or etag), mtime, mode, None, uid, gid,
-                      meta_attrs.rdev(meta))
+                      meta_rdev(meta))
 
 
 def _source(store: S3Store, src: str, version: str) -> Any:
     """HEAD of the copy source, which must have ``version`` (StaleVersion; NotFound)."""
-    from .s3 import etag_version, weak_version
-
     r = store._head_raw(src)
     size = int(r["ContentLength"])
     now = etag_version(r.get("ETag", "")) or weak_version(size, r.get("LastModified"))
@@ -291,7 +288,7 @@ def set_attrs(store: S3Store, key: str, version: str, attrs: Attrs) -> ObjectInf
         head = _source(store, key, version)
     except StaleVersion as exc:
         raise Conflict(exc.message, cause=exc) from exc
-    meta = meta_attrs.merged(head.get("Metadata"), attrs)
+    meta = meta_merged(head.get("Metadata"), attrs)
     extra: dict[str, Any] = {"MetadataDirective": "REPLACE", "Metadata": meta}
     for name in _KEPT_HEADERS:
         if head.get(name):

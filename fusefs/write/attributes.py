@@ -1,4 +1,5 @@
-"""``chmod``, ``utimens`` and ``chown`` of files: kept in object metadata (``mode``,
+"""``chmod``, ``utimens`` and ``chown`` of files and folders (a folder's in its marker
+``dir/``, :meth:`Attributes.set_folder`): kept in object metadata (``mode``,
 ``mtime``, ``uid``/``gid``: rclone's and s3fs's names), through the staged file's journal row
 when the file is staged, else a metadata update of the stored object (``set_attrs``, on the
 version this mount saw). A link's, FIFO's or socket's type stays in its ``mode``.
@@ -9,17 +10,23 @@ Concurrency: on the trio thread; store calls in worker threads.
 from __future__ import annotations
 
 import dataclasses
+import os
 import stat
 from typing import TYPE_CHECKING
 
 from .. import threads
 from ..backends.attrs import SPECIAL_TYPES
-from ..backends.base import Attrs, ObjectInfo
+from ..backends.base import Attrs, Condition, ObjectInfo, Upload
 from ..config import Settings
-from ..errors import NotPermitted
+from ..errors import Conflict, NotFound, NotPermitted
 
 if TYPE_CHECKING:
     from .writes import Writes
+
+
+#: Times a folder's attribute change reads the marker again after a failed condition (another
+#: writer changed it meanwhile) before it gives up (Conflict: EIO).
+FOLDER_RETRIES = 3
 
 
 class Attributes:
@@ -28,6 +35,93 @@ class Attributes:
     def __init__(self, w: Writes) -> None:
         self.w = w
 
+    async def set_folder(self, node: object, *, mode: int | None = None,
+                         uid: int | None = None, gid: int | None = None,
+                         mtime: float | None = None, atime: float | None = None) -> None:
+        """``chmod``/``chown``/``utimensat`` of a folder: kept in its marker ``dir/``
+        (s3fs's keys: ``mode`` with ``S_IFDIR``, ``uid``, ``gid``, ``mtime``). A marker is
+        changed on the version this mount read (S3 ``If-Match`` copy in place, GCS
+        ``ifGenerationMatch``, Azure ``If-Match``); a folder without one gets one
+        (``If-None-Match: *``). A failed condition reads the marker again and retries. Not
+        deferred: done when the call returns. ``atime`` is kept in memory only."""
+        from ..fs import Node
+
+        assert isinstance(node, Node)
+        self.w.check_writable()
+        fs = self.w.fs
+        fm = fs.folder_meta
+        uid = None if uid in (-1, 0xFFFFFFFF) else uid
+        gid = None if gid in (-1, 0xFFFFFFFF) else gid
+        if mode is None and uid is None and gid is None and mtime is None:
+            fm.changed(node.path, atime=atime)
+            return
+        if not node.path:
+            cur = fs.attr(node)
+            if ((mode is None or mode == cur.mode & 0o1777)
+                    and uid in (None, cur.uid) and gid in (None, cur.gid) and mtime is None):
+                return
+            raise NotPermitted("the mount's root keeps no attributes (--dir-mode, --uid, "
+                               "--gid)")
+        key = node.path + "/"
+        for attempt in range(FOLDER_RETRIES + 1):
+            st = await fm.load(node.path)
+            marker = st.marker
+            if fm.memory_only:
+                base = marker or ObjectInfo(key, 0, fs.dir_mtime(node.path), "")
+                fm.keep(node.path, dataclasses.replace(
+                    base, mode=stat.S_IFDIR | mode if mode is not None else base.mode,
+                    uid=uid if uid is not None else base.uid,
+                    gid=gid if gid is not None else base.gid,
+                    meta_mtime=mtime if mtime is not None else base.meta_mtime))
+                if mtime is not None:
+                    fm.set_mtime(node.path, mtime)
+                fm.changed(node.path, atime=atime)
+                return
+            # an mtime kept in memory (entries changed) or a marker without one: stored now,
+            # so the change of another attribute does not move the folder's mtime
+            keep = fm.times(node.path)[0] is not None or marker is None or (
+                marker.meta_mtime is None)
+            stored_mtime = mtime if mtime is not None else (
+                fs.dir_mtime(node.path) if keep else None)
+            new_mode = stat.S_IFDIR | mode if mode is not None else None
+            sent = fs.clock()
+            try:
+                if marker is None:
+                    attrs = Attrs(stored_mtime, new_mode if new_mode is not None else
+                                  stat.S_IFDIR | self.w.settings.dir_mode, uid=uid, gid=gid)
+                    new = await threads.run_sync(
+                        lambda a=attrs: self.w.store.put_file(
+                            key, Upload(os.devnull, 0), condition=Condition(absent=True),
+                            attrs=a),
+                        limiter=fs.folders.meta_limiter)
+                else:
+                    attrs = Attrs(stored_mtime, new_mode, uid=uid, gid=gid)
+                    new = await threads.run_sync(
+                        self.w.store.set_attrs, key, marker.version, attrs,
+                        limiter=fs.folders.meta_limiter)
+            except Conflict:
+                if attempt == FOLDER_RETRIES:
+                    raise
+                fm.stale(node.path)
+                continue
+            except NotFound:
+                if marker is None or not await self.w.marker_metadata_dropped(key):
+                    raise
+                continue  # kept in memory from now on (memory_only)
+            if new.mode is None and new.meta_mtime is None:  # what was sent, if not said
+                new = dataclasses.replace(
+                    new, meta_mtime=attrs.mtime if attrs.mtime is not None else (
+                        marker.meta_mtime if marker else None),
+                    mode=attrs.mode if attrs.mode is not None else (
+                        marker.mode if marker else None),
+                    uid=uid if uid is not None else (marker.uid if marker else None),
+                    gid=gid if gid is not None else (marker.gid if marker else None))
+            fm.seen(node.path, new, sent)
+            if mtime is not None:
+                fm.set_mtime(node.path, mtime)
+            fm.changed(node.path, atime=atime)
+            return
+
     async def set_times(self, node: object, mtime: float | None, mode: int | None) -> None:
         """``utimens``/``chmod``: kept in the object's metadata."""
         from ..fs import Node
@@ -35,7 +129,8 @@ class Attributes:
         assert isinstance(node, Node)
         self.w.check_writable()
         if node.is_dir:
-            return  # folders are prefixes: no attributes to keep
+            await self.set_folder(node, mode=mode, mtime=mtime)
+            return
         async with self.w.held(node.path) as sf:
             if sf is not None:
                 if _same(sf.rec.mtime, file_mode(self.w.settings, self.w.info_of(sf)), mtime, mode):
@@ -83,8 +178,7 @@ class Attributes:
         uid = None if uid in (-1, 0xFFFFFFFF) else uid
         gid = None if gid in (-1, 0xFFFFFFFF) else gid
         if node.is_dir:
-            if uid not in (None, self.w.fs.uid) or gid not in (None, self.w.fs.gid):
-                raise NotPermitted("folders are prefixes: they keep no owner")
+            await self.set_folder(node, uid=uid, gid=gid)
             return
         async with self.w.held(node.path) as sf:
             if sf is not None:

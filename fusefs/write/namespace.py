@@ -20,12 +20,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
+import stat
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from .. import threads
-from ..backends.base import ObjectInfo
+from ..backends.base import Attrs, Condition, ObjectInfo, Upload
 from ..errors import (
+    Conflict,
     CrossDevice,
     Exists,
     InvalidArgument,
@@ -46,27 +50,58 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: renameat2's flag: fail with EEXIST if the new name exists (``mv -n``). A file's rename then
+#: carries the condition "absent" at the new name, so another writer's object is never replaced.
+RENAME_NOREPLACE = 1
+
 
 class Namespace:
     """The namespace operations of one read-write mount (``Writes.namespace``)."""
 
     def __init__(self, writes: Writes) -> None:
         self.w = writes
+        self._markers_checked = False
 
-    async def mkdir(self, parent_ino: int, name: str) -> object:
+    async def mkdir(self, parent_ino: int, name: str, mode: int | None = None,
+                    owner: tuple[int, int] | None = None) -> object:
+        """A folder marker ``path/`` with the folder's mode (sticky kept, never setuid or
+        setgid), owner (where not the mount's default) and mtime in its metadata, made only
+        if none is there (``If-None-Match: *``)."""
         self.w.check_writable()
-        parent = self.w.fs.node(parent_ino)
+        fs = self.w.fs
+        parent = fs.node(parent_ino)
         if not parent.is_dir:
             raise NotADirectory(f"{parent.path} is not a directory")
         path = self.w.check_name(parent.path, name)
         if await self.w.exists(path) is not None:
             raise Exists(f"{path}: exists")
-        info = await threads.run_sync(self.w.store.put, path + "/", b"",
-                                      limiter=self.w.fs.folders.meta_limiter)
-        del info
-        self.w.fs.folders.note(path + "/", None)
-        self.w.fs.folders.note_empty(path)
-        node = self.w.fs.dir_node(path)
+        uid, gid = owner if owner is not None else (None, None)
+        attrs = Attrs(time.time(), stat.S_IFDIR | ((mode if mode is not None
+                                                     else self.w.settings.dir_mode) & 0o1777),
+                      uid=uid if uid != fs.uid else None, gid=gid if gid != fs.gid else None)
+        sent = fs.clock()
+        try:
+            info = await threads.run_sync(
+                lambda: self.w.store.put_file(path + "/", Upload(os.devnull, 0),
+                                              condition=Condition(absent=True), attrs=attrs),
+                limiter=fs.folders.meta_limiter)
+        except Conflict as exc:
+            raise Exists(f"{path}: exists") from exc
+        if info.mode is None:  # what was sent, if the answer did not say
+            info = dataclasses.replace(info, meta_mtime=attrs.mtime, mode=attrs.mode,
+                                       uid=attrs.uid, gid=attrs.gid)
+        if not self.w.store.enforces_conditions and not self._markers_checked:
+            # an S3-compatible server: does it keep a marker's metadata? (once a mount)
+            self._markers_checked = True
+            await self.w.marker_metadata_dropped(path + "/")
+        if fs.folder_meta.memory_only:
+            fs.folder_meta.keep(path, info)
+        else:
+            fs.folder_meta.seen(path, info, sent)
+        fs.folders.note(path + "/", None)
+        fs.folders.note_empty(path)
+        fs.folder_meta.entries_changed(parent.path)
+        node = fs.dir_node(path)
         node.lookups += 1
         return node
 
@@ -92,6 +127,7 @@ class Namespace:
         await self.w.delete_object(path + "/")
         self.w.fs.folders.note(path + "/", False)
         self.w.fs.drop_path(path)
+        self.w.fs.folder_meta.entries_changed(parent.path)
 
     async def unlink(self, parent_ino: int, name: str) -> None:
         self.w.check_writable()
@@ -115,6 +151,7 @@ class Namespace:
             await self.w.deletes.delete(path, found[1].version)
         self.w.fs.folders.note(path, False)
         self.w.fs.drop_path(path)
+        self.w.fs.folder_meta.entries_changed(parent.path)
 
     async def _unstage(self, sf: StagedFile) -> None:
         """``sf`` loses its name (unlinked, or replaced by a rename): nothing of it is
@@ -162,9 +199,12 @@ class Namespace:
     async def rename(self, old_parent: int, old_name: str, new_parent: int, new_name: str,
                      flags: int) -> None:
         self.w.check_writable()
-        if flags:
-            raise InvalidArgument("rename flags (RENAME_EXCHANGE, RENAME_NOREPLACE) "
-                                  "are not supported")
+        if flags & ~RENAME_NOREPLACE:
+            # RENAME_EXCHANGE swaps two names: two objects cannot change places atomically
+            # in a bucket; RENAME_WHITEOUT is for overlay filesystems. ext4 answers EINVAL
+            # for flags it does not know: so does fusefs (documented in docs/posix.md).
+            raise InvalidArgument("rename flags other than RENAME_NOREPLACE are not "
+                                  "supported")
         p_old, p_new = self.w.fs.node(old_parent), self.w.fs.node(new_parent)
         old = join(p_old.path, old_name)
         if not p_old.path and old_name == self.w.control_name:
@@ -176,6 +216,8 @@ class Namespace:
         if src is None:
             raise NotFound(f"{old}: no such file or directory")
         dst = await self.w.exists(new)
+        if dst is not None and flags & RENAME_NOREPLACE:
+            raise Exists(f"{new}: exists")
         if src[0]:
             if dst is not None and not dst[0]:
                 raise NotADirectory(f"{new} is not a directory")
@@ -186,6 +228,7 @@ class Namespace:
                     raise NotEmpty(f"{new}: not empty")
                 await self.rmdir(new_parent, new_name)
             await self._rename_dir(old, new)
+            self._renamed(p_old.path, p_new.path, new)
             return
         if dst is not None and dst[0]:
             raise IsADirectory(f"{new} is a directory")
@@ -195,6 +238,16 @@ class Namespace:
         self.w.fs.move_path(old, new)
         if new_info is not None:  # the same bytes under a new name: the kernel's pages stay
             self.w.fs.observed(new, new_info, sent, same_bytes=True)
+        self._renamed(p_old.path, p_new.path, new)
+
+    def _renamed(self, old_parent: str, new_parent: str, new: str) -> None:
+        """After a rename: both folders' mtime and ctime, and the moved entry's ctime, are
+        now (kept in memory)."""
+        fm = self.w.fs.folder_meta
+        fm.entries_changed(old_parent)
+        if new_parent != old_parent:
+            fm.entries_changed(new_parent)
+        fm.changed(new)
 
     async def _rename_file(self, old: str, new: str, expect: str) -> ObjectInfo | None:
         """Move a file's name in the store (its new info), or move its staged file (None).
@@ -269,15 +322,25 @@ class Namespace:
                     moved.add(src)
         keys, folders = await threads.run_sync(self._walk, old + "/",
                                                limiter=self.w.fs.folders.meta_limiter)
+        metas: dict[str, ObjectInfo] = {}
+        if getattr(self.w.store, "folders_are_dirs", False):
+            metas = await threads.run_sync(self._folder_metas, folders,
+                                           limiter=self.w.fs.folders.meta_limiter)
         for key in self.w.deletes.pending_under(old + "/"):
             moved.add(key)  # removed by this mount already: not carried along
         for info in keys:
             if info.key in moved:
                 continue
             dst = new + info.key[len(old):]
-            if info.key.endswith("/") and info.size == 0:  # a marker (with content: copied)
-                await threads.run_sync(self.w.store.put, dst, b"",
-                                       limiter=self.w.fs.folders.meta_limiter)
+            if info.key.endswith("/") and info.size == 0:  # a marker: copied (its
+                await self.w.deletes.take(dst)  # metadata: the folder's mode, owner, mtime)
+                try:
+                    await threads.run_sync(
+                        lambda i=info, d=dst: self.w.store.copy(i.key, i.version, d),
+                        limiter=self.w.fs.folders.meta_limiter)
+                except (NotFound, StaleVersion):  # changed, or a store that cannot copy
+                    await threads.run_sync(self.w.store.put, dst, b"",  # one (SeaweedFS)
+                                           limiter=self.w.fs.folders.meta_limiter)
                 await self.w.delete_object(info.key)
                 continue
             # a pending delete there is absorbed: the copy replaces that version (a delete
@@ -291,6 +354,17 @@ class Namespace:
         if not any(k.key == old + "/" for k in keys):
             await threads.run_sync(self.w.store.put, new + "/", b"",
                                    limiter=self.w.fs.folders.meta_limiter)
+        if getattr(self.w.store, "folders_are_dirs", False):
+            # local: the directories were made anew; they take the old ones' attributes
+            for p in sorted(folders, key=len, reverse=True):  # deepest first: making a
+                marker = metas.get(p)  # sub-folder moves its parent's mtime
+                if marker is not None:
+                    dst = new + "/" + p[len(old) + 1:] if p != old + "/" else new + "/"
+                    await threads.run_sync(
+                        lambda d=dst, m=marker: self.w.store.put_file(
+                            d, Upload(os.devnull, 0), attrs=Attrs(
+                                m.meta_mtime, m.mode, uid=m.uid, gid=m.gid)),
+                        limiter=self.w.fs.folders.meta_limiter)
         # Folders listed without a marker object: on S3 nothing is left of them, but a local
         # bucket's are directories, which would stay behind empty (deepest first).
         markers = {k.key for k in keys}
@@ -309,6 +383,15 @@ class Namespace:
             self.w.fs.folders.attrs.remember(now)
             self.w.fs.retarget_handles(was, now)
             self.w.fs.observed(now.key, now, sent, same_bytes=True)
+
+    def _folder_metas(self, folders: list[str]) -> dict[str, ObjectInfo]:
+        """Worker thread: each folder's own attributes (``dir/`` as a marker: a local
+        directory's mode, owner, mtime), before a rename makes the directories anew."""
+        out: dict[str, ObjectInfo] = {}
+        for p in folders:
+            with contextlib.suppress(NotFound):
+                out[p] = self.w.store.head(p)
+        return out
 
     def _copy_current(self, info: ObjectInfo, dst: str
                       ) -> tuple[ObjectInfo, ObjectInfo] | None:

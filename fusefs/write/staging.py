@@ -581,8 +581,10 @@ class Staging:
         Without it (at ``close``) the row survives the daemon being killed (SQLite WAL) and
         the data is in the page cache, as a local file's is after ``close``; the data is
         synced before its upload starts, which bounds what a power loss can take."""
-        if sf.removed:
-            return  # removed meanwhile: its row must not come back
+        if sf.removed or sf.unlinked:
+            # removed meanwhile, or it lost its name (a write through a descriptor still open
+            # on it changes nothing in the store): its row must not come back
+            return
         if durable:
             if not sf.hold():
                 return  # removed meanwhile: nothing to journal

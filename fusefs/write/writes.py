@@ -159,11 +159,24 @@ class Writes:
             self.maybe_retire(sf)
 
     def maybe_retire(self, sf: StagedFile) -> None:
-        """Let an uploaded staged file nobody uses leave the staging area (in the background)."""
-        if (sf.handles == 0 and not sf.needs_upload and not sf.queued and not sf.unlinked
-                and sf.rec.state not in ("failed", "conflict")):
+        """Let an uploaded staged file nobody uses leave the staging area (in the background).
+
+        One that only readers hold leaves its name at once: the name is the store's object
+        again (this version now, whatever another writer makes of it later, as for any file
+        this mount did not write), while the readers keep reading the staged bytes."""
+        if (sf.needs_upload or sf.queued or sf.unlinked
+                or sf.rec.state in ("failed", "conflict")):
+            return
+        if sf.handles == 0:
             with contextlib.suppress(FusefsError):  # not serving (unmount): it stays staged
                 self.fs.reader.start_soon(lambda: self._retire_logged(sf))
+        elif (sf.writers == 0 and sf.pins == 0 and sf.busy is None and not sf.retiring
+              and self.staging.files.get(sf.key) is sf):
+            self.staging.detach(sf)
+            # its row goes now, as in _retire: a crash must not upload it over a newer change
+            with contextlib.suppress(FusefsError):
+                self.fs.reader.start_soon(
+                    lambda: threads.run_sync(self.staging.journal.remove, sf.rec.id))
 
     async def _retire_logged(self, sf: StagedFile) -> None:
         """A background ``_retire``: a failure (a full disk) is logged, never the mount's end
@@ -197,7 +210,7 @@ class Writes:
         out = []
         for e in entries:
             name = e[0]
-            if not e[1] and join(dir_path, name) in self.deletes:
+            if self.hides(join(dir_path, name), e[1], e[2]):
                 continue
             if name in extra:
                 if e[1] and extra[name][1]:
@@ -211,15 +224,22 @@ class Writes:
 
     def overlay(self, path: str) -> tuple[bool, ObjectInfo | None] | None:
         """What this mount's own changes say ``path`` is: (is_dir, info), or None (ask the
-        store). NotFound if it is hidden."""
+        store, then :meth:`hides`)."""
         sf = self.staging.files.get(path)
         if sf is not None:
             return False, self.info_of(sf)
-        if path in self.deletes:
-            raise NotFound(f"{path}: no such file or directory")
         if self.staging.files.has_under(path):
             return True, None
         return None
+
+    def hides(self, path: str, is_dir: bool, info: ObjectInfo | None) -> bool:
+        """Is what the store shows at ``path`` the object this mount removed (a delete of it
+        is pending: it waits for a reader, or failed and is retried)? Another writer's newer
+        object there, or a folder, shows (the pending delete is conditional: it keeps theirs)."""
+        version = self.deletes.entries.get(path)
+        if version is None or is_dir or info is None:
+            return False
+        return version.startswith("~") or info.version == version
 
     # --- checks ----------------------------------------------------------------------------
 
@@ -244,15 +264,11 @@ class Writes:
     async def exists(self, path: str) -> tuple[bool, ObjectInfo | None] | None:
         """(is_dir, info) of ``path``, or None if nothing is there."""
         parent, _, name = path.rpartition("/")
-        ov = None
-        try:
-            ov = self.overlay(path)
-        except NotFound:
-            return None
+        ov = self.overlay(path)
         if ov is not None:
             return ov
         try:
-            is_dir, info, _ = await self.fs.folders.resolve(parent, name)
+            is_dir, info, _ = await self.fs.resolve(parent, name)
         except NotFound:
             return None
         return is_dir, info
@@ -299,6 +315,8 @@ class Writes:
             raise
         node = self.fs.file_node(path, self.info_of(sf))
         node.lookups += 1
+        self.fs.folder_meta.drop(path)  # a new file: no times of an older one
+        self.fs.folder_meta.entries_changed(parent.path)
         fh = self.fs.new_handle(node, self.info_of(sf), sf, writable=True)
         sf.writers += 1
         sf.handles += 1
@@ -363,6 +381,7 @@ class Writes:
                 await sf.idle()
                 await self.changing(sf)
                 sf.truncate(0)
+                self.fs.folder_meta.changed(node.path)  # ctime moves with the mtime
         except BaseException:
             sf.handles -= 1
             if writing:
@@ -544,6 +563,26 @@ class Writes:
             if len(data) != end - start:
                 return
             reader.blocks.put(reader.block_key(info, idx), data)
+
+    async def marker_metadata_dropped(self, key: str) -> bool:
+        """Does the store keep no metadata on folder markers (``key``: one just written with
+        a ``mode``, or one it refused to change though it lists it)? One HEAD; if so, the
+        mount keeps folders' attributes in memory from now on (``FolderMeta.memory_only``),
+        and says so once."""
+        fm = self.fs.folder_meta
+        if fm.memory_only:
+            return True
+        try:
+            info = await threads.run_sync(self.store.head, key,
+                                          limiter=self.fs.folders.meta_limiter)
+        except NotFound:
+            return False
+        if info.mode is not None:
+            return False
+        fm.memory_only = True
+        log.warning("this store keeps no metadata on folder markers (%r): folders' modes, "
+                    "owners and times are kept in memory until unmount", key)
+        return True
 
     async def delete_object(self, key: str) -> None:
         await threads.run_sync(self.store.delete, key, limiter=self.fs.folders.meta_limiter)
