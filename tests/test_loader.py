@@ -549,7 +549,7 @@ def test_hinted_files_on_s3_are_opened_without_a_request_for_their_metadata(
     file's prefetch (an object of at most 1 MiB) fetches it whole with a GET that brings its
     metadata too: the program's opens, stats and reads then reach the server not once, and
     each file cost one GET in all."""
-    from fusefs.testing.proxy import is_head, is_object_get
+    from fusefs.testing.proxy import is_file_head, is_object_get
 
     proxy = s3_bucket.proxy
     assert proxy is not None
@@ -569,5 +569,5 @@ def test_hinted_files_on_s3_are_opened_without_a_request_for_their_metadata(
             assert (m.path / k).read_bytes() == blob(20 * KiB, names.index(k))
             assert os.stat(m.path / k).st_mode & 0o777 == 0o640
         assert len(proxy.requests()) == before  # opens, reads, stats: nothing reached it
-    assert proxy.count(predicate=is_head) == 0
+    assert proxy.count(predicate=is_file_head) == 0
     assert proxy.count(predicate=is_object_get) == 40

@@ -15,7 +15,7 @@ import pytest
 from conftest import Bucket, make_s3_bucket
 from test_writes import sync
 
-from fusefs.testing.proxy import is_head, is_object_get
+from fusefs.testing.proxy import is_file_head, is_head, is_object_get
 
 
 @pytest.fixture(params=["s3", "seaweed", "gcs", "azure", "local"])
@@ -382,19 +382,20 @@ def test_ls_l_on_a_fresh_mount_shows_metadata_at_one_request_per_file(
     b.proxy.reset()
     got = ls_l(m.path / "d")
     assert len(got) == n and all(shows_exec_meta(st) for st in got.values()), got
-    heads, gets = b.proxy.count(predicate=is_head), b.proxy.count(predicate=is_object_get)
+    heads, gets = b.proxy.count(predicate=is_file_head), b.proxy.count(predicate=is_object_get)
     assert (heads, gets) == ((0, n) if size <= 1 << 20 else (n, 0))
     # stat again, and read: only what the read needs that the stat did not fetch
     b.proxy.reset()
     assert all(shows_exec_meta(st) for st in ls_l(m.path / "d").values())
     assert (m.path / "d/f03").read_bytes() == bytes([3]) * size
-    assert b.proxy.count(predicate=is_head) == 0
+    assert b.proxy.count(predicate=is_file_head) == 0
     assert b.proxy.count(predicate=is_object_get) == (0 if size <= 1 << 20 else 1)
     m.stop()
     m2 = mount(b, cache_dir=tmp_path / "c")  # the same cache: remembered (attrs.json)
     b.proxy.reset()
     assert all(shows_exec_meta(st) for st in ls_l(m2.path / "d").values())
-    assert b.proxy.count(predicate=is_head) == 0 and b.proxy.count(predicate=is_object_get) == 0
+    assert b.proxy.count(predicate=is_file_head) == 0
+    assert b.proxy.count(predicate=is_object_get) == 0
 
 
 @pytest.mark.parametrize("size", [100_000, 2_000_000])
@@ -409,14 +410,15 @@ def test_ls_l_with_metadata_probe_head_and_off(s3_bucket: Bucket, mount, tmp_pat
     m = mount(b, "--metadata-probe", "head", cache_dir=tmp_path / "c1")
     b.proxy.reset()
     assert all(shows_exec_meta(st) for st in ls_l(m.path).values())
-    assert (b.proxy.count(predicate=is_head), b.proxy.count(predicate=is_object_get)) == (5, 0)
+    assert (b.proxy.count(predicate=is_file_head), b.proxy.count(predicate=is_object_get)) == (5, 0)
     m.stop()
     m2 = mount(b, "--metadata-probe", "off", cache_dir=tmp_path / "c2")
     b.proxy.reset()
     got = ls_l(m2.path)
     assert not any(shows_exec_meta(st) for st in got.values())
     assert all(stat.S_IMODE(st.st_mode) == 0o644 for st in got.values())
-    assert b.proxy.count(predicate=is_head) == 0 and b.proxy.count(predicate=is_object_get) == 0
+    assert b.proxy.count(predicate=is_file_head) == 0
+    assert b.proxy.count(predicate=is_object_get) == 0
 
 
 @pytest.mark.parametrize("kind", ["s3", "seaweed"])
@@ -438,7 +440,7 @@ def test_training_reads_by_path_gain_no_request(kind: str, request, mount, tmp_p
     for i in range(n):
         with open(m.path / f"train/{i:03d}.jpg", "rb") as f:
             assert f.read() == bytes([i]) * 50_000
-    assert b.proxy.count(predicate=is_head) == 0
+    assert b.proxy.count(predicate=is_file_head) == 0
     assert b.proxy.count(predicate=is_object_get) == n
     b.proxy.reset()
     assert shows_exec_meta(os.stat(m.path / "train/007.jpg"))
@@ -465,11 +467,11 @@ def test_gcs_and_azure_listings_need_no_request_for_metadata(anystore: Bucket, m
     assert all(stat.S_IMODE(st.st_mode) == 0o755 for st in got.values())
     if b.kind != "local":
         assert all(shows_exec_meta(st) for st in got.values())
-        assert b.proxy.count(predicate=is_head) == 0
+        assert b.proxy.count(predicate=is_file_head) == 0
         assert b.proxy.count(predicate=is_object_get) == 0
         for i in range(n):
             assert (m.path / f"d/f{i}").read_bytes() == b"q" * 100_000
-        assert b.proxy.count(predicate=is_head) == 0
+        assert b.proxy.count(predicate=is_file_head) == 0
         assert b.proxy.count(predicate=is_object_get) == n
 
 
@@ -492,7 +494,7 @@ def test_ls_l_learns_the_next_files_metadata_ahead(s3_bucket: Bucket, mount) -> 
     finally:
         b.proxy.slow(None, 0)
     assert all(shows_exec_meta(st) for st in got.values())
-    heads = [r for r in b.proxy.requests() if is_head(r)]
+    heads = [r for r in b.proxy.requests() if is_file_head(r)]
     assert sorted(r.path.rsplit("/", 1)[1] for r in heads) == [f"f{i}" for i in range(n)]
     first = next(r for r in heads if r.path.endswith("/d/f0"))
     assert first.finished is not None

@@ -34,7 +34,7 @@ from conftest import (
 )
 
 from fusefs.backends import attrs as meta_attrs
-from fusefs.testing.proxy import Request, is_head, is_object_get
+from fusefs.testing.proxy import Request, is_file_head, is_object_get
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -364,7 +364,7 @@ def test_rsync_a_after_a_remount_on_a_fresh_cache_on_s3(store: Bucket, mount: Mo
     assert rsync_stats(run("rsync", "-a", "--stats", f"{tmp_path}/src/", m2.path / "r")) == 0
     assert m2.stats()["uploads_done"] == 0
     # at most one request per file for its metadata (small ones: the link probe's GET)
-    assert len([r for r in requests(b) if is_head(r) or is_object_get(r)]) <= len(files)
+    assert len([r for r in requests(b) if is_file_head(r) or is_object_get(r)]) <= len(files)
 
 
 @on("local")

@@ -187,6 +187,12 @@ def is_list(req: Request) -> bool:
     return all(name in _S3_LIST_PARAMS or name not in _S3_SUBRESOURCES for name in req.query)
 
 
+def is_file_head(req: Request) -> bool:
+    """:func:`is_head` of an object that is not a folder's marker (a key ending in ``/``,
+    whose HEAD a folder's first lookup makes)."""
+    return is_head(req) and not unquote(req.path).endswith("/")
+
+
 def is_head(req: Request) -> bool:
     """True for an object/bucket stat: any ``HEAD``, or a GCS JSON object metadata GET.
 
