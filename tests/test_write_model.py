@@ -68,7 +68,11 @@ def _recorded(fn: Any) -> Any:
         if fn.__name__ != "daemon_alive":
             steps.append(f"{fn.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})")
         try:
-            return fn(self, **kwargs)
+            out = fn(self, **kwargs)
+            history = self.__dict__.setdefault("history", {})
+            for ino, content in self.__dict__.get("inodes", {}).items():
+                history.setdefault(ino, set()).add(bytes(content))  # every version it had
+            return out
         except BaseException:
             if not FIRST_FAILURE:
                 FIRST_FAILURE.append(f"{fn.__name__}: {traceback.format_exc()}\nsteps of "
@@ -287,8 +291,11 @@ def test_the_write_model(seaweed_server: Any, mount, tmp_path: Path) -> None:
             want = {rel: bytes(self.inodes[ino]) for rel, ino in self.names.items()}
             got = bucket_files(self.top + "/")
             assert {k: got.get(k) for k in want} == want, (sorted(got), sorted(want))
-            # a removed file that a descriptor still reads stays until its last close
-            held = {bytes(self.inodes[ino]) for _, ino in self.handles + self.writers}
+            # a removed file that a descriptor still reads stays until its last close, as the
+            # version last uploaded (a change made just before the unlink is never sent)
+            history = self.__dict__.get("history", {})
+            held = {v for _, ino in self.handles + self.writers
+                    for v in history.get(ino, set()) | {bytes(self.inodes[ino])}}
             extra = {k: v for k, v in got.items() if k not in want}
             assert all(v in held for v in extra.values()), sorted(extra)
 
