@@ -129,6 +129,10 @@ class Folders:
         #: thread); set by the filesystem. With it, a store that ``gets_small`` (S3) learns
         #: a type with the GET a read would send anyway, instead of a HEAD.
         self.seed: Callable[[ObjectInfo, bytes], None] | None = None
+        #: ``fetch_small(info)``: that fetch made by a fetch worker process (its GET, checks
+        #: and cache write out of the FUSE process), or None where the workers cannot run;
+        #: set by the filesystem
+        self.fetch_small: Callable[[ObjectInfo], Awaitable[ObjectInfo | None]] | None = None
         #: typed() fetches in flight, by (key, version): one per object version at a time
         self._typing: dict[tuple[str, str], trio.Event] = {}
 
@@ -501,7 +505,13 @@ class Folders:
             return got
 
         try:
-            got = await threads.run_sync(fetch, limiter=self.meta_limiter)
+            got = None
+            if (whole and seed is not None and self.fetch_small is not None
+                    and getattr(self.store, "gets_small", False)):
+                async with self.meta_limiter:
+                    got = await self.fetch_small(info)
+            if got is None:
+                got = await threads.run_sync(fetch, limiter=self.meta_limiter)
         except (NotFound, StaleVersion, Conflict):
             return info
         if got.version != info.version:

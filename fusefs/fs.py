@@ -54,6 +54,7 @@ from .nodes import (
     seen_type,
 )
 from .reader import Reader, SeqState
+from .workers.pool import PoolUnavailable
 
 if TYPE_CHECKING:
     from .write.staging import StagedFile
@@ -125,6 +126,7 @@ class FileSystem:
         self.folders = Folders(store, settings, clock, reader.start_soon)
         reader._on_stale = self.mark_stale
         self.folders.seed = self._seed
+        self.folders.fetch_small = self._fetch_small
         reader.learn = self._learn
         self.folders.keeps_bytes = reader.blocks.persistent
         #: folders' markers (mode, owner, mtime) and the times kept in memory
@@ -230,6 +232,24 @@ class FileSystem:
             self.reader.start_soon(lambda: on_changed(ino))
         except FusefsError:
             pass  # not serving
+
+    async def _fetch_small(self, info: ObjectInfo) -> ObjectInfo | None:
+        """A small object's metadata from a fetch worker's GET of it whole (the worker keeps
+        its bytes in the block cache: a read then makes no request); None where the workers
+        cannot run (the caller fetches it in a thread instead)."""
+        pool = self.reader.pool
+        if pool is None or not pool.usable:
+            return None
+        try:
+            got, stored = await pool.get_small(self.reader.block_key(info, 0), info.key,
+                                               info.version, info.size)
+        except PoolUnavailable:
+            return None
+        self.reader.stats.add(S.FETCHES)  # the fetch a read of it then saves
+        self.reader.stats.add(S.BYTES_FETCHED, info.size)
+        if stored is not None:
+            self.reader.blocks.stored_elsewhere(*stored)
+        return got
 
     def _seed(self, info: ObjectInfo, data: bytes) -> None:
         """Worker thread: a small object's whole bytes, fetched to learn its type, into the

@@ -248,3 +248,27 @@ def test_a_damaged_cached_block_found_by_a_worker_is_refetched_and_counted(
     st = m.stats()
     assert st["corrupt_blocks"] == 1 and st["worker_fetches"] == 1
     assert s3_bucket.object_gets() == gets + 2  # "first" and the damaged block
+
+
+def test_small_files_whose_metadata_is_unknown_are_fetched_by_the_workers(s3_bucket: Bucket,
+                                                                          mount) -> None:
+    """On S3 the first stat of a small file whose metadata is unknown (the kernel's, before
+    an open) fetches it whole for its metadata (``--metadata-probe auto``, docs/posix.md): that
+    GET runs in a fetch worker too, which keeps its bytes in the cache, so a first epoch over
+    cold small files keeps its fetch work out of the FUSE process. One GET per file; the read
+    after makes none. (It ran in the FUSE process: 0 worker fetches.)"""
+    assert s3_bucket.proxy is not None
+    files = {f"d/f{i}": blob(50 * KiB, i) for i in range(10)}
+    for k, v in files.items():
+        s3_bucket.put(k, v)
+    s3_bucket.put("first", b"1")
+    m = mount(s3_bucket, "--fetch-workers", "1")
+    _start_workers(m, 1, "first")
+    before = m.stats()["worker_fetches"]
+    s3_bucket.proxy.reset()
+    for k, v in files.items():
+        assert (m.path / k).read_bytes() == v
+    st = m.stats()
+    assert st["worker_fetches"] - before == len(files)
+    assert s3_bucket.proxy.count(predicate=is_object_get) == len(files)
+    assert st["errors"] == 0

@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..backends.base import ObjectInfo
 from ..cache.keys import BlockKey
 from ..config import Settings
 from ..errors import BackendError, error_from_kind
@@ -205,7 +207,7 @@ class FetchPool:
         if pending is None:
             return  # its waiter was cancelled and the request forgotten
         pending.status, pending.payload, pending.usage = status, payload, usage
-        if status in (P.STORED, P.FETCHED):
+        if status in (P.STORED, P.FETCHED, P.SMALL):
             self.fetches += 1
         elif status == P.HIT:
             self.hits += 1
@@ -267,19 +269,15 @@ class FetchPool:
             with contextlib.suppress(OSError):
                 worker.proc.kill()
 
-    async def fetch(self, bkey: BlockKey, key: str, version: str, start: int,
-                    length: int) -> tuple[bytes, bool, tuple[int, int] | None]:
-        """(the block, found in the cache, and if the worker stored it in the cache: the
-        cache's (volume, items) just after) from a worker.
-        Raises the error the worker met, rebuilt (same errno); PoolUnavailable if the workers
-        cannot run."""
+    async def _ask(self, req: P.Request) -> _Pending:
+        """Send ``req`` to a worker and wait for its answer (PoolUnavailable if the workers
+        cannot run, or are starting: about half a second, for which no read waits)."""
         if not self.usable:
             raise PoolUnavailable()
         self._ensure_started()
         if not any(w.ready for w in self._workers):
-            raise PoolUnavailable()  # starting (about half a second): no read waits for it
-        pending = _Pending((key, version, start, length, bkey.source, bkey.block_size,
-                            bkey.index))
+            raise PoolUnavailable()
+        pending = _Pending(req)
         rid = next(self._ids)
         self._send(rid, pending)
         try:
@@ -288,15 +286,36 @@ class FetchPool:
             if not pending.done.is_set():  # cancelled: a late reply is dropped
                 for w in self._workers:
                     w.inflight.pop(rid, None)
+        if pending.status == P.FAILED:
+            kind, _, message = pending.payload.decode("utf-8", "replace").partition("\0")
+            raise error_from_kind(kind, message)
+        return pending
+
+    async def get_small(self, bkey: BlockKey, key: str, version: str,
+                        size: int) -> tuple[ObjectInfo, tuple[int, int] | None]:
+        """A small object's ``ObjectInfo`` with its metadata, from one GET of the whole object
+        in a worker, which stores its bytes in the cache as block 0 of ``bkey``'s size;
+        with, if it did, the cache's (volume, items) just after. Raises as :meth:`fetch`."""
+        pending = await self._ask((key, version, -1, size, bkey.source, bkey.block_size, 0))
+        if pending.status != P.SMALL:
+            raise PoolUnavailable()
+        info, kept = pickle.loads(pending.payload)
+        return info, (pending.usage if kept else None)
+
+    async def fetch(self, bkey: BlockKey, key: str, version: str, start: int,
+                    length: int) -> tuple[bytes, bool, tuple[int, int] | None]:
+        """(the block, found in the cache, and if the worker stored it in the cache: the
+        cache's (volume, items) just after) from a worker.
+        Raises the error the worker met, rebuilt (same errno); PoolUnavailable if the workers
+        cannot run."""
+        pending = await self._ask((key, version, start, length, bkey.source,
+                                   bkey.block_size, bkey.index))
         if pending.status in (P.STORED, P.HIT, P.FETCHED):
             if len(pending.payload) != length:  # never serve a block of the wrong size
                 raise BackendError(f"{key}: a fetch worker answered {len(pending.payload)} "
                                    f"of {length} bytes")
             return (pending.payload, pending.status == P.HIT,
                     pending.usage if pending.status == P.STORED else None)
-        if pending.status == P.FAILED:
-            kind, _, message = pending.payload.decode("utf-8", "replace").partition("\0")
-            raise error_from_kind(kind, message)
         raise PoolUnavailable()
 
 

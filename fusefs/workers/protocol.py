@@ -29,6 +29,9 @@ REPLY = struct.Struct("<QBdQQQQ")
 STORED, HIT, FAILED, FETCHED = 0, 1, 2, 3
 #: The worker has built its store and cache and takes requests (request id 0, no payload).
 READY = 4
+#: The answer to a request for a small object whole with its metadata (``start`` -1): a
+#: pickle of (its ``ObjectInfo``, whether its bytes were stored in the cache as block 0).
+SMALL = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +44,10 @@ class Init:
 
 
 #: A request: fetch bytes ``[start, start+length)`` of ``key`` at ``version`` as the block
-#: ``BlockKey(source, key, version, block_size, index)``. A plain tuple: it pickles in C (a
-#: dataclass would cost the FUSE process a Python-level ``__getstate__`` per request).
+#: ``BlockKey(source, key, version, block_size, index)``; ``start`` -1: the whole object of
+#: ``length`` bytes with its metadata (S3's small GET), stored as block 0 (answered
+#: ``SMALL``). A plain tuple: it pickles in C (a dataclass would cost the FUSE process a
+#: Python-level ``__getstate__`` per request).
 Request = tuple[str, str, int, int, str, int, int]  # key, version, start, length, source,
 #                                                     block_size, index
 

@@ -20,6 +20,7 @@ import ctypes
 import logging
 import logging.handlers
 import os
+import pickle
 import resource
 import signal
 import sys
@@ -91,11 +92,18 @@ def serve(req_fd: int, rep_fd: int) -> None:
         payload: bytes
         key, version, start, length, source, block_size, index = req
         try:
-            data, hit, stored = fetch_block(store, blocks, key, version,
-                                            BlockKey(source, key, version, block_size, index),
-                                            start, length)
-            status = P.HIT if hit else P.STORED if stored else P.FETCHED
-            payload = data
+            if start < 0:  # a small object whole, for its metadata: no bytes go back
+                got, data = store.get_small(key, version, length)  # type: ignore[attr-defined]
+                kept = (len(data) == got.size == length <= block_size
+                        and got.version == version
+                        and blocks.put(BlockKey(source, key, version, block_size, 0), data))
+                status, payload = P.SMALL, pickle.dumps((got, kept))
+            else:
+                data, hit, stored = fetch_block(
+                    store, blocks, key, version,
+                    BlockKey(source, key, version, block_size, index), start, length)
+                status = P.HIT if hit else P.STORED if stored else P.FETCHED
+                payload = data
             blocks.maybe_touch()  # access times of hits too (no maintenance thread here)
         except Exception as exc:  # noqa: BLE001 - every failure is answered, by kind
             log.debug("fetch of %s at %d failed: %r", key, start, exc)
