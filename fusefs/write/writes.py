@@ -161,22 +161,13 @@ class Writes:
     def maybe_retire(self, sf: StagedFile) -> None:
         """Let an uploaded staged file nobody uses leave the staging area (in the background).
 
-        One that only readers hold leaves its name at once: the name is the store's object
-        again (this version now, whatever another writer makes of it later, as for any file
-        this mount did not write), while the readers keep reading the staged bytes."""
-        if (sf.needs_upload or sf.queued or sf.unlinked
-                or sf.rec.state in ("failed", "conflict")):
-            return
-        if sf.handles == 0:
+        One that a descriptor still holds stays on its name, whatever another writer makes
+        of the object meanwhile: changes made through the name are changes of the file the
+        descriptor has open (the same inode)."""
+        if (sf.handles == 0 and not sf.needs_upload and not sf.queued and not sf.unlinked
+                and sf.rec.state not in ("failed", "conflict")):
             with contextlib.suppress(FusefsError):  # not serving (unmount): it stays staged
                 self.fs.reader.start_soon(lambda: self._retire_logged(sf))
-        elif (sf.writers == 0 and sf.pins == 0 and sf.busy is None and not sf.retiring
-              and self.staging.files.get(sf.key) is sf):
-            self.staging.detach(sf)
-            # its row goes now, as in _retire: a crash must not upload it over a newer change
-            with contextlib.suppress(FusefsError):
-                self.fs.reader.start_soon(
-                    lambda: threads.run_sync(self.staging.journal.remove, sf.rec.id))
 
     async def _retire_logged(self, sf: StagedFile) -> None:
         """A background ``_retire``: a failure (a full disk) is logged, never the mount's end
