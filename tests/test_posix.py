@@ -778,3 +778,45 @@ def test_local_rename_of_a_fifo_or_link_keeps_its_owner(local_bucket: Bucket, mo
     assert (os.lstat(root / "l2").st_uid, os.lstat(root / "l2").st_gid) == (65531, 65530)
     st = os.lstat(m.path / "p2")
     assert (st.st_uid, st.st_gid) == (65533, 65532)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="copying owners (cp -a, tar --same-owner) needs root")
+@pytest.mark.parametrize("tool", ["cp -a", "tar --same-owner", "rsync -a"])
+def test_copy_tools_keep_links_owners_modes_and_times(anystore: Bucket, mount, tmp_path: Path,
+                                                      tool: str) -> None:
+    """``cp -a``, ``tar --same-owner`` and ``rsync -a`` into a mount keep links, owners, modes
+    and mtimes of files, as read back on a new mount on an empty cache."""
+    import shutil
+    import subprocess
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "run.sh").write_bytes(b"#!/bin/sh\n" + b"x" * 5000)
+    (src / "data.bin").write_bytes(b"d" * 3000)
+    os.symlink("sub/run.sh", src / "link")
+    os.chmod(src / "sub" / "run.sh", 0o750)
+    os.chown(src / "sub" / "run.sh", 1234, 5678)
+    os.chown(src / "data.bin", 4321, 8765)
+    for p in (src / "sub" / "run.sh", src / "data.bin"):
+        os.utime(p, (1_600_000_000, 1_600_000_000))
+    if not shutil.which(tool.split()[0]):
+        pytest.skip(f"{tool.split()[0]} is not installed")
+    m = mount(anystore, cache_dir=tmp_path / "c1")
+    dst = m.path / "t"
+    if tool == "cp -a":
+        subprocess.run(["cp", "-a", f"{src}/.", str(dst)], check=True)
+    elif tool == "rsync -a":
+        subprocess.run(["rsync", "-a", f"{src}/", str(dst)], check=True)
+    else:
+        dst.mkdir()
+        subprocess.run(f"tar -C {src} -cf - . | tar --same-owner -C {dst} -xf -", shell=True,
+                       check=True)
+    assert sync(m).returncode == 0
+    m.stop()
+    m2 = mount(anystore, cache_dir=tmp_path / "c2")
+    got = m2.path / "t"
+    assert os.readlink(got / "link") == "sub/run.sh"
+    for rel in ("sub/run.sh", "data.bin"):
+        a, b = os.lstat(src / rel), os.lstat(got / rel)
+        assert (stat.S_IMODE(b.st_mode), b.st_uid, b.st_gid, int(b.st_mtime)) == (
+            stat.S_IMODE(a.st_mode), a.st_uid, a.st_gid, int(a.st_mtime)), rel
+        assert (got / rel).read_bytes() == (src / rel).read_bytes()
