@@ -172,9 +172,12 @@ def test_ctrl_c_removes_the_probe(s3_bucket: Bucket) -> None:
     proxy = s3_bucket.proxy
     assert proxy is not None
     proxy.slow(lambda method, path: method == "GET" and ".fusefs-check-" in path, 8.0)
+    # the held GET outlasts the signal: with the default stall timeout (2 s) a loaded machine
+    # could see the read time out and the check end on its own before the signal arrived
     proc = subprocess.Popen(
         [sys.executable, "-m", "fusefs", "check", s3_bucket.source, *s3_bucket.args],
-        env=s3_bucket.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env={**s3_bucket.env, "FUSEFS_STALL_TIMEOUT": "60"}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while not any(r.method == "GET" and ".fusefs-check-" in r.path
