@@ -458,11 +458,31 @@ class FileSystem:
 
     async def resolve(self, parent: str, name: str) -> tuple[bool, ObjectInfo | None, float]:
         """(is_dir, info, seen) of ``name`` in folder ``parent`` as the store shows it, less
-        what this mount removed and has not deleted yet; NotFound if nothing is there."""
-        found = await self.folders.resolve(parent, name)
-        if self.writes is not None and self.writes.hides(join(parent, name), found[0],
-                                                         found[1]):
-            raise NotFound(f"{join(parent, name)}: no such file or directory")
+        what this mount removed and has not deleted yet; NotFound if nothing is there.
+        A staged file of this mount whose upload is not :meth:`~Writes.unconfirmed` answers
+        for its name without a request (callers ask :meth:`~Writes.overlay` first)."""
+        path = join(parent, name)
+        sf = self.writes.unconfirmed(path) if self.writes is not None else None
+        if sf is not None:
+            assert self.writes is not None
+            try:
+                store: tuple[bool, ObjectInfo | None, float] | None = (
+                    await self.folders.resolve(parent, name))
+            except NotFound:
+                store = None
+            ours = self.writes.reconcile(sf, store)
+            if ours is not None:
+                return ours
+            # another writer's object (or none) took the name: the descriptors keep the
+            # file they opened, off the name (a new inode for what the store shows)
+            self.drop_path(path)
+            if store is None:
+                raise NotFound(f"{path}: no such file or directory")
+            found = store
+        else:
+            found = await self.folders.resolve(parent, name)
+        if self.writes is not None and self.writes.hides(path, found[0], found[1]):
+            raise NotFound(f"{path}: no such file or directory")
         return found
 
     async def getattr(self, ino: int) -> Node:
@@ -500,6 +520,8 @@ class FileSystem:
         except NotFound:
             node.confirmed = -math.inf
             raise
+        if self._by_path.get(node.path) is not node:
+            return  # it lost its name while this asked: it keeps what it was
         if seen_type(node, is_dir, info) != file_type(node.info):
             raise NotFound(f"{node.path}: replaced by a {'folder' if is_dir else 'file'}")
         self._observe(node, info, seen)
@@ -550,7 +572,7 @@ class FileSystem:
         if h.entries is None or start == 0:
             h.entries, h.listed = await self.folders.listing(h.node.path)
             if self.writes is not None:
-                h.entries = self.writes.merge(h.node.path, h.entries)
+                h.entries = self.writes.merge(h.node.path, h.entries, h.listed)
             self._queue_settles(h.node.path, h.entries)
             self.folders.list_ahead(h.node.path, [name for name, is_dir, _ in h.entries if is_dir])
         return len(h.entries)

@@ -666,12 +666,7 @@ def test_deletes_are_conditional_on_every_store(bucket: Bucket, mount, tmp_path)
     assert bucket.get("b") is None
 
 
-@pytest.mark.parametrize("opened", [
-    pytest.param("before-upload", marks=pytest.mark.xfail(strict=True, reason=(
-        "known defect: a staged file a descriptor holds stays on its name (changes through the "
-        "name must reach the open file), so another writer's version shows only once it is "
-        "closed; leaving the name at upload broke that (found by the write model)"))),
-    "after-upload"])
+@pytest.mark.parametrize("opened", ["before-upload", "after-upload"])
 @pytest.mark.parametrize("change", ["replace", "remove"])
 def test_a_name_another_mount_changed_shows_while_a_reader_holds_this_mounts_version(
         store: Bucket, mount, tmp_path, change: str, opened: str):
@@ -772,6 +767,34 @@ def test_writing_through_a_descriptor_on_a_replaced_file_leaves_no_failed_upload
     assert store.get("a") == b"new"
     assert keys(store) == ["a"]
     assert m2.stats()["uploads_failed"] == 0
+
+
+def test_an_open_uploaded_file_keeps_its_name_after_the_ttl_while_the_store_holds_it(
+        store: Bucket, mount, tmp_path):
+    """A file this mount uploaded and still has open, asked for again after the metadata TTL:
+    the store still holds its upload, so the name stays the open file (a change through the
+    name reaches the descriptor, and nothing becomes a conflict), and asking cost requests
+    of the name's folder only (no GET, no PUT)."""
+    m = mount(store, "--metadata-ttl", "1", cache_dir=tmp_path / "c")
+    (m.path / "f").write_bytes(b"x" * 900)
+    fd = os.open(m.path / "f", os.O_RDONLY)
+    try:
+        synced(m)
+        time.sleep(1.5)
+        store.proxy.reset()
+        assert os.stat(m.path / "f").st_size == 900
+        assert "f" in os.listdir(m.path)
+        sent = store.proxy.requests()
+        assert sent and all(r.method == "GET" and "list-type" in r.query
+                            or r.method == "HEAD" for r in sent), [
+            (r.method, r.path) for r in sent]
+        os.truncate(m.path / "f", 10)
+        assert os.pread(fd, 3000, 0) == b"x" * 10
+    finally:
+        os.close(fd)
+    synced(m)
+    assert store.get("f") == b"x" * 10
+    assert m.stats()["conflicts"] == 0
 
 
 def test_a_descriptor_sees_changes_made_through_the_name_after_the_upload(store: Bucket,

@@ -135,6 +135,8 @@ class StagedFile:
         self.token_gen = -1  # the change ``rec.token`` was made for
         self.changing = False  # journaled as being changed (state open) since the last close
         self.conflict_gen = -1  # the last change that went to a conflict name
+        #: when the store was last known to hold its upload under its name (None: never)
+        self.confirmed: float | None = None
         self._users = 0  # workers using the data file (``hold``)
         self._removed = False
         self._lock = threading.Lock()

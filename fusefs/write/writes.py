@@ -185,16 +185,25 @@ class Writes:
                           rec.uid, rec.gid, rec.rdev)
 
     def merge(self, dir_path: str,
-              entries: list[tuple[str, bool, ObjectInfo | None]]
+              entries: list[tuple[str, bool, ObjectInfo | None]], listed: float
               ) -> list[tuple[str, bool, ObjectInfo | None]]:
-        """A folder listing with this mount's staged files added and hidden names removed."""
+        """A folder listing (made at ``listed``) with this mount's staged files added and
+        hidden names removed (and :meth:`reconcile` done for unconfirmed staged files)."""
         extra: dict[str, tuple[str, bool, ObjectInfo | None]] = {}
         if self.staging.files.has_under(dir_path):
             files, subs = self.staging.files.in_folder(dir_path)
             for sub in subs:
                 extra[sub] = (sub, True, None)
+            listing: dict[str, tuple[str, bool, ObjectInfo | None]] | None = None
             for sf in files:
                 name = sf.key.rpartition("/")[2]
+                if self._unconfirmed(sf) and listed >= (sf.confirmed or 0.0):
+                    if listing is None:
+                        listing = {e[0]: e for e in entries}
+                    e = listing.get(name)
+                    if self.reconcile(sf, None if e is None else (e[1], e[2], listed)) is None:
+                        self.fs.drop_path(sf.key)
+                        continue
                 extra[name] = (name, False, self.info_of(sf))
         if not extra and not self.deletes.entries:
             return entries
@@ -215,12 +224,51 @@ class Writes:
 
     def overlay(self, path: str) -> tuple[bool, ObjectInfo | None] | None:
         """What this mount's own changes say ``path`` is: (is_dir, info), or None (ask the
-        store, then :meth:`hides`)."""
+        store, then :meth:`hides`; and :meth:`reconcile` for an :meth:`unconfirmed` file)."""
         sf = self.staging.files.get(path)
         if sf is not None:
+            if self._unconfirmed(sf):
+                return None
             return False, self.info_of(sf)
         if self.staging.files.has_under(path):
             return True, None
+        return None
+
+    def _clean(self, sf: StagedFile) -> bool:
+        """Nothing of ``sf`` waits for the store, nothing writes or works on it: the store's
+        object under its name is its upload (as long as no other writer changed it)."""
+        return (sf.confirmed is not None and sf.writers == 0 and not sf.needs_upload
+                and not sf.queued and sf.busy is None and not sf.pins and not sf.retiring
+                and sf.rec.state == "done" and sf.rec.base_key == sf.key
+                and self.staging.files.get(sf.key) is sf)
+
+    def _unconfirmed(self, sf: StagedFile) -> bool:
+        """A clean staged file a descriptor still holds, its upload last seen in the store
+        longer than the metadata TTL ago: the name is asked of the store again, as any file's."""
+        assert sf.confirmed is not None or not self._clean(sf)
+        return self._clean(sf) and not self.fs.folders.fresh(sf.confirmed or 0.0,
+                                                             self.fs.clock())
+
+    def unconfirmed(self, path: str) -> StagedFile | None:
+        sf = self.staging.files.get(path)
+        return sf if sf is not None and self._unconfirmed(sf) else None
+
+    def reconcile(self, sf: StagedFile, found: tuple[bool, ObjectInfo | None, float] | None
+                  ) -> tuple[bool, ObjectInfo | None, float] | None:
+        """What the store showed (``found``, None: nothing) for an :meth:`unconfirmed` file's
+        name. Its own upload still there: the staged file stays the name (returned as seen).
+        Another writer's object, or none: the staged file leaves the name (the descriptors
+        keep reading it; changes through the name now reach the other's object); None."""
+        if self.staging.files.get(sf.key) is not sf or not self._clean(sf):
+            return False, self.info_of(sf), self.fs.clock()  # changed here meanwhile: ours
+        assert sf.confirmed is not None
+        if found is not None and not found[0] and found[1] is not None and (
+                found[1].version == sf.rec.base_version):
+            sf.confirmed = max(sf.confirmed, found[2])
+            return False, self.info_of(sf), found[2]
+        if found is not None and found[2] < sf.confirmed:
+            return False, self.info_of(sf), self.fs.clock()  # an older observation than ours
+        self.staging.detach(sf)
         return None
 
     def hides(self, path: str, is_dir: bool, info: ObjectInfo | None) -> bool:
@@ -494,8 +542,11 @@ class Writes:
         self.deletes.kick()  # a delete may have waited for this file's base
         if sf.unlinked:
             return
-        self.fs.observed(info.key, info, self.fs.clock(), same_bytes=True)
+        now = self.fs.clock()
+        self.fs.observed(info.key, info, now, same_bytes=True)
         self.fs.folders.note(info.key, info)
+        if info.key == sf.key and gen == sf.gen:
+            sf.confirmed = now
         self.maybe_retire(sf)
 
     def _conflicted(self, sf: StagedFile, target: str, info: ObjectInfo | None) -> None:
