@@ -151,6 +151,20 @@ class Folders:
             if r is not None:
                 r.listed = -math.inf
 
+    def mark_stale_above(self, key: str) -> None:
+        """An object under folders that may now be empty is gone (a delete that waited):
+        distrust the listed ranges that show those folders (each is listed again when asked
+        for, and shows them only if something is left in them)."""
+        folder = key.rpartition("/")[0]
+        while folder:
+            parent = folder.rpartition("/")[0]
+            d = self._dirs.get(parent)
+            if d is not None:
+                r = d.find(folder + "/")
+                if r is not None:
+                    r.listed = -math.inf
+            folder = parent
+
     def note(self, key: str, value: ObjectInfo | None | bool) -> None:
         """This mount changed ``key`` (see :meth:`DirListing.note`): the listed ranges say
         so at once, without a request. A sub-folder's key ends with ``/``."""
@@ -159,7 +173,7 @@ class Folders:
             d = self._dirs.get(parent)
             if d is not None:
                 before = d.entries()
-                d.note(key, value)
+                d.note(key, value, self.clock())
                 self._listed_entries += d.entries() - before
             self._negative.pop(key.rstrip("/"), None)
             # something exists below ``parent``: so does ``parent`` itself, in its own parent
@@ -209,7 +223,10 @@ class Folders:
                 d.flights.remove(flight)
             flight.done.set()
         self.lists += 1
-        d = self._dir(path)  # (it may have been evicted meanwhile)
+        if self._dirs.get(path) is not d:
+            return r  # forgotten meanwhile (a folder renamed away): its answer is not kept
+        d = self._dir(path)
+        d.replay(r)  # what this mount changed while the LIST flew
         self._listed_entries += d.insert(r, merge_within=max(1.0, min(self.ttl, 60.0) / 4))
         self._negative_clear(path)
         self.bound_listings(keep=path)

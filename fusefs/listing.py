@@ -100,6 +100,9 @@ class DirListing:
     flights: list[Flight] = field(default_factory=list)
     filling: bool = False
     full_flight: trio.Event | None = None  # a complete listing in flight (readdir)
+    #: this mount's changes made while listings were in flight: (when, key, value), replayed
+    #: on a range listed before them (its answer may predate them); cleared when none flies
+    notes: list[tuple[float, str, ObjectInfo | None | bool]] = field(default_factory=list)
 
     def entries(self) -> int:
         return sum(len(r) for r in self.ranges)
@@ -161,23 +164,24 @@ class DirListing:
                 return None
             pos = r.hi
 
-    def note(self, key: str, value: ObjectInfo | None | bool) -> None:
-        """This mount changed ``key``: an object (info), a sub-folder (None, key ending in
-        ``/``) or absent (False). Only a range that covers it changes (as if re-listed)."""
+    def note(self, key: str, value: ObjectInfo | None | bool, when: float) -> None:
+        """This mount changed ``key`` at ``when``: an object (info), a sub-folder (None, key
+        ending in ``/``) or absent (False). Only a range that covers it changes (as if
+        re-listed); a listing in flight gets it too, when it lands (:meth:`replay`)."""
+        if self.flights:
+            self.notes.append((when, key, value))
         r = self.find(key)
-        if r is None:
-            return
-        i = bisect.bisect_left(r.keys, key)
-        there = i < len(r.keys) and r.keys[i] == key
-        if value is False:
-            if there:
-                del r.keys[i]
-                del r.infos[i]
-        elif there:
-            r.infos[i] = value if isinstance(value, ObjectInfo) else None
-        else:
-            r.keys.insert(i, key)
-            r.infos.insert(i, value if isinstance(value, ObjectInfo) else None)
+        if r is not None:
+            _note(r, key, value)
+
+    def replay(self, r: Range) -> None:
+        """Apply to a range just listed the changes this mount made since it was asked for
+        (a folder renamed away while the LIST flew must not come back with its answer)."""
+        for when, key, value in self.notes:
+            if when >= r.listed and r.covers(key):
+                _note(r, key, value)
+        if not self.flights:
+            self.notes.clear()
 
     def flight_for(self, key: str) -> Flight | None:
         """The listing in flight most likely to answer ``key``: the one that starts
@@ -192,6 +196,21 @@ class DirListing:
         n = self.entries()
         self.ranges = []
         return n
+
+
+def _note(r: Range, key: str, value: ObjectInfo | None | bool) -> None:
+    """Set ``key`` in range ``r`` (see :meth:`DirListing.note`)."""
+    i = bisect.bisect_left(r.keys, key)
+    there = i < len(r.keys) and r.keys[i] == key
+    if value is False:
+        if there:
+            del r.keys[i]
+            del r.infos[i]
+    elif there:
+        r.infos[i] = value if isinstance(value, ObjectInfo) else None
+    else:
+        r.keys.insert(i, key)
+        r.infos.insert(i, value if isinstance(value, ObjectInfo) else None)
 
 
 def page_items(

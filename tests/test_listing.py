@@ -449,3 +449,25 @@ def test_speculative_listings_never_delay_a_programs_own(s3_bucket: Bucket, moun
         assert "top/d117/" in lists[:20], lists[:20]
     finally:
         proxy.slow(None, 0)
+
+
+def test_a_listing_that_lands_after_a_change_of_this_mount_gets_the_change() -> None:
+    """A LIST sent before this mount renamed ``p/old`` away and answered after (a listing
+    ahead, a revalidation) must not bring ``p/old/`` back: the change is replayed on it. One
+    sent after the change is the newer word and is kept as it is."""
+    from fusefs.listing import DirListing, Flight, Range
+
+    d = DirListing()
+    d.flights.append(Flight("", False))  # in flight since t=1
+    d.note("p/new/", None, 5.0)  # the rename, at t=5
+    d.note("p/old/", False, 5.0)
+    before = Range("", None, 1.0, ["p/old/", "p/x"], [None, None])
+    d.flights.clear()  # it lands
+    d.replay(before)
+    assert before.keys == ["p/new/", "p/x"]
+    assert d.notes == []  # nothing in flight: nothing to keep
+    d.flights.append(Flight("", False))
+    d.note("p/gone", False, 7.0)
+    after = Range("", None, 8.0, ["p/gone"], [None])  # sent after the change: the store's word
+    d.replay(after)
+    assert after.keys == ["p/gone"]

@@ -21,7 +21,7 @@ wakes the runner; an entry taken while its delete is in flight is re-checked aft
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -40,8 +40,12 @@ class PendingDeletes:
     def __init__(self, store: ObjectStore, save: Callable[[str, str], None],
                  forget: Callable[[str], None],
                  needed: Callable[[str, str], bool],
-                 limiter: trio.CapacityLimiter | None = None) -> None:
+                 limiter: trio.CapacityLimiter | None = None,
+                 on_late: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.store = store
+        #: called with a key whose delete ran after the operation that asked for it (its
+        #: folders may have been listed meanwhile, showing what is gone now)
+        self._on_late = on_late
         self._save = save  # journal a row (worker thread)
         self._forget = forget  # drop a row (worker thread)
         self._needed = needed
@@ -99,7 +103,7 @@ class PendingDeletes:
                         or self._needed(key, version)):
                     continue  # (taken, or replaced, while an earlier delete ran)
                 try:
-                    if not await self._delete(key, version):
+                    if not await self._delete(key, version, late=True):
                         failed = True
                 except Exception as exc:  # noqa: BLE001 - the journal (a full disk): retried
                     log.warning("pending delete of %r: %s (kept, retried)", key, exc)
@@ -114,7 +118,7 @@ class PendingDeletes:
                 delay = 1.0
                 await self._wake.wait()
 
-    async def _delete(self, key: str, version: str) -> bool:
+    async def _delete(self, key: str, version: str, late: bool = False) -> bool:
         done = self._running[key] = trio.Event()
         failed = gone = False
         try:
@@ -133,6 +137,8 @@ class PendingDeletes:
                 del self.entries[key]
             done.set()  # a ``take`` waiting for this delete finds its entry gone, or kept
         if gone:
+            if late and self._on_late is not None:
+                await self._on_late(key)
             await threads.run_sync(self._forget, key)
         return not failed
 

@@ -98,6 +98,7 @@ class Namespace:
             fs.folder_meta.keep(path, info)
         else:
             fs.folder_meta.seen(path, info, sent)
+        self.w.gone_folders.discard(path)
         fs.folders.note(path + "/", None)
         fs.folders.note_empty(path)
         fs.folder_meta.entries_changed(parent.path)
@@ -125,6 +126,8 @@ class Namespace:
                 o.key != path + "/" and o.key not in self.w.deletes for o in page.objects)):
             raise NotEmpty(f"{path}: not empty")  # (names this mount removed do not count)
         await self.w.delete_object(path + "/")
+        if self.w.deletes.pending_under(path + "/"):
+            self.w.gone_folders.add(path)
         self.w.fs.folders.note(path + "/", False)
         self.w.fs.drop_path(path)
         self.w.fs.folder_meta.entries_changed(parent.path)
@@ -371,6 +374,9 @@ class Namespace:
         for p in sorted(folders, key=len, reverse=True):
             if p not in markers:
                 await self.w.delete_object(p)
+        if self.w.deletes.pending_under(old + "/"):
+            self.w.gone_folders.add(old)
+        self.w.gone_folders.discard(new)
         self.w.fs.folders.forget_tree(old)
         self.w.fs.folders.forget_tree(new)
         self.w.fs.folders.note(old + "/", False)

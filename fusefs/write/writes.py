@@ -89,7 +89,10 @@ class Writes:
         self.deletes = PendingDeletes(
             store, save=lambda k, v: staging.journal.save_delete(k, v),
             forget=lambda k: staging.journal.remove_delete(k), needed=self._needed,
-            limiter=fs.folders.meta_limiter)
+            limiter=fs.folders.meta_limiter, on_late=self._deleted_late)
+        #: folders this mount removed or renamed away while deletes of objects in them
+        #: still wait (an open file, an upload that copies from them): hidden until done
+        self.gone_folders: set[str] = set()
         self.namespace = Namespace(self)
         self.attributes = Attributes(self)
         fs.writes = self
@@ -234,6 +237,22 @@ class Writes:
             return True, None
         return None
 
+    async def _deleted_late(self, key: str) -> None:
+        """A delete that waited (a reader, an upload copying from it) is done: listings made
+        meanwhile may show its folders, which are listed again when next asked for; a folder
+        this mount removed or renamed away with nothing of it left to delete goes from the
+        store too (a store that keeps emptied folders as directories: SeaweedFS, local)."""
+        self.fs.folders.mark_stale_above(key)
+        for folder in sorted((g for g in self.gone_folders if key.startswith(g + "/")),
+                             key=len, reverse=True):
+            if self.deletes.pending_under(folder + "/"):
+                continue
+            self.gone_folders.discard(folder)
+            try:
+                await self.delete_object(folder + "/")
+            except FusefsError as exc:  # an S3 store has no such object: nothing to do
+                log.debug("%r: %s", folder + "/", exc)
+
     def _clean(self, sf: StagedFile) -> bool:
         """Nothing of ``sf`` waits for the store, nothing writes or works on it: the store's
         object under its name is its upload (as long as no other writer changed it)."""
@@ -275,8 +294,15 @@ class Writes:
         """Is what the store shows at ``path`` the object this mount removed (a delete of it
         is pending: it waits for a reader, or failed and is retried)? Another writer's newer
         object there, or a folder, shows (the pending delete is conditional: it keeps theirs)."""
+        if is_dir:
+            if path not in self.gone_folders:
+                return False
+            if self.deletes.pending_under(path + "/"):
+                return True
+            self.gone_folders.discard(path)
+            return False
         version = self.deletes.entries.get(path)
-        if version is None or is_dir or info is None:
+        if version is None or info is None:
             return False
         return version.startswith("~") or info.version == version
 
