@@ -666,7 +666,7 @@ def test_deletes_are_conditional_on_every_store(bucket: Bucket, mount, tmp_path)
     assert bucket.get("b") is None
 
 
-@pytest.mark.parametrize("opened", ["before-upload", "after-upload"])
+@pytest.mark.parametrize("opened", ["before-upload", "after-upload", "written-unchanged"])
 @pytest.mark.parametrize("change", ["replace", "remove"])
 def test_a_name_another_mount_changed_shows_while_a_reader_holds_this_mounts_version(
         store: Bucket, mount, tmp_path, change: str, opened: str):
@@ -678,11 +678,13 @@ def test_a_name_another_mount_changed_shows_while_a_reader_holds_this_mounts_ver
     version's inode, so its reads came from the new file's pages."""
     ma = mount(store, "--metadata-ttl", "1", cache_dir=tmp_path / "ca")
     (ma.path / "a").write_bytes(b"mine")
-    if opened == "after-upload":
+    if opened != "before-upload":
         synced(ma)
     with open(ma.path / "a", "rb", buffering=0) as reader:
         if opened == "before-upload":
             synced(ma)
+        elif opened == "written-unchanged":  # opened for writing and closed unchanged
+            os.close(os.open(ma.path / "a", os.O_RDWR))  # (the write model found it)
         mb = mount(store, "--metadata-ttl", "0", cache_dir=tmp_path / "cb")
         if change == "replace":
             (mb.path / "a").write_bytes(b"theirs, longer")
@@ -839,3 +841,32 @@ def test_a_folder_renamed_away_stays_away_while_and_after_its_deletes_wait(
     assert sorted(os.listdir(m.path / "top")) == ["e"]
     assert not (m.path / "top/d").exists()
     assert store.get("top/d/f") is None and store.get("top/e/f") == b"x" * 1000
+
+
+def test_a_file_another_mount_removed_while_held_here_never_comes_back_after_kill_9(
+        store: Bucket, mount, tmp_path):
+    """This mount uploaded ``a``, a reader holds it, another mount removes it; once this
+    mount has seen that (a lookup after the TTL), a ``kill -9`` and a remount must not
+    upload ``a`` again from the staging journal (found by the write model: the file came
+    back in the bucket)."""
+    ma = mount(store, "--metadata-ttl", "1", cache_dir=tmp_path / "ca")
+    fd = os.open(ma.path / "a", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"mine")
+    reader = os.open(ma.path / "a", os.O_RDONLY)
+    os.close(fd)
+    try:
+        synced(ma)
+        mb = mount(store, "--metadata-ttl", "0", cache_dir=tmp_path / "cb")
+        os.unlink(mb.path / "a")
+        synced(mb)
+        time.sleep(1.5)
+        assert not (ma.path / "a").exists()
+        time.sleep(0.5)  # (its journal row goes in the background)
+        kill_9(ma)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(reader)
+    m2 = mount(store, cache_dir=tmp_path / "ca")
+    synced(m2)
+    assert store.get("a") is None
+    assert m2.stats()["uploads_failed"] == 0 and m2.stats()["conflicts"] == 0

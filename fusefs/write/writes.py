@@ -257,8 +257,9 @@ class Writes:
         """Nothing of ``sf`` waits for the store, nothing writes or works on it: the store's
         object under its name is its upload (as long as no other writer changed it)."""
         return (sf.confirmed is not None and sf.writers == 0 and not sf.needs_upload
-                and not sf.queued and sf.busy is None and not sf.pins and not sf.retiring
-                and sf.rec.state == "done" and sf.rec.base_key == sf.key
+                and not sf.changing and not sf.queued and sf.busy is None and not sf.pins
+                and not sf.retiring and sf.rec.state not in ("failed", "conflict")
+                and sf.rec.base_key == sf.key and sf.rec.base_limit == sf.size
                 and self.staging.files.get(sf.key) is sf)
 
     def _unconfirmed(self, sf: StagedFile) -> bool:
@@ -287,7 +288,13 @@ class Writes:
             return False, self.info_of(sf), found[2]
         if found is not None and found[2] < sf.confirmed:
             return False, self.info_of(sf), self.fs.clock()  # an older observation than ours
+        # off its name for good, as if unlinked: its descriptors read it, nothing of it goes
+        # to the store again, and its row goes (a crash must not upload it over theirs)
         self.staging.detach(sf)
+        sf.unlinked = True
+        with contextlib.suppress(FusefsError):
+            self.fs.reader.start_soon(
+                lambda: threads.run_sync(self.staging.journal.remove, sf.rec.id))
         return None
 
     def hides(self, path: str, is_dir: bool, info: ObjectInfo | None) -> bool:
@@ -426,6 +433,7 @@ class Writes:
             base = node.info
             assert base is not None
             sf = self.staging.create(node.path, base, base.version)
+            sf.confirmed = node.confirmed  # its base: the store's version, as seen then
             self.fs.attach_handles(node, sf)
             if not flags & os.O_TRUNC and 0 < base.size <= self.settings.block_size:
                 # a small file is read whole now (one block, through the cache): were it
