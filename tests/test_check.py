@@ -177,7 +177,10 @@ def test_ctrl_c_removes_the_probe(s3_bucket: Bucket) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fusefs", "check", s3_bucket.source, *s3_bucket.args],
         env={**s3_bucket.env, "FUSEFS_STALL_TIMEOUT": "60"}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+        stderr=subprocess.PIPE, text=True,
+        # a test run started in the background (`scripts/test.sh &`) inherits SIGINT ignored,
+        # and so would the check: Ctrl-C as a terminal sends it must reach the check
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not any(r.method == "GET" and ".fusefs-check-" in r.path
