@@ -300,7 +300,9 @@ class Writes:
     def hides(self, path: str, is_dir: bool, info: ObjectInfo | None) -> bool:
         """Is what the store shows at ``path`` the object this mount removed (a delete of it
         is pending: it waits for a reader, or failed and is retried)? Another writer's newer
-        object there, or a folder, shows (the pending delete is conditional: it keeps theirs)."""
+        object there shows (the pending delete is conditional: it keeps theirs). A folder is
+        hidden only while it is one this mount removed or renamed away (``gone_folders``) and
+        deletes of objects in it still wait."""
         if is_dir:
             if path not in self.gone_folders:
                 return False
