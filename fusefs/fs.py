@@ -217,8 +217,8 @@ class FileSystem:
                 info = dataclasses.replace(  # a listing without metadata
                     info, meta_mtime=old.meta_mtime, mode=old.mode, uid=old.uid, gid=old.gid)
             if old is not None and old.version == info.version and old.mtime != info.mtime:
-                # one version, one mtime: a listing's LastModified (milliseconds on MinIO,
-                # rclone, SeaweedFS) and a GET's Last-Modified header (seconds) differ, and an
+                # one version, one mtime: a listing's LastModified (milliseconds on MinIO
+                # and rclone) and a GET's Last-Modified header (seconds) differ, and an
                 # mtime that moves makes the kernel drop the file's cached pages
                 info = dataclasses.replace(info, mtime=old.mtime)
             node.info = info
