@@ -145,11 +145,7 @@ class Folders:
 
     def mark_stale(self, key: str) -> None:
         """The store said ``key`` changed: distrust the range that holds it."""
-        d = self._dirs.get(key.rpartition("/")[0])
-        if d is not None:
-            r = d.find(key)
-            if r is not None:
-                r.listed = -math.inf
+        self._distrust(key.rpartition("/")[0], key)
 
     def mark_stale_above(self, key: str) -> None:
         """An object under folders that may now be empty is gone (a delete that waited):
@@ -158,12 +154,16 @@ class Folders:
         folder = key.rpartition("/")[0]
         while folder:
             parent = folder.rpartition("/")[0]
-            d = self._dirs.get(parent)
-            if d is not None:
-                r = d.find(folder + "/")
-                if r is not None:
-                    r.listed = -math.inf
+            self._distrust(parent, folder + "/")
             folder = parent
+
+    def _distrust(self, path: str, key: str) -> None:
+        """The listed range of folder ``path`` that holds ``key`` is to be listed again."""
+        d = self._dirs.get(path)
+        if d is not None:
+            r = d.find(key)
+            if r is not None:
+                r.listed = -math.inf
 
     def note(self, key: str, value: ObjectInfo | None | bool) -> None:
         """This mount changed ``key`` (see :meth:`DirListing.note`): the listed ranges say
@@ -225,7 +225,7 @@ class Folders:
         self.lists += 1
         if self._dirs.get(path) is not d:
             return r  # forgotten meanwhile (a folder renamed away): its answer is not kept
-        d = self._dir(path)
+        self._dirs.move_to_end(path)  # recently used
         d.replay(r)  # what this mount changed while the LIST flew
         self._listed_entries += d.insert(r, merge_within=max(1.0, min(self.ttl, 60.0) / 4))
         self._negative_clear(path)
