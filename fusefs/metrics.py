@@ -70,6 +70,7 @@ COUNTERS = {
     "cpu_s": ("cpu_seconds", "CPU seconds (user + system) of the mount daemon, all threads"),
     "cpu_loop_s": ("fuse_loop_cpu_seconds", "CPU seconds of the thread answering FUSE requests"),
     "worker_fetches": ("worker_fetches", "blocks fetch worker processes fetched from the store"),
+    "worker_uploads": ("worker_uploads", "uploads worker processes sent to the store"),
     "worker_restarts": ("worker_restarts", "fetch worker processes restarted after dying"),
     "worker_cpu_s": ("worker_cpu_seconds", "CPU seconds of the fetch worker processes"),
 }

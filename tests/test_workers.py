@@ -1,17 +1,22 @@
-"""Fetch worker processes (``--fetch-workers``): reads through them on every store, a worker
-killed in the middle of a fetch, a changed object, ``--fetch-workers 0``, and that no worker
-outlives its mount. Real mounts, real servers; requests and bytes are counted, never timed."""
+"""Worker processes (``--fetch-workers``): reads and uploads through them on every store, a
+worker killed in the middle of a fetch or of an upload (single or multipart), the daemon
+killed while a worker's multipart upload is open, a changed object, ``--fetch-workers 0``, and
+that no worker outlives its mount. Real mounts, real servers; requests and bytes are counted,
+never timed."""
 
 from __future__ import annotations
 
 import errno
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 from conftest import Bucket, MountProc, blob, drop_page_cache
+from test_writes import sync
 
 from fusefs.errors import (
     BackendError,
@@ -272,3 +277,154 @@ def test_small_files_whose_metadata_is_unknown_are_fetched_by_the_workers(s3_buc
     assert st["worker_fetches"] - before == len(files)
     assert s3_bucket.proxy.count(predicate=is_object_get) == len(files)
     assert st["errors"] == 0
+
+
+# --- uploads -----------------------------------------------------------------------------------
+
+
+def _keys(b: Bucket) -> list[str]:
+    client, name = b.extra["client"], b.extra["name"]
+    out: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+        out.extend(o["Key"] for o in page.get("Contents", []))
+    return sorted(out)
+
+
+def _open_uploads(b: Bucket) -> int:
+    client, name = b.extra["client"], b.extra["name"]
+    return len(client.list_multipart_uploads(Bucket=name).get("Uploads", []))
+
+
+def test_uploads_go_through_the_workers_on_every_store(bucket: Bucket, mount) -> None:
+    bucket.put("first", b"1")
+    m = mount(bucket, "--fetch-workers", "1")
+    _start_workers(m, 1, "first")
+    files = {f"w{i}.bin": blob(60 * KiB + i, 20 + i) for i in range(4)} | {"sub/e": b""}
+    (m.path / "sub").mkdir()
+    for k, v in files.items():
+        (m.path / k).write_bytes(v)
+    r = sync(m)
+    assert r.returncode == 0, r.stderr
+    for k, v in files.items():
+        assert bucket.get(k) == v
+        drop_page_cache(m.path / k)
+        assert (m.path / k).read_bytes() == v
+    st = m.stats()
+    # every upload was sent by the worker, none by the FUSE process
+    assert st["worker_uploads"] == st["uploads_done"] == len(files)
+    assert st["uploads_failed"] == 0 and st["worker_restarts"] == 0
+
+
+def _kill_the_worker_mid_upload(b: Bucket, m: MountProc, held) -> int:  # type: ignore[no-untyped-def]
+    """Wait until the proxy holds a request ``held(method, path)`` selects, then kill the
+    worker sending it and let requests through again; the dead worker's pid."""
+    proxy = b.proxy
+    assert proxy is not None
+    _wait_until(lambda: any(held(r.method, r.target) for r in proxy.requests()),
+                "the worker's request", 60)
+    (pid,) = m.stats()["worker_pids"]
+    os.kill(pid, signal.SIGKILL)
+    _wait_until(lambda: not _alive(pid), "the worker's end")
+    proxy.slow(None, 0)
+    return pid
+
+
+def test_a_worker_killed_mid_upload_is_replaced_and_the_upload_lands_once(
+        s3_bucket: Bucket, mount) -> None:
+    proxy = s3_bucket.proxy
+    assert proxy is not None
+    s3_bucket.put("first", b"1")
+    data = blob(300 * KiB, 30)
+    m = mount(s3_bucket, "--fetch-workers", "1")
+    _start_workers(m, 1, "first")
+
+    def held(method: str, path: str) -> bool:
+        return method == "PUT" and f"/{s3_bucket.extra['name']}/up.bin" in path
+
+    proxy.slow(held, 30)
+    try:
+        (m.path / "up.bin").write_bytes(data)
+        pid = _kill_the_worker_mid_upload(s3_bucket, m, held)
+    finally:
+        proxy.slow(None, 0)
+    r = sync(m)
+    assert r.returncode == 0, r.stderr
+    assert s3_bucket.get("up.bin") == data
+    assert _keys(s3_bucket) == ["first", "up.bin"]  # no conflict copy of its own upload
+    st = m.stats()
+    assert st["worker_restarts"] == 1 and pid not in st["worker_pids"]
+    assert st["uploads_failed"] == 0 and st["uploads_pending"] == 0
+    log = m.log_text()
+    assert "with 1 request(s) in flight" in log  # the worker died sending the upload
+    assert "Traceback" not in log
+
+
+MiB = 1024 * KiB
+
+
+def _parts_of(b: Bucket, key: str):  # type: ignore[no-untyped-def]
+    """``(method, path) -> bool``: a part of a multipart upload of ``key`` in ``b`` (the
+    proxy serves every bucket of the session)."""
+    where = f"/{b.extra['name']}/{key}"
+    return lambda method, path: method == "PUT" and "uploadId=" in path and where in path
+
+
+def test_a_worker_killed_mid_multipart_upload_leaves_none_open(s3_bucket: Bucket,
+                                                                  mount) -> None:
+    proxy = s3_bucket.proxy
+    assert proxy is not None
+    s3_bucket.put("first", b"1")
+    data = blob(12 * MiB, 31)
+    m = mount(s3_bucket, "--fetch-workers", "1", "--upload-part-size", "5M")
+    _start_workers(m, 1, "first")
+    is_part = _parts_of(s3_bucket, "big")
+    proxy.slow(is_part, 30)
+    try:
+        (m.path / "big").write_bytes(data)
+        _kill_the_worker_mid_upload(s3_bucket, m, is_part)
+    finally:
+        proxy.slow(None, 0)
+    r = sync(m)
+    assert r.returncode == 0, r.stderr
+    assert s3_bucket.get("big") == data
+    # the upload the dead worker began was aborted by the FUSE process, which had journaled it
+    assert _open_uploads(s3_bucket) == 0, "none left to bill"
+    assert "aborted a multipart upload a worker process that died left" in m.log_text()
+    assert m.stats()["worker_restarts"] == 1
+
+
+def test_a_workers_multipart_upload_is_journaled_before_its_first_part(
+        s3_bucket: Bucket, mount, tmp_path) -> None:
+    """``kill -9`` of the daemon while a worker's part is held: the next mount finds the
+    upload id in the journal (it was journaled before any part was sent) and aborts it."""
+    proxy = s3_bucket.proxy
+    assert proxy is not None
+    s3_bucket.put("first", b"1")
+    data = blob(12 * MiB, 32)
+    cache = tmp_path / "c"
+    m = mount(s3_bucket, "--fetch-workers", "1", "--upload-part-size", "5M", cache_dir=cache)
+    _start_workers(m, 1, "first")
+    (pid,) = m.stats()["worker_pids"]
+    is_part = _parts_of(s3_bucket, "big")
+    proxy.slow(is_part, 30)
+    try:
+        (m.path / "big").write_bytes(data)
+        bg = subprocess.Popen([sys.executable, "-m", "fusefs", "sync", str(m.path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_until(lambda: proxy.count(predicate=lambda r: is_part(r.method, r.target)) > 0,
+                    "a part", 60)
+        assert m.proc is not None
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait()
+        m.stop()
+        bg.wait(30)
+        _wait_until(lambda: not _alive(pid), "the worker's end (it dies with the daemon)")
+    finally:
+        proxy.slow(None, 0)
+    assert _open_uploads(s3_bucket) == 1
+    m2 = mount(s3_bucket, "--fetch-workers", "1", "--upload-part-size", "5M", cache_dir=cache)
+    r = sync(m2)
+    assert r.returncode == 0, r.stderr
+    assert s3_bucket.get("big") == data
+    assert _open_uploads(s3_bucket) == 0, "none left to bill"
+    assert "aborted a multipart upload an earlier mount left" in m2.log_text()

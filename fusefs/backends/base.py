@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from ..errors import NotFound
+from ..errors import Conflict, NotFound
 from ..safety import check_key
 
 
@@ -293,3 +293,14 @@ class PrefixedStore:
         abort = getattr(self.inner, "abort_upload", None)
         if abort is not None:
             abort(self._key(key), upload_id)
+
+
+def check_version(store: ObjectStore, key: str, expect: str) -> None:
+    """Raise Conflict unless ``key`` is at version ``expect`` ("": absent), by a HEAD: the
+    check before an upload to a store that may ignore conditional requests."""
+    try:
+        now = store.head(key).version
+    except NotFound:
+        now = ""
+    if now != expect:
+        raise Conflict(f"{key}: changed in the store since this mount saw it")

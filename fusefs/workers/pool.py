@@ -1,4 +1,5 @@
-"""The FUSE process's side of the fetch workers: sends block requests, hands back the bytes.
+"""The FUSE process's side of the worker processes: sends block fetches and uploads, hands
+back the bytes and the uploaded objects.
 
 Concurrency rules:
 - Everything here runs on the trio thread except each worker's reply thread, which only reads
@@ -9,8 +10,10 @@ Concurrency rules:
   how many are in flight (``workers`` plus the background pool), so a pipe never fills.
 - A request belongs to one worker until its reply arrives. A worker that dies (end of file on
   its reply pipe) is reaped by its reply thread and replaced; the requests it held are sent
-  again to a live worker, each at most ``MAX_TRIES`` times in all (then EIO). No reply is
-  ever matched to another request: ids are never reused.
+  again to a live worker, each at most ``MAX_TRIES`` times in all (then EIO). An upload is
+  never sent again by the pool: it fails (the upload queue retries it, under its condition;
+  the caller aborts the multipart upload the dead worker began, if any). No
+  reply is ever matched to another request: ids are never reused.
 - Workers start at the first fetch (a mount that never reads cold data starts none); until
   one has built its store and said READY, fetches run in-process (no read waits for a start).
   Requests sent again after a death may wait in a new worker's pipe for its start.
@@ -49,6 +52,11 @@ MAX_BAD_STARTS = 5
 EXIT_GRACE = 2.0
 
 
+class WorkerDied(BackendError):
+    """The worker process sending an upload died: whether the store got it is unknown (the
+    upload queue retries it under its condition)."""
+
+
 class PoolUnavailable(Exception):
     """No worker takes requests (none has started yet, or they die as they start): fetch
     in-process instead."""
@@ -56,12 +64,14 @@ class PoolUnavailable(Exception):
 
 @dataclass
 class _Pending:
-    req: P.Request
+    req: P.Request | P.Put
     done: trio.Event = field(default_factory=trio.Event)
     tries: int = 0
     status: int = -1
     payload: bytes = b""
     usage: tuple[int, int] = (0, 0)
+    #: an upload's ``started(upload_id)``: a multipart upload exists
+    on_started: Callable[[str], None] | None = None
 
 
 class _Worker:
@@ -101,6 +111,7 @@ class FetchPool:
         self.hits = 0  # blocks a worker found in the cache
         self.restarts = 0
         self.retries = 0
+        self.puts = 0  # uploads a worker made
         self._dead_cpu = 0.0  # CPU seconds of workers that ended
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -203,6 +214,21 @@ class FetchPool:
         if status == P.READY:
             worker.ready = True
             return
+        if status == P.STARTED:  # an upload began a multipart upload; its answer follows
+            began = worker.inflight.get(rid)
+            go = began is not None  # else its waiter is gone: nobody would journal it
+            if began is not None and began.on_started is not None:
+                try:
+                    began.on_started(payload.decode())
+                except Exception as exc:  # noqa: BLE001 - a full disk: the upload is refused
+                    log.warning("could not journal a multipart upload: %s", exc)
+                    go = False
+            try:  # the worker sends no part before this answer
+                P.send_frame(worker.req_w, rid, go)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    worker.proc.kill()
+            return
         pending = worker.inflight.pop(rid, None)
         if pending is None:
             return  # its waiter was cancelled and the request forgotten
@@ -211,6 +237,8 @@ class FetchPool:
             self.fetches += 1
         elif status == P.HIT:
             self.hits += 1
+        elif status == P.PUT:
+            self.puts += 1
         pending.done.set()
 
     def _died(self, worker: _Worker) -> None:
@@ -245,6 +273,12 @@ class FetchPool:
                 pending.done.set()
             return
         for rid, pending in worker.inflight.items():
+            if isinstance(pending.req, P.Put):  # never sent twice by the pool: see above
+                pending.status = P.FAILED
+                pending.payload = (f"WorkerDied\0{pending.req.key}: the worker process "
+                                   f"uploading it died").encode()
+                pending.done.set()
+                continue
             self.retries += 1
             self._send(rid, pending)
 
@@ -254,7 +288,8 @@ class FetchPool:
         pending.tries += 1
         if pending.tries > MAX_TRIES:
             pending.status = P.FAILED
-            pending.payload = (f"BackendError\0{pending.req[0]}: the fetch worker died "
+            key = pending.req.key if isinstance(pending.req, P.Put) else pending.req[0]
+            pending.payload = (f"BackendError\0{key}: the fetch worker died "
                                f"{MAX_TRIES} times fetching it").encode()
             pending.done.set()
             return
@@ -269,7 +304,8 @@ class FetchPool:
             with contextlib.suppress(OSError):
                 worker.proc.kill()
 
-    async def _ask(self, req: P.Request) -> _Pending:
+    async def _ask(self, req: P.Request | P.Put,
+                   on_started: Callable[[str], None] | None = None) -> _Pending:
         """Send ``req`` to a worker and wait for its answer (PoolUnavailable if the workers
         cannot run, or are starting: about half a second, for which no read waits)."""
         if not self.usable:
@@ -277,7 +313,7 @@ class FetchPool:
         self._ensure_started()
         if not any(w.ready for w in self._workers):
             raise PoolUnavailable()
-        pending = _Pending(req)
+        pending = _Pending(req, on_started=on_started)
         rid = next(self._ids)
         self._send(rid, pending)
         try:
@@ -290,6 +326,18 @@ class FetchPool:
             kind, _, message = pending.payload.decode("utf-8", "replace").partition("\0")
             raise error_from_kind(kind, message)
         return pending
+
+    async def put(self, req: P.Put, started: Callable[[str], None] | None = None
+                  ) -> ObjectInfo:
+        """Upload in a worker, which reads ``req.path`` itself; the new object. ``started``
+        is called (trio thread) with the id of a multipart upload once it exists: if the
+        worker then dies, nobody aborts that upload but the caller. Raises the worker's error
+        rebuilt; PoolUnavailable if the workers cannot run."""
+        pending = await self._ask(req, started)
+        if pending.status != P.PUT:
+            raise PoolUnavailable()
+        info: ObjectInfo = pickle.loads(pending.payload)
+        return info
 
     async def get_small(self, bkey: BlockKey, key: str, version: str,
                         size: int) -> tuple[ObjectInfo, tuple[int, int] | None]:

@@ -1,12 +1,17 @@
-"""Frames between the FUSE process and a fetch worker, over two pipes.
+"""Frames between the FUSE process and a worker process, over two pipes.
 
 Request (FUSE process -> worker): ``REQUEST`` header (request id, payload length), then a
-pickle of a :data:`Request` tuple. The first frame a worker reads is its :class:`Init` instead.
+pickle of a :data:`Request` tuple (a block fetch) or a :class:`Put` (an upload). The first
+frame a worker reads is its :class:`Init` instead.
 Reply (worker -> FUSE process): ``REPLY`` header (request id, status, the worker's CPU seconds
 so far, the cache's volume and item count as the worker last read them, damaged cached blocks
 the worker found so far, payload length), then the payload: the block's bytes (``STORED``,
-``HIT``, ``FETCHED``) or ``kind NUL message`` (``FAILED``; ``kind`` from
-:func:`fusefs.errors.error_kind`).
+``HIT``, ``FETCHED``), a pickle (``SMALL``, ``PUT``), an upload id (``STARTED``) or
+``kind NUL message`` (``FAILED``; ``kind`` from :func:`fusefs.errors.error_kind`). Every
+request gets exactly one final reply; ``STARTED`` is the only one that may come before it, and
+the worker sends no part of that upload until the FUSE process answers it with a request
+frame of the same id whose object is a bool: True once the upload id is journaled, False if
+it could not be (the worker then aborts the upload and fails).
 
 Both sides are the same fusefs install (the worker is started with the FUSE process's own
 interpreter), so pickle is safe here: nothing else writes to these pipes.
@@ -32,6 +37,11 @@ READY = 4
 #: The answer to a request for a small object whole with its metadata (``start`` -1): a
 #: pickle of (its ``ObjectInfo``, whether its bytes were stored in the cache as block 0).
 SMALL = 5
+#: The answer to a :class:`Put`: a pickle of the new object's ``ObjectInfo``.
+PUT = 6
+#: A :class:`Put` began a multipart upload (payload: its id, UTF-8) and waits for the answer
+#: (see above); its final reply follows.
+STARTED = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +60,20 @@ class Init:
 #: Python-level ``__getstate__`` per request).
 Request = tuple[str, str, int, int, str, int, int]  # key, version, start, length, source,
 #                                                     block_size, index
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Upload the local file ``path`` (``size`` bytes, read by the worker) to ``key`` with
+    ``condition`` (a ``Condition``) and ``attrs`` (an ``Attrs``); ``check``: first HEAD-check
+    that ``key`` is at this version ("" absent), for stores that may ignore conditions."""
+
+    key: str
+    path: str
+    size: int
+    condition: Any
+    attrs: Any
+    check: str | None = None
+
 
 #: Pipe buffer asked for (``F_SETPIPE_SZ``; Linux allows unprivileged processes up to 1 MiB):
 #: a reply up to this size is read in one ``read``, never pieced together and copied.

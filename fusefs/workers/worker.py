@@ -1,9 +1,11 @@
-"""The program of one fetch worker process: ``python -m fusefs.workers.worker REQ_FD REP_FD``.
+"""The program of one worker process: ``python -m fusefs.workers.worker REQ_FD REP_FD``.
 
 It reads an :class:`~.protocol.Init` and then requests from ``REQ_FD``, builds its own store
 (its own SDK clients) and block cache from the mount's source and settings, and answers each
 request on ``REP_FD`` with the block (fetched, verified and stored in the cache directory by
-:func:`fusefs.cache.fetch.fetch_block`) or the kind of error it met.
+:func:`fusefs.cache.fetch.fetch_block`), the uploaded object (a :class:`~.protocol.Put`: it
+reads the staged file and sends it with the store's own upload, multipart and all), or the
+kind of error it met.
 
 Invariants: requests run in up to ``workers + prefetch_concurrency(workers)`` threads (as
 many as the mount admits fetches at once, so none waits here behind another); a reply is
@@ -26,13 +28,15 @@ import signal
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from ..backends import open_store
+from ..backends.base import ObjectInfo, Upload, check_version
 from ..cache.blocks import BlockStore, DiskBlockStore, NullBlockStore
 from ..cache.fetch import fetch_block
 from ..cache.keys import BlockKey
 from ..config import Settings, prefetch_concurrency
-from ..errors import error_kind
+from ..errors import BackendError, error_kind
 from . import protocol as P
 
 log = logging.getLogger(__name__)
@@ -88,8 +92,44 @@ def serve(req_fd: int, rep_fd: int) -> None:
         blocks = NullBlockStore()
     lock = threading.Lock()
 
-    def one(rid: int, req: P.Request) -> None:
+    def reply(rid: int, status: int, payload: bytes) -> None:
+        try:
+            with lock:  # the cache's figures as of this reply: replies carry them in order
+                head = P.REPLY.pack(rid, status, _cpu(), blocks.volume(), blocks.count(),
+                                    len(corrupt), len(payload))
+                P.write_all(rep_fd, head, payload)
+        except OSError:
+            os._exit(0)  # the FUSE process is gone
+
+    #: uploads waiting for the FUSE process to journal their multipart upload: id -> [the
+    #: event set by its answer, the answer]
+    waiting: dict[int, list[Any]] = {}
+
+    def started(rid: int, upload_id: str) -> None:
+        box: list[Any] = [threading.Event(), False]
+        waiting[rid] = box
+        reply(rid, P.STARTED, upload_id.encode())
+        box[0].wait()  # end of file on the requests ends the process, waiting or not
+        if not box[1]:
+            raise BackendError(f"the multipart upload {upload_id} could not be journaled")
+
+    def put(rid: int, req: P.Put) -> ObjectInfo:
+        if req.check is not None:
+            check_version(store, req.key, req.check)
+        return store.put_file(  # type: ignore[attr-defined, no-any-return]
+            req.key, Upload(req.path, req.size, started=lambda uid: started(rid, uid)),
+            condition=req.condition, attrs=req.attrs)
+
+    def one(rid: int, req: P.Request | P.Put) -> None:
         payload: bytes
+        if isinstance(req, P.Put):
+            try:
+                status, payload = P.PUT, pickle.dumps(put(rid, req))
+            except Exception as exc:  # noqa: BLE001 - every failure is answered, by kind
+                log.debug("upload of %s failed: %r", req.key, exc)
+                status, payload = P.FAILED, f"{error_kind(exc)}\0{exc}".encode("utf-8", "replace")
+            reply(rid, status, payload)
+            return
         key, version, start, length, source, block_size, index = req
         try:
             if start < 0:  # a small object whole, for its metadata: no bytes go back
@@ -109,23 +149,25 @@ def serve(req_fd: int, rep_fd: int) -> None:
             log.debug("fetch of %s at %d failed: %r", key, start, exc)
             status = P.FAILED
             payload = f"{error_kind(exc)}\0{exc}".encode("utf-8", "replace")
-        try:
-            with lock:  # the cache's figures as of this reply: replies carry them in order
-                head = P.REPLY.pack(rid, status, _cpu(), blocks.volume(), blocks.count(),
-                                    len(corrupt), len(payload))
-                P.write_all(rep_fd, head, payload)
-        except OSError:
-            os._exit(0)  # the FUSE process is gone
+        reply(rid, status, payload)
 
     P.widen_pipe(rep_fd)
     P.write_all(rep_fd, P.REPLY.pack(0, P.READY, _cpu(), 0, 0, 0, 0))
     log.debug("fetch worker %d serving %s", init.number, store.source_id)
-    # as many threads as the mount admits fetches (demand and background pools): a read never
-    # waits in this process behind held prefetches
-    threads = settings.workers + prefetch_concurrency(settings.workers)
+    # as many threads as the mount admits fetches (demand and background pools) and uploads:
+    # a read never waits in this process behind held prefetches or long uploads
+    threads = (settings.workers + prefetch_concurrency(settings.workers)
+               + (0 if settings.read_only else settings.uploads))
     with ThreadPoolExecutor(threads, thread_name_prefix="fetch") as pool:
         while (frame := P.read_frame(req_fd)) is not None:
-            pool.submit(one, *frame)
+            rid, obj = frame
+            if isinstance(obj, bool):  # the answer to a STARTED
+                box = waiting.pop(rid, None)
+                if box is not None:
+                    box[1] = obj
+                    box[0].set()
+                continue
+            pool.submit(one, rid, obj)
         os._exit(0)  # end of requests: abandon what is in flight, at once
 
 

@@ -10,6 +10,11 @@ doubling to 60 s; 5 minutes after a refusal, which is logged once per file); ``s
 failed files at once. A conflict (the object changed or appeared meanwhile) uploads this
 mount's version under ``KEY.conflict-TIME`` next to it, counted and logged. Nothing is dropped:
 a staged file leaves the staging area only once the store holds its bytes.
+
+With worker processes (``--fetch-workers``), a worker reads the staged file and sends it (the
+HEAD check, the PUT or the multipart upload), so the FUSE process spends no CPU on the
+store's client; an upload that copies ranges of its base object reads them through this
+process's block cache, so it runs here, as does every upload while no worker is ready.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from .. import threads
-from ..backends.base import Attrs, Condition, ObjectInfo, ObjectStore, Upload
+from ..backends.base import Attrs, Condition, ObjectInfo, ObjectStore, Upload, check_version
 from ..errors import AccessDenied, Conflict, FusefsError, NotFound, StaleVersion
 from ..folders import NAME_MAX
+from ..workers import protocol as P
+from ..workers.pool import FetchPool, PoolUnavailable, WorkerDied
 from .journal import Record
 from .staging import StagedFile, Staging
 
@@ -90,6 +97,7 @@ class Uploads:
         on_idle: Callable[[StagedFile], None] | None = None,
         read_base: Callable[[ObjectInfo, int, int], Awaitable[bytes]] | None = None,
         single_put_max: int = 8 << 20,
+        pool: FetchPool | None = None,
     ) -> None:
         self.store = store
         self.staging = staging
@@ -100,6 +108,9 @@ class Uploads:
         self.on_idle = on_idle
         #: reads a base object's bytes (through the block cache) for copy ranges
         self._read_base = read_base
+        #: the worker processes that send uploads, if any
+        self.pool = pool
+        self.in_workers = 0  # uploads a worker process sent
         self._token: trio.lowlevel.TrioToken | None = None
         #: largest upload the store sends as one PUT (the part size)
         self.single_put_max = single_put_max
@@ -127,13 +138,14 @@ class Uploads:
             if sf.needs_upload:
                 self.queue(sf)
 
-    async def _abort_orphan(self, key: str, upload_id: str) -> None:
+    async def _abort_orphan(self, key: str, upload_id: str,
+                            left_by: str = "an earlier mount") -> None:
         abort = getattr(self.store, "abort_upload", None)
         if abort is None:
             return
         try:
             await threads.run_sync(abort, key, upload_id)
-            log.info("%r: aborted a multipart upload an earlier mount left unfinished", key)
+            log.info("%r: aborted a multipart upload %s left unfinished", key, left_by)
         except Exception as exc:  # noqa: BLE001 - S3 lifecycle rules remain the backstop
             log.warning("%r: could not abort an unfinished multipart upload: %s", key, exc)
 
@@ -235,7 +247,7 @@ class Uploads:
             log.debug("uploading %s: %d bytes (change %d, %d copy ranges)", rec.key, rec.size,
                       gen, len(copy))
             try:
-                info = await threads.run_sync(self._put, sf, rec, copy)
+                info = await self._put(sf, rec, copy)
             except (Conflict, StaleVersion, NotFound) as exc:
                 # NotFound: AWS answers an If-Match on a key another writer deleted with 404,
                 # and a copy range whose base is gone likewise; else (the bucket) a failure
@@ -281,16 +293,57 @@ class Uploads:
             return now
         return None
 
-    def _put(self, sf: StagedFile, rec: Record, copy: tuple[tuple[int, int], ...]
-             ) -> ObjectInfo:
-        """Worker thread: check, then upload."""
-        cond = condition_for(rec.expect)
-        if rec.expect is not None and (rec.expect.startswith("~")
-                                       or not self._enforced(rec.size, bool(copy))):
-            self._check(rec.key, rec.expect)
-        return self.store.put_file(rec.key, self._upload(sf, rec, copy), condition=cond,
-                                   attrs=Attrs(rec.mtime, rec.mode, rec.token or None,
-                                               rec.uid, rec.gid, rec.rdev))
+    async def _put(self, sf: StagedFile, rec: Record, copy: tuple[tuple[int, int], ...]
+                   ) -> ObjectInfo:
+        """Check (where the store may ignore conditions), then upload."""
+        check = None
+        if rec.expect is not None:
+            if rec.expect.startswith("~"):
+                check = rec.expect
+            elif not self.store.enforces_conditions:
+                if copy or rec.size > self.single_put_max or self._probed is None:
+                    enforced = await threads.run_sync(self._enforced, rec.size, bool(copy))
+                else:
+                    enforced = self._probed
+                if not enforced:
+                    check = rec.expect
+        return await self._send(sf, rec, copy, rec.key, condition_for(rec.expect),
+                                Attrs(rec.mtime, rec.mode, rec.token or None, rec.uid,
+                                      rec.gid, rec.rdev), check)
+
+    async def _send(self, sf: StagedFile, rec: Record, copy: tuple[tuple[int, int], ...],
+                    key: str, cond: Condition, attrs: Attrs, check: str | None
+                    ) -> ObjectInfo:
+        """Put ``sf``'s data (``rec``) at ``key``: in a worker process when one is ready and
+        nothing is copied from the base, else in a thread here."""
+        if self.pool is not None and not copy and self.pool.usable:
+            began: list[str] = []
+
+            def started(upload_id: str) -> None:
+                began.append(upload_id)
+                self.staging.journal.save(dataclasses.replace(rec, multipart=upload_id))
+
+            try:
+                info = await self.pool.put(P.Put(key, sf.path, rec.size, cond, attrs, check),
+                                           started)
+            except PoolUnavailable:
+                pass
+            except WorkerDied:
+                if began:  # it died with a multipart upload open: billed until aborted
+                    with trio.CancelScope(shield=True):
+                        await self._abort_orphan(key, began[-1], "a worker process that died")
+                raise
+            else:
+                self.in_workers += 1
+                return info
+
+        def here() -> ObjectInfo:
+            if check is not None:
+                check_version(self.store, key, check)
+            return self.store.put_file(key, self._upload(sf, rec, copy), condition=cond,
+                                       attrs=attrs)
+
+        return await threads.run_sync(here)
 
     def _upload(self, sf: StagedFile, rec: Record, copy: tuple[tuple[int, int], ...]
                 ) -> Upload:
@@ -354,15 +407,6 @@ class Uploads:
             with contextlib.suppress(OSError):
                 os.unlink(other)
 
-    def _check(self, key: str, expect: str) -> None:
-        """The HEAD check for stores that may ignore conditional headers."""
-        try:
-            now = self.store.head(key).version
-        except NotFound:
-            now = ""
-        if now != expect:
-            raise Conflict(f"{key}: changed in the store since this mount saw it")
-
     def _failed(self, sf: StagedFile, gen: int, exc: BaseException) -> float:
         refused = isinstance(exc, AccessDenied | NotFound)
         sf.rec.state = "failed"
@@ -403,11 +447,9 @@ class Uploads:
         log.warning("%s changed in the store since this mount read it: this mount's version "
                     "goes to %s", rec.key, target)
         try:
-            info = await threads.run_sync(
-                lambda: self.store.put_file(
-                    target, self._upload(sf, rec, copy),
-                    condition=Condition(absent=True),
-                    attrs=Attrs(rec.mtime, rec.mode, None, rec.uid, rec.gid, rec.rdev)))
+            info = await self._send(sf, rec, copy, target, Condition(absent=True),
+                                    Attrs(rec.mtime, rec.mode, None, rec.uid, rec.gid,
+                                          rec.rdev), None)
         except Exception as exc2:  # noqa: BLE001 - kept and retried
             return self._failed(sf, sf.gen, exc2)
         self.failed.discard(sf)

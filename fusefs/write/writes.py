@@ -84,7 +84,8 @@ class Writes:
                                on_uploaded=self._uploaded, on_conflict=self._conflicted,
                                on_idle=self.maybe_retire,
                                read_base=self._read_base,
-                               single_put_max=settings.upload_part_size)
+                               single_put_max=settings.upload_part_size,
+                               pool=fs.reader.pool)
         #: deletes decided and not done yet (their names are hidden)
         self.deletes = PendingDeletes(
             store, save=lambda k, v: staging.journal.save_delete(k, v),

@@ -136,7 +136,7 @@ GROUP_ORDER = ["medium", "big", "big_latency", "random", "small", "cores", "pref
 #: The rows the scaling model (benchlib.scaling) is reported for.
 MODEL_ROWS = ("small_cold_cores", "loader_cold", "loader_hinted", "loader_epoch2",
               "loader_epoch2_forever", "loader_small_cache", "loader_torch_hinted",
-              "loader_torch_epoch2")  # fmt: skip
+              "loader_torch_epoch2", "tar_x")  # fmt: skip
 GROUPS_NEEDED = {"rss": ["medium", "big"]}
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import scaling
 from .harness import Bench, ProxyProcess, observe, write_random_file
 from .model import READERS, GiB, KiB, Measure, MiB
 from .peers import Mounted, RcloneMount, System
@@ -345,6 +346,9 @@ def write_tar(b: Bench, system: System, e: WriteEnv) -> Measure:
         check_bucket(e, bucket, want, "tar x")
         notes.update(how, files=len(want), uploads=_delta(before, upload_counters(m)),
                      requests_per_file=round(notes["requests"]["all"] / len(want), 2))
+        # the FUSE process's CPU per file, and the worker processes' (uploads go through
+        # them, issue 19)
+        notes["model"] = scaling.model(notes, len(want))
     return Measure(len(want) / secs, notes)
 
 
@@ -485,6 +489,8 @@ def evidence(n: dict[str, Any]) -> list[str]:
                     f"then {n['then_s']:.2f} s")  # fmt: skip
     if "daemon_cpu_s" in n:
         bits.append(f"daemon CPU {n['daemon_cpu_s']:.2f}s in {n['wall_s']:.2f}s")
+    if n.get("model"):
+        bits.append(scaling.summary(n["model"]))
     if n.get("vm_hwm_mib"):
         bits.append(f"daemon VmHWM {n['vm_hwm_mib']} MiB")
     if "mb_s" in n:
