@@ -305,10 +305,16 @@ def test_uploads_go_through_the_workers_on_every_store(bucket: Bucket, mount) ->
         (m.path / k).write_bytes(v)
     r = sync(m)
     assert r.returncode == 0, r.stderr
+    _wait_until(lambda: m.stats()["staged_bytes"] == 0, "the files leave the staging area")
+    gets = bucket.object_gets()
     for k, v in files.items():
         assert bucket.get(k) == v
         drop_page_cache(m.path / k)
         assert (m.path / k).read_bytes() == v
+    # the worker put what it uploaded into the block cache under the keys the reader uses:
+    # reading the files back asks the store for nothing
+    if gets is not None:
+        assert bucket.object_gets() == gets
     st = m.stats()
     # every upload was sent by the worker, none by the FUSE process
     assert st["worker_uploads"] == st["uploads_done"] == len(files)

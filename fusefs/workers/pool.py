@@ -328,16 +328,17 @@ class FetchPool:
         return pending
 
     async def put(self, req: P.Put, started: Callable[[str], None] | None = None
-                  ) -> ObjectInfo:
-        """Upload in a worker, which reads ``req.path`` itself; the new object. ``started``
+                  ) -> tuple[ObjectInfo, bool]:
+        """Upload in a worker, which reads ``req.path`` itself; the new object, and whether
+        the worker put its bytes into the block cache (``req.seed``). ``started``
         is called (trio thread) with the id of a multipart upload once it exists: if the
         worker then dies, nobody aborts that upload but the caller. Raises the worker's error
         rebuilt; PoolUnavailable if the workers cannot run."""
         pending = await self._ask(req, started)
         if pending.status != P.PUT:
             raise PoolUnavailable()
-        info: ObjectInfo = pickle.loads(pending.payload)
-        return info
+        info, seeded = pickle.loads(pending.payload)
+        return info, bool(seeded)
 
     async def get_small(self, bkey: BlockKey, key: str, version: str,
                         size: int) -> tuple[ObjectInfo, tuple[int, int] | None]:

@@ -37,7 +37,8 @@ READY = 4
 #: The answer to a request for a small object whole with its metadata (``start`` -1): a
 #: pickle of (its ``ObjectInfo``, whether its bytes were stored in the cache as block 0).
 SMALL = 5
-#: The answer to a :class:`Put`: a pickle of the new object's ``ObjectInfo``.
+#: The answer to a :class:`Put`: a pickle of (the new object's ``ObjectInfo``, whether its
+#: bytes were put into the block cache).
 PUT = 6
 #: A :class:`Put` began a multipart upload (payload: its id, UTF-8) and waits for the answer
 #: (see above); its final reply follows.
@@ -73,6 +74,9 @@ class Put:
     condition: Any
     attrs: Any
     check: str | None = None
+    #: (source, block size): once the store holds it, put its bytes into the block cache as
+    #: the blocks of the new version (reading it back then makes no request); None: don't
+    seed: tuple[str, int] | None = None
 
 
 #: Pipe buffer asked for (``F_SETPIPE_SZ``; Linux allows unprivileged processes up to 1 MiB):

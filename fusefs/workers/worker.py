@@ -113,12 +113,30 @@ def serve(req_fd: int, rep_fd: int) -> None:
         if not box[1]:
             raise BackendError(f"the multipart upload {upload_id} could not be journaled")
 
-    def put(rid: int, req: P.Put) -> ObjectInfo:
+    def put(rid: int, req: P.Put) -> tuple[ObjectInfo, bool]:
         if req.check is not None:
             check_version(store, req.key, req.check)
-        return store.put_file(  # type: ignore[attr-defined, no-any-return]
+        info: ObjectInfo = store.put_file(  # type: ignore[attr-defined]
             req.key, Upload(req.path, req.size, started=lambda uid: started(rid, uid)),
             condition=req.condition, attrs=req.attrs)
+        return info, req.seed is not None and info.size == req.size and seed(req, info)
+
+    def seed(req: P.Put, info: ObjectInfo) -> bool:
+        """The bytes just sent (the file does not change while its upload reads it) into the
+        block cache as the blocks of ``info``; False if the cache took not all of them."""
+        assert req.seed is not None
+        source, size = req.seed
+        try:
+            with open(req.path, "rb") as f:
+                for idx in range((info.size + size - 1) // size):
+                    data = os.pread(f.fileno(), min(size, info.size - idx * size), idx * size)
+                    if not blocks.put(BlockKey(source, info.key, info.version, size, idx),
+                                      data):
+                        return False
+        except OSError as exc:  # a cache that cannot take them: they are fetched when read
+            log.warning("%r: not put into the block cache: %s", info.key, exc)
+            return False
+        return True
 
     def one(rid: int, req: P.Request | P.Put) -> None:
         payload: bytes

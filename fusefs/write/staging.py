@@ -125,6 +125,8 @@ class StagedFile:
         self.changed = trio.Event()  # set (and replaced) whenever the upload state changes
         self.queued = False  # an upload task owns this file
         self.retiring = False  # leaving the staging area (``Writes._retire``)
+        #: the version whose bytes the worker that uploaded it put into the block cache
+        self.seeded = ""
         self.unlinked = False
         self.failed_logged = False
         self.nudge = trio.Event()  # wakes a failed file's task (``sync`` retries it)

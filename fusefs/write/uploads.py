@@ -56,6 +56,10 @@ class UploadFailed(FusefsError):
     """The file's upload failed (its data is kept and retried): EIO for the caller."""
 
 
+#: Files at most this big are put into the block cache after their upload (reading them back
+#: then makes no request); bigger ones are fetched again when read.
+SEED_MAX = 256 * 1024 * 1024
+
 #: Longest key S3 and GCS accept, in UTF-8 bytes.
 MAX_KEY_BYTES = 1024
 
@@ -98,7 +102,10 @@ class Uploads:
         read_base: Callable[[ObjectInfo, int, int], Awaitable[bytes]] | None = None,
         single_put_max: int = 8 << 20,
         pool: FetchPool | None = None,
+        seed: tuple[str, int] | None = None,
     ) -> None:
+        """``seed``: (source, block size) of the block cache a worker puts what it uploaded
+        into (files up to ``SEED_MAX``), None: no cache."""
         self.store = store
         self.staging = staging
         self.limiter = trio.CapacityLimiter(parallel)
@@ -110,6 +117,7 @@ class Uploads:
         self._read_base = read_base
         #: the worker processes that send uploads, if any
         self.pool = pool
+        self._seed = seed
         self.in_workers = 0  # uploads a worker process sent
         self._token: trio.lowlevel.TrioToken | None = None
         #: largest upload the store sends as one PUT (the part size)
@@ -309,13 +317,15 @@ class Uploads:
                     check = rec.expect
         return await self._send(sf, rec, copy, rec.key, condition_for(rec.expect),
                                 Attrs(rec.mtime, rec.mode, rec.token or None, rec.uid,
-                                      rec.gid, rec.rdev), check)
+                                      rec.gid, rec.rdev), check,
+                                seed=0 < rec.size <= SEED_MAX)
 
     async def _send(self, sf: StagedFile, rec: Record, copy: tuple[tuple[int, int], ...],
-                    key: str, cond: Condition, attrs: Attrs, check: str | None
-                    ) -> ObjectInfo:
+                    key: str, cond: Condition, attrs: Attrs, check: str | None,
+                    seed: bool = False) -> ObjectInfo:
         """Put ``sf``'s data (``rec``) at ``key``: in a worker process when one is ready and
-        nothing is copied from the base, else in a thread here."""
+        nothing is copied from the base, else in a thread here. ``seed``: the worker puts the
+        bytes into the block cache too (``sf.seeded``), where there is one."""
         if self.pool is not None and not copy and self.pool.usable:
             began: list[str] = []
 
@@ -324,8 +334,9 @@ class Uploads:
                 self.staging.journal.save(dataclasses.replace(rec, multipart=upload_id))
 
             try:
-                info = await self.pool.put(P.Put(key, sf.path, rec.size, cond, attrs, check),
-                                           started)
+                info, seeded = await self.pool.put(
+                    P.Put(key, sf.path, rec.size, cond, attrs, check,
+                          self._seed if seed else None), started)
             except PoolUnavailable:
                 pass
             except WorkerDied:
@@ -335,6 +346,8 @@ class Uploads:
                 raise
             else:
                 self.in_workers += 1
+                if seeded:
+                    sf.seeded = info.version
                 return info
 
         def here() -> ObjectInfo:

@@ -55,13 +55,9 @@ from .attributes import Attributes
 from .deletes import PendingDeletes
 from .namespace import Namespace
 from .staging import StagedFile, Staging
-from .uploads import MAX_KEY_BYTES, WRITE_BACK_DELAY, Uploads
+from .uploads import MAX_KEY_BYTES, SEED_MAX, WRITE_BACK_DELAY, Uploads
 
 log = logging.getLogger(__name__)
-
-#: Files at most this big are put into the block cache after their upload (reading them back
-#: then makes no request); bigger ones are fetched again when read.
-SEED_MAX = 256 * 1024 * 1024
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
@@ -85,7 +81,9 @@ class Writes:
                                on_idle=self.maybe_retire,
                                read_base=self._read_base,
                                single_put_max=settings.upload_part_size,
-                               pool=fs.reader.pool)
+                               pool=fs.reader.pool,
+                               seed=((fs.reader.store.source_id, fs.reader.block_size)
+                                     if settings.cache_enabled else None))
         #: deletes decided and not done yet (their names are hidden)
         self.deletes = PendingDeletes(
             store, save=lambda k, v: staging.journal.save_delete(k, v),
@@ -614,7 +612,8 @@ class Writes:
         # its row goes at once: a crash from here on must not upload it again over a newer
         # change of the same name (the data file left behind is swept at the next mount)
         await threads.run_sync(self.staging.journal.remove, sf.rec.id)
-        if seed and sf.rec.base_key == sf.key and 0 < sf.size <= SEED_MAX and sf.hold():
+        if (seed and sf.rec.base_key == sf.key and 0 < sf.size <= SEED_MAX
+                and sf.seeded != sf.rec.base_version and sf.hold()):
             try:
                 await threads.run_sync(self._seed, sf)
             finally:
