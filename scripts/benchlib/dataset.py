@@ -18,6 +18,8 @@ import contextlib
 import multiprocessing
 import os
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -41,7 +43,7 @@ from .model import (
     MiB,
 )
 from .peers import Fusefs, System
-from .util import read_file, run_threads, timed
+from .util import log, read_file, run_threads, timed, unmount
 from .workloads import per_file, prime_big
 
 # --------------------------------------------------------------------------------- data
@@ -209,8 +211,59 @@ def baselines_loader(b: Bench) -> dict[str, Measure]:
         )
         check_size(got, n * size, "local loader epoch")
         local_epoch = Measure(n / secs, {"page_cache": "warm", "files": n})
+        floor = _floor_epoch(b, pool, n)
+        if floor:
+            local_epoch.notes["pyfuse3_floor_files_per_s"] = round(floor)
+            local_epoch.notes["pyfuse3_floor_ratio"] = round(floor * secs / n, 3)
         out["loader_epoch2"] = out["loader_epoch2_forever"] = local_epoch
     return out
+
+
+@contextlib.contextmanager
+def floor_mount(b: Bench) -> Iterator[Path]:
+    """The training folder served by ``floorfs.py`` (a trivial pyfuse3 filesystem), mounted at
+    ``ROOT/TRAIN_DIR``; yields ROOT; always unmounted."""
+    root = b.work / "mnt" / "pyfuse3-floor"
+    mp = root / TRAIN_DIR
+    mp.mkdir(parents=True, exist_ok=True)
+    src = b.data / DATASET_BUCKET / TRAIN_DIR
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("floorfs.py")),
+                             str(src), str(mp)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mp):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode()[-300:] if proc.stderr else ""
+                raise RuntimeError(f"floorfs did not mount: {err}")
+            time.sleep(0.05)
+        yield root
+    finally:
+        unmount(mp)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _floor_epoch(b: Bench, pool: Any, n: int) -> float | None:
+    """Files/s of the same reader on a trivial pyfuse3 filesystem, its pages cached (epoch 1
+    fills them, epoch 2 is timed): the ceiling of a cached epoch on stock pyfuse3 here, which
+    the cached rows are read against (None if it cannot mount)."""
+    keys = train_keys(b)
+    try:
+        with floor_mount(b) as root:
+            where = str(root)
+            run_epoch(pool, epoch_order(n, 1), lambda i: ("file", where, keys[i]))
+            got, secs = timed(
+                lambda: run_epoch(pool, epoch_order(n, 2), lambda i: ("file", where, keys[i]))
+            )
+    except (OSError, RuntimeError) as exc:
+        log(f"loader: no pyfuse3 floor ({exc})")
+        return None
+    check_size(got, n * b.sizes.small_size, "pyfuse3 floor epoch")
+    return n / secs
 
 
 LOADER_ROWS = ("loader_cold", "loader_hinted", "loader_epoch2", "loader_epoch2_forever",
