@@ -119,6 +119,7 @@ def _workers(d: dict[str, Any]) -> str:
         return "none (fetches run in the daemon)"
     return (f"{n} ({d.get('workers_ready', 0)} ready), {d.get('worker_fetches', 0)} fetched, "
             f"{d.get('worker_hits', 0)} found cached, {d.get('worker_uploads', 0)} uploaded, "
+            f"{d.get('worker_lists', 0)} listings, "
             f"{d.get('worker_restarts', 0)} restarts, "
             f"{d.get('worker_cpu_s', 0):.2f}s cpu")
 

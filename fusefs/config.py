@@ -234,8 +234,9 @@ class Settings:
         metadata=_meta(
             _non_negative_int,
             "FUSEFS_FETCH_WORKERS",
-            "worker processes that fetch, check and cache blocks (default: one per core beyond "
-            "the first); 0 fetches in the FUSE process",
+            "worker processes that fetch, check and cache blocks, send uploads and list "
+            "folders (default: one per core beyond the first); 0 does all of it in the FUSE "
+            "process",
         ),
     )
     stall_timeout: float = field(

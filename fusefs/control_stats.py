@@ -96,12 +96,14 @@ class ControlStats:
 
     def worker_stats(self) -> dict[str, Any]:
         """The worker processes (``--fetch-workers``): how many serve, their pids, the
-        blocks they fetched or found cached, the uploads they sent, restarts, requests sent
-        again after a worker died, and their CPU seconds (as of each one's last reply)."""
+        blocks they fetched or found cached, the uploads and listings they sent, restarts,
+        requests sent again after a worker died, and their CPU seconds (as of each one's
+        last reply)."""
         pool = self.reader.pool
         if pool is None:
             return {"fetch_workers": 0, "workers_ready": 0, "worker_pids": [],
-                    "worker_fetches": 0, "worker_uploads": 0, "worker_hits": 0,
+                    "worker_fetches": 0, "worker_uploads": 0, "worker_lists": 0,
+                    "worker_hits": 0,
                     "worker_restarts": 0, "worker_retries": 0, "worker_cpu_s": 0.0}
         return {
             "fetch_workers": 0 if pool.broken else pool.count,
@@ -109,6 +111,7 @@ class ControlStats:
             "worker_pids": pool.pids(),
             "worker_fetches": pool.fetches,
             "worker_uploads": pool.puts,
+            "worker_lists": pool.lists,
             "worker_hits": pool.hits,
             "worker_restarts": pool.restarts,
             "worker_retries": pool.retries,

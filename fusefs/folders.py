@@ -20,6 +20,7 @@ Concurrency: every method runs on the trio thread; store calls run in worker thr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from .config import LIST_AHEAD_PARALLEL, Settings
 from .errors import Conflict, FusefsError, NameTooLong, NotFound, StaleVersion, single_error
 from .kinds import may_be_special
 from .listing import PAGE, DirListing, Flight, Range, page_items, range_end
+from .workers.pool import FetchPool, PoolUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,8 @@ class Folders:
         self.meta_limiter = trio.CapacityLimiter(settings.metadata_workers)
         self._ahead_limiter = trio.CapacityLimiter(LIST_AHEAD_PARALLEL)
         self.lists = 0  # LISTs sent (for stats and tests)
+        #: the worker processes that send and parse listings, if any (set by the mount)
+        self.pool: FetchPool | None = None
         self._lists_after: bool = getattr(store, "lists_after", True)
         self.ttl = settings.metadata_ttl
         self.negative_ttl = min(settings.negative_ttl, settings.metadata_ttl)
@@ -216,8 +220,8 @@ class Folders:
             d.flights.append(flight)
         try:
             # speculative listings hold a slot of their own already (see _list_ahead)
-            r = await threads.run_sync(self._fetch_range, path, start, max_keys, sent,
-                                       limiter=None if ahead else self.meta_limiter)
+            r = await self._fetch(path, start, max_keys, sent,
+                                  None if ahead else self.meta_limiter)
         finally:
             if flight in d.flights:
                 d.flights.remove(flight)
@@ -232,16 +236,41 @@ class Folders:
         self.bound_listings(keep=path)
         return r
 
+    async def _fetch(self, path: str, start: str, max_keys: int | None, sent: float,
+                     limiter: trio.CapacityLimiter | None) -> Range:
+        """One LIST (all pages if ``max_keys`` is None) as a range: sent and parsed by a
+        worker process where there is one (the SDK's parsing of a page of 1,000 keys is
+        milliseconds of CPU), else in a thread here."""
+        pool = self.pool
+        if pool is not None and pool.usable:
+            try:
+                async with limiter if limiter is not None else contextlib.nullcontext():
+                    objects, prefixes, more = await pool.list(prefix_of(path), max_keys, start)
+            except PoolUnavailable:
+                pass
+            else:
+                return await threads.run_sync(self._range, path, start, sent, objects,
+                                              prefixes, more)
+        return await threads.run_sync(self._fetch_range, path, start, max_keys, sent,
+                                      limiter=limiter)
+
     def _fetch_range(self, path: str, start: str, max_keys: int | None, sent: float) -> Range:
         """Worker thread: one LIST (all pages if ``max_keys`` is None) as a range."""
-        prefix = prefix_of(path)
         objects: list[ObjectInfo] = []
         prefixes: list[str] = []
         more = False
-        for page in self.store.list(prefix, max_keys=max_keys, start_after=start):
-            objects.extend(map(self.attrs.apply, page.objects))
+        for page in self.store.list(prefix_of(path), max_keys=max_keys, start_after=start):
+            objects.extend(page.objects)
             prefixes.extend(page.prefixes)
             more = page.more
+        return self._range(path, start, sent, objects, prefixes, more)
+
+    def _range(self, path: str, start: str, sent: float, objects: list[ObjectInfo],
+               prefixes: list[str], more: bool) -> Range:
+        """Worker thread: a listing's answer as a range (names that are not valid file
+        names skipped, what this mount knows of objects' metadata applied)."""
+        prefix = prefix_of(path)
+        objects = list(map(self.attrs.apply, objects))
         keys: list[str] = []
         infos: list[ObjectInfo | None] = []
         skipped: list[str] = []

@@ -71,6 +71,7 @@ COUNTERS = {
     "cpu_loop_s": ("fuse_loop_cpu_seconds", "CPU seconds of the thread answering FUSE requests"),
     "worker_fetches": ("worker_fetches", "blocks fetch worker processes fetched from the store"),
     "worker_uploads": ("worker_uploads", "uploads worker processes sent to the store"),
+    "worker_lists": ("worker_lists", "listings worker processes sent and parsed"),
     "worker_restarts": ("worker_restarts", "fetch worker processes restarted after dying"),
     "worker_cpu_s": ("worker_cpu_seconds", "CPU seconds of the fetch worker processes"),
 }

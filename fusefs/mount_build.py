@@ -101,6 +101,7 @@ def build(
         pool=pool,
     )
     fs = FileSystem(store, reader, settings)
+    fs.folders.pool = pool
     writes = None
     if not settings.read_only:
         try:

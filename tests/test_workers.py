@@ -321,7 +321,7 @@ def test_uploads_go_through_the_workers_on_every_store(bucket: Bucket, mount) ->
     assert st["uploads_failed"] == 0 and st["worker_restarts"] == 0
 
 
-def _kill_the_worker_mid_upload(b: Bucket, m: MountProc, held) -> int:  # type: ignore[no-untyped-def]
+def _kill_the_worker_mid_request(b: Bucket, m: MountProc, held) -> int:  # type: ignore[no-untyped-def]
     """Wait until the proxy holds a request ``held(method, path)`` selects, then kill the
     worker sending it and let requests through again; the dead worker's pid."""
     proxy = b.proxy
@@ -350,7 +350,7 @@ def test_a_worker_killed_mid_upload_is_replaced_and_the_upload_lands_once(
     proxy.slow(held, 30)
     try:
         (m.path / "up.bin").write_bytes(data)
-        pid = _kill_the_worker_mid_upload(s3_bucket, m, held)
+        pid = _kill_the_worker_mid_request(s3_bucket, m, held)
     finally:
         proxy.slow(None, 0)
     r = sync(m)
@@ -387,7 +387,7 @@ def test_a_worker_killed_mid_multipart_upload_leaves_none_open(s3_bucket: Bucket
     proxy.slow(is_part, 30)
     try:
         (m.path / "big").write_bytes(data)
-        _kill_the_worker_mid_upload(s3_bucket, m, is_part)
+        _kill_the_worker_mid_request(s3_bucket, m, is_part)
     finally:
         proxy.slow(None, 0)
     r = sync(m)
@@ -434,3 +434,60 @@ def test_a_workers_multipart_upload_is_journaled_before_its_first_part(
     assert s3_bucket.get("big") == data
     assert _open_uploads(s3_bucket) == 0, "none left to bill"
     assert "aborted a multipart upload an earlier mount left" in m2.log_text()
+
+
+# --- listings ----------------------------------------------------------------------------------
+
+
+def test_listings_go_through_the_workers_on_every_store(bucket: Bucket, mount) -> None:
+    bucket.put("first", b"1")
+    names = [f"f{i:03d}" for i in range(30)]
+    for n in names:
+        bucket.put(f"sub/{n}", n.encode())
+    bucket.put("sub/deeper/x", b"x")
+    m = mount(bucket, "--fetch-workers", "1")
+    _start_workers(m, 1, "first")
+    before = m.stats()["worker_lists"]
+    assert sorted(os.listdir(m.path / "sub")) == sorted([*names, "deeper"])
+    assert (m.path / "sub" / "f007").read_bytes() == b"f007"
+    assert os.listdir(m.path / "sub" / "deeper") == ["x"]
+    st = m.stats()
+    assert st["worker_lists"] - before >= 2  # sub/ and sub/deeper/, by the worker
+    assert st["errors"] == 0 and st["worker_restarts"] == 0
+
+
+def test_a_worker_killed_mid_listing_is_restarted_and_the_listing_is_right(
+        s3_bucket: Bucket, mount) -> None:
+    proxy = s3_bucket.proxy
+    assert proxy is not None
+    s3_bucket.put("first", b"1")
+    names = [f"n{i:03d}" for i in range(40)]
+    for n in names:
+        s3_bucket.put(f"dir/{n}", b"")
+    name = s3_bucket.extra["name"]
+
+    def held(method: str, path: str) -> bool:
+        return method == "GET" and f"/{name}" in path and "prefix=dir" in path
+
+    m = mount(s3_bucket, "--fetch-workers", "1", "--stall-timeout", "60")
+    _start_workers(m, 1, "first")
+    proxy.slow(held, 30)
+    got: list[list[str] | BaseException] = []
+
+    def listing() -> None:
+        try:
+            got.append(sorted(os.listdir(m.path / "dir")))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            got.append(exc)
+
+    t = threading.Thread(target=listing)
+    t.start()
+    try:
+        _kill_the_worker_mid_request(s3_bucket, m, held)
+        t.join(60)
+    finally:
+        proxy.slow(None, 0)
+    assert got == [names]
+    st = m.stats()
+    assert st["worker_restarts"] == 1 and st["worker_retries"] >= 1
+    assert st["worker_lists"] >= 1 and st["errors"] == 0

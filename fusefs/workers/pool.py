@@ -64,7 +64,7 @@ class PoolUnavailable(Exception):
 
 @dataclass
 class _Pending:
-    req: P.Request | P.Put
+    req: P.Request | P.Put | P.List
     done: trio.Event = field(default_factory=trio.Event)
     tries: int = 0
     status: int = -1
@@ -112,6 +112,7 @@ class FetchPool:
         self.restarts = 0
         self.retries = 0
         self.puts = 0  # uploads a worker made
+        self.lists = 0  # listings a worker sent and parsed
         self._dead_cpu = 0.0  # CPU seconds of workers that ended
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -239,6 +240,8 @@ class FetchPool:
             self.hits += 1
         elif status == P.PUT:
             self.puts += 1
+        elif status == P.LISTED:
+            self.lists += 1
         pending.done.set()
 
     def _died(self, worker: _Worker) -> None:
@@ -288,7 +291,9 @@ class FetchPool:
         pending.tries += 1
         if pending.tries > MAX_TRIES:
             pending.status = P.FAILED
-            key = pending.req.key if isinstance(pending.req, P.Put) else pending.req[0]
+            req = pending.req
+            key = (req.key if isinstance(req, P.Put) else req.prefix if isinstance(req, P.List)
+                   else req[0])
             pending.payload = (f"BackendError\0{key}: the fetch worker died "
                                f"{MAX_TRIES} times fetching it").encode()
             pending.done.set()
@@ -304,7 +309,7 @@ class FetchPool:
             with contextlib.suppress(OSError):
                 worker.proc.kill()
 
-    async def _ask(self, req: P.Request | P.Put,
+    async def _ask(self, req: P.Request | P.Put | P.List,
                    on_started: Callable[[str], None] | None = None) -> _Pending:
         """Send ``req`` to a worker and wait for its answer (PoolUnavailable if the workers
         cannot run, or are starting: about half a second, for which no read waits)."""
@@ -326,6 +331,16 @@ class FetchPool:
             kind, _, message = pending.payload.decode("utf-8", "replace").partition("\0")
             raise error_from_kind(kind, message)
         return pending
+
+    async def list(self, prefix: str, max_keys: int | None, start_after: str
+                   ) -> tuple[list[ObjectInfo], list[str], bool]:
+        """One listing of ``prefix`` (every page) by a worker: (objects, prefixes, whether
+        it would go on). Raises as :meth:`fetch`."""
+        pending = await self._ask(P.List(prefix, max_keys, start_after))
+        if pending.status != P.LISTED:
+            raise PoolUnavailable()
+        objects, prefixes, more = pickle.loads(pending.payload)
+        return objects, prefixes, more
 
     async def put(self, req: P.Put, started: Callable[[str], None] | None = None
                   ) -> tuple[ObjectInfo, bool]:

@@ -1,12 +1,13 @@
 """Frames between the FUSE process and a worker process, over two pipes.
 
 Request (FUSE process -> worker): ``REQUEST`` header (request id, payload length), then a
-pickle of a :data:`Request` tuple (a block fetch) or a :class:`Put` (an upload). The first
+pickle of a :data:`Request` tuple (a block fetch), a :class:`Put` (an upload) or a
+:class:`List` (a folder's listing). The first
 frame a worker reads is its :class:`Init` instead.
 Reply (worker -> FUSE process): ``REPLY`` header (request id, status, the worker's CPU seconds
 so far, the cache's volume and item count as the worker last read them, damaged cached blocks
 the worker found so far, payload length), then the payload: the block's bytes (``STORED``,
-``HIT``, ``FETCHED``), a pickle (``SMALL``, ``PUT``), an upload id (``STARTED``) or
+``HIT``, ``FETCHED``), a pickle (``SMALL``, ``PUT``, ``LISTED``), an upload id (``STARTED``) or
 ``kind NUL message`` (``FAILED``; ``kind`` from :func:`fusefs.errors.error_kind`). Every
 request gets exactly one final reply; ``STARTED`` is the only one that may come before it, and
 the worker sends no part of that upload until the FUSE process answers it with a request
@@ -40,6 +41,8 @@ SMALL = 5
 #: The answer to a :class:`Put`: a pickle of (the new object's ``ObjectInfo``, whether its
 #: bytes were put into the block cache).
 PUT = 6
+#: The answer to a :class:`List`: a pickle of (objects, prefixes, more), every page joined.
+LISTED = 8
 #: A :class:`Put` began a multipart upload (payload: its id, UTF-8) and waits for the answer
 #: (see above); its final reply follows.
 STARTED = 7
@@ -77,6 +80,16 @@ class Put:
     #: (source, block size): once the store holds it, put its bytes into the block cache as
     #: the blocks of the new version (reading it back then makes no request); None: don't
     seed: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class List:
+    """One delimited listing of ``prefix`` (``ObjectStore.list``, every page): the SDK's
+    parsing of the answer (XML or JSON) is the worker's CPU, not the FUSE process's."""
+
+    prefix: str
+    max_keys: int | None
+    start_after: str
 
 
 #: Pipe buffer asked for (``F_SETPIPE_SZ``; Linux allows unprivileged processes up to 1 MiB):

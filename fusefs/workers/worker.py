@@ -138,8 +138,26 @@ def serve(req_fd: int, rep_fd: int) -> None:
             return False
         return True
 
-    def one(rid: int, req: P.Request | P.Put) -> None:
+    def listing(req: P.List) -> tuple[list[ObjectInfo], list[str], bool]:
+        objects: list[ObjectInfo] = []
+        prefixes: list[str] = []
+        more = False
+        for page in store.list(req.prefix, max_keys=req.max_keys, start_after=req.start_after):
+            objects.extend(page.objects)
+            prefixes.extend(page.prefixes)
+            more = page.more
+        return objects, prefixes, more
+
+    def one(rid: int, req: P.Request | P.Put | P.List) -> None:
         payload: bytes
+        if isinstance(req, P.List):
+            try:
+                status, payload = P.LISTED, pickle.dumps(listing(req), pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:  # noqa: BLE001 - every failure is answered, by kind
+                log.debug("listing of %s failed: %r", req.prefix, exc)
+                status, payload = P.FAILED, f"{error_kind(exc)}\0{exc}".encode("utf-8", "replace")
+            reply(rid, status, payload)
+            return
         if isinstance(req, P.Put):
             try:
                 status, payload = P.PUT, pickle.dumps(put(rid, req))
