@@ -84,6 +84,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="DIR",
                    help="sample the fusefs daemon with py-spy during each workload; write the "
                    "stacks and a summary to DIR (the figures are then perturbed)")  # fmt: skip
+    p.add_argument("--profile-gil", action="store_true",
+                   help="with --profile: sample only the thread holding the GIL (where the "
+                   "daemon's Python CPU goes, without threads that wait)")  # fmt: skip
     p.add_argument("--fusefs-src", metavar="DIR",
                    help="measure the fusefs package in this source tree (e.g. a `git archive` "
                    "of another commit) instead of the installed one")  # fmt: skip

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import scaling
-from .harness import Bench, check_size, observe, prime_local, prime_server
+from .harness import Bench, check_size, cpu_and_faults, observe, prime_local, prime_server
 from .model import (
     BIG_BUCKET,
     BIG_KEY,
@@ -213,16 +213,17 @@ def baselines_loader(b: Bench) -> dict[str, Measure]:
         local_epoch = Measure(n / secs, {"page_cache": "warm", "files": n})
         floor = _floor_epoch(b, pool, n)
         if floor:
-            local_epoch.notes["pyfuse3_floor_files_per_s"] = round(floor)
-            local_epoch.notes["pyfuse3_floor_ratio"] = round(floor * secs / n, 3)
+            local_epoch.notes["pyfuse3_floor_files_per_s"] = round(floor[0])
+            local_epoch.notes["pyfuse3_floor_ratio"] = round(floor[0] * secs / n, 3)
+            local_epoch.notes["pyfuse3_floor_cpu_ms_per_file"] = floor[1]
         out["loader_epoch2"] = out["loader_epoch2_forever"] = local_epoch
     return out
 
 
 @contextlib.contextmanager
-def floor_mount(b: Bench) -> Iterator[Path]:
+def floor_mount(b: Bench) -> Iterator[tuple[Path, int]]:
     """The training folder served by ``floorfs.py`` (a trivial pyfuse3 filesystem), mounted at
-    ``ROOT/TRAIN_DIR``; yields ROOT; always unmounted."""
+    ``ROOT/TRAIN_DIR``; yields (ROOT, its pid); always unmounted."""
     root = b.work / "mnt" / "pyfuse3-floor"
     mp = root / TRAIN_DIR
     mp.mkdir(parents=True, exist_ok=True)
@@ -237,7 +238,7 @@ def floor_mount(b: Bench) -> Iterator[Path]:
                 err = proc.stderr.read().decode()[-300:] if proc.stderr else ""
                 raise RuntimeError(f"floorfs did not mount: {err}")
             time.sleep(0.05)
-        yield root
+        yield root, proc.pid
     finally:
         unmount(mp)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -247,23 +248,27 @@ def floor_mount(b: Bench) -> Iterator[Path]:
             proc.wait()
 
 
-def _floor_epoch(b: Bench, pool: Any, n: int) -> float | None:
-    """Files/s of the same reader on a trivial pyfuse3 filesystem, its pages cached (epoch 1
-    fills them, epoch 2 is timed): the ceiling of a cached epoch on stock pyfuse3 here, which
-    the cached rows are read against (None if it cannot mount)."""
+def _floor_epoch(b: Bench, pool: Any, n: int) -> tuple[float, float | None] | None:
+    """(files/s, CPU ms per file of its process) of the same reader on a trivial pyfuse3
+    filesystem, its pages cached (epoch 1 fills them, epoch 2 is measured): the ceiling of a
+    cached epoch on stock pyfuse3 here, which the cached rows are read against (None if it
+    cannot mount)."""
     keys = train_keys(b)
     try:
-        with floor_mount(b) as root:
+        with floor_mount(b) as (root, pid):
             where = str(root)
             run_epoch(pool, epoch_order(n, 1), lambda i: ("file", where, keys[i]))
+            cpu0 = cpu_and_faults(pid)
             got, secs = timed(
                 lambda: run_epoch(pool, epoch_order(n, 2), lambda i: ("file", where, keys[i]))
             )
+            cpu1 = cpu_and_faults(pid)
     except (OSError, RuntimeError) as exc:
         log(f"loader: no pyfuse3 floor ({exc})")
         return None
     check_size(got, n * b.sizes.small_size, "pyfuse3 floor epoch")
-    return n / secs
+    cpu = None if cpu0 is None or cpu1 is None else round(1000 * (cpu1[0] - cpu0[0]) / n, 3)
+    return n / secs, cpu
 
 
 LOADER_ROWS = ("loader_cold", "loader_hinted", "loader_epoch2", "loader_epoch2_forever",

@@ -348,6 +348,8 @@ def profiled(b: Bench, m: Mounted, label: str | None) -> Iterator[None]:
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = ["py-spy", "record", "--pid", str(m.pid), "--rate", "200", "--format", "raw",
            "--nonblocking", "--output", str(out)]  # fmt: skip
+    if getattr(b.args, "profile_gil", False):
+        cmd.append("--gil")
     spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)  # attached
     try:

@@ -233,9 +233,11 @@ def model_checks(rows: dict[str, Row]) -> list[dict[str, Any]]:
     base = row.baseline if row else None
     floor = base.notes.get("pyfuse3_floor_files_per_s") if base and base.value else None
     if floor and base is not None and base.value:
+        cpu = base.notes.get("pyfuse3_floor_cpu_ms_per_file")
         out.append(check("a trivial pyfuse3 filesystem's cached epoch / page cache",
                          round(floor / base.value, 3), "info", None,
-                         f"{floor:,} files/s: stock pyfuse3's ceiling"))
+                         f"{floor:,} files/s, {cpu} ms of its process's CPU per file: "
+                         f"stock pyfuse3's ceiling"))
         v = round(m.value / floor, 3) if m is not None and m.value else None
         out.append(check("fusefs epoch 2, forever TTL / the trivial pyfuse3 filesystem", v,
                          "info", None, "how close fusefs comes to that ceiling"))
