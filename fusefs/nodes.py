@@ -15,6 +15,9 @@ from .reader import SeqState
 if TYPE_CHECKING:
     from .write.staging import StagedFile
 
+#: The root folder's inode.
+ROOT_INO = 1
+
 
 def capped_mode(mode: int, settings: Settings) -> int:
     """A file mode from the bucket (metadata, a local file's mode) as the mount shows it: the
