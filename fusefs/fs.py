@@ -59,7 +59,7 @@ from .nodes import (
 from .reader import Reader, SeqState
 
 if TYPE_CHECKING:
-    from .write.staging import StagedFile
+    from .write.staged import StagedFile
     from .write.writes import Writes
 
 log = logging.getLogger(__name__)

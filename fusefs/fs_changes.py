@@ -23,7 +23,7 @@ from .foldermeta import FolderMeta
 from .nodes import Handle, Node
 
 if TYPE_CHECKING:
-    from .write.staging import StagedFile
+    from .write.staged import StagedFile
 
 
 class MountChanges:

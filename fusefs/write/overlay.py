@@ -27,7 +27,8 @@ from ..backends.base import ObjectInfo
 from ..errors import FusefsError, NotFound
 from ..folders import join
 from .deletes import PendingDeletes
-from .staging import StagedFile, Staging
+from .staged import StagedFile
+from .staging import Staging
 
 if TYPE_CHECKING:
     from ..fs import FileSystem

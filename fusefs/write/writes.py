@@ -57,7 +57,8 @@ from .deletes import PendingDeletes
 from .namespace import Namespace
 from .overlay import Overlay
 from .retire import Retiring
-from .staging import StagedFile, Staging
+from .staged import StagedFile
+from .staging import Staging
 from .uploads import MAX_KEY_BYTES, WRITE_BACK_DELAY, Uploads
 
 log = logging.getLogger(__name__)
