@@ -37,8 +37,9 @@ from .cmdline import CommandLines
 from .config import Settings
 from .control_commands import ControlCommands
 from .errors import AccessDenied, FusefsError, InvalidArgument, first_error
-from .fs import CONTROL_INO, Attr, FileSystem
+from .fs import CONTROL_INO, FileSystem
 from .hints import HintStreams
+from .nodes import Attr
 from .prefetch import Prefetcher
 from .reader import Reader
 

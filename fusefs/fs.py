@@ -10,6 +10,11 @@ READDIRPLUS entries, is above zero) or a handle is open on it; ``forget`` frees 
 number may be given to another path later. Internal users (the control file) resolve paths to
 :class:`Entry` values, which are not nodes and hold nothing.
 
+Parts, mixed into :class:`FileSystem`: :mod:`fusefs.fs_resolve` (a name as the store shows it,
+reconciled with this mount's staged files and pending deletes), :mod:`fusefs.fs_settle` (the
+metadata listings lack, probed per file), :mod:`fusefs.fs_attrs` (what ``stat`` shows) and
+:mod:`fusefs.fs_changes` (what the write side tells the nodes and handles).
+
 Concurrency: every method runs on the trio thread; store calls run in worker threads, so other
 requests may interleave at each ``await``. Node fields are replaced whole, never half-updated.
 """
@@ -17,18 +22,14 @@ requests may interleave at each ``await``. Node fields are replaced whole, never
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import os
-import stat
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from . import stats as S
-from . import threads
 from .backends.base import ObjectInfo, ObjectStore
 from .config import Settings
 from .errors import (
@@ -42,47 +43,27 @@ from .errors import (
 )
 from .foldermeta import FolderMeta
 from .folders import Folders, check_length, join, valid_name
+from .fs_attrs import StatAttrs
+from .fs_changes import MountChanges
+from .fs_resolve import Resolving
+from .fs_settle import SettleQueue, Settling
 from .kinds import file_type, is_link
 from .nodes import (
-    Attr,
+    ROOT_INO,
     DirHandle,
     Entry,
     Handle,
     Node,
-    capped_dir_mode,
-    capped_mode,
     seen_type,
 )
 from .reader import Reader, SeqState
-from .workers.pool import PoolUnavailable
 
 if TYPE_CHECKING:
-    from .write.staging import StagedFile
+    from .write.staged import StagedFile
     from .write.writes import Writes
 
 log = logging.getLogger(__name__)
 
-#: Folders whose files :meth:`FileSystem.getattr` settles ahead of the program, at most,
-#: and their files kept for that over all of them (about 150 bytes each; a bigger folder's
-#: first ones only).
-SETTLE_FOLDERS = 16
-SETTLE_FILES = 100_000
-
-
-class _SettleQueue:
-    """A listed folder's files whose metadata is unknown, in listing order (see
-    :meth:`FileSystem._settle_next`)."""
-
-    __slots__ = ("infos", "index", "started", "last")
-
-    def __init__(self, infos: list[ObjectInfo]) -> None:
-        self.infos = infos
-        self.index = {info.key: i for i, info in enumerate(infos)}
-        self.started: set[int] = set()  # indices whose fetch was started ahead
-        self.last = -1  # index of the file whose attributes the kernel asked for last
-
-
-ROOT_INO = 1
 #: The control file's inode; never handed out to an object.
 CONTROL_INO = 2
 CONTROL_NAME = ".fusefs"
@@ -90,7 +71,7 @@ CONTROL_NAME = ".fusefs"
 MAX_KERNEL_TIMEOUT = 365 * 86400.0
 
 
-class FileSystem:
+class FileSystem(Settling, StatAttrs, Resolving, MountChanges):
     """A read-only view of an object store as a directory tree."""
 
     def __init__(
@@ -138,7 +119,7 @@ class FileSystem:
         self.hinting: Callable[[], bool] = lambda: False
         #: Files of recently read folders whose metadata is unknown (S3), in listing order:
         #: stats in that order learn the next few ahead of the program (``ls -l``)
-        self._to_settle: OrderedDict[str, _SettleQueue] = OrderedDict()
+        self._to_settle: OrderedDict[str, SettleQueue] = OrderedDict()
 
     def set_ttls(self, metadata_ttl: float, negative_ttl: float) -> None:
         self.folders.set_ttls(metadata_ttl, negative_ttl)
@@ -238,159 +219,9 @@ class FileSystem:
         except FusefsError:
             pass  # not serving
 
-    async def _fetch_small(self, info: ObjectInfo) -> ObjectInfo | None:
-        """A small object's metadata from a fetch worker's GET of it whole (the worker keeps
-        its bytes in the block cache: a read then makes no request); None where the workers
-        cannot run (the caller fetches it in a thread instead)."""
-        pool = self.reader.pool
-        if pool is None or not pool.usable:
-            return None
-        try:
-            got, stored = await pool.get_small(self.reader.block_key(info, 0), info.key,
-                                               info.version, info.size)
-        except PoolUnavailable:
-            return None
-        self.reader.stats.add(S.FETCHES)  # the fetch a read of it then saves
-        self.reader.stats.add(S.BYTES_FETCHED, info.size)
-        if stored is not None:
-            self.reader.blocks.stored_elsewhere(*stored)
-        return got
-
-    def _seed(self, info: ObjectInfo, data: bytes) -> None:
-        """Worker thread: a small object's whole bytes, fetched to learn its type, into the
-        block cache (a read then makes no request); counted as the reader's fetch it saves."""
-        self.reader.stats.add(S.FETCHES)
-        self.reader.stats.add(S.BYTES_FETCHED, len(data))
-        if 0 < info.size == len(data) <= self.reader.block_size:
-            self.reader.blocks.put(self.reader.block_key(info, 0), data)
-
-    def unsettled(self, node: Node) -> bool:
-        """Does ``node``'s stat wait for its metadata (S3: listings lack it; see
-        :meth:`Folders.settle`)? Until then the kernel may cache its attributes for no time
-        (:meth:`attr_timeout`), so that a ``stat`` asks (GETATTR) and gets them."""
-        if node.info is None or not self.folders.unsettled(node.info):
-            return False
-        return self.writes is None or self.writes.file_of(node) is None
-
     def attr_timeout(self, node: Node) -> float:
         """How long the kernel may cache ``node``'s attributes."""
         return 0.0 if self.unsettled(node) else self.kernel_timeout
-
-    async def _settle(self, node: Node) -> None:
-        """Learn ``node``'s metadata (one request, or a share of one in flight). A failure
-        leaves the defaults (asked again at the next stat), never an error for a ``stat``."""
-        info = node.info
-        assert info is not None
-        sent = self.clock()
-        try:
-            got = await self.folders.settle(info)
-        except FusefsError as exc:
-            log.info("could not read the metadata of %s: %s", info.key, exc)
-            return
-        if node.info is info and got is not info and got.version == info.version:
-            node.info = got  # same version, its metadata now known
-            node.confirmed = max(node.confirmed, sent)
-
-    def _settle_next(self, node: Node) -> None:
-        """The kernel asks for the attributes of a file of a folder listed lately: if it walks
-        the listing in order (``ls -l``, ``rsync``: a stat per file, one at a time), start
-        learning the metadata of the next files (up to the metadata workers' limit ahead of
-        it, each once), so that their stats find it done instead of making a round trip each
-        in a row. Stats out of order (a training loop's random opens) start nothing: only a
-        stat of the first file listed, or of the one listed right after the last one asked;
-        nor while a hint stream is open (its prefetch learns the metadata of what it fetches,
-        within the cache's bound, which fetches ahead here would not respect)."""
-        info = node.info
-        assert info is not None
-        q = self._to_settle.get(node.path.rpartition("/")[0])
-        i = q.index.get(info.key) if q is not None else None
-        if q is None or i is None:
-            return
-        last, q.last = q.last, i
-        if i != last + 1 or self.hinting():  # in order: the first listed, or the next one
-            return
-        window = self.settings.metadata_workers
-        for j in range(i + 1, min(i + 1 + window, len(q.infos))):
-            if j in q.started or not self.folders.unsettled(q.infos[j]):
-                continue
-            q.started.add(j)
-            try:
-                self.reader.start_soon(functools.partial(self._settle_ahead, q.infos[j]))
-            except FusefsError:
-                return  # not serving: no background work
-
-    async def _learn(self, info: ObjectInfo) -> bool:
-        """For the reader (:attr:`Reader.learn`): the first block of an object whose metadata
-        is unknown and which :meth:`Folders.settle` fetches whole (a GET that also brings the
-        metadata) is fetched that way, so a prefetch (hints) teaches the metadata and the
-        program's ``stat`` or ``open`` then asks nothing. False: fetch it as any block."""
-        if not self.folders.settles_whole(info):
-            return False
-        try:
-            await self.folders.settle(info)
-        except FusefsError as exc:
-            log.debug("reading %s with its metadata failed: %s", info.key, exc)
-            return False
-        return True
-
-    async def _settle_ahead(self, info: ObjectInfo) -> None:
-        try:
-            await self.folders.settle(info)
-        except Exception as exc:  # background: the file's own stat asks again
-            log.debug("reading the metadata of %s ahead failed: %s", info.key, exc)
-
-    def dir_mtime(self, path: str) -> float:
-        """A folder's mtime: set in memory by this mount (entries changed, utimensat), else
-        its marker's (metadata, else the marker's own time), else the mount time."""
-        mtime = self.folder_meta.times(path)[0]
-        if mtime is not None:
-            return mtime
-        st = self.folder_meta.state(path)
-        marker = st.marker if st is not None else None
-        if marker is not None:
-            return marker.meta_mtime if marker.meta_mtime is not None else marker.mtime
-        return self.mount_time_ns / 1e9
-
-    def attr_known(self, node: Node) -> bool:
-        """Are a node's attributes known (False: a folder whose marker was not read yet, whose
-        entry the kernel gets with the defaults and no attribute timeout)?"""
-        return not node.is_dir or node.ino == ROOT_INO or self.folder_meta.known(node.path)
-
-    def attr(self, node: Node) -> Attr:
-        ro = ~0o222 if self.settings.read_only else ~0
-        info: ObjectInfo | None = None
-        if node.is_dir:
-            st = self.folder_meta.state(node.path)
-            info = st.marker if st is not None else None
-            perm = (capped_dir_mode(info.mode, self.settings)
-                    if info is not None and info.mode is not None else self.settings.dir_mode)
-            mode = stat.S_IFDIR | (perm & ro)
-            # one link (as btrfs): find and du take it as "count unknown" (no leaf shortcut)
-            mtime_ns, size, nlink = int(self.dir_mtime(node.path) * 1e9), 0, 1
-        else:
-            info = node.info
-            assert info is not None
-            if self.writes is not None:
-                sf = self.writes.file_of(node)
-                if sf is not None:
-                    info = self.writes.info_of(sf)
-            info = self.folders.attrs.apply(info)  # learnt since the node's listing
-            # a mode kept in metadata (chmod, rsync -a) shows, unless --file-mode was given
-            perm = (self.settings.file_mode if info.mode is None or self._file_mode_forced
-                    else capped_mode(info.mode, self.settings))
-            kind = file_type(info)
-            mode = kind | (perm & ro if kind != stat.S_IFLNK else 0o777)  # as links show
-            mtime = info.meta_mtime if info.meta_mtime is not None else info.mtime
-            # a file that lost its name (unlinked while open) has no link left
-            nlink = 1 if self._by_path.get(node.path) is node else 0
-            mtime_ns, size = int(mtime * 1e9), info.size
-        uid = self.uid if info is None or info.uid is None else info.uid
-        gid = self.gid if info is None or info.gid is None else info.gid
-        _, ctime, atime = self.folder_meta.times(node.path)
-        return Attr(node.ino, mode, size, mtime_ns, (size + 511) // 512, 128 * 1024, nlink,
-                    uid, gid, info.rdev or 0 if info is not None and not node.is_dir else 0,
-                    int(ctime * 1e9) if ctime is not None else -1,
-                    int(atime * 1e9) if atime is not None else -1)
 
     def mark_stale(self, key: str) -> None:
         """The store said ``key`` changed: distrust what we know of it and of its folder."""
@@ -461,35 +292,6 @@ class FileSystem:
         known.lookups += 1  # no await between the node's making (or finding) and this
         return known
 
-    async def resolve(self, parent: str, name: str) -> tuple[bool, ObjectInfo | None, float]:
-        """(is_dir, info, seen) of ``name`` in folder ``parent`` as the store shows it, less
-        what this mount removed and has not deleted yet; NotFound if nothing is there.
-        A staged file of this mount whose upload is not :meth:`~Writes.unconfirmed` answers
-        for its name without a request (callers ask :meth:`~Writes.overlay` first)."""
-        path = join(parent, name)
-        sf = self.writes.unconfirmed(path) if self.writes is not None else None
-        if sf is not None:
-            assert self.writes is not None
-            try:
-                store: tuple[bool, ObjectInfo | None, float] | None = (
-                    await self.folders.resolve(parent, name))
-            except NotFound:
-                store = None
-            ours = self.writes.reconcile(sf, store)
-            if ours is not None:
-                return ours
-            # another writer's object (or none) took the name: the descriptors keep the
-            # file they opened, off the name (a new inode for what the store shows)
-            self.drop_path(path)
-            if store is None:
-                raise NotFound(f"{path}: no such file or directory")
-            found = store
-        else:
-            found = await self.folders.resolve(parent, name)
-        if self.writes is not None and self.writes.hides(path, found[0], found[1]):
-            raise NotFound(f"{path}: no such file or directory")
-        return found
-
     async def getattr(self, ino: int) -> Node:
         if ino == CONTROL_INO:
             raise InvalidArgument("control file attributes come from the control layer")
@@ -515,33 +317,6 @@ class FileSystem:
         if self.unsettled(node):
             await self._settle(node)
         return node
-
-    async def _revalidate(self, node: Node) -> None:
-        """Bring a node's metadata up to date through its folder's ranges (a LIST per range
-        block, shared by its neighbours), never a request per file."""
-        parent, _, name = node.path.rpartition("/")
-        try:
-            is_dir, info, seen = await self.resolve(parent, name)
-        except NotFound:
-            node.confirmed = -math.inf
-            raise
-        if self._by_path.get(node.path) is not node:
-            return  # it lost its name while this asked: it keeps what it was
-        if seen_type(node, is_dir, info) != file_type(node.info):
-            raise NotFound(f"{node.path}: replaced by a {'folder' if is_dir else 'file'}")
-        self._observe(node, info, seen)
-
-    async def refresh_file(self, node: Node) -> None:
-        """Re-read a file's metadata from the store (one HEAD)."""
-        sent = self.clock()
-        try:
-            info = await threads.run_sync(self.store.head, node.path,
-                                          limiter=self.folders.meta_limiter)
-            self.folders.attrs.remember(info)
-        except NotFound:
-            node.confirmed = -math.inf
-            raise
-        self._observe(node, info, sent)
 
     async def readlink(self, ino: int) -> bytes:
         """A link's target: its object's content (staged, or through the block cache)."""
@@ -582,25 +357,6 @@ class FileSystem:
             self.folders.list_ahead(h.node.path, [name for name, is_dir, _ in h.entries if is_dir])
         return len(h.entries)
 
-    def _queue_settles(self, path: str, entries: list[tuple[str, bool, ObjectInfo | None]]
-                       ) -> None:
-        """Keep the files of a folder snapshot whose metadata is unknown, for :meth:`_settle_next`
-        (the last SETTLE_FOLDERS folders)."""
-        if self.folders.settle_mode == "off":
-            return
-        todo: list[ObjectInfo] = []
-        for _, is_dir, info in entries:
-            if not is_dir and info is not None and self.folders.unsettled(info):
-                todo.append(info)
-                if len(todo) >= SETTLE_FILES:
-                    break
-        self._to_settle.pop(path, None)
-        if todo:
-            self._to_settle[path] = _SettleQueue(todo)
-            total = sum(len(q.infos) for q in self._to_settle.values())
-            while len(self._to_settle) > SETTLE_FOLDERS or total > SETTLE_FILES:
-                total -= len(self._to_settle.popitem(last=False)[1].infos)
-
     def dir_entry(self, fh: int, i: int) -> tuple[str, Node]:
         """Entry ``i`` of an open directory's snapshot and its node (the caller counts the
         kernel's reference, or calls :meth:`unused` if it could not hand the entry over)."""
@@ -624,25 +380,6 @@ class FileSystem:
         see :meth:`Folders.listing`."""
         return [Entry(join(path, name), is_dir, info)
                 for name, is_dir, info in (await self.folders.listing(path, typed=typed))[0]]
-
-    async def resolve_path(self, path: str) -> Entry:
-        """The file or folder at ``path`` (relative to the root) for internal users."""
-        if not path:
-            return Entry("", True)
-        parent, _, name = path.rpartition("/")
-        if not valid_name(name):  # the parents are checked as they are resolved below
-            raise NotFound(f"{path}: no such file or directory")
-        node = self._by_path.get(path)
-        if node is not None and self._fresh(node.confirmed, self.clock()):
-            return Entry(path, node.is_dir, node.info)
-        if parent:
-            up = await self.resolve_path(parent)
-            if not up.is_dir:
-                raise NotFound(f"{path}: no such file or directory")
-        is_dir, info, seen = await self.resolve(parent, name)
-        if node is not None and node.is_dir == is_dir:
-            self._observe(node, info, seen)
-        return Entry(path, is_dir, info)
 
     # --- files -----------------------------------------------------------------------------
 
@@ -724,87 +461,6 @@ class FileSystem:
         if node.lookups == 0 and not self._is_open(node):
             if self._nodes[node.ino] is node:
                 self._free(node)
-
-    # --- changes made by this mount (the write side) --------------------------------------
-
-    def is_open(self, node: Node) -> bool:
-        return self._is_open(node)
-
-    def reading(self, key: str, version: str) -> bool:
-        """Does an open handle read version ``version`` of object ``key`` from the store?"""
-        return any(h.staged is None and h.info.key == key and h.info.version == version
-                   for h in self._handles.values())
-
-    def staged_of(self, node: Node) -> StagedFile | None:
-        """The staged file an open handle of ``node`` holds, if any."""
-        for h in self._handles.values():
-            if h.node is node and h.staged is not None:
-                return h.staged
-        return None
-
-    def attach_handles(self, node: Node, staged: StagedFile) -> None:
-        """``node`` is staged now: its handles opened before read the staged file (the file's
-        bytes as changed by its writers, which is what POSIX readers see), and hold it."""
-        for h in self._handles.values():
-            if h.node is node and h.staged is None:
-                h.staged = staged
-                staged.handles += 1
-
-    def retarget_handles(self, old: ObjectInfo, new: ObjectInfo) -> None:
-        """Object ``old`` was copied to ``new`` (a rename): handles reading it read the copy."""
-        for h in self._handles.values():
-            if h.staged is None and h.info.key == old.key and h.info.version == old.version:
-                h.info = new
-
-    def file_node(self, path: str, info: ObjectInfo | None) -> Node:
-        """The node of a file at ``path`` (made if needed) with ``info``."""
-        if info is None:
-            info = ObjectInfo(path, 0, time.time(), "")
-        return self._node(path, False, info, self.clock())
-
-    def dir_node(self, path: str) -> Node:
-        return self._node(path, True, None, self.clock())
-
-    def observed(self, path: str, info: ObjectInfo, sent: float, *, same_bytes: bool) -> None:
-        """This mount made ``info`` the object at ``path``. ``same_bytes``: the kernel's
-        pages of the file are still right (our own upload, a metadata change)."""
-        node = self._by_path.get(path)
-        if node is None or node.is_dir:
-            return
-        if same_bytes:
-            if node.ino in self._kernel_version:
-                self._kernel_version[node.ino] = info.version
-                node.info = info  # no invalidation: the bytes did not change
-            # handles of this file read what it now holds, which is this version (an old
-            # handle reading the file this mount just wrote is no stale reader)
-            for h in self._handles.values():
-                if h.node is node and h.staged is None:
-                    h.info = info
-        self._observe(node, info, max(sent, node.confirmed))
-
-    def drop_path(self, path: str) -> None:
-        """``path`` is gone (unlink, rmdir): its node leaves the namespace (the kernel may
-        still hold it, and open handles keep it)."""
-        node = self._by_path.pop(path, None)
-        if node is not None:
-            node.confirmed = -math.inf
-        self.folder_meta.drop(path)
-
-    def move_path(self, old: str, new: str) -> None:
-        """``old`` (a file, or a folder and everything below it) is now ``new``."""
-        self.folder_meta.move(old, new)
-        for path in [p for p in self._by_path if p == old or p.startswith(old + "/")]:
-            node = self._by_path.pop(path)
-            moved = new + path[len(old):]
-            gone = self._by_path.pop(moved, None)
-            if gone is not None:
-                gone.confirmed = -math.inf
-            if node.info is not None:
-                node.info = dataclasses.replace(node.info, key=moved, token=None)
-                node._path = None
-            else:
-                node._path = moved
-            self._by_path[moved] = node
 
     @property
     def open_handles(self) -> int:

@@ -19,8 +19,9 @@ from .backends.attrs import SPECIAL_TYPES
 from .control import Control
 from .errors import IsADirectory, NameTooLong, NotPermitted, ReadOnly, to_errno
 from .folders import NAME_MAX
-from .fs import CONTROL_INO, CONTROL_NAME, ROOT_INO, Attr, FileSystem
+from .fs import CONTROL_INO, CONTROL_NAME, ROOT_INO, FileSystem
 from .kinds import LINK_MAX
+from .nodes import Attr
 from .write.writes import Writes
 
 log = logging.getLogger(__name__)

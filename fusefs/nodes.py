@@ -13,7 +13,10 @@ from .kinds import file_type
 from .reader import SeqState
 
 if TYPE_CHECKING:
-    from .write.staging import StagedFile
+    from .write.staged import StagedFile
+
+#: The root folder's inode.
+ROOT_INO = 1
 
 
 def capped_mode(mode: int, settings: Settings) -> int:

@@ -1443,7 +1443,7 @@ def test_local_put_file_without_hard_links_and_on_a_full_disk(
     a full disk is NoSpace (ENOSPC), and no temporary file is left either way."""
     import errno
 
-    from fusefs.backends import local
+    from fusefs.backends import local, local_write
     from fusefs.backends.base import Condition, Upload
     from fusefs.errors import NoSpace
 
@@ -1466,7 +1466,7 @@ def test_local_put_file_without_hard_links_and_on_a_full_disk(
     def full(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(local, "copy_range", full)
+    monkeypatch.setattr(local_write, "copy_range", full)
     with pytest.raises(NoSpace):
         store.put_file("a/g", upload)
     assert sorted(p.name for p in (root / "a").iterdir()) == ["f"]

@@ -9,7 +9,8 @@ import pytest
 from fusefs.backends.base import ObjectInfo
 from fusefs.errors import NoSpace
 from fusefs.write import ranges
-from fusefs.write.staging import StagedFile, Staging
+from fusefs.write.staged import StagedFile
+from fusefs.write.staging import Staging
 
 
 def test_ranges_add_merges_touching_and_overlapping():

@@ -45,7 +45,7 @@ from ..safety import clean_key
 from .uploads import WRITE_BACK_DELAY, condition_for
 
 if TYPE_CHECKING:
-    from .staging import StagedFile
+    from .staged import StagedFile
     from .writes import Writes
 
 log = logging.getLogger(__name__)

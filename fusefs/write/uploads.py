@@ -38,7 +38,8 @@ from ..folders import NAME_MAX
 from ..workers import protocol as P
 from ..workers.pool import FetchPool, PoolUnavailable, WorkerDied
 from .journal import Record
-from .staging import StagedFile, Staging
+from .staged import StagedFile
+from .staging import Staging
 
 log = logging.getLogger(__name__)
 

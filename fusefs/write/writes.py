@@ -3,8 +3,10 @@
 The namespace a program sees is the store's (through :class:`fusefs.fs.FileSystem` and its
 listed ranges) overlaid with this mount's own changes that the store does not show yet:
 staged files (shown with their local size and time, listed in their folder) and names with a
-pending delete (hidden; see :mod:`.deletes`: an open handle keeps reading its bytes). mkdir,
-rmdir, unlink and rename are in :mod:`.namespace`.
+pending delete (hidden; see :mod:`.deletes`: an open handle keeps reading its bytes); the
+overlay and its reconciliation with what the store lists are in :mod:`.overlay`, what follows
+an upload (leaving the staging area) in :mod:`.retire`. mkdir, rmdir, unlink and rename are in
+:mod:`.namespace`.
 
 Identity: a staged file is one file (the inode the kernel knows), its key only its current
 name. Handles hold the staged file (or the object version) they opened; a handle never reads
@@ -26,7 +28,6 @@ staged file wait while an upload reads it (``StagedFile.idle``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import stat
@@ -54,15 +55,18 @@ from ..reader import SeqState
 from .attributes import Attributes
 from .deletes import PendingDeletes
 from .namespace import Namespace
-from .staging import StagedFile, Staging
-from .uploads import MAX_KEY_BYTES, SEED_MAX, WRITE_BACK_DELAY, Uploads
+from .overlay import Overlay
+from .retire import Retiring
+from .staged import StagedFile
+from .staging import Staging
+from .uploads import MAX_KEY_BYTES, WRITE_BACK_DELAY, Uploads
 
 log = logging.getLogger(__name__)
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
-class Writes:
+class Writes(Overlay, Retiring):
     """The write side of one mount: staging, uploads, file changes (``namespace``: mkdir,
     rmdir, unlink, rename)."""
 
@@ -127,7 +131,7 @@ class Writes:
             return self.staging.files.get(node.path)
         return self.fs.staged_of(node)
 
-    # --- the overlay ---------------------------------------------------------------------
+    # --- staged files ----------------------------------------------------------------
 
     def staged(self, path: str) -> StagedFile | None:
         return self.staging.files.get(path)
@@ -160,160 +164,6 @@ class Writes:
             sf.handles -= 1
             self.maybe_retire(sf)
 
-    def maybe_retire(self, sf: StagedFile) -> None:
-        """Let an uploaded staged file nobody uses leave the staging area (in the background).
-
-        One that a descriptor still holds stays on its name, whatever another writer makes
-        of the object meanwhile: changes made through the name are changes of the file the
-        descriptor has open (the same inode)."""
-        if (sf.handles == 0 and not sf.needs_upload and not sf.queued and not sf.unlinked
-                and sf.rec.state not in ("failed", "conflict")):
-            with contextlib.suppress(FusefsError):  # not serving (unmount): it stays staged
-                self.fs.reader.start_soon(lambda: self._retire_logged(sf))
-
-    async def _retire_logged(self, sf: StagedFile) -> None:
-        """A background ``_retire``: a failure (a full disk) is logged, never the mount's end
-        (the file stays staged and leaves at the next chance)."""
-        try:
-            await self._retire(sf, seed=True)
-        except Exception as exc:  # noqa: BLE001 - background: nobody to answer
-            log.warning("%r: could not leave the staging area yet: %s", sf.key, exc)
-
-    def info_of(self, sf: StagedFile) -> ObjectInfo:
-        """What a staged file looks like to ``stat``."""
-        rec = sf.rec
-        return ObjectInfo(rec.key, rec.size, rec.mtime, rec.base_version if
-                          rec.base_key == rec.key else "", rec.mtime, rec.mode, None,
-                          rec.uid, rec.gid, rec.rdev)
-
-    def merge(self, dir_path: str,
-              entries: list[tuple[str, bool, ObjectInfo | None]], listed: float
-              ) -> list[tuple[str, bool, ObjectInfo | None]]:
-        """A folder listing (made at ``listed``) with this mount's staged files added and
-        hidden names removed (and :meth:`reconcile` done for unconfirmed staged files)."""
-        extra: dict[str, tuple[str, bool, ObjectInfo | None]] = {}
-        if self.staging.files.has_under(dir_path):
-            files, subs = self.staging.files.in_folder(dir_path)
-            for sub in subs:
-                extra[sub] = (sub, True, None)
-            listing: dict[str, tuple[str, bool, ObjectInfo | None]] | None = None
-            for sf in files:
-                name = sf.key.rpartition("/")[2]
-                if self._unconfirmed(sf) and listed >= (sf.confirmed or 0.0):
-                    if listing is None:
-                        listing = {e[0]: e for e in entries}
-                    e = listing.get(name)
-                    if self.reconcile(sf, None if e is None else (e[1], e[2], listed)) is None:
-                        self.fs.drop_path(sf.key)
-                        continue
-                extra[name] = (name, False, self.info_of(sf))
-        if not extra and not self.deletes.entries:
-            return entries
-        out = []
-        for e in entries:
-            name = e[0]
-            if self.hides(join(dir_path, name), e[1], e[2]):
-                continue
-            if name in extra:
-                if e[1] and extra[name][1]:
-                    del extra[name]
-                    out.append(e)
-                continue
-            out.append(e)
-        out.extend(extra.values())
-        out.sort(key=lambda e: e[0])
-        return out
-
-    def overlay(self, path: str) -> tuple[bool, ObjectInfo | None] | None:
-        """What this mount's own changes say ``path`` is: (is_dir, info), or None (ask the
-        store, then :meth:`hides`; and :meth:`reconcile` for an :meth:`unconfirmed` file)."""
-        sf = self.staging.files.get(path)
-        if sf is not None:
-            if self._unconfirmed(sf):
-                return None
-            return False, self.info_of(sf)
-        if self.staging.files.has_under(path):
-            return True, None
-        return None
-
-    async def _deleted_late(self, key: str) -> None:
-        """A delete that waited (a reader, an upload copying from it) is done: listings made
-        meanwhile may show its folders, which are listed again when next asked for; a folder
-        this mount removed or renamed away with nothing of it left to delete goes from the
-        store too (a store that keeps emptied folders as directories: SeaweedFS, local)."""
-        self.fs.folders.mark_stale_above(key)
-        for folder in sorted((g for g in self.gone_folders if key.startswith(g + "/")),
-                             key=len, reverse=True):
-            if self.deletes.pending_under(folder + "/"):
-                continue
-            self.gone_folders.discard(folder)
-            try:
-                await self.delete_object(folder + "/")
-            except FusefsError as exc:  # an S3 store has no such object: nothing to do
-                log.debug("%r: %s", folder + "/", exc)
-
-    def _clean(self, sf: StagedFile) -> bool:
-        """Nothing of ``sf`` waits for the store, nothing writes or works on it: the store's
-        object under its name is its upload (as long as no other writer changed it)."""
-        return (sf.confirmed is not None and sf.writers == 0 and not sf.needs_upload
-                and not sf.changing and not sf.queued and sf.busy is None and not sf.pins
-                and not sf.retiring and sf.rec.state not in ("failed", "conflict")
-                and sf.rec.base_key == sf.key and sf.rec.base_limit == sf.size
-                and self.staging.files.get(sf.key) is sf)
-
-    def _unconfirmed(self, sf: StagedFile) -> bool:
-        """A clean staged file a descriptor still holds, its upload last seen in the store
-        longer than the metadata TTL ago: the name is asked of the store again, as any file's."""
-        assert sf.confirmed is not None or not self._clean(sf)
-        return self._clean(sf) and not self.fs.folders.fresh(sf.confirmed or 0.0,
-                                                             self.fs.clock())
-
-    def unconfirmed(self, path: str) -> StagedFile | None:
-        sf = self.staging.files.get(path)
-        return sf if sf is not None and self._unconfirmed(sf) else None
-
-    def reconcile(self, sf: StagedFile, found: tuple[bool, ObjectInfo | None, float] | None
-                  ) -> tuple[bool, ObjectInfo | None, float] | None:
-        """What the store showed (``found``, None: nothing) for an :meth:`unconfirmed` file's
-        name. Its own upload still there: the staged file stays the name (returned as seen).
-        Another writer's object, or none: the staged file leaves the name (the descriptors
-        keep reading it; changes through the name now reach the other's object); None."""
-        if self.staging.files.get(sf.key) is not sf or not self._clean(sf):
-            return False, self.info_of(sf), self.fs.clock()  # changed here meanwhile: ours
-        assert sf.confirmed is not None
-        if found is not None and not found[0] and found[1] is not None and (
-                found[1].version == sf.rec.base_version):
-            sf.confirmed = max(sf.confirmed, found[2])
-            return False, self.info_of(sf), found[2]
-        if found is not None and found[2] < sf.confirmed:
-            return False, self.info_of(sf), self.fs.clock()  # an older observation than ours
-        # off its name for good, as if unlinked: its descriptors read it, nothing of it goes
-        # to the store again, and its row goes (a crash must not upload it over theirs)
-        self.staging.detach(sf)
-        sf.unlinked = True
-        with contextlib.suppress(FusefsError):
-            self.fs.reader.start_soon(
-                lambda: threads.run_sync(self.staging.journal.remove, sf.rec.id))
-        return None
-
-    def hides(self, path: str, is_dir: bool, info: ObjectInfo | None) -> bool:
-        """Is what the store shows at ``path`` the object this mount removed (a delete of it
-        is pending: it waits for a reader, or failed and is retried)? Another writer's newer
-        object there shows (the pending delete is conditional: it keeps theirs). A folder is
-        hidden only while it is one this mount removed or renamed away (``gone_folders``) and
-        deletes of objects in it still wait."""
-        if is_dir:
-            if path not in self.gone_folders:
-                return False
-            if self.deletes.pending_under(path + "/"):
-                return True
-            self.gone_folders.discard(path)
-            return False
-        version = self.deletes.entries.get(path)
-        if version is None or info is None:
-            return False
-        return version.startswith("~") or info.version == version
-
     # --- checks ----------------------------------------------------------------------------
 
     def check_writable(self) -> None:
@@ -333,18 +183,6 @@ class Writes:
 
     def _full_key(self, path: str) -> str:
         return getattr(self.store, "prefix", "") + path
-
-    async def exists(self, path: str) -> tuple[bool, ObjectInfo | None] | None:
-        """(is_dir, info) of ``path``, or None if nothing is there."""
-        parent, _, name = path.rpartition("/")
-        ov = self.overlay(path)
-        if ov is not None:
-            return ov
-        try:
-            is_dir, info, _ = await self.fs.resolve(parent, name)
-        except NotFound:
-            return None
-        return is_dir, info
 
     # --- files -----------------------------------------------------------------------------
 
@@ -567,80 +405,7 @@ class Writes:
             await self.uploads.sync(sf)
             self.uploads.queue(sf, delay=WRITE_BACK_DELAY)
 
-    # --- after an upload -----------------------------------------------------------------
-
-    def _uploaded(self, sf: StagedFile, info: ObjectInfo, gen: int) -> None:
-        if info.meta_mtime is None:  # what was sent, if the answer did not say
-            info = dataclasses.replace(info, meta_mtime=sf.rec.mtime, mode=sf.rec.mode,
-                                       uid=sf.rec.uid, gid=sf.rec.gid, rdev=sf.rec.rdev)
-        self.fs.folders.attrs.remember(info)
-        self.deletes.kick()  # a delete may have waited for this file's base
-        if sf.unlinked:
-            return
-        now = self.fs.clock()
-        self.fs.observed(info.key, info, now, same_bytes=True)
-        self.fs.folders.note(info.key, info)
-        if info.key == sf.key and gen == sf.gen:
-            sf.confirmed = now
-        self.maybe_retire(sf)
-
-    def _conflicted(self, sf: StagedFile, target: str, info: ObjectInfo | None) -> None:
-        if info is not None:
-            self.fs.folders.note(target, info)
-        self.fs.mark_stale(sf.key)
-        sf.conflict_gen = sf.gen
-        sf.uploaded_gen = sf.gen
-        if self.staging.files.get(sf.key) is sf:
-            self.staging.detach(sf)
-        # in the store under the conflict name: its row goes now (a crash must not send it
-        # again), its data once nothing reads it
-        remove = self.staging.remove if sf.handles == 0 else self.staging.journal.remove
-        arg = sf if sf.handles == 0 else sf.rec.id
-        with contextlib.suppress(FusefsError):
-            self.fs.reader.start_soon(lambda: threads.run_sync(remove, arg))
-
-    async def _retire(self, sf: StagedFile, seed: bool = False) -> None:
-        """A staged file the store holds and nobody has open leaves the staging area (its
-        bytes put into the block cache first: reading it back makes no request)."""
-        if sf.handles or sf.needs_upload or sf.queued or sf.retiring:
-            return
-        sf.retiring = True  # once: a release and an upload's end may both ask
-        # Off its name first, here on the trio thread: an open(), truncate or chmod from now on
-        # finds the store's object, never this file whose descriptor the worker closes below
-        # (nor its bytes while they are copied into the block cache).
-        self.staging.detach(sf)
-        # its row goes at once: a crash from here on must not upload it again over a newer
-        # change of the same name (the data file left behind is swept at the next mount)
-        await threads.run_sync(self.staging.journal.remove, sf.rec.id)
-        if (seed and sf.rec.base_key == sf.key and 0 < sf.size <= SEED_MAX
-                and sf.seeded != sf.rec.base_version and sf.hold()):
-            try:
-                await threads.run_sync(self._seed, sf)
-            finally:
-                sf.unhold()
-        await threads.run_sync(self.staging.remove, sf)
-
-    def _seed(self, sf: StagedFile) -> None:
-        """Worker thread (``sf`` held): its bytes into the block cache."""
-        try:
-            self._seed_blocks(sf)
-        except OSError as exc:  # a cache that cannot take them: they are fetched when read
-            log.warning("%r: not put into the block cache: %s", sf.key, exc)
-
-    def _seed_blocks(self, sf: StagedFile) -> None:
-        reader = self.fs.reader
-        info = sf.base_info()
-        if sf.rec.base_limit != sf.size:
-            return
-        for idx in range(reader.block_count(info.size)):
-            start = idx * reader.block_size
-            end = start + reader.block_bytes(info, idx)
-            if sf.segments(start, end - start) != [(True, start, end)]:
-                continue  # part of it was never local (copied server-side)
-            data = os.pread(sf.fd, end - start, start)
-            if len(data) != end - start:
-                return
-            reader.blocks.put(reader.block_key(info, idx), data)
+    # --- store calls -----------------------------------------------------------------
 
     async def marker_metadata_dropped(self, key: str) -> bool:
         """Does the store keep no metadata on folder markers (``key``: one just written with
