@@ -42,7 +42,8 @@ from ..errors import (
 )
 from ..folders import join
 from ..safety import clean_key
-from .uploads import WRITE_BACK_DELAY, condition_for
+from .conditions import condition_for
+from .uploads import WRITE_BACK_DELAY
 
 if TYPE_CHECKING:
     from .staged import StagedFile

@@ -19,13 +19,10 @@ process's block cache, so it runs here, as does every upload while no worker is 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import os
-import threading
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -34,9 +31,9 @@ import trio
 from .. import threads
 from ..backends.base import Attrs, Condition, ObjectInfo, ObjectStore, Upload, check_version
 from ..errors import AccessDenied, Conflict, FusefsError, NotFound, StaleVersion
-from ..folders import NAME_MAX
 from ..workers import protocol as P
 from ..workers.pool import FetchPool, PoolUnavailable, WorkerDied
+from .conditions import MAX_KEY_BYTES, ConditionProbe, condition_for, conflict_key
 from .journal import Record
 from .staged import StagedFile
 from .staging import Staging
@@ -60,33 +57,6 @@ class UploadFailed(FusefsError):
 #: Files at most this big are put into the block cache after their upload (reading them back
 #: then makes no request); bigger ones are fetched again when read.
 SEED_MAX = 256 * 1024 * 1024
-
-#: Longest key S3 and GCS accept, in UTF-8 bytes.
-MAX_KEY_BYTES = 1024
-
-
-def conflict_key(key: str, when: float | None = None, limit: int = MAX_KEY_BYTES) -> str:
-    """Where this mount's version of ``key`` goes when another writer changed ``key``: the
-    name with a time stamp, its last segment shortened if the key would pass ``limit``
-    bytes (or a component NAME_MAX)."""
-    suffix = ".conflict-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
-    folder, sep, name = key.rpartition("/")
-    room = min(NAME_MAX, limit - len(os.fsencode(folder + sep))) - len(suffix)
-    raw = os.fsencode(name)
-    if len(raw) > room:
-        name = raw[:max(1, room)].decode("utf-8", "ignore")
-    return f"{folder}{sep}{name}{suffix}"
-
-
-def condition_for(expect: str | None) -> Condition:
-    """The store condition for an expected version: "" absent, a version (not a weak "~"
-    one, which is no ETag), or None for none."""
-    if expect == "":
-        return Condition(absent=True)
-    if expect and not expect.startswith("~"):
-        return Condition(version=expect)
-    return Condition()
-
 
 class Uploads:
     """Uploads staged files; counts what it did (the ``uploads_*`` stats)."""
@@ -123,8 +93,7 @@ class Uploads:
         self._token: trio.lowlevel.TrioToken | None = None
         #: largest upload the store sends as one PUT (the part size)
         self.single_put_max = single_put_max
-        self._probed: bool | None = None
-        self._probe_lock = threading.Lock()
+        self.conditions = ConditionProbe(store, staging.dir, single_put_max)
         self._nursery: trio.Nursery | None = None
         self.done = 0
         self.bytes = 0
@@ -309,11 +278,11 @@ class Uploads:
         if rec.expect is not None:
             if rec.expect.startswith("~"):
                 check = rec.expect
-            elif not self.store.enforces_conditions:
-                if copy or rec.size > self.single_put_max or self._probed is None:
-                    enforced = await threads.run_sync(self._enforced, rec.size, bool(copy))
-                else:
-                    enforced = self._probed
+            else:
+                enforced = self.conditions.known(rec.size, bool(copy))
+                if enforced is None:  # probes the store once
+                    enforced = await threads.run_sync(self.conditions.enforced, rec.size,
+                                                      bool(copy))
                 if not enforced:
                     check = rec.expect
         return await self._send(sf, rec, copy, rec.key, condition_for(rec.expect),
@@ -378,48 +347,6 @@ class Uploads:
 
         return Upload(sf.path, rec.size, copy, rec.base_key, rec.base_version, read_base,
                       started)
-
-    def _enforced(self, size: int, copies: bool) -> bool:
-        """Does the store itself enforce the condition of this upload? Stores that say so
-        do; an S3-compatible server is probed once (below) for single PUTs, the only kind
-        every server that honours conditions honours (moto ignores them on multipart
-        completion and copies), so multipart uploads and copies are HEAD-checked there."""
-        if self.store.enforces_conditions:
-            return True
-        if copies or size > self.single_put_max:
-            return False
-        with self._probe_lock:
-            if self._probed is None:
-                self._probed = self._probe_conditions()
-        return self._probed
-
-    def _probe_conditions(self) -> bool:
-        """Worker thread: put a probe object twice, both times only if absent: a server that
-        refuses the second put (412) enforces conditions. The probe is deleted."""
-        key = f".fusefs-probe-{uuid.uuid4().hex}"
-        # the second put sends other bytes: a store that retries a refused put checks whether
-        # the object already is what it sent (a lost answer), which must not be the case here
-        other = os.path.join(self.staging.dir, key)
-        try:
-            with open(other, "wb") as f:
-                f.write(b"2")
-            self.store.put_file(key, Upload(os.devnull, 0), condition=Condition(absent=True))
-            try:
-                self.store.put_file(key, Upload(other, 1), condition=Condition(absent=True))
-            except Conflict:
-                log.info("the store enforces conditional writes: no HEAD before uploads")
-                return True
-            log.info("the store ignores conditional writes: each upload is checked with a "
-                     "HEAD first")
-            return False
-        except Exception as exc:  # noqa: BLE001 - then check with HEADs, as before
-            log.info("could not probe conditional writes (%s): HEAD before each upload", exc)
-            return False
-        finally:
-            with contextlib.suppress(Exception):
-                self.store.delete(key)
-            with contextlib.suppress(OSError):
-                os.unlink(other)
 
     def _failed(self, sf: StagedFile, gen: int, exc: BaseException) -> float:
         refused = isinstance(exc, AccessDenied | NotFound)

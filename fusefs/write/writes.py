@@ -53,13 +53,14 @@ from ..errors import (
 from ..folders import check_length, join, valid_name
 from ..reader import SeqState
 from .attributes import Attributes
+from .conditions import MAX_KEY_BYTES
 from .deletes import PendingDeletes
 from .namespace import Namespace
 from .overlay import Overlay
 from .retire import Retiring
 from .staged import StagedFile
 from .staging import Staging
-from .uploads import MAX_KEY_BYTES, WRITE_BACK_DELAY, Uploads
+from .uploads import WRITE_BACK_DELAY, Uploads
 
 log = logging.getLogger(__name__)
 
