@@ -69,16 +69,19 @@ class Settling:
 
     async def _fetch_small(self, info: ObjectInfo) -> ObjectInfo | None:
         """A small object's metadata from a fetch worker's GET of it whole (the worker keeps
-        its bytes in the block cache: a read then makes no request); None where the workers
-        cannot run (the caller fetches it in a thread instead)."""
+        its bytes in the block cache, and this process in its window of just-fetched blocks:
+        a read then makes no request, and opens no cache file); None where the workers cannot
+        run (the caller fetches it in a thread instead)."""
         pool = self.reader.pool
         if pool is None or not pool.usable:
             return None
         try:
-            got, stored = await pool.get_small(self.reader.block_key(info, 0), info.key,
-                                               info.version, info.size)
+            bkey = self.reader.block_key(info, 0)
+            got, stored, data = await pool.get_small(bkey, info.key, info.version, info.size)
         except PoolUnavailable:
             return None
+        if data:  # the read that follows is answered from memory
+            self.reader.remember(bkey, data)
         self.reader.stats.add(S.FETCHES)  # the fetch a read of it then saves
         self.reader.stats.add(S.BYTES_FETCHED, info.size)
         if stored is not None:

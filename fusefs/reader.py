@@ -142,6 +142,12 @@ class Reader:
         #: by the filesystem.
         self.learn: Callable[[ObjectInfo], Awaitable[bool]] | None = None
 
+    def remember(self, bkey: BlockKey, data: bytes) -> None:
+        """Keep block ``bkey`` (its whole bytes, just fetched elsewhere) in the window of
+        just-fetched blocks, where reads look first."""
+        if self._recent is not None:
+            self._recent.put(bkey.cache_key, data)
+
     def forget_recent(self) -> None:
         """Drop the in-memory window of just-fetched blocks (after a ``clear``)."""
         if self._recent is not None:
@@ -362,7 +368,9 @@ class Reader:
         if not await self.learn(obj):
             return None
         length = min(bkey.block_size, obj.size)
-        data = await threads.run_sync(self.blocks.read, bkey, 0, length)
+        data = self._recent.get(bkey.cache_key) if self._recent is not None else None
+        if data is None:
+            data = await threads.run_sync(self.blocks.read, bkey, 0, length)
         return (data, False) if data is not None and len(data) == length else None
 
     async def _fetch(

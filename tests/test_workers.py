@@ -279,6 +279,33 @@ def test_small_files_whose_metadata_is_unknown_are_fetched_by_the_workers(s3_buc
     assert st["errors"] == 0
 
 
+def test_the_read_after_a_workers_metadata_get_is_answered_from_memory(s3_bucket: Bucket,
+                                                                       mount,
+                                                                       tmp_path) -> None:
+    """The worker's GET of a small file for its metadata (the stat before an open) hands the
+    bytes back too, and the read that follows is answered from them, not from the block file
+    the worker wrote: with that file damaged in between, the read still gets the right bytes
+    with no second GET and finds nothing damaged (it read the file: 1 damaged, 2 GETs)."""
+    assert s3_bucket.proxy is not None
+    data = blob(50 * KiB, 41)
+    s3_bucket.put("first", b"1")
+    s3_bucket.put("m/f", data)
+    m = mount(s3_bucket, "--fetch-workers", "1")
+    _start_workers(m, 1, "first")
+    s3_bucket.proxy.reset()
+    os.stat(m.path / "m" / "f")  # the metadata GET, by the worker
+    (victim,) = [p for p in (tmp_path / "cache").rglob("*.val") if p.stat().st_size > 40 * KiB]
+    with open(victim, "r+b") as f:  # flip one bit of the block the worker cached
+        f.seek(5000)
+        b = f.read(1)
+        f.seek(5000)
+        f.write(bytes([b[0] ^ 0x40]))
+    assert (m.path / "m" / "f").read_bytes() == data
+    assert s3_bucket.proxy.count(predicate=is_object_get) == 1
+    st = m.stats()
+    assert st["errors"] == 0 and st["corrupt_blocks"] == 0
+
+
 # --- uploads -----------------------------------------------------------------------------------
 
 

@@ -355,16 +355,20 @@ class FetchPool:
         info, seeded = pickle.loads(pending.payload)
         return info, bool(seeded)
 
-    async def get_small(self, bkey: BlockKey, key: str, version: str,
-                        size: int) -> tuple[ObjectInfo, tuple[int, int] | None]:
+    async def get_small(self, bkey: BlockKey, key: str, version: str, size: int
+                        ) -> tuple[ObjectInfo, tuple[int, int] | None, bytes]:
         """A small object's ``ObjectInfo`` with its metadata, from one GET of the whole object
         in a worker, which stores its bytes in the cache as block 0 of ``bkey``'s size;
-        with, if it did, the cache's (volume, items) just after. Raises as :meth:`fetch`."""
+        with, if it did, the cache's (volume, items) just after; and its bytes if they are
+        that block whole (of ``version``, ``size`` bytes), else b"". Raises as
+        :meth:`fetch`."""
         pending = await self._ask((key, version, -1, size, bkey.source, bkey.block_size, 0))
         if pending.status != P.SMALL:
             raise PoolUnavailable()
-        info, kept = pickle.loads(pending.payload)
-        return info, (pending.usage if kept else None)
+        info, kept, data = pickle.loads(pending.payload)
+        if not (len(data) == size == info.size <= bkey.block_size and info.version == version):
+            data = b""  # never keep bytes of the wrong size or version
+        return info, (pending.usage if kept else None), data
 
     async def fetch(self, bkey: BlockKey, key: str, version: str, start: int,
                     length: int) -> tuple[bytes, bool, tuple[int, int] | None]:

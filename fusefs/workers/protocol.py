@@ -36,7 +36,8 @@ STORED, HIT, FAILED, FETCHED = 0, 1, 2, 3
 #: The worker has built its store and cache and takes requests (request id 0, no payload).
 READY = 4
 #: The answer to a request for a small object whole with its metadata (``start`` -1): a
-#: pickle of (its ``ObjectInfo``, whether its bytes were stored in the cache as block 0).
+#: pickle of (its ``ObjectInfo``, whether its bytes were stored in the cache as block 0, its
+#: bytes if they are that block whole, else b"").
 SMALL = 5
 #: The answer to a :class:`Put`: a pickle of (the new object's ``ObjectInfo``, whether its
 #: bytes were put into the block cache).

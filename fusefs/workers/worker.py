@@ -170,10 +170,12 @@ def serve(req_fd: int, rep_fd: int) -> None:
         try:
             if start < 0:  # a small object whole, for its metadata: no bytes go back
                 got, data = store.get_small(key, version, length)  # type: ignore[attr-defined]
-                kept = (len(data) == got.size == length <= block_size
-                        and got.version == version
-                        and blocks.put(BlockKey(source, key, version, block_size, 0), data))
-                status, payload = P.SMALL, pickle.dumps((got, kept))
+                whole = len(data) == got.size == length <= block_size and got.version == version
+                kept = whole and blocks.put(BlockKey(source, key, version, block_size, 0), data)
+                # the bytes go back too: the read that follows the stat (or the prefetch's
+                # reader) is answered from memory, not from the cache directory
+                status, payload = P.SMALL, pickle.dumps((got, kept, data if whole else b""),
+                                                        pickle.HIGHEST_PROTOCOL)
             else:
                 data, hit, stored = fetch_block(
                     store, blocks, key, version,
