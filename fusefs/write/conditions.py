@@ -17,6 +17,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from ..backends.base import Condition, ObjectStore, Upload
 from ..errors import Conflict
@@ -54,9 +55,11 @@ def condition_for(expect: str | None) -> Condition:
 class ConditionProbe:
     """Does ``store`` itself enforce the condition of an upload? (Probed once, lazily.)"""
 
-    def __init__(self, store: ObjectStore, scratch: str, single_put_max: int) -> None:
-        """``scratch``: a private directory for the probe's file; ``single_put_max``: the
-        largest upload the store sends as one PUT."""
+    def __init__(self, store: ObjectStore, scratch: Callable[[], str],
+                 single_put_max: int) -> None:
+        """``scratch()``: a private directory for the probe's file (asked only when probing:
+        the staging area is made on first use); ``single_put_max``: the largest upload the
+        store sends as one PUT."""
         self.store = store
         self.scratch = scratch
         self.single_put_max = single_put_max
@@ -88,7 +91,7 @@ class ConditionProbe:
         key = f".fusefs-probe-{uuid.uuid4().hex}"
         # the second put sends other bytes: a store that retries a refused put checks whether
         # the object already is what it sent (a lost answer), which must not be the case here
-        other = os.path.join(self.scratch, key)
+        other = os.path.join(self.scratch(), key)
         try:
             with open(other, "wb") as f:
                 f.write(b"2")

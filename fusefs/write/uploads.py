@@ -93,7 +93,7 @@ class Uploads:
         self._token: trio.lowlevel.TrioToken | None = None
         #: largest upload the store sends as one PUT (the part size)
         self.single_put_max = single_put_max
-        self.conditions = ConditionProbe(store, staging.dir, single_put_max)
+        self.conditions = ConditionProbe(store, lambda: staging.dir, single_put_max)
         self._nursery: trio.Nursery | None = None
         self.done = 0
         self.bytes = 0
