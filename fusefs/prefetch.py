@@ -286,8 +286,16 @@ class Prefetcher:
     async def _fetch(self, obj: ObjectInfo, idx: int) -> tuple[bool, str]:
         """Fetch one block unless cached; (ok, error message). Never raises but Cancelled."""
         try:
-            if await threads.run_sync(self.blocks.contains, self.reader.block_key(obj, idx)):
-                return True, ""  # a reader (or another prefetch) got it meanwhile (SQLite: thread)
+            bkey = self.reader.block_key(obj, idx)
+            if self.reader.in_memory(bkey) or (
+                    self.reader.got_recently(bkey)
+                    and self.blocks.volume() < self.blocks.size_limit // 2):
+                return True, ""  # a reader (or another prefetch) got it lately: still cached
+            # where a worker process fetches, it looks the block up in the cache itself (a hit
+            # costs this process a reply, not a thread and a SQLite query); else ask here
+            if not self.reader.fetches_elsewhere and await threads.run_sync(
+                    self.blocks.contains, bkey):
+                return True, ""  # a reader (or another prefetch) got it meanwhile
             await self.reader.fetch_block(obj, idx, PREFETCH)
         except Exception as exc:  # background work: record and log, never crash the mount
             log.warning("prefetch of %s block %d failed: %r", obj.key, idx, exc)

@@ -46,6 +46,8 @@ _SEQ_SLACK = 4 * 1024 * 1024
 #: Seconds a block whose fetch failed (EIO, after every retry) fails again at once: the
 #: kernel asks again for a page whose read failed, and the store just gave up on it.
 FAILED_MEMORY = 1.0
+#: Cache keys of blocks fetched lately that the reader remembers (``got_recently``), ~100 B each
+GOT_MAX = 65536
 
 #: Fetch unit of a handle in random-access mode: small reads at random offsets fetch this much
 #: (aligned) instead of a whole block. Cached under its own keys, which carry the version too.
@@ -78,6 +80,9 @@ class RecentBlocks:
         self.max_bytes = max_bytes
         self._d: OrderedDict[str, bytes] = OrderedDict()
         self._bytes = 0
+
+    def __contains__(self, ck: str) -> bool:
+        return ck in self._d
 
     def get(self, ck: str) -> bytes | None:
         data = self._d.get(ck)
@@ -134,6 +139,9 @@ class Reader:
         #: failed page read once at once, which would make a program wait twice as long
         self._failed: dict[str, tuple[float, FusefsError]] = {}
         self._recent = RecentBlocks(recent_bytes) if recent_bytes > 0 else None
+        #: cache keys of the blocks this mount fetched (or was handed) lately, at most GOT_MAX
+        #: (see :meth:`got_recently`); forgotten with the window by ``clear``
+        self._got: OrderedDict[str, None] = OrderedDict()
         self._nursery: trio.Nursery | None = None
         self._on_stale = on_stale
         #: ``learn(obj)``: fetch an object's first block the way that also learns metadata a
@@ -142,16 +150,39 @@ class Reader:
         #: by the filesystem.
         self.learn: Callable[[ObjectInfo], Awaitable[bool]] | None = None
 
+    def in_memory(self, bkey: BlockKey) -> bool:
+        """Is block ``bkey`` in the window of just-fetched blocks? (No I/O.)"""
+        return self._recent is not None and bkey.cache_key in self._recent
+
+    def got_recently(self, bkey: BlockKey) -> bool:
+        """Did this mount fetch block ``bkey`` lately? Then the cache holds it unless it
+        evicted it since (only a cache at its bound evicts, or ``clear``): a hint for it in
+        a cache far from its bound needs no fetch, and no SQLite query. (No I/O.)"""
+        return bkey.cache_key in self._got
+
+    def _got_block(self, ck: str) -> None:
+        self._got[ck] = None
+        if len(self._got) > GOT_MAX:
+            self._got.popitem(last=False)
+
+    @property
+    def fetches_elsewhere(self) -> bool:
+        """Do worker processes fetch blocks now (they look each up in the cache first)?"""
+        return self.pool is not None and self.pool.usable and self.pool.ready() > 0
+
     def remember(self, bkey: BlockKey, data: bytes) -> None:
         """Keep block ``bkey`` (its whole bytes, just fetched elsewhere) in the window of
         just-fetched blocks, where reads look first."""
         if self._recent is not None:
             self._recent.put(bkey.cache_key, data)
+        self._got_block(bkey.cache_key)
 
     def forget_recent(self) -> None:
-        """Drop the in-memory window of just-fetched blocks (after a ``clear``)."""
+        """Drop the in-memory window of just-fetched blocks, and which blocks were fetched
+        lately (a ``clear``)."""
         if self._recent is not None:
             self._recent.clear()
+        self._got.clear()
 
     def start(self, nursery: trio.Nursery) -> None:
         """Give the reader a nursery for background readahead and prefetch tasks."""
@@ -345,6 +376,7 @@ class Reader:
             flight.data = data
             if self._recent is not None:
                 self._recent.put(ck, data)
+            self._got_block(ck)
             return data, hit
         except BaseException as exc:
             flight.error = exc

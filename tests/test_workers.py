@@ -518,3 +518,37 @@ def test_a_worker_killed_mid_listing_is_restarted_and_the_listing_is_right(
     st = m.stats()
     assert st["worker_restarts"] == 1 and st["worker_retries"] >= 1
     assert st["worker_lists"] >= 1 and st["errors"] == 0
+
+
+def test_a_prefetch_fetches_a_block_the_cache_evicted_since_this_mount_read_it(
+        s3_bucket: Bucket, mount) -> None:
+    """The prefetcher skips blocks this mount fetched lately without asking the cache, but
+    only while the cache is far from its bound: in a full cache such a block may be gone, and
+    a prefetch of it then fetches it (a read after it makes no request)."""
+    import json
+
+    assert s3_bucket.proxy is not None
+    files = {f"e/f{i:02d}": blob(64 * KiB, 60 + i) for i in range(32)}  # 2 MiB
+    for k, v in files.items():
+        s3_bucket.put(k, v)
+    s3_bucket.put("first", b"1")
+    m = mount(s3_bucket, "--fetch-workers", "1", "--block-size", "64K", "--cache-size", "1M",
+              "--metadata-probe", "off")
+    _start_workers(m, 1, "first")
+    for k, v in files.items():  # e/f00 first: evicted by the files after it
+        assert (m.path / k).read_bytes() == v
+
+    def cached(key: str) -> int:
+        r = subprocess.run([sys.executable, "-m", "fusefs", "stats", str(m.path), key,
+                            "--json"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return int(json.loads(r.stdout)["cached_blocks"])
+
+    _wait_until(lambda: cached("e/f00") == 0, "e/f00 evicted")
+    gets = s3_bucket.object_gets()
+    r = subprocess.run([sys.executable, "-m", "fusefs", "prefetch", str(m.path), "e/f00",
+                        "--wait"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert s3_bucket.object_gets() == gets + 1  # fetched again, not skipped
+    assert (m.path / "e" / "f00").read_bytes() == files["e/f00"]
+    assert s3_bucket.object_gets() == gets + 1
