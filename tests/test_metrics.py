@@ -81,7 +81,8 @@ def test_numbers_move_with_reads(bucket: Bucket, mount) -> None:
 
 def test_upload_numbers_move_with_writes(local_bucket: Bucket, mount) -> None:
     port = free_port()
-    m = mount(local_bucket, "--metrics", f"127.0.0.1:{port}")
+    # the daemon times the requests it sends itself: no worker process sends the upload
+    m = mount(local_bucket, "--metrics", f"127.0.0.1:{port}", "--fetch-workers", "0")
     src = {"source": local_bucket.source}
     _, before = scrape(port)
     assert value(before, "fusefs_uploads_done_files_total", **src) == 0
@@ -96,6 +97,27 @@ def test_upload_numbers_move_with_writes(local_bucket: Bucket, mount) -> None:
     assert value(after, "fusefs_upload_conflicts_total", **src) == 0
     assert value(after, "fusefs_store_request_duration_seconds_count",
                  operation="put_file", **src) == 1
+
+
+def test_what_the_workers_send_is_counted(local_bucket: Bucket, mount) -> None:
+    import time
+
+    port = free_port()
+    local_bucket.put("first", b"1")
+    m = mount(local_bucket, "--metrics", f"127.0.0.1:{port}", "--fetch-workers", "1")
+    src = {"source": local_bucket.source}
+    assert (m.path / "first").read_bytes() == b"1"  # starts the worker
+    deadline = time.monotonic() + 30
+    while m.stats()["workers_ready"] < 1:
+        assert time.monotonic() < deadline, "the worker never started"
+        time.sleep(0.05)
+    (m.path / "w.bin").write_bytes(b"w" * 5000)
+    r = subprocess.run([sys.executable, "-m", "fusefs", "sync", str(m.path)],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0
+    _, after = scrape(port)
+    assert value(after, "fusefs_worker_uploads_total", **src) == 1
+    assert value(after, "fusefs_uploads_done_files_total", **src) == 1
 
 
 def test_off_by_default(local_bucket: Bucket, mount) -> None:
