@@ -1,5 +1,5 @@
-"""The FUSE process's side of the worker processes: sends block fetches and uploads, hands
-back the bytes and the uploaded objects.
+"""The FUSE process's side of the worker processes: sends block fetches, uploads and
+listings, hands back the bytes, the uploaded objects and the listed entries.
 
 Concurrency rules:
 - Everything here runs on the trio thread except each worker's reply thread, which only reads
