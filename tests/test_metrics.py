@@ -79,6 +79,14 @@ def test_numbers_move_with_reads(bucket: Bucket, mount) -> None:
                  **src) > reads
 
 
+def _write_and_sync(m) -> None:  # type: ignore[no-untyped-def]
+    """Write a 5,000-byte file and wait with ``fusefs sync`` until the store holds it."""
+    (m.path / "w.bin").write_bytes(b"w" * 5000)
+    r = subprocess.run([sys.executable, "-m", "fusefs", "sync", str(m.path)],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0
+
+
 def test_upload_numbers_move_with_writes(local_bucket: Bucket, mount) -> None:
     port = free_port()
     # the daemon times the requests it sends itself: no worker process sends the upload
@@ -86,10 +94,7 @@ def test_upload_numbers_move_with_writes(local_bucket: Bucket, mount) -> None:
     src = {"source": local_bucket.source}
     _, before = scrape(port)
     assert value(before, "fusefs_uploads_done_files_total", **src) == 0
-    (m.path / "w.bin").write_bytes(b"w" * 5000)
-    r = subprocess.run([sys.executable, "-m", "fusefs", "sync", str(m.path)],
-                       capture_output=True, timeout=60)
-    assert r.returncode == 0
+    _write_and_sync(m)
     _, after = scrape(port)
     assert value(after, "fusefs_uploads_done_files_total", **src) == 1
     assert value(after, "fusefs_uploaded_bytes_total", **src) == 5000
@@ -111,10 +116,7 @@ def test_what_the_workers_send_is_counted(local_bucket: Bucket, mount) -> None:
     while m.stats()["workers_ready"] < 1:
         assert time.monotonic() < deadline, "the worker never started"
         time.sleep(0.05)
-    (m.path / "w.bin").write_bytes(b"w" * 5000)
-    r = subprocess.run([sys.executable, "-m", "fusefs", "sync", str(m.path)],
-                       capture_output=True, timeout=60)
-    assert r.returncode == 0
+    _write_and_sync(m)
     _, after = scrape(port)
     assert value(after, "fusefs_worker_uploads_total", **src) == 1
     assert value(after, "fusefs_uploads_done_files_total", **src) == 1
