@@ -148,45 +148,37 @@ def serve(req_fd: int, rep_fd: int) -> None:
             more = page.more
         return objects, prefixes, more
 
-    def one(rid: int, req: P.Request | P.Put | P.List) -> None:
-        payload: bytes
-        if isinstance(req, P.List):
-            try:
-                status, payload = P.LISTED, pickle.dumps(listing(req), pickle.HIGHEST_PROTOCOL)
-            except Exception as exc:  # noqa: BLE001 - every failure is answered, by kind
-                log.debug("listing of %s failed: %r", req.prefix, exc)
-                status, payload = P.FAILED, f"{error_kind(exc)}\0{exc}".encode("utf-8", "replace")
-            reply(rid, status, payload)
-            return
-        if isinstance(req, P.Put):
-            try:
-                status, payload = P.PUT, pickle.dumps(put(rid, req))
-            except Exception as exc:  # noqa: BLE001 - every failure is answered, by kind
-                log.debug("upload of %s failed: %r", req.key, exc)
-                status, payload = P.FAILED, f"{error_kind(exc)}\0{exc}".encode("utf-8", "replace")
-            reply(rid, status, payload)
-            return
+    def fetch(req: P.Request) -> tuple[int, bytes]:
         key, version, start, length, source, block_size, index = req
+        if start < 0:  # a small object whole, for its metadata
+            got, data = store.get_small(key, version, length)  # type: ignore[attr-defined]
+            whole = len(data) == got.size == length <= block_size and got.version == version
+            kept = whole and blocks.put(BlockKey(source, key, version, block_size, 0), data)
+            # its bytes go back too: the read that follows the stat (or the prefetch's
+            # reader) is answered from memory, not from the cache directory
+            answer = P.SMALL, pickle.dumps((got, kept, data if whole else b""),
+                                           pickle.HIGHEST_PROTOCOL)
+        else:
+            data, hit, stored = fetch_block(
+                store, blocks, key, version,
+                BlockKey(source, key, version, block_size, index), start, length)
+            answer = (P.HIT if hit else P.STORED if stored else P.FETCHED), data
+        blocks.maybe_touch()  # access times of hits too (no maintenance thread here)
+        return answer
+
+    def one(rid: int, req: P.Request | P.Put | P.List) -> None:
+        status: int
+        payload: bytes
         try:
-            if start < 0:  # a small object whole, for its metadata: no bytes go back
-                got, data = store.get_small(key, version, length)  # type: ignore[attr-defined]
-                whole = len(data) == got.size == length <= block_size and got.version == version
-                kept = whole and blocks.put(BlockKey(source, key, version, block_size, 0), data)
-                # the bytes go back too: the read that follows the stat (or the prefetch's
-                # reader) is answered from memory, not from the cache directory
-                status, payload = P.SMALL, pickle.dumps((got, kept, data if whole else b""),
-                                                        pickle.HIGHEST_PROTOCOL)
+            if isinstance(req, P.List):
+                status, payload = P.LISTED, pickle.dumps(listing(req), pickle.HIGHEST_PROTOCOL)
+            elif isinstance(req, P.Put):
+                status, payload = P.PUT, pickle.dumps(put(rid, req))
             else:
-                data, hit, stored = fetch_block(
-                    store, blocks, key, version,
-                    BlockKey(source, key, version, block_size, index), start, length)
-                status = P.HIT if hit else P.STORED if stored else P.FETCHED
-                payload = data
-            blocks.maybe_touch()  # access times of hits too (no maintenance thread here)
+                status, payload = fetch(req)
         except Exception as exc:  # noqa: BLE001 - every failure is answered, by kind
-            log.debug("fetch of %s at %d failed: %r", key, start, exc)
-            status = P.FAILED
-            payload = f"{error_kind(exc)}\0{exc}".encode("utf-8", "replace")
+            log.debug("%r failed: %r", req, exc)
+            status, payload = P.FAILED, f"{error_kind(exc)}\0{exc}".encode("utf-8", "replace")
         reply(rid, status, payload)
 
     P.widen_pipe(rep_fd)
